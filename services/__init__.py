@@ -1,0 +1,1 @@
+"""clawhub services: one folder per service plus the shared runtime package."""

@@ -1,0 +1,1 @@
+"""Shared runtime of the clawhub services: bootstrap, settings, errors, channels, names."""

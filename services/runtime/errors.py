@@ -1,0 +1,216 @@
+"""Structured gRPC errors: every non-OK status carries a google.rpc.Status with an ErrorInfo.
+
+All reasons live in `Reason` below (documented in docs/errors.md). A servicer raises `ServiceError`; the
+`ErrorInterceptor` installed by the bootstrap turns it into a status with details, passes statuses from
+downstream services through unchanged, and turns anything unexpected into INTERNAL (logged, never leaked).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+log = logging.getLogger("clawhub.errors")
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class Reason(StrEnum):
+    """Every ErrorInfo reason clawhub returns. Stable: clients may branch on them."""
+
+    # Requests that are malformed.
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    INVALID_NAME = "INVALID_NAME"
+    INVALID_VERSION = "INVALID_VERSION"
+    INVALID_DIGEST = "INVALID_DIGEST"
+    INVALID_MANIFEST = "INVALID_MANIFEST"
+    INVALID_INPUT = "INVALID_INPUT"
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    # Uploads.
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    SIZE_MISMATCH = "SIZE_MISMATCH"
+    UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"
+    VERIFICATION_FAILED = "VERIFICATION_FAILED"
+    VERSION_EXISTS = "VERSION_EXISTS"
+    # Lookups.
+    SKILL_NOT_FOUND = "SKILL_NOT_FOUND"
+    VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
+    BLOB_NOT_FOUND = "BLOB_NOT_FOUND"
+    DEPLOYMENT_NOT_FOUND = "DEPLOYMENT_NOT_FOUND"
+    # Release state.
+    VERSION_NOT_READY = "VERSION_NOT_READY"
+    DEPLOYMENT_IN_PROGRESS = "DEPLOYMENT_IN_PROGRESS"
+    NO_PREVIOUS_VERSION = "NO_PREVIOUS_VERSION"
+    SKILL_NOT_DEPLOYED = "SKILL_NOT_DEPLOYED"
+    ILLEGAL_TRANSITION = "ILLEGAL_TRANSITION"
+    # Running a skill.
+    MODULE_INVALID = "MODULE_INVALID"
+    SKILL_TRAPPED = "SKILL_TRAPPED"
+    SKILL_EXIT_NONZERO = "SKILL_EXIT_NONZERO"
+    SKILL_TIMEOUT = "SKILL_TIMEOUT"
+    MEMORY_LIMIT_EXCEEDED = "MEMORY_LIMIT_EXCEEDED"
+    OUTPUT_LIMIT_EXCEEDED = "OUTPUT_LIMIT_EXCEEDED"
+    INPUT_TOO_LARGE = "INPUT_TOO_LARGE"
+    EXECUTOR_OVERLOADED = "EXECUTOR_OVERLOADED"
+    # Platform.
+    METHOD_NOT_EXPOSED = "METHOD_NOT_EXPOSED"
+    NO_EXECUTOR_AVAILABLE = "NO_EXECUTOR_AVAILABLE"
+    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass
+class ServiceError(Exception):
+    """An error a servicer raises; the interceptor sends it as a structured status."""
+
+    code: grpc.StatusCode
+    reason: Reason
+    message: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    # (field, description) pairs for a google.rpc.BadRequest.
+    field_violations: Iterable[tuple[str, str]] = ()
+    retry_after_seconds: float | None = None
+    domain: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def to_status(self, default_domain: str) -> status_pb2.Status:
+        details = [
+            error_details_pb2.ErrorInfo(
+                reason=str(self.reason),
+                domain=self.domain or default_domain,
+                metadata={k: str(v) for k, v in self.metadata.items()},
+            )
+        ]
+        violations = list(self.field_violations)
+        if violations:
+            details.append(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations
+            ]))
+        if self.retry_after_seconds is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_seconds * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        packed = []
+        for detail in details:
+            any_msg = any_pb2.Any()
+            any_msg.Pack(detail)
+            packed.append(any_msg)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+
+
+def invalid(reason: Reason, field_name: str, problem: str) -> ServiceError:
+    """INVALID_ARGUMENT about one field, with a BadRequest naming it."""
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, reason, problem,
+                        metadata={"field": field_name}, field_violations=[(field_name, problem)])
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError, domain: str) -> None:
+    status = error.to_status(domain)
+    await context.abort(error.code, error.message,
+                        trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),))
+
+
+async def abort_passthrough(context: grpc.aio.ServicerContext[Any, Any], err: grpc.aio.AioRpcError) -> None:
+    """Re-raise a downstream status unchanged: code, message and structured details."""
+    trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == STATUS_DETAILS_KEY)
+    await context.abort(err.code(), err.details() or "", trailing_metadata=trailing)
+
+
+def status_of(err: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status carried by an RPC error, if any (client side)."""
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == STATUS_DETAILS_KEY:
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            return status
+    return None
+
+
+def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of an RPC error, if any (client side)."""
+    status = status_of(err)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def bad_request(err: grpc.RpcError) -> error_details_pb2.BadRequest | None:
+    status = status_of(err)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            return request
+    return None
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns exceptions raised by servicers into structured statuses."""
+
+    def __init__(self, domain: str) -> None:
+        self._domain = domain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._wrap_unary(handler.stream_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, method))
+        return handler
+
+    async def _handle(self, exc: Exception, context: Any, method: str) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        if isinstance(exc, ServiceError):
+            await abort_with(context, exc, self._domain)
+        if isinstance(exc, grpc.aio.AioRpcError):
+            await abort_passthrough(context, exc)
+        log.exception("unexpected error in %s", method, exc_info=exc)
+        await abort_with(context, ServiceError(grpc.StatusCode.INTERNAL, Reason.INTERNAL,
+                                               f"internal error in {method}; see the service log"),
+                         self._domain)
+
+    def _wrap_unary(self, fn: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(request: Any, context: Any) -> Any:
+            try:
+                return await fn(request, context)
+            except Exception as exc:  # noqa: BLE001 - translated into a status
+                await self._handle(exc, context, method)
+
+        return wrapper
+
+    def _wrap_stream(self, fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(request, context):
+                    yield item
+            except Exception as exc:  # noqa: BLE001 - translated into a status
+                await self._handle(exc, context, method)
+
+        return wrapper

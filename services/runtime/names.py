@@ -1,0 +1,64 @@
+"""Validation of the names the contracts carry: skill names, versions, digests."""
+
+from __future__ import annotations
+
+import re
+
+# Reverse-DNS: at least two dot-separated labels, lowercase letters, digits and inner hyphens.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+SKILL_NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
+# SemVer 2.0.0, from semver.org.
+SEMVER_RE = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_NAME_LENGTH = 200
+
+
+def skill_name_problem(name: str) -> str | None:
+    """Why `name` is not a valid skill name, or None when it is."""
+    if not name:
+        return "a skill name is required, such as com.acme.image-process"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"a skill name is at most {MAX_NAME_LENGTH} characters"
+    if not SKILL_NAME_RE.match(name):
+        return (f"{name!r} is not a reverse-DNS skill name: use lowercase dot-separated labels "
+                "such as com.acme.image-process")
+    return None
+
+
+def version_problem(version: str) -> str | None:
+    """Why `version` is not a strict SemVer 2.0 version, or None when it is."""
+    if not version:
+        return "a version is required, such as 1.2.3"
+    if len(version) > 128 or not SEMVER_RE.match(version):
+        return f"{version!r} is not a SemVer 2.0 version such as 1.2.3 or 2.0.0-rc.1"
+    return None
+
+
+def digest_problem(digest: str) -> str | None:
+    """Why `digest` is not a `sha256:<64 hex>` content digest, or None when it is."""
+    if not DIGEST_RE.match(digest):
+        return f"{digest[:80]!r} is not a digest of the form sha256:<64 lowercase hex digits>"
+    return None
+
+
+def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
+    """Sort key implementing SemVer 2.0 precedence (build metadata ignored)."""
+    match = SEMVER_RE.match(version)
+    if not match:
+        raise ValueError(f"not a semver version: {version!r}")
+    major, minor, patch, pre = int(match[1]), int(match[2]), int(match[3]), match[4]
+    if pre is None:
+        return (major, minor, patch, 1, ())
+    # Numeric identifiers sort before alphanumeric ones, and numerically among themselves.
+    parts = tuple((0, int(p)) if p.isdigit() else (1, p) for p in pre.split("."))
+    return (major, minor, patch, 0, parts)
+
+
+def is_prerelease(version: str) -> bool:
+    match = SEMVER_RE.match(version)
+    return bool(match and match[4])

@@ -1,0 +1,67 @@
+"""Reading settings from `CLAWHUB_*` environment variables, with defaults and clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+          "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+def env_str(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value.strip() == "" else value.strip()
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    raw = env_str(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
+    raw = env_str(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """Parse `64MiB`, `512k`, `1048576` into bytes."""
+    raw = text.strip().lower().replace(" ", "")
+    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(digits):]
+    if not digits or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size such as 64MiB, 512KiB or 1048576")
+    return int(float(digits) * _UNITS[unit])
+
+
+def env_size(name: str, default: str) -> int:
+    raw = env_str(name, default)
+    try:
+        return parse_size(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+
+
+def env_list(name: str, default: str = "") -> tuple[str, ...]:
+    return tuple(item.strip() for item in env_str(name, default).split(",") if item.strip())
+
+
+def data_dir() -> Path:
+    """Root of the embedded storage (sqlite files, blobs, caches): `CLAWHUB_DATA_DIR`, default ./.clawhub."""
+    return Path(env_str("CLAWHUB_DATA_DIR", ".clawhub")).expanduser()
