@@ -1,0 +1,1 @@
+"""The `clawhub` command line: run the suite, publish, deploy, invoke."""

@@ -1,0 +1,307 @@
+"""`clawhub`: run the suite and drive it (publish, deploy, invoke, status, rollback)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from clawhub.common.v1 import release_pb2
+from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
+from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
+from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
+from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc
+from clawhub.registry.v1 import registry_service_pb2 as registry_pb
+from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from google.protobuf import json_format
+
+from services.cli import manifest
+from services.cli.up import run_up
+from services.runtime.errors import bad_request, error_info
+from services.runtime.jsonvalue import value_to_json
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+CHUNK_BYTES = 256 * 1024
+TERMINAL = {release_pb2.RELEASE_STATE_ACTIVE, release_pb2.RELEASE_STATE_FAILED}
+
+
+class CliError(Exception):
+    """A failure to report in one clear paragraph; exit code 1 (2 when the gateway is unreachable)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def state_name(state: int) -> str:
+    return release_pb2.ReleaseState.Name(state).removeprefix("RELEASE_STATE_")  # type: ignore[arg-type]
+
+
+def describe_rpc_error(err: grpc.RpcError, gateway: str) -> CliError:
+    code = err.code()
+    info = error_info(err)
+    if code == grpc.StatusCode.UNAVAILABLE and info is None:
+        return CliError(f"cannot reach the gateway at {gateway}: {err.details()}\n"
+                        "  Is `clawhub up` running? Point elsewhere with --gateway or CLAWHUB_GATEWAY.", 2)
+    lines = [f"error: {err.details()}", f"  status: {code.name}"
+             + (f"  reason: {info.reason}  ({info.domain})" if info else "")]
+    if info:
+        lines += [f"  {k}: {v}" for k, v in sorted(info.metadata.items())]
+    request = bad_request(err)
+    for violation in request.field_violations if request else ():
+        lines.append(f"  field {violation.field}: {violation.description}")
+    return CliError("\n".join(lines))
+
+
+class Client:
+    def __init__(self, gateway: str, timeout: float) -> None:
+        self.gateway = gateway
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(gateway)
+        self.registry = registry_grpc.RegistryServiceStub(self.channel)
+        self.deployer = deployer_grpc.DeployerServiceStub(self.channel)
+        self.invoker = gateway_grpc.GatewayServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _progress(message: str) -> None:
+    if sys.stderr.isatty():
+        print(f"\r{message}", end="", file=sys.stderr, flush=True)
+
+
+def cmd_publish(client: Client, args: argparse.Namespace) -> int:
+    try:
+        package = manifest.load(Path(args.dir))
+    except (manifest.ManifestError, OSError) as exc:
+        raise CliError(f"error: {exc}") from None
+    data = package.module
+    sha = hashlib.sha256(data).hexdigest()
+    name = f"{package.manifest.name}@{package.manifest.version}"
+    print(f"publishing {name} ({len(data):,} bytes, sha256:{sha[:12]}…) to {client.gateway}", file=sys.stderr)
+
+    def requests() -> Iterator[registry_pb.PublishSkillRequest]:
+        yield registry_pb.PublishSkillRequest(metadata=registry_pb.PublishSkillMetadata(
+            manifest=package.manifest, sha256=sha, size_bytes=len(data), request_id=str(uuid.uuid4())))
+        for offset in range(0, len(data), CHUNK_BYTES):
+            yield registry_pb.PublishSkillRequest(chunk=data[offset:offset + CHUNK_BYTES])
+            _progress(f"  uploaded {min(offset + CHUNK_BYTES, len(data)):,}/{len(data):,} bytes")
+        _progress("")
+
+    response = client.registry.PublishSkill(requests(), timeout=args.timeout)
+    version = response.skill_version
+    verb = "published" if response.created else "already published (identical bytes)"
+    print(f"{verb}: {version.name}@{version.version}  {version.digest}  state {state_name(version.state)}")
+    print(f"next: clawhub deploy {version.name}@{version.version}", file=sys.stderr)
+    return 0
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    name, _, version = ref.partition("@")
+    return name, version
+
+
+def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
+    name, version = _split_ref(args.ref)
+    if not version:
+        skill = client.registry.GetSkill(registry_pb.GetSkillRequest(name=name), timeout=args.timeout).skill
+        if not skill.latest_version:
+            raise CliError(f"error: {name} has no Ready version to deploy")
+        version = skill.latest_version
+    deployment = client.deployer.CreateDeployment(deployer_pb.CreateDeploymentRequest(
+        skill=name, version=version, request_id=str(uuid.uuid4())), timeout=args.timeout).deployment
+    print(f"deploying {name}@{version} (deployment {deployment.id})", file=sys.stderr)
+    if args.no_wait:
+        print(deployment.id)
+        return 0
+    started = time.monotonic()
+    last = deployment
+    for event in client.deployer.WatchDeployment(deployer_pb.WatchDeploymentRequest(id=deployment.id),
+                                                 timeout=args.timeout):
+        last = event.deployment
+        if event.message:
+            print(f"  [{time.monotonic() - started:5.1f}s] {state_name(last.state):<12} {event.message}",
+                  file=sys.stderr)
+        if last.state in TERMINAL:
+            break
+    if last.state == release_pb2.RELEASE_STATE_ACTIVE:
+        print(f"{name}@{version} is active")
+        return 0
+    reason = last.history[-1].reason if last.history else "unknown reason"
+    raise CliError(f"error: deployment of {name}@{version} ended {state_name(last.state)}: {reason}")
+
+
+def _invoke_request(args: argparse.Namespace) -> gateway_pb.InvokeSkillRequest:
+    request = gateway_pb.InvokeSkillRequest(name=args.name, request_id=str(uuid.uuid4()))
+    if args.input is not None:
+        try:
+            json_format.Parse(args.input, request.input)
+        except json_format.ParseError as exc:
+            raise CliError(f"error: --input is not valid JSON: {exc}\n"
+                           "  (pass raw text with --raw, or a file with --input-file)") from None
+    elif args.raw is not None:
+        request.raw_input = args.raw.encode()
+    elif args.input_file is not None:
+        request.raw_input = (sys.stdin.buffer.read() if args.input_file == "-"
+                             else Path(args.input_file).read_bytes())
+    return request
+
+
+def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
+    response = client.invoker.InvokeSkill(_invoke_request(args), timeout=args.timeout)
+    if response.HasField("output"):
+        text = value_to_json(response.output).decode()
+        print(json.dumps(json.loads(text), indent=2, ensure_ascii=False) if args.pretty else text)
+    else:
+        sys.stdout.buffer.write(response.raw_output)
+        sys.stdout.flush()
+    if args.verbose:
+        usage = response.usage
+        print(f"version {response.version}, {usage.wall_time.ToMicroseconds() / 1000:.2f} ms in the sandbox, "
+              f"peak memory {usage.peak_memory_bytes:,} bytes", file=sys.stderr)
+    return 0
+
+
+def _all_pages(call: Any, request: Any, field: str, timeout: float) -> Iterator[Any]:
+    while True:
+        response = call(request, timeout=timeout)
+        yield from getattr(response, field)
+        if not response.next_page_token:
+            return
+        request.page_token = response.next_page_token
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    skills = list(_all_pages(client.registry.ListSkills, registry_pb.ListSkillsRequest(page_size=200),
+                             "skills", args.timeout))
+    if args.name:
+        skills = [s for s in skills if s.name == args.name]
+        if not skills:
+            raise CliError(f"error: no skill named {args.name!r} is published")
+    if not skills:
+        print("no skills published yet; try: clawhub publish examples/skills/uppercase")
+        return 0
+    rows = [("SKILL", "LATEST", "SERVING", "LAST DEPLOYMENT")]
+    for skill in skills:
+        deployments = client.deployer.ListDeployments(
+            deployer_pb.ListDeploymentsRequest(skill=skill.name, page_size=20), timeout=args.timeout).deployments
+        serving = next((d.version for d in deployments if d.serving), "-")
+        last = (f"{deployments[0].version} {state_name(deployments[0].state)}" if deployments else "-")
+        rows.append((skill.name, skill.latest_version or "-", serving, last))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
+    response = client.deployer.Rollback(deployer_pb.RollbackRequest(
+        skill=args.name, request_id=str(uuid.uuid4())), timeout=args.timeout)
+    print(f"{args.name} rolled back to {response.deployment.version} (route generation {response.generation})")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 check of one service (for probes: exit 0 only when SERVING)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"{args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{args.address}{'/' + args.service if args.service else ''}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clawhub",
+        description="Publish, deploy and serve WebAssembly skills over gRPC.",
+        epilog="Start with `clawhub up` in one terminal, then publish, deploy and invoke in another.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def client_command(name: str, help_text: str, timeout: float = 30.0) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--gateway", default=os.environ.get("CLAWHUB_GATEWAY", DEFAULT_GATEWAY),
+                       help="gateway address (default: $CLAWHUB_GATEWAY or %(default)s)")
+        p.add_argument("--timeout", type=float, default=timeout,
+                       help="deadline in seconds for the call (default: %(default)s)")
+        return p
+
+    up = sub.add_parser("up", help="run all five services on this machine until Ctrl-C",
+                        description="Run registry, executor(s), deployer, dispatcher and gateway, each in "
+                                    "its own process, with embedded storage (sqlite and files; no Redis).")
+    up.add_argument("--data-dir", default=os.environ.get("CLAWHUB_DATA_DIR", ".clawhub"),
+                    help="where sqlite files and blobs live (default: $CLAWHUB_DATA_DIR or %(default)s)")
+    up.add_argument("--executors", type=int, default=1, help="executor processes to run (default: 1)")
+    up.add_argument("--host", default="127.0.0.1", help="interface every service binds (default: %(default)s)")
+    up.add_argument("--gateway-port", type=int, default=None,
+                    help="the public port (default: $CLAWHUB_GATEWAY_PORT or 50051; 0 picks a free port)")
+
+    p = sub.add_parser("health", help="check a service's grpc.health.v1 status (exit 0 when SERVING)",
+                       description="Check a service's grpc.health.v1 status; exit 0 only when SERVING.")
+    p.add_argument("address", help="service address, such as 127.0.0.1:50052")
+    p.add_argument("service", nargs="?", default="", help="service name or skill digest (default: overall)")
+    p.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds (default: %(default)s)")
+
+    p = client_command("publish", "publish the skill in a directory (reads skill.toml)", timeout=300)
+    p.add_argument("dir", help="skill directory holding skill.toml")
+    p = client_command("deploy", "deploy a published version and wait until it is active", timeout=300)
+    p.add_argument("ref", metavar="NAME[@VERSION]", help="skill and version (default: the latest version)")
+    p.add_argument("--no-wait", action="store_true", help="print the deployment id and return at once")
+    p = client_command("invoke", "invoke the active version of a skill and print its output")
+    p.add_argument("name", help="skill name, such as com.example.uppercase")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--input", help="input as JSON, such as '{\"text\": \"hi\"}'")
+    group.add_argument("--raw", help="input as raw text")
+    group.add_argument("--input-file", help="input as raw bytes from a file ('-' for stdin)")
+    p.add_argument("--pretty", action="store_true", help="indent JSON output")
+    p.add_argument("-v", "--verbose", action="store_true", help="print version and usage to stderr")
+    p = client_command("status", "list skills with their latest and serving versions")
+    p.add_argument("name", nargs="?", help="only this skill")
+    p = client_command("rollback", "route a skill back to its previous version")
+    p.add_argument("name", help="skill name")
+    return parser
+
+
+COMMANDS = {"publish": cmd_publish, "deploy": cmd_deploy, "invoke": cmd_invoke, "status": cmd_status,
+            "rollback": cmd_rollback}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        return run_up(Path(args.data_dir), args.executors, args.host, args.gateway_port)
+    if args.command == "health":
+        return cmd_health(args)
+    client = Client(args.gateway, args.timeout)
+    try:
+        return COMMANDS[args.command](client, args)
+    except grpc.RpcError as err:
+        failure = describe_rpc_error(err, args.gateway)
+    except CliError as exc:
+        failure = exc
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+    print(failure, file=sys.stderr)
+    return failure.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`skill.toml`: the skill manifest, parsed into the contract's Manifest with errors that name the field."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+from clawhub.common.v1 import skill_pb2
+
+from services.runtime.names import skill_name_problem, version_problem
+from services.runtime.settings import parse_size
+
+MANIFEST_FILE = "skill.toml"
+ABIS = {"wasi-command-v1": skill_pb2.ABI_WASI_COMMAND_V1}
+_KNOWN_KEYS = {"name", "version", "description", "abi", "module", "capabilities", "limits", "dependencies",
+               "input_schema", "examples"}
+_LIMIT_KEYS = {"memory", "timeout_ms", "max_output", "max_stderr", "max_input", "fuel"}
+
+
+class ManifestError(ValueError):
+    """The manifest or module of a skill directory is not usable; the message names file and field."""
+
+
+@dataclass(frozen=True)
+class SkillPackage:
+    manifest: skill_pb2.Manifest
+    module: bytes
+    module_path: Path
+
+
+def _require(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in table:
+        raise ManifestError(f"{where}: `{key}` is required")
+    value = table[key]
+    if not isinstance(value, kind):
+        raise ManifestError(f"{where}: `{key}` must be a {kind.__name__}")
+    return value
+
+
+def _size(value: Any, where: str) -> int:
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+    raise ManifestError(f"{where}: expected a size such as \"16MiB\" or a number of bytes")
+
+
+def load(directory: Path) -> SkillPackage:
+    """Read `directory/skill.toml` and build its module (WAT is compiled; .wasm is taken as is)."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{directory}: no {MANIFEST_FILE} here (is this a skill directory?)")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    where = str(path)
+    unknown = sorted(set(doc) - _KNOWN_KEYS)
+    if unknown:
+        raise ManifestError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    manifest = skill_pb2.Manifest()
+    manifest.name = _require(doc, "name", str, where)
+    if problem := skill_name_problem(manifest.name):
+        raise ManifestError(f"{where}: name: {problem}")
+    manifest.version = _require(doc, "version", str, where)
+    if problem := version_problem(manifest.version):
+        raise ManifestError(f"{where}: version: {problem}")
+    manifest.description = str(doc.get("description", ""))
+    abi = doc.get("abi", "wasi-command-v1")
+    if abi not in ABIS:
+        raise ManifestError(f"{where}: abi: {abi!r} is not supported (supported: {', '.join(ABIS)})")
+    manifest.abi = ABIS[abi]
+    capabilities = doc.get("capabilities", [])
+    if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
+        raise ManifestError(f"{where}: capabilities must be a list of strings")
+    manifest.capabilities.extend(capabilities)
+    limits = doc.get("limits", {})
+    if not isinstance(limits, dict):
+        raise ManifestError(f"{where}: [limits] must be a table")
+    if unknown := sorted(set(limits) - _LIMIT_KEYS):
+        raise ManifestError(f"{where}: [limits]: unknown key(s) {', '.join(unknown)}")
+    if "memory" in limits:
+        manifest.limits.memory_bytes = _size(limits["memory"], f"{where}: limits.memory")
+    if "timeout_ms" in limits:
+        timeout = limits["timeout_ms"]
+        if not isinstance(timeout, int) or timeout <= 0:
+            raise ManifestError(f"{where}: limits.timeout_ms must be a positive integer")
+        manifest.limits.timeout.FromMilliseconds(timeout)
+    for key, fieldname in (("max_output", "max_output_bytes"), ("max_stderr", "max_stderr_bytes"),
+                           ("max_input", "max_input_bytes")):
+        if key in limits:
+            setattr(manifest.limits, fieldname, _size(limits[key], f"{where}: limits.{key}"))
+    if "fuel" in limits:
+        manifest.limits.fuel = _size(limits["fuel"], f"{where}: limits.fuel")
+    for i, dep in enumerate(doc.get("dependencies", [])):
+        dwhere = f"{where}: dependencies[{i}]"
+        if not isinstance(dep, dict):
+            raise ManifestError(f"{dwhere}: must be a table with package and version_range")
+        manifest.dependencies.add(package=_require(dep, "package", str, dwhere),
+                                  version_range=_require(dep, "version_range", str, dwhere),
+                                  is_shared=bool(dep.get("is_shared", False)))
+    schema = doc.get("input_schema")
+    if schema is not None:
+        # A string names a JSON file beside the manifest; a table is the schema inline.
+        if isinstance(schema, str):
+            text = (directory / schema).read_text(encoding="utf-8")
+        else:
+            text = json.dumps(schema)
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: input_schema is not valid JSON: {exc}") from None
+        manifest.input_schema = text
+    for i, example in enumerate(doc.get("examples", [])):
+        ewhere = f"{where}: examples[{i}]"
+        if not isinstance(example, dict):
+            raise ManifestError(f"{ewhere}: must be a table with input and output")
+        manifest.examples.add(input=_require(example, "input", str, ewhere).encode(),
+                              expected_output=_require(example, "output", str, ewhere).encode())
+    module_path = directory / _require(doc, "module", str, where)
+    return SkillPackage(manifest=manifest, module=build_module(module_path), module_path=module_path)
+
+
+def build_module(path: Path) -> bytes:
+    """The wasm bytes of a module file: `.wat` is compiled here, anything else is read as is."""
+    if not path.is_file():
+        raise ManifestError(f"{path}: the module file named in {MANIFEST_FILE} does not exist")
+    if path.suffix == ".wat":
+        try:
+            return bytes(wasmtime.wat2wasm(path.read_text(encoding="utf-8")))
+        except wasmtime.WasmtimeError as exc:
+            raise ManifestError(f"{path}: cannot compile WAT: {str(exc).strip().splitlines()[0]}") from None
+    return path.read_bytes()

@@ -1,0 +1,113 @@
+"""Forwarding of whole gRPC services (registry, deployer) through the gateway, as raw bytes.
+
+The gateway does not decode forwarded messages: it relays bytes, so it never drifts from the contracts and
+costs one hop. Methods that are internal to the platform (the route-table feed) are refused here, so the
+public port exposes only what callers need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from services.runtime.errors import Reason, ServiceError
+
+# Metadata the transport owns; everything else (traceparent, request ids, credentials) is forwarded.
+_HOP_BY_HOP = {"content-type", "te", "user-agent", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"}
+
+
+def forwarded_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple((k, v) for k, v in context.invocation_metadata() or ()
+                 if not k.startswith(":") and k not in _HOP_BY_HOP)
+
+
+def _timeout(context: grpc.aio.ServicerContext[Any, Any], default: float) -> float:
+    remaining = context.time_remaining()
+    return default if remaining is None else max(remaining, 0.0)
+
+
+def proxy_handler(
+    service: ServiceDescriptor,
+    channel: grpc.aio.Channel,
+    *,
+    default_timeout: float,
+    hidden: Iterable[str] = (),
+) -> grpc.GenericRpcHandler:
+    """A generic handler serving every method of `service` by relaying it over `channel`."""
+    hidden_set = set(hidden)
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        path = f"/{service.full_name}/{method.name}"
+        if method.name in hidden_set:
+            handlers[method.name] = _refusing(method.client_streaming, method.server_streaming, path)
+        else:
+            handlers[method.name] = _relay(channel, path, method.client_streaming, method.server_streaming,
+                                           default_timeout)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _refusing(client_streaming: bool, server_streaming: bool, path: str) -> grpc.RpcMethodHandler:
+    error = ServiceError(grpc.StatusCode.PERMISSION_DENIED, Reason.METHOD_NOT_EXPOSED,
+                         f"{path} is internal to the platform and not served on the public port",
+                         metadata={"method": path})
+
+    async def refuse_unary(request: Any, context: Any) -> bytes:
+        raise error
+
+    async def refuse_stream(request: Any, context: Any) -> AsyncIterator[bytes]:
+        raise error
+        yield b""  # pragma: no cover - makes this an async generator
+
+    if server_streaming:
+        maker: Callable[..., grpc.RpcMethodHandler] = (
+            grpc.stream_stream_rpc_method_handler if client_streaming
+            else grpc.unary_stream_rpc_method_handler)
+        return maker(refuse_stream)
+    maker = (grpc.stream_unary_rpc_method_handler if client_streaming
+             else grpc.unary_unary_rpc_method_handler)
+    return maker(refuse_unary)
+
+
+def _relay(channel: grpc.aio.Channel, path: str, client_streaming: bool, server_streaming: bool,
+           default_timeout: float) -> grpc.RpcMethodHandler:
+    # No serializers: requests and responses stay raw bytes end to end.
+    if not client_streaming and not server_streaming:
+        unary_unary = channel.unary_unary(path)
+
+        async def relay_unary_unary(request: bytes, context: Any) -> bytes:
+            result: bytes = await unary_unary(request, timeout=_timeout(context, default_timeout),
+                                              metadata=forwarded_metadata(context))
+            return result
+
+        return grpc.unary_unary_rpc_method_handler(relay_unary_unary)
+    if client_streaming and not server_streaming:
+        stream_unary = channel.stream_unary(path)
+
+        async def relay_stream_unary(requests: AsyncIterator[bytes], context: Any) -> bytes:
+            result: bytes = await stream_unary(requests, timeout=_timeout(context, default_timeout),
+                                               metadata=forwarded_metadata(context))
+            return result
+
+        return grpc.stream_unary_rpc_method_handler(relay_stream_unary)
+    if not client_streaming:
+        unary_stream = channel.unary_stream(path)
+
+        async def relay_unary_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+            call = unary_stream(request, timeout=_timeout(context, default_timeout),
+                                metadata=forwarded_metadata(context))
+            async for response in call:
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(relay_unary_stream)
+    stream_stream = channel.stream_stream(path)
+
+    async def relay_stream_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        call = stream_stream(requests, timeout=_timeout(context, default_timeout),
+                             metadata=forwarded_metadata(context))
+        async for response in call:
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(relay_stream_stream)

@@ -1,0 +1,74 @@
+"""GatewayService: validate, then invoke through the dispatcher."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias, cast
+
+import grpc
+from clawhub.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb
+from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
+from clawhub.gateway.v1 import gateway_service_pb2 as pb
+from clawhub.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from clawhub.registry.v1 import registry_service_pb2 as registry_pb
+from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+
+from services.gateway.proxy import forwarded_metadata
+from services.gateway.settings import Settings
+from services.runtime.errors import Reason, ServiceError, error_info, invalid
+from services.runtime.jsonvalue import json_to_value, value_to_json
+from services.runtime.names import skill_name_problem
+
+Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type information
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    def __init__(self, settings: Settings, dispatcher: grpc.aio.Channel, registry: grpc.aio.Channel) -> None:
+        self._settings = settings
+        self._dispatcher = dispatcher_grpc.DispatcherServiceStub(dispatcher)
+        self._registry = registry_grpc.RegistryServiceStub(registry)
+
+    async def InvokeSkill(self, request: pb.InvokeSkillRequest, context: Context) -> pb.InvokeSkillResponse:
+        problem = skill_name_problem(request.name)
+        if problem:
+            raise invalid(Reason.INVALID_NAME, "name", problem)
+        payload = request.WhichOneof("payload")
+        data = (value_to_json(request.input) if payload == "input"
+                else request.raw_input if payload == "raw_input" else b"")
+        limit = self._settings.max_input_bytes
+        if len(data) > limit:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, Reason.INPUT_TOO_LARGE,
+                f"the input is {len(data)} bytes; the gateway accepts at most {limit} bytes",
+                metadata={"limit_bytes": str(limit)}, field_violations=[(payload or "input", "too large")])
+        remaining = context.time_remaining()
+        timeout = self._settings.invoke_timeout if remaining is None else max(remaining, 0.0)
+        try:
+            result = await self._dispatcher.Dispatch(
+                dispatcher_pb.DispatchRequest(skill=request.name, input=data, request_id=request.request_id),
+                timeout=timeout, metadata=forwarded_metadata(context))
+        except grpc.aio.AioRpcError as err:
+            info = error_info(err)
+            if info is not None and info.reason == Reason.SKILL_NOT_DEPLOYED:
+                raise await self._explain_not_deployed(request.name, err) from None
+            raise
+        response = pb.InvokeSkillResponse(version=result.version, usage=result.usage)
+        value = json_to_value(result.output)
+        if value is None:
+            response.raw_output = result.output
+        else:
+            response.output.CopyFrom(value)
+        return response
+
+    async def _explain_not_deployed(self, name: str, err: grpc.aio.AioRpcError) -> Exception:
+        """Tell "no such skill" from "published but not deployed" (only on this error path)."""
+        try:
+            found = await self._registry.GetSkill(registry_pb.GetSkillRequest(name=name), timeout=5)
+        except grpc.aio.AioRpcError as lookup:
+            if lookup.code() == grpc.StatusCode.NOT_FOUND:
+                return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.SKILL_NOT_FOUND,
+                                    f"no skill named {name!r} is published", metadata={"skill": name})
+            return cast(Exception, err)
+        latest = found.skill.latest_version
+        hint = f"; deploy it with `clawhub deploy {name}@{latest}`" if latest else ""
+        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.SKILL_NOT_DEPLOYED,
+                            f"skill {name!r} is published but not deployed{hint}",
+                            metadata={"skill": name, "latest_version": latest}, domain="dispatcher.clawhub")
