@@ -154,8 +154,9 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
               f"  clawhub deploy com.example.uppercase@1.0.0\n"
               f"  clawhub invoke com.example.uppercase --input '\"hello\"'\n"
               "Press Ctrl-C to stop.\n", file=log, flush=True)
-        # The machine-readable line for scripts and tests.
-        print(f"gateway {addresses['gateway']}", flush=True)
+        # Machine-readable lines for scripts and tests, `LABEL ADDRESS`, the gateway last.
+        for label, address in sorted(addresses.items(), key=lambda item: item[0] == "gateway"):
+            print(f"{label} {address}", flush=True)
         while not stopping.wait(0.2):
             dead = suite.first_exited()
             if dead is not None:
