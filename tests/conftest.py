@@ -30,4 +30,4 @@ async def start_service() -> AsyncIterator[Starter]:
 
 def wat(text: str) -> bytes:
     """Compile WebAssembly text to a binary module."""
-    return wasmtime.wat2wasm(text)
+    return bytes(wasmtime.wat2wasm(text))

@@ -1,0 +1,10 @@
+"""`python -m services.registry`: serve the registry until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+from services.registry.server import build_server
+from services.registry.settings import Settings
+from services.runtime.server import run
+
+settings = Settings.from_env()
+run(lambda: build_server(settings), host=settings.host)

@@ -1,0 +1,373 @@
+"""The gRPC face of the registry: validates requests, runs publishes, maps records to messages and failures
+to structured errors (domain `registry.clawhub`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import grpc
+from clawhub.common.v1 import release_pb2, skill_pb2
+from clawhub.registry.v1 import registry_service_pb2 as pb
+from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
+
+from services.registry.blobs import BlobNotFound, BlobStore
+from services.registry.store import MetadataStore, NewVersion, SkillRecord, State, VersionRecord
+from services.registry.verify import Verifier
+from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.names import SHA256_HEX_RE, digest_problem, skill_name_problem, version_problem
+
+log = logging.getLogger("clawhub.registry")
+
+T = TypeVar("T")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+_STATE_PB: dict[State, release_pb2.ReleaseState.ValueType] = {
+    State.PENDING: release_pb2.RELEASE_STATE_PENDING,
+    State.VERIFYING: release_pb2.RELEASE_STATE_VERIFYING,
+    State.READY: release_pb2.RELEASE_STATE_READY,
+    State.FAILED: release_pb2.RELEASE_STATE_FAILED,
+}
+
+# Page tokens are opaque to clients; the prefix lets a token for one listing be told from another's.
+_SKILLS_TOKEN = "skills/"
+_VERSIONS_TOKEN = "versions/"
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextmanager
+    def _ref(self, key: tuple[str, str]) -> Iterator[asyncio.Lock]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            yield lock
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    async def run(self, key: tuple[str, str], fn: Callable[[], Awaitable[T]]) -> T:
+        with self._ref(key) as lock:
+            async with lock:
+                return await fn()
+
+
+def _problems_error(problems: list[tuple[Reason, str, str]]) -> ServiceError:
+    """INVALID_ARGUMENT naming every bad field; the ErrorInfo reason is the first problem's."""
+    reason, field_name, _ = problems[0]
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, reason, "; ".join(p for _, _, p in problems),
+                        metadata={"field": field_name}, field_violations=[(f, p) for _, f, p in problems])
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise invalid(Reason.INVALID_ARGUMENT, "page_size", f"page_size must not be negative (got {requested})")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _encode_token(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode("ascii")
+
+
+def _decode_token(token: str, prefix: str) -> str:
+    """The position a page token carries; INVALID_PAGE_TOKEN when it is not one this registry issued."""
+    bad = invalid(Reason.INVALID_PAGE_TOKEN, "page_token",
+                  "page_token is not a token from a previous response of this call; start again without it")
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (ValueError, binascii.Error, UnicodeError):
+        raise bad from None
+    if _encode_token(text) != token or not text.startswith(prefix):
+        raise bad
+    return text[len(prefix):]
+
+
+def version_to_pb(record: VersionRecord) -> pb.SkillVersion:
+    message = pb.SkillVersion(
+        name=record.name,
+        version=record.version,
+        digest=record.digest,
+        size_bytes=record.size_bytes,
+        manifest=skill_pb2.Manifest.FromString(record.manifest),
+        state=_STATE_PB[record.state],
+        verification_errors=list(record.verification_errors),
+    )
+    message.create_time.FromNanoseconds(record.create_time_ns)
+    for step in record.history:
+        transition = message.history.add(
+            from_state=_STATE_PB[step.from_state] if step.from_state else release_pb2.RELEASE_STATE_UNSPECIFIED,
+            to_state=_STATE_PB[step.to_state],
+            reason=step.reason,
+        )
+        transition.time.FromNanoseconds(step.time_ns)
+    return message
+
+
+def skill_to_pb(record: SkillRecord) -> pb.Skill:
+    description = skill_pb2.Manifest.FromString(record.latest_manifest).description if record.latest_manifest else ""
+    message = pb.Skill(name=record.name, latest_version=record.latest_version, description=description)
+    message.create_time.FromNanoseconds(record.create_time_ns)
+    message.update_time.FromNanoseconds(record.update_time_ns)
+    return message
+
+
+def _skill_not_found(name: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.SKILL_NOT_FOUND, f"no skill named {name!r}",
+                        metadata={"name": name})
+
+
+def _check_name(name: str, field_name: str = "name") -> None:
+    problem = skill_name_problem(name)
+    if problem:
+        raise invalid(Reason.INVALID_NAME, field_name, problem)
+
+
+def _check_version(version: str, field_name: str = "version") -> None:
+    problem = version_problem(version)
+    if problem:
+        raise invalid(Reason.INVALID_VERSION, field_name, problem)
+
+
+class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    """clawhub.registry.v1.RegistryService."""
+
+    def __init__(self, store: MetadataStore, blobs: BlobStore, verifier: Verifier, *,
+                 max_upload_bytes: int) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._verifier = verifier
+        self._max_upload = max_upload_bytes
+        # Publishes of one name@version take turns, so a retry waits for the first attempt's verdict instead
+        # of racing it; different versions run in parallel.
+        self._publishing = _KeyedLocks()
+
+    # Publishing.
+
+    def _check_metadata(self, meta: pb.PublishSkillMetadata) -> None:
+        problems: list[tuple[Reason, str, str]] = []
+        if not meta.HasField("manifest"):
+            problems.append((Reason.INVALID_MANIFEST, "metadata.manifest", "a manifest is required"))
+        manifest = meta.manifest
+        if problem := skill_name_problem(manifest.name):
+            problems.append((Reason.INVALID_NAME, "metadata.manifest.name", problem))
+        if problem := version_problem(manifest.version):
+            problems.append((Reason.INVALID_VERSION, "metadata.manifest.version", problem))
+        if not SHA256_HEX_RE.match(meta.sha256):
+            hint = " without the `sha256:` prefix" if meta.sha256.startswith("sha256:") else ""
+            problems.append((Reason.INVALID_DIGEST, "metadata.sha256",
+                             f"{meta.sha256[:80]!r} is not a sha256: send 64 lowercase hex digits{hint}"))
+        if self._verifier.abi_of(manifest) is None:
+            abi = (skill_pb2.Abi.Name(manifest.abi) if manifest.abi in skill_pb2.Abi.values()
+                   else str(manifest.abi))
+            problems.append((Reason.INVALID_MANIFEST, "metadata.manifest.abi",
+                             f"ABI {abi} is not supported; declare ABI_WASI_COMMAND_V1"))
+        if meta.size_bytes > self._max_upload:
+            problems.append((Reason.UPLOAD_TOO_LARGE, "metadata.size_bytes",
+                             f"the module is {meta.size_bytes} bytes, more than the registry's limit of "
+                             f"{self._max_upload} bytes"))
+        if problems:
+            raise _problems_error(problems)
+
+    async def PublishSkill(self, request_iterator: AsyncIterator[pb.PublishSkillRequest],
+                           context: grpc.aio.ServicerContext) -> pb.PublishSkillResponse:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("content") != "metadata":
+            raise invalid(Reason.INVALID_ARGUMENT, "metadata",
+                          "the first message of a publish stream must carry the metadata (manifest, sha256); "
+                          "the module bytes follow as chunks")
+        meta = first.metadata
+        self._check_metadata(meta)
+        name, version = meta.manifest.name, meta.manifest.version
+        expected = "sha256:" + meta.sha256
+        started_ns = time.time_ns()
+        limit = min(self._max_upload, meta.size_bytes) if meta.size_bytes else self._max_upload
+
+        async with self._blobs.upload(meta.sha256) as upload:
+            async for request in requests:
+                if request.WhichOneof("content") != "chunk":
+                    raise invalid(Reason.INVALID_ARGUMENT, "metadata",
+                                  "metadata may only be sent once, as the first message of the stream")
+                if upload.size + len(request.chunk) > limit:
+                    what = ("the declared size_bytes" if meta.size_bytes and limit == meta.size_bytes
+                            else "the registry's upload limit")
+                    raise ServiceError(
+                        grpc.StatusCode.INVALID_ARGUMENT, Reason.UPLOAD_TOO_LARGE,
+                        f"the upload of {name}@{version} exceeds {what} of {limit} bytes",
+                        metadata={"limit_bytes": str(limit), "name": name, "version": version},
+                        field_violations=[("chunk", f"more than {limit} bytes")])
+                await upload.write(request.chunk)
+            actual = await upload.finish()
+            if actual != expected:
+                raise ServiceError(
+                    grpc.StatusCode.INVALID_ARGUMENT, Reason.CHECKSUM_MISMATCH,
+                    f"checksum mismatch for {name}@{version}: expected {expected}, got {actual} "
+                    f"over {upload.size} bytes",
+                    metadata={"expected": expected, "actual": actual, "size_bytes": str(upload.size)},
+                    field_violations=[("metadata.sha256", f"the uploaded bytes have digest {actual}")])
+            if meta.size_bytes and upload.size != meta.size_bytes:
+                raise ServiceError(
+                    grpc.StatusCode.INVALID_ARGUMENT, Reason.SIZE_MISMATCH,
+                    f"size mismatch for {name}@{version}: declared {meta.size_bytes} bytes, received "
+                    f"{upload.size}",
+                    metadata={"expected": str(meta.size_bytes), "actual": str(upload.size)},
+                    field_violations=[("metadata.size_bytes", f"{upload.size} bytes were uploaded")])
+
+            async def settle() -> pb.PublishSkillResponse:
+                record, created = await self._store.begin_version(NewVersion(
+                    name=name, version=version, digest=actual, size_bytes=upload.size,
+                    manifest=meta.manifest.SerializeToString(deterministic=True),
+                    upload_started_ns=started_ns, upload_completed_ns=time.time_ns(),
+                    pending_reason="upload started",
+                    verifying_reason=f"upload complete: {upload.size} bytes matching {actual}",
+                ))
+                if not created:
+                    if record.digest != actual:
+                        raise ServiceError(
+                            grpc.StatusCode.ALREADY_EXISTS, Reason.VERSION_EXISTS,
+                            f"{name}@{version} already exists with digest {record.digest}, not {actual}; "
+                            "versions are immutable, publish a new version",
+                            metadata={"name": name, "version": version, "existing_digest": record.digest,
+                                      "digest": actual})
+                    if not await self._blobs.exists(actual):
+                        # The stored blob went missing; these are the same verified bytes, so restore them.
+                        await upload.commit(actual)
+                    return pb.PublishSkillResponse(skill_version=version_to_pb(record), created=False)
+                settled = False
+                try:
+                    problems = await self._verifier.verify(await upload.read_all(), meta.manifest)
+                    if problems:
+                        await self._store.transition(name, version, State.FAILED,
+                                                     "verification failed: " + "; ".join(problems),
+                                                     errors=problems)
+                        settled = True
+                        raise ServiceError(
+                            grpc.StatusCode.INVALID_ARGUMENT, Reason.VERIFICATION_FAILED,
+                            f"{name}@{version} failed verification: " + "; ".join(problems),
+                            metadata={"name": name, "version": version, "digest": actual},
+                            field_violations=[("module", p) for p in problems])
+                    # The blob goes into place only now: anything served by digest has passed verification.
+                    await upload.commit(actual)
+                    abi = self._verifier.abi_of(meta.manifest)
+                    record = await self._store.transition(
+                        name, version, State.READY,
+                        f"verification passed: compiles with wasmtime and implements {abi.name if abi else '?'}")
+                    settled = True
+                except BaseException:
+                    if not settled:
+                        await self._abandon(name, version)
+                    raise
+                log.info("published %s@%s (%s, %d bytes)", name, version, actual, upload.size)
+                return pb.PublishSkillResponse(skill_version=version_to_pb(record), created=True)
+
+            return await self._publishing.run((name, version), settle)
+
+    async def _abandon(self, name: str, version: str) -> None:
+        """Record FAILED for a publish that stopped mid-verification (client gone, deadline, shutdown), so
+        the version does not stay VERIFYING and can be published again. A restart settles it otherwise."""
+        why = "the publish was interrupted before verification finished; publish this version again"
+        try:
+            await asyncio.shield(self._store.transition(name, version, State.FAILED, why, errors=[why]))
+        except Exception:  # noqa: BLE001 - the original error matters more; settle_unfinished is the backstop
+            log.warning("could not record the interrupted publish of %s@%s", name, version, exc_info=True)
+
+    # Reading.
+
+    async def GetSkill(self, request: pb.GetSkillRequest,
+                       context: grpc.aio.ServicerContext) -> pb.GetSkillResponse:
+        _check_name(request.name)
+        record = await self._store.get_skill(request.name)
+        if record is None:
+            raise _skill_not_found(request.name)
+        return pb.GetSkillResponse(skill=skill_to_pb(record))
+
+    async def ListSkills(self, request: pb.ListSkillsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListSkillsResponse:
+        size = _page_size(request.page_size)
+        after = _decode_token(request.page_token, _SKILLS_TOKEN) if request.page_token else None
+        page = await self._store.list_skills(after=after, limit=size)
+        token = _encode_token(_SKILLS_TOKEN + page.items[-1].name) if page.more and page.items else ""
+        return pb.ListSkillsResponse(skills=[skill_to_pb(s) for s in page.items], next_page_token=token)
+
+    async def GetSkillVersion(self, request: pb.GetSkillVersionRequest,
+                              context: grpc.aio.ServicerContext) -> pb.GetSkillVersionResponse:
+        _check_name(request.name)
+        _check_version(request.version)
+        record = await self._store.get_version(request.name, request.version)
+        if record is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
+                               f"no version {request.version} of skill {request.name!r}",
+                               metadata={"name": request.name, "version": request.version})
+        return pb.GetSkillVersionResponse(skill_version=version_to_pb(record))
+
+    async def ListSkillVersions(self, request: pb.ListSkillVersionsRequest,
+                                context: grpc.aio.ServicerContext) -> pb.ListSkillVersionsResponse:
+        _check_name(request.name)
+        size = _page_size(request.page_size)
+        after = None
+        if request.page_token:
+            position = _decode_token(request.page_token, _VERSIONS_TOKEN)
+            token_name, _, after = position.partition("@")
+            if token_name != request.name or version_problem(after):
+                raise invalid(Reason.INVALID_PAGE_TOKEN, "page_token",
+                              "page_token belongs to another listing; start again without it")
+        page = await self._store.list_versions(request.name, after=after, limit=size)
+        if page is None:
+            raise _skill_not_found(request.name)
+        token = ""
+        if page.more and page.items:
+            token = _encode_token(f"{_VERSIONS_TOKEN}{request.name}@{page.items[-1].version}")
+        return pb.ListSkillVersionsResponse(skill_versions=[version_to_pb(v) for v in page.items],
+                                            next_page_token=token)
+
+    async def DownloadBlob(self, request: pb.DownloadBlobRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadBlobResponse]:
+        if problem := digest_problem(request.digest):
+            raise invalid(Reason.INVALID_DIGEST, "digest", problem)
+        try:
+            reader = await self._blobs.read(request.digest)
+        except BlobNotFound:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND,
+                               f"no blob with digest {request.digest}", metadata={"digest": request.digest}
+                               ) from None
+        try:
+            async for chunk in reader.chunks():
+                yield pb.DownloadBlobResponse(chunk=chunk)
+        finally:
+            reader.close()
+
+
+async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Verifier) -> None:
+    """Finish the publishes a previous run left in flight, so no version stays PENDING or VERIFYING."""
+    for record in await store.unsettled_versions():
+        manifest = skill_pb2.Manifest.FromString(record.manifest)
+        if record.state is State.VERIFYING and await blobs.exists(record.digest):
+            # The registry stopped between placing the blob and recording READY: verify again.
+            reader = await blobs.read(record.digest)
+            data = b"".join([chunk async for chunk in reader.chunks()])
+            problems = await verifier.verify(data, manifest)
+            if not problems:
+                await store.transition(record.name, record.version, State.READY,
+                                       "verification passed (re-run after a restart)")
+                continue
+            reason = "verification failed (re-run after a restart): " + "; ".join(problems)
+        else:
+            problems = ["the registry stopped before verification finished; publish this version again"]
+            reason = problems[0]
+        await store.transition(record.name, record.version, State.FAILED, reason, errors=problems)
+        log.warning("%s@%s left %s by a previous run: now FAILED", record.name, record.version, record.state)

@@ -1,0 +1,427 @@
+"""Registry metadata: skills, their versions and each version's release history.
+
+`MetadataStore` is the interface the servicer uses; `SqliteMetadataStore` implements it on aiosqlite in WAL
+mode. It keeps two connections: one writer, whose transactions are serialized by a lock (`BEGIN IMMEDIATE`,
+so another process cannot interleave either), and one reader, which in WAL mode sees the last committed state
+without waiting for the writer. The schema is created and upgraded by `MIGRATIONS`: append a new entry to
+change it, never edit a released one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Generic, Protocol, TypeVar
+
+import aiosqlite
+
+from services.runtime.names import is_prerelease, semver_key
+
+T = TypeVar("T")
+
+
+class State(StrEnum):
+    """The registry's part of the release state machine (the deployer owns the states after READY)."""
+
+    PENDING = "PENDING"
+    VERIFYING = "VERIFYING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+# Legal transitions; None is "no state yet". Anything else is refused with IllegalTransition.
+TRANSITIONS: dict[State | None, frozenset[State]] = {
+    None: frozenset({State.PENDING}),
+    State.PENDING: frozenset({State.VERIFYING, State.FAILED}),
+    State.VERIFYING: frozenset({State.READY, State.FAILED}),
+    State.READY: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    """A transition the release state machine does not allow."""
+
+    def __init__(self, name: str, version: str, from_state: State | None, to_state: State) -> None:
+        super().__init__(f"{name}@{version}: illegal transition {from_state} → {to_state}")
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+class VersionNotFound(LookupError):
+    """No such name@version."""
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One persisted transition of a version's release state."""
+
+    from_state: State | None
+    to_state: State
+    time_ns: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One version of a skill as stored."""
+
+    name: str
+    version: str
+    digest: str
+    size_bytes: int
+    # The serialized clawhub.common.v1.Manifest it was published with.
+    manifest: bytes
+    state: State
+    verification_errors: tuple[str, ...]
+    history: tuple[Transition, ...]
+    create_time_ns: int
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A version whose bytes arrived and matched their checksum, about to be verified."""
+
+    name: str
+    version: str
+    digest: str
+    size_bytes: int
+    manifest: bytes
+    # When the upload started (the PENDING transition) and when it completed (PENDING → VERIFYING).
+    upload_started_ns: int
+    upload_completed_ns: int
+    pending_reason: str
+    verifying_reason: str
+
+
+@dataclass(frozen=True)
+class SkillRecord:
+    """A skill: every version under one name, summarized."""
+
+    name: str
+    create_time_ns: int
+    update_time_ns: int
+    # See `latest_version`; empty when no version is READY.
+    latest_version: str
+    # Manifest of the latest version, empty bytes when there is none.
+    latest_manifest: bytes
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing; `more` says whether anything follows the last item."""
+
+    items: list[T]
+    more: bool
+
+
+def latest_version(ready_versions: Iterable[str]) -> str:
+    """The highest READY non-prerelease version, else the highest READY prerelease, else empty."""
+    versions = list(ready_versions)
+    releases = [v for v in versions if not is_prerelease(v)]
+    pool = releases or versions
+    return max(pool, key=version_order) if pool else ""
+
+
+def version_order(version: str) -> tuple[tuple[int, int, int, int, tuple[tuple[int, int | str], ...]], str]:
+    """SemVer precedence, then the string itself so that `1.0.0+a` and `1.0.0+b` still order stably."""
+    return (semver_key(version), version)
+
+
+class MetadataStore(Protocol):
+    """What the servicer needs from the metadata backend."""
+
+    async def close(self) -> None: ...
+
+    async def begin_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
+        """Atomically record `new` as VERIFYING (history PENDING → VERIFYING) and return (record, True);
+        or, when name@version exists and is not FAILED, change nothing and return (existing, False).
+        A FAILED version is replaced."""
+        ...
+
+    async def transition(self, name: str, version: str, to_state: State, reason: str, *,
+                         errors: Sequence[str] = ()) -> VersionRecord:
+        """Move a version to `to_state`, persisting the transition; raises IllegalTransition or
+        VersionNotFound."""
+        ...
+
+    async def get_version(self, name: str, version: str) -> VersionRecord | None: ...
+
+    async def list_versions(self, name: str, *, after: str | None, limit: int) -> Page[VersionRecord] | None:
+        """Versions newest first by SemVer precedence, starting after `after`; None for an unknown skill."""
+        ...
+
+    async def get_skill(self, name: str) -> SkillRecord | None: ...
+
+    async def list_skills(self, *, after: str | None, limit: int) -> Page[SkillRecord]:
+        """Skills in name order, starting after the name `after`."""
+        ...
+
+    async def unsettled_versions(self) -> list[VersionRecord]:
+        """Versions left PENDING or VERIFYING (the registry stopped mid-publish)."""
+        ...
+
+
+# Each migration is a list of statements run in one transaction; schema_version records the last one applied.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE skills (
+            name TEXT PRIMARY KEY,
+            create_time_ns INTEGER NOT NULL,
+            update_time_ns INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE versions (
+            name TEXT NOT NULL REFERENCES skills(name),
+            version TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            manifest BLOB NOT NULL,
+            state TEXT NOT NULL,
+            verification_errors TEXT NOT NULL DEFAULT '[]',
+            create_time_ns INTEGER NOT NULL,
+            PRIMARY KEY (name, version)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX versions_by_digest ON versions(digest)",
+        "CREATE INDEX versions_by_state ON versions(state)",
+        """CREATE TABLE transitions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            from_state TEXT,
+            to_state TEXT NOT NULL,
+            time_ns INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            FOREIGN KEY (name, version) REFERENCES versions(name, version) ON DELETE CASCADE
+        )""",
+        "CREATE INDEX transitions_by_version ON transitions(name, version, id)",
+    ),
+)
+
+_VERSION_COLUMNS = "name, version, digest, size_bytes, manifest, state, verification_errors, create_time_ns"
+
+
+async def _configure(conn: aiosqlite.Connection) -> None:
+    await conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable against process crashes in WAL mode; blobs are fsynced separately.
+    await conn.execute("PRAGMA synchronous=NORMAL")
+    await conn.execute("PRAGMA foreign_keys=ON")
+    await conn.execute("PRAGMA busy_timeout=5000")
+
+
+async def migrate(conn: aiosqlite.Connection) -> int:
+    """Apply pending migrations; returns the schema version. Refuses a database newer than this code."""
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        async with conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cursor:
+            row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(MIGRATIONS):
+            raise RuntimeError(f"the registry database has schema version {current}, newer than this "
+                               f"registry understands ({len(MIGRATIONS)}); upgrade the registry")
+        for number, statements in enumerate(MIGRATIONS[current:], start=current + 1):
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+        await conn.execute("COMMIT")
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
+    return len(MIGRATIONS)
+
+
+class SqliteMetadataStore:
+    """MetadataStore on an sqlite file (aiosqlite, WAL)."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteMetadataStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connections: list[aiosqlite.Connection] = []
+        try:
+            for _ in range(2):
+                conn = await aiosqlite.connect(path, isolation_level=None)
+                connections.append(conn)
+                await _configure(conn)
+                conn.row_factory = aiosqlite.Row
+            await migrate(connections[0])
+        except BaseException:
+            for conn in connections:
+                await conn.close()
+            raise
+        return cls(connections[0], connections[1])
+
+    async def close(self) -> None:
+        async with self._write_lock, self._read_lock:
+            await self._reader.close()
+            await self._writer.close()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        # One read transaction, so a version and its history come from the same snapshot.
+        async with self._read_lock:
+            await self._reader.execute("BEGIN")
+            try:
+                yield self._reader
+            finally:
+                await self._reader.execute("COMMIT")
+
+    # Writes.
+
+    async def begin_version(self, new: NewVersion) -> tuple[VersionRecord, bool]:
+        async with self._write() as db:
+            existing = await _fetch_version(db, new.name, new.version)
+            if existing is not None and existing.state is not State.FAILED:
+                return existing, False
+            if existing is not None:
+                # Its transitions go with it (ON DELETE CASCADE): the new publish starts a fresh history.
+                await db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (new.name, new.version))
+            await db.execute(
+                "INSERT INTO skills (name, create_time_ns, update_time_ns) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET update_time_ns = MAX(update_time_ns, excluded.update_time_ns)",
+                (new.name, new.upload_started_ns, new.upload_started_ns),
+            )
+            await db.execute(
+                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?)",
+                (new.name, new.version, new.digest, new.size_bytes, new.manifest, State.VERIFYING.value,
+                 new.upload_started_ns),
+            )
+            await _insert_transition(db, new.name, new.version, None, State.PENDING, new.upload_started_ns,
+                                     new.pending_reason)
+            await _insert_transition(db, new.name, new.version, State.PENDING, State.VERIFYING,
+                                     new.upload_completed_ns, new.verifying_reason)
+            record = await _fetch_version(db, new.name, new.version)
+        assert record is not None
+        return record, True
+
+    async def transition(self, name: str, version: str, to_state: State, reason: str, *,
+                         errors: Sequence[str] = ()) -> VersionRecord:
+        async with self._write() as db:
+            current = await _fetch_version(db, name, version)
+            if current is None:
+                raise VersionNotFound(f"{name}@{version}")
+            if to_state not in TRANSITIONS[current.state]:
+                raise IllegalTransition(name, version, current.state, to_state)
+            await db.execute(
+                "UPDATE versions SET state = ?, verification_errors = ? WHERE name = ? AND version = ?",
+                (to_state.value, json.dumps(list(errors) or list(current.verification_errors)), name, version),
+            )
+            await _insert_transition(db, name, version, current.state, to_state, time.time_ns(), reason)
+            record = await _fetch_version(db, name, version)
+        assert record is not None
+        return record
+
+    # Reads.
+
+    async def get_version(self, name: str, version: str) -> VersionRecord | None:
+        async with self._read() as db:
+            return await _fetch_version(db, name, version)
+
+    async def list_versions(self, name: str, *, after: str | None, limit: int) -> Page[VersionRecord] | None:
+        async with self._read() as db:
+            async with db.execute("SELECT 1 FROM skills WHERE name = ?", (name,)) as cursor:
+                if await cursor.fetchone() is None:
+                    return None
+            async with db.execute("SELECT version FROM versions WHERE name = ?", (name,)) as cursor:
+                versions = [str(row[0]) async for row in cursor]
+            # SemVer precedence is not a SQL ordering; a skill has few enough versions to sort here.
+            ordered = sorted(versions, key=version_order, reverse=True)
+            if after is not None:
+                bound = version_order(after)
+                ordered = [v for v in ordered if version_order(v) < bound]
+            chosen = ordered[:limit]
+            records = [r for v in chosen if (r := await _fetch_version(db, name, v)) is not None]
+            return Page(records, more=len(ordered) > limit)
+
+    async def get_skill(self, name: str) -> SkillRecord | None:
+        async with self._read() as db:
+            skills = await _fetch_skills(db, "WHERE name = ?", (name,))
+        return skills[0] if skills else None
+
+    async def list_skills(self, *, after: str | None, limit: int) -> Page[SkillRecord]:
+        async with self._read() as db:
+            skills = await _fetch_skills(db, "WHERE name > ? ORDER BY name LIMIT ?", (after or "", limit + 1))
+        return Page(skills[:limit], more=len(skills) > limit)
+
+    async def unsettled_versions(self) -> list[VersionRecord]:
+        async with self._read() as db:
+            async with db.execute("SELECT name, version FROM versions WHERE state IN (?, ?) ORDER BY name",
+                                  (State.PENDING.value, State.VERIFYING.value)) as cursor:
+                keys = [(str(row[0]), str(row[1])) async for row in cursor]
+            return [r for name, version in keys if (r := await _fetch_version(db, name, version)) is not None]
+
+
+async def _insert_transition(db: aiosqlite.Connection, name: str, version: str, from_state: State | None,
+                             to_state: State, time_ns: int, reason: str) -> None:
+    await db.execute(
+        "INSERT INTO transitions (name, version, from_state, to_state, time_ns, reason) VALUES (?, ?, ?, ?, ?, ?)",
+        (name, version, from_state.value if from_state else None, to_state.value, time_ns, reason),
+    )
+
+
+async def _fetch_version(db: aiosqlite.Connection, name: str, version: str) -> VersionRecord | None:
+    async with db.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE name = ? AND version = ?",
+                          (name, version)) as cursor:
+        row = await cursor.fetchone()
+    if row is None:
+        return None
+    async with db.execute("SELECT from_state, to_state, time_ns, reason FROM transitions "
+                          "WHERE name = ? AND version = ? ORDER BY id", (name, version)) as cursor:
+        history = [
+            Transition(State(t["from_state"]) if t["from_state"] else None, State(t["to_state"]),
+                       int(t["time_ns"]), str(t["reason"]))
+            async for t in cursor
+        ]
+    return VersionRecord(
+        name=str(row["name"]), version=str(row["version"]), digest=str(row["digest"]),
+        size_bytes=int(row["size_bytes"]), manifest=bytes(row["manifest"]), state=State(row["state"]),
+        verification_errors=tuple(json.loads(row["verification_errors"])), history=tuple(history),
+        create_time_ns=int(row["create_time_ns"]),
+    )
+
+
+async def _fetch_skills(db: aiosqlite.Connection, where: str, params: tuple[object, ...]) -> list[SkillRecord]:
+    async with db.execute(f"SELECT name, create_time_ns, update_time_ns FROM skills {where}", params) as cursor:
+        rows = [(str(r[0]), int(r[1]), int(r[2])) async for r in cursor]
+    if not rows:
+        return []
+    names = [name for name, _, _ in rows]
+    placeholders = ", ".join("?" * len(names))
+    ready: dict[str, list[str]] = {name: [] for name in names}
+    async with db.execute(f"SELECT name, version FROM versions WHERE state = ? AND name IN ({placeholders})",
+                          (State.READY.value, *names)) as cursor:
+        async for r in cursor:
+            ready[str(r[0])].append(str(r[1]))
+    skills = []
+    for name, created, updated in rows:
+        latest = latest_version(ready[name])
+        manifest = b""
+        if latest:
+            async with db.execute("SELECT manifest FROM versions WHERE name = ? AND version = ?",
+                                  (name, latest)) as cursor:
+                row = await cursor.fetchone()
+            manifest = bytes(row[0]) if row else b""
+        skills.append(SkillRecord(name, created, updated, latest, manifest))
+    return skills

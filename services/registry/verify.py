@@ -1,0 +1,40 @@
+"""Verification of published modules: compile with wasmtime and check the ABI the manifest declares.
+
+Compiling is CPU-bound and releases the GIL, so it runs on worker threads, bounded so that a burst of
+publishes cannot take every core from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import wasmtime
+from clawhub.common.v1 import skill_pb2
+
+from services.runtime.wasm import WASI_COMMAND_V1, Abi, compile_and_check, make_engine
+
+# The ABIs a manifest may declare, by their enum value; later ABIs (component model) are added here.
+ABIS: dict[int, Abi] = {skill_pb2.ABI_WASI_COMMAND_V1: WASI_COMMAND_V1}
+
+
+class Verifier:
+    """Checks that module bytes compile and implement the manifest's ABI."""
+
+    def __init__(self, *, max_parallel: int | None = None) -> None:
+        self._engine: wasmtime.Engine = make_engine()
+        self._slots = asyncio.Semaphore(max_parallel or max(1, min(4, os.cpu_count() or 1)))
+
+    @staticmethod
+    def abi_of(manifest: skill_pb2.Manifest) -> Abi | None:
+        return ABIS.get(manifest.abi)
+
+    async def verify(self, data: bytes, manifest: skill_pb2.Manifest) -> list[str]:
+        """Problems that keep `data` from being served as `manifest` says; empty when it passes."""
+        abi = self.abi_of(manifest)
+        if abi is None:
+            name = skill_pb2.Abi.Name(manifest.abi) if manifest.abi in skill_pb2.Abi.values() else manifest.abi
+            return [f"the manifest declares ABI {name}, which this registry does not support"]
+        async with self._slots:
+            _module, problems = await asyncio.to_thread(compile_and_check, self._engine, data, abi)
+        return problems
