@@ -1,0 +1,59 @@
+"""Composition root of the executor."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from clawhub.executor.v1 import executor_service_pb2 as pb
+from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
+
+from services.executor.modules import ModuleLoader
+from services.executor.sandbox import Sandbox
+from services.executor.servicer import ExecutorServicer, WorkerPool
+from services.executor.settings import Settings
+from services.executor.source import ModuleSource, RegistryModuleSource
+from services.runtime.channels import channel
+from services.runtime.server import ServiceHost, create_server
+
+EXECUTOR_SERVICE = pb.DESCRIPTOR.services_by_name["ExecutorService"]
+
+
+async def build_server(settings: Settings, module_source: ModuleSource | None = None) -> ServiceHost:
+    """The executor's ServiceHost. Modules come from `module_source`, by default the registry at
+    `settings.registry_address`."""
+    registry: grpc.aio.Channel | None = None
+    if module_source is None:
+        registry = channel(settings.registry_address)
+        module_source = RegistryModuleSource(registry, timeout=settings.fetch_timeout)
+    sandbox = Sandbox()
+    loader = ModuleLoader(module_source, sandbox, settings.cache_bytes)
+    pool = WorkerPool(settings.threads, settings.queue)
+    servicer = ExecutorServicer(settings, loader, sandbox, pool)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
+
+    try:
+        host = create_server(
+            "executor", (EXECUTOR_SERVICE.full_name,), host=settings.host, port=settings.port,
+            grace_seconds=settings.grace_seconds, register=register,
+        )
+    except BaseException:
+        sandbox.close()
+        pool.shutdown()
+        if registry is not None:
+            await registry.close()
+        raise
+    servicer.health = host.health
+
+    async def close() -> None:
+        await loader.close()
+        # Running calls finish within their timeouts; the epoch ticker must outlive them.
+        await asyncio.to_thread(pool.shutdown)
+        sandbox.close()
+        if registry is not None:
+            await registry.close()
+
+    host.closers.append(close)
+    return host

@@ -1,0 +1,210 @@
+"""ExecutorService: load modules by digest and run them, one fresh sandbox per call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol, TypeAlias, TypeVar
+
+import grpc
+from clawhub.common.v1 import skill_pb2
+from clawhub.executor.v1 import executor_service_pb2 as pb
+from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2
+
+from services.executor.modules import ModuleLoader
+from services.executor.sandbox import RunLimits, RunResult, Sandbox, Verdict
+from services.executor.settings import Settings
+from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.names import digest_problem
+
+log = logging.getLogger("clawhub.executor")
+
+Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type information
+T = TypeVar("T")
+
+STDERR_TAIL_BYTES = 1024
+# What an overloaded executor suggests as a pause before retrying (RetryInfo).
+OVERLOAD_RETRY_SECONDS = 0.2
+
+
+class Health(Protocol):
+    """The part of the grpc health servicer the executor uses for per-digest health."""
+
+    async def set(self, service: str, status: Any) -> None: ...
+
+
+class WorkerPool:
+    """A bounded thread pool with admission control: at most `threads` calls run and `queue` wait; any
+    more are refused at once, so an overloaded executor sheds load instead of growing latency."""
+
+    def __init__(self, threads: int, queue: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasm")
+        self.capacity = threads + queue
+        self._lock = threading.Lock()
+        self._admitted = 0
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    def try_submit(self, fn: Callable[[], T]) -> asyncio.Future[T] | None:
+        """Run `fn` on a worker, or None when the executor is full. The slot is held until `fn` returns
+        on its thread, even if the awaiting call was cancelled meanwhile."""
+        with self._lock:
+            if self._admitted >= self.capacity:
+                return None
+            self._admitted += 1
+        try:
+            future: Future[T] = self._pool.submit(fn)
+        except RuntimeError:  # shut down
+            self._release(None)
+            return None
+        future.add_done_callback(self._release)
+        return asyncio.wrap_future(future)
+
+    def _release(self, _: object) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    def shutdown(self) -> None:
+        """Wait for running calls (each bounded by its timeout); drop queued ones."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_digest(digest: str) -> None:
+    problem = digest_problem(digest)
+    if problem:
+        raise invalid(Reason.INVALID_DIGEST, "digest", problem)
+
+
+def _tail(stderr: bytes) -> str:
+    return stderr[-STDERR_TAIL_BYTES:].decode("utf-8", errors="replace")
+
+
+class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
+    def __init__(self, settings: Settings, loader: ModuleLoader, sandbox: Sandbox, pool: WorkerPool,
+                 health: Health | None = None) -> None:
+        self._settings = settings
+        self._loader = loader
+        self._sandbox = sandbox
+        self._pool = pool
+        # Set by the composition root once the server (and its health servicer) exists.
+        self.health = health
+        self._health_names: set[str] = set()
+
+    def _limits(self, requested: skill_pb2.Limits, deadline: float | None) -> tuple[RunLimits, int]:
+        """Resolve the call's limits: zero takes the default, anything above the ceiling is capped.
+        Returns the run limits and the input limit."""
+        s = self._settings
+
+        def pick(value: int, default: int, ceiling: int) -> int:
+            return min(value or default, ceiling)
+
+        timeout = s.default_timeout
+        if requested.HasField("timeout") and requested.timeout.ToNanoseconds() > 0:
+            timeout = requested.timeout.ToNanoseconds() / 1e9
+        run = RunLimits(
+            memory_bytes=pick(requested.memory_bytes, s.default_memory, s.max_memory),
+            timeout_seconds=min(timeout, s.max_timeout),
+            max_output_bytes=pick(requested.max_output_bytes, s.max_output, s.max_output),
+            max_stderr_bytes=pick(requested.max_stderr_bytes, s.max_stderr, s.max_stderr),
+            deadline=deadline,
+        )
+        return run, pick(requested.max_input_bytes, s.max_input, s.max_input)
+
+    async def _mark_serving(self, digest: str) -> None:
+        if self.health is not None:
+            self._health_names.add(digest)
+            await self.health.set(digest, health_pb2.HealthCheckResponse.SERVING)
+
+    async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
+        digest = request.digest
+        _check_digest(digest)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        limits, max_input = self._limits(request.limits, deadline)
+        if len(request.input) > max_input:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, Reason.INPUT_TOO_LARGE,
+                f"the input is {len(request.input)} bytes; this call accepts at most {max_input} bytes",
+                metadata={"field": "input", "input_bytes": str(len(request.input)),
+                          "max_input_bytes": str(max_input)},
+                field_violations=[("input", f"at most {max_input} bytes")])
+        compiled, _ = await self._loader.get(digest)
+        stdin = bytes(request.input)
+        running = self._pool.try_submit(lambda: self._sandbox.run(compiled, stdin, limits))
+        if running is None:
+            log.info("%s: refused, executor full (%d calls)", digest[:19], self._pool.capacity)
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.EXECUTOR_OVERLOADED,
+                f"the executor is running and queueing its maximum of {self._pool.capacity} calls; "
+                "retry later or on another executor",
+                metadata={"capacity": str(self._pool.capacity)},
+                retry_after_seconds=OVERLOAD_RETRY_SECONDS)
+        result = await running
+        return self._respond(digest, request.request_id, limits, result)
+
+    def _respond(self, digest: str, request_id: str, limits: RunLimits,
+                 result: RunResult) -> pb.ExecuteResponse:
+        short = digest[:19]
+        log.debug("%s: %s in %.1f ms (request %s)", short, result.verdict.value, result.wall_seconds * 1e3,
+                  request_id or "-")
+        if result.verdict is Verdict.OK:
+            usage = skill_pb2.Usage(peak_memory_bytes=result.peak_memory_bytes)
+            usage.wall_time.FromNanoseconds(int(result.wall_seconds * 1e9))
+            return pb.ExecuteResponse(output=result.output, stderr=result.stderr, usage=usage)
+        error = self._failure(digest, limits, result)
+        log.info("%s: %s (%s) request %s", short, error.reason, error.message, request_id or "-")
+        raise error
+
+    def _failure(self, digest: str, limits: RunLimits, result: RunResult) -> ServiceError:
+        meta = {"digest": digest}
+        v = result.verdict
+        if v is Verdict.EXIT_NONZERO:
+            return ServiceError(
+                grpc.StatusCode.ABORTED, Reason.SKILL_EXIT_NONZERO,
+                f"the skill exited with code {result.exit_code}",
+                metadata={**meta, "exit_code": str(result.exit_code), "stderr_tail": _tail(result.stderr)})
+        if v is Verdict.TRAPPED:
+            return ServiceError(
+                grpc.StatusCode.ABORTED, Reason.SKILL_TRAPPED, f"the skill trapped: {result.detail}",
+                metadata={**meta, "trap": result.detail, "stderr_tail": _tail(result.stderr)})
+        if v is Verdict.TIMEOUT:
+            timeout_ms = round(result.budget_seconds * 1000)
+            return ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, Reason.SKILL_TIMEOUT,
+                f"the skill did not finish within its {timeout_ms} ms wall-clock limit",
+                metadata={**meta, "timeout_ms": str(timeout_ms)})
+        if v is Verdict.MEMORY_LIMIT:
+            return ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.MEMORY_LIMIT_EXCEEDED,
+                f"the skill needed more than its {limits.memory_bytes} bytes of memory",
+                metadata={**meta, "memory_limit_bytes": str(limits.memory_bytes),
+                          "peak_memory_bytes": str(result.peak_memory_bytes),
+                          **({"trap": result.detail} if result.detail else {})})
+        if v is Verdict.OUTPUT_LIMIT:
+            return ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OUTPUT_LIMIT_EXCEEDED,
+                f"the skill wrote more than its {limits.max_output_bytes} bytes of output",
+                metadata={**meta, "max_output_bytes": str(limits.max_output_bytes)})
+        raise AssertionError(f"unhandled verdict {v}")
+
+    async def LoadSkill(self, request: pb.LoadSkillRequest, context: Context) -> pb.LoadSkillResponse:
+        _check_digest(request.digest)
+        _, was_hot = await self._loader.get(request.digest)
+        await self._mark_serving(request.digest)
+        return pb.LoadSkillResponse(digest=request.digest, already_loaded=was_hot)
+
+    async def UnloadSkill(self, request: pb.UnloadSkillRequest, context: Context) -> pb.UnloadSkillResponse:
+        _check_digest(request.digest)
+        was_loaded = self._loader.drop(request.digest)
+        if self.health is not None and (was_loaded or request.digest in self._health_names):
+            self._health_names.discard(request.digest)
+            await self.health.set(request.digest, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("%s: unloaded (was loaded: %s)", request.digest[:19], was_loaded)
+        return pb.UnloadSkillResponse(was_loaded=was_loaded)

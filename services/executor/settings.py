@@ -1,0 +1,70 @@
+"""Executor settings, from `CLAWHUB_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from services.runtime.settings import env_float, env_int, env_size, env_str
+
+MiB = 1024 * 1024
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    """CLAWHUB_EXECUTOR_HOST: interface to listen on."""
+    port: int = 50055
+    """CLAWHUB_EXECUTOR_PORT: port to listen on (0 picks a free one)."""
+    registry_address: str = "127.0.0.1:50052"
+    """CLAWHUB_REGISTRY_ADDRESS: where module blobs are downloaded from."""
+    threads: int = field(default_factory=_cpu_count)
+    """CLAWHUB_EXECUTOR_THREADS: calls running at once (wasm releases the GIL); default: the CPU count."""
+    queue: int = 64
+    """CLAWHUB_EXECUTOR_QUEUE: calls allowed to wait beyond the running ones; more are shed with
+    RESOURCE_EXHAUSTED / EXECUTOR_OVERLOADED."""
+    default_timeout: float = 5.0
+    """CLAWHUB_EXECUTOR_DEFAULT_TIMEOUT: wall-clock budget in seconds of a call whose limits set none."""
+    max_timeout: float = 60.0
+    """CLAWHUB_EXECUTOR_MAX_TIMEOUT: largest wall-clock budget in seconds a call may ask for."""
+    default_memory: int = 64 * MiB
+    """CLAWHUB_EXECUTOR_DEFAULT_MEMORY: linear memory limit of a call whose limits set none."""
+    max_memory: int = 512 * MiB
+    """CLAWHUB_EXECUTOR_MAX_MEMORY: largest memory limit a call may ask for (larger requests are capped)."""
+    max_output: int = 4 * MiB
+    """CLAWHUB_EXECUTOR_MAX_OUTPUT: default and largest stdout of a call; more is OUTPUT_LIMIT_EXCEEDED."""
+    max_stderr: int = 64 * 1024
+    """CLAWHUB_EXECUTOR_MAX_STDERR: default and largest stderr kept per call; the rest is dropped."""
+    max_input: int = 4 * MiB
+    """CLAWHUB_EXECUTOR_MAX_INPUT: default and largest input of a call; more is INPUT_TOO_LARGE."""
+    cache_bytes: int = 256 * MiB
+    """CLAWHUB_EXECUTOR_CACHE_BYTES: hot cache of compiled modules, bounded by module bytes (LRU)."""
+    fetch_timeout: float = 30.0
+    """CLAWHUB_EXECUTOR_FETCH_TIMEOUT: deadline in seconds for downloading one module from the registry."""
+    grace_seconds: float = 5.0
+    """CLAWHUB_SHUTDOWN_GRACE: seconds to drain in-flight calls on SIGTERM."""
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        d = cls()
+        return cls(
+            host=env_str("CLAWHUB_EXECUTOR_HOST", d.host),
+            port=env_int("CLAWHUB_EXECUTOR_PORT", d.port, minimum=0),
+            registry_address=env_str("CLAWHUB_REGISTRY_ADDRESS", d.registry_address),
+            threads=env_int("CLAWHUB_EXECUTOR_THREADS", d.threads, minimum=1),
+            queue=env_int("CLAWHUB_EXECUTOR_QUEUE", d.queue, minimum=0),
+            default_timeout=env_float("CLAWHUB_EXECUTOR_DEFAULT_TIMEOUT", d.default_timeout, minimum=0.001),
+            max_timeout=env_float("CLAWHUB_EXECUTOR_MAX_TIMEOUT", d.max_timeout, minimum=0.001),
+            default_memory=env_size("CLAWHUB_EXECUTOR_DEFAULT_MEMORY", str(d.default_memory)),
+            max_memory=env_size("CLAWHUB_EXECUTOR_MAX_MEMORY", str(d.max_memory)),
+            max_output=env_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output)),
+            max_stderr=env_size("CLAWHUB_EXECUTOR_MAX_STDERR", str(d.max_stderr)),
+            max_input=env_size("CLAWHUB_EXECUTOR_MAX_INPUT", str(d.max_input)),
+            cache_bytes=env_size("CLAWHUB_EXECUTOR_CACHE_BYTES", str(d.cache_bytes)),
+            fetch_timeout=env_float("CLAWHUB_EXECUTOR_FETCH_TIMEOUT", d.fetch_timeout, minimum=0.001),
+            grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", d.grace_seconds, minimum=0),
+        )

@@ -1,0 +1,97 @@
+"""Executor fixtures: a real executor on 127.0.0.1:0 fed by an in-memory module source.
+
+The in-memory source stands in for the registry (a test double of `ModuleSource`); the end-to-end tests
+cover the executor against the real registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import grpc
+import pytest
+from clawhub.common.v1 import skill_pb2
+from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
+from google.protobuf import duration_pb2
+
+from services.executor.server import build_server
+from services.executor.settings import Settings
+from services.executor.source import BlobNotFound, SourceUnavailable
+from services.runtime.server import ServiceHost
+from services.runtime.wasm import sha256_digest
+from tests.conftest import Starter
+
+TEST_SETTINGS = Settings(host="127.0.0.1", port=0, threads=4, queue=8, default_timeout=2.0,
+                         grace_seconds=0.5)
+
+
+class MemorySource:
+    """Module bytes by digest, from a dict; counts fetches, can be slowed down or made to fail."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.fetches: dict[str, int] = {}
+        self.delay = 0.0
+        self.unavailable = False
+
+    def add(self, data: bytes) -> str:
+        digest = sha256_digest(data)
+        self.blobs[digest] = data
+        return digest
+
+    async def fetch(self, digest: str) -> bytes:
+        self.fetches[digest] = self.fetches.get(digest, 0) + 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.unavailable:
+            raise SourceUnavailable("the test registry is down")
+        try:
+            return self.blobs[digest]
+        except KeyError:
+            raise BlobNotFound(f"no blob {digest}") from None
+
+
+@dataclass
+class Executor:
+    host: ServiceHost
+    stub: pb_grpc.ExecutorServiceStub
+    source: MemorySource
+    channel: grpc.aio.Channel
+
+
+ExecutorFactory = Callable[..., Awaitable[Executor]]
+
+
+@pytest.fixture
+async def make_executor(start_service: Starter) -> AsyncIterator[ExecutorFactory]:
+    """Start an executor with TEST_SETTINGS changed by keyword arguments."""
+    channels: list[grpc.aio.Channel] = []
+
+    async def make(**overrides: object) -> Executor:
+        source = MemorySource()
+        host = await start_service(build_server(replace(TEST_SETTINGS, **overrides), module_source=source))
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
+        channels.append(ch)
+        return Executor(host, pb_grpc.ExecutorServiceStub(ch), source, ch)
+
+    yield make
+    for ch in channels:
+        await ch.close()
+
+
+@pytest.fixture
+async def executor(make_executor: ExecutorFactory) -> Executor:
+    return await make_executor()
+
+
+def limits(*, timeout_ms: int = 0, memory: int = 0, output: int = 0, stderr: int = 0,
+           max_input: int = 0) -> skill_pb2.Limits:
+    """Per-call limits for ExecuteRequest; zero fields take the executor's defaults."""
+    result = skill_pb2.Limits(memory_bytes=memory, max_output_bytes=output, max_stderr_bytes=stderr,
+                              max_input_bytes=max_input)
+    if timeout_ms:
+        result.timeout.CopyFrom(duration_pb2.Duration(seconds=timeout_ms // 1000,
+                                                      nanos=timeout_ms % 1000 * 1_000_000))
+    return result

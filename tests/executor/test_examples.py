@@ -1,0 +1,96 @@
+"""The example skills in examples/skills: manifests parse, modules build from source and behave."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import wasmtime
+from clawhub.executor.v1 import executor_service_pb2 as pb
+
+from services.runtime.names import skill_name_problem, version_problem
+from services.runtime.settings import parse_size
+from services.runtime.wasm import WASI_COMMAND_V1, compile_and_check, make_engine
+from tests.executor.conftest import Executor, limits
+
+SKILLS = Path(__file__).resolve().parents[2] / "examples" / "skills"
+EXAMPLES = sorted(p.parent.name for p in SKILLS.glob("*/skill.toml"))
+MiB = 1024 * 1024
+
+
+def manifest(skill: str) -> dict:
+    with open(SKILLS / skill / "skill.toml", "rb") as fh:
+        return tomllib.load(fh)
+
+
+def build(skill: str) -> bytes:
+    source = SKILLS / skill / manifest(skill)["module"]
+    return wasmtime.wat2wasm(source.read_text()) if source.suffix == ".wat" else source.read_bytes()
+
+
+async def run(ex: Executor, skill: str, data: bytes) -> bytes:
+    m = manifest(skill)
+    lim = limits(memory=parse_size(m["limits"]["memory"]), timeout_ms=m["limits"]["timeout_ms"],
+                 max_input=8 * MiB)
+    digest = ex.source.add(build(skill))
+    response = await ex.stub.Execute(pb.ExecuteRequest(digest=digest, input=data, limits=lim), timeout=10)
+    return response.output
+
+
+def test_there_are_examples() -> None:
+    assert {"uppercase", "wordcount"} <= set(EXAMPLES)
+
+
+@pytest.mark.parametrize("skill", EXAMPLES)
+def test_manifest_schema_and_module(skill: str) -> None:
+    m = manifest(skill)
+    assert set(m) <= {"name", "version", "description", "abi", "module", "capabilities", "limits",
+                      "examples", "dependencies", "input_schema", "cache"}
+    assert skill_name_problem(m["name"]) is None
+    assert version_problem(m["version"]) is None
+    assert m["description"]
+    assert m["abi"] == "wasi-command-v1"
+    assert m["capabilities"] == []
+    assert parse_size(m["limits"]["memory"]) > 0 and m["limits"]["timeout_ms"] > 0
+    assert m["examples"], "every example skill has smoke examples"
+    module, problems = compile_and_check(make_engine(), build(skill), WASI_COMMAND_V1)
+    assert module is not None and problems == []
+
+
+@pytest.mark.parametrize("skill", EXAMPLES)
+async def test_smoke_examples_pass(executor: Executor, skill: str) -> None:
+    for example in manifest(skill)["examples"]:
+        json.loads(example["input"])  # inputs are JSON text, as `clawhub invoke --input` takes them
+        assert await run(executor, skill, example["input"].encode()) == example["output"].encode()
+
+
+async def test_uppercase(executor: Executor) -> None:
+    assert await run(executor, "uppercase", b'"hello"') == b'"HELLO"'
+    assert await run(executor, "uppercase", b"") == b""
+    text = "Mixed 123 az AZ {}[]`~ caf\xe9\n".encode()
+    # Only ASCII letters change (bytes.upper() does the same); UTF-8 sequences pass through untouched.
+    assert await run(executor, "uppercase", text) == text.upper() == "MIXED 123 AZ AZ {}[]`~ CAF\xe9\n".encode()
+
+
+async def test_uppercase_streams_large_input(executor: Executor) -> None:
+    data = (b"the quick brown fox jumps over the lazy dog\n" * 30_000)[: 1 * MiB + 17]
+    assert await run(executor, "uppercase", data) == data.upper()
+
+
+async def test_wordcount(executor: Executor) -> None:
+    output = await run(executor, "wordcount", b'"hello brave new world"')
+    assert json.loads(output) == {"bytes": 23, "lines": 0, "words": 4}
+    assert json.loads(await run(executor, "wordcount", b"")) == {"bytes": 0, "lines": 0, "words": 0}
+    text = b"  one\ttwo\r\nthree\n\n four  \x0bfive\x0c"
+    assert json.loads(await run(executor, "wordcount", text)) == {
+        "bytes": len(text), "lines": 3, "words": len(text.split())}
+
+
+async def test_wordcount_large_input(executor: Executor) -> None:
+    # Words straddle the 64 KiB read chunks; each must be counted once.
+    data = b"lorem ipsum dolor\nsit amet, consectetur " * 40_000
+    result = json.loads(await run(executor, "wordcount", data))
+    assert result == {"bytes": len(data), "lines": data.count(b"\n"), "words": len(data.split())}
+    assert result["bytes"] > MiB
