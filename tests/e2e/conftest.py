@@ -54,7 +54,8 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout is not None and process.stderr is not None
     log: list[str] = []
-    threading.Thread(target=lambda: log.extend(iter(process.stderr.readline, "")), daemon=True).start()
+    reader = threading.Thread(target=lambda: log.extend(iter(process.stderr.readline, "")), daemon=True)
+    reader.start()
     addresses: dict[str, str] = {}
     timer = threading.Timer(60, process.kill)
     timer.start()
@@ -74,5 +75,11 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
         code = process.wait(30)
     except subprocess.TimeoutExpired:
         process.kill()
-        pytest.fail("clawhub up did not stop within 30 s of Ctrl-C:\n" + "".join(log[-40:]))
-    assert code == 0, "".join(log[-40:])
+        process.wait()
+        code = None
+    finally:
+        process.stdout.close()
+        reader.join(5)
+        process.stderr.close()
+    assert code == 0, "clawhub up did not stop cleanly on Ctrl-C:\n" + "".join(log[-40:])
+    assert "all services stopped" in "".join(log[-5:])
