@@ -146,9 +146,10 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
             print(f"clawhub up: {exc}", file=log)
             suite.stop()
             return 1
-        width = max(len(label) for label in addresses)
-        lines = [f"  {label:<{width}}  {addr}" for label, addr in addresses.items()]
-        print("\nclawhub is up. Services:\n" + "\n".join(lines) + f"\n  data dir  {suite.data_dir}\n\n"
+        rows = {**addresses, "data dir": str(suite.data_dir)}
+        width = max(len(label) for label in rows)
+        lines = [f"  {label:<{width}}  {value}" for label, value in rows.items()]
+        print("\nclawhub is up. Services:\n" + "\n".join(lines) + "\n\n"
               f"Clients talk to the gateway: {addresses['gateway']}\n"
               f"  clawhub publish examples/skills/uppercase\n"
               f"  clawhub deploy com.example.uppercase@1.0.0\n"
