@@ -1,0 +1,114 @@
+"""The deployer's view of the registry and the executors, behind protocols; gRPC implementations."""
+
+from __future__ import annotations
+
+from typing import Protocol, cast
+
+import grpc
+from clawhub.executor.v1 import executor_service_pb2 as executor_pb
+from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
+from clawhub.registry.v1 import registry_service_pb2 as registry_pb
+from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+
+from services.runtime.channels import channel
+from services.runtime.errors import Reason, ServiceError, error_info, status_of
+
+
+class VersionSource(Protocol):
+    """Where versions and their release state come from (the registry)."""
+
+    async def get_skill_version(self, name: str, version: str, *, timeout: float,
+                                ) -> registry_pb.SkillVersion:
+        """The version; raises the registry's status (grpc.aio.AioRpcError) or a ServiceError."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ExecutorFleet(Protocol):
+    """The executors every deployed version is preloaded on."""
+
+    @property
+    def addresses(self) -> tuple[str, ...]: ...
+
+    async def load(self, address: str, digest: str) -> bool:
+        """Fetch and compile `digest` on one executor; True when it was already loaded."""
+        ...
+
+    async def unload(self, address: str, digest: str) -> bool:
+        """Drop `digest` from one executor's memory; True when it was loaded."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def upstream_error(err: grpc.aio.AioRpcError, upstream: str, address: str) -> Exception:
+    """What to raise for a failed call to another service.
+
+    A status that carries structured details comes from a clawhub service and passes through unchanged;
+    a bare transport failure (peer down, our own deadline) gets an ErrorInfo naming the upstream.
+    """
+    if status_of(err) is not None:
+        passthrough: Exception = err
+        return passthrough
+    code = err.code()
+    reason = {grpc.StatusCode.UNAVAILABLE: Reason.UPSTREAM_UNAVAILABLE,
+              grpc.StatusCode.DEADLINE_EXCEEDED: Reason.DEADLINE_EXCEEDED}.get(code, Reason.INTERNAL)
+    return ServiceError(code, reason, f"{upstream} at {address}: {err.details() or code.name}",
+                        metadata={"upstream": upstream, "address": address})
+
+
+def describe_error(err: grpc.aio.AioRpcError) -> str:
+    """`CODE REASON: message` of a failed call, for transition reasons and progress messages."""
+    info = error_info(err)
+    reason = f" {info.reason}" if info is not None else ""
+    return f"{err.code().name}{reason}: {err.details() or 'no details'}"
+
+
+class GrpcRegistry:
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._channel = channel(address)
+        self._stub = cast("registry_grpc.RegistryServiceAsyncStub", registry_grpc.RegistryServiceStub(self._channel))
+
+    async def get_skill_version(self, name: str, version: str, *, timeout: float,
+                                ) -> registry_pb.SkillVersion:
+        try:
+            response: registry_pb.GetSkillVersionResponse = await self._stub.GetSkillVersion(
+                registry_pb.GetSkillVersionRequest(name=name, version=version), timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise upstream_error(err, "registry", self._address) from None
+        return response.skill_version
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class GrpcExecutorFleet:
+    def __init__(self, addresses: tuple[str, ...], *, load_timeout: float, unload_timeout: float = 5.0,
+                 ) -> None:
+        self._addresses = addresses
+        self._load_timeout = load_timeout
+        self._unload_timeout = unload_timeout
+        self._channels = {address: channel(address) for address in addresses}
+        self._stubs: dict[str, executor_grpc.ExecutorServiceAsyncStub] = {
+            address: cast("executor_grpc.ExecutorServiceAsyncStub", executor_grpc.ExecutorServiceStub(ch))
+            for address, ch in self._channels.items()}
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._addresses
+
+    async def load(self, address: str, digest: str) -> bool:
+        response: executor_pb.LoadSkillResponse = await self._stubs[address].LoadSkill(
+            executor_pb.LoadSkillRequest(digest=digest), timeout=self._load_timeout)
+        return response.already_loaded
+
+    async def unload(self, address: str, digest: str) -> bool:
+        response: executor_pb.UnloadSkillResponse = await self._stubs[address].UnloadSkill(
+            executor_pb.UnloadSkillRequest(digest=digest), timeout=self._unload_timeout)
+        return response.was_loaded
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()

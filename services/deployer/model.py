@@ -1,0 +1,82 @@
+"""The deployer's records: deployments with their transition history, and how one becomes a route."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from clawhub.common.v1 import release_pb2, routing_pb2, skill_pb2
+from clawhub.deployer.v1 import deployer_service_pb2 as pb
+from google.protobuf import timestamp_pb2
+
+from services.deployer.statemachine import State, check_transition
+
+
+def new_deployment_id() -> str:
+    """16 lowercase hex digits: short enough to type, 64 random bits."""
+    return secrets.token_hex(8)
+
+
+def timestamp(time_ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(time_ns)
+    return ts
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One persisted step of the release state machine."""
+
+    from_state: State
+    to_state: State
+    time_ns: int
+    reason: str
+
+    def to_proto(self) -> release_pb2.StateTransition:
+        return release_pb2.StateTransition(from_state=self.from_state, to_state=self.to_state,
+                                           time=timestamp(self.time_ns), reason=self.reason)
+
+
+@dataclass
+class DeploymentRecord:
+    """One rollout of one version of a skill. `serving` is not stored here: the route table decides it."""
+
+    id: str
+    skill: str
+    version: str
+    digest: str
+    limits: skill_pb2.Limits
+    state: State
+    history: list[Transition]
+    # The deployment that served when this one was created: what a rollback goes back to.
+    previous_id: str
+    previous_version: str
+    create_ns: int
+    update_ns: int
+    # Insertion order in the store (newest first listing, page tokens); 0 until stored.
+    seq: int = field(default=0, compare=False)
+
+    def apply(self, to_state: State, reason: str, time_ns: int) -> Transition:
+        """Move to `to_state` if the state machine allows it; returns the transition to persist."""
+        check_transition(self.state, to_state, deployment_id=self.id)
+        transition = Transition(self.state, to_state, time_ns, reason)
+        self.state = to_state
+        self.history.append(transition)
+        self.update_ns = time_ns
+        return transition
+
+    def entered_from(self) -> State | None:
+        """The state this deployment was in before its current one."""
+        return self.history[-1].from_state if self.history else None
+
+    def to_proto(self, *, serving: bool) -> pb.Deployment:
+        return pb.Deployment(
+            id=self.id, skill=self.skill, version=self.version, digest=self.digest, state=self.state,
+            history=[t.to_proto() for t in self.history], previous_version=self.previous_version,
+            serving=serving, create_time=timestamp(self.create_ns), update_time=timestamp(self.update_ns),
+        )
+
+    def route(self) -> routing_pb2.Route:
+        """The route that sends all of the skill's traffic to this deployment's version."""
+        return routing_pb2.Route(skill=self.skill, targets=[routing_pb2.RouteTarget(
+            version=self.version, digest=self.digest, weight=100, limits=self.limits)])

@@ -1,0 +1,80 @@
+"""Composition root of the deployer: store, route hub, releaser, clients, servicer, server."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import grpc
+from clawhub.deployer.v1 import deployer_service_pb2 as pb
+from clawhub.deployer.v1 import deployer_service_pb2_grpc as pb_grpc
+
+from services.deployer.backends import ExecutorFleet, GrpcExecutorFleet, GrpcRegistry, VersionSource
+from services.deployer.events import EventBus
+from services.deployer.releases import Releaser
+from services.deployer.routes import RouteHub
+from services.deployer.servicer import DeployerServicer
+from services.deployer.settings import Settings
+from services.deployer.store import SqliteDeploymentStore
+from services.runtime.server import Closer, ServiceHost, create_server
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeployerService"].full_name
+DB_FILE = "deployer.sqlite3"
+
+
+@dataclass
+class DeployerHost(ServiceHost):
+    """A ServiceHost that ends its long-lived streams (WatchRoutes, WatchDeployment) when it stops.
+
+    Without this, the drain would wait the whole grace period for watch streams that never end on their
+    own; ended with UNAVAILABLE, dispatchers reconnect at once (to this deployer's successor).
+    """
+
+    before_drain: list[Closer] = field(default_factory=list)
+
+    async def stop(self, grace: float | None = None) -> None:
+        if not self._stopped:
+            await self.health.enter_graceful_shutdown()
+            for hook in self.before_drain:
+                await hook()
+        await super().stop(grace)
+
+
+async def build_server(settings: Settings, *, registry: VersionSource | None = None,
+                       fleet: ExecutorFleet | None = None) -> DeployerHost:
+    """Open the store, load the route table, settle deployments left in flight, and build the server.
+
+    `registry` and `fleet` default to gRPC clients of `settings.registry_address` and
+    `settings.executor_addresses`; other implementations may be passed instead (the host closes them).
+    """
+    store = await SqliteDeploymentStore.open(settings.data_dir / DB_FILE)
+    registry = registry or GrpcRegistry(settings.registry_address)
+    fleet = fleet or GrpcExecutorFleet(settings.executor_addresses, load_timeout=settings.load_timeout)
+    try:
+        hub = RouteHub(store)
+        await hub.load()
+        events = EventBus()
+        releaser = Releaser(store, hub, events, fleet, ack_timeout=settings.ack_timeout)
+        await releaser.settle()
+        servicer = DeployerServicer(store, hub, events, releaser, registry,
+                                    registry_timeout=settings.registry_timeout)
+
+        def register(server: grpc.aio.Server) -> None:
+            pb_grpc.add_DeployerServiceServicer_to_server(servicer, server)
+
+        base = create_server("deployer", [SERVICE_NAME], host=settings.host, port=settings.port,
+                             grace_seconds=settings.grace, register=register)
+    except BaseException:
+        await registry.close()
+        await fleet.close()
+        await store.close()
+        raise
+    host = DeployerHost(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ServiceHost)})
+
+    async def end_streams() -> None:
+        hub.close()
+        events.close()
+
+    host.before_drain.append(end_streams)
+    host.closers.extend([releaser.close, registry.close, fleet.close, store.close])
+    return host

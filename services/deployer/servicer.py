@@ -1,0 +1,178 @@
+"""DeployerService: deployments, rollbacks, and the route table stream for dispatchers."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from clawhub.deployer.v1 import deployer_service_pb2 as pb
+from clawhub.deployer.v1 import deployer_service_pb2_grpc as pb_grpc
+
+from services.deployer.backends import VersionSource
+from services.deployer.events import EventBus
+from services.deployer.model import DeploymentRecord
+from services.deployer.releases import Releaser
+from services.deployer.routes import RouteHub
+from services.deployer.statemachine import READY, SETTLED, state_name
+from services.deployer.store import DeploymentStore
+from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.names import skill_name_problem, version_problem
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_skill(skill: str, field_name: str = "skill") -> None:
+    problem = skill_name_problem(skill)
+    if problem:
+        raise invalid(Reason.INVALID_NAME, field_name, problem)
+
+
+def _check_id(deployment_id: str) -> None:
+    if not _ID_RE.match(deployment_id):
+        problem = ("a deployment id is required" if not deployment_id
+                   else f"{deployment_id[:80]!r} is not a deployment id")
+        raise invalid(Reason.INVALID_ARGUMENT, "id", problem)
+
+
+def _not_found(deployment_id: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.DEPLOYMENT_NOT_FOUND,
+                        f"no deployment {deployment_id}", metadata={"id": deployment_id})
+
+
+def encode_page_token(skill: str, before_seq: int) -> str:
+    raw = json.dumps({"v": 1, "skill": skill, "before": before_seq}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, skill: str) -> int:
+    """The sequence number the page starts below; INVALID_PAGE_TOKEN if the token is not ours or was
+    issued for another filter (AIP-158)."""
+    bad = invalid(Reason.INVALID_PAGE_TOKEN, "page_token",
+                  "the page token is not one this deployer issued for this request; start without one")
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise bad from None
+    if not isinstance(data, dict) or data.get("v") != 1 or data.get("skill") != skill:
+        raise bad
+    before = data.get("before")
+    if not isinstance(before, int) or isinstance(before, bool) or before < 1:
+        raise bad
+    return before
+
+
+class DeployerServicer(pb_grpc.DeployerServiceServicer):
+    def __init__(self, store: DeploymentStore, hub: RouteHub, events: EventBus, releaser: Releaser,
+                 registry: VersionSource, *, registry_timeout: float) -> None:
+        self._store = store
+        self._hub = hub
+        self._events = events
+        self._releaser = releaser
+        self._registry = registry
+        self._registry_timeout = registry_timeout
+
+    async def _get(self, deployment_id: str) -> DeploymentRecord:
+        _check_id(deployment_id)
+        record = await self._store.get_deployment(deployment_id)
+        if record is None:
+            raise _not_found(deployment_id)
+        return record
+
+    async def CreateDeployment(self, request: pb.CreateDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],
+                               ) -> pb.CreateDeploymentResponse:
+        _check_skill(request.skill)
+        problem = version_problem(request.version)
+        if problem:
+            raise invalid(Reason.INVALID_VERSION, "version", problem)
+        if request.request_id:
+            found = await self._releaser.find_request("create", request.request_id)
+            if found is not None and (found[0].skill, found[0].version) == (request.skill, request.version):
+                return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(found[0]))
+        remaining = context.time_remaining()
+        timeout = min(self._registry_timeout, remaining if remaining is not None else math.inf)
+        version = await self._registry.get_skill_version(request.skill, request.version, timeout=timeout)
+        if version.state != READY:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_NOT_READY,
+                f"{request.skill}@{request.version} is {state_name(version.state)}, not Ready; only a "
+                "version that passed verification can be deployed",
+                metadata={"skill": request.skill, "version": request.version,
+                          "state": state_name(version.state)})
+        record = await self._releaser.start_deployment(
+            request.skill, request.version, version.digest, version.manifest.limits, request.request_id)
+        return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record))
+
+    async def GetDeployment(self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],
+                            ) -> pb.GetDeploymentResponse:
+        record = await self._get(request.id)
+        return pb.GetDeploymentResponse(deployment=self._releaser.to_proto(record))
+
+    async def ListDeployments(self, request: pb.ListDeploymentsRequest, context: grpc.aio.ServicerContext[Any, Any],
+                              ) -> pb.ListDeploymentsResponse:
+        if request.skill:
+            _check_skill(request.skill)
+        if request.page_size < 0:
+            raise invalid(Reason.INVALID_ARGUMENT, "page_size", "page_size must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        before = decode_page_token(request.page_token, request.skill) if request.page_token else None
+        # One extra row tells whether another page follows.
+        records = await self._store.list_deployments(request.skill, before, size + 1)
+        token = encode_page_token(request.skill, records[size - 1].seq) if len(records) > size else ""
+        return pb.ListDeploymentsResponse(
+            deployments=[self._releaser.to_proto(r) for r in records[:size]], next_page_token=token)
+
+    async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext[Any, Any],
+                       ) -> pb.RollbackResponse:
+        _check_skill(request.skill)
+        record, generation = await self._releaser.rollback(request.skill, request.request_id)
+        fresh = await self._store.get_deployment(record.id) or record
+        return pb.RollbackResponse(deployment=self._releaser.to_proto(fresh), generation=generation)
+
+    async def WatchDeployment(self, request: pb.WatchDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],
+                              ) -> AsyncIterator[pb.WatchDeploymentResponse]:
+        _check_id(request.id)
+        # Subscribe before reading, so no event between the read and the subscription is lost.
+        queue = self._events.subscribe(request.id)
+        try:
+            record = await self._get(request.id)
+            yield pb.WatchDeploymentResponse(deployment=self._releaser.to_proto(record),
+                                             message=f"currently {state_name(record.state)}")
+            if record.state in SETTLED:
+                return
+            seen = len(record.history)
+            while True:
+                event = await queue.get()
+                if event is None:
+                    raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.SHUTTING_DOWN,
+                                       "the deployer is shutting down; watch the deployment again",
+                                       metadata={"id": request.id}, retry_after_seconds=0.5)
+                # Events queued before the read can be older than what was already sent.
+                if len(event.deployment.history) < seen:
+                    continue
+                seen = len(event.deployment.history)
+                yield event
+                if event.deployment.state in SETTLED:
+                    return
+        finally:
+            self._events.unsubscribe(request.id, queue)
+
+    async def WatchRoutes(self, request: pb.WatchRoutesRequest, context: grpc.aio.ServicerContext[Any, Any],
+                          ) -> AsyncIterator[pb.WatchRoutesResponse]:
+        async for table in self._hub.watch(request.dispatcher_id):
+            yield pb.WatchRoutesResponse(route_table=table)
+
+    async def AcknowledgeRoutes(self, request: pb.AcknowledgeRoutesRequest, context: grpc.aio.ServicerContext[Any, Any],
+                                ) -> pb.AcknowledgeRoutesResponse:
+        if not request.dispatcher_id:
+            raise invalid(Reason.INVALID_ARGUMENT, "dispatcher_id",
+                          "dispatcher_id is required: the id the dispatcher gave to WatchRoutes")
+        self._hub.acknowledge(request.dispatcher_id, request.generation)
+        return pb.AcknowledgeRoutesResponse()

@@ -1,0 +1,310 @@
+"""Persistence of deployments and the route table: the `DeploymentStore` protocol and its aiosqlite backend.
+
+The route table is stored per skill (which deployment serves it and its `Route`) plus one global generation
+number, so a restarted deployer serves the same table at the same generation. Schema changes are appended to
+`MIGRATIONS`; `schema_version` records how many have been applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+from clawhub.common.v1 import routing_pb2, skill_pb2
+
+from services.deployer.model import DeploymentRecord, Transition
+from services.deployer.statemachine import IN_FLIGHT, State
+
+
+@dataclass(frozen=True)
+class StoredRoute:
+    """One skill's entry of the route table: the deployment that serves it and the route itself."""
+
+    deployment_id: str
+    route: routing_pb2.Route
+
+
+@dataclass(frozen=True)
+class RouteSnapshot:
+    generation: int
+    routes: dict[str, StoredRoute]
+
+
+class DeploymentStore(Protocol):
+    """Where deployments, their transitions, idempotency keys and the route table are kept."""
+
+    async def close(self) -> None: ...
+
+    async def create_deployment(self, record: DeploymentRecord, request_id: str = "") -> None:
+        """Store a new deployment (and its first transitions); `request_id` maps to it for retries."""
+        ...
+
+    async def get_deployment(self, deployment_id: str) -> DeploymentRecord | None: ...
+
+    async def list_deployments(self, skill: str, before_seq: int | None, limit: int,
+                               ) -> list[DeploymentRecord]:
+        """Newest first; `skill` empty for every skill; only those with seq < before_seq when given."""
+        ...
+
+    async def in_flight(self) -> list[DeploymentRecord]:
+        """Deployments left Deploying or RollingBack, oldest first."""
+        ...
+
+    async def add_transition(self, deployment_id: str, transition: Transition) -> None:
+        """Persist a transition; fails with ConcurrentChange if the stored state is not its from_state."""
+        ...
+
+    async def find_request(self, method: str, request_id: str) -> tuple[str, int] | None:
+        """(deployment id, generation) recorded for an idempotency key of `method`."""
+        ...
+
+    async def save_request(self, method: str, request_id: str, deployment_id: str, generation: int) -> None: ...
+
+    async def load_routes(self) -> RouteSnapshot: ...
+
+    async def save_route(self, generation: int, skill: str, entry: StoredRoute | None) -> None:
+        """Set (or with None, remove) one skill's route and the table's generation, atomically."""
+        ...
+
+
+class ConcurrentChange(RuntimeError):
+    """The stored state of a deployment is not the one a transition starts from."""
+
+
+MIGRATIONS: Sequence[str] = (
+    # 1: deployments, their transitions, idempotency keys, the route table.
+    """
+    CREATE TABLE deployments (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        skill TEXT NOT NULL,
+        version TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        limits BLOB NOT NULL,
+        state INTEGER NOT NULL,
+        previous_id TEXT NOT NULL DEFAULT '',
+        previous_version TEXT NOT NULL DEFAULT '',
+        create_ns INTEGER NOT NULL,
+        update_ns INTEGER NOT NULL
+    );
+    CREATE INDEX deployments_by_skill ON deployments (skill, seq);
+    CREATE INDEX deployments_by_state ON deployments (state);
+    CREATE TABLE transitions (
+        deployment_id TEXT NOT NULL REFERENCES deployments (id),
+        step INTEGER NOT NULL,
+        from_state INTEGER NOT NULL,
+        to_state INTEGER NOT NULL,
+        time_ns INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (deployment_id, step)
+    );
+    CREATE TABLE requests (
+        method TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        deployment_id TEXT NOT NULL,
+        generation INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (method, request_id)
+    );
+    CREATE TABLE routes (
+        skill TEXT PRIMARY KEY,
+        deployment_id TEXT NOT NULL,
+        route BLOB NOT NULL
+    );
+    CREATE TABLE route_table (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        generation INTEGER NOT NULL
+    );
+    INSERT INTO route_table (id, generation) VALUES (1, 0);
+    """,
+)
+
+_COLUMNS = ("seq, id, skill, version, digest, limits, state, previous_id, previous_version, "
+            "create_ns, update_ns")
+
+
+class SqliteDeploymentStore:
+    """aiosqlite (WAL) backend. One connection; a lock keeps each operation's statements together."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteDeploymentStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) where several writes
+        # must land together.
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await cls._migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db)
+
+    @staticmethod
+    async def _migrate(db: aiosqlite.Connection) -> None:
+        await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        rows = list(await db.execute_fetchall("SELECT version FROM schema_version"))
+        current = int(rows[0][0]) if rows else 0
+        if current > len(MIGRATIONS):
+            raise RuntimeError(f"deployer database schema version {current} is newer than this deployer "
+                               f"({len(MIGRATIONS)}); upgrade the deployer")
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            statements = [s.strip() for s in script.split(";") if s.strip()]
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    await db.execute(statement)
+                await db.execute("DELETE FROM schema_version")
+                await db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def create_deployment(self, record: DeploymentRecord, request_id: str = "") -> None:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = await self._db.execute(
+                    "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
+                    "previous_version, create_ns, update_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, record.skill, record.version, record.digest,
+                     record.limits.SerializeToString(), int(record.state), record.previous_id,
+                     record.previous_version, record.create_ns, record.update_ns))
+                record.seq = int(cursor.lastrowid or 0)
+                for step, transition in enumerate(record.history):
+                    await self._insert_transition(record.id, step, transition)
+                if request_id:
+                    await self._db.execute(
+                        "INSERT INTO requests (method, request_id, deployment_id) VALUES ('create', ?, ?)",
+                        (request_id, record.id))
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    async def _insert_transition(self, deployment_id: str, step: int, transition: Transition) -> None:
+        await self._db.execute(
+            "INSERT INTO transitions (deployment_id, step, from_state, to_state, time_ns, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (deployment_id, step, int(transition.from_state), int(transition.to_state), transition.time_ns,
+             transition.reason))
+
+    async def get_deployment(self, deployment_id: str) -> DeploymentRecord | None:
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM deployments WHERE id = ?", (deployment_id,)))
+            records = await self._hydrate(rows)
+        return records[0] if records else None
+
+    async def list_deployments(self, skill: str, before_seq: int | None, limit: int,
+                               ) -> list[DeploymentRecord]:
+        clauses, params = [], []
+        if skill:
+            clauses.append("skill = ?")
+            params.append(skill)
+        if before_seq is not None:
+            clauses.append("seq < ?")
+            params.append(str(before_seq))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM deployments {where} ORDER BY seq DESC LIMIT ?", (*params, limit)))
+            return await self._hydrate(rows)
+
+    async def in_flight(self) -> list[DeploymentRecord]:
+        marks = ", ".join("?" for _ in IN_FLIGHT)
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM deployments WHERE state IN ({marks}) ORDER BY seq",
+                tuple(int(s) for s in IN_FLIGHT)))
+            return await self._hydrate(rows)
+
+    async def _hydrate(self, rows: list[Any]) -> list[DeploymentRecord]:
+        records = []
+        for row in rows:
+            limits = skill_pb2.Limits()
+            limits.ParseFromString(row[5])
+            history = [
+                Transition(State(int(t[0])), State(int(t[1])), int(t[2]), str(t[3]))
+                for t in await self._db.execute_fetchall(
+                    "SELECT from_state, to_state, time_ns, reason FROM transitions "
+                    "WHERE deployment_id = ? ORDER BY step", (row[1],))
+            ]
+            records.append(DeploymentRecord(
+                seq=int(row[0]), id=row[1], skill=row[2], version=row[3], digest=row[4], limits=limits,
+                state=State(int(row[6])), history=history, previous_id=row[7], previous_version=row[8],
+                create_ns=int(row[9]), update_ns=int(row[10])))
+        return records
+
+    async def add_transition(self, deployment_id: str, transition: Transition) -> None:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = await self._db.execute(
+                    "UPDATE deployments SET state = ?, update_ns = ? WHERE id = ? AND state = ?",
+                    (int(transition.to_state), transition.time_ns, deployment_id, int(transition.from_state)))
+                if cursor.rowcount != 1:
+                    raise ConcurrentChange(f"deployment {deployment_id} is not in state "
+                                           f"{int(transition.from_state)} any more")
+                rows = list(await self._db.execute_fetchall(
+                    "SELECT COUNT(*) FROM transitions WHERE deployment_id = ?", (deployment_id,)))
+                await self._insert_transition(deployment_id, int(rows[0][0]), transition)
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    async def find_request(self, method: str, request_id: str) -> tuple[str, int] | None:
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(
+                "SELECT deployment_id, generation FROM requests WHERE method = ? AND request_id = ?",
+                (method, request_id)))
+        return (str(rows[0][0]), int(rows[0][1])) if rows else None
+
+    async def save_request(self, method: str, request_id: str, deployment_id: str, generation: int) -> None:
+        async with self._lock:
+            await self._db.execute(
+                "INSERT OR REPLACE INTO requests (method, request_id, deployment_id, generation) "
+                "VALUES (?, ?, ?, ?)", (method, request_id, deployment_id, generation))
+
+    async def load_routes(self) -> RouteSnapshot:
+        async with self._lock:
+            generation_rows = list(await self._db.execute_fetchall(
+                "SELECT generation FROM route_table WHERE id = 1"))
+            rows = list(await self._db.execute_fetchall("SELECT skill, deployment_id, route FROM routes"))
+        routes = {}
+        for skill, deployment_id, blob in rows:
+            route = routing_pb2.Route()
+            route.ParseFromString(blob)
+            routes[str(skill)] = StoredRoute(str(deployment_id), route)
+        return RouteSnapshot(int(generation_rows[0][0]) if generation_rows else 0, routes)
+
+    async def save_route(self, generation: int, skill: str, entry: StoredRoute | None) -> None:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if entry is None:
+                    await self._db.execute("DELETE FROM routes WHERE skill = ?", (skill,))
+                else:
+                    await self._db.execute(
+                        "INSERT OR REPLACE INTO routes (skill, deployment_id, route) VALUES (?, ?, ?)",
+                        (skill, entry.deployment_id, entry.route.SerializeToString()))
+                await self._db.execute("UPDATE route_table SET generation = ? WHERE id = 1", (generation,))
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise

@@ -1,0 +1,6 @@
+"""The dispatcher: routes each invocation to an executor running the skill's active version.
+
+It keeps the route table from the deployer's WatchRoutes stream (acknowledging every generation it
+applies), picks a target version by weight and an executor by power of two choices on outstanding calls,
+and retries on another executor when one is UNAVAILABLE.
+"""

@@ -1,0 +1,82 @@
+"""Executors as the dispatcher sees them: a client protocol, its gRPC implementation, and the picker."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import Protocol, cast
+
+from clawhub.executor.v1 import executor_service_pb2 as executor_pb
+from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
+
+from services.runtime.channels import channel
+
+
+class ExecutorClient(Protocol):
+    """Runs one invocation on one executor."""
+
+    @property
+    def addresses(self) -> tuple[str, ...]: ...
+
+    async def execute(self, address: str, request: executor_pb.ExecuteRequest, *, timeout: float,
+                      metadata: tuple[tuple[str, str], ...] = ()) -> executor_pb.ExecuteResponse:
+        """The executor's response; raises its status as grpc.aio.AioRpcError."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcExecutorClient:
+    """One channel per executor address."""
+
+    def __init__(self, addresses: Iterable[str]) -> None:
+        self._addresses = tuple(addresses)
+        self._channels = {address: channel(address) for address in self._addresses}
+        self._stubs = {
+            address: cast("executor_grpc.ExecutorServiceAsyncStub", executor_grpc.ExecutorServiceStub(ch))
+            for address, ch in self._channels.items()}
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._addresses
+
+    async def execute(self, address: str, request: executor_pb.ExecuteRequest, *, timeout: float,
+                      metadata: tuple[tuple[str, str], ...] = ()) -> executor_pb.ExecuteResponse:
+        response: executor_pb.ExecuteResponse = await self._stubs[address].Execute(
+            request, timeout=timeout, metadata=metadata or None)
+        return response
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+
+class ExecutorPicker:
+    """Power of two choices on outstanding calls: sample two executors, take the less busy one.
+
+    Cheap, needs no global view, and avoids herding onto the single least-loaded executor.
+    """
+
+    def __init__(self, addresses: Iterable[str], rng: random.Random | None = None) -> None:
+        self._outstanding = {address: 0 for address in addresses}
+        self._rng = rng or random.Random()
+
+    def outstanding(self, address: str) -> int:
+        return self._outstanding.get(address, 0)
+
+    def pick(self, exclude: Iterable[str] = ()) -> str | None:
+        """An executor not in `exclude` (or any, when every one is excluded); None with no executors."""
+        excluded = set(exclude)
+        candidates = [a for a in self._outstanding if a not in excluded] or list(self._outstanding)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        first, second = self._rng.sample(candidates, 2)
+        return second if self._outstanding[second] < self._outstanding[first] else first
+
+    def begin(self, address: str) -> None:
+        self._outstanding[address] = self._outstanding.get(address, 0) + 1
+
+    def end(self, address: str) -> None:
+        self._outstanding[address] = max(0, self._outstanding.get(address, 0) - 1)

@@ -1,0 +1,51 @@
+"""Composition root of the dispatcher: route watcher, executor clients, servicer, server."""
+
+from __future__ import annotations
+
+import grpc
+from clawhub.dispatcher.v1 import dispatcher_service_pb2 as pb
+from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
+
+from services.dispatcher.executors import ExecutorClient, ExecutorPicker, GrpcExecutorClient
+from services.dispatcher.routes import GrpcRouteFeed, RouteFeed, RouteState, RouteWatcher
+from services.dispatcher.servicer import DispatcherServicer
+from services.dispatcher.settings import Settings
+from services.runtime.channels import channel
+from services.runtime.server import ServiceHost, create_server
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatcherService"].full_name
+
+
+async def build_server(settings: Settings, *, feed: RouteFeed | None = None,
+                       executors: ExecutorClient | None = None) -> ServiceHost:
+    """Build the dispatcher; the route watcher starts with the server and stops when it stops.
+
+    `feed` and `executors` default to gRPC clients of `settings.deployer_address` and
+    `settings.executor_addresses`; other implementations may be passed instead (the host closes
+    `executors`).
+    """
+    deployer_channel = channel(settings.deployer_address) if feed is None else None
+    feed = feed or GrpcRouteFeed(deployer_channel)
+    executors = executors or GrpcExecutorClient(settings.executor_addresses)
+    routes = RouteState()
+    watcher = RouteWatcher(feed, routes, settings.dispatcher_id)
+    servicer = DispatcherServicer(routes, executors, ExecutorPicker(executors.addresses),
+                                  retries=settings.retries, default_timeout=settings.dispatch_timeout)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)
+
+    try:
+        host = create_server("dispatcher", [SERVICE_NAME], host=settings.host, port=settings.port,
+                             grace_seconds=settings.grace, register=register)
+    except BaseException:
+        await executors.close()
+        if deployer_channel is not None:
+            await deployer_channel.close()
+        raise
+    host.on_start.append(watcher.start)
+    host.closers.append(watcher.stop)
+    host.closers.append(executors.close)
+    if deployer_channel is not None:
+        host.closers.append(deployer_channel.close)
+    return host

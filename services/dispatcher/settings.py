@@ -1,0 +1,54 @@
+"""Settings of the dispatcher, read from `CLAWHUB_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from services.runtime.settings import env_float, env_int, env_list, env_str
+
+
+def default_dispatcher_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the dispatcher reads from its environment; the defaults are the documented ones."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on (`CLAWHUB_DISPATCHER_HOST`, default 127.0.0.1)."""
+    port: int = 50054
+    """Port to listen on; 0 picks a free one (`CLAWHUB_DISPATCHER_PORT`, default 50054)."""
+    deployer_address: str = "127.0.0.1:50053"
+    """The deployer, whose WatchRoutes stream feeds the route table (`CLAWHUB_DEPLOYER_ADDRESS`,
+    default 127.0.0.1:50053)."""
+    executor_addresses: tuple[str, ...] = ("127.0.0.1:50055",)
+    """Executors to send invocations to (`CLAWHUB_EXECUTOR_ADDRESSES`, comma-separated,
+    default 127.0.0.1:50055)."""
+    dispatcher_id: str = field(default_factory=default_dispatcher_id)
+    """Stable id given to the deployer for acknowledgements (`CLAWHUB_DISPATCHER_ID`, default
+    `<hostname>-<pid>`)."""
+    retries: int = 2
+    """Further attempts on another executor after an UNAVAILABLE one (`CLAWHUB_DISPATCH_RETRIES`,
+    default 2)."""
+    dispatch_timeout: float = 30.0
+    """Seconds an invocation may take when the caller set no deadline (`CLAWHUB_DISPATCH_TIMEOUT`,
+    default 30)."""
+    grace: float = 5.0
+    """Seconds in-flight calls get to finish on shutdown (`CLAWHUB_SHUTDOWN_GRACE`, default 5)."""
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        defaults = cls(dispatcher_id="")
+        return cls(
+            host=env_str("CLAWHUB_DISPATCHER_HOST", defaults.host),
+            port=env_int("CLAWHUB_DISPATCHER_PORT", defaults.port, minimum=0),
+            deployer_address=env_str("CLAWHUB_DEPLOYER_ADDRESS", defaults.deployer_address),
+            executor_addresses=env_list("CLAWHUB_EXECUTOR_ADDRESSES", ",".join(defaults.executor_addresses)),
+            dispatcher_id=env_str("CLAWHUB_DISPATCHER_ID", default_dispatcher_id()),
+            retries=env_int("CLAWHUB_DISPATCH_RETRIES", defaults.retries, minimum=0),
+            dispatch_timeout=env_float("CLAWHUB_DISPATCH_TIMEOUT", defaults.dispatch_timeout, minimum=0.001),
+            grace=env_float("CLAWHUB_SHUTDOWN_GRACE", defaults.grace, minimum=0.0),
+        )

@@ -1,0 +1,76 @@
+"""Fixtures of the deployer tests: fake registry and executors, real deployers and dispatchers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from clawhub.common.v1 import release_pb2
+from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
+from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
+
+from services.deployer.server import build_server as build_deployer
+from services.deployer.settings import Settings as DeployerSettings
+from services.dispatcher.server import build_server as build_dispatcher
+from services.dispatcher.settings import Settings as DispatcherSettings
+from services.runtime.server import ServiceHost
+from tests.deployer.fakes import SKILL, FakeExecutor, FakeRegistry, Fakes, Starter
+
+
+@dataclass
+class Env:
+    """One test's platform: a fake registry, fake executors, and real deployers/dispatchers on demand."""
+
+    fakes: Fakes
+    data_dir: Path
+    registry: FakeRegistry
+    registry_address: str
+    executors: list[FakeExecutor]
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    async def deployer(self, *, port: int = 0, ack_timeout: float = 5.0,
+                       registry_address: str | None = None) -> ServiceHost:
+        settings = DeployerSettings(
+            host="127.0.0.1", port=port, data_dir=self.data_dir,
+            registry_address=registry_address or self.registry_address,
+            executor_addresses=tuple(e.address for e in self.executors),
+            ack_timeout=ack_timeout, load_timeout=5.0, registry_timeout=5.0, grace=0.2)
+        return await self.fakes.start_service(build_deployer(settings))
+
+    async def dispatcher(self, deployer: ServiceHost, dispatcher_id: str = "dispatcher-1") -> ServiceHost:
+        settings = DispatcherSettings(
+            host="127.0.0.1", port=0, deployer_address=f"127.0.0.1:{deployer.port}",
+            executor_addresses=tuple(e.address for e in self.executors), dispatcher_id=dispatcher_id,
+            retries=2, dispatch_timeout=10.0, grace=0.2)
+        return await self.fakes.start_service(build_dispatcher(settings))
+
+    def _channel(self, host: ServiceHost) -> grpc.aio.Channel:
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
+        self.channels.append(ch)
+        return ch
+
+    def deployer_stub(self, host: ServiceHost) -> deployer_grpc.DeployerServiceStub:
+        return deployer_grpc.DeployerServiceStub(self._channel(host))
+
+    def dispatcher_stub(self, host: ServiceHost) -> dispatcher_grpc.DispatcherServiceStub:
+        return dispatcher_grpc.DispatcherServiceStub(self._channel(host))
+
+
+@pytest.fixture
+async def env(start_service: Starter, tmp_path: Path) -> AsyncIterator[Env]:
+    fakes = Fakes(start_service)
+    registry, registry_address = await fakes.registry()
+    for version in ("1.0.0", "2.0.0", "3.0.0"):
+        registry.add(SKILL, version)
+    registry.add(SKILL, "2.1.0", state=release_pb2.RELEASE_STATE_VERIFYING)
+    executors = [await fakes.executor(), await fakes.executor()]
+    environment = Env(fakes, tmp_path / "deployer", registry, registry_address, executors)
+    yield environment
+    for ch in environment.channels:
+        await ch.close()
+    for executor in executors:
+        if executor.load_gate is not None:
+            executor.load_gate.set()

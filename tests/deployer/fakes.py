@@ -1,0 +1,181 @@
+"""Small but real gRPC servers standing in for the registry, the executors and the deployer.
+
+They run on 127.0.0.1:0 behind the shared runtime's bootstrap (so their errors carry the same structured
+details as the real services); only their logic is canned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from clawhub.common.v1 import release_pb2, routing_pb2, skill_pb2
+from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
+from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
+from clawhub.executor.v1 import executor_service_pb2 as executor_pb
+from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
+from clawhub.registry.v1 import registry_service_pb2 as registry_pb
+from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from google.protobuf import duration_pb2
+
+from services.runtime.errors import Reason, ServiceError
+from services.runtime.server import ServiceHost, create_server
+
+Starter = Callable[[Awaitable[ServiceHost]], Awaitable[ServiceHost]]
+
+SKILL = "com.acme.echo"
+
+
+def digest_of(name: str, version: str) -> str:
+    return "sha256:" + hashlib.sha256(f"{name}@{version}".encode()).hexdigest()
+
+
+class FakeRegistry(registry_grpc.RegistryServiceServicer):
+    """GetSkillVersion over a dict; everything else UNIMPLEMENTED."""
+
+    def __init__(self) -> None:
+        self.versions: dict[tuple[str, str], registry_pb.SkillVersion] = {}
+
+    def add(self, name: str, version: str, state: int = release_pb2.RELEASE_STATE_READY,
+            memory_bytes: int = 1 << 20) -> registry_pb.SkillVersion:
+        skill_version = registry_pb.SkillVersion(
+            name=name, version=version, digest=digest_of(name, version), state=state,
+            manifest=skill_pb2.Manifest(name=name, version=version,
+                                        limits=skill_pb2.Limits(memory_bytes=memory_bytes)))
+        self.versions[(name, version)] = skill_version
+        return skill_version
+
+    async def GetSkillVersion(self, request: registry_pb.GetSkillVersionRequest, context: Any,
+                              ) -> registry_pb.GetSkillVersionResponse:
+        found = self.versions.get((request.name, request.version))
+        if found is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
+                               f"no version {request.name}@{request.version}",
+                               metadata={"name": request.name, "version": request.version})
+        return registry_pb.GetSkillVersionResponse(skill_version=found)
+
+
+@dataclass
+class Execution:
+    request: executor_pb.ExecuteRequest
+    time_remaining: float | None
+    metadata: dict[str, str]
+
+
+class FakeExecutor(executor_grpc.ExecutorServiceServicer):
+    """Loads by recording digests; Execute echoes `echo:<input>`, or fails as `mode` says."""
+
+    def __init__(self) -> None:
+        self.address = ""
+        self.loaded: set[str] = set()
+        self.load_calls: list[str] = []
+        self.unloaded: list[str] = []
+        self.fail_load: dict[str, ServiceError] = {}
+        # When set, LoadSkill waits for it: a deployment stays in flight until the test lets it go.
+        self.load_gate: asyncio.Event | None = None
+        self.mode = "echo"
+        self.executions: list[Execution] = []
+
+    async def LoadSkill(self, request: executor_pb.LoadSkillRequest, context: Any) -> executor_pb.LoadSkillResponse:
+        self.load_calls.append(request.digest)
+        if self.load_gate is not None:
+            await self.load_gate.wait()
+        if request.digest in self.fail_load:
+            raise self.fail_load[request.digest]
+        already = request.digest in self.loaded
+        self.loaded.add(request.digest)
+        return executor_pb.LoadSkillResponse(digest=request.digest, already_loaded=already)
+
+    async def UnloadSkill(self, request: executor_pb.UnloadSkillRequest, context: Any,
+                          ) -> executor_pb.UnloadSkillResponse:
+        self.unloaded.append(request.digest)
+        was_loaded = request.digest in self.loaded
+        self.loaded.discard(request.digest)
+        return executor_pb.UnloadSkillResponse(was_loaded=was_loaded)
+
+    async def Execute(self, request: executor_pb.ExecuteRequest, context: Any) -> executor_pb.ExecuteResponse:
+        self.executions.append(Execution(request, context.time_remaining(),
+                                         dict(context.invocation_metadata() or ())))
+        if self.mode == "unavailable":
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.SHUTTING_DOWN, "the executor is shutting down")
+        if self.mode == "trap":
+            raise ServiceError(grpc.StatusCode.ABORTED, Reason.SKILL_TRAPPED,
+                               "the skill trapped: wasm `unreachable` executed",
+                               metadata={"digest": request.digest})
+        return executor_pb.ExecuteResponse(
+            output=b"echo:" + request.input,
+            usage=skill_pb2.Usage(wall_time=duration_pb2.Duration(nanos=1500), peak_memory_bytes=65536))
+
+
+class FakeDeployer(deployer_grpc.DeployerServiceServicer):
+    """WatchRoutes serves `table` and every later one; AcknowledgeRoutes records (dispatcher id, generation)."""
+
+    def __init__(self, table: routing_pb2.RouteTable | None = None) -> None:
+        self.table = table or routing_pb2.RouteTable()
+        self.acks: list[tuple[str, int]] = []
+        self.watchers: list[str] = []
+        self._changed = asyncio.Event()
+
+    def set_table(self, table: routing_pb2.RouteTable) -> None:
+        self.table = table
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def WatchRoutes(self, request: deployer_pb.WatchRoutesRequest, context: Any,
+                          ) -> AsyncIterator[deployer_pb.WatchRoutesResponse]:
+        self.watchers.append(request.dispatcher_id)
+        while True:
+            changed = self._changed
+            yield deployer_pb.WatchRoutesResponse(route_table=self.table)
+            await changed.wait()
+
+    async def AcknowledgeRoutes(self, request: deployer_pb.AcknowledgeRoutesRequest, context: Any,
+                                ) -> deployer_pb.AcknowledgeRoutesResponse:
+        self.acks.append((request.dispatcher_id, request.generation))
+        return deployer_pb.AcknowledgeRoutesResponse()
+
+
+@dataclass
+class Fakes:
+    """Starts fakes through the `start_service` fixture and remembers their addresses."""
+
+    start_service: Starter
+    hosts: list[ServiceHost] = field(default_factory=list)
+
+    async def _start(self, name: str, service: str, register: Callable[[grpc.aio.Server], None],
+                     port: int = 0) -> ServiceHost:
+        async def build() -> ServiceHost:
+            return create_server(name, [service], host="127.0.0.1", port=port, grace_seconds=0.2,
+                                 register=register)
+
+        host = await self.start_service(build())
+        self.hosts.append(host)
+        return host
+
+    async def registry(self) -> tuple[FakeRegistry, str]:
+        fake = FakeRegistry()
+        host = await self._start("registry", "clawhub.registry.v1.RegistryService",
+                                 lambda s: registry_grpc.add_RegistryServiceServicer_to_server(fake, s))
+        return fake, f"127.0.0.1:{host.port}"
+
+    async def executor(self) -> FakeExecutor:
+        fake = FakeExecutor()
+        host = await self._start("executor", "clawhub.executor.v1.ExecutorService",
+                                 lambda s: executor_grpc.add_ExecutorServiceServicer_to_server(fake, s))
+        fake.address = f"127.0.0.1:{host.port}"
+        return fake
+
+    async def deployer(self, fake: FakeDeployer, port: int = 0) -> ServiceHost:
+        return await self._start("deployer", "clawhub.deployer.v1.DeployerService",
+                                 lambda s: deployer_grpc.add_DeployerServiceServicer_to_server(fake, s), port)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Poll `check` until it is true; fail after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(interval)
