@@ -11,7 +11,7 @@ from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 from services.runtime.channels import channel
-from services.runtime.errors import Reason, ServiceError, error_info, status_of
+from services.runtime.errors import error_info, upstream_error
 
 
 class VersionSource(Protocol):
@@ -40,22 +40,6 @@ class ExecutorFleet(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def upstream_error(err: grpc.aio.AioRpcError, upstream: str, address: str) -> Exception:
-    """What to raise for a failed call to another service.
-
-    A status that carries structured details comes from a clawhub service and passes through unchanged;
-    a bare transport failure (peer down, our own deadline) gets an ErrorInfo naming the upstream.
-    """
-    if status_of(err) is not None:
-        passthrough: Exception = err
-        return passthrough
-    code = err.code()
-    reason = {grpc.StatusCode.UNAVAILABLE: Reason.UPSTREAM_UNAVAILABLE,
-              grpc.StatusCode.DEADLINE_EXCEEDED: Reason.DEADLINE_EXCEEDED}.get(code, Reason.INTERNAL)
-    return ServiceError(code, reason, f"{upstream} at {address}: {err.details() or code.name}",
-                        metadata={"upstream": upstream, "address": address})
 
 
 def describe_error(err: grpc.aio.AioRpcError) -> str:

@@ -14,7 +14,7 @@ from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 
 from services.dispatcher.executors import ExecutorClient, ExecutorPicker
 from services.dispatcher.routes import RouteState
-from services.runtime.errors import Reason, ServiceError, invalid, status_of
+from services.runtime.errors import Reason, ServiceError, invalid, upstream_error
 from services.runtime.names import skill_name_problem
 
 log = logging.getLogger("clawhub.dispatcher")
@@ -27,19 +27,6 @@ TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 def trace_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in context.invocation_metadata() or () if k in TRACE_HEADERS)
-
-
-def upstream_error(err: grpc.aio.AioRpcError, address: str) -> Exception:
-    """A structured executor status passes through unchanged; a bare transport failure (executor down
-    mid-call, our own deadline) gets an ErrorInfo with the same code."""
-    if status_of(err) is not None:
-        passthrough: Exception = err
-        return passthrough
-    code = err.code()
-    reason = {grpc.StatusCode.UNAVAILABLE: Reason.UPSTREAM_UNAVAILABLE,
-              grpc.StatusCode.DEADLINE_EXCEEDED: Reason.DEADLINE_EXCEEDED}.get(code, Reason.INTERNAL)
-    return ServiceError(code, reason, f"executor at {address}: {err.details() or code.name}",
-                        metadata={"upstream": "executor", "address": address})
 
 
 class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
@@ -87,7 +74,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 response = await self._executors.execute(address, execute, timeout=left, metadata=metadata)
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise upstream_error(err, address) from None
+                    raise upstream_error(err, "executor", address) from None
                 tried.append(address)
                 last_problem = f"{address}: {err.details() or 'unavailable'}"
                 log.info("executor %s unavailable for %s (attempt %d): %s", address, request.skill,

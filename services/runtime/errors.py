@@ -127,6 +127,23 @@ async def abort_passthrough(context: grpc.aio.ServicerContext[Any, Any], err: gr
     await context.abort(err.code(), err.details() or "", trailing_metadata=trailing)
 
 
+def upstream_error(err: grpc.aio.AioRpcError, upstream: str, address: str = "") -> Exception:
+    """What to raise for a failed call to another service.
+
+    A status that carries structured details comes from a clawhub service and passes through unchanged;
+    a bare transport failure (peer down, our own deadline) gets an ErrorInfo naming the upstream.
+    """
+    if status_of(err) is not None:
+        passthrough: Exception = err
+        return passthrough
+    code = err.code()
+    reason = {grpc.StatusCode.UNAVAILABLE: Reason.UPSTREAM_UNAVAILABLE,
+              grpc.StatusCode.DEADLINE_EXCEEDED: Reason.DEADLINE_EXCEEDED}.get(code, Reason.INTERNAL)
+    where = f"{upstream} at {address}" if address else upstream
+    return ServiceError(code, reason, f"{where}: {err.details() or code.name}",
+                        metadata={"upstream": upstream, "address": address})
+
+
 def status_of(err: grpc.RpcError) -> status_pb2.Status | None:
     """The google.rpc.Status carried by an RPC error, if any (client side)."""
     trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
@@ -190,6 +207,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if isinstance(exc, ServiceError):
             await abort_with(context, exc, self._domain)
         if isinstance(exc, grpc.aio.AioRpcError):
+            translated = upstream_error(exc, "a service this one calls")
+            if isinstance(translated, ServiceError):
+                # A bare transport failure of a call this service made: still a structured error.
+                await abort_with(context, translated, self._domain)
             await abort_passthrough(context, exc)
         log.exception("unexpected error in %s", method, exc_info=exc)
         await abort_with(context, ServiceError(grpc.StatusCode.INTERNAL, Reason.INTERNAL,
