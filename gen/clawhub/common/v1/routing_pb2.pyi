@@ -25,19 +25,57 @@ class RouteTarget(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VERSION_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The version, such as `1.2.3`."""
     digest: _builtins.str
     """Content digest of the module, `sha256:<hex>`."""
     weight: _builtins.int
     """Share of traffic, out of the sum of the route's weights."""
+    bundle_digest: _builtins.str
+    """Digest of the version's file bundle (an uncompressed tar), empty when it has none."""
     @_builtins.property
     def limits(self) -> _skill_pb2.Limits:
         """Limits applied to each invocation of this version."""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Environment variables given to the skill: values set at deploy time for its `env:NAME` capabilities."""
+
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Command-line arguments from the manifest."""
+
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Capabilities the manifest declares; the executor grants nothing else."""
 
     def __init__(
         self,
@@ -46,10 +84,14 @@ class RouteTarget(_message.Message):
         digest: _builtins.str = ...,
         weight: _builtins.int = ...,
         limits: _skill_pb2.Limits | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        bundle_digest: _builtins.str = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "limits", b"limits", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "digest", b"digest", "env", b"env", "limits", b"limits", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

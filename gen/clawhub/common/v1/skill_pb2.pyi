@@ -155,6 +155,8 @@ class Manifest(_message.Message):
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
     INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     EXAMPLES_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Package name in reverse-DNS form, such as `com.acme.image-process`."""
     version: _builtins.str
@@ -181,6 +183,14 @@ class Manifest(_message.Message):
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___SmokeExample]:
         """Smoke examples run before a version takes traffic."""
 
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Command-line arguments the skill receives (argv[1:]); argv[0] is the skill name."""
+
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundledFile]:
+        """Read-only files bundled with the skill, preopened at `/skill` when the `files` capability is declared."""
+
     def __init__(
         self,
         *,
@@ -193,14 +203,46 @@ class Manifest(_message.Message):
         dependencies: _abc.Iterable[Global___Dependency] | None = ...,
         input_schema: _builtins.str = ...,
         examples: _abc.Iterable[Global___SmokeExample] | None = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        files: _abc.Iterable[Global___BundledFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abi", b"abi", "capabilities", b"capabilities", "dependencies", b"dependencies", "description", b"description", "examples", b"examples", "input_schema", b"input_schema", "limits", b"limits", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abi", b"abi", "args", b"args", "capabilities", b"capabilities", "dependencies", b"dependencies", "description", b"description", "examples", b"examples", "files", b"files", "input_schema", b"input_schema", "limits", b"limits", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Manifest: _TypeAlias = Manifest  # noqa: Y015
+
+@_typing.final
+class BundledFile(_message.Message):
+    """A read-only file shipped inside a skill's bundle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Path relative to the bundle root, with `/` separators; never absolute, never `..`."""
+    size_bytes: _builtins.int
+    """Size of the file in bytes."""
+    digest: _builtins.str
+    """Content digest of the file, `sha256:<hex>`."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "path", b"path", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BundledFile: _TypeAlias = BundledFile  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):

@@ -27,43 +27,47 @@ from clawhub.common.v1 import routing_pb2 as clawhub_dot_common_dot_v1_dot_routi
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*clawhub/deployer/v1/deployer_service.proto\x12\x13\x63lawhub.deployer.v1\x1a\x1f\x63lawhub/common/v1/release.proto\x1a\x1f\x63lawhub/common/v1/routing.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x02\n\nDeployment\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05skill\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.clawhub.common.v1.ReleaseState\x12\x33\n\x07history\x18\x06 \x03(\x0b\x32\".clawhub.common.v1.StateTransition\x12\x18\n\x10previous_version\x18\x07 \x01(\t\x12\x0f\n\x07serving\x18\x08 \x01(\x08\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x17\x43reateDeploymentRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"O\n\x18\x43reateDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\"\"\n\x14GetDeploymentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"L\n\x15GetDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\"N\n\x16ListDeploymentsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"h\n\x17ListDeploymentsResponse\x12\x34\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x0fRollbackRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"[\n\x10RollbackResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"$\n\x16WatchDeploymentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"_\n\x17WatchDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x0f\n\x07message\x18\x02 \x01(\t\"+\n\x12WatchRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\"I\n\x13WatchRoutesResponse\x12\x32\n\x0broute_table\x18\x01 \x01(\x0b\x32\x1d.clawhub.common.v1.RouteTable\"E\n\x18\x41\x63knowledgeRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"\x1b\n\x19\x41\x63knowledgeRoutesResponse2\xf9\x05\n\x0f\x44\x65ployerService\x12o\n\x10\x43reateDeployment\x12,.clawhub.deployer.v1.CreateDeploymentRequest\x1a-.clawhub.deployer.v1.CreateDeploymentResponse\x12\x66\n\rGetDeployment\x12).clawhub.deployer.v1.GetDeploymentRequest\x1a*.clawhub.deployer.v1.GetDeploymentResponse\x12l\n\x0fListDeployments\x12+.clawhub.deployer.v1.ListDeploymentsRequest\x1a,.clawhub.deployer.v1.ListDeploymentsResponse\x12W\n\x08Rollback\x12$.clawhub.deployer.v1.RollbackRequest\x1a%.clawhub.deployer.v1.RollbackResponse\x12n\n\x0fWatchDeployment\x12+.clawhub.deployer.v1.WatchDeploymentRequest\x1a,.clawhub.deployer.v1.WatchDeploymentResponse0\x01\x12\x62\n\x0bWatchRoutes\x12\'.clawhub.deployer.v1.WatchRoutesRequest\x1a(.clawhub.deployer.v1.WatchRoutesResponse0\x01\x12r\n\x11\x41\x63knowledgeRoutes\x12-.clawhub.deployer.v1.AcknowledgeRoutesRequest\x1a..clawhub.deployer.v1.AcknowledgeRoutesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*clawhub/deployer/v1/deployer_service.proto\x12\x13\x63lawhub.deployer.v1\x1a\x1f\x63lawhub/common/v1/release.proto\x1a\x1f\x63lawhub/common/v1/routing.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x02\n\nDeployment\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05skill\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.clawhub.common.v1.ReleaseState\x12\x33\n\x07history\x18\x06 \x03(\x0b\x32\".clawhub.common.v1.StateTransition\x12\x18\n\x10previous_version\x18\x07 \x01(\t\x12\x0f\n\x07serving\x18\x08 \x01(\x08\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x17\x43reateDeploymentRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x42\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x35.clawhub.deployer.v1.CreateDeploymentRequest.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x18\x43reateDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\"\"\n\x14GetDeploymentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"L\n\x15GetDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\"N\n\x16ListDeploymentsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"h\n\x17ListDeploymentsResponse\x12\x34\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x0fRollbackRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"[\n\x10RollbackResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"$\n\x16WatchDeploymentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"_\n\x17WatchDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x0f\n\x07message\x18\x02 \x01(\t\"+\n\x12WatchRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\"I\n\x13WatchRoutesResponse\x12\x32\n\x0broute_table\x18\x01 \x01(\x0b\x32\x1d.clawhub.common.v1.RouteTable\"E\n\x18\x41\x63knowledgeRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"\x1b\n\x19\x41\x63knowledgeRoutesResponse2\xf9\x05\n\x0f\x44\x65ployerService\x12o\n\x10\x43reateDeployment\x12,.clawhub.deployer.v1.CreateDeploymentRequest\x1a-.clawhub.deployer.v1.CreateDeploymentResponse\x12\x66\n\rGetDeployment\x12).clawhub.deployer.v1.GetDeploymentRequest\x1a*.clawhub.deployer.v1.GetDeploymentResponse\x12l\n\x0fListDeployments\x12+.clawhub.deployer.v1.ListDeploymentsRequest\x1a,.clawhub.deployer.v1.ListDeploymentsResponse\x12W\n\x08Rollback\x12$.clawhub.deployer.v1.RollbackRequest\x1a%.clawhub.deployer.v1.RollbackResponse\x12n\n\x0fWatchDeployment\x12+.clawhub.deployer.v1.WatchDeploymentRequest\x1a,.clawhub.deployer.v1.WatchDeploymentResponse0\x01\x12\x62\n\x0bWatchRoutes\x12\'.clawhub.deployer.v1.WatchRoutesRequest\x1a(.clawhub.deployer.v1.WatchRoutesResponse0\x01\x12r\n\x11\x41\x63knowledgeRoutes\x12-.clawhub.deployer.v1.AcknowledgeRoutesRequest\x1a..clawhub.deployer.v1.AcknowledgeRoutesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clawhub.deployer.v1.deployer_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._loaded_options = None
+  _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._serialized_options = b'8\001'
   _globals['_DEPLOYMENT']._serialized_start=167
   _globals['_DEPLOYMENT']._serialized_end=481
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=483
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=560
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=562
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=641
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=643
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=677
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=679
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=755
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=757
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=835
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=837
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=941
-  _globals['_ROLLBACKREQUEST']._serialized_start=943
-  _globals['_ROLLBACKREQUEST']._serialized_end=995
-  _globals['_ROLLBACKRESPONSE']._serialized_start=997
-  _globals['_ROLLBACKRESPONSE']._serialized_end=1088
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1090
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1126
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=1128
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=1223
-  _globals['_WATCHROUTESREQUEST']._serialized_start=1225
-  _globals['_WATCHROUTESREQUEST']._serialized_end=1268
-  _globals['_WATCHROUTESRESPONSE']._serialized_start=1270
-  _globals['_WATCHROUTESRESPONSE']._serialized_end=1343
-  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_start=1345
-  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_end=1414
-  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_start=1416
-  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_end=1443
-  _globals['_DEPLOYERSERVICE']._serialized_start=1446
-  _globals['_DEPLOYERSERVICE']._serialized_end=2207
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=484
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=673
+  _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._serialized_start=631
+  _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._serialized_end=673
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=675
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=754
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=756
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=790
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=792
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=868
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=870
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=948
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=950
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1054
+  _globals['_ROLLBACKREQUEST']._serialized_start=1056
+  _globals['_ROLLBACKREQUEST']._serialized_end=1108
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1110
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1201
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1203
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1239
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=1241
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=1336
+  _globals['_WATCHROUTESREQUEST']._serialized_start=1338
+  _globals['_WATCHROUTESREQUEST']._serialized_end=1381
+  _globals['_WATCHROUTESRESPONSE']._serialized_start=1383
+  _globals['_WATCHROUTESRESPONSE']._serialized_end=1456
+  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_start=1458
+  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_end=1527
+  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_start=1529
+  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_end=1556
+  _globals['_DEPLOYERSERVICE']._serialized_start=1559
+  _globals['_DEPLOYERSERVICE']._serialized_end=2320
 # @@protoc_insertion_point(module_scope)

@@ -78,6 +78,7 @@ class SkillVersion(_message.Message):
     VERIFICATION_ERRORS_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Skill name in reverse-DNS form."""
     version: _builtins.str
@@ -88,6 +89,8 @@ class SkillVersion(_message.Message):
     """Size of the module in bytes."""
     state: _release_pb2.ReleaseState.ValueType
     """Release state: PENDING, VERIFYING, READY or FAILED."""
+    bundle_digest: _builtins.str
+    """Content digest of the file bundle, `sha256:<hex>`; empty when the skill bundles no files."""
     @_builtins.property
     def manifest(self) -> _skill_pb2.Manifest:
         """The manifest the version was published with."""
@@ -116,10 +119,11 @@ class SkillVersion(_message.Message):
         verification_errors: _abc.Iterable[_builtins.str] | None = ...,
         history: _abc.Iterable[_release_pb2.StateTransition] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        bundle_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "digest", b"digest", "history", b"history", "manifest", b"manifest", "name", b"name", "size_bytes", b"size_bytes", "state", b"state", "verification_errors", b"verification_errors", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_digest", b"bundle_digest", "create_time", b"create_time", "digest", b"digest", "history", b"history", "manifest", b"manifest", "name", b"name", "size_bytes", b"size_bytes", "state", b"state", "verification_errors", b"verification_errors", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -135,12 +139,20 @@ class PublishSkillMetadata(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
+    BUNDLE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     """Expected sha256 of the module bytes, 64 lowercase hex digits."""
     size_bytes: _builtins.int
     """Expected size of the module in bytes."""
     request_id: _builtins.str
     """Optional idempotency key; a retried publish with the same bytes succeeds either way."""
+    bundle_sha256: _builtins.str
+    """Expected sha256 of the file bundle (an uncompressed tar of the manifest's files), 64 lowercase hex
+    digits; empty when the skill bundles no files.
+    """
+    bundle_size_bytes: _builtins.int
+    """Expected size of the file bundle in bytes."""
     @_builtins.property
     def manifest(self) -> _skill_pb2.Manifest:
         """The manifest; its name and version name the new version."""
@@ -152,10 +164,12 @@ class PublishSkillMetadata(_message.Message):
         sha256: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        bundle_sha256: _builtins.str = ...,
+        bundle_size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "request_id", b"request_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_sha256", b"bundle_sha256", "bundle_size_bytes", b"bundle_size_bytes", "manifest", b"manifest", "request_id", b"request_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -169,8 +183,11 @@ class PublishSkillRequest(_message.Message):
 
     METADATA_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    BUNDLE_CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """The following messages: module bytes, in order."""
+    bundle_chunk: _builtins.bytes
+    """After the module: file bundle bytes, in order."""
     @_builtins.property
     def metadata(self) -> Global___PublishSkillMetadata:
         """The first message: what is being published."""
@@ -180,12 +197,13 @@ class PublishSkillRequest(_message.Message):
         *,
         metadata: Global___PublishSkillMetadata | None = ...,
         chunk: _builtins.bytes = ...,
+        bundle_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle_chunk", b"bundle_chunk", "chunk", b"chunk", "content", b"content", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "metadata", b"metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_chunk", b"bundle_chunk", "chunk", b"chunk", "content", b"content", "metadata", b"metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["metadata", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["metadata", "chunk", "bundle_chunk"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
