@@ -118,6 +118,9 @@ class Range:
     sets: tuple[tuple[Comparator, ...], ...]
 
     def allows(self, version: str) -> bool:
+        return _allows(self, version)
+
+    def _check(self, version: str) -> bool:
         match = SEMVER_RE.match(version)
         if not match:
             return False
@@ -139,6 +142,12 @@ class Range:
 
     def __str__(self) -> str:
         return self.text
+
+
+@lru_cache(maxsize=262144)
+def _allows(range_: Range, version: str) -> bool:
+    # Resolution asks the same (range, version) questions many times over.
+    return range_._check(version)
 
 
 @lru_cache(maxsize=4096)

@@ -6,6 +6,9 @@
   appear in several versions.
 - Highest first: each decision tries the highest allowed version first and backtracks only on conflict, so
   the result is the highest-versioned solution in decision order.
+- Conflict-directed backjumping: every requirement remembers the decision that introduced it, and a failure
+  carries the set of decisions responsible for it; the search jumps straight back to the latest of them
+  instead of retrying unrelated decisions in between (plain backtracking is exponential on large graphs).
 - A conflict raises `ResolutionError` whose message tells the chain: who requires what, which ranges cannot
   meet, what is available. A dependency cycle is reported, never looped on.
 
@@ -14,8 +17,9 @@ Pure and synchronous (no I/O): the registry feeds it a `Catalog` snapshot.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.registry.ranges import Range, parse_range
 from services.runtime.names import semver_key
@@ -68,6 +72,16 @@ class _Edge:
     path: tuple[str, ...]  # packages from the root down to the requirer, for cycles and explanations
     requirement: Requirement
     range: Range
+    # Decision levels that chose the requirer and its ancestors (the last is the requirer's); root: ().
+    levels: tuple[int, ...] = ()
+
+    @property
+    def origin(self) -> int:
+        return self.levels[-1] if self.levels else -1
+
+
+# What a failed search returns: the decision levels responsible for the failure.
+Conflict = frozenset[int]
 
 
 @dataclass
@@ -78,109 +92,156 @@ class _Failure:
     cycle: tuple[str, ...] = ()
 
 
-@dataclass
-class _State:
-    shared: dict[str, str] = field(default_factory=dict)
-    shared_edges: dict[str, list[_Edge]] = field(default_factory=dict)
-    # (package, version) → requirers, for non-shared copies.
-    copies: dict[tuple[str, str], list[str]] = field(default_factory=dict)
-
-
 class Resolver:
-    def __init__(self, catalog: Catalog, *, max_steps: int = 200_000) -> None:
+    """One resolution. The search mutates its state in place and undoes it on the way back, so a step
+    costs what it touches, not the size of the graph; it recurses only at decisions."""
+
+    def __init__(self, catalog: Catalog, *, max_steps: int = 50_000) -> None:
         self._catalog = catalog
         self._versions = {name: sorted(releases, key=lambda r: semver_key(r.version), reverse=True)
                           for name, releases in catalog.items()}
         self._max_steps = max_steps
         self._steps = 0
         self._failure = _Failure()
+        self._queue: list[_Edge] = []
+        self._shared: dict[str, str] = {}
+        # Level of the decision that chose each shared package's version.
+        self._shared_levels: dict[str, int] = {}
+        self._shared_edges: dict[str, list[_Edge]] = {}
+        # (package, version) → requirers, for non-shared copies.
+        self._copies: dict[tuple[str, str], list[str]] = {}
 
     def resolve(self, roots: Sequence[Requirement]) -> list[Resolved]:
-        pending = [self._edge(ROOT, (), r) for r in roots]
-        state = self._search(pending, _State(), 0)
-        if state is None:
+        self._queue = [self._edge(ROOT, (), (), r) for r in roots]
+        # One frame per decision; Python-to-Python calls do not use the C stack, so a deep graph only
+        # needs a higher limit (never lowered here).
+        needed = 2 * len(self._versions) * max((len(v) for v in self._versions.values()), default=1) + 1000
+        if sys.getrecursionlimit() < needed:
+            sys.setrecursionlimit(needed)
+        if self._search(0, 0) is not None:
             failure = self._failure
             raise ResolutionError(failure.message or "the requirements cannot be satisfied",
                                   package=failure.package, cycle=failure.cycle)
-        return self._flatten(state)
+        return self._flatten()
 
-    # Search.
-
-    def _edge(self, requirer: str, path: tuple[str, ...], requirement: Requirement) -> _Edge:
-        return _Edge(requirer, path, requirement, parse_range(requirement.range))
+    def _edge(self, requirer: str, path: tuple[str, ...], levels: tuple[int, ...],
+              requirement: Requirement) -> _Edge:
+        return _Edge(requirer, path, requirement, parse_range(requirement.range), levels)
 
     def _fail(self, depth: int, message: str, package: str, cycle: tuple[str, ...] = ()) -> None:
         # Keep the failure found deepest in the search: it is the most specific explanation.
         if depth > self._failure.depth:
             self._failure = _Failure(depth, message, package, cycle)
 
-    def _search(self, pending: list[_Edge], state: _State, depth: int) -> _State | None:
-        self._steps += 1
-        if self._steps > self._max_steps:
-            raise ResolutionError(f"dependency resolution gave up after {self._max_steps} steps; "
-                                  "the graph has too many conflicting alternatives")
-        if not pending:
-            return state
-        edge, rest = pending[0], pending[1:]
-        name = edge.requirement.package
-        if name in edge.path:
-            cycle = (*edge.path[edge.path.index(name):], name)
-            self._fail(1 << 30, "dependency cycle: " + " → ".join(cycle), name, cycle)
-            return None
-        releases = self._versions.get(name)
-        if not releases:
-            self._fail(depth, f"{_who(edge)} requires {name} {edge.range}, but no version of {name} is "
-                              "published (or every version is yanked or not Ready)", name)
-            return None
-        if edge.requirement.shared:
-            edges = [*state.shared_edges.get(name, []), edge]
-            chosen = state.shared.get(name)
-            if chosen is not None:
-                if not edge.range.allows(chosen):
-                    self._fail(depth, _conflict(name, edges, releases), name)
-                    return None
-                return self._search(rest, _with_shared_edge(state, name, edges), depth + 1)
-            candidates = [r for r in releases if all(e.range.allows(r.version) for e in edges)]
-            if not candidates:
-                self._fail(depth, _conflict(name, edges, releases), name)
-                return None
-            for release in candidates:
-                next_state = _with_shared_edge(state, name, edges)
-                next_state.shared[name] = release.version
-                found = self._search(rest + self._children(edge, release), next_state, depth + 1)
-                if found is not None:
-                    return found
-            return None
-        candidates = [r for r in releases if edge.range.allows(r.version)]
-        if not candidates:
-            self._fail(depth, _conflict(name, [edge], releases), name)
-            return None
-        for release in candidates:
-            next_state = _State(dict(state.shared), state.shared_edges, dict(state.copies))
-            key = (name, release.version)
-            next_state.copies[key] = [*next_state.copies.get(key, []), edge.requirer]
-            found = self._search(rest + self._children(edge, release), next_state, depth + 1)
-            if found is not None:
-                return found
-        return None
-
-    def _children(self, edge: _Edge, release: Release) -> list[_Edge]:
+    def _children(self, edge: _Edge, release: Release, level: int) -> list[_Edge]:
         requirer = f"{edge.requirement.package}@{release.version}"
         path = (*edge.path, edge.requirement.package)
-        return [self._edge(requirer, path, r) for r in release.requirements]
+        levels = (*edge.levels, level)
+        return [self._edge(requirer, path, levels, r) for r in release.requirements]
 
-    def _flatten(self, state: _State) -> list[Resolved]:
+    def _search(self, head: int, depth: int) -> Conflict | None:
+        """Satisfy queue[head:]; None when solved (state left in place), else the levels to blame."""
+        forced: list[str] = []  # shared packages whose edge lists this frame extended without a decision
+
+        def undo(conflict: Conflict) -> Conflict:
+            for name in reversed(forced):
+                self._shared_edges[name].pop()
+            return conflict
+
+        while head < len(self._queue):
+            self._steps += 1
+            if self._steps > self._max_steps:
+                hint = f"; the deepest conflict found: {self._failure.message}" if self._failure.message else ""
+                raise ResolutionError(f"dependency resolution gave up after {self._max_steps} steps: the "
+                                      f"graph has too many conflicting alternatives{hint}",
+                                      package=self._failure.package)
+            edge = self._queue[head]
+            name = edge.requirement.package
+            if name in edge.path:
+                cycle = (*edge.path[edge.path.index(name):], name)
+                self._fail(1 << 30, "dependency cycle: " + " → ".join(cycle), name, cycle)
+                return undo(frozenset(edge.levels))
+            releases = self._versions.get(name)
+            if not releases:
+                self._fail(depth, f"{_who(edge)} requires {name} {edge.range}, but no version of {name} is "
+                                  "published (or every version is yanked or not Ready)", name)
+                return undo(frozenset({edge.origin}))
+            if not edge.requirement.shared:
+                decided = self._decide_copy(edge, releases, head, depth)
+                return None if decided is None else undo(decided)
+            edges = self._shared_edges.setdefault(name, [])
+            chosen = self._shared.get(name)
+            if chosen is None:
+                decided = self._decide_shared(edge, edges, releases, head, depth)
+                return None if decided is None else undo(decided)
+            if not edge.range.allows(chosen):
+                self._fail(depth, _conflict(name, [*edges, edge], releases), name)
+                return undo(frozenset({edge.origin, self._shared_levels[name]}))
+            edges.append(edge)
+            forced.append(name)
+            head += 1
+        return None
+
+    def _decide_shared(self, edge: _Edge, edges: list[_Edge], releases: Sequence[Release], head: int,
+                       depth: int) -> Conflict | None:
+        name = edge.requirement.package
+        edges.append(edge)
+        candidates = [r for r in releases if all(e.range.allows(r.version) for e in edges)]
+        # The requirements that narrowed the candidates share the blame for any failure below.
+        blame = {e.origin for e in edges}
+        if not candidates:
+            self._fail(depth, _conflict(name, edges, releases), name)
+        for release in candidates:
+            self._shared[name] = release.version
+            self._shared_levels[name] = depth
+            found = self._try(edge, release, head, depth)
+            if found is None:
+                return None
+            if depth not in found:
+                blame = set(found)  # this decision is not to blame: jump past it
+                break
+            blame |= found - {depth}
+        self._shared.pop(name, None)
+        self._shared_levels.pop(name, None)
+        edges.pop()
+        return frozenset(blame)
+
+    def _decide_copy(self, edge: _Edge, releases: Sequence[Release], head: int, depth: int) -> Conflict | None:
+        name = edge.requirement.package
+        candidates = [r for r in releases if edge.range.allows(r.version)]
+        blame = {edge.origin}
+        if not candidates:
+            self._fail(depth, _conflict(name, [edge], releases), name)
+        for release in candidates:
+            requirers = self._copies.setdefault((name, release.version), [])
+            requirers.append(edge.requirer)
+            found = self._try(edge, release, head, depth)
+            if found is None:
+                return None
+            requirers.pop()
+            if not requirers:
+                del self._copies[(name, release.version)]
+            if depth not in found:
+                return found
+            blame |= found - {depth}
+        return frozenset(blame)
+
+    def _try(self, edge: _Edge, release: Release, head: int, depth: int) -> Conflict | None:
+        mark = len(self._queue)
+        self._queue.extend(self._children(edge, release, depth))
+        found = self._search(head + 1, depth + 1)
+        if found is not None:
+            del self._queue[mark:]
+        return found
+
+    def _flatten(self) -> list[Resolved]:
         digests = {(name, r.version): r.digest for name, rs in self._catalog.items() for r in rs}
         out = [Resolved(name, version, digests[(name, version)], True,
-                        tuple(dict.fromkeys(e.requirer for e in state.shared_edges[name])))
-               for name, version in state.shared.items()]
+                        tuple(dict.fromkeys(e.requirer for e in self._shared_edges[name])))
+               for name, version in self._shared.items()]
         out += [Resolved(name, version, digests[(name, version)], False, tuple(dict.fromkeys(requirers)))
-                for (name, version), requirers in state.copies.items()]
+                for (name, version), requirers in self._copies.items()]
         return sorted(out, key=lambda r: (r.package, semver_key(r.version), not r.shared))
-
-
-def _with_shared_edge(state: _State, name: str, edges: list[_Edge]) -> _State:
-    return _State(dict(state.shared), {**state.shared_edges, name: edges}, state.copies)
 
 
 def _who(edge: _Edge) -> str:

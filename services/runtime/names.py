@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 # Reverse-DNS: at least two dot-separated labels, lowercase letters, digits and inner hyphens.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -46,6 +47,7 @@ def digest_problem(digest: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=65536)
 def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
     """Sort key implementing SemVer 2.0 precedence (build metadata ignored)."""
     match = SEMVER_RE.match(version)

@@ -75,6 +75,14 @@ def test_conflicts_explain_the_chain() -> None:
     assert caught.value.package == "c"
 
 
+def test_required_by_lists_every_dependent() -> None:
+    needs_c = (Requirement("c", "*", True),)
+    catalog = {"a": [Release("1.0.0", needs_c)], "b": [Release("1.0.0", needs_c)], "c": [Release("1.0.0")]}
+    result = {r.package: r for r in resolve(catalog, [Requirement("a", "*", True), Requirement("b", "*", True),
+                                                      Requirement("c", "^1", True)])}
+    assert result["c"].required_by == ("(root)", "a@1.0.0", "b@1.0.0")
+
+
 def test_missing_package_is_explained() -> None:
     with pytest.raises(ResolutionError, match="no version of zz is published"):
         resolve({}, [Requirement("zz", "^1")])
