@@ -84,23 +84,35 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
         package = manifest.load(Path(args.dir))
     except (manifest.ManifestError, OSError) as exc:
         raise CliError(f"error: {exc}") from None
-    data = package.module
+    data, tar = package.module, package.bundle
     sha = hashlib.sha256(data).hexdigest()
+    bundle_sha = hashlib.sha256(tar).hexdigest() if tar else ""
     name = f"{package.manifest.name}@{package.manifest.version}"
-    print(f"publishing {name} ({len(data):,} bytes, sha256:{sha[:12]}…) to {client.gateway}", file=sys.stderr)
+    files = (f" + {len(package.manifest.files)} bundled file(s) in {len(tar):,} bytes, sha256:{bundle_sha[:12]}…"
+             if tar else "")
+    print(f"publishing {name} ({len(data):,} bytes, sha256:{sha[:12]}…{files}) to {client.gateway}",
+          file=sys.stderr)
+    total = len(data) + len(tar)
 
     def requests() -> Iterator[registry_pb.PublishSkillRequest]:
+        # Order: metadata, the module's chunks, then the bundle's chunks.
         yield registry_pb.PublishSkillRequest(metadata=registry_pb.PublishSkillMetadata(
-            manifest=package.manifest, sha256=sha, size_bytes=len(data), request_id=str(uuid.uuid4())))
+            manifest=package.manifest, sha256=sha, size_bytes=len(data), request_id=str(uuid.uuid4()),
+            bundle_sha256=bundle_sha, bundle_size_bytes=len(tar)))
         for offset in range(0, len(data), CHUNK_BYTES):
             yield registry_pb.PublishSkillRequest(chunk=data[offset:offset + CHUNK_BYTES])
-            _progress(f"  uploaded {min(offset + CHUNK_BYTES, len(data)):,}/{len(data):,} bytes")
+            _progress(f"  uploaded {min(offset + CHUNK_BYTES, len(data)):,}/{total:,} bytes")
+        for offset in range(0, len(tar), CHUNK_BYTES):
+            yield registry_pb.PublishSkillRequest(bundle_chunk=tar[offset:offset + CHUNK_BYTES])
+            _progress(f"  uploaded {len(data) + min(offset + CHUNK_BYTES, len(tar)):,}/{total:,} bytes")
         _progress("")
 
     response = client.registry.PublishSkill(requests(), timeout=args.timeout)
     version = response.skill_version
     verb = "published" if response.created else "already published (identical bytes)"
     print(f"{verb}: {version.name}@{version.version}  {version.digest}  state {state_name(version.state)}")
+    if version.bundle_digest:
+        print(f"  file bundle {version.bundle_digest}")
     print(f"next: clawhub deploy {version.name}@{version.version}", file=sys.stderr)
     return 0
 
@@ -110,15 +122,34 @@ def _split_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """`--env KEY=VALUE` flags as a dict; `--env KEY` takes the value from this process's environment, so a
+    secret need not appear on the command line."""
+    env: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not key:
+            raise CliError(f"error: --env {pair!r}: expected KEY=VALUE (or KEY to pass on $KEY)")
+        if not sep:
+            if key not in os.environ:
+                raise CliError(f"error: --env {key}: no value given and ${key} is not set here")
+            value = os.environ[key]
+        if key in env:
+            raise CliError(f"error: --env {key} is given more than once")
+        env[key] = value
+    return env
+
+
 def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
     name, version = _split_ref(args.ref)
+    env = parse_env(args.env)
     if not version:
         skill = client.registry.GetSkill(registry_pb.GetSkillRequest(name=name), timeout=args.timeout).skill
         if not skill.latest_version:
             raise CliError(f"error: {name} has no Ready version to deploy")
         version = skill.latest_version
     deployment = client.deployer.CreateDeployment(deployer_pb.CreateDeploymentRequest(
-        skill=name, version=version, request_id=str(uuid.uuid4())), timeout=args.timeout).deployment
+        skill=name, version=version, request_id=str(uuid.uuid4()), env=env), timeout=args.timeout).deployment
     print(f"deploying {name}@{version} (deployment {deployment.id})", file=sys.stderr)
     if args.no_wait:
         print(deployment.id)
@@ -263,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_command("deploy", "deploy a published version and wait until it is active", timeout=300)
     p.add_argument("ref", metavar="NAME[@VERSION]", help="skill and version (default: the latest version)")
     p.add_argument("--no-wait", action="store_true", help="print the deployment id and return at once")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="value of an environment variable the skill declares (capability env:KEY); repeat for "
+                        "several; KEY alone passes on this shell's $KEY")
     p = client_command("invoke", "invoke the active version of a skill and print its output")
     p.add_argument("name", help="skill name, such as com.example.uppercase")
     group = p.add_mutually_exclusive_group()

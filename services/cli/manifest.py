@@ -11,13 +11,14 @@ from typing import Any
 import wasmtime
 from clawhub.common.v1 import skill_pb2
 
+from services.runtime import bundle
 from services.runtime.names import skill_name_problem, version_problem
 from services.runtime.settings import parse_size
 
 MANIFEST_FILE = "skill.toml"
 ABIS = {"wasi-command-v1": skill_pb2.ABI_WASI_COMMAND_V1}
 _KNOWN_KEYS = {"name", "version", "description", "abi", "module", "capabilities", "limits", "dependencies",
-               "input_schema", "examples"}
+               "input_schema", "examples", "args", "files"}
 _LIMIT_KEYS = {"memory", "timeout_ms", "max_output", "max_stderr", "max_input", "fuel"}
 
 
@@ -30,6 +31,8 @@ class SkillPackage:
     manifest: skill_pb2.Manifest
     module: bytes
     module_path: Path
+    # The deterministic tar of the manifest's `files`; empty when the skill bundles none.
+    bundle: bytes = b""
 
 
 def _require(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -81,6 +84,17 @@ def load(directory: Path) -> SkillPackage:
     if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
         raise ManifestError(f"{where}: capabilities must be a list of strings")
     manifest.capabilities.extend(capabilities)
+    args = doc.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ManifestError(f"{where}: args must be a list of strings, such as [\"--verbose\"]")
+    for i, arg in enumerate(args):
+        if "\0" in arg:
+            raise ManifestError(f"{where}: args[{i}]: an argument may not contain a NUL character")
+    manifest.args.extend(args)
+    files = read_files(directory, doc.get("files", []), where)
+    manifest.files.extend(
+        skill_pb2.BundledFile(path=path, size_bytes=len(data), digest=bundle.file_digest(data))
+        for path, data in sorted(files.items()))
     limits = doc.get("limits", {})
     if not isinstance(limits, dict):
         raise ManifestError(f"{where}: [limits] must be a table")
@@ -125,7 +139,40 @@ def load(directory: Path) -> SkillPackage:
         manifest.examples.add(input=_require(example, "input", str, ewhere).encode(),
                               expected_output=_require(example, "output", str, ewhere).encode())
     module_path = directory / _require(doc, "module", str, where)
-    return SkillPackage(manifest=manifest, module=build_module(module_path), module_path=module_path)
+    return SkillPackage(manifest=manifest, module=build_module(module_path), module_path=module_path,
+                        bundle=bundle.build(files) if files else b"")
+
+
+def read_files(directory: Path, listed: Any, where: str) -> dict[str, bytes]:
+    """The contents of the manifest's `files`, by bundle path. Each must be a regular file inside the skill
+    directory, named by a plain relative path (symlinks are followed only while they stay inside)."""
+    if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        raise ManifestError(f"{where}: files must be a list of paths relative to the skill directory, "
+                            "such as [\"data/words.txt\"]")
+    root = directory.resolve()
+    files: dict[str, bytes] = {}
+    for i, path in enumerate(listed):
+        fwhere = f"{where}: files[{i}]"
+        if problem := bundle.path_problem(path):
+            raise ManifestError(f"{fwhere}: {problem}")
+        if path in files:
+            raise ManifestError(f"{fwhere}: {path!r} is listed twice")
+        target = directory / path
+        resolved = target.resolve()
+        if not resolved.is_relative_to(root):
+            raise ManifestError(f"{fwhere}: {path!r} resolves to {resolved}, outside the skill directory "
+                                "(a symlink may not lead out of it)")
+        if not target.exists():
+            raise ManifestError(f"{fwhere}: {path!r} does not exist in {directory}")
+        if target.is_dir():
+            raise ManifestError(f"{fwhere}: {path!r} is a directory; list the files inside it one by one")
+        if not target.is_file():
+            raise ManifestError(f"{fwhere}: {path!r} is not a regular file")
+        try:
+            files[path] = target.read_bytes()
+        except OSError as exc:
+            raise ManifestError(f"{fwhere}: cannot read {path!r}: {exc.strerror or exc}") from None
+    return files
 
 
 def build_module(path: Path) -> bytes:

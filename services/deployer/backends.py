@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, cast
 
 import grpc
@@ -31,8 +32,10 @@ class ExecutorFleet(Protocol):
     @property
     def addresses(self) -> tuple[str, ...]: ...
 
-    async def load(self, address: str, digest: str) -> bool:
-        """Fetch and compile `digest` on one executor; True when it was already loaded."""
+    async def load(self, address: str, digest: str, *, bundle_digest: str = "",
+                   capabilities: Sequence[str] = ()) -> bool:
+        """Fetch and compile `digest` (and fetch its file bundle) on one executor, which re-checks the module
+        against `capabilities`; True when it was already loaded."""
         ...
 
     async def unload(self, address: str, digest: str) -> bool:
@@ -83,9 +86,11 @@ class GrpcExecutorFleet:
     def addresses(self) -> tuple[str, ...]:
         return self._addresses
 
-    async def load(self, address: str, digest: str) -> bool:
+    async def load(self, address: str, digest: str, *, bundle_digest: str = "",
+                   capabilities: Sequence[str] = ()) -> bool:
         response: executor_pb.LoadSkillResponse = await self._stubs[address].LoadSkill(
-            executor_pb.LoadSkillRequest(digest=digest), timeout=self._load_timeout)
+            executor_pb.LoadSkillRequest(digest=digest, bundle_digest=bundle_digest, capabilities=capabilities),
+            timeout=self._load_timeout)
         return response.already_loaded
 
     async def unload(self, address: str, digest: str) -> bool:

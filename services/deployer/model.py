@@ -55,6 +55,12 @@ class DeploymentRecord:
     update_ns: int
     # Insertion order in the store (newest first listing, page tokens); 0 until stored.
     seq: int = field(default=0, compare=False)
+    # What the skill gets in its sandbox: environment values set at deploy time for its `env:NAME`
+    # capabilities (may be secrets: never logged), the manifest's args, its file bundle and capabilities.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    args: list[str] = field(default_factory=list)
+    bundle_digest: str = ""
+    capabilities: list[str] = field(default_factory=list)
 
     def apply(self, to_state: State, reason: str, time_ns: int) -> Transition:
         """Move to `to_state` if the state machine allows it; returns the transition to persist."""
@@ -79,4 +85,5 @@ class DeploymentRecord:
     def route(self) -> routing_pb2.Route:
         """The route that sends all of the skill's traffic to this deployment's version."""
         return routing_pb2.Route(skill=self.skill, targets=[routing_pb2.RouteTarget(
-            version=self.version, digest=self.digest, weight=100, limits=self.limits)])
+            version=self.version, digest=self.digest, weight=100, limits=self.limits, env=self.env,
+            args=self.args, bundle_digest=self.bundle_digest, capabilities=self.capabilities)])

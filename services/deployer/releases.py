@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -85,7 +85,8 @@ class Releaser:
         record = await self._store.get_deployment(found[0])
         return (record, found[1]) if record is not None else None
 
-    async def _replay_create(self, request_id: str, skill: str, version: str) -> DeploymentRecord | None:
+    async def _replay_create(self, request_id: str, skill: str, version: str, env: dict[str, str],
+                             ) -> DeploymentRecord | None:
         found = await self.find_request("create", request_id)
         if found is None:
             return None
@@ -94,17 +95,26 @@ class Releaser:
             raise invalid(Reason.INVALID_ARGUMENT, "request_id",
                           f"request_id {request_id!r} was already used to deploy "
                           f"{record.skill}@{record.version} (deployment {record.id})")
+        if record.env != env:
+            raise invalid(Reason.INVALID_ARGUMENT, "request_id",
+                          f"request_id {request_id!r} was already used to deploy {skill}@{version} with other "
+                          f"env values (deployment {record.id})")
         return record
 
     async def start_deployment(self, skill: str, version: str, digest: str, limits: skill_pb2.Limits,
-                               request_id: str = "") -> DeploymentRecord:
+                               request_id: str = "", *, env: dict[str, str] | None = None,
+                               args: Sequence[str] = (), bundle_digest: str = "",
+                               capabilities: Sequence[str] = ()) -> DeploymentRecord:
         """Create a deployment in state Deploying and start its rollout in the background.
 
+        `env` holds the values for the skill's `env:NAME` capabilities (checked by the caller); they are
+        persisted with the deployment and go out with its route, and are never logged.
         With a `request_id` seen before, returns that deployment instead (an idempotent retry).
         """
+        env = dict(env or {})
         async with self._lock:
             if request_id:
-                existing = await self._replay_create(request_id, skill, version)
+                existing = await self._replay_create(request_id, skill, version, env)
                 if existing is not None:
                     return existing
             if skill in self._in_flight:
@@ -114,13 +124,16 @@ class Releaser:
             now = self._clock()
             check_transition(READY, DEPLOYING)
             replacing = f", replacing {previous.version}" if previous else ""
+            # Names only: the values may be secrets.
+            with_env = f" with env {', '.join(sorted(env))}" if env else ""
             record = DeploymentRecord(
                 id=new_deployment_id(), skill=skill, version=version, digest=digest, limits=limits,
                 state=DEPLOYING, history=[Transition(READY, DEPLOYING, now, f"deploy of {version} requested"
-                                                                              f"{replacing}")],
+                                                                              f"{with_env}{replacing}")],
                 previous_id=previous.id if previous else "",
                 previous_version=previous.version if previous else "",
-                create_ns=now, update_ns=now)
+                create_ns=now, update_ns=now, env=env, args=list(args), bundle_digest=bundle_digest,
+                capabilities=list(capabilities))
             await self._store.create_deployment(record, request_id)
             self._in_flight[skill] = record.id
         self._spawn(self._deploy(record, previous))
@@ -250,7 +263,8 @@ class Releaser:
 
         async def load(address: str) -> str | None:
             try:
-                already = await self._fleet.load(address, record.digest)
+                already = await self._fleet.load(address, record.digest, bundle_digest=record.bundle_digest,
+                                                 capabilities=record.capabilities)
             except grpc.aio.AioRpcError as err:
                 problem = f"LoadSkill on {address} failed: {describe_error(err)}"
                 self._emit(record, problem)

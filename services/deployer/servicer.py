@@ -7,7 +7,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -23,6 +23,7 @@ from services.deployer.statemachine import READY, SETTLED, state_name
 from services.deployer.store import DeploymentStore
 from services.runtime.errors import Reason, ServiceError, invalid
 from services.runtime.names import skill_name_problem, version_problem
+from services.runtime.wasm import env_names
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -40,6 +41,31 @@ def _check_id(deployment_id: str) -> None:
         problem = ("a deployment id is required" if not deployment_id
                    else f"{deployment_id[:80]!r} is not a deployment id")
         raise invalid(Reason.INVALID_ARGUMENT, "id", problem)
+
+
+MAX_ENV_VALUE_BYTES = 32 * 1024
+
+
+def _check_env(skill: str, version: str, env: dict[str, str], capabilities: Sequence[str]) -> None:
+    """INVALID_ARGUMENT naming every `env[KEY]` the manifest does not declare as `env:KEY`, or whose value is
+    unusable. Messages name keys, never values (they may be secrets)."""
+    declared = env_names(capabilities)
+    problems: list[tuple[str, str]] = []
+    for key in sorted(env):
+        value = env[key]
+        if key not in declared:
+            offer = f"it declares {', '.join(declared)}" if declared else "it declares no environment variables"
+            problems.append((f"env[{key}]", f"{skill}@{version} does not declare the capability env:{key} ({offer}); "
+                                            "a skill gets only the variables its manifest names"))
+        elif "\0" in value:
+            problems.append((f"env[{key}]", "the value contains a NUL character"))
+        elif len(value.encode()) > MAX_ENV_VALUE_BYTES:
+            problems.append((f"env[{key}]", f"the value is longer than {MAX_ENV_VALUE_BYTES} bytes"))
+    if problems:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENT,
+                           "; ".join(f"{f}: {p}" for f, p in problems),
+                           metadata={"field": problems[0][0], "skill": skill, "version": version},
+                           field_violations=problems)
 
 
 def _not_found(deployment_id: str) -> ServiceError:
@@ -94,7 +120,8 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
             raise invalid(Reason.INVALID_VERSION, "version", problem)
         if request.request_id:
             found = await self._releaser.find_request("create", request.request_id)
-            if found is not None and (found[0].skill, found[0].version) == (request.skill, request.version):
+            if found is not None and (found[0].skill, found[0].version, found[0].env) == (
+                    request.skill, request.version, dict(request.env)):
                 return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(found[0]))
         remaining = context.time_remaining()
         timeout = min(self._registry_timeout, remaining if remaining is not None else math.inf)
@@ -106,8 +133,12 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                 "version that passed verification can be deployed",
                 metadata={"skill": request.skill, "version": request.version,
                           "state": state_name(version.state)})
+        manifest = version.manifest
+        _check_env(request.skill, request.version, dict(request.env), manifest.capabilities)
         record = await self._releaser.start_deployment(
-            request.skill, request.version, version.digest, version.manifest.limits, request.request_id)
+            request.skill, request.version, version.digest, manifest.limits, request.request_id,
+            env=dict(request.env), args=list(manifest.args), bundle_digest=version.bundle_digest,
+            capabilities=list(manifest.capabilities))
         return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record))
 
     async def GetDeployment(self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],

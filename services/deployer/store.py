@@ -8,6 +8,7 @@ number, so a restarted deployer serves the same table at the same generation. Sc
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +121,18 @@ MIGRATIONS: Sequence[str] = (
     );
     INSERT INTO route_table (id, generation) VALUES (1, 0);
     """,
+    # 2: what a deployment grants its skill (issue 3): env values (JSON object), the manifest's args and
+    # capabilities (JSON arrays), the file bundle's digest.
+    """
+    ALTER TABLE deployments ADD COLUMN env TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE deployments ADD COLUMN args TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE deployments ADD COLUMN bundle_digest TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deployments ADD COLUMN capabilities TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 _COLUMNS = ("seq, id, skill, version, digest, limits, state, previous_id, previous_version, "
-            "create_ns, update_ns")
+            "create_ns, update_ns, env, args, bundle_digest, capabilities")
 
 
 class SqliteDeploymentStore:
@@ -180,10 +189,13 @@ class SqliteDeploymentStore:
             try:
                 cursor = await self._db.execute(
                     "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
-                    "previous_version, create_ns, update_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "previous_version, create_ns, update_ns, env, args, bundle_digest, capabilities) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.id, record.skill, record.version, record.digest,
                      record.limits.SerializeToString(), int(record.state), record.previous_id,
-                     record.previous_version, record.create_ns, record.update_ns))
+                     record.previous_version, record.create_ns, record.update_ns,
+                     json.dumps(record.env, sort_keys=True), json.dumps(record.args), record.bundle_digest,
+                     json.dumps(record.capabilities)))
                 record.seq = int(cursor.lastrowid or 0)
                 for step, transition in enumerate(record.history):
                     await self._insert_transition(record.id, step, transition)
@@ -247,7 +259,8 @@ class SqliteDeploymentStore:
             records.append(DeploymentRecord(
                 seq=int(row[0]), id=row[1], skill=row[2], version=row[3], digest=row[4], limits=limits,
                 state=State(int(row[6])), history=history, previous_id=row[7], previous_version=row[8],
-                create_ns=int(row[9]), update_ns=int(row[10])))
+                create_ns=int(row[9]), update_ns=int(row[10]), env=dict(json.loads(row[11])),
+                args=list(json.loads(row[12])), bundle_digest=str(row[13]), capabilities=list(json.loads(row[14]))))
         return records
 
     async def add_transition(self, deployment_id: str, transition: Transition) -> None:

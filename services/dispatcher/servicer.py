@@ -53,7 +53,9 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 f"(clawhub deploy {request.skill}@VERSION)", metadata={"skill": request.skill})
         target = self._rng.choices(targets, weights=[t.weight for t in targets])[0]
         execute = executor_pb.ExecuteRequest(digest=target.digest, input=request.input, limits=target.limits,
-                                             request_id=request.request_id)
+                                             request_id=request.request_id, env=target.env, args=target.args,
+                                             bundle_digest=target.bundle_digest,
+                                             capabilities=target.capabilities)
 
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()

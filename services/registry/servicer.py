@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,6 +21,7 @@ from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from services.registry.blobs import BlobNotFound, BlobStore
 from services.registry.store import MetadataStore, NewVersion, SkillRecord, State, VersionRecord
 from services.registry.verify import Verifier
+from services.runtime import bundle as bundles
 from services.runtime.errors import Reason, ServiceError, invalid
 from services.runtime.names import SHA256_HEX_RE, digest_problem, skill_name_problem, version_problem
 
@@ -106,6 +108,7 @@ def version_to_pb(record: VersionRecord) -> pb.SkillVersion:
         manifest=skill_pb2.Manifest.FromString(record.manifest),
         state=_STATE_PB[record.state],
         verification_errors=list(record.verification_errors),
+        bundle_digest=record.bundle_digest,
     )
     message.create_time.FromNanoseconds(record.create_time_ns)
     for step in record.history:
@@ -124,6 +127,57 @@ def skill_to_pb(record: SkillRecord) -> pb.Skill:
     message.create_time.FromNanoseconds(record.create_time_ns)
     message.update_time.FromNanoseconds(record.update_time_ns)
     return message
+
+
+MAX_ARGS = 256
+MAX_ARG_LENGTH = 4096
+
+
+def _manifest_problems(manifest: skill_pb2.Manifest) -> list[tuple[Reason, str, str]]:
+    """What makes the manifest's `args` and `files` unusable, before any byte is uploaded."""
+    problems: list[tuple[Reason, str, str]] = []
+    if len(manifest.args) > MAX_ARGS:
+        problems.append((Reason.INVALID_MANIFEST, "metadata.manifest.args",
+                         f"{len(manifest.args)} arguments, more than the limit of {MAX_ARGS}"))
+    for i, arg in enumerate(manifest.args):
+        if "\0" in arg or len(arg) > MAX_ARG_LENGTH:
+            problems.append((Reason.INVALID_MANIFEST, f"metadata.manifest.args[{i}]",
+                             f"an argument may not contain NUL and is at most {MAX_ARG_LENGTH} characters"))
+    seen: set[str] = set()
+    for i, declared in enumerate(manifest.files):
+        where = f"metadata.manifest.files[{i}]"
+        if problem := bundles.path_problem(declared.path):
+            problems.append((Reason.INVALID_MANIFEST, f"{where}.path", problem))
+        elif declared.path in seen:
+            problems.append((Reason.INVALID_MANIFEST, f"{where}.path", f"{declared.path!r} is listed twice"))
+        seen.add(declared.path)
+        if problem := digest_problem(declared.digest):
+            problems.append((Reason.INVALID_DIGEST, f"{where}.digest", problem))
+    return problems
+
+
+MAX_REPORTED_PROBLEMS = 20
+
+
+def _at_most(problems: list[str], limit: int = MAX_REPORTED_PROBLEMS) -> list[str]:
+    """The first `limit` problems and a count of the rest: an error's details travel in trailing metadata,
+    which has a size limit, and a bundle of a million stray files should not produce a million lines."""
+    if len(problems) <= limit:
+        return problems
+    return [*problems[:limit], f"… and {len(problems) - limit} more problem(s)"]
+
+
+def _version_exists(name: str, version: str, record: VersionRecord, digest: str, bundle_digest: str,
+                    ) -> ServiceError:
+    if record.digest != digest:
+        what = f"digest {record.digest}, not {digest}"
+    else:
+        what = f"file bundle {record.bundle_digest or '(none)'}, not {bundle_digest or '(none)'}"
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS, Reason.VERSION_EXISTS,
+        f"{name}@{version} already exists with {what}; versions are immutable, publish a new version",
+        metadata={"name": name, "version": version, "existing_digest": record.digest, "digest": digest,
+                  "existing_bundle_digest": record.bundle_digest, "bundle_digest": bundle_digest})
 
 
 def _skill_not_found(name: str) -> ServiceError:
@@ -180,6 +234,18 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             problems.append((Reason.UPLOAD_TOO_LARGE, "metadata.size_bytes",
                              f"the module is {meta.size_bytes} bytes, more than the registry's limit of "
                              f"{self._max_upload} bytes"))
+        if meta.bundle_sha256 and not SHA256_HEX_RE.match(meta.bundle_sha256):
+            hint = " without the `sha256:` prefix" if meta.bundle_sha256.startswith("sha256:") else ""
+            problems.append((Reason.INVALID_DIGEST, "metadata.bundle_sha256",
+                             f"{meta.bundle_sha256[:80]!r} is not a sha256: send 64 lowercase hex digits{hint}"))
+        if meta.bundle_size_bytes and not meta.bundle_sha256:
+            problems.append((Reason.INVALID_ARGUMENT, "metadata.bundle_sha256",
+                             "bundle_size_bytes is set but bundle_sha256 is not: a bundle needs its sha256"))
+        if meta.size_bytes <= self._max_upload and meta.size_bytes + meta.bundle_size_bytes > self._max_upload:
+            problems.append((Reason.UPLOAD_TOO_LARGE, "metadata.bundle_size_bytes",
+                             f"the module and the file bundle are {meta.size_bytes + meta.bundle_size_bytes} "
+                             f"bytes together, more than the registry's limit of {self._max_upload} bytes"))
+        problems += _manifest_problems(manifest)
         if problems:
             raise _problems_error(problems)
 
@@ -190,7 +256,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         if first is None or first.WhichOneof("content") != "metadata":
             raise invalid(Reason.INVALID_ARGUMENT, "metadata",
                           "the first message of a publish stream must carry the metadata (manifest, sha256); "
-                          "the module bytes follow as chunks")
+                          "the module bytes follow as chunks, then the file bundle as bundle_chunks")
         meta = first.metadata
         self._check_metadata(meta)
         name, version = meta.manifest.name, meta.manifest.version
@@ -198,35 +264,52 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         started_ns = time.time_ns()
         limit = min(self._max_upload, meta.size_bytes) if meta.size_bytes else self._max_upload
 
-        async with self._blobs.upload(meta.sha256) as upload:
+        async with contextlib.AsyncExitStack() as stack:
+            upload = await stack.enter_async_context(self._blobs.upload(meta.sha256))
+            bundle = (await stack.enter_async_context(self._blobs.upload(meta.bundle_sha256))
+                      if meta.bundle_sha256 else None)
+            in_bundle = False
             async for request in requests:
-                if request.WhichOneof("content") != "chunk":
+                kind = request.WhichOneof("content")
+                if kind == "chunk":
+                    if in_bundle:
+                        raise invalid(Reason.INVALID_ARGUMENT, "chunk",
+                                      "a module chunk came after a bundle_chunk: send every module chunk first, "
+                                      "then the bundle")
+                    if upload.size + len(request.chunk) > limit:
+                        what = ("the declared size_bytes" if meta.size_bytes and limit == meta.size_bytes
+                                else "the registry's upload limit")
+                        raise self._too_large(name, version, "upload", what, limit, "chunk")
+                    await upload.write(request.chunk)
+                elif kind == "bundle_chunk":
+                    if bundle is None:
+                        raise invalid(Reason.INVALID_ARGUMENT, "bundle_chunk",
+                                      "a bundle_chunk arrived but the metadata declares no bundle: set "
+                                      "bundle_sha256 (and bundle_size_bytes) in the metadata")
+                    in_bundle = True
+                    # One limit covers module and bundle together.
+                    room = self._max_upload - upload.size
+                    bundle_limit = min(room, meta.bundle_size_bytes) if meta.bundle_size_bytes else room
+                    if bundle.size + len(request.bundle_chunk) > bundle_limit:
+                        what = ("the declared bundle_size_bytes"
+                                if meta.bundle_size_bytes and bundle_limit == meta.bundle_size_bytes
+                                else "what the registry's upload limit leaves after the module")
+                        raise self._too_large(name, version, "file bundle", what, bundle_limit, "bundle_chunk")
+                    await bundle.write(request.bundle_chunk)
+                else:
                     raise invalid(Reason.INVALID_ARGUMENT, "metadata",
                                   "metadata may only be sent once, as the first message of the stream")
-                if upload.size + len(request.chunk) > limit:
-                    what = ("the declared size_bytes" if meta.size_bytes and limit == meta.size_bytes
-                            else "the registry's upload limit")
-                    raise ServiceError(
-                        grpc.StatusCode.INVALID_ARGUMENT, Reason.UPLOAD_TOO_LARGE,
-                        f"the upload of {name}@{version} exceeds {what} of {limit} bytes",
-                        metadata={"limit_bytes": str(limit), "name": name, "version": version},
-                        field_violations=[("chunk", f"more than {limit} bytes")])
-                await upload.write(request.chunk)
             actual = await upload.finish()
-            if actual != expected:
-                raise ServiceError(
-                    grpc.StatusCode.INVALID_ARGUMENT, Reason.CHECKSUM_MISMATCH,
-                    f"checksum mismatch for {name}@{version}: expected {expected}, got {actual} "
-                    f"over {upload.size} bytes",
-                    metadata={"expected": expected, "actual": actual, "size_bytes": str(upload.size)},
-                    field_violations=[("metadata.sha256", f"the uploaded bytes have digest {actual}")])
-            if meta.size_bytes and upload.size != meta.size_bytes:
-                raise ServiceError(
-                    grpc.StatusCode.INVALID_ARGUMENT, Reason.SIZE_MISMATCH,
-                    f"size mismatch for {name}@{version}: declared {meta.size_bytes} bytes, received "
-                    f"{upload.size}",
-                    metadata={"expected": str(meta.size_bytes), "actual": str(upload.size)},
-                    field_violations=[("metadata.size_bytes", f"{upload.size} bytes were uploaded")])
+            self._check_received("module", name, version, expected, actual, upload.size, meta.size_bytes,
+                                 "metadata.sha256", "metadata.size_bytes")
+            bundle_digest = ""
+            if bundle is not None:
+                bundle_digest = await bundle.finish()
+                self._check_received("bundle", name, version, "sha256:" + meta.bundle_sha256, bundle_digest,
+                                     bundle.size, meta.bundle_size_bytes, "metadata.bundle_sha256",
+                                     "metadata.bundle_size_bytes")
+            with_bundle = (f" and a {bundle.size}-byte file bundle matching {bundle_digest}"
+                           if bundle is not None else "")
 
             async def settle() -> pb.PublishSkillResponse:
                 record, created = await self._store.begin_version(NewVersion(
@@ -234,48 +317,86 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     manifest=meta.manifest.SerializeToString(deterministic=True),
                     upload_started_ns=started_ns, upload_completed_ns=time.time_ns(),
                     pending_reason="upload started",
-                    verifying_reason=f"upload complete: {upload.size} bytes matching {actual}",
+                    verifying_reason=f"upload complete: {upload.size} bytes matching {actual}{with_bundle}",
+                    bundle_digest=bundle_digest,
                 ))
                 if not created:
-                    if record.digest != actual:
-                        raise ServiceError(
-                            grpc.StatusCode.ALREADY_EXISTS, Reason.VERSION_EXISTS,
-                            f"{name}@{version} already exists with digest {record.digest}, not {actual}; "
-                            "versions are immutable, publish a new version",
-                            metadata={"name": name, "version": version, "existing_digest": record.digest,
-                                      "digest": actual})
+                    if (record.digest, record.bundle_digest) != (actual, bundle_digest):
+                        raise _version_exists(name, version, record, actual, bundle_digest)
+                    # The stored blobs went missing; these are the same verified bytes, so restore them.
+                    if bundle is not None and not await self._blobs.exists(bundle_digest):
+                        await bundle.commit(bundle_digest)
                     if not await self._blobs.exists(actual):
-                        # The stored blob went missing; these are the same verified bytes, so restore them.
                         await upload.commit(actual)
                     return pb.PublishSkillResponse(skill_version=version_to_pb(record), created=False)
                 settled = False
                 try:
-                    problems = await self._verifier.verify(await upload.read_all(), meta.manifest)
+                    module_problems = _at_most(await self._verifier.verify(await upload.read_all(), meta.manifest))
+                    bundle_problems = _at_most(await self._verifier.verify_bundle(
+                        bundle.path if bundle is not None else None, meta.manifest))
+                    problems = module_problems + bundle_problems
                     if problems:
                         await self._store.transition(name, version, State.FAILED,
                                                      "verification failed: " + "; ".join(problems),
                                                      errors=problems)
                         settled = True
+                        metadata = {"name": name, "version": version, "digest": actual}
+                        if bundle_digest:
+                            metadata["bundle_digest"] = bundle_digest
                         raise ServiceError(
                             grpc.StatusCode.INVALID_ARGUMENT, Reason.VERIFICATION_FAILED,
                             f"{name}@{version} failed verification: " + "; ".join(problems),
-                            metadata={"name": name, "version": version, "digest": actual},
-                            field_violations=[("module", p) for p in problems])
-                    # The blob goes into place only now: anything served by digest has passed verification.
+                            metadata=metadata,
+                            field_violations=[("module", p) for p in module_problems]
+                            + [("bundle", p) for p in bundle_problems])
+                    # The blobs go into place only now: anything served by digest has passed verification.
+                    # The bundle first: a module blob in place means its bundle is too (see settle_unfinished).
+                    if bundle is not None:
+                        await bundle.commit(bundle_digest)
                     await upload.commit(actual)
                     abi = self._verifier.abi_of(meta.manifest)
+                    files = (f"; bundle holds exactly the manifest's {len(meta.manifest.files)} file(s)"
+                             if bundle is not None else "")
                     record = await self._store.transition(
                         name, version, State.READY,
-                        f"verification passed: compiles with wasmtime and implements {abi.name if abi else '?'}")
+                        f"verification passed: compiles with wasmtime and implements {abi.name if abi else '?'} "
+                        f"with capabilities [{', '.join(meta.manifest.capabilities)}]{files}")
                     settled = True
                 except BaseException:
                     if not settled:
                         await self._abandon(name, version)
                     raise
-                log.info("published %s@%s (%s, %d bytes)", name, version, actual, upload.size)
+                log.info("published %s@%s (%s, %d bytes%s)", name, version, actual, upload.size,
+                         f"; bundle {bundle_digest}, {bundle.size} bytes" if bundle is not None else "")
                 return pb.PublishSkillResponse(skill_version=version_to_pb(record), created=True)
 
             return await self._publishing.run((name, version), settle)
+
+    @staticmethod
+    def _too_large(name: str, version: str, what: str, bound: str, limit: int, field_name: str) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT, Reason.UPLOAD_TOO_LARGE,
+            f"the {what} of {name}@{version} exceeds {bound} of {limit} bytes",
+            metadata={"limit_bytes": str(limit), "name": name, "version": version},
+            field_violations=[(field_name, f"more than {limit} bytes")])
+
+    @staticmethod
+    def _check_received(blob: str, name: str, version: str, expected: str, actual: str, size: int,
+                        declared_size: int, sha_field: str, size_field: str) -> None:
+        """CHECKSUM_MISMATCH or SIZE_MISMATCH for the module or the bundle, naming which in `blob`."""
+        what = "" if blob == "module" else f" of the file {blob}"
+        if actual != expected:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, Reason.CHECKSUM_MISMATCH,
+                f"checksum mismatch{what} for {name}@{version}: expected {expected}, got {actual} over {size} bytes",
+                metadata={"blob": blob, "expected": expected, "actual": actual, "size_bytes": str(size)},
+                field_violations=[(sha_field, f"the uploaded bytes have digest {actual}")])
+        if declared_size and size != declared_size:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, Reason.SIZE_MISMATCH,
+                f"size mismatch{what} for {name}@{version}: declared {declared_size} bytes, received {size}",
+                metadata={"blob": blob, "expected": str(declared_size), "actual": str(size)},
+                field_violations=[(size_field, f"{size} bytes were uploaded")])
 
     async def _abandon(self, name: str, version: str) -> None:
         """Record FAILED for a publish that stopped mid-verification (client gone, deadline, shutdown), so
@@ -356,11 +477,14 @@ async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Ve
     """Finish the publishes a previous run left in flight, so no version stays PENDING or VERIFYING."""
     for record in await store.unsettled_versions():
         manifest = skill_pb2.Manifest.FromString(record.manifest)
-        if record.state is State.VERIFYING and await blobs.exists(record.digest):
-            # The registry stopped between placing the blob and recording READY: verify again.
+        bundle_ok = not record.bundle_digest or await blobs.exists(record.bundle_digest)
+        if record.state is State.VERIFYING and bundle_ok and await blobs.exists(record.digest):
+            # The registry stopped between placing the blobs and recording READY: verify again.
             reader = await blobs.read(record.digest)
             data = b"".join([chunk async for chunk in reader.chunks()])
-            problems = await verifier.verify(data, manifest)
+            bundle_path = blobs.path_of(record.bundle_digest) if record.bundle_digest else None
+            problems = (await verifier.verify(data, manifest)
+                        + await verifier.verify_bundle(bundle_path, manifest))
             if not problems:
                 await store.transition(record.name, record.version, State.READY,
                                        "verification passed (re-run after a restart)")

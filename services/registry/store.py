@@ -82,6 +82,8 @@ class VersionRecord:
     verification_errors: tuple[str, ...]
     history: tuple[Transition, ...]
     create_time_ns: int
+    # Digest of the file bundle, empty when the version bundles no files.
+    bundle_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class NewVersion:
     upload_completed_ns: int
     pending_reason: str
     verifying_reason: str
+    # Digest of the file bundle uploaded with the module, empty for none.
+    bundle_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -201,9 +205,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX transitions_by_version ON transitions(name, version, id)",
     ),
+    (
+        # 2: the file bundle a version ships with (issue 3: capabilities).
+        "ALTER TABLE versions ADD COLUMN bundle_digest TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
-_VERSION_COLUMNS = "name, version, digest, size_bytes, manifest, state, verification_errors, create_time_ns"
+_VERSION_COLUMNS = ("name, version, digest, size_bytes, manifest, state, verification_errors, create_time_ns, "
+                    "bundle_digest")
 
 
 async def _configure(conn: aiosqlite.Connection) -> None:
@@ -304,9 +313,9 @@ class SqliteMetadataStore:
                 (new.name, new.upload_started_ns, new.upload_started_ns),
             )
             await db.execute(
-                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?)",
+                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?, ?)",
                 (new.name, new.version, new.digest, new.size_bytes, new.manifest, State.VERIFYING.value,
-                 new.upload_started_ns),
+                 new.upload_started_ns, new.bundle_digest),
             )
             await _insert_transition(db, new.name, new.version, None, State.PENDING, new.upload_started_ns,
                                      new.pending_reason)
@@ -398,7 +407,7 @@ async def _fetch_version(db: aiosqlite.Connection, name: str, version: str) -> V
         name=str(row["name"]), version=str(row["version"]), digest=str(row["digest"]),
         size_bytes=int(row["size_bytes"]), manifest=bytes(row["manifest"]), state=State(row["state"]),
         verification_errors=tuple(json.loads(row["verification_errors"])), history=tuple(history),
-        create_time_ns=int(row["create_time_ns"]),
+        create_time_ns=int(row["create_time_ns"]), bundle_digest=str(row["bundle_digest"]),
     )
 
 

@@ -1,4 +1,6 @@
-"""Verification of published modules: compile with wasmtime and check the ABI the manifest declares.
+"""Verification of published skills: compile the module with wasmtime and check it against the ABI and the
+capabilities the manifest declares (unknown capabilities and imports they do not cover are problems); check
+the file bundle holds exactly the manifest's `files` and is granted by the `files` capability.
 
 Compiling is CPU-bound and releases the GIL, so it runs on worker threads, bounded so that a burst of
 publishes cannot take every core from the event loop.
@@ -8,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import wasmtime
 from clawhub.common.v1 import skill_pb2
 
-from services.runtime.wasm import WASI_COMMAND_V1, Abi, compile_and_check, make_engine
+from services.runtime import bundle
+from services.runtime.wasm import FILES_CAPABILITY, WASI_COMMAND_V1, Abi, compile_and_check, make_engine
 
 # The ABIs a manifest may declare, by their enum value; later ABIs (component model) are added here.
 ABIS: dict[int, Abi] = {skill_pb2.ABI_WASI_COMMAND_V1: WASI_COMMAND_V1}
@@ -36,5 +40,23 @@ class Verifier:
             name = skill_pb2.Abi.Name(manifest.abi) if manifest.abi in skill_pb2.Abi.values() else manifest.abi
             return [f"the manifest declares ABI {name}, which this registry does not support"]
         async with self._slots:
-            _module, problems = await asyncio.to_thread(compile_and_check, self._engine, data, abi)
+            _module, problems = await asyncio.to_thread(compile_and_check, self._engine, data, abi,
+                                                        list(manifest.capabilities))
+        return problems
+
+    async def verify_bundle(self, path: Path | None, manifest: skill_pb2.Manifest) -> list[str]:
+        """Problems with the file bundle at `path` (None: no bundle was uploaded); empty when it passes."""
+        files_declared = FILES_CAPABILITY in manifest.capabilities
+        if path is None:
+            if manifest.files:
+                return [f"the manifest lists {len(manifest.files)} file(s) but no file bundle was uploaded"]
+            return []
+        problems: list[str] = []
+        if not files_declared:
+            problems.append(f"a file bundle was uploaded but the manifest does not declare the "
+                            f"`{FILES_CAPABILITY}` capability, so the skill could never read it")
+        if not manifest.files:
+            problems.append("a file bundle was uploaded but the manifest lists no files")
+        async with self._slots:
+            problems += await asyncio.to_thread(bundle.problems, path, list(manifest.files))
         return problems

@@ -97,12 +97,15 @@ def create_server(
 
 
 def configure_logging() -> None:
-    level = os.environ.get("CLAWHUB_LOG_LEVEL", "INFO").upper()
+    level = getattr(logging, os.environ.get("CLAWHUB_LOG_LEVEL", "INFO").upper(), logging.INFO)
     logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
+        level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # aiosqlite logs every statement with its parameters at DEBUG, and those include deploy-time env values
+    # (secrets): never below INFO, whatever CLAWHUB_LOG_LEVEL says.
+    logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))
 
 
 def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str) -> None:

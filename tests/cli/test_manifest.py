@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from clawhub.common.v1 import skill_pb2
 
-from services.cli import manifest
+from services.cli import main, manifest
+from services.runtime import bundle
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "skills"
 MINIMAL = '(module (memory (export "memory") 1) (func (export "_start")))'
@@ -77,3 +79,76 @@ def test_bad_wat_is_reported(tmp_path: Path) -> None:
 def test_no_manifest(tmp_path: Path) -> None:
     with pytest.raises(manifest.ManifestError, match="no skill.toml"):
         manifest.load(tmp_path)
+
+
+BASE = 'name = "com.a.b"\nversion = "1.0.0"\nmodule = "m.wat"\ncapabilities = ["files"]\n'
+
+
+def test_args_and_files_make_a_deterministic_bundle(tmp_path: Path) -> None:
+    skill = write(tmp_path, BASE + 'args = ["--loud", "x y"]\nfiles = ["data/words.txt", "b.txt", "link.txt"]\n')
+    (skill / "data").mkdir()
+    (skill / "data" / "words.txt").write_bytes(b"alpha\nbeta\n")
+    (skill / "b.txt").write_bytes(b"")
+    # A symlink that stays inside the skill directory is read through.
+    (skill / "link.txt").symlink_to(skill / "data" / "words.txt")
+    package = manifest.load(skill)
+    m = package.manifest
+    assert list(m.args) == ["--loud", "x y"]
+    assert [(f.path, f.size_bytes) for f in m.files] == [("b.txt", 0), ("data/words.txt", 11), ("link.txt", 11)]
+    assert m.files[1].digest == bundle.file_digest(b"alpha\nbeta\n")
+    words = b"alpha\nbeta\n"
+    assert package.bundle == bundle.build({"data/words.txt": words, "b.txt": b"", "link.txt": words})
+    tar = tmp_path / "bundle.tar"
+    tar.write_bytes(package.bundle)
+    assert bundle.problems(tar, list(m.files)) == []
+    # Loading again (other mtimes, same content) gives the same bytes.
+    os.utime(skill / "b.txt", (1, 1))
+    assert manifest.load(skill).bundle == package.bundle
+
+
+def test_no_files_no_bundle(tmp_path: Path) -> None:
+    package = manifest.load(write(tmp_path, BASE))
+    assert package.bundle == b"" and list(package.manifest.files) == [] and list(package.manifest.args) == []
+
+
+@pytest.mark.parametrize(("files", "needle"), [
+    ('["/etc/passwd"]', r"files\[0\]: '/etc/passwd' is absolute"),
+    ('["../outside.txt"]', r"files\[0\]: .*`\.\.`"),
+    ('["ok.txt", "data/../ok.txt"]', r"files\[1\]: .*`\.\.`"),
+    ('["missing.txt"]', r"files\[0\]: 'missing.txt' does not exist"),
+    ('["data"]', r"files\[0\]: 'data' is a directory"),
+    ('["escape.txt"]', r"files\[0\]: 'escape.txt' resolves to .* outside the skill directory"),
+    ('["ok.txt", "ok.txt"]', r"files\[1\]: 'ok.txt' is listed twice"),
+    ('"ok.txt"', "files must be a list"),
+    ('[1]', "files must be a list"),
+])
+def test_bad_files_name_the_field(tmp_path: Path, files: str, needle: str) -> None:
+    skill = tmp_path / "skill"
+    skill.mkdir()
+    write(skill, BASE + f"files = {files}\n")
+    (skill / "ok.txt").write_text("ok")
+    (skill / "data").mkdir()
+    (tmp_path / "secret.txt").write_text("secret")
+    (skill / "escape.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(manifest.ManifestError, match=needle):
+        manifest.load(skill)
+
+
+@pytest.mark.parametrize(("args", "needle"), [('"--x"', "args must be a list"), ('["a\\u0000b"]', r"args\[0\]")])
+def test_bad_args(tmp_path: Path, args: str, needle: str) -> None:
+    with pytest.raises(manifest.ManifestError, match=needle):
+        manifest.load(write(tmp_path, BASE + f"args = {args}\n"))
+
+
+def test_deploy_env_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLAWHUB_TEST_SECRET", "s3cret=x")
+    assert main.parse_env(None) == {}
+    assert main.parse_env(["A=1", "B=", "C=x=y", "CLAWHUB_TEST_SECRET"]) == {
+        "A": "1", "B": "", "C": "x=y", "CLAWHUB_TEST_SECRET": "s3cret=x"}
+    args = main.build_parser().parse_args(["deploy", "com.a.b@1.0.0", "--env", "A=1", "--env", "B=2"])
+    assert args.env == ["A=1", "B=2"]
+    monkeypatch.delenv("CLAWHUB_TEST_UNSET", raising=False)
+    for bad, needle in ((["=v"], "expected KEY=VALUE"), (["A=1", "A=2"], "more than once"),
+                        (["CLAWHUB_TEST_UNSET"], "is not set")):
+        with pytest.raises(main.CliError, match=needle):
+            main.parse_env(bad)

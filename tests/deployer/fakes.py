@@ -41,10 +41,11 @@ class FakeRegistry(registry_grpc.RegistryServiceServicer):
         self.versions: dict[tuple[str, str], registry_pb.SkillVersion] = {}
 
     def add(self, name: str, version: str, state: int = release_pb2.RELEASE_STATE_READY,
-            memory_bytes: int = 1 << 20) -> registry_pb.SkillVersion:
+            memory_bytes: int = 1 << 20, *, capabilities: tuple[str, ...] = (), args: tuple[str, ...] = (),
+            bundle_digest: str = "") -> registry_pb.SkillVersion:
         skill_version = registry_pb.SkillVersion(
-            name=name, version=version, digest=digest_of(name, version), state=state,
-            manifest=skill_pb2.Manifest(name=name, version=version,
+            name=name, version=version, digest=digest_of(name, version), state=state, bundle_digest=bundle_digest,
+            manifest=skill_pb2.Manifest(name=name, version=version, capabilities=capabilities, args=args,
                                         limits=skill_pb2.Limits(memory_bytes=memory_bytes)))
         self.versions[(name, version)] = skill_version
         return skill_version
@@ -73,6 +74,7 @@ class FakeExecutor(executor_grpc.ExecutorServiceServicer):
         self.address = ""
         self.loaded: set[str] = set()
         self.load_calls: list[str] = []
+        self.load_requests: list[executor_pb.LoadSkillRequest] = []
         self.unloaded: list[str] = []
         self.fail_load: dict[str, ServiceError] = {}
         # When set, LoadSkill waits for it: a deployment stays in flight until the test lets it go.
@@ -82,6 +84,7 @@ class FakeExecutor(executor_grpc.ExecutorServiceServicer):
 
     async def LoadSkill(self, request: executor_pb.LoadSkillRequest, context: Any) -> executor_pb.LoadSkillResponse:
         self.load_calls.append(request.digest)
+        self.load_requests.append(request)
         if self.load_gate is not None:
             await self.load_gate.wait()
         if request.digest in self.fail_load:

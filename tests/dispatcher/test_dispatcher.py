@@ -199,3 +199,22 @@ async def test_keeps_routing_while_the_deployer_is_away_and_reconnects(env: Env)
     response = await stub.Dispatch(pb.DispatchRequest(skill=SKILL, input=b"x"), timeout=5)
     assert response.version == "3.0.0"
     assert successor.watchers == [DISPATCHER_ID]
+
+
+async def test_the_targets_grants_travel_to_the_executor(env: Env) -> None:
+    granted = table(2, ("1.0.0", 100))
+    target = granted.routes[0].targets[0]
+    target.env["GREETING"] = "Hello"
+    target.args.extend(["--loud", "-n", "2"])
+    target.bundle_digest = "sha256:" + "c" * 64
+    target.capabilities.extend(["env:GREETING", "files"])
+    env.deployer.set_table(granted)
+    stub = await env.dispatcher()
+    await eventually(lambda: has_generation(stub, 2))
+    response = await stub.Dispatch(pb.DispatchRequest(skill=SKILL, input=b"x"), timeout=5)
+    request = next(e for e in env.executors if e.address == response.executor).executions[-1].request
+    assert dict(request.env) == {"GREETING": "Hello"}
+    assert list(request.args) == ["--loud", "-n", "2"]
+    assert request.bundle_digest == "sha256:" + "c" * 64
+    assert list(request.capabilities) == ["env:GREETING", "files"]
+    assert request.limits.memory_bytes == 2 << 20

@@ -239,7 +239,7 @@ async def test_oversize_uploads_are_refused(open_registry: Opener) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await publish(client.stub, MODULE, size_bytes=len(MODULE) + 1)
     meta = check_error(caught.value, grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH")
-    assert meta == {"expected": str(len(MODULE) + 1), "actual": str(len(MODULE))}
+    assert meta == {"blob": "module", "expected": str(len(MODULE) + 1), "actual": str(len(MODULE))}
 
     assert blob_files(client) == []
     with pytest.raises(grpc.aio.AioRpcError) as missing:
