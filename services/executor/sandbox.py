@@ -5,10 +5,23 @@ success, stderr kept (bounded). Limits:
 
 - memory through `Store.set_limits` (a denied `memory.grow` returns -1 to the module, which then usually
   traps; see `_near_limit` for how that is told apart from other traps);
-- wall clock through epoch interruption: one daemon thread per sandbox bumps the engine epoch every
-  `TICK_SECONDS`, each Store gets a deadline in ticks;
+- wall clock through epoch interruption: one daemon thread per sandbox bumps the engines' epochs every
+  `TICK_SECONDS`; each Store reaches its epoch deadline at least every `SLICE_TICKS` ticks, where a
+  callback checks the run's wall-clock end and its `RunControl` (a caller who went away cancels it), and
+  either lets it go on or stops it. So a cancelled call frees its thread within about one slice;
+- deterministic CPU through fuel, when a call asks for a budget (`RunLimits.fuel`);
 - stdout through a capturing callback that fails writes past the cap (EFBIG), stderr through one that
   silently drops what is past its cap.
+
+Two engines: fuel metering makes CPU-bound code up to 2.5x slower (measured, best of 5: a tight
+100M-iteration arithmetic loop took 62 ms unmetered and 157 ms metered; the per-call cost of a fresh
+instance is the same), so unmetered calls run modules compiled by an engine without fuel, and only calls
+with a fuel budget pay for metering. A module compiled for one engine cannot run on the other, so
+`CompiledModule.metered` says which it belongs to.
+
+What a call may see besides stdio is its `Grant`: argv, the environment variables its `env:NAME`
+capabilities name (values from the request, never the host's), and, with the `files` capability, its
+bundle directory preopened read-only at `/skill`.
 """
 
 from __future__ import annotations
@@ -19,14 +32,27 @@ import errno
 import math
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import wasmtime
+from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 
-from services.runtime.wasm import WASI_COMMAND_V1, Abi, compile_and_check, make_engine
+from services.runtime.wasm import (
+    BUNDLE_GUEST_DIR,
+    FILES_CAPABILITY,
+    WASI_COMMAND_V1,
+    Abi,
+    compile_and_check,
+    env_names,
+    make_engine,
+)
 
 TICK_SECONDS = 0.01
+# How often (in ticks) a running store comes back to the host to check its deadline and cancellation.
+SLICE_TICKS = 5
 WASM_PAGE = 64 * 1024
 # At most this many table elements per store (8 bytes each), so a table.grow loop cannot eat the host.
 MAX_TABLE_ELEMENTS = 1 << 20
@@ -49,6 +75,32 @@ class Verdict(enum.Enum):
     TIMEOUT = "timeout"
     MEMORY_LIMIT = "memory_limit"
     OUTPUT_LIMIT = "output_limit"
+    FUEL_EXHAUSTED = "fuel_exhausted"
+    CANCELLED = "cancelled"
+
+
+class RunControl:
+    """Lets another thread stop a run in progress: `cancel()` makes it end within about one slice
+    (`SLICE_TICKS` epoch ticks) with Verdict.CANCELLED. Cancelling before the run starts stops it at
+    once."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        # A plain attribute write is atomic under the GIL; the epoch callback reads it.
+        self.cancelled = True
+
+
+class _Running:
+    """What the epoch callback knows about one run."""
+
+    __slots__ = ("ends", "control", "stopped")
+
+    def __init__(self, ends: float, control: RunControl | None) -> None:
+        self.ends = ends
+        self.control = control
+        self.stopped: Verdict | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +114,36 @@ class RunLimits:
     # time.monotonic() by which the caller stops waiting (the gRPC deadline); the run's budget is the
     # smaller of this and timeout_seconds, counted from when the run actually starts.
     deadline: float | None = None
+    # Deterministic CPU budget in wasmtime fuel units; 0 is unmetered (the module must then come from
+    # `compile(..., metered=False)`, and from `metered=True` otherwise).
+    fuel: int = 0
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one call may see besides stdin/stdout/stderr. Build it with `Grant.of`, which applies the
+    capability policy; the default grants nothing (argv is just the program name)."""
+
+    argv: tuple[str, ...] = ("skill",)
+    env: tuple[tuple[str, str], ...] = ()
+    # Host directory preopened read-only at BUNDLE_GUEST_DIR; None preopens nothing.
+    bundle_dir: str | None = None
+
+    @classmethod
+    def of(cls, capabilities: Sequence[str], *, env: Mapping[str, str] | None = None,
+           args: Sequence[str] = (), bundle_dir: str | None = None, program: str = "skill") -> Grant:
+        """The grant of a call with these declared capabilities: only the `env:NAME` variables named
+        (values from `env`; other names in `env` are ignored), the bundle only with `files`."""
+        values = env or {}
+        names = env_names(capabilities)
+        return cls(
+            argv=(program, *args),
+            env=tuple((n, values[n]) for n in dict.fromkeys(names) if n in values),
+            bundle_dir=bundle_dir if FILES_CAPABILITY in capabilities else None,
+        )
+
+
+NO_GRANT = Grant()
 
 
 @dataclass(frozen=True)
@@ -77,6 +159,8 @@ class RunResult:
     # First meaningful line of a trap or instantiation error.
     detail: str = ""
     stderr_truncated: bool = False
+    # Fuel the run burnt, when it was metered.
+    fuel_consumed: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +171,11 @@ class CompiledModule:
     size_bytes: int
     module: wasmtime.Module
     pre: wasmtime.InstancePre
+    # Compiled by the fuel-metering engine (for calls with a fuel budget) or the plain one.
+    metered: bool = False
+    # ABI problems by capability set (sorted tuple): what `Sandbox.check` found before, so a call pays
+    # one dict lookup. A set found fine for one capability set says nothing about another.
+    checks: dict[tuple[str, ...], list[str]] = field(default_factory=dict, compare=False, repr=False)
 
 
 class _Capture:
@@ -141,6 +230,22 @@ def _near_limit(peak: int, limit: int) -> bool:
     return limit - peak <= max(WASM_PAGE, limit // 16)
 
 
+_EPOCH_CALLBACK: Any = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
+_FINALIZER: Any = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[3]
+_NO_FINALIZER = _FINALIZER()  # a NULL function pointer: the env is a plain integer
+_DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+
+
+def _stop_error(message: str) -> int:
+    """A new `wasmtime_error_t*` (as an address) that stops the run; wasmtime takes ownership."""
+    error = ffi.wasmtime_error_new(message.encode())
+    return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+
+def _caps_key(capabilities: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(capabilities)))
+
+
 def _stdin_bytes(config: wasmtime.WasiConfig, data: bytes) -> None:
     # wasmtime-py has no stdin-from-bytes setter; the C API's takes ownership of the vector.
     vec = ffi.wasm_byte_vec_t()
@@ -155,56 +260,136 @@ class Sandbox:
     def __init__(self, abi: Abi = WASI_COMMAND_V1) -> None:
         self.abi = abi
         self.engine = make_engine(epoch_interruption=True)
+        self.metered_engine = make_engine(epoch_interruption=True, consume_fuel=True)
         self._stop = threading.Event()
+        # Runs in progress by id, for the epoch callback (which gets the id as its `env` pointer).
+        self._running: dict[int, _Running] = {}
+        self._next_id = 0
+        self._ids = threading.Lock()
+        self._on_epoch_c = _EPOCH_CALLBACK(self._on_epoch)
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch-ticker", daemon=True)
         self._ticker.start()
+
+    def _on_epoch(self, _context: object, env: int | None, delta: Any, kind: Any) -> int:
+        """Called (on the run's thread) when a store reaches its epoch deadline: go on for another
+        slice, or stop the run with an error (returned as a `wasmtime_error_t*`)."""
+        running = self._running.get(env or 0)
+        if running is None:
+            return _stop_error("the run is no longer tracked")
+        if running.control is not None and running.control.cancelled:
+            running.stopped = Verdict.CANCELLED
+            return _stop_error("the caller cancelled the call")
+        left = running.ends - time.monotonic()
+        if left <= 0:
+            running.stopped = Verdict.TIMEOUT
+            return _stop_error("the wall-clock limit was reached")
+        delta[0] = min(SLICE_TICKS, math.ceil(left / TICK_SECONDS))
+        kind[0] = _DEADLINE_CONTINUE
+        return 0
+
+    def engine_for(self, metered: bool) -> wasmtime.Engine:
+        return self.metered_engine if metered else self.engine
+
+    def engine_settings(self, metered: bool) -> str:
+        """What, besides the wasmtime version, makes code compiled by `engine_for(metered)` incompatible
+        with other engines (part of the warm tier's key). Keep in step with `make_engine`'s arguments."""
+        return f"abi={self.abi.name};epoch_interruption=1;consume_fuel={int(metered)};opt=speed"
 
     def _tick(self) -> None:
         while not self._stop.wait(TICK_SECONDS):
             self.engine.increment_epoch()
+            self.metered_engine.increment_epoch()
 
     def close(self) -> None:
         """Stop the ticker. Runs still in progress would then never time out: stop them first."""
         self._stop.set()
         self._ticker.join(timeout=1.0)
 
-    def compile(self, digest: str, data: bytes) -> CompiledModule:
-        """Compile, check the ABI and resolve the WASI imports. Raises ModuleRejected; slow, so call it
-        off the event loop."""
-        module, problems = compile_and_check(self.engine, data, self.abi)
+    def compile(self, digest: str, data: bytes, capabilities: Sequence[str] = (), *,
+                metered: bool = False) -> CompiledModule:
+        """Compile, check the ABI against `capabilities` and resolve the WASI imports. Raises
+        ModuleRejected; slow, so call it off the event loop. Calls with other capabilities must pass
+        `check` first."""
+        module, problems = compile_and_check(self.engine_for(metered), data, self.abi, capabilities)
         if module is None or problems:
             raise ModuleRejected(problems or ["the module does not compile"])
-        linker = wasmtime.Linker(self.engine)
+        return self.link(digest, len(data), module, capabilities, metered=metered)
+
+    def link(self, digest: str, size_bytes: int, module: wasmtime.Module, capabilities: Sequence[str] = (),
+             *, metered: bool = False) -> CompiledModule:
+        """Check an already compiled module (say, deserialized from disk) against the ABI with
+        `capabilities` and pre-link it against WASI. Raises ModuleRejected."""
+        problems = self.abi.check(module, capabilities)
+        if problems:
+            raise ModuleRejected(problems)
+        linker = wasmtime.Linker(self.engine_for(metered))
         linker.define_wasi()
         try:
             pre = linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             # Typically an import of a WASI function that does not exist.
             raise ModuleRejected([f"the module cannot be linked: {_first_line(str(exc))}"]) from None
-        return CompiledModule(digest=digest, size_bytes=len(data), module=module, pre=pre)
+        compiled = CompiledModule(digest=digest, size_bytes=size_bytes, module=module, pre=pre,
+                                  metered=metered)
+        compiled.checks[_caps_key(capabilities)] = []
+        return compiled
 
-    def run(self, compiled: CompiledModule, stdin: bytes, limits: RunLimits) -> RunResult:
-        """Run `compiled` once in a fresh Store. Blocks (wasm releases the GIL): call it on a worker
-        thread. Skill failures are results, not exceptions."""
+    def check(self, compiled: CompiledModule, capabilities: Sequence[str]) -> None:
+        """Raise ModuleRejected unless `capabilities` cover what the module imports (remembered per
+        capability set, so this is cheap on every call)."""
+        key = _caps_key(capabilities)
+        problems = compiled.checks.get(key)
+        if problems is None:
+            problems = self.abi.check(compiled.module, key)
+            compiled.checks[key] = problems
+        if problems:
+            raise ModuleRejected(problems)
+
+    def run(self, compiled: CompiledModule, stdin: bytes, limits: RunLimits,
+            grant: Grant = NO_GRANT, control: RunControl | None = None) -> RunResult:
+        """Run `compiled` once in a fresh Store with what `grant` allows; `control` can cancel it from
+        another thread. Blocks (wasm releases the GIL): call it on a worker thread. Skill failures are
+        results, not exceptions; a module compiled for the wrong engine (fuel budget vs
+        `compiled.metered`) is a ValueError."""
+        metered = limits.fuel > 0
+        if metered != compiled.metered:
+            raise ValueError("a call with a fuel budget needs a module compiled with metered=True, "
+                             "and one without needs metered=False")
         budget = limits.timeout_seconds
         if limits.deadline is not None:
             budget = min(budget, limits.deadline - time.monotonic())
         if budget <= 0:
             return RunResult(Verdict.TIMEOUT, b"", b"", 0.0, 0, budget_seconds=max(budget, 0.0))
+        if control is not None and control.cancelled:
+            return RunResult(Verdict.CANCELLED, b"", b"", 0.0, 0, budget_seconds=budget)
 
-        store = wasmtime.Store(self.engine)
+        store = wasmtime.Store(self.engine_for(metered))
         # Always a WASI config, even with nothing granted: a WASI import called in a Store without one
-        # aborts the whole process.
+        # aborts the whole process. Nothing is inherited from the host: argv, env and preopens are
+        # exactly the grant.
         wasi = wasmtime.WasiConfig()
         _stdin_bytes(wasi, stdin)
+        wasi.argv = list(grant.argv)
+        if grant.env:
+            wasi.env = grant.env
+        if grant.bundle_dir is not None:
+            wasi.preopen_dir(grant.bundle_dir, BUNDLE_GUEST_DIR, fs_mutable=False)
         stdout = _Capture(limits.max_output_bytes, fail_past_cap=True)
         stderr = _Capture(limits.max_stderr_bytes, fail_past_cap=False)
         wasi.stdout_custom = stdout
         wasi.stderr_custom = stderr
         store.set_wasi(wasi)
         store.set_limits(memory_size=limits.memory_bytes, table_elements=MAX_TABLE_ELEMENTS)
-        # +1: the first tick may come right away, and a budget should never be cut short.
-        store.set_epoch_deadline(math.ceil(budget / TICK_SECONDS) + 1)
+        if metered:
+            store.set_fuel(limits.fuel)
+        with self._ids:
+            self._next_id += 1
+            run_id = self._next_id
+        running = _Running(time.monotonic() + budget, control)
+        self._running[run_id] = running
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._on_epoch_c, run_id, _NO_FINALIZER)
+        # The callback decides at each deadline; +1 because the first tick may come right away.
+        store.set_epoch_deadline(min(SLICE_TICKS, math.ceil(budget / TICK_SECONDS)) + 1)
 
         instance: wasmtime.Instance | None = None
         verdict, exit_code, detail = Verdict.OK, 0, ""
@@ -221,7 +406,12 @@ class Sandbox:
                 verdict = Verdict.EXIT_NONZERO
         except wasmtime.Trap as exc:
             detail = _first_line(exc.message)
-            verdict = Verdict.TIMEOUT if exc.trap_code == wasmtime.TrapCode.INTERRUPT else Verdict.TRAPPED
+            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                verdict = Verdict.TIMEOUT
+            elif exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+                verdict = Verdict.FUEL_EXHAUSTED
+            else:
+                verdict = Verdict.TRAPPED
         except wasmtime.WasmtimeError as exc:
             # Instantiation failures (initial memory over the limit, a trapping start function) and host
             # errors land here.
@@ -230,9 +420,16 @@ class Sandbox:
                 verdict = Verdict.MEMORY_LIMIT
             elif "interrupt" in detail:
                 verdict = Verdict.TIMEOUT
+            elif "all fuel consumed" in detail:
+                verdict = Verdict.FUEL_EXHAUSTED
             else:
                 verdict = Verdict.TRAPPED
+        finally:
+            del self._running[run_id]
         wall = time.perf_counter() - started
+        if running.stopped is not None:
+            verdict = running.stopped
+        fuel_consumed = limits.fuel - store.get_fuel() if metered else 0
 
         peak = 0
         if instance is not None:
@@ -246,5 +443,5 @@ class Sandbox:
         return RunResult(
             verdict=verdict, output=stdout.value(), stderr=stderr.value(), wall_seconds=wall,
             peak_memory_bytes=peak, budget_seconds=budget, exit_code=exit_code, detail=detail,
-            stderr_truncated=stderr.overflowed,
+            stderr_truncated=stderr.overflowed, fuel_consumed=fuel_consumed,
         )

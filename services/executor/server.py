@@ -8,6 +8,7 @@ import grpc
 from clawhub.executor.v1 import executor_service_pb2 as pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
 
+from services.executor.bundles import BundleCache
 from services.executor.modules import ModuleLoader
 from services.executor.sandbox import Sandbox
 from services.executor.servicer import ExecutorServicer, WorkerPool
@@ -27,9 +28,11 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
         registry = channel(settings.registry_address)
         module_source = RegistryModuleSource(registry, timeout=settings.fetch_timeout)
     sandbox = Sandbox()
-    loader = ModuleLoader(module_source, sandbox, settings.cache_bytes)
+    loader = ModuleLoader(module_source, sandbox, settings.cache_bytes,
+                          artifacts_dir=settings.data_dir / "artifacts")
+    bundles = BundleCache(module_source, settings.data_dir / "bundles")
     pool = WorkerPool(settings.threads, settings.queue)
-    servicer = ExecutorServicer(settings, loader, sandbox, pool)
+    servicer = ExecutorServicer(settings, loader, sandbox, pool, bundles=bundles)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
@@ -49,6 +52,7 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
 
     async def close() -> None:
         await loader.close()
+        await bundles.close()
         # Running calls finish within their timeouts; the epoch ticker must outlive them.
         await asyncio.to_thread(pool.shutdown)
         sandbox.close()

@@ -16,11 +16,13 @@ from clawhub.executor.v1 import executor_service_pb2 as pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
+from services.executor.bundles import BundleCache
 from services.executor.modules import ModuleLoader
-from services.executor.sandbox import RunLimits, RunResult, Sandbox, Verdict
+from services.executor.sandbox import Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
 from services.executor.settings import Settings
 from services.runtime.errors import Reason, ServiceError, invalid
 from services.runtime.names import digest_problem
+from services.runtime.wasm import FILES_CAPABILITY
 
 log = logging.getLogger("clawhub.executor")
 
@@ -30,6 +32,8 @@ T = TypeVar("T")
 STDERR_TAIL_BYTES = 1024
 # What an overloaded executor suggests as a pause before retrying (RetryInfo).
 OVERLOAD_RETRY_SECONDS = 0.2
+# wasmtime keeps fuel in a signed 64-bit counter.
+MAX_FUEL = (1 << 63) - 1
 
 
 class Health(Protocol):
@@ -76,10 +80,21 @@ class WorkerPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _check_digest(digest: str) -> None:
+def _check_digest(digest: str, field_name: str = "digest") -> None:
     problem = digest_problem(digest)
     if problem:
-        raise invalid(Reason.INVALID_DIGEST, "digest", problem)
+        raise invalid(Reason.INVALID_DIGEST, field_name, problem)
+
+
+def _check_strings(request: pb.ExecuteRequest) -> None:
+    # WASI hands argv and the environment to the guest as C strings: a NUL would silently cut them.
+    for i, arg in enumerate(request.args):
+        if "\0" in arg:
+            raise invalid(Reason.INVALID_ARGUMENT, f"args[{i}]", "arguments cannot contain NUL characters")
+    for name, value in request.env.items():
+        if "\0" in name or "\0" in value or "=" in name:
+            raise invalid(Reason.INVALID_ARGUMENT, f"env[{name!r}]",
+                          "environment names cannot contain NUL or `=`, values cannot contain NUL")
 
 
 def _tail(stderr: bytes) -> str:
@@ -88,11 +103,12 @@ def _tail(stderr: bytes) -> str:
 
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     def __init__(self, settings: Settings, loader: ModuleLoader, sandbox: Sandbox, pool: WorkerPool,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, bundles: BundleCache | None = None) -> None:
         self._settings = settings
         self._loader = loader
         self._sandbox = sandbox
         self._pool = pool
+        self._bundles = bundles
         # Set by the composition root once the server (and its health servicer) exists.
         self.health = health
         self._health_names: set[str] = set()
@@ -114,6 +130,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             max_output_bytes=pick(requested.max_output_bytes, s.max_output, s.max_output),
             max_stderr_bytes=pick(requested.max_stderr_bytes, s.max_stderr, s.max_stderr),
             deadline=deadline,
+            fuel=min(requested.fuel, MAX_FUEL),
         )
         return run, pick(requested.max_input_bytes, s.max_input, s.max_input)
 
@@ -135,9 +152,14 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                 metadata={"field": "input", "input_bytes": str(len(request.input)),
                           "max_input_bytes": str(max_input)},
                 field_violations=[("input", f"at most {max_input} bytes")])
-        compiled, _ = await self._loader.get(digest)
+        _check_strings(request)
+        capabilities = list(request.capabilities)
+        compiled, _ = await self._loader.get(digest, capabilities, metered=limits.fuel > 0)
+        bundle_dir = await self._bundle_dir(request.bundle_digest, capabilities)
+        grant = Grant.of(capabilities, env=request.env, args=request.args, bundle_dir=bundle_dir)
         stdin = bytes(request.input)
-        running = self._pool.try_submit(lambda: self._sandbox.run(compiled, stdin, limits))
+        control = RunControl()
+        running = self._pool.try_submit(lambda: self._sandbox.run(compiled, stdin, limits, grant, control))
         if running is None:
             log.info("%s: refused, executor full (%d calls)", digest[:19], self._pool.capacity)
             raise ServiceError(
@@ -146,8 +168,26 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                 "retry later or on another executor",
                 metadata={"capacity": str(self._pool.capacity)},
                 retry_after_seconds=OVERLOAD_RETRY_SECONDS)
-        result = await running
+        try:
+            result = await running
+        except asyncio.CancelledError:
+            # The caller went away (cancelled, or its deadline passed): stop the sandbox so its worker
+            # thread is free again within one epoch slice, instead of at the skill's own timeout.
+            control.cancel()
+            raise
         return self._respond(digest, request.request_id, limits, result)
+
+    async def _bundle_dir(self, bundle_digest: str, capabilities: list[str]) -> str | None:
+        """The host directory to preopen at /skill: the bundle's, an empty one when the skill declares
+        `files` without a bundle, none without `files` (its bundle, if any, is not even fetched)."""
+        if FILES_CAPABILITY not in capabilities:
+            return None
+        if self._bundles is None:  # the composition root always gives one; a bug, so INTERNAL
+            raise RuntimeError("the executor was built without bundle storage")
+        if not bundle_digest:
+            return str(await self._bundles.empty())
+        _check_digest(bundle_digest, "bundle_digest")
+        return str(await self._bundles.get(bundle_digest))
 
     def _respond(self, digest: str, request_id: str, limits: RunLimits,
                  result: RunResult) -> pb.ExecuteResponse:
@@ -155,7 +195,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         log.debug("%s: %s in %.1f ms (request %s)", short, result.verdict.value, result.wall_seconds * 1e3,
                   request_id or "-")
         if result.verdict is Verdict.OK:
-            usage = skill_pb2.Usage(peak_memory_bytes=result.peak_memory_bytes)
+            usage = skill_pb2.Usage(peak_memory_bytes=result.peak_memory_bytes,
+                                    fuel_consumed=result.fuel_consumed)
             usage.wall_time.FromNanoseconds(int(result.wall_seconds * 1e9))
             return pb.ExecuteResponse(output=result.output, stderr=result.stderr, usage=usage)
         error = self._failure(digest, limits, result)
@@ -179,7 +220,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             return ServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, Reason.SKILL_TIMEOUT,
                 f"the skill did not finish within its {timeout_ms} ms wall-clock limit",
-                metadata={**meta, "timeout_ms": str(timeout_ms)})
+                metadata={**meta, "timeout_ms": str(timeout_ms), "stderr_tail": _tail(result.stderr)})
         if v is Verdict.MEMORY_LIMIT:
             return ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.MEMORY_LIMIT_EXCEEDED,
@@ -192,11 +233,21 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OUTPUT_LIMIT_EXCEEDED,
                 f"the skill wrote more than its {limits.max_output_bytes} bytes of output",
                 metadata={**meta, "max_output_bytes": str(limits.max_output_bytes)})
+        if v is Verdict.CANCELLED:  # only seen if the cancellation raced with the end of the run
+            return ServiceError(grpc.StatusCode.CANCELLED, Reason.DEADLINE_EXCEEDED,
+                                "the call was cancelled while the skill ran", metadata=meta)
+        if v is Verdict.FUEL_EXHAUSTED:
+            return ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.FUEL_EXHAUSTED,
+                f"the skill used up its budget of {limits.fuel} fuel units",
+                metadata={**meta, "fuel": str(limits.fuel)})
         raise AssertionError(f"unhandled verdict {v}")
 
     async def LoadSkill(self, request: pb.LoadSkillRequest, context: Context) -> pb.LoadSkillResponse:
         _check_digest(request.digest)
-        _, was_hot = await self._loader.get(request.digest)
+        capabilities = list(request.capabilities)
+        _, was_hot = await self._loader.get(request.digest, capabilities)
+        await self._bundle_dir(request.bundle_digest, capabilities)
         await self._mark_serving(request.digest)
         return pb.LoadSkillResponse(digest=request.digest, already_loaded=was_hot)
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from services.runtime.settings import env_float, env_int, env_size, env_str
+from services.runtime.settings import data_dir, env_float, env_int, env_size, env_str
 
 MiB = 1024 * 1024
 
 
 def _cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def _default_data_dir() -> Path:
+    return data_dir() / "executor"
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class Settings:
     """CLAWHUB_EXECUTOR_FETCH_TIMEOUT: deadline in seconds for downloading one module from the registry."""
     grace_seconds: float = 5.0
     """CLAWHUB_SHUTDOWN_GRACE: seconds to drain in-flight calls on SIGTERM."""
+    data_dir: Path = field(default_factory=_default_data_dir)
+    """CLAWHUB_EXECUTOR_DATA_DIR: private disk cache: precompiled modules (warm tier) and unpacked file
+    bundles; default `$CLAWHUB_DATA_DIR/executor`."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -67,4 +75,5 @@ class Settings:
             cache_bytes=env_size("CLAWHUB_EXECUTOR_CACHE_BYTES", str(d.cache_bytes)),
             fetch_timeout=env_float("CLAWHUB_EXECUTOR_FETCH_TIMEOUT", d.fetch_timeout, minimum=0.001),
             grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", d.grace_seconds, minimum=0),
+            data_dir=Path(env_str("CLAWHUB_EXECUTOR_DATA_DIR", str(d.data_dir))).expanduser(),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -59,22 +60,29 @@ class Executor:
     stub: pb_grpc.ExecutorServiceStub
     source: MemorySource
     channel: grpc.aio.Channel
+    data_dir: Path
 
 
 ExecutorFactory = Callable[..., Awaitable[Executor]]
 
 
 @pytest.fixture
-async def make_executor(start_service: Starter) -> AsyncIterator[ExecutorFactory]:
-    """Start an executor with TEST_SETTINGS changed by keyword arguments."""
+async def make_executor(start_service: Starter, tmp_path: Path) -> AsyncIterator[ExecutorFactory]:
+    """Start an executor with TEST_SETTINGS changed by keyword arguments (`source=` to share a
+    MemorySource between executors). Each executor gets its own data dir unless `data_dir` is given."""
     channels: list[grpc.aio.Channel] = []
+    count = 0
 
-    async def make(**overrides: object) -> Executor:
-        source = MemorySource()
-        host = await start_service(build_server(replace(TEST_SETTINGS, **overrides), module_source=source))
+    async def make(source: MemorySource | None = None, **overrides: object) -> Executor:
+        nonlocal count
+        count += 1
+        source = source or MemorySource()
+        overrides.setdefault("data_dir", tmp_path / f"executor-{count}")
+        settings = replace(TEST_SETTINGS, **overrides)
+        host = await start_service(build_server(settings, module_source=source))
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
         channels.append(ch)
-        return Executor(host, pb_grpc.ExecutorServiceStub(ch), source, ch)
+        return Executor(host, pb_grpc.ExecutorServiceStub(ch), source, ch, settings.data_dir)
 
     yield make
     for ch in channels:

@@ -130,3 +130,137 @@ IMPORTS_UNKNOWN_WASI_FUNCTION = wat("""(module
   (func (export "_start") (call $x)))""")
 
 NO_START = wat('(module (memory (export "memory") 1) (func (export "main")))')
+
+_WASI = '"wasi_snapshot_preview1"'
+
+# Writes its arguments (NUL-terminated, as WASI lays them out), "|", then its environment ("NAME=value\0").
+SHOWS_ARGS_AND_ENV = wat(f"""(module
+  (import {_WASI} "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
+  (import {_WASI} "args_get" (func $args_get (param i32 i32) (result i32)))
+  (import {_WASI} "environ_sizes_get" (func $env_sizes (param i32 i32) (result i32)))
+  (import {_WASI} "environ_get" (func $env_get (param i32 i32) (result i32)))
+  (import {_WASI} "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (func $out (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "_start")
+    (drop (call $args_sizes (i32.const 16) (i32.const 20)))
+    (drop (call $args_get (i32.const 1024) (i32.const 4096)))
+    (call $out (i32.const 4096) (i32.load (i32.const 20)))
+    (i32.store8 (i32.const 32) (i32.const 124))
+    (call $out (i32.const 32) (i32.const 1))
+    (drop (call $env_sizes (i32.const 16) (i32.const 20)))
+    (drop (call $env_get (i32.const 2048) (i32.const 16384)))
+    (call $out (i32.const 16384) (i32.load (i32.const 20)))))""")
+
+# Stdin is a mode byte then a path, opened relative to fd 3 (the first preopen: /skill with `files`).
+# 'r': prints "F" and up to 60000 bytes of the file. 'w': creates/truncates it for writing, writes
+# "pwned" and prints "W" and that write's errno. Any failed open prints "E" and the errno.
+OPENS_FILE = wat(f"""(module
+  (import {_WASI} "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import {_WASI} "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import {_WASI} "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 40) "pwned")
+  (func $out (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func $report (param $tag i32) (param $errno i32)
+    (i32.store8 (i32.const 32) (local.get $tag))
+    (i32.store8 (i32.const 33) (local.get $errno))
+    (call $out (i32.const 32) (i32.const 2)))
+  (func (export "_start") (local $n i32) (local $err i32) (local $fd i32) (local $write i32)
+    (i32.store (i32.const 0) (i32.const 1024))
+    (i32.store (i32.const 4) (i32.const 1000))
+    (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (local.set $n (i32.load (i32.const 8)))
+    (local.set $write (i32.eq (i32.load8_u (i32.const 1024)) (i32.const 119)))
+    (local.set $err (call $open (i32.const 3) (i32.const 1) (i32.const 1025)
+      (i32.sub (local.get $n) (i32.const 1))
+      (select (i32.const 9) (i32.const 0) (local.get $write))
+      (select (i64.const 64) (i64.const 2) (local.get $write))
+      (i64.const 0) (i32.const 0) (i32.const 16)))
+    (if (local.get $err) (then (call $report (i32.const 69) (local.get $err)) (return)))
+    (local.set $fd (i32.load (i32.const 16)))
+    (if (local.get $write) (then
+      (i32.store (i32.const 0) (i32.const 40))
+      (i32.store (i32.const 4) (i32.const 5))
+      (call $report (i32.const 87)
+        (call $fd_write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8)))
+      (return)))
+    (i32.store (i32.const 0) (i32.const 4096))
+    (i32.store (i32.const 4) (i32.const 60000))
+    (drop (call $fd_read (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (i32.store8 (i32.const 4095) (i32.const 70))
+    (call $out (i32.const 4095) (i32.add (i32.const 1) (i32.load (i32.const 8))))))""")
+
+# Counts down from the 32-bit number on stdin (little-endian), then prints "done": a CPU-bound skill.
+COUNTDOWN = command("""
+  (i32.store (i32.const 0) (i32.const 100))
+  (i32.store (i32.const 4) (i32.const 4))
+  (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+  (local.set $n (i32.load (i32.const 100)))
+  (block $done
+    (loop $more
+      (br_if $done (i32.eqz (local.get $n)))
+      (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+      (br $more)))
+  (i32.store (i32.const 0) (i32.const 16))
+  (i32.store (i32.const 4) (i32.const 4))
+  (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+""", extra='(data (i32.const 16) "done")')
+
+# Writes 64 KiB blocks to stdout 1600 times (100 MiB), ignoring errors, then exits 0.
+OUTPUT_100MB = command("""
+  (i32.store (i32.const 0) (i32.const 0))
+  (i32.store (i32.const 4) (i32.const 65536))
+  (local.set $n (i32.const 1600))
+  (loop $more
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+    (br_if $more (local.get $n)))
+""")
+
+# Writes 64 KiB to stderr forever.
+STDERR_FOREVER = command("""
+  (i32.store (i32.const 0) (i32.const 0))
+  (i32.store (i32.const 4) (i32.const 65536))
+  (loop $forever
+    (drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (br $forever))
+""")
+
+
+def _leb(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _section(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + _leb(len(body)) + body
+
+
+def _name(text: str) -> bytes:
+    return _leb(len(text)) + text.encode()
+
+
+def huge_data_module(size: int) -> bytes:
+    """A valid command (no imports, `_start` does nothing) with a `size`-byte data segment, built as
+    binary directly (WAT text of that size would be slow)."""
+    pages = -(-size // 65536)
+    return b"".join([
+        b"\0asm\x01\0\0\0",
+        _section(1, b"\x01\x60\x00\x00"),  # one type: () -> ()
+        _section(3, b"\x01\x00"),  # one function of that type
+        _section(5, b"\x01\x00" + _leb(pages)),  # one memory, no maximum
+        _section(7, b"\x02" + _name("memory") + b"\x02\x00" + _name("_start") + b"\x00\x00"),
+        _section(10, b"\x01\x02\x00\x0b"),  # the body: no locals, end
+        _section(11, b"\x01\x00\x41\x00\x0b" + _leb(size) + b"\xab" * size),  # at offset 0
+    ])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import tomllib
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from clawhub.executor.v1 import executor_service_pb2 as pb
 
 from services.runtime.names import skill_name_problem, version_problem
 from services.runtime.settings import parse_size
-from services.runtime.wasm import WASI_COMMAND_V1, compile_and_check, make_engine
+from services.runtime.wasm import WASI_COMMAND_V1, capability_problems, compile_and_check, env_names, make_engine
 from tests.executor.conftest import Executor, limits
 
 SKILLS = Path(__file__).resolve().parents[2] / "examples" / "skills"
@@ -30,12 +32,25 @@ def build(skill: str) -> bytes:
     return wasmtime.wat2wasm(source.read_text()) if source.suffix == ".wat" else source.read_bytes()
 
 
-async def run(ex: Executor, skill: str, data: bytes) -> bytes:
+def bundle(skill: str) -> bytes:
+    """The skill's `files` as an uncompressed tar, the way they are published."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:") as archive:
+        for name in manifest(skill).get("files", []):
+            archive.add(SKILLS / skill / name, arcname=name, recursive=False)
+    return buffer.getvalue()
+
+
+async def run(ex: Executor, skill: str, data: bytes, env: dict[str, str] | None = None) -> bytes:
+    """Execute the skill the way a deployment would: its capabilities, args, bundle and `env`."""
     m = manifest(skill)
     lim = limits(memory=parse_size(m["limits"]["memory"]), timeout_ms=m["limits"]["timeout_ms"],
                  max_input=8 * MiB)
     digest = ex.source.add(build(skill))
-    response = await ex.stub.Execute(pb.ExecuteRequest(digest=digest, input=data, limits=lim), timeout=10)
+    bundle_digest = ex.source.add(bundle(skill)) if m.get("files") else ""
+    response = await ex.stub.Execute(pb.ExecuteRequest(
+        digest=digest, input=data, limits=lim, capabilities=m.get("capabilities", []), args=m.get("args", []),
+        env=env or {}, bundle_digest=bundle_digest), timeout=10)
     return response.output
 
 
@@ -47,21 +62,24 @@ def test_there_are_examples() -> None:
 def test_manifest_schema_and_module(skill: str) -> None:
     m = manifest(skill)
     assert set(m) <= {"name", "version", "description", "abi", "module", "capabilities", "limits",
-                      "examples", "dependencies", "input_schema", "cache"}
+                      "examples", "dependencies", "input_schema", "cache", "args", "files"}
     assert skill_name_problem(m["name"]) is None
     assert version_problem(m["version"]) is None
     assert m["description"]
     assert m["abi"] == "wasi-command-v1"
-    assert m["capabilities"] == []
+    assert capability_problems(m["capabilities"]) == []
     assert parse_size(m["limits"]["memory"]) > 0 and m["limits"]["timeout_ms"] > 0
-    assert m["examples"], "every example skill has smoke examples"
-    module, problems = compile_and_check(make_engine(), build(skill), WASI_COMMAND_V1)
+    # Skills that need deploy-time environment values cannot have fixed smoke examples.
+    assert m.get("examples") or env_names(m["capabilities"]), "every example skill has smoke examples"
+    for name in m.get("files", []):
+        assert (SKILLS / skill / name).is_file()
+    module, problems = compile_and_check(make_engine(), build(skill), WASI_COMMAND_V1, m["capabilities"])
     assert module is not None and problems == []
 
 
 @pytest.mark.parametrize("skill", EXAMPLES)
 async def test_smoke_examples_pass(executor: Executor, skill: str) -> None:
-    for example in manifest(skill)["examples"]:
+    for example in manifest(skill).get("examples", []):
         json.loads(example["input"])  # inputs are JSON text, as `clawhub invoke --input` takes them
         assert await run(executor, skill, example["input"].encode()) == example["output"].encode()
 
@@ -94,3 +112,12 @@ async def test_wordcount_large_input(executor: Executor) -> None:
     result = json.loads(await run(executor, "wordcount", data))
     assert result == {"bytes": len(data), "lines": data.count(b"\n"), "words": len(data.split())}
     assert result["bytes"] > MiB
+
+
+async def test_greeter_uses_env_args_and_bundle(executor: Executor) -> None:
+    if "greeter" not in EXAMPLES:
+        pytest.skip("no greeter example")
+    name = (SKILLS / "greeter" / "data" / "name.txt").read_text().rstrip()
+    end = manifest("greeter").get("args", ["."])[0]
+    output = await run(executor, "greeter", b"", env={"GREETING": "Hello", "HOME": "/root"})
+    assert json.loads(output) == f"Hello, {name}{end}"

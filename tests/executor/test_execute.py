@@ -165,10 +165,21 @@ async def test_stderr_is_truncated_not_fatal(executor: Executor) -> None:
     assert response.stderr[8:] == bytes(992)  # the first 8 bytes hold the iovec itself
 
 
+async def test_imports_beyond_the_capabilities_are_module_invalid(executor: Executor) -> None:
+    # path_open needs `files`: without it the module is refused before it runs, naming what it lacks.
+    code, reason, meta = await failure(executor, f.PROBES_WASI)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MODULE_INVALID")
+    assert "path_open" in meta["problems"] and "`files`" in meta["problems"]
+    await still_works(executor)
+
+
 async def test_unrequested_wasi_capabilities_are_denied_cleanly(executor: Executor) -> None:
-    response = await execute(executor, f.PROBES_WASI)
+    # With `files` declared but no bundle, /skill is an empty read-only directory: /etc/passwd is not
+    # reachable and no environment variable leaks in.
+    digest = executor.source.add(f.PROBES_WASI)
+    response = await executor.stub.Execute(pb.ExecuteRequest(digest=digest, capabilities=["files"]), timeout=5)
     open_errno, env_count = response.output
-    assert open_errno != 0  # nothing is preopened
+    assert open_errno != 0  # /etc/passwd is an absolute path outside the preopen
     assert env_count == 0  # no environment variables leak in
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.default_memory, s.max_memory) == (64 << 20, 512 << 20)
     assert (s.max_output, s.max_stderr, s.max_input, s.cache_bytes) == (4 << 20, 64 << 10, 4 << 20, 256 << 20)
     assert s.grace_seconds == 5.0
+    assert s.data_dir == Path(".clawhub") / "executor"
+    monkeypatch.setenv("CLAWHUB_DATA_DIR", "/srv/clawhub")
+    assert Settings.from_env().data_dir == Path("/srv/clawhub/executor")
 
 
 def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +35,7 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "CLAWHUB_EXECUTOR_DEFAULT_MEMORY": "16MiB", "CLAWHUB_EXECUTOR_MAX_MEMORY": "1GiB",
         "CLAWHUB_EXECUTOR_MAX_OUTPUT": "1MiB", "CLAWHUB_EXECUTOR_MAX_STDERR": "4KiB",
         "CLAWHUB_EXECUTOR_MAX_INPUT": "2MiB", "CLAWHUB_EXECUTOR_CACHE_BYTES": "32MiB",
-        "CLAWHUB_SHUTDOWN_GRACE": "1",
+        "CLAWHUB_SHUTDOWN_GRACE": "1", "CLAWHUB_EXECUTOR_DATA_DIR": "/var/cache/executor",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -41,6 +45,7 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.default_timeout, s.default_memory, s.max_memory) == (0.5, 16 << 20, 1 << 30)
     assert (s.max_output, s.max_stderr, s.max_input, s.cache_bytes, s.grace_seconds) == (
         1 << 20, 4 << 10, 2 << 20, 32 << 20, 1.0)
+    assert s.data_dir == Path("/var/cache/executor")
 
 
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

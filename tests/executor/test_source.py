@@ -79,13 +79,13 @@ async def test_unreachable_registry(registry) -> None:
             await RegistryModuleSource(ch, timeout=5).fetch(sha256_digest(b"x"))
 
 
-async def test_executor_runs_modules_from_the_registry(registry, start_service: Starter) -> None:
+async def test_executor_runs_modules_from_the_registry(registry, start_service: Starter, tmp_path) -> None:
     blobs, address = registry
     echo = sha256_digest(f.ECHO)
     blobs.blobs[echo] = f.ECHO
     lying = sha256_digest(f.GARBAGE)
     blobs.blobs[lying] = f.ECHO  # the registry serves other bytes than the digest names
-    host = await start_service(build_server(replace(TEST_SETTINGS, registry_address=address)))
+    host = await start_service(build_server(replace(TEST_SETTINGS, registry_address=address, data_dir=tmp_path)))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as ch:
         stub = pb_grpc.ExecutorServiceStub(ch)
         response = await stub.Execute(pb.ExecuteRequest(digest=echo, input=b"via registry"), timeout=5)
@@ -100,8 +100,8 @@ async def test_executor_runs_modules_from_the_registry(registry, start_service: 
             grpc.StatusCode.NOT_FOUND, "BLOB_NOT_FOUND")
 
 
-async def test_executor_with_registry_down(start_service: Starter) -> None:
-    settings = replace(TEST_SETTINGS, registry_address=f"127.0.0.1:{free_port()}")
+async def test_executor_with_registry_down(start_service: Starter, tmp_path) -> None:
+    settings = replace(TEST_SETTINGS, registry_address=f"127.0.0.1:{free_port()}", data_dir=tmp_path)
     host = await start_service(build_server(settings))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as ch:
         stub = pb_grpc.ExecutorServiceStub(ch)

@@ -1,0 +1,193 @@
+"""Skill file bundles: fetched by digest, sha256 re-checked, unpacked once into a private read-only dir.
+
+A bundle is an uncompressed tar of the skill's read-only files. It comes through the same `ModuleSource`
+as modules (the registry's blob store) and is as untrusted: the bytes must hash to the digest, and the
+archive may hold only regular files and directories with relative paths that stay inside the bundle
+(no absolute paths, no `..`, no links, devices or fifos): one bad member refuses the whole bundle. The
+unpacked tree is made read-only and renamed into place atomically, so a directory under its final name
+is always complete; a restarted executor reuses it. The sandbox then preopens it read-only at `/skill`,
+where wasmtime also refuses `..` and absolute paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+import grpc
+
+from services.executor.source import BlobNotFound, ModuleSource, ModuleTooLarge, SourceUnavailable
+from services.runtime.errors import Reason, ServiceError
+from services.runtime.wasm import sha256_digest
+
+log = logging.getLogger("clawhub.executor.bundles")
+
+# What `files` without a bundle sees at /skill: an empty read-only directory.
+EMPTY = "empty"
+# A bundle is a handful of data files; this many entries is an attack on the executor's disk, not data.
+MAX_MEMBERS = 10_000
+
+
+class BundleRejected(Exception):
+    """The archive is not a safe bundle; the message says why."""
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    name = member.name
+    path = PurePosixPath(name)
+    if name.startswith("/") or path.is_absolute():
+        return f"{name!r} is an absolute path"
+    if any(part == ".." for part in path.parts):
+        return f"{name!r} leaves the bundle (`..`)"
+    if "\0" in name or "\\" in name:
+        return f"{name!r} is not a plain relative path"
+    if member.issparse() or not (member.isreg() or member.isdir()):
+        return f"{name!r} is not a regular file or directory (links, devices and fifos are refused)"
+    return None
+
+
+def unpack(data: bytes, target: Path) -> None:
+    """Unpack the tar `data` into the new directory `target` and make it read-only. Raises
+    BundleRejected, leaving nothing behind."""
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-"))
+    try:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+                members = archive.getmembers()
+                if len(members) > MAX_MEMBERS:
+                    raise BundleRejected(f"{len(members)} entries; a bundle holds at most {MAX_MEMBERS}")
+                for member in members:
+                    problem = _member_problem(member)
+                    if problem:
+                        raise BundleRejected(problem)
+                # The data filter re-checks paths and links and drops modes we would not want.
+                archive.extractall(tmp, members=members, filter="data")
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise BundleRejected(f"not a readable tar archive: {exc}") from None
+        _make_read_only(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():  # another process unpacking the same digest won the race
+                raise
+            _remove(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _make_read_only(root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o555)
+    os.chmod(root, 0o555)
+
+
+def _remove(path: Path) -> None:
+    """Delete a (possibly read-only) tree, best effort."""
+    if not path.exists():
+        return
+    for dirpath, _, _ in os.walk(path):
+        try:
+            os.chmod(dirpath, 0o755)
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class BundleCache:
+    """Unpacked bundles by digest under `directory`; concurrent requests for one digest share a load."""
+
+    def __init__(self, source: ModuleSource, directory: Path) -> None:
+        self._source = source
+        self.directory = directory
+        self._loading: dict[str, asyncio.Task[Path]] = {}
+        # Digests known to be unpacked, so a call costs no filesystem check.
+        self._ready: set[str] = set()
+
+    def path(self, digest: str) -> Path:
+        algorithm, _, hexdigest = digest.partition(":")
+        return self.directory / f"{algorithm}-{hexdigest}"
+
+    async def empty(self) -> Path:
+        path = self.directory / EMPTY
+        if not path.is_dir():
+            await asyncio.to_thread(unpack, _EMPTY_TAR, path)
+        return path
+
+    async def get(self, digest: str) -> Path:
+        """The host directory holding the bundle `digest`. Raises ServiceError (NOT_FOUND,
+        INVALID_ARGUMENT, UNAVAILABLE, DATA_LOSS)."""
+        path = self.path(digest)
+        if digest in self._ready:
+            return path
+        if path.is_dir():  # unpacked by an earlier process
+            self._ready.add(digest)
+            return path
+        task = self._loading.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self._load(digest, path))
+            self._loading[digest] = task
+            task.add_done_callback(lambda t: self._load_done(digest, t))
+        return await asyncio.shield(task)
+
+    def _load_done(self, digest: str, task: asyncio.Task[Path]) -> None:
+        if self._loading.get(digest) is task:
+            del self._loading[digest]
+        if not task.cancelled():
+            task.exception()
+
+    async def _load(self, digest: str, path: Path) -> Path:
+        meta = {"bundle_digest": digest}
+        try:
+            data = await self._source.fetch(digest)
+        except BlobNotFound as exc:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND, str(exc), metadata=meta) from None
+        except SourceUnavailable as exc:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.UPSTREAM_UNAVAILABLE, str(exc),
+                               metadata={**meta, "upstream": "registry"}, retry_after_seconds=1.0) from None
+        except ModuleTooLarge as exc:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID, str(exc),
+                               metadata=meta) from None
+        actual = sha256_digest(data)
+        if actual != digest:
+            log.warning("source returned bytes with digest %s for bundle %s; refusing them", actual, digest)
+            raise ServiceError(
+                grpc.StatusCode.DATA_LOSS, Reason.CHECKSUM_MISMATCH,
+                f"the bundle bytes fetched for {digest} have digest {actual}; refusing to use them",
+                metadata={"expected_digest": digest, "actual_digest": actual})
+        try:
+            await asyncio.to_thread(unpack, data, path)
+        except BundleRejected as exc:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID,
+                               f"the file bundle {digest} is refused: {exc}",
+                               metadata={**meta, "problems": str(exc)[:1024]}) from None
+        log.info("unpacked bundle %s (%d bytes)", digest[:19], len(data))
+        self._ready.add(digest)
+        return path
+
+    async def close(self) -> None:
+        for task in list(self._loading.values()):
+            task.cancel()
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
+
+
+def _empty_tar() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:"):
+        pass
+    return buffer.getvalue()
+
+
+_EMPTY_TAR = _empty_tar()
