@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from services.runtime.errors import Reason, ServiceError
+from services.runtime.errors import Reason, ServiceError, upstream_error
 
 # Metadata the transport owns; everything else (traceparent, request ids, credentials) is forwarded.
 _HOP_BY_HOP = {"content-type", "te", "user-agent", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"}
@@ -33,6 +33,8 @@ def proxy_handler(
     service: ServiceDescriptor,
     channel: grpc.aio.Channel,
     *,
+    upstream: str,
+    address: str,
     default_timeout: float,
     hidden: Iterable[str] = (),
 ) -> grpc.GenericRpcHandler:
@@ -45,7 +47,7 @@ def proxy_handler(
             handlers[method.name] = _refusing(method.client_streaming, method.server_streaming, path)
         else:
             handlers[method.name] = _relay(channel, path, method.client_streaming, method.server_streaming,
-                                           default_timeout)
+                                           default_timeout, _Upstream(upstream, address))
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -71,15 +73,31 @@ def _refusing(client_streaming: bool, server_streaming: bool, path: str) -> grpc
     return maker(refuse_unary)
 
 
+class _Upstream:
+    """Names the relayed service in errors that carry no status of their own (it is down, unreachable)."""
+
+    def __init__(self, name: str, address: str) -> None:
+        self.name = name
+        self.address = address
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            raise upstream_error(exc, self.name, self.address) from None
+
+
 def _relay(channel: grpc.aio.Channel, path: str, client_streaming: bool, server_streaming: bool,
-           default_timeout: float) -> grpc.RpcMethodHandler:
+           default_timeout: float, upstream: _Upstream) -> grpc.RpcMethodHandler:
     # No serializers: requests and responses stay raw bytes end to end.
     if not client_streaming and not server_streaming:
         unary_unary = channel.unary_unary(path)
 
         async def relay_unary_unary(request: bytes, context: Any) -> bytes:
-            result: bytes = await unary_unary(request, timeout=_timeout(context, default_timeout),
-                                              metadata=forwarded_metadata(context))
+            with upstream:
+                result: bytes = await unary_unary(request, timeout=_timeout(context, default_timeout),
+                                                  metadata=forwarded_metadata(context))
             return result
 
         return grpc.unary_unary_rpc_method_handler(relay_unary_unary)
@@ -87,8 +105,9 @@ def _relay(channel: grpc.aio.Channel, path: str, client_streaming: bool, server_
         stream_unary = channel.stream_unary(path)
 
         async def relay_stream_unary(requests: AsyncIterator[bytes], context: Any) -> bytes:
-            result: bytes = await stream_unary(requests, timeout=_timeout(context, default_timeout),
-                                               metadata=forwarded_metadata(context))
+            with upstream:
+                result: bytes = await stream_unary(requests, timeout=_timeout(context, default_timeout),
+                                                   metadata=forwarded_metadata(context))
             return result
 
         return grpc.stream_unary_rpc_method_handler(relay_stream_unary)
@@ -98,8 +117,9 @@ def _relay(channel: grpc.aio.Channel, path: str, client_streaming: bool, server_
         async def relay_unary_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
             call = unary_stream(request, timeout=_timeout(context, default_timeout),
                                 metadata=forwarded_metadata(context))
-            async for response in call:
-                yield response
+            with upstream:
+                async for response in call:
+                    yield response
 
         return grpc.unary_stream_rpc_method_handler(relay_unary_stream)
     stream_stream = channel.stream_stream(path)
@@ -107,7 +127,8 @@ def _relay(channel: grpc.aio.Channel, path: str, client_streaming: bool, server_
     async def relay_stream_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         call = stream_stream(requests, timeout=_timeout(context, default_timeout),
                              metadata=forwarded_metadata(context))
-        async for response in call:
-            yield response
+        with upstream:
+            async for response in call:
+                yield response
 
     return grpc.stream_stream_rpc_method_handler(relay_stream_stream)

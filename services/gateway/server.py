@@ -29,9 +29,10 @@ async def build_server(settings: Settings) -> ServiceHost:
     def register(server: object) -> None:
         pb_grpc.add_GatewayServiceServicer_to_server(servicer, server)
         server.add_generic_rpc_handlers((  # type: ignore[attr-defined]
-            proxy_handler(REGISTRY_SERVICE, registry, default_timeout=settings.forward_timeout),
-            proxy_handler(DEPLOYER_SERVICE, deployer, default_timeout=settings.forward_timeout,
-                          hidden=INTERNAL_DEPLOYER_METHODS),
+            proxy_handler(REGISTRY_SERVICE, registry, upstream="registry", address=settings.registry_address,
+                          default_timeout=settings.forward_timeout),
+            proxy_handler(DEPLOYER_SERVICE, deployer, upstream="deployer", address=settings.deployer_address,
+                          default_timeout=settings.forward_timeout, hidden=INTERNAL_DEPLOYER_METHODS),
         ))
 
     host = create_server(

@@ -31,8 +31,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         if problem:
             raise invalid(Reason.INVALID_NAME, "name", problem)
         payload = request.WhichOneof("payload")
-        data = (value_to_json(request.input) if payload == "input"
-                else request.raw_input if payload == "raw_input" else b"")
+        data = self._input_bytes(request, payload)
         limit = self._settings.max_input_bytes
         if len(data) > limit:
             raise ServiceError(
@@ -57,6 +56,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         else:
             response.output.CopyFrom(value)
         return response
+
+    @staticmethod
+    def _input_bytes(request: pb.InvokeSkillRequest, payload: str | None) -> bytes:
+        if payload == "raw_input":
+            return request.raw_input
+        if payload != "input":
+            return b""
+        try:
+            return value_to_json(request.input)
+        except (ValueError, RecursionError) as exc:
+            raise invalid(Reason.INVALID_INPUT, "input", f"the input cannot be written as JSON: {exc}") from None
 
     async def _explain_not_deployed(self, name: str, err: grpc.aio.AioRpcError) -> Exception:
         """Tell "no such skill" from "published but not deployed" (only on this error path)."""

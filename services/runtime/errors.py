@@ -7,6 +7,7 @@ downstream services through unchanged, and turns anything unexpected into INTERN
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,16 @@ from google.rpc import error_details_pb2, status_pb2
 log = logging.getLogger("clawhub.errors")
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# gRPC refuses trailing metadata over 16 KiB, and the status travels there: keep every part of it small so
+# an error about a huge input still reaches the caller (instead of RESOURCE_EXHAUSTED with no details).
+MAX_MESSAGE_CHARS = 2048
+MAX_DETAIL_CHARS = 512
+MAX_VIOLATIONS = 20
+
+
+def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """`text` shortened to `limit` characters, saying how much was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 class Reason(StrEnum):
@@ -90,13 +101,14 @@ class ServiceError(Exception):
             error_details_pb2.ErrorInfo(
                 reason=str(self.reason),
                 domain=self.domain or default_domain,
-                metadata={k: str(v) for k, v in self.metadata.items()},
+                metadata={clip(k, 128): clip(str(v)) for k, v in list(self.metadata.items())[:MAX_VIOLATIONS]},
             )
         ]
-        violations = list(self.field_violations)
+        violations = list(self.field_violations)[:MAX_VIOLATIONS]
         if violations:
             details.append(error_details_pb2.BadRequest(field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations
+                error_details_pb2.BadRequest.FieldViolation(field=clip(f, 128), description=clip(d))
+                for f, d in violations
             ]))
         if self.retry_after_seconds is not None:
             delay = duration_pb2.Duration()
@@ -107,7 +119,8 @@ class ServiceError(Exception):
             any_msg = any_pb2.Any()
             any_msg.Pack(detail)
             packed.append(any_msg)
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        return status_pb2.Status(code=self.code.value[0], message=clip(self.message, MAX_MESSAGE_CHARS),
+                                 details=packed)
 
 
 def invalid(reason: Reason, field_name: str, problem: str) -> ServiceError:
@@ -118,7 +131,7 @@ def invalid(reason: Reason, field_name: str, problem: str) -> ServiceError:
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError, domain: str) -> None:
     status = error.to_status(domain)
-    await context.abort(error.code, error.message,
+    await context.abort(error.code, status.message,
                         trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),))
 
 
@@ -227,7 +240,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return wrapper
 
-    def _wrap_stream(self, fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+    def _wrap_stream(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(fn):
+            # A handler that writes with context.write (grpc_health's Watch) is a plain coroutine.
+            return self._wrap_unary(fn, method)
+
         async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
                 async for item in fn(request, context):

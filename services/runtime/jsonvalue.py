@@ -13,8 +13,10 @@ _MAX_SAFE_INT = 2**53
 
 
 def value_to_json(value: struct_pb2.Value) -> bytes:
-    """JSON text for a protobuf Value, keeping whole numbers whole (`3`, not `3.0`)."""
-    return json.dumps(_plain(json_format.MessageToDict(value)), ensure_ascii=False,
+    """JSON text for a protobuf Value, keeping whole numbers whole (`3`, not `3.0`).
+
+    Raises ValueError for what JSON cannot express (NaN, Infinity)."""
+    return json.dumps(_plain(json_format.MessageToDict(value)), ensure_ascii=False, allow_nan=False,
                       separators=(",", ":")).encode()
 
 
@@ -32,11 +34,9 @@ def json_to_value(output: bytes) -> struct_pb2.Value | None:
     """The output as a protobuf Value when it is one valid JSON document, else None."""
     try:
         obj = json.loads(output)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    value = struct_pb2.Value()
-    try:
+        value = struct_pb2.Value()
         json_format.ParseDict(obj, value)
-    except (json_format.ParseError, TypeError, ValueError):
+    # Too deep for protobuf (or for Python) is still a valid output: it travels as raw bytes.
+    except (UnicodeDecodeError, ValueError, TypeError, RecursionError, json_format.ParseError):
         return None
     return value

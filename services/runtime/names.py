@@ -26,7 +26,7 @@ def skill_name_problem(name: str) -> str | None:
     if len(name) > MAX_NAME_LENGTH:
         return f"a skill name is at most {MAX_NAME_LENGTH} characters"
     if not SKILL_NAME_RE.match(name):
-        return (f"{name!r} is not a reverse-DNS skill name: use lowercase dot-separated labels "
+        return (f"{name[:80]!r} is not a reverse-DNS skill name: use lowercase dot-separated labels "
                 "such as com.acme.image-process")
     return None
 
@@ -36,7 +36,7 @@ def version_problem(version: str) -> str | None:
     if not version:
         return "a version is required, such as 1.2.3"
     if len(version) > 128 or not SEMVER_RE.match(version):
-        return f"{version!r} is not a SemVer 2.0 version such as 1.2.3 or 2.0.0-rc.1"
+        return f"{version[:80]!r} is not a SemVer 2.0 version such as 1.2.3 or 2.0.0-rc.1"
     return None
 
 

@@ -52,7 +52,7 @@ def env_names(capabilities: Sequence[str]) -> list[str]:
 
 def capability_problems(capabilities: Sequence[str]) -> list[str]:
     """Why some capability strings are not understood; empty when all are."""
-    return [f"unknown capability {c!r} (known: env:NAME, {FILES_CAPABILITY})" for c in capabilities
+    return [f"unknown capability {c[:80]!r} (known: env:NAME, {FILES_CAPABILITY})" for c in capabilities
             if c != FILES_CAPABILITY and not ENV_CAPABILITY_RE.match(c)]
 
 
