@@ -24,6 +24,11 @@ DEFAULT_PORTS = {
     "gateway": 50051, "registry": 50052, "deployer": 50053, "dispatcher": 50054, "executor": 50055,
 }
 START_TIMEOUT = 30.0
+# A service that dies is restarted on the same address after a backoff that doubles up to the cap; one
+# that dies more than MAX_RESTARTS times within RESTART_WINDOW is broken, and the suite stops.
+RESTART_BACKOFF = (0.5, 8.0)
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
 
 
 @dataclass
@@ -31,8 +36,11 @@ class Child:
     label: str
     module: str
     process: subprocess.Popen[bytes]
+    # The environment the service was started with beyond the suite's own (ports, peer addresses).
+    extra: dict[str, str] = field(default_factory=dict)
     ready: threading.Event = field(default_factory=threading.Event)
     address: str = ""
+    restarts: list[float] = field(default_factory=list)
 
 
 def _pump(child: Child, stream: IO[bytes], out: IO[str]) -> None:
@@ -66,18 +74,27 @@ class Suite:
         self.env["CLAWHUB_DATA_DIR"] = str(data_dir)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
 
-    def _start(self, label: str, service: str, extra: dict[str, str]) -> Child:
-        env = {**self.env, **extra}
+    def _spawn(self, label: str, service: str, extra: dict[str, str]) -> Child:
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**self.env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             # Own process group: Ctrl-C reaches only `up`, which then stops the services in order.
             start_new_session=True,
         )
-        child = Child(label=label, module=service, process=process)
+        child = Child(label=label, module=service, process=process, extra=extra)
         assert process.stdout is not None
         threading.Thread(target=_pump, args=(child, process.stdout, self.log), daemon=True).start()
+        return child
+
+    def _start(self, label: str, service: str, extra: dict[str, str]) -> Child:
+        child = self._spawn(label, service, extra)
         self.children.append(child)
+        self._wait_ready(child)
+        return child
+
+    def _wait_ready(self, child: Child) -> None:
+        label, process = child.label, child.process
         deadline = time.monotonic() + START_TIMEOUT
         while not child.ready.wait(0.05):
             if process.poll() is not None:
@@ -85,7 +102,31 @@ class Suite:
                                    "(its output is above)")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{label} did not start within {START_TIMEOUT:.0f}s")
-        return child
+
+    def restart(self, dead: Child, stopping: threading.Event) -> bool:
+        """Start `dead` again on the address it had (its peers know that address). False if it keeps dying."""
+        now = time.monotonic()
+        recent = [t for t in dead.restarts if now - t < RESTART_WINDOW]
+        if len(recent) >= MAX_RESTARTS:
+            print(f"clawhub up: {dead.label} died {len(recent) + 1} times within {RESTART_WINDOW:.0f}s; "
+                  "giving up and stopping the suite", file=self.log, flush=True)
+            return False
+        delay = min(RESTART_BACKOFF[0] * 2 ** len(recent), RESTART_BACKOFF[1])
+        print(f"clawhub up: {dead.label} exited with code {dead.process.returncode}; restarting it on "
+              f"{dead.address} in {delay:.1f}s", file=self.log, flush=True)
+        if stopping.wait(delay):
+            return True
+        port = dead.address.rpartition(":")[2]
+        child = self._spawn(dead.label, dead.module, {**dead.extra, f"CLAWHUB_{dead.module.upper()}_PORT": port})
+        child.restarts = [*recent, now]
+        self.children[self.children.index(dead)] = child
+        try:
+            self._wait_ready(child)
+        except RuntimeError as exc:
+            print(f"clawhub up: {exc}", file=self.log, flush=True)
+            child.address = dead.address
+            return self.restart(child, stopping) if child.process.poll() is not None else False
+        return True
 
     def start(self) -> dict[str, str]:
         """Start every service; returns label → address."""
@@ -160,9 +201,7 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
             print(f"{label} {address}", flush=True)
         while not stopping.wait(0.2):
             dead = suite.first_exited()
-            if dead is not None:
-                print(f"clawhub up: {dead.label} exited with code {dead.process.returncode}; "
-                      "stopping the suite", file=log, flush=True)
+            if dead is not None and not stopping.is_set() and not suite.restart(dead, stopping):
                 suite.stop()
                 return 1
         print("\nclawhub up: stopping (gateway first)…", file=log, flush=True)

@@ -267,3 +267,96 @@ def test_internal_methods_are_not_exposed(deployed: Suite, channel: grpc.Channel
         next(iter(stub.WatchRoutes(deployer_pb.WatchRoutesRequest(dispatcher_id="intruder"), timeout=5)))
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason_of(caught.value) == "METHOD_NOT_EXPOSED"
+
+
+# --- found by the hostile-input sweep -------------------------------------------------------------------
+
+
+def test_health_watch_streams_on_every_service(suite: Suite) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for label, address in suite.addresses.items():
+        with grpc.insecure_channel(address) as ch:
+            stream = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+            first = next(iter(stream))
+            stream.cancel()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING, label
+
+
+def test_huge_fields_still_get_a_structured_error(deployed: Suite, channel: grpc.Channel) -> None:
+    stub = registry_grpc.RegistryServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetSkillVersion(registry_pb.GetSkillVersionRequest(name="com.example.uppercase",
+                                                                version="1.0.0-" + "a" * 20000), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(caught.value) == "INVALID_VERSION"
+    assert len(caught.value.details() or "") < 4096
+
+
+def test_non_finite_numbers_are_invalid_input(deployed: Suite, channel: grpc.Channel) -> None:
+    request = gateway_pb.InvokeSkillRequest(name="com.example.uppercase")
+    request.input.number_value = float("nan")
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway_grpc.GatewayServiceStub(channel).InvokeSkill(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(caught.value) == "INVALID_INPUT"
+
+
+def test_deeply_nested_json_output_comes_back_raw(deployed: Suite, channel: grpc.Channel) -> None:
+    nested = "[" * 1000 + "]" * 1000
+    request = gateway_pb.InvokeSkillRequest(name="com.example.uppercase", raw_input=nested.encode())
+    response = gateway_grpc.GatewayServiceStub(channel).InvokeSkill(request, timeout=10)
+    assert response.raw_output == nested.encode()
+
+
+def _child_pids(parent: int, module: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == parent and module.encode() in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_a_killed_executor_is_restarted_and_no_call_fails(deployed: Suite, channel: grpc.Channel) -> None:
+    import os
+    import signal
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    pids = _child_pids(deployed.process.pid, "services.executor")
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    # The dispatcher retries UNAVAILABLE on the other executor: callers see no failure.
+    for i in range(40):
+        assert invoke(channel, "com.example.uppercase", f"call {i}").output.string_value == f"CALL {i}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alive = _child_pids(deployed.process.pid, "services.executor")
+        if len(alive) == 2 and pids[0] not in alive:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the killed executor was not restarted:\n" + "".join(deployed.log[-20:]))
+    for address in (deployed.addresses["executor-1"], deployed.addresses["executor-2"]):
+        for _ in range(100):
+            try:
+                with grpc.insecure_channel(address) as ch:
+                    status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"executor at {address} is not serving after the restart")
+    assert any("restarting it on" in line for line in deployed.log)
+    assert_still_serving(channel)
