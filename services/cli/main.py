@@ -45,6 +45,12 @@ def state_name(state: int) -> str:
     return release_pb2.ReleaseState.Name(state).removeprefix("RELEASE_STATE_")  # type: ignore[arg-type]
 
 
+def printable(text: str) -> str:
+    """Text from the server (a skill's stderr included) with control characters escaped, so an untrusted
+    skill cannot send escape sequences to the operator's terminal."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+
+
 def describe_rpc_error(err: grpc.RpcError, gateway: str) -> CliError:
     code = err.code()
     info = error_info(err)
@@ -58,7 +64,7 @@ def describe_rpc_error(err: grpc.RpcError, gateway: str) -> CliError:
     request = bad_request(err)
     for violation in request.field_violations if request else ():
         lines.append(f"  field {violation.field}: {violation.description}")
-    return CliError("\n".join(lines))
+    return CliError(printable("\n".join(lines)))
 
 
 class Client:
@@ -160,15 +166,15 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
                                                  timeout=args.timeout):
         last = event.deployment
         if event.message:
-            print(f"  [{time.monotonic() - started:5.1f}s] {state_name(last.state):<12} {event.message}",
-                  file=sys.stderr)
+            print(f"  [{time.monotonic() - started:5.1f}s] {state_name(last.state):<12} "
+                  f"{printable(event.message)}", file=sys.stderr)
         if last.state in TERMINAL:
             break
     if last.state == release_pb2.RELEASE_STATE_ACTIVE:
         print(f"{name}@{version} is active")
         return 0
     reason = last.history[-1].reason if last.history else "unknown reason"
-    raise CliError(f"error: deployment of {name}@{version} ended {state_name(last.state)}: {reason}")
+    raise CliError(f"error: deployment of {name}@{version} ended {state_name(last.state)}: {printable(reason)}")
 
 
 def _invoke_request(args: argparse.Namespace) -> gateway_pb.InvokeSkillRequest:
@@ -177,13 +183,18 @@ def _invoke_request(args: argparse.Namespace) -> gateway_pb.InvokeSkillRequest:
         try:
             json_format.Parse(args.input, request.input)
         except json_format.ParseError as exc:
-            raise CliError(f"error: --input is not valid JSON: {exc}\n"
+            problem = ("is nested too deeply for the gateway (send it as bytes with --input-file)"
+                       if "too deep" in str(exc) else f"is not valid JSON: {exc}")
+            raise CliError(f"error: --input {problem}\n"
                            "  (pass raw text with --raw, or a file with --input-file)") from None
     elif args.raw is not None:
         request.raw_input = args.raw.encode()
     elif args.input_file is not None:
-        request.raw_input = (sys.stdin.buffer.read() if args.input_file == "-"
-                             else Path(args.input_file).read_bytes())
+        try:
+            request.raw_input = (sys.stdin.buffer.read() if args.input_file == "-"
+                                 else Path(args.input_file).read_bytes())
+        except OSError as exc:
+            raise CliError(f"error: cannot read --input-file: {exc}") from None
     return request
 
 
@@ -257,6 +268,16 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("the timeout must be more than 0 seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clawhub",
@@ -269,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--gateway", default=os.environ.get("CLAWHUB_GATEWAY", DEFAULT_GATEWAY),
                        help="gateway address (default: $CLAWHUB_GATEWAY or %(default)s)")
-        p.add_argument("--timeout", type=float, default=timeout,
+        p.add_argument("--timeout", type=positive_seconds, default=timeout,
                        help="deadline in seconds for the call (default: %(default)s)")
         return p
 
@@ -287,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check a service's grpc.health.v1 status; exit 0 only when SERVING.")
     p.add_argument("address", help="service address, such as 127.0.0.1:50052")
     p.add_argument("service", nargs="?", default="", help="service name or skill digest (default: overall)")
-    p.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds (default: %(default)s)")
+    p.add_argument("--timeout", type=positive_seconds, default=3.0, help="deadline in seconds (default: %(default)s)")
 
     p = client_command("publish", "publish the skill in a directory (reads skill.toml)", timeout=300)
     p.add_argument("dir", help="skill directory holding skill.toml")
