@@ -19,11 +19,12 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import grpc
 
 from services.executor.source import BlobNotFound, ModuleSource, ModuleTooLarge, SourceUnavailable
+from services.runtime.bundle import path_problem
 from services.runtime.errors import Reason, ServiceError
 from services.runtime.wasm import sha256_digest
 
@@ -40,16 +41,11 @@ class BundleRejected(Exception):
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
-    name = member.name
-    path = PurePosixPath(name)
-    if name.startswith("/") or path.is_absolute():
-        return f"{name!r} is an absolute path"
-    if any(part == ".." for part in path.parts):
-        return f"{name!r} leaves the bundle (`..`)"
-    if "\0" in name or "\\" in name:
-        return f"{name!r} is not a plain relative path"
-    if member.issparse() or not (member.isreg() or member.isdir()):
-        return f"{name!r} is not a regular file or directory (links, devices and fifos are refused)"
+    """The registry verified the bundle; this re-check before unpacking uses the same rules."""
+    if problem := path_problem(member.name):
+        return problem
+    if member.issparse() or not member.isreg():
+        return f"{member.name!r} is not a regular file (directories, links, devices and fifos are refused)"
     return None
 
 
