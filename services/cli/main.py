@@ -252,6 +252,76 @@ def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _versioned_ref(ref: str) -> tuple[str, str]:
+    name, version = _split_ref(ref)
+    if not name or not version:
+        raise CliError(f"error: {ref!r}: expected NAME@VERSION, such as com.acme.image-process@1.2.3")
+    return name, version
+
+
+def cmd_yank(client: Client, args: argparse.Namespace) -> int:
+    name, version = _versioned_ref(args.ref)
+    response = client.registry.YankSkillVersion(registry_pb.YankSkillVersionRequest(
+        name=name, version=version, yanked=not args.undo, reason=args.reason or "",
+        request_id=str(uuid.uuid4())), timeout=args.timeout)
+    if response.skill_version.yanked:
+        why = f" ({printable(response.skill_version.yank_reason)})" if response.skill_version.yank_reason else ""
+        print(f"{name}@{version} yanked{why}: reserved, no longer latest or resolved unless pinned exactly")
+    else:
+        print(f"{name}@{version} is no longer yanked")
+    return 0
+
+
+def cmd_tag(client: Client, args: argparse.Namespace) -> int:
+    if args.delete:
+        if args.version:
+            raise CliError("error: --delete takes no VERSION")
+        skill = client.registry.DeleteSkillTag(registry_pb.DeleteSkillTagRequest(
+            name=args.name, tag=args.tag, request_id=str(uuid.uuid4())), timeout=args.timeout).skill
+        print(f"{args.name}: tag {args.tag} removed")
+    else:
+        if not args.version:
+            raise CliError("error: expected NAME TAG VERSION (or NAME TAG --delete)")
+        skill = client.registry.SetSkillTag(registry_pb.SetSkillTagRequest(
+            name=args.name, tag=args.tag, version=args.version, request_id=str(uuid.uuid4())),
+            timeout=args.timeout).skill
+        print(f"{args.name}: {args.tag} -> {args.version}")
+    for tag, version in sorted(skill.tags.items()):
+        print(f"  {tag}: {version}")
+    return 0
+
+
+def cmd_search(client: Client, args: argparse.Namespace) -> int:
+    request = registry_pb.ListSkillsRequest(page_size=200, prefix=args.prefix or "", query=args.query or "")
+    skills = list(_all_pages(client.registry.ListSkills, request, "skills", args.timeout))
+    if not skills:
+        print("no skill matches")
+        return 0
+    rows = [("SKILL", "LATEST", "DESCRIPTION")]
+    rows += [(s.name, s.latest_version or "-", printable(s.description)) for s in skills]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for row in rows:
+        print(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}".rstrip())
+    return 0
+
+
+def cmd_resolve(client: Client, args: argparse.Namespace) -> int:
+    name, version = _versioned_ref(args.ref)
+    response = client.registry.ResolveDependencies(registry_pb.ResolveDependenciesRequest(
+        name=name, version=version), timeout=args.timeout)
+    if not response.dependencies:
+        print(f"{name}@{version} has no dependencies")
+        return 0
+    rows = [("PACKAGE", "VERSION", "SHARED", "DIGEST", "REQUIRED BY")]
+    rows += [(d.package, d.version, "yes" if d.is_shared else "no", d.digest[:19],
+              ", ".join(name + "@" + version if r == "(root)" else r for r in d.required_by))
+             for d in response.dependencies]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """grpc.health.v1 check of one service (for probes: exit 0 only when SERVING)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -330,11 +400,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="only this skill")
     p = client_command("rollback", "route a skill back to its previous version")
     p.add_argument("name", help="skill name")
+    p = client_command("yank", "yank a version: reserved forever, not latest, not resolved unless pinned exactly")
+    p.add_argument("ref", metavar="NAME@VERSION", help="skill and exact version")
+    p.add_argument("--reason", help="why (shown to anyone who reads the version)")
+    p.add_argument("--undo", action="store_true", help="un-yank the version")
+    p = client_command("tag", "point a tag (such as stable) of a skill at a version; `latest` is automatic")
+    p.add_argument("name", help="skill name")
+    p.add_argument("tag", help="tag name: lowercase letters, digits and hyphens, starting with a letter")
+    p.add_argument("version", nargs="?", help="exact Ready version")
+    p.add_argument("--delete", action="store_true", help="remove the tag instead")
+    p = client_command("search", "list skills matching a keyword (name or description) and/or a name prefix")
+    p.add_argument("query", nargs="?", help="keyword, case-insensitive (default: every skill)")
+    p.add_argument("--prefix", help="only names starting with this, such as com.acme.")
+    p = client_command("resolve", "print the flattened dependency set of a published version")
+    p.add_argument("ref", metavar="NAME@VERSION", help="skill and exact version")
     return parser
 
 
 COMMANDS = {"publish": cmd_publish, "deploy": cmd_deploy, "invoke": cmd_invoke, "status": cmd_status,
-            "rollback": cmd_rollback}
+            "rollback": cmd_rollback, "yank": cmd_yank, "tag": cmd_tag, "search": cmd_search,
+            "resolve": cmd_resolve}
 
 
 def main(argv: list[str] | None = None) -> int:

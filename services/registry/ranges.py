@@ -10,7 +10,7 @@ if one of its comparators names the same major.minor.patch with a prerelease (`>
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from services.runtime.names import SEMVER_RE, semver_key
@@ -33,6 +33,9 @@ Version = tuple[int, int, int, str]  # major, minor, patch, prerelease ("" for n
 class Comparator:
     op: str  # one of <, <=, >, >=, =
     version: Version
+
+    def key(self) -> tuple[object, ...]:
+        return _key(self.version)
 
     def test(self, key: tuple[object, ...]) -> bool:
         own = _key(self.version)
@@ -116,9 +119,16 @@ class Range:
 
     text: str
     sets: tuple[tuple[Comparator, ...], ...]
+    # version → allowed: resolution asks the same questions many times over. Not part of equality or hash.
+    _memo: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def allows(self, version: str) -> bool:
-        return _allows(self, version)
+        answer = self._memo.get(version)
+        if answer is None:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            answer = self._memo[version] = self._check(version)
+        return answer
 
     def _check(self, version: str) -> bool:
         match = SEMVER_RE.match(version)
@@ -144,10 +154,7 @@ class Range:
         return self.text
 
 
-@lru_cache(maxsize=262144)
-def _allows(range_: Range, version: str) -> bool:
-    # Resolution asks the same (range, version) questions many times over.
-    return range_._check(version)
+_MEMO_LIMIT = 4096
 
 
 @lru_cache(maxsize=4096)

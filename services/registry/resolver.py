@@ -9,6 +9,11 @@
 - Conflict-directed backjumping: every requirement remembers the decision that introduced it, and a failure
   carries the set of decisions responsible for it; the search jumps straight back to the latest of them
   instead of retrying unrelated decisions in between (plain backtracking is exponential on large graphs).
+- Work is not repeated: a non-shared copy another requirer already pulled in is not expanded again, and a
+  shared decision skips versions that shared edges already queued (but not yet processed) rule out.
+- Yanked releases are hidden unless pinned exactly (`=1.2.3` or `1.2.3`): a non-shared requirement takes a
+  yanked release only when it pins that version itself; a shared package takes one only when some requirement
+  in the catalog or the roots pins it, and tries it after every non-yanked candidate.
 - A conflict raises `ResolutionError` whose message tells the chain: who requires what, which ranges cannot
   meet, what is available. A dependency cycle is reported, never looped on.
 
@@ -17,6 +22,7 @@ Pure and synchronous (no I/O): the registry feeds it a `Catalog` snapshot.
 
 from __future__ import annotations
 
+import bisect
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,11 +42,24 @@ class Requirement:
 
 @dataclass(frozen=True)
 class Release:
-    """One resolvable version of a package (Ready, not yanked) with its own requirements."""
+    """One resolvable version of a package (Ready) with its own requirements."""
 
     version: str
     requirements: tuple[Requirement, ...] = ()
     digest: str = ""
+    yanked: bool = False
+
+
+def pinned_version(range_: Range) -> tuple[object, ...] | None:
+    """The SemVer key of the one version `range_` pins exactly (`=1.2.3`, `1.2.3`), else None."""
+    if len(range_.sets) == 1 and len(range_.sets[0]) == 1 and range_.sets[0][0].op == "=":
+        return range_.sets[0][0].key()
+    return None
+
+
+def pins(range_: Range, version: str) -> bool:
+    key = pinned_version(range_)
+    return key is not None and key == semver_key(version)
 
 
 # package → its resolvable releases.
@@ -104,15 +123,27 @@ class Resolver:
         self._steps = 0
         self._failure = _Failure()
         self._queue: list[_Edge] = []
+        # Shared package → queue positions of its shared edges, ascending: a decision consults the ones not
+        # processed yet (they will be, in this branch), so it never picks a version they already rule out.
+        self._queued_shared: dict[str, list[int]] = {}
         self._shared: dict[str, str] = {}
         # Level of the decision that chose each shared package's version.
         self._shared_levels: dict[str, int] = {}
         self._shared_edges: dict[str, list[_Edge]] = {}
         # (package, version) → requirers, for non-shared copies.
         self._copies: dict[tuple[str, str], list[str]] = {}
+        # (package, version key) pinned exactly by some requirement: the yanked releases that may be used.
+        self._pinned: set[tuple[str, tuple[object, ...]]] = set()
 
     def resolve(self, roots: Sequence[Requirement]) -> list[Resolved]:
-        self._queue = [self._edge(ROOT, (), (), r) for r in roots]
+        self._queue = []
+        self._enqueue([self._edge(ROOT, (), (), r) for r in roots])
+        if any(r.yanked for releases in self._versions.values() for r in releases):
+            requirements = [*roots, *(q for rs in self._versions.values() for r in rs for q in r.requirements)]
+            for requirement in requirements:
+                key = pinned_version(parse_range(requirement.range))
+                if key is not None:
+                    self._pinned.add((requirement.package, key))
         # One frame per decision; Python-to-Python calls do not use the C stack, so a deep graph only
         # needs a higher limit (never lowered here).
         needed = 2 * len(self._versions) * max((len(v) for v in self._versions.values()), default=1) + 1000
@@ -186,11 +217,22 @@ class Resolver:
                        depth: int) -> Conflict | None:
         name = edge.requirement.package
         edges.append(edge)
+        narrowing: list[_Edge] = []
         candidates = [r for r in releases if all(e.range.allows(r.version) for e in edges)]
+        # Queued edges on this package rule out versions now rather than after a detour; when they narrow
+        # the choice, their requirers share the blame for whatever fails below.
+        for pending in self._pending_shared(name, head):
+            narrowed = [r for r in candidates if pending.range.allows(r.version)]
+            if len(narrowed) < len(candidates):
+                narrowing.append(pending)
+                candidates = narrowed
+        if any(r.yanked for r in candidates):
+            candidates = ([r for r in candidates if not r.yanked]
+                          + [r for r in candidates if r.yanked and (name, semver_key(r.version)) in self._pinned])
         # The requirements that narrowed the candidates share the blame for any failure below.
-        blame = {e.origin for e in edges}
+        blame = {e.origin for e in (*edges, *narrowing)}
         if not candidates:
-            self._fail(depth, _conflict(name, edges, releases), name)
+            self._fail(depth, _conflict(name, [*edges, *narrowing], releases), name)
         for release in candidates:
             self._shared[name] = release.version
             self._shared_levels[name] = depth
@@ -208,14 +250,20 @@ class Resolver:
 
     def _decide_copy(self, edge: _Edge, releases: Sequence[Release], head: int, depth: int) -> Conflict | None:
         name = edge.requirement.package
-        candidates = [r for r in releases if edge.range.allows(r.version)]
+        candidates = [r for r in releases
+                      if edge.range.allows(r.version) and (not r.yanked or pins(edge.range, r.version))]
         blame = {edge.origin}
         if not candidates:
             self._fail(depth, _conflict(name, [edge], releases), name)
         for release in candidates:
             requirers = self._copies.setdefault((name, release.version), [])
+            # A copy another requirer already pulled in had its requirements queued then (with the same
+            # requirer name, so the same constraints): expanding it again adds nothing but work, and in a
+            # DAG of non-shared edges that work multiplies with every path. Any cycle through it was met on
+            # the first expansion, which reaches the same packages.
+            expand = not requirers
             requirers.append(edge.requirer)
-            found = self._try(edge, release, head, depth)
+            found = self._try(edge, release, head, depth, expand=expand)
             if found is None:
                 return None
             requirers.pop()
@@ -226,13 +274,32 @@ class Resolver:
             blame |= found - {depth}
         return frozenset(blame)
 
-    def _try(self, edge: _Edge, release: Release, head: int, depth: int) -> Conflict | None:
+    def _try(self, edge: _Edge, release: Release, head: int, depth: int, *, expand: bool = True,
+             ) -> Conflict | None:
         mark = len(self._queue)
-        self._queue.extend(self._children(edge, release, depth))
+        if expand:
+            self._enqueue(self._children(edge, release, depth))
         found = self._search(head + 1, depth + 1)
         if found is not None:
-            del self._queue[mark:]
+            self._truncate(mark)
         return found
+
+    def _enqueue(self, edges: list[_Edge]) -> None:
+        for edge in edges:
+            if edge.requirement.shared:
+                self._queued_shared.setdefault(edge.requirement.package, []).append(len(self._queue))
+            self._queue.append(edge)
+
+    def _truncate(self, mark: int) -> None:
+        for edge in reversed(self._queue[mark:]):
+            if edge.requirement.shared:
+                self._queued_shared[edge.requirement.package].pop()
+        del self._queue[mark:]
+
+    def _pending_shared(self, name: str, head: int) -> list[_Edge]:
+        """Shared edges on `name` queued after position `head`."""
+        positions = self._queued_shared.get(name, [])
+        return [self._queue[i] for i in positions[bisect.bisect_right(positions, head):]]
 
     def _flatten(self) -> list[Resolved]:
         digests = {(name, r.version): r.digest for name, rs in self._catalog.items() for r in rs}
@@ -251,7 +318,8 @@ def _who(edge: _Edge) -> str:
 def _conflict(name: str, edges: list[_Edge], releases: Sequence[Release]) -> str:
     asks = "; ".join(f"{_who(e)} requires {name} {e.range}" + (" (shared)" if e.requirement.shared else "")
                      + (f" via {' → '.join(e.path)}" if len(e.path) > 1 else "") for e in edges)
-    available = ", ".join(r.version for r in releases[:10]) + (" …" if len(releases) > 10 else "")
+    listed = [r.version + (" (yanked)" if r.yanked else "") for r in releases]
+    available = ", ".join(listed[:10]) + (" …" if len(listed) > 10 else "")
     what = "these ranges cannot meet" if len(edges) > 1 else "no version satisfies it"
     return f"cannot resolve {name}: {asks}; {what} (available: {available})"
 

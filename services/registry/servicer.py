@@ -7,7 +7,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +21,9 @@ from clawhub.registry.v1 import registry_service_pb2 as pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from services.registry.blobs import BlobNotFound, BlobStore
-from services.registry.store import MetadataStore, NewVersion, SkillRecord, State, VersionRecord
+from services.registry.ranges import range_problem
+from services.registry.resolver import Catalog, Release, Requirement, ResolutionError, Resolved, Resolver
+from services.registry.store import MetadataStore, NewVersion, SkillRecord, State, VersionNotFound, VersionRecord
 from services.registry.verify import Verifier
 from services.runtime import bundle as bundles
 from services.runtime.errors import Reason, ServiceError, invalid
@@ -42,6 +46,13 @@ _STATE_PB: dict[State, release_pb2.ReleaseState.ValueType] = {
 # Page tokens are opaque to clients; the prefix lets a token for one listing be told from another's.
 _SKILLS_TOKEN = "skills/"
 _VERSIONS_TOKEN = "versions/"
+
+# Tag names: lowercase, starting with a letter, so a tag can never be mistaken for a SemVer version.
+TAG_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+LATEST = "latest"
+MAX_YANK_REASON = 1024
+MAX_FILTER_LENGTH = 256
+MAX_REQUIREMENTS = 1000
 
 
 class _KeyedLocks:
@@ -109,6 +120,8 @@ def version_to_pb(record: VersionRecord) -> pb.SkillVersion:
         state=_STATE_PB[record.state],
         verification_errors=list(record.verification_errors),
         bundle_digest=record.bundle_digest,
+        yanked=record.yanked,
+        yank_reason=record.yank_reason,
     )
     message.create_time.FromNanoseconds(record.create_time_ns)
     for step in record.history:
@@ -123,7 +136,10 @@ def version_to_pb(record: VersionRecord) -> pb.SkillVersion:
 
 def skill_to_pb(record: SkillRecord) -> pb.Skill:
     description = skill_pb2.Manifest.FromString(record.latest_manifest).description if record.latest_manifest else ""
-    message = pb.Skill(name=record.name, latest_version=record.latest_version, description=description)
+    tags = dict(record.tags)
+    if record.latest_version:
+        tags[LATEST] = record.latest_version
+    message = pb.Skill(name=record.name, latest_version=record.latest_version, description=description, tags=tags)
     message.create_time.FromNanoseconds(record.create_time_ns)
     message.update_time.FromNanoseconds(record.update_time_ns)
     return message
@@ -143,6 +159,20 @@ def _manifest_problems(manifest: skill_pb2.Manifest) -> list[tuple[Reason, str, 
         if "\0" in arg or len(arg) > MAX_ARG_LENGTH:
             problems.append((Reason.INVALID_MANIFEST, f"metadata.manifest.args[{i}]",
                              f"an argument may not contain NUL and is at most {MAX_ARG_LENGTH} characters"))
+    if manifest.HasField("limits") and manifest.limits.HasField("timeout"):
+        timeout = manifest.limits.timeout
+        if timeout.seconds < 0 or timeout.nanos < 0:
+            problems.append((Reason.INVALID_MANIFEST, "metadata.manifest.limits.timeout",
+                             "a timeout must not be negative (leave it unset for the platform default)"))
+    for i, dependency in enumerate(manifest.dependencies):
+        where = f"metadata.manifest.dependencies[{i}]"
+        if problem := skill_name_problem(dependency.package):
+            problems.append((Reason.INVALID_NAME, f"{where}.package", problem))
+        elif dependency.package == manifest.name:
+            problems.append((Reason.INVALID_MANIFEST, f"{where}.package",
+                             f"{manifest.name} cannot depend on itself"))
+        if problem := range_problem(dependency.version_range):
+            problems.append((Reason.INVALID_MANIFEST, f"{where}.version_range", problem))
     seen: set[str] = set()
     for i, declared in enumerate(manifest.files):
         where = f"metadata.manifest.files[{i}]"
@@ -197,6 +227,41 @@ def _check_version(version: str, field_name: str = "version") -> None:
         raise invalid(Reason.INVALID_VERSION, field_name, problem)
 
 
+def _check_tag(tag: str, field_name: str = "tag") -> None:
+    if not TAG_RE.match(tag):
+        raise invalid(Reason.INVALID_ARGUMENT, field_name,
+                      f"{tag[:80]!r} is not a tag name: a lowercase letter, then up to 63 lowercase letters, "
+                      "digits or hyphens")
+    if tag == LATEST:
+        raise invalid(Reason.INVALID_ARGUMENT, field_name,
+                      "`latest` is reserved: it always follows the highest Ready non-yanked release")
+
+
+def _version_not_found(name: str, version: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
+                        f"no version {version} of skill {name!r}", metadata={"name": name, "version": version})
+
+
+def _filter_key(prefix: str, query: str) -> str:
+    """What binds a ListSkills page token to its filter, without putting the filter in the token."""
+    return hashlib.sha256(f"{prefix}\0{query}".encode()).hexdigest()[:16]
+
+
+def _requirement_problems(dependencies: list[skill_pb2.Dependency], field_name: str,
+                          ) -> list[tuple[Reason, str, str]]:
+    problems: list[tuple[Reason, str, str]] = []
+    for i, dependency in enumerate(dependencies):
+        if problem := skill_name_problem(dependency.package):
+            problems.append((Reason.INVALID_NAME, f"{field_name}[{i}].package", problem))
+        if problem := range_problem(dependency.version_range):
+            problems.append((Reason.INVALID_ARGUMENT, f"{field_name}[{i}].version_range", problem))
+    return problems
+
+
+def _requirements(dependencies: list[skill_pb2.Dependency]) -> tuple[Requirement, ...]:
+    return tuple(Requirement(d.package, d.version_range, d.is_shared) for d in dependencies)
+
+
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
     """clawhub.registry.v1.RegistryService."""
 
@@ -209,6 +274,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         # Publishes of one name@version take turns, so a retry waits for the first attempt's verdict instead
         # of racing it; different versions run in parallel.
         self._publishing = _KeyedLocks()
+        # The resolver's catalogue, rebuilt after any change to the set of READY versions or yank flags:
+        # (generation it was built at, catalogue). Manifests are parsed once per build, not per request.
+        self._generation = 0
+        self._catalog: tuple[int, Catalog] | None = None
 
     # Publishing.
 
@@ -357,6 +426,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     abi = self._verifier.abi_of(meta.manifest)
                     files = (f"; bundle holds exactly the manifest's {len(meta.manifest.files)} file(s)"
                              if bundle is not None else "")
+                    self._generation += 1
                     record = await self._store.transition(
                         name, version, State.READY,
                         f"verification passed: compiles with wasmtime and implements {abi.name if abi else '?'} "
@@ -420,20 +490,50 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ListSkills(self, request: pb.ListSkillsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListSkillsResponse:
         size = _page_size(request.page_size)
-        after = _decode_token(request.page_token, _SKILLS_TOKEN) if request.page_token else None
-        page = await self._store.list_skills(after=after, limit=size)
-        token = _encode_token(_SKILLS_TOKEN + page.items[-1].name) if page.more and page.items else ""
+        for field_name, text in (("prefix", request.prefix), ("query", request.query)):
+            if len(text) > MAX_FILTER_LENGTH:
+                raise invalid(Reason.INVALID_ARGUMENT, field_name, f"{field_name} is at most {MAX_FILTER_LENGTH} "
+                              "characters")
+        # A filtered listing's token carries a key of its filter (an unfiltered one keeps the old format), so
+        # a token replayed with another filter is refused instead of silently skipping or repeating skills.
+        filtered = bool(request.prefix or request.query)
+        token_prefix = _SKILLS_TOKEN + (_filter_key(request.prefix, request.query) + "/" if filtered else "")
+        after = None
+        if request.page_token:
+            after = _decode_token(request.page_token, _SKILLS_TOKEN)
+            if not (_SKILLS_TOKEN + after).startswith(token_prefix) or (not filtered and "/" in after):
+                raise invalid(Reason.INVALID_PAGE_TOKEN, "page_token",
+                              "page_token belongs to a listing with another prefix or query; start again "
+                              "without it")
+            after = after.rpartition("/")[2]
+        if filtered:
+            page = await self._store.search_skills(after=after, limit=size, prefix=request.prefix,
+                                                   query=request.query)
+        else:
+            page = await self._store.list_skills(after=after, limit=size)
+        token = _encode_token(token_prefix + page.items[-1].name) if page.more and page.items else ""
         return pb.ListSkillsResponse(skills=[skill_to_pb(s) for s in page.items], next_page_token=token)
 
     async def GetSkillVersion(self, request: pb.GetSkillVersionRequest,
                               context: grpc.aio.ServicerContext) -> pb.GetSkillVersionResponse:
         _check_name(request.name)
-        _check_version(request.version)
-        record = await self._store.get_version(request.name, request.version)
+        version = request.version
+        if version_problem(version) and TAG_RE.match(version):
+            skill = await self._store.get_skill(request.name)
+            if skill is None:
+                raise _skill_not_found(request.name)
+            tagged = skill.latest_version if version == LATEST else skill.tags.get(version, "")
+            if not tagged:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
+                                   f"skill {request.name!r} has no tag {version!r}"
+                                   + (" (no Ready, non-yanked version)" if version == LATEST else ""),
+                                   metadata={"name": request.name, "tag": version})
+            version = tagged
+        else:
+            _check_version(version)
+        record = await self._store.get_version(request.name, version)
         if record is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
-                               f"no version {request.version} of skill {request.name!r}",
-                               metadata={"name": request.name, "version": request.version})
+            raise _version_not_found(request.name, version)
         return pb.GetSkillVersionResponse(skill_version=version_to_pb(record))
 
     async def ListSkillVersions(self, request: pb.ListSkillVersionsRequest,
@@ -456,6 +556,113 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.ListSkillVersionsResponse(skill_versions=[version_to_pb(v) for v in page.items],
                                             next_page_token=token)
 
+    # Catalogue.
+
+    async def YankSkillVersion(self, request: pb.YankSkillVersionRequest,
+                               context: grpc.aio.ServicerContext) -> pb.YankSkillVersionResponse:
+        _check_name(request.name)
+        _check_version(request.version)
+        if len(request.reason) > MAX_YANK_REASON:
+            raise invalid(Reason.INVALID_ARGUMENT, "reason", f"a yank reason is at most {MAX_YANK_REASON} characters")
+        self._generation += 1
+        try:
+            record = await self._store.set_yanked(request.name, request.version, request.yanked, request.reason)
+        except VersionNotFound:
+            raise _version_not_found(request.name, request.version) from None
+        finally:
+            self._generation += 1
+        log.info("%s %s@%s%s", "yanked" if request.yanked else "un-yanked", request.name, request.version,
+                 f" ({request.reason})" if request.yanked and request.reason else "")
+        return pb.YankSkillVersionResponse(skill_version=version_to_pb(record))
+
+    async def SetSkillTag(self, request: pb.SetSkillTagRequest,
+                          context: grpc.aio.ServicerContext) -> pb.SetSkillTagResponse:
+        _check_name(request.name)
+        _check_tag(request.tag)
+        _check_version(request.version)
+        record = await self._store.get_version(request.name, request.version)
+        if record is None:
+            raise _version_not_found(request.name, request.version)
+        if record.state is not State.READY:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_NOT_READY,
+                               f"{request.name}@{request.version} is {record.state}, not READY: only a verified "
+                               "version can be tagged",
+                               metadata={"name": request.name, "version": request.version,
+                                         "state": record.state.value})
+        skill = await self._store.set_tag(request.name, request.tag, request.version)
+        return pb.SetSkillTagResponse(skill=skill_to_pb(skill))
+
+    async def DeleteSkillTag(self, request: pb.DeleteSkillTagRequest,
+                             context: grpc.aio.ServicerContext) -> pb.DeleteSkillTagResponse:
+        _check_name(request.name)
+        _check_tag(request.tag)
+        skill = await self._store.delete_tag(request.name, request.tag)
+        if skill is None:
+            if await self._store.get_skill(request.name) is None:
+                raise _skill_not_found(request.name)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.TAG_NOT_FOUND,
+                               f"skill {request.name!r} has no tag {request.tag!r}",
+                               metadata={"name": request.name, "tag": request.tag})
+        return pb.DeleteSkillTagResponse(skill=skill_to_pb(skill))
+
+    async def _resolver_catalog(self) -> Catalog:
+        generation = self._generation
+        if self._catalog is not None and self._catalog[0] == generation:
+            return self._catalog[1]
+        entries = await self._store.catalog()
+
+        def build() -> Catalog:
+            catalog: dict[str, list[Release]] = {}
+            for entry in entries:
+                manifest = skill_pb2.Manifest.FromString(entry.manifest)
+                catalog.setdefault(entry.name, []).append(Release(
+                    entry.version, _requirements(list(manifest.dependencies)), entry.digest, entry.yanked))
+            return catalog
+
+        catalog = await asyncio.to_thread(build)
+        # Tagged with the generation read before the query: a change meanwhile makes the next call rebuild.
+        self._catalog = (generation, catalog)
+        return catalog
+
+    async def ResolveDependencies(self, request: pb.ResolveDependenciesRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.ResolveDependenciesResponse:
+        by_version = bool(request.name or request.version)
+        if by_version == bool(request.requirements):
+            raise invalid(Reason.INVALID_ARGUMENT, "requirements",
+                          "send either requirements or name and version of a published skill, not both")
+        if len(request.requirements) > MAX_REQUIREMENTS:
+            raise invalid(Reason.INVALID_ARGUMENT, "requirements",
+                          f"at most {MAX_REQUIREMENTS} requirements per request")
+        if problems := _requirement_problems(list(request.requirements), "requirements"):
+            raise _problems_error(problems)
+        roots = _requirements(list(request.requirements))
+        if by_version:
+            _check_name(request.name)
+            _check_version(request.version)
+            record = await self._store.get_version(request.name, request.version)
+            if record is None:
+                raise _version_not_found(request.name, request.version)
+            if record.state is not State.READY:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_NOT_READY,
+                                   f"{request.name}@{request.version} is {record.state}, not READY",
+                                   metadata={"name": request.name, "version": request.version,
+                                             "state": record.state.value})
+            # Resolve the version itself, pinned: its own dependencies come from the catalogue, a cycle back
+            # to it is caught, and a yanked version still resolves (it is pinned exactly).
+            roots = (Requirement(request.name, "=" + request.version, True),)
+        catalog = await self._resolver_catalog()
+        try:
+            resolved = await asyncio.to_thread(Resolver(catalog).resolve, roots)
+        except ResolutionError as exc:
+            metadata = {"package": exc.package}
+            if exc.cycle:
+                metadata["cycle"] = " -> ".join(exc.cycle)
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.DEPENDENCY_CONFLICT, str(exc),
+                               metadata=metadata) from None
+        if by_version:
+            resolved = [r for r in resolved if (r.package, r.version) != (request.name, request.version)]
+        return pb.ResolveDependenciesResponse(dependencies=[_resolved_to_pb(r) for r in resolved])
+
     async def DownloadBlob(self, request: pb.DownloadBlobRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadBlobResponse]:
         if problem := digest_problem(request.digest):
@@ -471,6 +678,11 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 yield pb.DownloadBlobResponse(chunk=chunk)
         finally:
             reader.close()
+
+
+def _resolved_to_pb(resolved: Resolved) -> pb.ResolvedDependency:
+    return pb.ResolvedDependency(package=resolved.package, version=resolved.version, digest=resolved.digest,
+                                 is_shared=resolved.shared, required_by=list(resolved.required_by))
 
 
 async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Verifier) -> None:

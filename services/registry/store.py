@@ -14,12 +14,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 import aiosqlite
+from clawhub.common.v1 import skill_pb2
 
 from services.runtime.names import is_prerelease, semver_key
 
@@ -84,6 +85,9 @@ class VersionRecord:
     create_time_ns: int
     # Digest of the file bundle, empty when the version bundles no files.
     bundle_digest: str = ""
+    # Yanked: reserved forever, never `latest`, resolved only when pinned exactly.
+    yanked: bool = False
+    yank_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,19 @@ class SkillRecord:
     latest_version: str
     # Manifest of the latest version, empty bytes when there is none.
     latest_manifest: bytes
+    # Explicit tags (tag → version); `latest` is not among them, it is computed.
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One READY version as dependency resolution sees it."""
+
+    name: str
+    version: str
+    digest: str
+    manifest: bytes
+    yanked: bool
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,8 @@ class Page(Generic[T]):
 
 
 def latest_version(ready_versions: Iterable[str]) -> str:
-    """The highest READY non-prerelease version, else the highest READY prerelease, else empty."""
+    """The highest READY non-yanked non-prerelease version, else the highest such prerelease, else empty
+    (the caller passes only READY non-yanked versions)."""
     versions = list(ready_versions)
     releases = [v for v in versions if not is_prerelease(v)]
     pool = releases or versions
@@ -171,6 +189,27 @@ class MetadataStore(Protocol):
         """Versions left PENDING or VERIFYING (the registry stopped mid-publish)."""
         ...
 
+    async def set_yanked(self, name: str, version: str, yanked: bool, reason: str) -> VersionRecord:
+        """Yank or un-yank a version; raises VersionNotFound."""
+        ...
+
+    async def set_tag(self, name: str, tag: str, version: str) -> SkillRecord:
+        """Point `tag` at `version` (which the caller checked exists and is READY)."""
+        ...
+
+    async def delete_tag(self, name: str, tag: str) -> SkillRecord | None:
+        """Remove `tag`; None when the skill had no such tag."""
+        ...
+
+    async def search_skills(self, *, after: str | None, limit: int, prefix: str, query: str) -> Page[SkillRecord]:
+        """Skills in name order after `after` whose name starts with `prefix` and whose name or latest
+        description contains `query` (case-insensitive)."""
+        ...
+
+    async def catalog(self) -> list[CatalogEntry]:
+        """Every READY version, for dependency resolution."""
+        ...
+
 
 # Each migration is a list of statements run in one transaction; schema_version records the last one applied.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -209,10 +248,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # 2: the file bundle a version ships with (issue 3: capabilities).
         "ALTER TABLE versions ADD COLUMN bundle_digest TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # 3: yank and explicit tags (issue 4: catalogue).
+        "ALTER TABLE versions ADD COLUMN yanked INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE versions ADD COLUMN yank_reason TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE tags (
+            name TEXT NOT NULL,
+            tag TEXT NOT NULL,
+            version TEXT NOT NULL,
+            PRIMARY KEY (name, tag),
+            FOREIGN KEY (name, version) REFERENCES versions(name, version)
+        ) WITHOUT ROWID""",
+    ),
 )
 
 _VERSION_COLUMNS = ("name, version, digest, size_bytes, manifest, state, verification_errors, create_time_ns, "
-                    "bundle_digest")
+                    "bundle_digest, yanked, yank_reason")
 
 
 async def _configure(conn: aiosqlite.Connection) -> None:
@@ -313,7 +364,7 @@ class SqliteMetadataStore:
                 (new.name, new.upload_started_ns, new.upload_started_ns),
             )
             await db.execute(
-                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?, ?)",
+                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?, ?, 0, '')",
                 (new.name, new.version, new.digest, new.size_bytes, new.manifest, State.VERIFYING.value,
                  new.upload_started_ns, new.bundle_digest),
             )
@@ -381,6 +432,62 @@ class SqliteMetadataStore:
                 keys = [(str(row[0]), str(row[1])) async for row in cursor]
             return [r for name, version in keys if (r := await _fetch_version(db, name, version)) is not None]
 
+    async def set_yanked(self, name: str, version: str, yanked: bool, reason: str) -> VersionRecord:
+        async with self._write() as db:
+            cursor = await db.execute("UPDATE versions SET yanked = ?, yank_reason = ? WHERE name = ? AND version = ?",
+                                      (int(yanked), reason if yanked else "", name, version))
+            if cursor.rowcount == 0:
+                raise VersionNotFound(f"{name}@{version}")
+            record = await _fetch_version(db, name, version)
+        assert record is not None
+        return record
+
+    async def set_tag(self, name: str, tag: str, version: str) -> SkillRecord:
+        async with self._write() as db:
+            await db.execute("INSERT INTO tags (name, tag, version) VALUES (?, ?, ?) "
+                             "ON CONFLICT (name, tag) DO UPDATE SET version = excluded.version", (name, tag, version))
+            skills = await _fetch_skills(db, "WHERE name = ?", (name,))
+        return skills[0]
+
+    async def delete_tag(self, name: str, tag: str) -> SkillRecord | None:
+        async with self._write() as db:
+            cursor = await db.execute("DELETE FROM tags WHERE name = ? AND tag = ?", (name, tag))
+            if cursor.rowcount == 0:
+                return None
+            skills = await _fetch_skills(db, "WHERE name = ?", (name,))
+        return skills[0]
+
+    async def search_skills(self, *, after: str | None, limit: int, prefix: str, query: str) -> Page[SkillRecord]:
+        needle = query.casefold()
+        found: list[SkillRecord] = []
+        cursor_name = after or ""
+        batch = max(limit + 1, 200)
+        # The keyword matches the latest version's description, which is computed, not stored: scan in name
+        # order (bounded by the prefix through the primary key) and filter here.
+        async with self._read() as db:
+            while len(found) <= limit:
+                where = "WHERE name > ?"
+                params: list[object] = [cursor_name]
+                if prefix:
+                    where += " AND name >= ? AND substr(name, 1, ?) = ?"
+                    params += [prefix, len(prefix), prefix]
+                skills = await _fetch_skills(db, f"{where} ORDER BY name LIMIT ?", (*params, batch))
+                for skill in skills:
+                    description = (skill_pb2.Manifest.FromString(skill.latest_manifest).description
+                                   if skill.latest_manifest else "")
+                    if not needle or needle in skill.name.casefold() or needle in description.casefold():
+                        found.append(skill)
+                if len(skills) < batch:
+                    break
+                cursor_name = skills[-1].name
+        return Page(found[:limit], more=len(found) > limit)
+
+    async def catalog(self) -> list[CatalogEntry]:
+        async with self._read() as db:
+            async with db.execute("SELECT name, version, digest, manifest, yanked FROM versions WHERE state = ?",
+                                  (State.READY.value,)) as cursor:
+                return [CatalogEntry(str(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bool(r[4])) async for r in cursor]
+
 
 async def _insert_transition(db: aiosqlite.Connection, name: str, version: str, from_state: State | None,
                              to_state: State, time_ns: int, reason: str) -> None:
@@ -408,6 +515,7 @@ async def _fetch_version(db: aiosqlite.Connection, name: str, version: str) -> V
         size_bytes=int(row["size_bytes"]), manifest=bytes(row["manifest"]), state=State(row["state"]),
         verification_errors=tuple(json.loads(row["verification_errors"])), history=tuple(history),
         create_time_ns=int(row["create_time_ns"]), bundle_digest=str(row["bundle_digest"]),
+        yanked=bool(row["yanked"]), yank_reason=str(row["yank_reason"]),
     )
 
 
@@ -419,10 +527,15 @@ async def _fetch_skills(db: aiosqlite.Connection, where: str, params: tuple[obje
     names = [name for name, _, _ in rows]
     placeholders = ", ".join("?" * len(names))
     ready: dict[str, list[str]] = {name: [] for name in names}
-    async with db.execute(f"SELECT name, version FROM versions WHERE state = ? AND name IN ({placeholders})",
-                          (State.READY.value, *names)) as cursor:
+    async with db.execute(f"SELECT name, version FROM versions WHERE state = ? AND yanked = 0 "
+                          f"AND name IN ({placeholders})", (State.READY.value, *names)) as cursor:
         async for r in cursor:
             ready[str(r[0])].append(str(r[1]))
+    tags: dict[str, dict[str, str]] = {name: {} for name in names}
+    async with db.execute(f"SELECT name, tag, version FROM tags WHERE name IN ({placeholders}) ORDER BY tag",
+                          tuple(names)) as cursor:
+        async for r in cursor:
+            tags[str(r[0])][str(r[1])] = str(r[2])
     skills = []
     for name, created, updated in rows:
         latest = latest_version(ready[name])
@@ -432,5 +545,5 @@ async def _fetch_skills(db: aiosqlite.Connection, where: str, params: tuple[obje
                                   (name, latest)) as cursor:
                 row = await cursor.fetchone()
             manifest = bytes(row[0]) if row else b""
-        skills.append(SkillRecord(name, created, updated, latest, manifest))
+        skills.append(SkillRecord(name, created, updated, latest, manifest, tags[name]))
     return skills

@@ -54,7 +54,7 @@ async def test_malformed_lookups(registry: Client, call: str, reason: str, field
         elif call == "GetSkillVersion":
             await stub.GetSkillVersion(pb.GetSkillVersionRequest(name="", version="1.0.0"), timeout=5)
         elif call == "GetSkillVersionBadVersion":
-            await stub.GetSkillVersion(pb.GetSkillVersionRequest(name="com.acme.echo", version="latest"),
+            await stub.GetSkillVersion(pb.GetSkillVersionRequest(name="com.acme.echo", version="1.0"),
                                        timeout=5)
         elif call == "ListSkillVersions":
             await stub.ListSkillVersions(pb.ListSkillVersionsRequest(name="COM.ACME"), timeout=5)

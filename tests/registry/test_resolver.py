@@ -190,3 +190,26 @@ def test_resolver_agrees_with_brute_force(graph: tuple[dict[str, list[Release]],
                 if semver_key(release.version) > semver_key(version):
                     assert not _holds(catalog, roots, {**shared, name: release.version}, set()), (
                         f"{name} could be {release.version} instead of {version}")
+
+
+def test_yanked_releases_resolve_only_when_pinned_exactly() -> None:
+    catalog: Catalog = {
+        "lib": [Release("1.0.0", digest="a"), Release("1.1.0", digest="b", yanked=True)],
+        "app": [Release("1.0.0", (Requirement("lib", "^1.0.0", shared=True),)),
+                Release("2.0.0", (Requirement("lib", "1.1.0", shared=True),))],
+    }
+
+    def versions(*roots: Requirement) -> list[tuple[str, str]]:
+        return [(r.package, r.version) for r in resolve(catalog, roots)]
+
+    assert versions(Requirement("lib", "^1.0.0")) == [("lib", "1.0.0")]
+    assert versions(Requirement("lib", "=1.1.0")) == [("lib", "1.1.0")]
+    assert versions(Requirement("lib", "1.1.0", shared=True)) == [("lib", "1.1.0")]
+    with pytest.raises(ResolutionError, match=r"1\.1\.0 \(yanked\)"):
+        resolve(catalog, [Requirement("lib", ">=1.1.0")])
+    # A shared package decided before the pin arrives is revisited: the pinned yanked release is tried last.
+    assert versions(Requirement("lib", "^1.0.0", shared=True), Requirement("app", "=2.0.0")) == [
+        ("app", "2.0.0"), ("lib", "1.1.0")]
+    # A pin elsewhere in the graph does not make ranges prefer the yanked release.
+    assert versions(Requirement("lib", "^1.0.0", shared=True), Requirement("app", "=1.0.0")) == [
+        ("app", "1.0.0"), ("lib", "1.0.0")]

@@ -27,43 +27,65 @@ from clawhub.common.v1 import skill_pb2 as clawhub_dot_common_dot_v1_dot_skill__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*clawhub/registry/v1/registry_service.proto\x12\x13\x63lawhub.registry.v1\x1a\x1f\x63lawhub/common/v1/release.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x01\n\x05Skill\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xca\x02\n\x0cSkillVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.clawhub.common.v1.Manifest\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.clawhub.common.v1.ReleaseState\x12\x1b\n\x13verification_errors\x18\x07 \x03(\t\x12\x33\n\x07history\x18\x08 \x03(\x0b\x32\".clawhub.common.v1.StateTransition\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rbundle_digest\x18\n \x01(\t\"\xaf\x01\n\x14PublishSkillMetadata\x12-\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.clawhub.common.v1.Manifest\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rbundle_sha256\x18\x05 \x01(\t\x12\x19\n\x11\x62undle_size_bytes\x18\x06 \x01(\x04\"\x88\x01\n\x13PublishSkillRequest\x12=\n\x08metadata\x18\x01 \x01(\x0b\x32).clawhub.registry.v1.PublishSkillMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0c\x62undle_chunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"a\n\x14PublishSkillResponse\x12\x38\n\rskill_version\x18\x01 \x01(\x0b\x32!.clawhub.registry.v1.SkillVersion\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x0fGetSkillRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x10GetSkillResponse\x12)\n\x05skill\x18\x01 \x01(\x0b\x32\x1a.clawhub.registry.v1.Skill\":\n\x11ListSkillsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x12ListSkillsResponse\x12*\n\x06skills\x18\x01 \x03(\x0b\x32\x1a.clawhub.registry.v1.Skill\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x16GetSkillVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"S\n\x17GetSkillVersionResponse\x12\x38\n\rskill_version\x18\x01 \x01(\x0b\x32!.clawhub.registry.v1.SkillVersion\"O\n\x18ListSkillVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"o\n\x19ListSkillVersionsResponse\x12\x39\n\x0eskill_versions\x18\x01 \x03(\x0b\x32!.clawhub.registry.v1.SkillVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13\x44ownloadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"%\n\x14\x44ownloadBlobResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x32\xf9\x04\n\x0fRegistryService\x12\x65\n\x0cPublishSkill\x12(.clawhub.registry.v1.PublishSkillRequest\x1a).clawhub.registry.v1.PublishSkillResponse(\x01\x12W\n\x08GetSkill\x12$.clawhub.registry.v1.GetSkillRequest\x1a%.clawhub.registry.v1.GetSkillResponse\x12]\n\nListSkills\x12&.clawhub.registry.v1.ListSkillsRequest\x1a\'.clawhub.registry.v1.ListSkillsResponse\x12l\n\x0fGetSkillVersion\x12+.clawhub.registry.v1.GetSkillVersionRequest\x1a,.clawhub.registry.v1.GetSkillVersionResponse\x12r\n\x11ListSkillVersions\x12-.clawhub.registry.v1.ListSkillVersionsRequest\x1a..clawhub.registry.v1.ListSkillVersionsResponse\x12\x65\n\x0c\x44ownloadBlob\x12(.clawhub.registry.v1.DownloadBlobRequest\x1a).clawhub.registry.v1.DownloadBlobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*clawhub/registry/v1/registry_service.proto\x12\x13\x63lawhub.registry.v1\x1a\x1f\x63lawhub/common/v1/release.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x02\n\x05Skill\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x04tags\x18\x06 \x03(\x0b\x32$.clawhub.registry.v1.Skill.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xef\x02\n\x0cSkillVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.clawhub.common.v1.Manifest\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.clawhub.common.v1.ReleaseState\x12\x1b\n\x13verification_errors\x18\x07 \x03(\t\x12\x33\n\x07history\x18\x08 \x03(\x0b\x32\".clawhub.common.v1.StateTransition\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rbundle_digest\x18\n \x01(\t\x12\x0e\n\x06yanked\x18\x0b \x01(\x08\x12\x13\n\x0byank_reason\x18\x0c \x01(\t\"\xaf\x01\n\x14PublishSkillMetadata\x12-\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.clawhub.common.v1.Manifest\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rbundle_sha256\x18\x05 \x01(\t\x12\x19\n\x11\x62undle_size_bytes\x18\x06 \x01(\x04\"\x88\x01\n\x13PublishSkillRequest\x12=\n\x08metadata\x18\x01 \x01(\x0b\x32).clawhub.registry.v1.PublishSkillMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0c\x62undle_chunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"a\n\x14PublishSkillResponse\x12\x38\n\rskill_version\x18\x01 \x01(\x0b\x32!.clawhub.registry.v1.SkillVersion\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x0fGetSkillRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x10GetSkillResponse\x12)\n\x05skill\x18\x01 \x01(\x0b\x32\x1a.clawhub.registry.v1.Skill\"Y\n\x11ListSkillsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\"Y\n\x12ListSkillsResponse\x12*\n\x06skills\x18\x01 \x03(\x0b\x32\x1a.clawhub.registry.v1.Skill\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x16GetSkillVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"S\n\x17GetSkillVersionResponse\x12\x38\n\rskill_version\x18\x01 \x01(\x0b\x32!.clawhub.registry.v1.SkillVersion\"O\n\x18ListSkillVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"o\n\x19ListSkillVersionsResponse\x12\x39\n\x0eskill_versions\x18\x01 \x03(\x0b\x32!.clawhub.registry.v1.SkillVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13\x44ownloadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"%\n\x14\x44ownloadBlobResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"l\n\x17YankSkillVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06yanked\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"T\n\x18YankSkillVersionResponse\x12\x38\n\rskill_version\x18\x01 \x01(\x0b\x32!.clawhub.registry.v1.SkillVersion\"T\n\x12SetSkillTagRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"@\n\x13SetSkillTagResponse\x12)\n\x05skill\x18\x01 \x01(\x0b\x32\x1a.clawhub.registry.v1.Skill\"F\n\x15\x44\x65leteSkillTagRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x16\x44\x65leteSkillTagResponse\x12)\n\x05skill\x18\x01 \x01(\x0b\x32\x1a.clawhub.registry.v1.Skill\"p\n\x1aResolveDependenciesRequest\x12\x33\n\x0crequirements\x18\x01 \x03(\x0b\x32\x1d.clawhub.common.v1.Dependency\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"n\n\x12ResolvedDependency\x12\x0f\n\x07package\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x11\n\tis_shared\x18\x04 \x01(\x08\x12\x13\n\x0brequired_by\x18\x05 \x03(\t\"\\\n\x1bResolveDependenciesResponse\x12=\n\x0c\x64\x65pendencies\x18\x01 \x03(\x0b\x32\'.clawhub.registry.v1.ResolvedDependency2\xb1\x08\n\x0fRegistryService\x12\x65\n\x0cPublishSkill\x12(.clawhub.registry.v1.PublishSkillRequest\x1a).clawhub.registry.v1.PublishSkillResponse(\x01\x12W\n\x08GetSkill\x12$.clawhub.registry.v1.GetSkillRequest\x1a%.clawhub.registry.v1.GetSkillResponse\x12]\n\nListSkills\x12&.clawhub.registry.v1.ListSkillsRequest\x1a\'.clawhub.registry.v1.ListSkillsResponse\x12l\n\x0fGetSkillVersion\x12+.clawhub.registry.v1.GetSkillVersionRequest\x1a,.clawhub.registry.v1.GetSkillVersionResponse\x12r\n\x11ListSkillVersions\x12-.clawhub.registry.v1.ListSkillVersionsRequest\x1a..clawhub.registry.v1.ListSkillVersionsResponse\x12\x65\n\x0c\x44ownloadBlob\x12(.clawhub.registry.v1.DownloadBlobRequest\x1a).clawhub.registry.v1.DownloadBlobResponse0\x01\x12o\n\x10YankSkillVersion\x12,.clawhub.registry.v1.YankSkillVersionRequest\x1a-.clawhub.registry.v1.YankSkillVersionResponse\x12`\n\x0bSetSkillTag\x12\'.clawhub.registry.v1.SetSkillTagRequest\x1a(.clawhub.registry.v1.SetSkillTagResponse\x12i\n\x0e\x44\x65leteSkillTag\x12*.clawhub.registry.v1.DeleteSkillTagRequest\x1a+.clawhub.registry.v1.DeleteSkillTagResponse\x12x\n\x13ResolveDependencies\x12/.clawhub.registry.v1.ResolveDependenciesRequest\x1a\x30.clawhub.registry.v1.ResolveDependenciesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clawhub.registry.v1.registry_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SKILL_TAGSENTRY']._loaded_options = None
+  _globals['_SKILL_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_SKILL']._serialized_start=165
-  _globals['_SKILL']._serialized_end=329
-  _globals['_SKILLVERSION']._serialized_start=332
-  _globals['_SKILLVERSION']._serialized_end=662
-  _globals['_PUBLISHSKILLMETADATA']._serialized_start=665
-  _globals['_PUBLISHSKILLMETADATA']._serialized_end=840
-  _globals['_PUBLISHSKILLREQUEST']._serialized_start=843
-  _globals['_PUBLISHSKILLREQUEST']._serialized_end=979
-  _globals['_PUBLISHSKILLRESPONSE']._serialized_start=981
-  _globals['_PUBLISHSKILLRESPONSE']._serialized_end=1078
-  _globals['_GETSKILLREQUEST']._serialized_start=1080
-  _globals['_GETSKILLREQUEST']._serialized_end=1111
-  _globals['_GETSKILLRESPONSE']._serialized_start=1113
-  _globals['_GETSKILLRESPONSE']._serialized_end=1174
-  _globals['_LISTSKILLSREQUEST']._serialized_start=1176
-  _globals['_LISTSKILLSREQUEST']._serialized_end=1234
-  _globals['_LISTSKILLSRESPONSE']._serialized_start=1236
-  _globals['_LISTSKILLSRESPONSE']._serialized_end=1325
-  _globals['_GETSKILLVERSIONREQUEST']._serialized_start=1327
-  _globals['_GETSKILLVERSIONREQUEST']._serialized_end=1382
-  _globals['_GETSKILLVERSIONRESPONSE']._serialized_start=1384
-  _globals['_GETSKILLVERSIONRESPONSE']._serialized_end=1467
-  _globals['_LISTSKILLVERSIONSREQUEST']._serialized_start=1469
-  _globals['_LISTSKILLVERSIONSREQUEST']._serialized_end=1548
-  _globals['_LISTSKILLVERSIONSRESPONSE']._serialized_start=1550
-  _globals['_LISTSKILLVERSIONSRESPONSE']._serialized_end=1661
-  _globals['_DOWNLOADBLOBREQUEST']._serialized_start=1663
-  _globals['_DOWNLOADBLOBREQUEST']._serialized_end=1700
-  _globals['_DOWNLOADBLOBRESPONSE']._serialized_start=1702
-  _globals['_DOWNLOADBLOBRESPONSE']._serialized_end=1739
-  _globals['_REGISTRYSERVICE']._serialized_start=1742
-  _globals['_REGISTRYSERVICE']._serialized_end=2375
+  _globals['_SKILL']._serialized_end=426
+  _globals['_SKILL_TAGSENTRY']._serialized_start=383
+  _globals['_SKILL_TAGSENTRY']._serialized_end=426
+  _globals['_SKILLVERSION']._serialized_start=429
+  _globals['_SKILLVERSION']._serialized_end=796
+  _globals['_PUBLISHSKILLMETADATA']._serialized_start=799
+  _globals['_PUBLISHSKILLMETADATA']._serialized_end=974
+  _globals['_PUBLISHSKILLREQUEST']._serialized_start=977
+  _globals['_PUBLISHSKILLREQUEST']._serialized_end=1113
+  _globals['_PUBLISHSKILLRESPONSE']._serialized_start=1115
+  _globals['_PUBLISHSKILLRESPONSE']._serialized_end=1212
+  _globals['_GETSKILLREQUEST']._serialized_start=1214
+  _globals['_GETSKILLREQUEST']._serialized_end=1245
+  _globals['_GETSKILLRESPONSE']._serialized_start=1247
+  _globals['_GETSKILLRESPONSE']._serialized_end=1308
+  _globals['_LISTSKILLSREQUEST']._serialized_start=1310
+  _globals['_LISTSKILLSREQUEST']._serialized_end=1399
+  _globals['_LISTSKILLSRESPONSE']._serialized_start=1401
+  _globals['_LISTSKILLSRESPONSE']._serialized_end=1490
+  _globals['_GETSKILLVERSIONREQUEST']._serialized_start=1492
+  _globals['_GETSKILLVERSIONREQUEST']._serialized_end=1547
+  _globals['_GETSKILLVERSIONRESPONSE']._serialized_start=1549
+  _globals['_GETSKILLVERSIONRESPONSE']._serialized_end=1632
+  _globals['_LISTSKILLVERSIONSREQUEST']._serialized_start=1634
+  _globals['_LISTSKILLVERSIONSREQUEST']._serialized_end=1713
+  _globals['_LISTSKILLVERSIONSRESPONSE']._serialized_start=1715
+  _globals['_LISTSKILLVERSIONSRESPONSE']._serialized_end=1826
+  _globals['_DOWNLOADBLOBREQUEST']._serialized_start=1828
+  _globals['_DOWNLOADBLOBREQUEST']._serialized_end=1865
+  _globals['_DOWNLOADBLOBRESPONSE']._serialized_start=1867
+  _globals['_DOWNLOADBLOBRESPONSE']._serialized_end=1904
+  _globals['_YANKSKILLVERSIONREQUEST']._serialized_start=1906
+  _globals['_YANKSKILLVERSIONREQUEST']._serialized_end=2014
+  _globals['_YANKSKILLVERSIONRESPONSE']._serialized_start=2016
+  _globals['_YANKSKILLVERSIONRESPONSE']._serialized_end=2100
+  _globals['_SETSKILLTAGREQUEST']._serialized_start=2102
+  _globals['_SETSKILLTAGREQUEST']._serialized_end=2186
+  _globals['_SETSKILLTAGRESPONSE']._serialized_start=2188
+  _globals['_SETSKILLTAGRESPONSE']._serialized_end=2252
+  _globals['_DELETESKILLTAGREQUEST']._serialized_start=2254
+  _globals['_DELETESKILLTAGREQUEST']._serialized_end=2324
+  _globals['_DELETESKILLTAGRESPONSE']._serialized_start=2326
+  _globals['_DELETESKILLTAGRESPONSE']._serialized_end=2393
+  _globals['_RESOLVEDEPENDENCIESREQUEST']._serialized_start=2395
+  _globals['_RESOLVEDEPENDENCIESREQUEST']._serialized_end=2507
+  _globals['_RESOLVEDDEPENDENCY']._serialized_start=2509
+  _globals['_RESOLVEDDEPENDENCY']._serialized_end=2619
+  _globals['_RESOLVEDEPENDENCIESRESPONSE']._serialized_start=2621
+  _globals['_RESOLVEDEPENDENCIESRESPONSE']._serialized_end=2713
+  _globals['_REGISTRYSERVICE']._serialized_start=2716
+  _globals['_REGISTRYSERVICE']._serialized_end=3789
 # @@protoc_insertion_point(module_scope)

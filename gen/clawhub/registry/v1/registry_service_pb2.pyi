@@ -27,15 +27,36 @@ class Skill(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     LATEST_VERSION_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Skill name in reverse-DNS form."""
     latest_version: _builtins.str
-    """The highest Ready non-prerelease version, or the highest Ready version, or empty."""
+    """The highest Ready non-yanked non-prerelease version, else the highest Ready non-yanked version, else empty."""
     description: _builtins.str
     """Description of the latest version."""
     @_builtins.property
@@ -46,6 +67,10 @@ class Skill(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When a version was last published."""
 
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Tag → version; always holds `latest` when a version qualifies (computed), other tags are set explicitly."""
+
     def __init__(
         self,
         *,
@@ -54,10 +79,11 @@ class Skill(_message.Message):
         description: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "latest_version", b"latest_version", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "latest_version", b"latest_version", "name", b"name", "tags", b"tags", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -79,6 +105,8 @@ class SkillVersion(_message.Message):
     HISTORY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
+    YANKED_FIELD_NUMBER: _builtins.int
+    YANK_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Skill name in reverse-DNS form."""
     version: _builtins.str
@@ -91,6 +119,12 @@ class SkillVersion(_message.Message):
     """Release state: PENDING, VERIFYING, READY or FAILED."""
     bundle_digest: _builtins.str
     """Content digest of the file bundle, `sha256:<hex>`; empty when the skill bundles no files."""
+    yanked: _builtins.bool
+    """Whether the version is yanked: reserved, still downloadable, but not `latest` and not resolved unless
+    pinned exactly.
+    """
+    yank_reason: _builtins.str
+    """Why the version was yanked; empty when it is not."""
     @_builtins.property
     def manifest(self) -> _skill_pb2.Manifest:
         """The manifest the version was published with."""
@@ -120,10 +154,12 @@ class SkillVersion(_message.Message):
         history: _abc.Iterable[_release_pb2.StateTransition] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         bundle_digest: _builtins.str = ...,
+        yanked: _builtins.bool = ...,
+        yank_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_digest", b"bundle_digest", "create_time", b"create_time", "digest", b"digest", "history", b"history", "manifest", b"manifest", "name", b"name", "size_bytes", b"size_bytes", "state", b"state", "verification_errors", b"verification_errors", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_digest", b"bundle_digest", "create_time", b"create_time", "digest", b"digest", "history", b"history", "manifest", b"manifest", "name", b"name", "size_bytes", b"size_bytes", "state", b"state", "verification_errors", b"verification_errors", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,19 +327,27 @@ class ListSkillsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of skills to return (default 50, maximum 1000)."""
     page_token: _builtins.str
-    """Token from a previous response's next_page_token."""
+    """Token from a previous response's next_page_token; valid only with the same prefix and query."""
+    prefix: _builtins.str
+    """Only skills whose name starts with this prefix, such as `com.acme.`; empty for all."""
+    query: _builtins.str
+    """Only skills whose name or latest description contains this keyword, case-insensitively; empty for all."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        query: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "query", b"query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,7 +392,7 @@ class GetSkillVersionRequest(_message.Message):
     name: _builtins.str
     """Skill name."""
     version: _builtins.str
-    """Exact version."""
+    """Exact version, or a tag such as `latest` or `stable` (a tag is anything that is not a SemVer version)."""
     def __init__(
         self,
         *,
@@ -488,3 +532,275 @@ class DownloadBlobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadBlobResponse: _TypeAlias = DownloadBlobResponse  # noqa: Y015
+
+@_typing.final
+class YankSkillVersionRequest(_message.Message):
+    """Request of YankSkillVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    YANKED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Skill name."""
+    version: _builtins.str
+    """Exact version."""
+    yanked: _builtins.bool
+    """True to yank, false to un-yank."""
+    reason: _builtins.str
+    """Why the version is yanked (at most 1024 characters); ignored when un-yanking."""
+    request_id: _builtins.str
+    """Optional idempotency key; yanking is idempotent either way."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        yanked: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "request_id", b"request_id", "version", b"version", "yanked", b"yanked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___YankSkillVersionRequest: _TypeAlias = YankSkillVersionRequest  # noqa: Y015
+
+@_typing.final
+class YankSkillVersionResponse(_message.Message):
+    """Response of YankSkillVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKILL_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def skill_version(self) -> Global___SkillVersion:
+        """The version after the change."""
+
+    def __init__(
+        self,
+        *,
+        skill_version: Global___SkillVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["skill_version", b"skill_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["skill_version", b"skill_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___YankSkillVersionResponse: _TypeAlias = YankSkillVersionResponse  # noqa: Y015
+
+@_typing.final
+class SetSkillTagRequest(_message.Message):
+    """Request of SetSkillTag."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Skill name."""
+    tag: _builtins.str
+    """Tag name, `[a-z][a-z0-9-]{0,63}`, not `latest`."""
+    version: _builtins.str
+    """Exact version the tag points at; it must be Ready."""
+    request_id: _builtins.str
+    """Optional idempotency key; setting a tag is idempotent either way."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        version: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "tag", b"tag", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSkillTagRequest: _TypeAlias = SetSkillTagRequest  # noqa: Y015
+
+@_typing.final
+class SetSkillTagResponse(_message.Message):
+    """Response of SetSkillTag."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKILL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def skill(self) -> Global___Skill:
+        """The skill with its tags after the change."""
+
+    def __init__(
+        self,
+        *,
+        skill: Global___Skill | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["skill", b"skill"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["skill", b"skill"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSkillTagResponse: _TypeAlias = SetSkillTagResponse  # noqa: Y015
+
+@_typing.final
+class DeleteSkillTagRequest(_message.Message):
+    """Request of DeleteSkillTag."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Skill name."""
+    tag: _builtins.str
+    """Tag name, not `latest`."""
+    request_id: _builtins.str
+    """Optional idempotency key."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSkillTagRequest: _TypeAlias = DeleteSkillTagRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSkillTagResponse(_message.Message):
+    """Response of DeleteSkillTag."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKILL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def skill(self) -> Global___Skill:
+        """The skill with its tags after the change."""
+
+    def __init__(
+        self,
+        *,
+        skill: Global___Skill | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["skill", b"skill"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["skill", b"skill"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSkillTagResponse: _TypeAlias = DeleteSkillTagResponse  # noqa: Y015
+
+@_typing.final
+class ResolveDependenciesRequest(_message.Message):
+    """Request of ResolveDependencies: either root requirements, or a published version whose manifest
+    dependencies are the roots.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUIREMENTS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Skill name whose version's dependencies to resolve (instead of requirements)."""
+    version: _builtins.str
+    """Exact version of `name`."""
+    @_builtins.property
+    def requirements(self) -> _containers.RepeatedCompositeFieldContainer[_skill_pb2.Dependency]:
+        """Root requirements."""
+
+    def __init__(
+        self,
+        *,
+        requirements: _abc.Iterable[_skill_pb2.Dependency] | None = ...,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "requirements", b"requirements", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveDependenciesRequest: _TypeAlias = ResolveDependenciesRequest  # noqa: Y015
+
+@_typing.final
+class ResolvedDependency(_message.Message):
+    """One package version of a resolution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    IS_SHARED_FIELD_NUMBER: _builtins.int
+    REQUIRED_BY_FIELD_NUMBER: _builtins.int
+    package: _builtins.str
+    """Package name."""
+    version: _builtins.str
+    """Chosen version."""
+    digest: _builtins.str
+    """Content digest of the module, `sha256:<hex>`."""
+    is_shared: _builtins.bool
+    """Whether this is the one shared version for the whole graph (else an isolated copy)."""
+    @_builtins.property
+    def required_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Who requires this copy: `(root)` or `package@version`."""
+
+    def __init__(
+        self,
+        *,
+        package: _builtins.str = ...,
+        version: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        is_shared: _builtins.bool = ...,
+        required_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "is_shared", b"is_shared", "package", b"package", "required_by", b"required_by", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolvedDependency: _TypeAlias = ResolvedDependency  # noqa: Y015
+
+@_typing.final
+class ResolveDependenciesResponse(_message.Message):
+    """Response of ResolveDependencies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedDependency]:
+        """The flattened set, ordered by package and version."""
+
+    def __init__(
+        self,
+        *,
+        dependencies: _abc.Iterable[Global___ResolvedDependency] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dependencies", b"dependencies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveDependenciesResponse: _TypeAlias = ResolveDependenciesResponse  # noqa: Y015

@@ -65,6 +65,26 @@ class RegistryServiceStub:
                 request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobRequest.SerializeToString,
                 response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobResponse.FromString,
                 _registered_method=True)
+        self.YankSkillVersion = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/YankSkillVersion',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.YankSkillVersionRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.YankSkillVersionResponse.FromString,
+                _registered_method=True)
+        self.SetSkillTag = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/SetSkillTag',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.SetSkillTagRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.SetSkillTagResponse.FromString,
+                _registered_method=True)
+        self.DeleteSkillTag = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/DeleteSkillTag',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DeleteSkillTagRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DeleteSkillTagResponse.FromString,
+                _registered_method=True)
+        self.ResolveDependencies = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/ResolveDependencies',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -90,16 +110,16 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSkills(self, request, context):
-        """Lists skills in name order.
-        Returns INVALID_ARGUMENT (bad page token or size).
+        """Lists skills in name order, optionally filtered by name prefix and keyword.
+        Returns INVALID_ARGUMENT (bad page token or size, a page token from another filter, bad prefix or query).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSkillVersion(self, request, context):
-        """Gets one version of a skill.
-        Returns INVALID_ARGUMENT (bad name or version), NOT_FOUND (no such version).
+        """Gets one version of a skill, by exact version or by tag (`latest`, `stable`, …).
+        Returns INVALID_ARGUMENT (bad name, version or tag), NOT_FOUND (no such version or tag).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +136,43 @@ class RegistryServiceServicer:
     def DownloadBlob(self, request, context):
         """Streams the module bytes stored under a digest.
         Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def YankSkillVersion(self, request, context):
+        """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
+        unless a requirement pins it exactly.
+        Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSkillTag(self, request, context):
+        """Points a tag of a skill at a version; `latest` is computed and cannot be set.
+        Returns INVALID_ARGUMENT (bad name, tag or version; the reserved tag `latest`), NOT_FOUND (no such
+        version), FAILED_PRECONDITION (the version is not Ready).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSkillTag(self, request, context):
+        """Removes a tag from a skill.
+        Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveDependencies(self, request, context):
+        """Resolves dependency requirements (or a published version's dependencies) to the flattened set of
+        package versions: shared dependencies unify to one version, non-shared ones resolve independently.
+        Returns INVALID_ARGUMENT (bad package name or range, both or neither of requirements and name),
+        NOT_FOUND (the named version does not exist), FAILED_PRECONDITION (DEPENDENCY_CONFLICT: no versions
+        satisfy every range, or the graph has a cycle; the message explains the chain).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +210,26 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DownloadBlob,
                     request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobRequest.FromString,
                     response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobResponse.SerializeToString,
+            ),
+            'YankSkillVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.YankSkillVersion,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.YankSkillVersionRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.YankSkillVersionResponse.SerializeToString,
+            ),
+            'SetSkillTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSkillTag,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.SetSkillTagRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.SetSkillTagResponse.SerializeToString,
+            ),
+            'DeleteSkillTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSkillTag,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DeleteSkillTagRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DeleteSkillTagResponse.SerializeToString,
+            ),
+            'ResolveDependencies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveDependencies,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +395,114 @@ class RegistryService:
             '/clawhub.registry.v1.RegistryService/DownloadBlob',
             clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobRequest.SerializeToString,
             clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def YankSkillVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/YankSkillVersion',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.YankSkillVersionRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.YankSkillVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSkillTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/SetSkillTag',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.SetSkillTagRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.SetSkillTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSkillTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/DeleteSkillTag',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DeleteSkillTagRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DeleteSkillTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveDependencies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/ResolveDependencies',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,12 +44,12 @@ class RegistryServiceStub:
     Returns INVALID_ARGUMENT (bad name), NOT_FOUND (no such skill).
     """
     ListSkills: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListSkillsRequest, _registry_service_pb2.ListSkillsResponse]
-    """Lists skills in name order.
-    Returns INVALID_ARGUMENT (bad page token or size).
+    """Lists skills in name order, optionally filtered by name prefix and keyword.
+    Returns INVALID_ARGUMENT (bad page token or size, a page token from another filter, bad prefix or query).
     """
     GetSkillVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetSkillVersionRequest, _registry_service_pb2.GetSkillVersionResponse]
-    """Gets one version of a skill.
-    Returns INVALID_ARGUMENT (bad name or version), NOT_FOUND (no such version).
+    """Gets one version of a skill, by exact version or by tag (`latest`, `stable`, …).
+    Returns INVALID_ARGUMENT (bad name, version or tag), NOT_FOUND (no such version or tag).
     """
     ListSkillVersions: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListSkillVersionsRequest, _registry_service_pb2.ListSkillVersionsResponse]
     """Lists the versions of a skill, newest first.
@@ -58,6 +58,27 @@ class RegistryServiceStub:
     DownloadBlob: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.DownloadBlobRequest, _registry_service_pb2.DownloadBlobResponse]
     """Streams the module bytes stored under a digest.
     Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob).
+    """
+    YankSkillVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]
+    """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
+    unless a requirement pins it exactly.
+    Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version).
+    """
+    SetSkillTag: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SetSkillTagRequest, _registry_service_pb2.SetSkillTagResponse]
+    """Points a tag of a skill at a version; `latest` is computed and cannot be set.
+    Returns INVALID_ARGUMENT (bad name, tag or version; the reserved tag `latest`), NOT_FOUND (no such
+    version), FAILED_PRECONDITION (the version is not Ready).
+    """
+    DeleteSkillTag: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteSkillTagRequest, _registry_service_pb2.DeleteSkillTagResponse]
+    """Removes a tag from a skill.
+    Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag).
+    """
+    ResolveDependencies: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ResolveDependenciesRequest, _registry_service_pb2.ResolveDependenciesResponse]
+    """Resolves dependency requirements (or a published version's dependencies) to the flattened set of
+    package versions: shared dependencies unify to one version, non-shared ones resolve independently.
+    Returns INVALID_ARGUMENT (bad package name or range, both or neither of requirements and name),
+    NOT_FOUND (the named version does not exist), FAILED_PRECONDITION (DEPENDENCY_CONFLICT: no versions
+    satisfy every range, or the graph has a cycle; the message explains the chain).
     """
 
 @_typing.type_check_only
@@ -76,12 +97,12 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     Returns INVALID_ARGUMENT (bad name), NOT_FOUND (no such skill).
     """
     ListSkills: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListSkillsRequest, _registry_service_pb2.ListSkillsResponse]  # type: ignore[assignment]
-    """Lists skills in name order.
-    Returns INVALID_ARGUMENT (bad page token or size).
+    """Lists skills in name order, optionally filtered by name prefix and keyword.
+    Returns INVALID_ARGUMENT (bad page token or size, a page token from another filter, bad prefix or query).
     """
     GetSkillVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetSkillVersionRequest, _registry_service_pb2.GetSkillVersionResponse]  # type: ignore[assignment]
-    """Gets one version of a skill.
-    Returns INVALID_ARGUMENT (bad name or version), NOT_FOUND (no such version).
+    """Gets one version of a skill, by exact version or by tag (`latest`, `stable`, …).
+    Returns INVALID_ARGUMENT (bad name, version or tag), NOT_FOUND (no such version or tag).
     """
     ListSkillVersions: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListSkillVersionsRequest, _registry_service_pb2.ListSkillVersionsResponse]  # type: ignore[assignment]
     """Lists the versions of a skill, newest first.
@@ -90,6 +111,27 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     DownloadBlob: _aio.UnaryStreamMultiCallable[_registry_service_pb2.DownloadBlobRequest, _registry_service_pb2.DownloadBlobResponse]  # type: ignore[assignment]
     """Streams the module bytes stored under a digest.
     Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob).
+    """
+    YankSkillVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]  # type: ignore[assignment]
+    """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
+    unless a requirement pins it exactly.
+    Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version).
+    """
+    SetSkillTag: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SetSkillTagRequest, _registry_service_pb2.SetSkillTagResponse]  # type: ignore[assignment]
+    """Points a tag of a skill at a version; `latest` is computed and cannot be set.
+    Returns INVALID_ARGUMENT (bad name, tag or version; the reserved tag `latest`), NOT_FOUND (no such
+    version), FAILED_PRECONDITION (the version is not Ready).
+    """
+    DeleteSkillTag: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteSkillTagRequest, _registry_service_pb2.DeleteSkillTagResponse]  # type: ignore[assignment]
+    """Removes a tag from a skill.
+    Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag).
+    """
+    ResolveDependencies: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ResolveDependenciesRequest, _registry_service_pb2.ResolveDependenciesResponse]  # type: ignore[assignment]
+    """Resolves dependency requirements (or a published version's dependencies) to the flattened set of
+    package versions: shared dependencies unify to one version, non-shared ones resolve independently.
+    Returns INVALID_ARGUMENT (bad package name or range, both or neither of requirements and name),
+    NOT_FOUND (the named version does not exist), FAILED_PRECONDITION (DEPENDENCY_CONFLICT: no versions
+    satisfy every range, or the graph has a cycle; the message explains the chain).
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -123,8 +165,8 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.ListSkillsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ListSkillsResponse, _abc.Awaitable[_registry_service_pb2.ListSkillsResponse]]:
-        """Lists skills in name order.
-        Returns INVALID_ARGUMENT (bad page token or size).
+        """Lists skills in name order, optionally filtered by name prefix and keyword.
+        Returns INVALID_ARGUMENT (bad page token or size, a page token from another filter, bad prefix or query).
         """
 
     @_abc_1.abstractmethod
@@ -133,8 +175,8 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.GetSkillVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.GetSkillVersionResponse, _abc.Awaitable[_registry_service_pb2.GetSkillVersionResponse]]:
-        """Gets one version of a skill.
-        Returns INVALID_ARGUMENT (bad name or version), NOT_FOUND (no such version).
+        """Gets one version of a skill, by exact version or by tag (`latest`, `stable`, …).
+        Returns INVALID_ARGUMENT (bad name, version or tag), NOT_FOUND (no such version or tag).
         """
 
     @_abc_1.abstractmethod
@@ -155,6 +197,51 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.DownloadBlobResponse], _abc.AsyncIterator[_registry_service_pb2.DownloadBlobResponse]]:
         """Streams the module bytes stored under a digest.
         Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob).
+        """
+
+    @_abc_1.abstractmethod
+    def YankSkillVersion(
+        self,
+        request: _registry_service_pb2.YankSkillVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.YankSkillVersionResponse, _abc.Awaitable[_registry_service_pb2.YankSkillVersionResponse]]:
+        """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
+        unless a requirement pins it exactly.
+        Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version).
+        """
+
+    @_abc_1.abstractmethod
+    def SetSkillTag(
+        self,
+        request: _registry_service_pb2.SetSkillTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.SetSkillTagResponse, _abc.Awaitable[_registry_service_pb2.SetSkillTagResponse]]:
+        """Points a tag of a skill at a version; `latest` is computed and cannot be set.
+        Returns INVALID_ARGUMENT (bad name, tag or version; the reserved tag `latest`), NOT_FOUND (no such
+        version), FAILED_PRECONDITION (the version is not Ready).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSkillTag(
+        self,
+        request: _registry_service_pb2.DeleteSkillTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.DeleteSkillTagResponse, _abc.Awaitable[_registry_service_pb2.DeleteSkillTagResponse]]:
+        """Removes a tag from a skill.
+        Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag).
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveDependencies(
+        self,
+        request: _registry_service_pb2.ResolveDependenciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ResolveDependenciesResponse, _abc.Awaitable[_registry_service_pb2.ResolveDependenciesResponse]]:
+        """Resolves dependency requirements (or a published version's dependencies) to the flattened set of
+        package versions: shared dependencies unify to one version, non-shared ones resolve independently.
+        Returns INVALID_ARGUMENT (bad package name or range, both or neither of requirements and name),
+        NOT_FOUND (the named version does not exist), FAILED_PRECONDITION (DEPENDENCY_CONFLICT: no versions
+        satisfy every range, or the graph has a cycle; the message explains the chain).
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
