@@ -1,7 +1,8 @@
 """Memory soak: the executor's RSS after 1,000 calls against after 100,000 (--quick: 10,000).
 
-The calls go through the executor's path minus gRPC: the servicer's `WorkerPool` (as many threads as the
-executor would use by default) running `Sandbox.run`, awaited from an asyncio event loop in batches. One
+The calls run `Sandbox.run` on the servicer's `WorkerPool` (as many threads as the executor would use,
+CLAWHUB_EXECUTOR_THREADS), in jobs of 50 calls awaited from an asyncio event loop, at most two jobs per
+thread in flight. One
 call in ten ends badly on purpose, so the failure paths are soaked too: a trap, a non-zero exit after
 writing to stderr, and output past its cap; every verdict and output is checked. RSS is read after a
 garbage collection at checkpoints; target: RSS at the end within 10% of RSS after 1,000 calls.
@@ -10,6 +11,7 @@ garbage collection at checkpoints; target: RSS at the end within 10% of RSS afte
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,7 +35,7 @@ from services.executor.settings import Settings
 
 TARGET_GROWTH = 0.10
 BASELINE_CALLS = 1_000
-BATCH = 200
+CHUNK = 50
 
 _IMPORTS = """
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
@@ -55,14 +57,23 @@ FLOOD_WAT = f"""(module {_IMPORTS} (memory (export "memory") 1)
     (call $proc_exit (i32.const 1))))"""
 
 
-def rss_bytes() -> int:
+def _status_kib(field: str) -> int | None:
     try:
-        import psutil
-    except ImportError:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("neither psutil nor /proc/self/status is available to read RSS") from None
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size: VmRSS where /proc has it (consistent with the VmHWM peak), else psutil."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil  # the bench extra; only needed where /proc is missing
+
     return int(psutil.Process().memory_info().rss)
 
 
@@ -88,30 +99,51 @@ def cases(sandbox: Sandbox) -> list[Case]:
     ]
 
 
-async def soak(sandbox: Sandbox, pool: WorkerPool, mix: list[Case], calls: int, done: int) -> None:
-    """Run `calls` calls (the mix in turn), `BATCH` at a time, and check every result."""
-    while calls > 0:
-        batch = min(BATCH, calls)
-        picked = [mix[(done + k) % len(mix)] for k in range(batch)]
-        futures = []
-        for compiled, stdin, limits, _ in picked:
-            future = pool.try_submit(lambda c=compiled, s=stdin, lim=limits: sandbox.run(c, s, lim))  # type: ignore[misc]
-            if future is None:
-                fail("the worker pool refused a call although its queue has room for the batch")
-                return
-            futures.append(future)
-        for (compiled, _, _, ok), result in zip(picked, await asyncio.gather(*futures), strict=True):
-            if not ok(result):
-                fail(f"{compiled.digest}: unexpected {result.verdict.value} (exit {result.exit_code}, "
-                     f"{result.detail!r}, {len(result.output)} bytes out)")
-        done += batch
-        calls -= batch
+def run_chunk(sandbox: Sandbox, mix: list[Case], first: int, count: int) -> str | None:
+    """Run calls `first` .. `first + count - 1` of the mix in turn on this thread; what went wrong, if
+    anything."""
+    for k in range(first, first + count):
+        compiled, stdin, limits, ok = mix[k % len(mix)]
+        result = sandbox.run(compiled, stdin, limits)
+        if not ok(result):
+            return (f"{compiled.digest}: unexpected {result.verdict.value} (exit {result.exit_code}, "
+                    f"{result.detail!r}, {len(result.output)} bytes out)")
+    return None
+
+
+async def soak(sandbox: Sandbox, pool: WorkerPool, mix: list[Case], calls: int, done: int,
+               window: int) -> None:
+    """Run `calls` calls (the mix in turn) on the pool and check every result. Each pool job runs `CHUNK`
+    calls (one asyncio future per call would soak the event loop's thread handoffs rather than the
+    sandbox), and at most `window` jobs are in flight, as in a server with a bounded queue: queueing them
+    all at once would leave RSS at the high-water mark of the queue, which is not a leak."""
+    in_flight: set[asyncio.Future[str | None]] = set()
+    for first in range(done, done + calls, CHUNK):
+        if len(in_flight) >= window:
+            finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            check(finished)
+        count = min(CHUNK, done + calls - first)
+        future = pool.try_submit(functools.partial(run_chunk, sandbox, mix, first, count))
+        if future is None:
+            fail("the worker pool refused a job although it has room for the window")
+            return
+        in_flight.add(future)
+    if in_flight:
+        check((await asyncio.wait(in_flight))[0])
+
+
+def check(finished: set[asyncio.Future[str | None]]) -> None:
+    for future in finished:
+        problem = future.result()
+        if problem is not None:
+            fail(problem)
 
 
 async def run(total: int) -> None:
-    threads = Settings().threads
+    threads = Settings.from_env().threads
     sandbox = Sandbox()
-    pool = WorkerPool(threads=threads, queue=BATCH)
+    window = 2 * threads
+    pool = WorkerPool(threads=threads, queue=window)
     mix = cases(sandbox)
     checkpoints = sorted({BASELINE_CALLS, *(total * k // 10 for k in (1, 2, 5)), total})
     print(f"{total:,} calls on {threads} worker thread(s), 1 in 10 failing on purpose (trap, exit 3 with "
@@ -120,7 +152,7 @@ async def run(total: int) -> None:
     baseline = 0
     try:
         for checkpoint in checkpoints:
-            await soak(sandbox, pool, mix, checkpoint - done, done)
+            await soak(sandbox, pool, mix, checkpoint - done, done, window)
             done = checkpoint
             gc.collect()
             rss = rss_bytes()
@@ -136,10 +168,7 @@ async def run(total: int) -> None:
 
 
 def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return (_status_kib("VmHWM") or 0) * 1024
 
 
 def main() -> None:

@@ -82,8 +82,8 @@ def load_warm(sandbox: Any, tier: Any, digest: str) -> Any:
 def main() -> None:
     size = parse_args(__doc__.splitlines()[0])
     header("sandbox overhead: Sandbox.run vs raw wasmtime-py", size)
-    calls = size.pick(300, 1000, 2000)
-    rounds = size.pick(7, 20, 50)
+    calls = size.pick(100, 200, 400)
+    rounds = size.pick(15, 60, 150)
     big_functions = size.pick(1000, 3000, 10000)
     load_repeats = size.pick(2, 5, 10)
 
@@ -125,7 +125,7 @@ def main() -> None:
     us = per_call_us({"sandbox": sandbox_call, "raw": raw_captured, "raw_discard": lambda: raw_call(False)},
                      calls, rounds)
     ratio = us["sandbox"] / us["raw"]
-    print(f"per call, uppercase, {len(SMALL_INPUT)}-byte input (median of {rounds} rounds × {calls} calls):")
+    print(f"per call, uppercase, {len(SMALL_INPUT)}-byte input (best of {rounds} rounds × {calls} calls):")
     print(f"  sandbox (fresh instance, limits, capture)  {us['sandbox']:8.1f} µs/call")
     print(f"  raw wasmtime-py (same stdin, capture)      {us['raw']:8.1f} µs/call")
     print(f"  raw wasmtime-py, output discarded (floor)  {us['raw_discard']:8.1f} µs/call")

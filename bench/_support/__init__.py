@@ -13,7 +13,6 @@ import gc
 import importlib.metadata
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -129,8 +128,9 @@ def wasi_stdin_bytes(config: wasmtime.WasiConfig, data: bytes) -> None:
 
 
 def per_call_us(cases: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, float]:
-    """Median over `rounds` of the µs per call of each case, the cases interleaved round by round so
-    that drift (frequency scaling, noisy neighbours) hits them alike."""
+    """Best (lowest) over `rounds` of the µs per call of each case, as timeit advises: on a shared machine
+    the slower rounds measure the neighbours. The cases are interleaved round by round so that drift
+    (frequency scaling, other load) hits them alike."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():  # warm up caches and lazily built state
         for _ in range(max(10, calls // 10)):
@@ -142,7 +142,7 @@ def per_call_us(cases: dict[str, Callable[[], object]], calls: int, rounds: int)
             for _ in range(calls):
                 fn()
             samples[name].append((time.perf_counter() - started) / calls * 1e6)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: min(values) for name, values in samples.items()}
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
