@@ -7,6 +7,7 @@ downstream services through unchanged, and turns anything unexpected into INTERN
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -210,7 +211,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
         if handler.stream_unary:
-            return handler._replace(stream_unary=self._wrap_unary(handler.stream_unary, method))
+            return handler._replace(stream_unary=self._wrap_client_stream(handler.stream_unary, method))
         if handler.unary_stream:
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))
         if handler.stream_stream:
@@ -242,6 +243,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return wrapper
 
+    def _wrap_client_stream(self, fn: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(requests: Any, context: Any) -> Any:
+            try:
+                return await fn(requests, context)
+            except Exception as exc:  # noqa: BLE001 - translated into a status
+                if not isinstance(exc, grpc.aio.AbortError):
+                    await _drain(requests)
+                await self._handle(exc, context, method)
+
+        return wrapper
+
     def _wrap_stream(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
         if not inspect.isasyncgenfunction(fn):
             # A handler that writes with context.write (grpc_health's Watch) is a plain coroutine.
@@ -255,3 +267,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await self._handle(exc, context, method)
 
         return wrapper
+
+
+# Bounds on reading what a client still sends after its stream was refused.
+DRAIN_BYTES = 8 * 1024 * 1024
+DRAIN_SECONDS = 2.0
+
+
+async def _drain(requests: Any) -> None:
+    """Read (and drop) what the client is still sending, within bounds, before the error status goes out.
+
+    A server that finishes a client-streaming call while the client is still writing races the client's
+    writes: the client then sometimes sees INTERNAL ("Internal error from Core") instead of the real status.
+    """
+    async def consume() -> None:
+        received = 0
+        async for message in requests:
+            received += message.ByteSize() if hasattr(message, "ByteSize") else len(message)
+            if received > DRAIN_BYTES:
+                return
+
+    try:
+        await asyncio.wait_for(consume(), DRAIN_SECONDS)
+    except Exception:  # noqa: BLE001 - best effort: the status is what matters
+        return
