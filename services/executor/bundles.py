@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from services.executor.singleflight import SingleFlight
 from services.executor.source import BlobNotFound, ModuleSource, ModuleTooLarge, SourceUnavailable
 from services.runtime.bundle import path_problem
 from services.runtime.errors import Reason, ServiceError
@@ -108,7 +109,7 @@ class BundleCache:
     def __init__(self, source: ModuleSource, directory: Path) -> None:
         self._source = source
         self.directory = directory
-        self._loading: dict[str, asyncio.Task[Path]] = {}
+        self._loading: SingleFlight[str, Path] = SingleFlight()
         # Digests known to be unpacked, so a call costs no filesystem check.
         self._ready: set[str] = set()
 
@@ -131,18 +132,7 @@ class BundleCache:
         if path.is_dir():  # unpacked by an earlier process
             self._ready.add(digest)
             return path
-        task = self._loading.get(digest)
-        if task is None:
-            task = asyncio.ensure_future(self._load(digest, path))
-            self._loading[digest] = task
-            task.add_done_callback(lambda t: self._load_done(digest, t))
-        return await asyncio.shield(task)
-
-    def _load_done(self, digest: str, task: asyncio.Task[Path]) -> None:
-        if self._loading.get(digest) is task:
-            del self._loading[digest]
-        if not task.cancelled():
-            task.exception()
+        return await self._loading.do(digest, lambda: self._load(digest, path))
 
     async def _load(self, digest: str, path: Path) -> Path:
         meta = {"bundle_digest": digest}
@@ -174,9 +164,7 @@ class BundleCache:
         return path
 
     async def close(self) -> None:
-        for task in list(self._loading.values()):
-            task.cancel()
-        await asyncio.gather(*self._loading.values(), return_exceptions=True)
+        await self._loading.close()
 
 
 def _empty_tar() -> bytes:

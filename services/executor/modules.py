@@ -23,6 +23,7 @@ import grpc
 
 from services.executor.artifacts import ArtifactCache
 from services.executor.sandbox import CompiledModule, ModuleRejected, Sandbox
+from services.executor.singleflight import SingleFlight
 from services.executor.source import BlobNotFound, ModuleSource, ModuleTooLarge, SourceUnavailable
 from services.runtime.errors import Reason, ServiceError
 from services.runtime.wasm import FILES_CAPABILITY, sha256_digest
@@ -51,7 +52,7 @@ class ModuleLoader:
         self._capacity = capacity_bytes
         self._hot: OrderedDict[Key, CompiledModule] = OrderedDict()
         self._hot_bytes = 0
-        self._loading: dict[Key, asyncio.Task[CompiledModule]] = {}
+        self._loading: SingleFlight[Key, CompiledModule] = SingleFlight()
         self._artifacts: dict[bool, ArtifactCache] = {}
         if artifacts_dir is not None:
             self._artifacts = {m: ArtifactCache(artifacts_dir, sandbox.engine_settings(m)) for m in (False, True)}
@@ -82,25 +83,12 @@ class ModuleLoader:
             self._hot.move_to_end(key)
             self.tiers["hot"] += 1
         else:
-            task = self._loading.get(key)
-            if task is None:
-                task = asyncio.ensure_future(self._load(digest, metered))
-                self._loading[key] = task
-                task.add_done_callback(lambda t: self._load_done(key, t))
-            # A cancelled caller must not cancel the load the other callers share.
-            compiled = await asyncio.shield(task)
+            compiled = await self._loading.do(key, lambda: self._load(digest, metered))
         try:
             self._sandbox.check(compiled, capabilities)
         except ModuleRejected as exc:
             raise _invalid(digest, exc) from None
         return compiled, was_hot
-
-    def _load_done(self, key: Key, task: asyncio.Task[CompiledModule]) -> None:
-        if self._loading.get(key) is task:
-            del self._loading[key]
-        if not task.cancelled():
-            # Mark the exception retrieved even if every waiter went away.
-            task.exception()
 
     async def _load(self, digest: str, metered: bool) -> CompiledModule:
         compiled = await self._load_warm(digest, metered)
@@ -189,8 +177,6 @@ class ModuleLoader:
         return dropped
 
     async def close(self) -> None:
-        for task in list(self._loading.values()):
-            task.cancel()
-        await asyncio.gather(*self._loading.values(), return_exceptions=True)
+        await self._loading.close()
         self._hot.clear()
         self._hot_bytes = 0
