@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol, cast
 
 import grpc
@@ -11,6 +10,7 @@ from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
+from services.deployer.model import DeploymentRecord
 from services.runtime.channels import channel
 from services.runtime.errors import error_info, upstream_error
 
@@ -32,10 +32,9 @@ class ExecutorFleet(Protocol):
     @property
     def addresses(self) -> tuple[str, ...]: ...
 
-    async def load(self, address: str, digest: str, *, bundle_digest: str = "",
-                   capabilities: Sequence[str] = ()) -> bool:
-        """Fetch and compile `digest` (and fetch its file bundle) on one executor, which re-checks the module
-        against `capabilities`; True when it was already loaded."""
+    async def load(self, address: str, record: DeploymentRecord) -> bool:
+        """Fetch and compile the record's module (and its file bundle) on one executor, which re-checks it
+        against the capabilities and runs the smoke examples; True when it was already loaded."""
         ...
 
     async def unload(self, address: str, digest: str) -> bool:
@@ -86,10 +85,11 @@ class GrpcExecutorFleet:
     def addresses(self) -> tuple[str, ...]:
         return self._addresses
 
-    async def load(self, address: str, digest: str, *, bundle_digest: str = "",
-                   capabilities: Sequence[str] = ()) -> bool:
+    async def load(self, address: str, record: DeploymentRecord) -> bool:
         response: executor_pb.LoadSkillResponse = await self._stubs[address].LoadSkill(
-            executor_pb.LoadSkillRequest(digest=digest, bundle_digest=bundle_digest, capabilities=capabilities),
+            executor_pb.LoadSkillRequest(digest=record.digest, bundle_digest=record.bundle_digest,
+                                         capabilities=record.capabilities, examples=record.examples,
+                                         env=record.env, args=record.args, limits=record.limits),
             timeout=self._load_timeout)
         return response.already_loaded
 

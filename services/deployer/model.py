@@ -61,6 +61,9 @@ class DeploymentRecord:
     args: list[str] = field(default_factory=list)
     bundle_digest: str = ""
     capabilities: list[str] = field(default_factory=list)
+    # The manifest's smoke examples, run by each executor on preload. Only needed while deploying, so not
+    # stored: a deployer restarted mid-deploy settles the deployment instead of resuming it.
+    examples: list[skill_pb2.SmokeExample] = field(default_factory=list, compare=False, repr=False)
 
     def apply(self, to_state: State, reason: str, time_ns: int) -> Transition:
         """Move to `to_state` if the state machine allows it; returns the transition to persist."""

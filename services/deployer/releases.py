@@ -104,7 +104,8 @@ class Releaser:
     async def start_deployment(self, skill: str, version: str, digest: str, limits: skill_pb2.Limits,
                                request_id: str = "", *, env: dict[str, str] | None = None,
                                args: Sequence[str] = (), bundle_digest: str = "",
-                               capabilities: Sequence[str] = ()) -> DeploymentRecord:
+                               capabilities: Sequence[str] = (),
+                               examples: Sequence[skill_pb2.SmokeExample] = ()) -> DeploymentRecord:
         """Create a deployment in state Deploying and start its rollout in the background.
 
         `env` holds the values for the skill's `env:NAME` capabilities (checked by the caller); they are
@@ -133,7 +134,7 @@ class Releaser:
                 previous_id=previous.id if previous else "",
                 previous_version=previous.version if previous else "",
                 create_ns=now, update_ns=now, env=env, args=list(args), bundle_digest=bundle_digest,
-                capabilities=list(capabilities))
+                capabilities=list(capabilities), examples=list(examples))
             await self._store.create_deployment(record, request_id)
             self._in_flight[skill] = record.id
         self._spawn(self._deploy(record, previous))
@@ -263,8 +264,7 @@ class Releaser:
 
         async def load(address: str) -> str | None:
             try:
-                already = await self._fleet.load(address, record.digest, bundle_digest=record.bundle_digest,
-                                                 capabilities=record.capabilities)
+                already = await self._fleet.load(address, record)
             except grpc.aio.AioRpcError as err:
                 problem = f"LoadSkill on {address} failed: {describe_error(err)}"
                 self._emit(record, problem)

@@ -138,7 +138,7 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
         record = await self._releaser.start_deployment(
             request.skill, request.version, version.digest, manifest.limits, request.request_id,
             env=dict(request.env), args=list(manifest.args), bundle_digest=version.bundle_digest,
-            capabilities=list(manifest.capabilities))
+            capabilities=list(manifest.capabilities), examples=list(manifest.examples))
         return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record))
 
     async def GetDeployment(self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],

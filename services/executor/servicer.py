@@ -248,8 +248,32 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         capabilities = list(request.capabilities)
         _, was_hot = await self._loader.get(request.digest, capabilities)
         await self._bundle_dir(request.bundle_digest, capabilities)
+        await self._smoke_test(request, context)
         await self._mark_serving(request.digest)
         return pb.LoadSkillResponse(digest=request.digest, already_loaded=was_hot)
+
+    async def _smoke_test(self, request: pb.LoadSkillRequest, context: Context) -> None:
+        """Run the manifest's examples exactly as calls would run (same limits and grants); any failure or
+        output that differs by one byte keeps the digest from reporting SERVING."""
+        for index, example in enumerate(request.examples):
+            call = pb.ExecuteRequest(digest=request.digest, input=example.input, limits=request.limits,
+                                     env=request.env, args=request.args, bundle_digest=request.bundle_digest,
+                                     capabilities=request.capabilities, request_id=f"smoke-{index}")
+            meta = {"digest": request.digest, "example": str(index)}
+            try:
+                output = (await self.Execute(call, context)).output
+            except ServiceError as exc:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION, Reason.SMOKE_TEST_FAILED,
+                    f"smoke example {index} failed: {exc.message}",
+                    metadata={**meta, "cause": str(exc.reason)}) from None
+            if output != example.expected_output:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION, Reason.SMOKE_TEST_FAILED,
+                    f"smoke example {index} printed {_show(output)} instead of {_show(example.expected_output)}",
+                    metadata={**meta, "expected": _show(example.expected_output), "actual": _show(output)})
+        if request.examples:
+            log.info("%s: %d smoke example(s) passed", request.digest[:19], len(request.examples))
 
     async def UnloadSkill(self, request: pb.UnloadSkillRequest, context: Context) -> pb.UnloadSkillResponse:
         _check_digest(request.digest)
@@ -259,3 +283,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             await self.health.set(request.digest, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("%s: unloaded (was loaded: %s)", request.digest[:19], was_loaded)
         return pb.UnloadSkillResponse(was_loaded=was_loaded)
+
+
+def _show(data: bytes, limit: int = 200) -> str:
+    text = repr(data[:limit])
+    return text + (f"… ({len(data) - limit} more bytes)" if len(data) > limit else "")

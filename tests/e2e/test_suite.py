@@ -53,8 +53,10 @@ def invoke(channel: grpc.Channel, name: str, value: object) -> gateway_pb.Invoke
 
 
 def publish(channel: grpc.Channel, name: str, version: str, module: bytes, *, sha256: str | None = None,
-            timeout_ms: int = 0) -> registry_pb.PublishSkillResponse:
+            timeout_ms: int = 0, examples: tuple[tuple[bytes, bytes], ...] = ()) -> registry_pb.PublishSkillResponse:
     manifest = skill_pb2.Manifest(name=name, version=version, abi=skill_pb2.ABI_WASI_COMMAND_V1)
+    for given, expected in examples:
+        manifest.examples.add(input=given, expected_output=expected)
     if timeout_ms:
         manifest.limits.timeout.FromMilliseconds(timeout_ms)
     meta = registry_pb.PublishSkillMetadata(manifest=manifest, sha256=sha256 or hashlib.sha256(module).hexdigest(),
@@ -360,3 +362,16 @@ def test_a_killed_executor_is_restarted_and_no_call_fails(deployed: Suite, chann
             pytest.fail(f"executor at {address} is not serving after the restart")
     assert any("restarting it on" in line for line in deployed.log)
     assert_still_serving(channel)
+
+
+def test_a_version_failing_its_smoke_example_never_takes_traffic(deployed: Suite, channel: grpc.Channel) -> None:
+    upper = wat((UPPERCASE / "uppercase.wat").read_text())
+    publish(channel, "com.example.smoky", "1.0.0", upper, examples=((b'"a"', b'"A"'),))
+    deploy(deployed, "com.example.smoky@1.0.0")
+    # 2.0.0 claims to echo unchanged, but the module upper-cases: the executors refuse it on preload.
+    publish(channel, "com.example.smoky", "2.0.0", upper, examples=((b'"a"', b'"a"'),))
+    result = deployed.cli("deploy", "com.example.smoky@2.0.0")
+    assert result.returncode == 1
+    assert "SMOKE_TEST_FAILED" in result.stderr and "FAILED" in result.stderr
+    response = invoke(channel, "com.example.smoky", "still one")
+    assert (response.version, response.output.string_value) == ("1.0.0", "STILL ONE")

@@ -34,6 +34,8 @@ ECHO = command("""
 """, extra='(data (i32.const 16) "ok:")')
 
 TRAP = command("unreachable")
+# Exits 0 having printed nothing.
+NO_OUTPUT = wat('(module (memory (export "memory") 1) (func (export "_start")))')
 
 INFINITE_LOOP = command("(loop $forever (br $forever))")
 

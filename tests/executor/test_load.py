@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+from clawhub.common.v1 import skill_pb2
 from clawhub.executor.v1 import executor_service_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -168,3 +169,32 @@ async def test_shutdown_lets_running_calls_end_within_their_timeout(make_executo
     assert loop.time() - started < 2.0
     with pytest.raises(grpc.aio.AioRpcError):
         await call
+
+
+async def test_smoke_examples_gate_serving(executor: Executor) -> None:
+    good = executor.source.add(f.ECHO)
+    passing = [skill_pb2.SmokeExample(input=b"hi", expected_output=b"ok:hi"),
+               skill_pb2.SmokeExample(input=b"", expected_output=b"ok:")]
+    await executor.stub.LoadSkill(pb.LoadSkillRequest(digest=good, examples=passing), timeout=5)
+    assert await health_of(executor, good) == SERVING
+
+    # A module whose output does not match its example: refused, and never SERVING.
+    wrong_digest = executor.source.add(f.NO_OUTPUT)
+    wrong = [skill_pb2.SmokeExample(input=b"hi", expected_output=b"HI")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await executor.stub.LoadSkill(pb.LoadSkillRequest(digest=wrong_digest, examples=wrong), timeout=5)
+    info = error_info(caught.value)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info is not None and info.reason == "SMOKE_TEST_FAILED"
+    assert (info.metadata["example"], info.metadata["expected"], info.metadata["actual"]) == ("0", "b'HI'", "b''")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await health_of(executor, wrong_digest)  # never reported SERVING
+
+    trapping = executor.source.add(f.TRAP)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await executor.stub.LoadSkill(pb.LoadSkillRequest(
+            digest=trapping, examples=[skill_pb2.SmokeExample(input=b"x", expected_output=b"x")]), timeout=5)
+    info = error_info(caught.value)
+    assert info is not None and (info.reason, info.metadata["cause"]) == ("SMOKE_TEST_FAILED", "SKILL_TRAPPED")
+    # The executor keeps serving.
+    assert (await executor.stub.Execute(pb.ExecuteRequest(digest=good, input=b"z"), timeout=5)).output == b"ok:z"

@@ -135,9 +135,33 @@ class LoadSkillRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DIGEST_FIELD_NUMBER: _builtins.int
     BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     """Content digest of the module, `sha256:<hex>`."""
     bundle_digest: _builtins.str
@@ -146,16 +170,36 @@ class LoadSkillRequest(_message.Message):
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Capabilities the skill declares; the module's imports are re-checked against them."""
 
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[_skill_pb2.SmokeExample]:
+        """Smoke examples to run after loading; the digest reports SERVING only when every one passes."""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Environment variables for the smoke examples (as Execute would get them)."""
+
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Command-line arguments for the smoke examples."""
+
+    @_builtins.property
+    def limits(self) -> _skill_pb2.Limits:
+        """Limits for the smoke examples."""
+
     def __init__(
         self,
         *,
         digest: _builtins.str = ...,
         bundle_digest: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        examples: _abc.Iterable[_skill_pb2.SmokeExample] | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        limits: _skill_pb2.Limits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "digest", b"digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "digest", b"digest", "env", b"env", "examples", b"examples", "limits", b"limits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -67,9 +67,10 @@ class ExecutorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadSkill(self, request, context):
-        """Fetches and compiles a module so later calls start hot.
+        """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
+        health reports SERVING once all of them pass.
         Returns INVALID_ARGUMENT (bad digest, module refused), NOT_FOUND (digest unknown to the registry),
-        UNAVAILABLE (registry unreachable).
+        FAILED_PRECONDITION (a smoke example failed), UNAVAILABLE (registry unreachable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

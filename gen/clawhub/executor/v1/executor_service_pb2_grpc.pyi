@@ -40,9 +40,10 @@ class ExecutorServiceStub:
     ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable).
     """
     LoadSkill: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.LoadSkillRequest, _executor_service_pb2.LoadSkillResponse]
-    """Fetches and compiles a module so later calls start hot.
+    """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
+    health reports SERVING once all of them pass.
     Returns INVALID_ARGUMENT (bad digest, module refused), NOT_FOUND (digest unknown to the registry),
-    UNAVAILABLE (registry unreachable).
+    FAILED_PRECONDITION (a smoke example failed), UNAVAILABLE (registry unreachable).
     """
     UnloadSkill: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.UnloadSkillRequest, _executor_service_pb2.UnloadSkillResponse]
     """Drops a module from memory. Unloading a module that is not loaded succeeds.
@@ -61,9 +62,10 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable).
     """
     LoadSkill: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.LoadSkillRequest, _executor_service_pb2.LoadSkillResponse]  # type: ignore[assignment]
-    """Fetches and compiles a module so later calls start hot.
+    """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
+    health reports SERVING once all of them pass.
     Returns INVALID_ARGUMENT (bad digest, module refused), NOT_FOUND (digest unknown to the registry),
-    UNAVAILABLE (registry unreachable).
+    FAILED_PRECONDITION (a smoke example failed), UNAVAILABLE (registry unreachable).
     """
     UnloadSkill: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.UnloadSkillRequest, _executor_service_pb2.UnloadSkillResponse]  # type: ignore[assignment]
     """Drops a module from memory. Unloading a module that is not loaded succeeds.
@@ -91,9 +93,10 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _executor_service_pb2.LoadSkillRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_executor_service_pb2.LoadSkillResponse, _abc.Awaitable[_executor_service_pb2.LoadSkillResponse]]:
-        """Fetches and compiles a module so later calls start hot.
+        """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
+        health reports SERVING once all of them pass.
         Returns INVALID_ARGUMENT (bad digest, module refused), NOT_FOUND (digest unknown to the registry),
-        UNAVAILABLE (registry unreachable).
+        FAILED_PRECONDITION (a smoke example failed), UNAVAILABLE (registry unreachable).
         """
 
     @_abc_1.abstractmethod
