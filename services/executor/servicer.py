@@ -233,6 +233,12 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OUTPUT_LIMIT_EXCEEDED,
                 f"the skill wrote more than its {limits.max_output_bytes} bytes of output",
                 metadata={**meta, "max_output_bytes": str(limits.max_output_bytes)})
+        if v is Verdict.STDERR_LIMIT:
+            return ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.STDERR_LIMIT_EXCEEDED,
+                f"the skill wrote more than its {limits.max_stderr_bytes} bytes of stderr",
+                metadata={**meta, "max_stderr_bytes": str(limits.max_stderr_bytes),
+                          "stderr_tail": _tail(result.stderr)})
         if v is Verdict.CANCELLED:  # only seen if the cancellation raced with the end of the run
             return ServiceError(grpc.StatusCode.CANCELLED, Reason.DEADLINE_EXCEEDED,
                                 "the call was cancelled while the skill ran", metadata=meta)

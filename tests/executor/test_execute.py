@@ -159,10 +159,11 @@ async def test_output_exactly_at_the_limit_is_fine(executor: Executor) -> None:
     assert response.output == b"ok:xxxxxxx"
 
 
-async def test_stderr_is_truncated_not_fatal(executor: Executor) -> None:
-    response = await execute(executor, f.STDERR_FLOOD, lim=limits(stderr=1000))
-    assert len(response.stderr) == 1000
-    assert response.stderr[8:] == bytes(992)  # the first 8 bytes hold the iovec itself
+async def test_stderr_over_its_limit_stops_the_call(executor: Executor) -> None:
+    code, reason, meta = await failure(executor, f.STDERR_FLOOD, lim=limits(stderr=1000))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "STDERR_LIMIT_EXCEEDED")
+    assert meta["max_stderr_bytes"] == "1000" and meta["stderr_tail"]
+    await still_works(executor)
 
 
 async def test_imports_beyond_the_capabilities_are_module_invalid(executor: Executor) -> None:
