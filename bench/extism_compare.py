@@ -1,15 +1,21 @@
-"""clawhub's sandbox against the extism Python host SDK, per call, on an equivalent uppercase plugin.
+"""clawhub's sandbox against the extism Python host SDK, per call: a memory-v1 echo against extism's echo,
+and the WASI-command uppercase against extism's uppercase.
 
-- clawhub: `Sandbox.run` of examples/skills/uppercase (WASI command: stdin → stdout), a fresh Store and
-  instance per call, limits on (64 MiB memory, 5 s wall clock, output caps).
+- clawhub memory-v1: `Sandbox.run` of examples/skills/echo-memory (input and output through guest memory,
+  no WASI stdio), a fresh Store and instance per call, limits on (64 MiB memory, 5 s wall clock, output
+  caps, epoch deadline and cancellation).
+- clawhub wasi-command-v1: `Sandbox.run` of examples/skills/uppercase (stdin → stdout), same limits.
 - extism, reused plugin: one `extism.Plugin` called again and again — how extism is normally used; the
   instance, its memory and globals live on from call to call (no per-call isolation).
 - extism, fresh plugin per call: a new `Plugin` from a `CompiledPlugin` for every call, the nearest
   extism gets to clawhub's per-call isolation.
 
-The extism plugin is written in WAT against the extism kernel ABI (imports from `extism:host/env`) and
-exports `upper`, which reads the input, upper-cases ASCII a-z and sets it as the output. Both get the same
-limits (64 MiB, 5 s). Target: clawhub no slower per call than extism's reused plugin.
+The extism plugins are written in WAT against the extism kernel ABI (imports from `extism:host/env`):
+`echo` sets its input as its output (`output_set(input_offset(), input_length())`, no copy, as the
+clawhub echo returns its input region), `upper` reads the input, upper-cases ASCII a-z and sets it as the
+output. All get the same limits (64 MiB, 5 s). Target: clawhub memory-v1 no slower per call than
+extism's reused plugin, while giving per-call isolation that it does not. The cases are interleaved round
+by round, so the ratios come from the same run under the same load.
 
 extism is an optional dependency (`pip install -e '.[bench]'`); without it this prints why and exits 0.
 """
@@ -23,6 +29,7 @@ import wasmtime
 from _support import (
     SMALL_INPUT,
     default_limits,
+    echo_memory_wasm,
     fail,
     finish,
     header,
@@ -33,10 +40,23 @@ from _support import (
     verdict,
 )
 
+from services.executor import capi
 from services.executor.sandbox import Sandbox, Verdict
 
 TARGET = 1.0
 WASM_PAGE = 64 * 1024
+
+EXTISM_ECHO_WAT = r"""
+(module
+  (import "extism:host/env" "input_length" (func $input_length (result i64)))
+  (import "extism:host/env" "input_offset" (func $input_offset (result i64)))
+  (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+  (memory (export "memory") 1)
+  ;; The input, where the kernel keeps it, becomes the output.
+  (func (export "echo") (result i32)
+    (call $output_set (call $input_offset) (call $input_length))
+    (i32.const 0)))
+"""
 
 EXTISM_UPPER_WAT = r"""
 (module
@@ -80,65 +100,86 @@ def main() -> None:
     calls = size.pick(100, 200, 400)
     rounds = size.pick(15, 60, 150)
     limits = default_limits()
-    expected = upper_ascii(SMALL_INPUT)
+    upper = upper_ascii(SMALL_INPUT)
 
-    manifest = {
-        "wasm": [{"data": bytes(wasmtime.wat2wasm(EXTISM_UPPER_WAT))}],
-        "memory": {"max_pages": limits.memory_bytes // WASM_PAGE},
-        "timeout_ms": int(limits.timeout_seconds * 1000),
-    }
+    def plugin(wat: str) -> Any:
+        manifest = {
+            "wasm": [{"data": bytes(wasmtime.wat2wasm(wat))}],
+            "memory": {"max_pages": limits.memory_bytes // WASM_PAGE},
+            "timeout_ms": int(limits.timeout_seconds * 1000),
+        }
+        return CompiledPlugin(manifest, wasi=False, functions=[])
+
     try:
-        compiled_plugin = CompiledPlugin(manifest, wasi=False, functions=[])
-        reused = extism.Plugin(compiled_plugin)
-        got = reused.call("upper", SMALL_INPUT)
+        echo_plugin, upper_plugin = plugin(EXTISM_ECHO_WAT), plugin(EXTISM_UPPER_WAT)
+        echo_reused, upper_reused = extism.Plugin(echo_plugin), extism.Plugin(upper_plugin)
+        got = (echo_reused.call("echo", SMALL_INPUT), upper_reused.call("upper", SMALL_INPUT))
     except Exception as exc:  # noqa: BLE001 - any failure of the SDK itself means "cannot run here"
         print(f"SKIPPED: extism {importlib.metadata.version('extism')} cannot run here: "
               f"{type(exc).__name__}: {exc}")
         finish(0)
         return
     print(f"extism {importlib.metadata.version('extism')} (runtime {extism.extism_version()})")
-    if got != expected:
-        fail(f"extism plugin output {got!r}, expected {expected!r}")
+    if got != (SMALL_INPUT, upper):
+        fail(f"extism plugins output {got!r}")
 
     sandbox = Sandbox()
-    compiled = sandbox.compile("sha256:bench-uppercase", uppercase_wasm())
+    echo = sandbox.compile("sha256:bench-echo-memory", echo_memory_wasm())
+    uppercase = sandbox.compile("sha256:bench-uppercase", uppercase_wasm())
 
-    def clawhub_call() -> None:
-        result = sandbox.run(compiled, SMALL_INPUT, limits)
-        if result.verdict is not Verdict.OK or result.output != expected:
-            fail(f"sandbox: {result.verdict.value} {result.detail} output {result.output!r}")
+    def clawhub_memory() -> None:
+        result = sandbox.run(echo, SMALL_INPUT, limits)
+        if result.verdict is not Verdict.OK or result.output != SMALL_INPUT:
+            fail(f"sandbox (memory-v1): {result.verdict.value} {result.detail} output {result.output!r}")
 
-    def extism_reused() -> None:
-        if reused.call("upper", SMALL_INPUT) != expected:
-            fail("extism (reused plugin): wrong output")
+    def clawhub_wasi() -> None:
+        result = sandbox.run(uppercase, SMALL_INPUT, limits)
+        if result.verdict is not Verdict.OK or result.output != upper:
+            fail(f"sandbox (wasi-command-v1): {result.verdict.value} {result.detail} output {result.output!r}")
 
-    def extism_fresh() -> None:
-        plugin: Any = extism.Plugin(compiled_plugin)
+    def reused(p: Any, name: str, want: bytes) -> None:
+        if p.call(name, SMALL_INPUT) != want:
+            fail(f"extism (reused {name}): wrong output")
+
+    def fresh(compiled: Any, name: str, want: bytes) -> None:
+        p: Any = extism.Plugin(compiled)
         try:
-            if plugin.call("upper", SMALL_INPUT) != expected:
-                fail("extism (fresh plugin): wrong output")
+            if p.call(name, SMALL_INPUT) != want:
+                fail(f"extism (fresh {name}): wrong output")
         finally:
             # Free the instance now rather than whenever the garbage collector gets to it.
-            plugin.__del__()
+            p.__del__()
 
     def isolation_only() -> None:
-        # What per-call isolation itself costs clawhub: a fresh Store with a WASI config and an instance,
-        # without running `_start` (so without WASI stdin/stdout).
-        store = wasmtime.Store(sandbox.engine)
-        store.set_wasi(wasmtime.WasiConfig())
-        compiled.pre.instantiate(store)
+        # What per-call isolation itself costs clawhub: a fresh Store and instance of the echo, nothing run.
+        echo.instantiate(capi.new_store(sandbox.engine))
 
-    us = per_call_us({"clawhub": clawhub_call, "reused": extism_reused, "fresh": extism_fresh,
-                      "isolation": isolation_only}, calls, rounds)
-    print(f"per call, {len(SMALL_INPUT)}-byte input (best of {rounds} rounds × {calls} calls):")
-    print(f"  clawhub Sandbox.run (fresh instance, limits)  {us['clawhub']:8.1f} µs/call")
-    print(f"  extism, reused plugin (no isolation)          {us['reused']:8.1f} µs/call")
-    print(f"  extism, fresh plugin per call                 {us['fresh']:8.1f} µs/call")
-    print(f"  clawhub's fresh Store + instance alone        {us['isolation']:8.1f} µs/call  (the rest of its time "
-          "runs `_start`: mostly WASI stdin/stdout through wasmtime's C API)")
-    ratio = us["clawhub"] / us["reused"]
-    print(f"  ratio clawhub / extism reused = {ratio:.2f}×  ({verdict(ratio, TARGET, at_most=True)})")
-    print(f"  ratio clawhub / extism fresh  = {us['clawhub'] / us['fresh']:.2f}×  (same isolation)")
+    us = per_call_us({
+        "memory": clawhub_memory,
+        "echo_reused": lambda: reused(echo_reused, "echo", SMALL_INPUT),
+        "echo_fresh": lambda: fresh(echo_plugin, "echo", SMALL_INPUT),
+        "wasi": clawhub_wasi,
+        "upper_reused": lambda: reused(upper_reused, "upper", upper),
+        "upper_fresh": lambda: fresh(upper_plugin, "upper", upper),
+        "isolation": isolation_only,
+    }, calls, rounds)
+    print(f"per call, {len(SMALL_INPUT)}-byte input (best of {rounds} rounds × {calls} calls, interleaved):")
+    print("  echo:")
+    print(f"    clawhub memory-v1 Sandbox.run (fresh instance, limits)  {us['memory']:8.1f} µs/call")
+    print(f"    extism, reused plugin (no isolation)                    {us['echo_reused']:8.1f} µs/call")
+    print(f"    extism, fresh plugin per call                           {us['echo_fresh']:8.1f} µs/call")
+    print(f"    clawhub's fresh Store + instance alone                  {us['isolation']:8.1f} µs/call")
+    print("  uppercase:")
+    print(f"    clawhub wasi-command-v1 Sandbox.run (fresh, limits)     {us['wasi']:8.1f} µs/call  (WASI stdin/stdout "
+          "through wasmtime's C API)")
+    print(f"    extism, reused plugin (no isolation)                    {us['upper_reused']:8.1f} µs/call")
+    print(f"    extism, fresh plugin per call                           {us['upper_fresh']:8.1f} µs/call")
+    ratio = us["memory"] / us["echo_reused"]
+    print(f"  ratio clawhub memory-v1 / extism reused = {ratio:.2f}×  ({verdict(ratio, TARGET, at_most=True)})")
+    print(f"  ratio clawhub memory-v1 / extism fresh  = {us['memory'] / us['echo_fresh']:.2f}×  (same isolation)")
+    print(f"  ratio clawhub wasi-command-v1 / extism reused = {us['wasi'] / us['upper_reused']:.2f}×  "
+          "(information: the stdio ABI)")
+    print(f"  ratio clawhub wasi-command-v1 / extism fresh  = {us['wasi'] / us['upper_fresh']:.2f}×")
     sandbox.close()
     finish(0)
 

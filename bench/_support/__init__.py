@@ -115,6 +115,14 @@ def uppercase_wasm() -> bytes:
     return bytes(wasmtime.wat2wasm(UPPERCASE_WAT.read_text()))
 
 
+ECHO_MEMORY_WAT = ROOT / "examples" / "skills" / "echo-memory" / "echo.wat"
+
+
+def echo_memory_wasm() -> bytes:
+    """examples/skills/echo-memory: the memory-v1 ABI's echo."""
+    return bytes(wasmtime.wat2wasm(ECHO_MEMORY_WAT.read_text()))
+
+
 def upper_ascii(data: bytes) -> bytes:
     return bytes(c - 32 if 97 <= c <= 122 else c for c in data)
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,14 +22,18 @@ from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from google.protobuf import json_format
 
-from services.cli import manifest
+from services.cli import manifest, trust, watch
 from services.cli.up import run_up
 from services.runtime.errors import bad_request, error_info
 from services.runtime.jsonvalue import value_to_json
+from services.runtime.signing import SigningError
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 CHUNK_BYTES = 256 * 1024
 TERMINAL = {release_pb2.RELEASE_STATE_ACTIVE, release_pb2.RELEASE_STATE_FAILED}
+# Exit code of `deploy`/`watch` when the release ends Failed (rolled back): the same 1 as any failed command,
+# as scripts already expect; the reason is printed. 2 stays "gateway unreachable".
+RELEASE_FAILED_EXIT = 1
 
 
 class CliError(Exception):
@@ -68,11 +71,12 @@ def describe_rpc_error(err: grpc.RpcError, gateway: str) -> CliError:
 
 
 class Client:
-    def __init__(self, gateway: str, timeout: float) -> None:
+    def __init__(self, gateway: str, timeout: float, token: str = "") -> None:
         self.gateway = gateway
         self.timeout = timeout
         self.channel = grpc.insecure_channel(gateway)
-        self.registry = registry_grpc.RegistryServiceStub(self.channel)
+        # The token goes to the registry only: the deployer and invocations need none.
+        self.registry = trust.authorized(registry_grpc.RegistryServiceStub(self.channel), token)
         self.deployer = deployer_grpc.DeployerServiceStub(self.channel)
         self.invoker = gateway_grpc.GatewayServiceStub(self.channel)
 
@@ -99,12 +103,18 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
     print(f"publishing {name} ({len(data):,} bytes, sha256:{sha[:12]}…{files}) to {client.gateway}",
           file=sys.stderr)
     total = len(data) + len(tar)
+    metadata = registry_pb.PublishSkillMetadata(
+        manifest=package.manifest, sha256=sha, size_bytes=len(data), request_id=str(uuid.uuid4()),
+        bundle_sha256=bundle_sha, bundle_size_bytes=len(tar))
+    if args.sign:
+        try:
+            print(f"  signed with {trust.sign_publish(metadata, args.sign)}", file=sys.stderr)
+        except SigningError as exc:
+            raise CliError(f"error: --sign: {exc}") from None
 
     def requests() -> Iterator[registry_pb.PublishSkillRequest]:
         # Order: metadata, the module's chunks, then the bundle's chunks.
-        yield registry_pb.PublishSkillRequest(metadata=registry_pb.PublishSkillMetadata(
-            manifest=package.manifest, sha256=sha, size_bytes=len(data), request_id=str(uuid.uuid4()),
-            bundle_sha256=bundle_sha, bundle_size_bytes=len(tar)))
+        yield registry_pb.PublishSkillRequest(metadata=metadata)
         for offset in range(0, len(data), CHUNK_BYTES):
             yield registry_pb.PublishSkillRequest(chunk=data[offset:offset + CHUNK_BYTES])
             _progress(f"  uploaded {min(offset + CHUNK_BYTES, len(data)):,}/{total:,} bytes")
@@ -119,6 +129,9 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
     print(f"{verb}: {version.name}@{version.version}  {version.digest}  state {state_name(version.state)}")
     if version.bundle_digest:
         print(f"  file bundle {version.bundle_digest}")
+    if version.HasField("signature"):
+        print(f"  signed by {version.signature.key_id}" + (f", publisher {version.publisher}" if version.publisher
+                                                           else ""))
     print(f"next: clawhub deploy {version.name}@{version.version}", file=sys.stderr)
     return 0
 
@@ -148,33 +161,64 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
 
 def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
     name, version = _split_ref(args.ref)
+    if args.no_wait and (args.watch or args.plain):
+        raise CliError("error: --no-wait returns at once, so there is nothing to --watch", 2)
     env = parse_env(args.env)
+    request = deployer_pb.CreateDeploymentRequest(skill=name, request_id=str(uuid.uuid4()), env=env)
+    try:
+        watch.rollout_fields(request, args)
+    except argparse.ArgumentTypeError as exc:
+        raise CliError(f"error: {exc}", 2) from None
     if not version:
         skill = client.registry.GetSkill(registry_pb.GetSkillRequest(name=name), timeout=args.timeout).skill
         if not skill.latest_version:
             raise CliError(f"error: {name} has no Ready version to deploy")
         version = skill.latest_version
-    deployment = client.deployer.CreateDeployment(deployer_pb.CreateDeploymentRequest(
-        skill=name, version=version, request_id=str(uuid.uuid4()), env=env), timeout=args.timeout).deployment
-    print(f"deploying {name}@{version} (deployment {deployment.id})", file=sys.stderr)
+    request.version = version
+    deployment = client.deployer.CreateDeployment(request, timeout=args.timeout).deployment
+    strategy = watch.describe_strategy(deployment)
+    print(f"deploying {name}@{version} (deployment {deployment.id}{', ' + strategy if strategy else ''})",
+          file=sys.stderr)
     if args.no_wait:
         print(deployment.id)
         return 0
-    started = time.monotonic()
-    last = deployment
-    for event in client.deployer.WatchDeployment(deployer_pb.WatchDeploymentRequest(id=deployment.id),
-                                                 timeout=args.timeout):
-        last = event.deployment
-        if event.message:
-            print(f"  [{time.monotonic() - started:5.1f}s] {state_name(last.state):<12} "
-                  f"{printable(event.message)}", file=sys.stderr)
-        if last.state in TERMINAL:
-            break
+    return _follow(client, args, deployment)
+
+
+def _follow(client: Client, args: argparse.Namespace, deployment: deployer_pb.Deployment) -> int:
+    """Show the release until it ends: exit 0 when Active, RELEASE_FAILED_EXIT when it failed (rolled back)."""
+    ref = f"{deployment.skill}@{deployment.version}"
+    # The stream lives as long as the release: the bake window and canary steps come on top of the deadline.
+    budget = args.timeout + watch.planned_seconds(deployment)
+    try:
+        last = watch.follow_reconnecting(client.deployer.WatchDeployment, deployment,
+                                         live=watch.use_live_display(args), timeout=budget, out=sys.stderr,
+                                         printable=printable)
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; the release goes on. Follow it again with: clawhub watch {deployment.id}",
+              file=sys.stderr)
+        return 130
+    except grpc.RpcError as err:
+        # The release goes on in the deployer whatever happened to this stream.
+        failure = describe_rpc_error(err, args.gateway)
+        raise CliError(f"{failure}\n  the watch broke; follow the release again with: clawhub watch "
+                       f"{deployment.id}", failure.exit_code) from None
     if last.state == release_pb2.RELEASE_STATE_ACTIVE:
-        print(f"{name}@{version} is active")
+        print(f"{ref} is active")
         return 0
-    reason = last.history[-1].reason if last.history else "unknown reason"
-    raise CliError(f"error: deployment of {name}@{version} ended {state_name(last.state)}: {printable(reason)}")
+    if last.state not in TERMINAL:
+        raise CliError(f"error: the deployer ended the watch while {ref} was {state_name(last.state)}; "
+                       f"follow it again with: clawhub watch {deployment.id}")
+    print(f"error: deployment of {ref} ended {state_name(last.state)}: {printable(watch.last_reason(last))}",
+          file=sys.stderr)
+    return RELEASE_FAILED_EXIT
+
+
+def cmd_watch(client: Client, args: argparse.Namespace) -> int:
+    deployment = client.deployer.GetDeployment(deployer_pb.GetDeploymentRequest(id=args.id),
+                                               timeout=args.timeout).deployment
+    print(f"watching {deployment.skill}@{deployment.version} (deployment {deployment.id})", file=sys.stderr)
+    return _follow(client, args, deployment)
 
 
 def _invoke_request(args: argparse.Namespace) -> gateway_pb.InvokeSkillRequest:
@@ -232,16 +276,22 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     if not skills:
         print("no skills published yet; try: clawhub publish examples/skills/uppercase")
         return 0
-    rows = [("SKILL", "LATEST", "SERVING", "LAST DEPLOYMENT")]
+    rows = [("SKILL", "LATEST", "SERVING", "LAST DEPLOYMENT", "VERDICT")]
+    details: list[str] = []
     for skill in skills:
         deployments = client.deployer.ListDeployments(
             deployer_pb.ListDeploymentsRequest(skill=skill.name, page_size=20), timeout=args.timeout).deployments
-        serving = next((d.version for d in deployments if d.serving), "-")
         last = (f"{deployments[0].version} {state_name(deployments[0].state)}" if deployments else "-")
-        rows.append((skill.name, skill.latest_version or "-", serving, last))
+        verdict = watch.verdict_name(deployments[0].verdict) if deployments else ""
+        rows.append((skill.name, skill.latest_version or "-", watch.describe_serving(deployments), last,
+                     verdict or "-"))
+        if args.name and deployments:
+            details = watch.describe_deployment(deployments[0])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for line in details:
+        print(printable(line))
     return 0
 
 
@@ -382,12 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client_command("publish", "publish the skill in a directory (reads skill.toml)", timeout=300)
     p.add_argument("dir", help="skill directory holding skill.toml")
-    p = client_command("deploy", "deploy a published version and wait until it is active", timeout=300)
+    p.add_argument("--sign", metavar="KEYFILE",
+                   help="sign name, version, digests and manifest with this Ed25519 key (from clawhub keygen)")
+    trust.add_token_flag(p)
+    p = client_command("deploy", "deploy a published version and follow the release until it ends", timeout=300)
+    p.description = ("Deploy a published version (blue-green by default, canary with --canary) and follow the "
+                     "release until it is active (exit 0) or has failed and been rolled back (exit 1, with the "
+                     "reason). On a terminal the progress is a live display (--watch, the default there); "
+                     "otherwise, or with --plain, one line per event.")
     p.add_argument("ref", metavar="NAME[@VERSION]", help="skill and version (default: the latest version)")
     p.add_argument("--no-wait", action="store_true", help="print the deployment id and return at once")
+    p.add_argument("--watch", action="store_true",
+                   help="live progress display (the default when stderr is a terminal; plain lines otherwise)")
+    p.add_argument("--plain", action="store_true", help="one plain line per event, even on a terminal")
     p.add_argument("--env", action="append", metavar="KEY=VALUE",
                    help="value of an environment variable the skill declares (capability env:KEY); repeat for "
                         "several; KEY alone passes on this shell's $KEY")
+    watch.add_rollout_flags(p)
+    p = client_command("watch", "follow a deployment until it ends (exit 0 active, 1 failed)", timeout=300)
+    p.add_argument("id", help="deployment id, as printed by `clawhub deploy`")
+    p.add_argument("--plain", action="store_true", help="one plain line per event, even on a terminal")
     p = client_command("invoke", "invoke the active version of a skill and print its output")
     p.add_argument("name", help="skill name, such as com.example.uppercase")
     group = p.add_mutually_exclusive_group()
@@ -404,20 +468,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="NAME@VERSION", help="skill and exact version")
     p.add_argument("--reason", help="why (shown to anyone who reads the version)")
     p.add_argument("--undo", action="store_true", help="un-yank the version")
+    trust.add_token_flag(p)
     p = client_command("tag", "point a tag (such as stable) of a skill at a version; `latest` is automatic")
     p.add_argument("name", help="skill name")
     p.add_argument("tag", help="tag name: lowercase letters, digits and hyphens, starting with a letter")
     p.add_argument("version", nargs="?", help="exact Ready version")
     p.add_argument("--delete", action="store_true", help="remove the tag instead")
+    trust.add_token_flag(p)
     p = client_command("search", "list skills matching a keyword (name or description) and/or a name prefix")
     p.add_argument("query", nargs="?", help="keyword, case-insensitive (default: every skill)")
     p.add_argument("--prefix", help="only names starting with this, such as com.acme.")
     p = client_command("resolve", "print the flattened dependency set of a published version")
     p.add_argument("ref", metavar="NAME@VERSION", help="skill and exact version")
+    trust.add_commands(sub, DEFAULT_GATEWAY, positive_seconds)
     return parser
 
 
-COMMANDS = {"publish": cmd_publish, "deploy": cmd_deploy, "invoke": cmd_invoke, "status": cmd_status,
+COMMANDS = {"publish": cmd_publish, "deploy": cmd_deploy, "watch": cmd_watch, "invoke": cmd_invoke,
+            "status": cmd_status,
             "rollback": cmd_rollback, "yank": cmd_yank, "tag": cmd_tag, "search": cmd_search,
             "resolve": cmd_resolve}
 
@@ -428,9 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_up(Path(args.data_dir), args.executors, args.host, args.gateway_port)
     if args.command == "health":
         return cmd_health(args)
-    client = Client(args.gateway, args.timeout)
+    if args.command == "keygen":
+        return trust.cmd_keygen(args)
+    client = Client(args.gateway, args.timeout, token=trust.credential(args))
     try:
-        return COMMANDS[args.command](client, args)
+        command = COMMANDS.get(args.command) or trust.COMMANDS[args.command]
+        return command(client, args)
     except grpc.RpcError as err:
         failure = describe_rpc_error(err, args.gateway)
     except CliError as exc:

@@ -16,7 +16,8 @@ from services.runtime.names import skill_name_problem, version_problem
 from services.runtime.settings import parse_size
 
 MANIFEST_FILE = "skill.toml"
-ABIS = {"wasi-command-v1": skill_pb2.ABI_WASI_COMMAND_V1}
+ABIS = {"wasi-command-v1": skill_pb2.ABI_WASI_COMMAND_V1, "memory-v1": skill_pb2.ABI_MEMORY_V1,
+        "library-v1": skill_pb2.ABI_LIBRARY_V1}
 _KNOWN_KEYS = {"name", "version", "description", "abi", "module", "capabilities", "limits", "dependencies",
                "input_schema", "examples", "args", "files"}
 _LIMIT_KEYS = {"memory", "timeout_ms", "max_output", "max_stderr", "max_input", "fuel"}

@@ -52,7 +52,12 @@ def _pump(child: Child, stream: IO[bytes], out: IO[str]) -> None:
         if match and not child.ready.is_set():
             child.address = f"{match[2]}:{match[3]}"
             child.ready.set()
-        print(f"{child.label:<{width}}| {line}", file=out, flush=True)
+        try:
+            print(f"{child.label:<{width}}| {line}", file=out, flush=True)
+        except (OSError, ValueError):
+            # Nobody reads our output any more (the parent went away): keep draining the child's pipe, or
+            # the child would block on its next log line, shutdown included.
+            pass
     stream.close()
 
 
@@ -209,5 +214,11 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
         print("clawhub up: all services stopped", file=log, flush=True)
         return 0
     finally:
+        # Whatever ended `up` (an exception, such as a broken pipe to a parent that died), the services it
+        # started must not outlive it; stop() skips the ones already stopped.
+        try:
+            suite.stop()
+        except OSError:
+            pass
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, cast
 
 import grpc
+from clawhub.common.v1 import skill_pb2
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.deployer.model import DeploymentRecord
 from services.runtime.channels import channel
@@ -21,6 +24,11 @@ class VersionSource(Protocol):
     async def get_skill_version(self, name: str, version: str, *, timeout: float,
                                 ) -> registry_pb.SkillVersion:
         """The version; raises the registry's status (grpc.aio.AioRpcError) or a ServiceError."""
+        ...
+
+    async def resolve_dependencies(self, name: str, version: str, *, timeout: float,
+                                   ) -> list[skill_pb2.ResolvedDependency]:
+        """The version's dependencies resolved now (the version itself left out); raises a ServiceError."""
         ...
 
     async def close(self) -> None: ...
@@ -39,6 +47,15 @@ class ExecutorFleet(Protocol):
 
     async def unload(self, address: str, digest: str) -> bool:
         """Drop `digest` from one executor's memory; True when it was loaded."""
+        ...
+
+    def watch_health(self, address: str, digest: str) -> AsyncIterator[int]:
+        """The executor's per-digest health (`HealthCheckResponse.ServingStatus`) now and at every change,
+        until the stream breaks (raises grpc.aio.AioRpcError)."""
+        ...
+
+    async def overall_health(self, address: str) -> int:
+        """The executor's overall health status; raises grpc.aio.AioRpcError when it cannot tell."""
         ...
 
     async def close(self) -> None: ...
@@ -66,6 +83,15 @@ class GrpcRegistry:
             raise upstream_error(err, "registry", self._address) from None
         return response.skill_version
 
+    async def resolve_dependencies(self, name: str, version: str, *, timeout: float,
+                                   ) -> list[skill_pb2.ResolvedDependency]:
+        try:
+            response: registry_pb.ResolveDependenciesResponse = await self._stub.ResolveDependencies(
+                registry_pb.ResolveDependenciesRequest(name=name, version=version), timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise upstream_error(err, "registry", self._address) from None
+        return list(response.dependencies)
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -80,6 +106,9 @@ class GrpcExecutorFleet:
         self._stubs: dict[str, executor_grpc.ExecutorServiceAsyncStub] = {
             address: cast("executor_grpc.ExecutorServiceAsyncStub", executor_grpc.ExecutorServiceStub(ch))
             for address, ch in self._channels.items()}
+        # grpc_health ships no type stubs.
+        self._health: dict[str, Any] = {address: health_pb2_grpc.HealthStub(ch)
+                                        for address, ch in self._channels.items()}
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -89,7 +118,9 @@ class GrpcExecutorFleet:
         response: executor_pb.LoadSkillResponse = await self._stubs[address].LoadSkill(
             executor_pb.LoadSkillRequest(digest=record.digest, bundle_digest=record.bundle_digest,
                                          capabilities=record.capabilities, examples=record.examples,
-                                         env=record.env, args=record.args, limits=record.limits),
+                                         env=record.env, args=record.args, limits=record.limits,
+                                         skill=record.skill, version=record.version,
+                                         dependencies=record.dependencies),
             timeout=self._load_timeout)
         return response.already_loaded
 
@@ -97,6 +128,20 @@ class GrpcExecutorFleet:
         response: executor_pb.UnloadSkillResponse = await self._stubs[address].UnloadSkill(
             executor_pb.UnloadSkillRequest(digest=digest), timeout=self._unload_timeout)
         return response.was_loaded
+
+    async def watch_health(self, address: str, digest: str) -> AsyncIterator[int]:
+        # No deadline: the watch lasts as long as the release's analysis, which cancels it.
+        call = self._health[address].Watch(health_pb2.HealthCheckRequest(service=digest))
+        try:
+            async for response in call:
+                yield int(response.status)
+        finally:
+            call.cancel()
+
+    async def overall_health(self, address: str) -> int:
+        response = await self._health[address].Check(health_pb2.HealthCheckRequest(service=""),
+                                                      timeout=self._unload_timeout)
+        return int(response.status)
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeAlias
 
 from clawhub.common.v1 import release_pb2, routing_pb2, skill_pb2
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
 from google.protobuf import timestamp_pb2
 
+from services.deployer.plan import Plan
 from services.deployer.statemachine import State, check_transition
+
+if TYPE_CHECKING:
+    from services.deployer.analysis import Tally
+
+Verdict: TypeAlias = pb.AnalysisVerdict.ValueType
 
 
 def new_deployment_id() -> str:
@@ -61,9 +68,17 @@ class DeploymentRecord:
     args: list[str] = field(default_factory=list)
     bundle_digest: str = ""
     capabilities: list[str] = field(default_factory=list)
+    # The dependency packages the skill is linked with, pinned when the deployment was created.
+    dependencies: list[skill_pb2.ResolvedDependency] = field(default_factory=list)
     # The manifest's smoke examples, run by each executor on preload. Only needed while deploying, so not
     # stored: a deployer restarted mid-deploy settles the deployment instead of resuming it.
     examples: list[skill_pb2.SmokeExample] = field(default_factory=list, compare=False, repr=False)
+    # How the release rolls out (None for deployments made before plans existed), the analysis verdict and
+    # its reason, and the new version's stats during the release.
+    plan: Plan | None = None
+    verdict: Verdict = pb.ANALYSIS_VERDICT_UNSPECIFIED
+    verdict_reason: str = ""
+    stats: Tally | None = field(default=None, compare=False)
 
     def apply(self, to_state: State, reason: str, time_ns: int) -> Transition:
         """Move to `to_state` if the state machine allows it; returns the transition to persist."""
@@ -78,15 +93,37 @@ class DeploymentRecord:
         """The state this deployment was in before its current one."""
         return self.history[-1].from_state if self.history else None
 
-    def to_proto(self, *, serving: bool) -> pb.Deployment:
-        return pb.Deployment(
+    def to_proto(self, *, serving: bool, traffic_weight: int = 0) -> pb.Deployment:
+        deployment = pb.Deployment(
             id=self.id, skill=self.skill, version=self.version, digest=self.digest, state=self.state,
             history=[t.to_proto() for t in self.history], previous_version=self.previous_version,
             serving=serving, create_time=timestamp(self.create_ns), update_time=timestamp(self.update_ns),
+            traffic_weight=traffic_weight, verdict=self.verdict, verdict_reason=self.verdict_reason,
+            dependencies=self.dependencies,
         )
+        if self.plan is not None:
+            self.plan.fill(deployment)
+        if self.stats is not None:
+            deployment.stats.CopyFrom(self.stats.to_proto())
+        return deployment
+
+    def target(self, weight: int = 100,
+               role: routing_pb2.RouteTargetRole.ValueType = routing_pb2.ROUTE_TARGET_ROLE_UNSPECIFIED,
+               ) -> routing_pb2.RouteTarget:
+        """This deployment's version as a route target."""
+        return routing_pb2.RouteTarget(
+            version=self.version, digest=self.digest, weight=weight, limits=self.limits, env=self.env,
+            args=self.args, bundle_digest=self.bundle_digest, capabilities=self.capabilities, role=role,
+            dependencies=self.dependencies)
 
     def route(self) -> routing_pb2.Route:
         """The route that sends all of the skill's traffic to this deployment's version."""
-        return routing_pb2.Route(skill=self.skill, targets=[routing_pb2.RouteTarget(
-            version=self.version, digest=self.digest, weight=100, limits=self.limits, env=self.env,
-            args=self.args, bundle_digest=self.bundle_digest, capabilities=self.capabilities)])
+        return routing_pb2.Route(skill=self.skill, targets=[self.target()])
+
+    def release_route(self, weight: int, stable: DeploymentRecord | None) -> routing_pb2.Route:
+        """The route of a release under analysis: this version (the candidate) at `weight` percent, and the
+        stable version with the rest (at 0 it only takes the retries of the candidate's failed calls)."""
+        targets = [self.target(weight, routing_pb2.ROUTE_TARGET_ROLE_CANDIDATE)]
+        if stable is not None and stable.digest != self.digest:
+            targets.append(stable.target(100 - weight, routing_pb2.ROUTE_TARGET_ROLE_STABLE))
+        return routing_pb2.Route(skill=self.skill, targets=targets)

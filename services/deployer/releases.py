@@ -1,11 +1,24 @@
-"""Rollouts and rollbacks: the release state machine driven through preload, route push and acknowledgements.
+"""Rollouts and rollbacks: the release state machine driven through preload, route pushes, analysis and
+acknowledgements.
 
 One operation per skill at a time (a deploy or a manual rollback): a second one is refused with
-DEPLOYMENT_IN_PROGRESS. Rollouts run as background tasks owned by the `Releaser`; a deployer stopped in the
-middle leaves them Deploying/RollingBack in the store, and `settle()` resolves them on the next start.
+DEPLOYMENT_IN_PROGRESS, except that a manual rollback aborts a release that is in its bake window or canary
+steps. Rollouts run as background tasks owned by the `Releaser`; a deployer stopped in the middle leaves
+them Deploying/RollingBack in the store, and `settle()` resolves them on the next start.
 
-The rollout steps are kept separate (preload, push, acknowledge) so that later steps (per-digest health,
-smoke examples, a bake window, canary weights) slot in between them.
+A rollout, all within the Deploying state:
+
+1. preload on every executor (LoadSkill runs the smoke examples; per-digest health turns SERVING);
+2. for each analysis window (one bake window, or one per canary step): push a route with the new version as
+   the candidate at the window's weight and the previous version as the stable target (which takes the
+   retries of the candidate's failed calls), wait for the acknowledgements, then watch the dispatchers'
+   stats and the executors' per-digest health until the window ends;
+3. push the plain route (the new version alone), wait for the acknowledgements, unload the previous
+   version (only once every dispatcher acknowledged, so none can still retry on it) → Active.
+
+A breach (stats against the thresholds, per-digest health NOT_SERVING) is evaluated as each stats report
+arrives, not on a poll: the release task wakes at once and pushes the previous route (RollingBack), then
+ends Failed.
 """
 
 from __future__ import annotations
@@ -14,16 +27,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from clawhub.common.v1 import skill_pb2
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
+from grpc_health.v1 import health_pb2
 
+from services.deployer import breaker
+from services.deployer.analysis import Tally, breach
 from services.deployer.backends import ExecutorFleet, describe_error
+from services.deployer.breaker import BreakerSettings
 from services.deployer.events import EventBus
-from services.deployer.model import DeploymentRecord, Transition, new_deployment_id
-from services.deployer.routes import RouteHub
+from services.deployer.model import DeploymentRecord, Transition, Verdict, new_deployment_id, timestamp
+from services.deployer.plan import CANARY, Plan, duration
+from services.deployer.routes import Acks, RouteHub
 from services.deployer.statemachine import (
     ACTIVE,
     DEPLOYING,
@@ -40,8 +59,13 @@ from services.runtime.errors import Reason, ServiceError, invalid
 log = logging.getLogger("clawhub.deployer")
 
 RESTART_REASON = "deployer restarted mid-deploy"
+MANUAL_ABORT_REASON = "manual rollback requested"
+# Pause before watching an executor's per-digest health again after the stream broke.
+HEALTH_RETRY_SECONDS = 0.5
+DEFAULT_PROGRESS_INTERVAL = 0.25
 
 T = TypeVar("T")
+Kind: TypeAlias = pb.DeploymentEventKind.ValueType
 
 
 def in_progress(skill: str, deployment_id: str) -> ServiceError:
@@ -51,21 +75,71 @@ def in_progress(skill: str, deployment_id: str) -> ServiceError:
         "try again when it ends", metadata={"skill": skill, "deployment_id": deployment_id})
 
 
+def no_previous(skill: str, version: str, deployment_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION, Reason.NO_PREVIOUS_VERSION,
+        f"{skill}@{version} (deployment {deployment_id}) has no previous version to roll back to",
+        metadata={"skill": skill, "version": version})
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a release's analysis ended early."""
+
+    verdict: Verdict
+    kind: Kind
+    reason: str
+    executor: str = ""
+
+
+@dataclass
+class Release:
+    """A deployment whose rollout is running."""
+
+    record: DeploymentRecord
+    previous: DeploymentRecord | None
+    plan: Plan
+    stop: asyncio.Future[Stop] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # True from the first candidate route push until the analysis ends: only then do stats count.
+    analysing: bool = False
+    # The new version's share of traffic in the route pushed last.
+    weight: int = 0
+    # The generation that restored the previous route, once a failed release restored it.
+    restored_generation: int = 0
+    task: asyncio.Task[None] | None = None
+
+    def trip(self, stop: Stop) -> bool:
+        """End the analysis early; False when it already ended (the first reason wins)."""
+        if self.stop.done():
+            return False
+        self.stop.set_result(stop)
+        return True
+
+
 class Releaser:
     """Runs deployments and rollbacks of skills against the store, the route hub and the executors."""
 
     def __init__(self, store: DeploymentStore, hub: RouteHub, events: EventBus, fleet: ExecutorFleet, *,
-                 ack_timeout: float, clock: Callable[[], int] = time.time_ns) -> None:
+                 ack_timeout: float, clock: Callable[[], int] = time.time_ns,
+                 breaker_settings: BreakerSettings | None = None,
+                 progress_interval: float = DEFAULT_PROGRESS_INTERVAL) -> None:
         self._store = store
         self._hub = hub
         self._events = events
         self._fleet = fleet
         self._ack_timeout = ack_timeout
         self._clock = clock
+        self._breaker = breaker_settings or BreakerSettings()
+        self._progress_interval = progress_interval
         self._lock = asyncio.Lock()
         # Skill → id of the deployment whose rollout or rollback is running.
         self._in_flight: dict[str, str] = {}
+        # Skill → its running rollout.
+        self._releases: dict[str, Release] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Digests this deployer unloaded after a release replaced them: a manual rollback to one of them loads
+        # it again first. (Forgotten on restart: an executor then loads it on the first call instead.)
+        self._unloaded: set[str] = set()
 
     # Views.
 
@@ -73,7 +147,11 @@ class Releaser:
         return self._hub.owner(record.skill) == record.id
 
     def to_proto(self, record: DeploymentRecord) -> pb.Deployment:
-        return record.to_proto(serving=self.is_serving(record))
+        # A running release's own record is ahead of the stored one (live stats and verdict).
+        release = self._releases.get(record.skill)
+        live = release.record if release is not None and release.record.id == record.id else record
+        return live.to_proto(serving=self.is_serving(record),
+                             traffic_weight=self._hub.weight(record.skill, record.version, record.digest))
 
     # Operations.
 
@@ -102,15 +180,17 @@ class Releaser:
         return record
 
     async def start_deployment(self, skill: str, version: str, digest: str, limits: skill_pb2.Limits,
-                               request_id: str = "", *, env: dict[str, str] | None = None,
+                               request_id: str = "", *, plan: Plan, env: dict[str, str] | None = None,
                                args: Sequence[str] = (), bundle_digest: str = "",
                                capabilities: Sequence[str] = (),
-                               examples: Sequence[skill_pb2.SmokeExample] = ()) -> DeploymentRecord:
+                               examples: Sequence[skill_pb2.SmokeExample] = (),
+                               dependencies: Sequence[skill_pb2.ResolvedDependency] = ()) -> DeploymentRecord:
         """Create a deployment in state Deploying and start its rollout in the background.
 
         `env` holds the values for the skill's `env:NAME` capabilities (checked by the caller); they are
         persisted with the deployment and go out with its route, and are never logged.
         With a `request_id` seen before, returns that deployment instead (an idempotent retry).
+        Refused while another operation on the skill runs, or while its circuit breaker is open.
         """
         env = dict(env or {})
         async with self._lock:
@@ -120,9 +200,13 @@ class Releaser:
                     return existing
             if skill in self._in_flight:
                 raise in_progress(skill, self._in_flight[skill])
+            now = self._clock()
+            outcomes = await self._store.deploy_outcomes(skill, now - int(self._breaker.window_seconds * 1e9))
+            refusal = breaker.check(skill, outcomes, now, self._breaker)
+            if refusal is not None:
+                raise refusal
             owner = self._hub.owner(skill)
             previous = await self._store.get_deployment(owner) if owner else None
-            now = self._clock()
             check_transition(READY, DEPLOYING)
             replacing = f", replacing {previous.version}" if previous else ""
             # Names only: the values may be secrets.
@@ -134,10 +218,13 @@ class Releaser:
                 previous_id=previous.id if previous else "",
                 previous_version=previous.version if previous else "",
                 create_ns=now, update_ns=now, env=env, args=list(args), bundle_digest=bundle_digest,
-                capabilities=list(capabilities), examples=list(examples))
+                capabilities=list(capabilities), examples=list(examples), plan=plan,
+                dependencies=list(dependencies))
             await self._store.create_deployment(record, request_id)
             self._in_flight[skill] = record.id
-        self._spawn(self._deploy(record, previous))
+            release = Release(record, previous, plan)
+            self._releases[skill] = release
+        release.task = self._spawn(self._deploy(release))
         return record
 
     async def rollback(self, skill: str, request_id: str = "") -> tuple[DeploymentRecord, int]:
@@ -148,6 +235,9 @@ class Releaser:
         counts once the generation is persisted: dispatchers that do not acknowledge it within the ack
         timeout get it when they reconnect, and it is not undone (going back to the version the operator
         is rolling away from would be worse). Returns the serving deployment and the generation.
+
+        A release in its bake window or canary steps is aborted instead: it ends Failed (verdict ABORTED)
+        and the version that served before it serves again.
         """
         if request_id:
             found = await self.find_request("rollback", request_id)
@@ -155,31 +245,72 @@ class Releaser:
                 return found
         async with self._lock:
             if skill in self._in_flight:
-                raise in_progress(skill, self._in_flight[skill])
-            owner = self._hub.owner(skill)
-            current = await self._store.get_deployment(owner) if owner else None
-            if current is None:
-                raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.SKILL_NOT_DEPLOYED,
-                                   f"skill {skill} is not deployed, so there is nothing to roll back",
-                                   metadata={"skill": skill})
-            target = await self._store.get_deployment(current.previous_id) if current.previous_id else None
-            if target is None or target.state != ACTIVE:
-                raise ServiceError(
-                    grpc.StatusCode.FAILED_PRECONDITION, Reason.NO_PREVIOUS_VERSION,
-                    f"{skill}@{current.version} (deployment {current.id}) has no previous version to roll "
-                    "back to", metadata={"skill": skill, "version": current.version})
-            self._in_flight[skill] = current.id
+                release = self._releases.get(skill)
+                if release is None or not release.analysing or release.stop.done():
+                    raise in_progress(skill, self._in_flight[skill])
+                if release.previous is None or release.previous.state != ACTIVE:
+                    record = release.record
+                    raise no_previous(skill, record.version, record.id)
+                release.trip(Stop(pb.ANALYSIS_VERDICT_ABORTED, pb.DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED,
+                                  MANUAL_ABORT_REASON))
+                aborting: Release | None = release
+            else:
+                aborting = None
+                owner = self._hub.owner(skill)
+                current = await self._store.get_deployment(owner) if owner else None
+                if current is None:
+                    raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.SKILL_NOT_DEPLOYED,
+                                       f"skill {skill} is not deployed, so there is nothing to roll back",
+                                       metadata={"skill": skill})
+                target = await self._store.get_deployment(current.previous_id) if current.previous_id else None
+                if target is None or target.state != ACTIVE:
+                    raise no_previous(skill, current.version, current.id)
+                self._in_flight[skill] = current.id
+        if aborting is not None:
+            return await self._await_abort(aborting, request_id)
+        assert current is not None and target is not None
         # Shielded: a caller that gives up (deadline, cancel) must not leave the skill half rolled back.
         task = self._spawn(self._rollback(current, target, request_id))
         return await asyncio.shield(task)
+
+    async def _await_abort(self, release: Release, request_id: str) -> tuple[DeploymentRecord, int]:
+        assert release.task is not None and release.previous is not None
+        # Shielded for the same reason as a rollback; the release task owns the work anyway.
+        await asyncio.shield(release.task)
+        if not release.restored_generation:
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, Reason.INTERNAL,
+                f"the release of {release.record.skill}@{release.record.version} was aborted but the previous "
+                f"route could not be restored; see deployment {release.record.id}",
+                metadata={"skill": release.record.skill, "deployment_id": release.record.id})
+        target = await self._store.get_deployment(release.previous.id) or release.previous
+        if request_id:
+            await self._store.save_request("rollback", request_id, target.id, release.restored_generation)
+        return target, release.restored_generation
+
+    async def report_stats(self, request: pb.ReportStatsRequest) -> None:
+        """Add a dispatcher's report to the running releases it concerns, and trip any breach at once."""
+        for report in request.reports:
+            release = self._releases.get(report.skill)
+            if release is None or not release.analysing or release.stop.done():
+                continue
+            record = release.record
+            if report.digest != record.digest or report.version != record.version or record.stats is None:
+                continue
+            record.stats.add(report)
+            reason = breach(record.stats, release.plan.thresholds)
+            if reason is not None:
+                release.trip(Stop(pb.ANALYSIS_VERDICT_FAILED, pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH,
+                                  f"analysis breach: {reason}"))
 
     async def settle(self) -> None:
         """Resolve every deployment a previous run left in flight (call before serving).
 
         A rollout is not resumed: the deployment ends Failed ("deployer restarted mid-deploy") and, if its
-        route had already been pushed, the previous version's route is restored (it is still loaded on
-        the executors), so no route points at a failed deployment. An interrupted manual rollback ends
-        Active again, with the route table as it was persisted.
+        route had already been pushed (during the bake window or the canary steps too), the previous
+        version's route is restored (it is still loaded on the executors), so no route points at a failed
+        deployment and no two versions claim the route. An interrupted manual rollback ends Active again,
+        with the route table as it was persisted.
         """
         for record in await self._store.in_flight():
             try:
@@ -191,6 +322,8 @@ class Releaser:
                     await self._transition(record, ACTIVE, f"deployer restarted mid-rollback; {serving}",
                                            final=True)
                     continue
+                if record.verdict == pb.ANALYSIS_VERDICT_RUNNING:
+                    self._set_verdict(record, pb.ANALYSIS_VERDICT_ABORTED, RESTART_REASON)
                 # No unloading here: the deployer's start must not wait for executors.
                 await self._fail(record, RESTART_REASON, unload=False)
             except Exception:  # noqa: BLE001 - settle the others; this one stays for the next start
@@ -203,7 +336,7 @@ class Releaser:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    # Steps.
+    # Events.
 
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coro)
@@ -219,36 +352,86 @@ class Releaser:
         await self._store.add_transition(record.id, transition)
         if final and self._in_flight.get(record.skill) == record.id:
             del self._in_flight[record.skill]
+            release = self._releases.get(record.skill)
+            if release is not None and release.record.id == record.id:
+                del self._releases[record.skill]
         log.info("deployment %s (%s@%s): %s → %s: %s", record.id, record.skill, record.version,
                  state_name(transition.from_state), state_name(to_state), reason)
-        self._emit(record, f"{state_name(transition.from_state)} → {state_name(to_state)}: {reason}")
+        self._emit(record, f"{state_name(transition.from_state)} → {state_name(to_state)}: {reason}",
+                   pb.DEPLOYMENT_EVENT_KIND_STATE_CHANGED, transition=transition.to_proto())
 
-    def _emit(self, record: DeploymentRecord, message: str) -> None:
-        self._events.publish(pb.WatchDeploymentResponse(deployment=self.to_proto(record), message=message))
+    def _emit(self, record: DeploymentRecord, message: str, kind: Kind, **fields: Any) -> None:
+        event = pb.DeploymentEvent(kind=kind, time=timestamp(self._clock()), **fields)
+        self._events.publish(pb.WatchDeploymentResponse(deployment=self.to_proto(record), message=message,
+                                                        event=event))
 
-    async def _deploy(self, record: DeploymentRecord, previous: DeploymentRecord | None) -> None:
+    def _pushed(self, record: DeploymentRecord, generation: int, weight: int, note: str = "") -> None:
+        self._emit(record, f"route generation {generation} pushed{note}", pb.DEPLOYMENT_EVENT_KIND_ROUTE_PUSHED,
+                   generation=generation, weight=weight)
+
+    def _acked(self, record: DeploymentRecord, acks: Acks) -> None:
+        self._emit(record, acks.describe(), pb.DEPLOYMENT_EVENT_KIND_ACKED, generation=acks.generation,
+                   acknowledged=len(acks.acknowledged), dispatchers=len(acks.acknowledged) + len(acks.pending))
+
+    @staticmethod
+    def _set_verdict(record: DeploymentRecord, verdict: Verdict, reason: str) -> None:
+        record.verdict = verdict
+        record.verdict_reason = reason
+
+    # Steps.
+
+    async def _deploy(self, release: Release) -> None:
+        record, previous = release.record, release.previous
         try:
-            problem = await self._preload(record)
+            problem, smoke_failed = await self._preload(record)
             if problem:
+                if smoke_failed:
+                    self._set_verdict(record, pb.ANALYSIS_VERDICT_FAILED, problem)
                 await self._fail(record, problem, previous)
                 return
+            windows = release.plan.windows()
+            analysed = ""
+            if windows:
+                stop = await self._analyse(release, windows)
+                if self._hub.closed:
+                    log.info("deployment %s left in flight by the shutdown", record.id)
+                    return
+                if stop is not None:
+                    await self._abort(release, stop)
+                    return
+                stats = record.stats or Tally()
+                analysed = f"{release.plan.describe()} passed ({stats.describe()}); "
+                self._set_verdict(record, pb.ANALYSIS_VERDICT_PASSED, analysed[:-2])
+                self._emit(record, f"analysis passed: {stats.describe()}", pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_PASSED,
+                           stats=stats.to_proto())
+                await self._store.save_analysis(record)
             generation = await self._hub.publish(record.skill, StoredRoute(record.id, record.route()))
-            self._emit(record, f"route generation {generation} pushed")
+            release.weight = 100
+            self._pushed(record, generation, 100)
             acks = await self._hub.wait_acked(generation, self._ack_timeout)
             if self._hub.closed:
                 # Shutting down: the watch streams ended, so the acknowledgements mean nothing. The next
                 # start settles this deployment (Failed, previous route restored).
                 log.info("deployment %s left in flight by the shutdown", record.id)
                 return
-            self._emit(record, acks.describe())
-            if not acks.complete:
+            self._acked(record, acks)
+            if not acks.complete and not windows:
                 await self._fail(record, f"route generation {generation} not acknowledged within "
                                          f"{self._ack_timeout:g}s by {', '.join(acks.pending)}", previous)
                 return
             loaded = len(self._fleet.addresses)
+            keep = ""
+            if not acks.complete:
+                # The analysis passed and every dispatcher already routes to the new version; only the
+                # stable fallback's removal is unacknowledged, so the release stands, the previous version
+                # stays loaded for dispatchers that may still retry on it.
+                keep = f" (still waiting for {', '.join(acks.pending)}: previous version kept loaded)"
+            if windows and acks.complete and previous is not None:
+                # Before the Active transition, so that watchers (whose stream ends at Active) see it.
+                await self._unload_previous(record, previous)
             await self._transition(
-                record, ACTIVE, f"preloaded on {loaded} executor{'s' if loaded != 1 else ''}; route "
-                                f"generation {generation} {acks.describe()}", final=True)
+                record, ACTIVE, f"preloaded on {loaded} executor{'s' if loaded != 1 else ''}; {analysed}route "
+                                f"generation {generation} {acks.describe()}{keep}", final=True)
         except Exception as exc:  # noqa: BLE001 - a rollout must end in a settled state
             log.exception("deployment %s failed unexpectedly", record.id)
             try:
@@ -256,83 +439,245 @@ class Releaser:
             except Exception:  # noqa: BLE001
                 log.exception("deployment %s could not be marked failed; a restart settles it", record.id)
         finally:
+            release.analysing = False
             if self._in_flight.get(record.skill) == record.id:
                 del self._in_flight[record.skill]
+            if self._releases.get(record.skill) is release:
+                del self._releases[record.skill]
 
-    async def _preload(self, record: DeploymentRecord) -> str | None:
-        """LoadSkill on every executor at once; the problems, or None when every one loaded it."""
+    async def _preload(self, record: DeploymentRecord) -> tuple[str | None, bool]:
+        """LoadSkill on every executor at once; the problems (None when every one loaded it), and whether a
+        smoke example failed."""
+        smoke_failed = False
+        self._unloaded.discard(record.digest)
 
         async def load(address: str) -> str | None:
+            nonlocal smoke_failed
             try:
                 already = await self._fleet.load(address, record)
             except grpc.aio.AioRpcError as err:
                 problem = f"LoadSkill on {address} failed: {describe_error(err)}"
-                self._emit(record, problem)
+                smoke_failed = smoke_failed or Reason.SMOKE_TEST_FAILED in problem
+                self._emit(record, problem, pb.DEPLOYMENT_EVENT_KIND_PRELOAD_FAILED, executor=address,
+                           reason=problem)
                 return problem
-            self._emit(record, f"preloaded on {address}{' (already loaded)' if already else ''}")
+            self._emit(record, f"preloaded on {address}{' (already loaded)' if already else ''}",
+                       pb.DEPLOYMENT_EVENT_KIND_PRELOADED, executor=address)
+            if record.examples:
+                count = len(record.examples)
+                self._emit(record, f"{count} smoke example{'s' if count != 1 else ''} passed on {address}",
+                           pb.DEPLOYMENT_EVENT_KIND_SMOKE_PASSED, executor=address, smoke_examples=count)
             return None
 
         problems = [p for p in await asyncio.gather(*(load(a) for a in self._fleet.addresses)) if p]
-        return "; ".join(problems) or None
+        return "; ".join(problems) or None, smoke_failed
+
+    async def _analyse(self, release: Release, windows: list[tuple[int, float]]) -> Stop | None:
+        """Walk the analysis windows; the reason it ended early, or None when every window passed (or the
+        deployer is shutting down: the caller checks)."""
+        record = release.record
+        stable = release.previous if release.previous is not None and release.previous.state == ACTIVE else None
+        record.stats = Tally()
+        self._set_verdict(record, pb.ANALYSIS_VERDICT_RUNNING, f"analysing: {release.plan.describe()}")
+        await self._store.save_analysis(record)
+        release.analysing = True
+        watchers = [self._spawn(self._watch_health(release, address)) for address in self._fleet.addresses]
+        try:
+            for step, (weight, window) in enumerate(windows, start=1):
+                generation = await self._hub.publish(
+                    record.skill, StoredRoute(record.id, record.release_route(weight, stable)))
+                release.weight = weight
+                self._pushed(record, generation, weight,
+                             f" ({record.version} at {weight}%" + (f", {stable.version} stable)" if stable else ")"))
+                acks = await self._wait_acked(release, generation)
+                if release.stop.done():
+                    return release.stop.result()
+                if self._hub.closed or acks is None:
+                    return None
+                self._acked(record, acks)
+                if not acks.complete:
+                    return Stop(pb.ANALYSIS_VERDICT_ABORTED, pb.DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED,
+                                f"route generation {generation} not acknowledged within {self._ack_timeout:g}s by "
+                                f"{', '.join(acks.pending)}")
+                if release.plan.strategy == CANARY:
+                    self._emit(record, f"canary step {step}/{len(windows)}: {record.version} at {weight}% for "
+                                       f"{window:g}s", pb.DEPLOYMENT_EVENT_KIND_CANARY_STEP, weight=weight, step=step,
+                               steps=len(windows), window=duration(window))
+                else:
+                    self._emit(record, f"bake window of {window:g}s started", pb.DEPLOYMENT_EVENT_KIND_BAKE_STARTED,
+                               window=duration(window), weight=weight)
+                stop = await self._watch_window(release, weight, window)
+                if stop is not None:
+                    return stop
+            return None
+        finally:
+            release.analysing = False
+            for watcher in watchers:
+                watcher.cancel()
+
+    async def _wait_acked(self, release: Release, generation: int) -> Acks | None:
+        """The acknowledgements of `generation`, or None when the analysis was stopped meanwhile."""
+        waiting = asyncio.ensure_future(self._hub.wait_acked(generation, self._ack_timeout))
+        try:
+            pending: list[asyncio.Future[Any]] = [waiting, release.stop]
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        return None if release.stop.done() else waiting.result()
+
+    async def _watch_window(self, release: Release, weight: int, window: float) -> Stop | None:
+        """Until the window ends (None) or the analysis is stopped (why), with progress events meanwhile."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        end = started + window
+        record = release.record
+        while not release.stop.done():
+            now = loop.time()
+            if now >= end:
+                return None
+            stats = record.stats or Tally()
+            self._emit(record, f"{weight}% for {now - started:.1f}s/{window:g}s: {stats.describe()}",
+                       pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_PROGRESS, weight=weight, window=duration(window),
+                       elapsed=duration(now - started), stats=stats.to_proto())
+            await asyncio.wait({release.stop}, timeout=min(end - now, self._progress_interval))
+        return release.stop.result()
+
+    async def _watch_health(self, release: Release, address: str) -> None:
+        """Trip the analysis when the executor reports the new version's digest NOT_SERVING while the
+        executor itself is SERVING (an executor shutting down turns every name NOT_SERVING: not the
+        version's fault)."""
+        record = release.record
+        while release.analysing and not release.stop.done():
+            try:
+                async for status in self._fleet.watch_health(address, record.digest):
+                    if status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                        continue
+                    try:
+                        overall = await self._fleet.overall_health(address)
+                    except grpc.aio.AioRpcError:
+                        continue
+                    if overall == health_pb2.HealthCheckResponse.SERVING:
+                        release.trip(Stop(
+                            pb.ANALYSIS_VERDICT_FAILED, pb.DEPLOYMENT_EVENT_KIND_HEALTH_NOT_SERVING,
+                            f"executor {address} reports {record.version} ({record.digest[:19]}…) NOT_SERVING",
+                            executor=address))
+                        return
+            except grpc.aio.AioRpcError as err:
+                log.debug("health watch of %s on %s broke: %s", record.digest[:19], address, describe_error(err))
+            await asyncio.sleep(HEALTH_RETRY_SECONDS)
+
+    async def _abort(self, release: Release, stop: Stop) -> None:
+        """Roll a release back after its analysis stopped early: previous route first, then Failed."""
+        record = release.record
+        self._set_verdict(record, stop.verdict, stop.reason)
+        stats = record.stats.to_proto() if record.stats is not None else None
+        if stop.kind == pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH:
+            self._emit(record, stop.reason, stop.kind, reason=stop.reason, stats=stats)
+        elif stop.kind == pb.DEPLOYMENT_EVENT_KIND_HEALTH_NOT_SERVING:
+            self._emit(record, stop.reason, stop.kind, reason=stop.reason, executor=stop.executor)
+        self._emit(record, f"rolling back: {stop.reason}", pb.DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED,
+                   reason=stop.reason)
+        release.restored_generation = await self._fail(record, stop.reason, release.previous)
 
     async def _fail(self, record: DeploymentRecord, problem: str,
-                    previous: DeploymentRecord | None = None, *, unload: bool = True) -> None:
-        """Deploying → RollingBack → Failed, restoring the previous route if the new one went out."""
+                    previous: DeploymentRecord | None = None, *, unload: bool = True) -> int:
+        """Deploying → RollingBack → Failed, restoring the previous route if the new one went out; the
+        generation that restored it (0 when none did)."""
         if record.state == DEPLOYING:
             await self._transition(record, ROLLING_BACK, f"deploy failed: {problem}")
         if previous is None and record.previous_id:
             previous = await self._store.get_deployment(record.previous_id)
+        generation = 0
         try:
-            outcome = await self._restore(record, previous)
+            outcome, generation = await self._restore(record, previous)
         except Exception as exc:  # noqa: BLE001 - recorded as the reason the rollback failed
             log.exception("rollback of deployment %s failed", record.id)
             outcome = f"rollback failed: {exc}"
+        if record.plan is not None or record.verdict != pb.ANALYSIS_VERDICT_UNSPECIFIED:
+            await self._store.save_analysis(record)
         # Before the final transition: once the skill is free again, a new deploy may load the same digest.
         if unload:
             await self._unload_unused(record)
         await self._transition(record, FAILED, f"{problem}; {outcome}", final=True)
+        return generation
 
-    async def _restore(self, record: DeploymentRecord, previous: DeploymentRecord | None) -> str:
-        """Put the skill's route back as it was before `record`; describes what happened."""
+    async def _restore(self, record: DeploymentRecord, previous: DeploymentRecord | None) -> tuple[str, int]:
+        """Put the skill's route back as it was before `record`; what happened and the generation."""
         if self._hub.owner(record.skill) != record.id:
             # The new route never went out: whatever served before still does.
             owner = self._hub.owner(record.skill)
             if owner is None:
-                return "no version of the skill was serving; route table unchanged"
+                return "no version of the skill was serving; route table unchanged", 0
             if previous is not None and owner == previous.id:
-                return f"previous version {previous.version} still serving"
-            return f"route table unchanged (deployment {owner} serves)"
+                return f"previous version {previous.version} still serving", 0
+            return f"route table unchanged (deployment {owner} serves)", 0
         if previous is None or previous.state != ACTIVE:
             generation = await self._hub.publish(record.skill, None)
-            self._emit(record, f"route generation {generation} pushed (route removed: no previous version)")
-            return f"no previous version: route removed at generation {generation}"
+            self._pushed(record, generation, 0, " (route removed: no previous version)")
+            return f"no previous version: route removed at generation {generation}", generation
         generation = await self._hub.publish(record.skill, StoredRoute(previous.id, previous.route()))
-        self._emit(record, f"route generation {generation} pushed (restoring {previous.version})")
+        self._pushed(record, generation, 0, f" (restoring {previous.version})")
         acks = await self._hub.wait_acked(generation, self._ack_timeout)
-        self._emit(record, acks.describe())
-        return f"previous version {previous.version} restored at route generation {generation}, {acks.describe()}"
+        self._acked(record, acks)
+        return (f"previous version {previous.version} restored at route generation {generation}, "
+                f"{acks.describe()}", generation)
+
+    async def _unload(self, digest: str) -> list[str]:
+        """Best effort: drop a module from every executor; the executors that had it loaded."""
+
+        async def unload(address: str) -> str | None:
+            try:
+                return address if await self._fleet.unload(address, digest) else None
+            except grpc.aio.AioRpcError as err:
+                log.warning("UnloadSkill %s on %s failed: %s", digest, address, describe_error(err))
+                return None
+
+        return [a for a in await asyncio.gather(*(unload(a) for a in self._fleet.addresses)) if a]
 
     async def _unload_unused(self, record: DeploymentRecord) -> None:
-        """Best effort: drop a failed version's module from the executors unless some route still uses it."""
+        """Drop a failed version's module from the executors unless some route still uses it."""
         if record.digest in self._hub.digests() or not self._fleet.addresses:
             return
+        await self._unload(record.digest)
 
-        async def unload(address: str) -> None:
+    async def _unload_previous(self, record: DeploymentRecord, previous: DeploymentRecord) -> None:
+        """After a release passed its analysis and every dispatcher routes without the fallback: free the
+        previous version's memory, unless some route still uses it. A later manual rollback loads it again."""
+        if previous.digest in self._hub.digests():
+            return
+        self._unloaded.add(previous.digest)
+        for address in await self._unload(previous.digest):
+            self._emit(record, f"unloaded {previous.version} from {address}", pb.DEPLOYMENT_EVENT_KIND_UNLOADED,
+                       executor=address)
+
+    async def _reload(self, record: DeploymentRecord) -> None:
+        """Best effort: load a rollback target again on every executor if a release unloaded it (otherwise it
+        is still loaded and the rollback stays one route push); an executor that cannot still loads it on the
+        first call."""
+        if record.digest not in self._unloaded:
+            return
+        self._unloaded.discard(record.digest)
+
+        async def load(address: str) -> None:
             try:
-                await self._fleet.unload(address, record.digest)
+                await self._fleet.load(address, record)
             except grpc.aio.AioRpcError as err:
-                log.warning("UnloadSkill %s on %s failed: %s", record.digest, address, describe_error(err))
+                log.warning("reloading %s on %s for a rollback failed: %s", record.digest, address,
+                            describe_error(err))
 
-        await asyncio.gather(*(unload(a) for a in self._fleet.addresses))
+        await asyncio.gather(*(load(a) for a in self._fleet.addresses))
 
     async def _rollback(self, current: DeploymentRecord, target: DeploymentRecord, request_id: str,
                         ) -> tuple[DeploymentRecord, int]:
         try:
             await self._transition(current, ROLLING_BACK, f"manual rollback to {target.version}")
+            await self._reload(target)
             generation = await self._hub.publish(current.skill, StoredRoute(target.id, target.route()))
-            self._emit(current, f"route generation {generation} pushed (serving {target.version})")
+            self._pushed(current, generation, 0, f" (serving {target.version})")
             acks = await self._hub.wait_acked(generation, self._ack_timeout)
-            self._emit(current, acks.describe())
+            self._acked(current, acks)
             if request_id:
                 await self._store.save_request("rollback", request_id, target.id, generation)
             await self._transition(

@@ -75,6 +75,15 @@ class RouteHub:
         entry = self._routes.get(skill)
         return entry.deployment_id if entry else None
 
+    def weight(self, skill: str, version: str, digest: str) -> int:
+        """Percent of the skill's traffic the current route gives to this version (0 when none)."""
+        entry = self._routes.get(skill)
+        if entry is None:
+            return 0
+        total = sum(t.weight for t in entry.route.targets)
+        share = sum(t.weight for t in entry.route.targets if (t.version, t.digest) == (version, digest))
+        return round(100 * share / total) if total else 0
+
     def digests(self) -> set[str]:
         """Every digest some route sends traffic to."""
         return {t.digest for entry in self._routes.values() for t in entry.route.targets}

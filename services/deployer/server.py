@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,11 +43,13 @@ class DeployerHost(ServiceHost):
 
 
 async def build_server(settings: Settings, *, registry: VersionSource | None = None,
-                       fleet: ExecutorFleet | None = None) -> DeployerHost:
+                       fleet: ExecutorFleet | None = None, clock: Callable[[], int] = time.time_ns,
+                       ) -> DeployerHost:
     """Open the store, load the route table, settle deployments left in flight, and build the server.
 
     `registry` and `fleet` default to gRPC clients of `settings.registry_address` and
     `settings.executor_addresses`; other implementations may be passed instead (the host closes them).
+    `clock` (nanoseconds since the epoch) times transitions and the circuit breaker; tests move it.
     """
     store = await SqliteDeploymentStore.open(settings.data_dir / DB_FILE)
     registry = registry or GrpcRegistry(settings.registry_address)
@@ -54,10 +58,11 @@ async def build_server(settings: Settings, *, registry: VersionSource | None = N
         hub = RouteHub(store)
         await hub.load()
         events = EventBus()
-        releaser = Releaser(store, hub, events, fleet, ack_timeout=settings.ack_timeout)
+        releaser = Releaser(store, hub, events, fleet, ack_timeout=settings.ack_timeout, clock=clock,
+                            breaker_settings=settings.breaker, progress_interval=settings.progress_interval)
         await releaser.settle()
         servicer = DeployerServicer(store, hub, events, releaser, registry,
-                                    registry_timeout=settings.registry_timeout)
+                                    registry_timeout=settings.registry_timeout, defaults=settings.release)
 
         def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_DeployerServiceServicer_to_server(servicer, server)

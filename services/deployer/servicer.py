@@ -11,17 +11,21 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+from clawhub.common.v1 import skill_pb2
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as pb_grpc
 
+from services.deployer.analysis import report_problem
 from services.deployer.backends import VersionSource
 from services.deployer.events import EventBus
 from services.deployer.model import DeploymentRecord
+from services.deployer.plan import Defaults, resolve
 from services.deployer.releases import Releaser
 from services.deployer.routes import RouteHub
 from services.deployer.statemachine import READY, SETTLED, state_name
 from services.deployer.store import DeploymentStore
 from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.linking import ROOT
 from services.runtime.names import skill_name_problem, version_problem
 from services.runtime.wasm import env_names
 
@@ -97,8 +101,9 @@ def decode_page_token(token: str, skill: str) -> int:
 
 class DeployerServicer(pb_grpc.DeployerServiceServicer):
     def __init__(self, store: DeploymentStore, hub: RouteHub, events: EventBus, releaser: Releaser,
-                 registry: VersionSource, *, registry_timeout: float) -> None:
+                 registry: VersionSource, *, registry_timeout: float, defaults: Defaults | None = None) -> None:
         self._store = store
+        self._defaults = defaults or Defaults()
         self._hub = hub
         self._events = events
         self._releaser = releaser
@@ -118,6 +123,7 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
         problem = version_problem(request.version)
         if problem:
             raise invalid(Reason.INVALID_VERSION, "version", problem)
+        plan = resolve(request, self._defaults)
         if request.request_id:
             found = await self._releaser.find_request("create", request.request_id)
             if found is not None and (found[0].skill, found[0].version, found[0].env) == (
@@ -134,12 +140,34 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                 metadata={"skill": request.skill, "version": request.version,
                           "state": state_name(version.state)})
         manifest = version.manifest
+        if manifest.abi == skill_pb2.ABI_LIBRARY_V1:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, Reason.NOT_DEPLOYABLE,
+                f"{request.skill}@{request.version} is a library (ABI_LIBRARY_V1): it is linked into the skills "
+                "that depend on it and cannot be deployed on its own; deploy a skill that imports it",
+                metadata={"skill": request.skill, "version": request.version})
         _check_env(request.skill, request.version, dict(request.env), manifest.capabilities)
+        dependencies = await self._pin_dependencies(request.skill, request.version, manifest, timeout)
         record = await self._releaser.start_deployment(
-            request.skill, request.version, version.digest, manifest.limits, request.request_id,
+            request.skill, request.version, version.digest, manifest.limits, request.request_id, plan=plan,
             env=dict(request.env), args=list(manifest.args), bundle_digest=version.bundle_digest,
-            capabilities=list(manifest.capabilities), examples=list(manifest.examples))
+            capabilities=list(manifest.capabilities), examples=list(manifest.examples),
+            dependencies=dependencies)
         return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record))
+
+    async def _pin_dependencies(self, skill: str, version: str, manifest: skill_pb2.Manifest,
+                                timeout: float) -> list[skill_pb2.ResolvedDependency]:
+        """The version's dependency resolution as of now, pinned in the deployment so that a dependency
+        published later never changes what runs; the skill itself is `(root)` in `required_by`."""
+        if not manifest.dependencies:
+            return []
+        resolved = await self._registry.resolve_dependencies(skill, version, timeout=timeout)
+        itself = f"{skill}@{version}"
+        for dependency in resolved:
+            required_by = [ROOT if r == itself else r for r in dependency.required_by]
+            del dependency.required_by[:]
+            dependency.required_by.extend(required_by)
+        return resolved
 
     async def GetDeployment(self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],
                             ) -> pb.GetDeploymentResponse:
@@ -207,3 +235,11 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                           "dispatcher_id is required: the id the dispatcher gave to WatchRoutes")
         self._hub.acknowledge(request.dispatcher_id, request.generation)
         return pb.AcknowledgeRoutesResponse()
+
+    async def ReportStats(self, request: pb.ReportStatsRequest, context: grpc.aio.ServicerContext[Any, Any],
+                          ) -> pb.ReportStatsResponse:
+        problem = report_problem(request)
+        if problem is not None:
+            raise invalid(Reason.INVALID_ARGUMENT, *problem)
+        await self._releaser.report_stats(request)
+        return pb.ReportStatsResponse()

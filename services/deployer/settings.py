@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.runtime.settings import data_dir, env_float, env_int, env_list, env_str
+from services.deployer.breaker import BreakerSettings
+from services.deployer.plan import Defaults, Thresholds, weights_problem
+from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_list, env_str
 
 
 def _default_data_dir() -> Path:
@@ -37,6 +39,18 @@ class Settings:
     """Seconds a registry lookup may take (`CLAWHUB_DEPLOYER_REGISTRY_TIMEOUT`, default 10)."""
     grace: float = 5.0
     """Seconds in-flight calls get to finish on shutdown (`CLAWHUB_SHUTDOWN_GRACE`, default 5)."""
+    release: Defaults = field(default_factory=Defaults)
+    """Defaults of a release a CreateDeployment request leaves unset: `CLAWHUB_DEPLOYER_BAKE` (seconds of the
+    blue-green bake window, default 10; 0 skips it), `CLAWHUB_DEPLOYER_CANARY_WEIGHTS` (default 5,25,50,100),
+    `CLAWHUB_DEPLOYER_CANARY_STEP` (seconds per canary step, default 10), `CLAWHUB_DEPLOYER_MIN_SUCCESS_RATE`
+    (default 0.99), `CLAWHUB_DEPLOYER_MAX_P99_LATENCY` (seconds, default 1), `CLAWHUB_DEPLOYER_MIN_REQUESTS`
+    (default 20)."""
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    """The deployment circuit breaker: `CLAWHUB_DEPLOYER_BREAKER_FAILURES` failed deployments of a skill
+    (default 3; 0 turns it off) within `CLAWHUB_DEPLOYER_BREAKER_WINDOW` seconds (default 600) refuse its
+    next deployments until `CLAWHUB_DEPLOYER_BREAKER_RESET` seconds (default 300) after the last failure."""
+    progress_interval: float = 0.25
+    """Seconds between two analysis progress events of a running release (not configurable by env)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -51,4 +65,34 @@ class Settings:
             load_timeout=env_float("CLAWHUB_DEPLOY_LOAD_TIMEOUT", defaults.load_timeout, minimum=0.1),
             registry_timeout=env_float("CLAWHUB_DEPLOYER_REGISTRY_TIMEOUT", defaults.registry_timeout, minimum=0.1),
             grace=env_float("CLAWHUB_SHUTDOWN_GRACE", defaults.grace, minimum=0.0),
+            release=_release_defaults(defaults.release),
+            breaker=BreakerSettings(
+                failures=env_int("CLAWHUB_DEPLOYER_BREAKER_FAILURES", defaults.breaker.failures, minimum=0),
+                window_seconds=env_float("CLAWHUB_DEPLOYER_BREAKER_WINDOW", defaults.breaker.window_seconds,
+                                         minimum=0.0),
+                reset_seconds=env_float("CLAWHUB_DEPLOYER_BREAKER_RESET", defaults.breaker.reset_seconds,
+                                        minimum=0.0)),
         )
+
+
+def _release_defaults(base: Defaults) -> Defaults:
+    raw = env_list("CLAWHUB_DEPLOYER_CANARY_WEIGHTS", ",".join(str(w) for w in base.weights))
+    try:
+        weights = tuple(int(w) for w in raw)
+    except ValueError:
+        raise SettingsError(f"CLAWHUB_DEPLOYER_CANARY_WEIGHTS={','.join(raw)!r} is not a list of integers") from None
+    problem = weights_problem(weights) or ("" if weights else "no weights")
+    if problem:
+        raise SettingsError(f"CLAWHUB_DEPLOYER_CANARY_WEIGHTS: {problem}")
+    rate = env_float("CLAWHUB_DEPLOYER_MIN_SUCCESS_RATE", base.thresholds.min_success_rate, minimum=0.0)
+    if not 0 < rate <= 1:
+        raise SettingsError(f"CLAWHUB_DEPLOYER_MIN_SUCCESS_RATE={rate} must be in (0, 1]")
+    return Defaults(
+        bake_seconds=env_float("CLAWHUB_DEPLOYER_BAKE", base.bake_seconds, minimum=0.0),
+        weights=weights,
+        step_seconds=env_float("CLAWHUB_DEPLOYER_CANARY_STEP", base.step_seconds, minimum=0.0),
+        thresholds=Thresholds(
+            min_success_rate=rate,
+            max_p99_seconds=env_float("CLAWHUB_DEPLOYER_MAX_P99_LATENCY", base.thresholds.max_p99_seconds,
+                                      minimum=0.001),
+            min_requests=env_int("CLAWHUB_DEPLOYER_MIN_REQUESTS", base.thresholds.min_requests, minimum=1)))

@@ -8,13 +8,16 @@
 How the deployer walks it, per deployment (one record per rollout of one version):
 
 - A deployment is created with the transition Ready → Deploying.
-- Deploying → Active: preloaded on every executor, and the new route generation acknowledged by every
-  connected dispatcher. The deployment now serves; the one it replaced stays Active with `serving=false`
-  (Active means "this rollout succeeded"; `serving` says where traffic goes now).
+- Deploying → Active: preloaded on every executor, its analysis windows (bake window or canary steps)
+  passed, and the final route generation acknowledged by every connected dispatcher. The deployment now
+  serves; the one it replaced stays Active with `serving=false` (Active means "this rollout succeeded";
+  `serving` says where traffic goes now). The analysis runs inside Deploying: it is a step of the rollout,
+  not a state of its own, so the machine stays the one of DESIGN.md.
 - Deploying → RollingBack → Failed: the rollout failed. The skill's release goes back to Active on the
   previous version (whose deployment stays Active and serving, or is pushed again if the new route had
   already gone out); the failed deployment ends Failed, and its last reason says whether the previous
-  version was restored or the rollback itself failed.
+  version was restored or the rollback itself failed. A breach during the analysis, a per-digest health
+  flip, and a manual `Rollback` during the analysis all take this path.
 - Active → RollingBack → Active: a manual `Rollback` of the serving deployment. The route goes back to the
   previous version; the rolled-back deployment ends Active again but no longer serving, with the reason.
 

@@ -16,9 +16,12 @@ from typing import Any, Protocol
 
 import aiosqlite
 from clawhub.common.v1 import routing_pb2, skill_pb2
+from google.protobuf import json_format
 
-from services.deployer.model import DeploymentRecord, Transition
-from services.deployer.statemachine import IN_FLIGHT, State
+from services.deployer.analysis import Tally
+from services.deployer.model import DeploymentRecord, Transition, Verdict
+from services.deployer.plan import Plan
+from services.deployer.statemachine import ACTIVE, DEPLOYING, FAILED, IN_FLIGHT, State
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,14 @@ class DeploymentStore(Protocol):
 
     async def find_request(self, method: str, request_id: str) -> tuple[str, int] | None:
         """(deployment id, generation) recorded for an idempotency key of `method`."""
+        ...
+
+    async def save_analysis(self, record: DeploymentRecord) -> None:
+        """Persist the record's analysis verdict, its reason and the new version's stats."""
+        ...
+
+    async def deploy_outcomes(self, skill: str, since_ns: int) -> list[tuple[int, bool]]:
+        """(time, succeeded) of every rollout of the skill that ended at or after `since_ns`, oldest first."""
         ...
 
     async def save_request(self, method: str, request_id: str, deployment_id: str, generation: int) -> None: ...
@@ -129,10 +140,32 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE deployments ADD COLUMN bundle_digest TEXT NOT NULL DEFAULT '';
     ALTER TABLE deployments ADD COLUMN capabilities TEXT NOT NULL DEFAULT '[]';
     """,
+    # 3: release analysis (issue 5): the resolved plan (strategy + thresholds, JSON; '' before plans), the
+    # analysis verdict and its reason, the new version's stats (JSON). The index serves the circuit breaker.
+    """
+    ALTER TABLE deployments ADD COLUMN plan TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deployments ADD COLUMN verdict INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deployments ADD COLUMN verdict_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deployments ADD COLUMN stats TEXT NOT NULL DEFAULT '';
+    CREATE INDEX transitions_by_time ON transitions (to_state, time_ns);
+    """,
+    # 4: the dependency resolution pinned at deploy (issue 4): JSON array of ResolvedDependency objects.
+    """
+    ALTER TABLE deployments ADD COLUMN dependencies TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 _COLUMNS = ("seq, id, skill, version, digest, limits, state, previous_id, previous_version, "
-            "create_ns, update_ns, env, args, bundle_digest, capabilities")
+            "create_ns, update_ns, env, args, bundle_digest, capabilities, plan, verdict, verdict_reason, stats, "
+            "dependencies")
+
+
+def dependencies_to_json(dependencies: Sequence[skill_pb2.ResolvedDependency]) -> str:
+    return json.dumps([json_format.MessageToDict(d, preserving_proto_field_name=True) for d in dependencies])
+
+
+def dependencies_from_json(text: str) -> list[skill_pb2.ResolvedDependency]:
+    return [json_format.ParseDict(d, skill_pb2.ResolvedDependency()) for d in json.loads(text or "[]")]
 
 
 class SqliteDeploymentStore:
@@ -189,13 +222,14 @@ class SqliteDeploymentStore:
             try:
                 cursor = await self._db.execute(
                     "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
-                    "previous_version, create_ns, update_ns, env, args, bundle_digest, capabilities) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "previous_version, create_ns, update_ns, env, args, bundle_digest, capabilities, plan, "
+                    "dependencies) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.id, record.skill, record.version, record.digest,
                      record.limits.SerializeToString(), int(record.state), record.previous_id,
                      record.previous_version, record.create_ns, record.update_ns,
                      json.dumps(record.env, sort_keys=True), json.dumps(record.args), record.bundle_digest,
-                     json.dumps(record.capabilities)))
+                     json.dumps(record.capabilities), record.plan.to_json() if record.plan else "",
+                     dependencies_to_json(record.dependencies)))
                 record.seq = int(cursor.lastrowid or 0)
                 for step, transition in enumerate(record.history):
                     await self._insert_transition(record.id, step, transition)
@@ -260,7 +294,9 @@ class SqliteDeploymentStore:
                 seq=int(row[0]), id=row[1], skill=row[2], version=row[3], digest=row[4], limits=limits,
                 state=State(int(row[6])), history=history, previous_id=row[7], previous_version=row[8],
                 create_ns=int(row[9]), update_ns=int(row[10]), env=dict(json.loads(row[11])),
-                args=list(json.loads(row[12])), bundle_digest=str(row[13]), capabilities=list(json.loads(row[14]))))
+                args=list(json.loads(row[12])), bundle_digest=str(row[13]), capabilities=list(json.loads(row[14])),
+                plan=Plan.from_json(str(row[15])), verdict=Verdict(int(row[16])), verdict_reason=str(row[17]),
+                stats=Tally.from_json(str(row[18])), dependencies=dependencies_from_json(str(row[19]))))
         return records
 
     async def add_transition(self, deployment_id: str, transition: Transition) -> None:
@@ -280,6 +316,24 @@ class SqliteDeploymentStore:
             except BaseException:
                 await self._db.execute("ROLLBACK")
                 raise
+
+    async def save_analysis(self, record: DeploymentRecord) -> None:
+        async with self._lock:
+            await self._db.execute(
+                "UPDATE deployments SET verdict = ?, verdict_reason = ?, stats = ? WHERE id = ?",
+                (int(record.verdict), record.verdict_reason, record.stats.to_json() if record.stats else "",
+                 record.id))
+
+    async def deploy_outcomes(self, skill: str, since_ns: int) -> list[tuple[int, bool]]:
+        # A rollout ends Deploying → Active (success) or RollingBack → Failed (failure); a manual rollback
+        # (Active → RollingBack → Active) is neither.
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(
+                "SELECT t.time_ns, t.to_state FROM transitions t JOIN deployments d ON d.id = t.deployment_id "
+                "WHERE d.skill = ? AND t.time_ns >= ? AND ((t.from_state = ? AND t.to_state = ?) OR t.to_state = ?) "
+                "ORDER BY t.time_ns",
+                (skill, since_ns, int(DEPLOYING), int(ACTIVE), int(FAILED))))
+        return [(int(r[0]), int(r[1]) == ACTIVE) for r in rows]
 
     async def find_request(self, method: str, request_id: str) -> tuple[str, int] | None:
         async with self._lock:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from typing import cast
+
 import grpc
 from clawhub.dispatcher.v1 import dispatcher_service_pb2 as pb
 from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
@@ -10,6 +13,7 @@ from services.dispatcher.executors import ExecutorClient, ExecutorPicker, GrpcEx
 from services.dispatcher.routes import GrpcRouteFeed, RouteFeed, RouteState, RouteWatcher
 from services.dispatcher.servicer import DispatcherServicer
 from services.dispatcher.settings import Settings
+from services.dispatcher.stats import GrpcStatsSink, StatsReporter, StatsSink, VersionStats
 from services.runtime.channels import channel
 from services.runtime.server import ServiceHost, create_server
 
@@ -17,20 +21,26 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatcherService"].full_name
 
 
 async def build_server(settings: Settings, *, feed: RouteFeed | None = None,
-                       executors: ExecutorClient | None = None) -> ServiceHost:
-    """Build the dispatcher; the route watcher starts with the server and stops when it stops.
+                       executors: ExecutorClient | None = None, stats_sink: StatsSink | None = None,
+                       rng: random.Random | None = None) -> ServiceHost:
+    """Build the dispatcher; the route watcher and the stats reporter start with the server and stop when it
+    stops.
 
-    `feed` and `executors` default to gRPC clients of `settings.deployer_address` and
+    `feed`, `stats_sink` and `executors` default to gRPC clients of `settings.deployer_address` and
     `settings.executor_addresses`; other implementations may be passed instead (the host closes
-    `executors`).
+    `executors`). `rng` (seeded in tests) picks targets by weight.
     """
-    deployer_channel = channel(settings.deployer_address) if feed is None else None
-    feed = feed or GrpcRouteFeed(deployer_channel)
+    deployer_channel = channel(settings.deployer_address) if feed is None or stats_sink is None else None
+    feed = feed or GrpcRouteFeed(cast(grpc.aio.Channel, deployer_channel))
+    stats_sink = stats_sink or GrpcStatsSink(cast(grpc.aio.Channel, deployer_channel))
     executors = executors or GrpcExecutorClient(settings.executor_addresses)
     routes = RouteState()
     watcher = RouteWatcher(feed, routes, settings.dispatcher_id)
+    stats = VersionStats()
+    reporter = StatsReporter(stats, stats_sink, settings.dispatcher_id, interval=settings.stats_interval)
     servicer = DispatcherServicer(routes, executors, ExecutorPicker(executors.addresses),
-                                  retries=settings.retries, default_timeout=settings.dispatch_timeout)
+                                  retries=settings.retries, default_timeout=settings.dispatch_timeout, rng=rng,
+                                  stats=stats)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_DispatcherServiceServicer_to_server(servicer, server)
@@ -44,7 +54,9 @@ async def build_server(settings: Settings, *, feed: RouteFeed | None = None,
             await deployer_channel.close()
         raise
     host.on_start.append(watcher.start)
+    host.on_start.append(reporter.start)
     host.closers.append(watcher.stop)
+    host.closers.append(reporter.stop)
     host.closers.append(executors.close)
     if deployer_channel is not None:
         host.closers.append(deployer_channel.close)

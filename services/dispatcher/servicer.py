@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from clawhub.common.v1 import routing_pb2
 from clawhub.dispatcher.v1 import dispatcher_service_pb2 as pb
 from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 
 from services.dispatcher.executors import ExecutorClient, ExecutorPicker
 from services.dispatcher.routes import RouteState
-from services.runtime.errors import Reason, ServiceError, invalid, upstream_error
+from services.dispatcher.stats import VersionStats
+from services.runtime.errors import Reason, ServiceError, error_info, invalid, upstream_error
 from services.runtime.names import skill_name_problem
 
 log = logging.getLogger("clawhub.dispatcher")
@@ -29,15 +33,68 @@ def trace_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[s
     return tuple((k, v) for k, v in context.invocation_metadata() or () if k in TRACE_HEADERS)
 
 
+def pick_target(targets: Sequence[routing_pb2.RouteTarget], rng: random.Random) -> routing_pb2.RouteTarget:
+    """A target chosen at random in proportion to its weight (targets with weight 0 are never chosen)."""
+    return rng.choices(targets, weights=[t.weight for t in targets])[0]
+
+
+def stable_target(route: routing_pb2.Route, candidate: routing_pb2.RouteTarget) -> routing_pb2.RouteTarget | None:
+    """The known-good target that takes a retry of the candidate's failed call, if the route has one."""
+    for target in route.targets:
+        if target.role == routing_pb2.ROUTE_TARGET_ROLE_STABLE and target.digest != candidate.digest:
+            return target
+    return None
+
+
+class Outcome(enum.Enum):
+    """How a failed call counts against the version it ran on."""
+
+    # The skill or the executor failed: a failure of the version, retried on the stable version.
+    VERSION = "version"
+    # The caller's fault (bad input, cancelled): not a call of the version at all.
+    CALLER = "caller"
+    # The caller's deadline ran out: a (slow) call, not a failure; no time left to retry.
+    DEADLINE = "deadline"
+    # The executor sheds load: says nothing about the version, and the stable one runs on the same executors.
+    OVERLOAD = "overload"
+
+
+CALLER_REASONS = frozenset({Reason.INVALID_INPUT, Reason.INPUT_TOO_LARGE, Reason.INVALID_ARGUMENT,
+                            Reason.INVALID_NAME})
+
+
+def classify(exc: BaseException) -> Outcome:
+    if isinstance(exc, ServiceError):
+        code, reason = exc.code, str(exc.reason)
+    elif isinstance(exc, grpc.aio.AioRpcError):
+        info = error_info(exc)
+        code, reason = exc.code(), info.reason if info is not None else ""
+    else:
+        return Outcome.VERSION
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.CANCELLED) or reason in CALLER_REASONS:
+        return Outcome.CALLER
+    if reason == Reason.EXECUTOR_OVERLOADED:
+        return Outcome.OVERLOAD
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and reason != Reason.SKILL_TIMEOUT:
+        return Outcome.DEADLINE
+    return Outcome.VERSION
+
+
 class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
     def __init__(self, routes: RouteState, executors: ExecutorClient, picker: ExecutorPicker, *,
-                 retries: int, default_timeout: float, rng: random.Random | None = None) -> None:
+                 retries: int, default_timeout: float, rng: random.Random | None = None,
+                 stats: VersionStats | None = None) -> None:
         self._routes = routes
         self._executors = executors
         self._picker = picker
         self._retries = retries
         self._default_timeout = default_timeout
         self._rng = rng or random.Random()
+        self._stats = stats or VersionStats()
+
+    @property
+    def stats(self) -> VersionStats:
+        return self._stats
 
     async def Dispatch(self, request: pb.DispatchRequest, context: grpc.aio.ServicerContext[Any, Any],
                        ) -> pb.DispatchResponse:
@@ -46,22 +103,58 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             raise invalid(Reason.INVALID_NAME, "skill", problem)
         route = self._routes.route(request.skill)
         targets = [t for t in route.targets if t.weight > 0] if route else []
-        if not targets:
+        if route is None or not targets:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION, Reason.SKILL_NOT_DEPLOYED,
                 f"skill {request.skill} is not deployed; deploy a version first "
                 f"(clawhub deploy {request.skill}@VERSION)", metadata={"skill": request.skill})
-        target = self._rng.choices(targets, weights=[t.weight for t in targets])[0]
-        execute = executor_pb.ExecuteRequest(digest=target.digest, input=request.input, limits=target.limits,
-                                             request_id=request.request_id, env=target.env, args=target.args,
-                                             bundle_digest=target.bundle_digest,
-                                             capabilities=target.capabilities)
-
+        target = pick_target(targets, self._rng)
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
         # The caller's deadline propagates; without one, the dispatcher's own budget bounds the call.
         deadline = loop.time() + (remaining if remaining is not None else self._default_timeout)
         metadata = trace_metadata(context)
+        try:
+            return await self._call_version(request, target, deadline, metadata)
+        except Exception as exc:
+            if target.role != routing_pb2.ROUTE_TARGET_ROLE_CANDIDATE or classify(exc) is not Outcome.VERSION:
+                raise
+            stable = stable_target(route, target)
+            if stable is None or deadline - loop.time() <= 0:
+                raise
+            # A release under analysis: the failure is counted against the new version (it was recorded
+            # above) and the caller gets the stable version's answer instead.
+            self._stats.retried(VersionStats.key(request.skill, target))
+            log.info("%s@%s failed (%s); retrying on stable %s", request.skill, target.version, exc,
+                     stable.version)
+            return await self._call_version(request, stable, deadline, metadata)
+
+    async def _call_version(self, request: pb.DispatchRequest, target: routing_pb2.RouteTarget, deadline: float,
+                            metadata: tuple[tuple[str, str], ...]) -> pb.DispatchResponse:
+        """One call of one version (on any executor), counted in the version's stats."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        key = VersionStats.key(request.skill, target)
+        try:
+            response = await self._call_executors(request, target, deadline, metadata)
+        except Exception as exc:
+            outcome = classify(exc)
+            if outcome in (Outcome.VERSION, Outcome.DEADLINE):
+                self._stats.record(key, loop.time() - started, failed=outcome is Outcome.VERSION)
+            raise
+        self._stats.record(key, loop.time() - started, failed=False)
+        return response
+
+    async def _call_executors(self, request: pb.DispatchRequest, target: routing_pb2.RouteTarget,
+                              deadline: float, metadata: tuple[tuple[str, str], ...]) -> pb.DispatchResponse:
+        """Run the call on an executor, retrying UNAVAILABLE ones on another; any other status passes."""
+        execute = executor_pb.ExecuteRequest(digest=target.digest, input=request.input, limits=target.limits,
+                                             request_id=request.request_id, env=target.env, args=target.args,
+                                             bundle_digest=target.bundle_digest,
+                                             capabilities=target.capabilities,
+                                             skill=request.skill, version=target.version,
+                                             dependencies=target.dependencies)
+        loop = asyncio.get_running_loop()
         tried: list[str] = []
         last_problem = "no executors are configured"
         for attempt in range(self._retries + 1):

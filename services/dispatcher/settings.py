@@ -38,6 +38,10 @@ class Settings:
     default 30)."""
     grace: float = 5.0
     """Seconds in-flight calls get to finish on shutdown (`CLAWHUB_SHUTDOWN_GRACE`, default 5)."""
+    stats_interval: float = 0.1
+    """Seconds between two per-version stats reports to the deployer while there is traffic; the first one
+    after a quiet spell goes at once (`CLAWHUB_DISPATCHER_STATS_INTERVAL`, default 0.1). A release's
+    automatic rollback can be no faster than this."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -51,4 +55,5 @@ class Settings:
             retries=env_int("CLAWHUB_DISPATCH_RETRIES", defaults.retries, minimum=0),
             dispatch_timeout=env_float("CLAWHUB_DISPATCH_TIMEOUT", defaults.dispatch_timeout, minimum=0.001),
             grace=env_float("CLAWHUB_SHUTDOWN_GRACE", defaults.grace, minimum=0.0),
+            stats_interval=env_float("CLAWHUB_DISPATCHER_STATS_INTERVAL", defaults.stats_interval, minimum=0.01),
         )

@@ -44,6 +44,31 @@ def _invalid(digest: str, exc: ModuleRejected) -> ServiceError:
         metadata={"digest": digest, "problems": "; ".join(exc.problems)[:1024]})
 
 
+async def fetch_verified(source: ModuleSource, digest: str) -> bytes:
+    """Module bytes from `source`, refused unless they hash to `digest`. Raises ServiceError (NOT_FOUND,
+    UNAVAILABLE, INVALID_ARGUMENT, DATA_LOSS)."""
+    try:
+        data = await source.fetch(digest)
+    except BlobNotFound as exc:
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND, str(exc),
+                           metadata={"digest": digest}) from None
+    except SourceUnavailable as exc:
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.UPSTREAM_UNAVAILABLE, str(exc),
+                           metadata={"digest": digest, "upstream": "registry"},
+                           retry_after_seconds=1.0) from None
+    except ModuleTooLarge as exc:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID, str(exc),
+                           metadata={"digest": digest}) from None
+    actual = sha256_digest(data)
+    if actual != digest:
+        log.warning("module source returned bytes with digest %s for %s; refusing them", actual, digest)
+        raise ServiceError(
+            grpc.StatusCode.DATA_LOSS, Reason.CHECKSUM_MISMATCH,
+            f"the module bytes fetched for {digest} have digest {actual}; refusing to run them",
+            metadata={"expected_digest": digest, "actual_digest": actual})
+    return data
+
+
 class ModuleLoader:
     def __init__(self, source: ModuleSource, sandbox: Sandbox, capacity_bytes: int,
                  artifacts_dir: Path | None = None) -> None:
@@ -58,6 +83,10 @@ class ModuleLoader:
             self._artifacts = {m: ArtifactCache(artifacts_dir, sandbox.engine_settings(m)) for m in (False, True)}
         # Loads served by each tier ("hot", "warm", "cold"), for tests and metrics.
         self.tiers: Counter[str] = Counter()
+
+    @property
+    def source(self) -> ModuleSource:
+        return self._source
 
     def is_hot(self, digest: str, *, metered: bool | None = None) -> bool:
         if metered is None:
@@ -119,25 +148,7 @@ class ModuleLoader:
         return compiled
 
     async def _load_cold(self, digest: str, metered: bool) -> CompiledModule:
-        try:
-            data = await self._source.fetch(digest)
-        except BlobNotFound as exc:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND, str(exc),
-                               metadata={"digest": digest}) from None
-        except SourceUnavailable as exc:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.UPSTREAM_UNAVAILABLE, str(exc),
-                               metadata={"digest": digest, "upstream": "registry"},
-                               retry_after_seconds=1.0) from None
-        except ModuleTooLarge as exc:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID, str(exc),
-                               metadata={"digest": digest}) from None
-        actual = sha256_digest(data)
-        if actual != digest:
-            log.warning("module source returned bytes with digest %s for %s; refusing them", actual, digest)
-            raise ServiceError(
-                grpc.StatusCode.DATA_LOSS, Reason.CHECKSUM_MISMATCH,
-                f"the module bytes fetched for {digest} have digest {actual}; refusing to run them",
-                metadata={"expected_digest": digest, "actual_digest": actual})
+        data = await fetch_verified(self._source, digest)
         cache = self._artifacts.get(metered)
 
         def compile_and_store() -> CompiledModule:

@@ -1,10 +1,24 @@
 """The wasmtime sandbox: compile a module once, then run it in a fresh Store per call, with limits.
 
-Pure wasmtime, no gRPC. ABI v1 (WASI command): input bytes on stdin, output on stdout, exit code 0 is
-success, stderr kept (bounded). Limits:
+Pure wasmtime, no gRPC. Each module runs under the skill ABI its exports say (`detect_abi`; the contracts
+are in `services/runtime/wasm.py`):
 
-- memory through `Store.set_limits` (a denied `memory.grow` returns -1 to the module, which then usually
-  traps; see `_near_limit` for how that is told apart from other traps);
+- wasi-command-v1: input bytes on stdin, output on stdout, exit code 0 is success, stderr kept (bounded);
+- memory-v1: input written into guest memory at the address `clawhub_alloc` returns, output read from
+  the region `clawhub_run` returns, both bounds-checked by the host; no WASI stdio on the way, and the
+  calls go straight to wasmtime's C API (`capi`), which makes a small call about as cheap as the fresh
+  instance it needs.
+
+Instances come from a pooling allocator (`capi.pooling_config`): a fresh instance per call reuses a
+reserved slot instead of mapping and unmapping memory (measured on the bare C-API sequence of a memory-v1
+echo: 30 µs per call without, 10 µs with). Its limits: `pool_slots` instances at once per engine, one
+memory and one table per module. A Store gets a WASI config only when its module imports WASI functions.
+
+Limits:
+
+- memory through the Store's limiter (a denied `memory.grow` returns -1 to the module, which then usually
+  traps; see `_near_limit` for how that is told apart from other traps, and `_call_memory` for an input
+  that does not fit);
 - wall clock through epoch interruption: one daemon thread per sandbox bumps the engines' epochs every
   `TICK_SECONDS`; each Store reaches its epoch deadline at least every `SLICE_TICKS` ticks, where a
   callback checks the run's wall-clock end and its `RunControl` (a caller who went away cancels it), and
@@ -29,24 +43,33 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import itertools
 import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import wasmtime
 from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 
+from services.executor import capi
+from services.runtime.linking import DependencyGraph, dependency_imports
 from services.runtime.wasm import (
     BUNDLE_GUEST_DIR,
     FILES_CAPABILITY,
+    MEMORY_ALLOC,
+    MEMORY_FAILED_BIT,
+    MEMORY_RUN,
+    MEMORY_V1,
     WASI_COMMAND_V1,
     Abi,
     compile_and_check,
+    detect_abi,
     env_names,
+    imports_wasi,
     make_engine,
 )
 
@@ -56,6 +79,14 @@ SLICE_TICKS = 5
 WASM_PAGE = 64 * 1024
 # At most this many table elements per store (8 bytes each), so a table.grow loop cannot eat the host.
 MAX_TABLE_ELEMENTS = 1 << 20
+# Instances (and memories, and tables) each engine's pooling allocator holds at once: at least the number
+# of calls that run at the same time, times the instances one call makes. Each memory slot reserves about
+# 4 GiB of address space (not memory). An instantiation past this fails (the call reports it as trapped).
+DEFAULT_POOL_SLOTS = 128
+_MASK64 = (1 << 64) - 1
+_ALLOC_NAME = MEMORY_ALLOC.encode()
+_RUN_NAME = MEMORY_RUN.encode()
+_MEMORY_NAME = b"memory"
 
 
 class ModuleRejected(Exception):
@@ -172,12 +203,51 @@ class CompiledModule:
     digest: str
     size_bytes: int
     module: wasmtime.Module
-    pre: wasmtime.InstancePre
+    # Pre-linked against WASI; None when the module imports functions from dependency packages, which are
+    # linked per call through `graph` instead.
+    pre: wasmtime.InstancePre | None
     # Compiled by the fuel-metering engine (for calls with a fuel budget) or the plain one.
     metered: bool = False
+    # The skill ABI the module implements (how `Sandbox.run` passes input and output).
+    abi: Abi = WASI_COMMAND_V1
+    # Whether a call's Store needs a WASI config: whenever anything instantiated in it imports a WASI
+    # function (a WASI call in a Store without one aborts the process). Keep it true if `instantiate`
+    # also instantiates other modules that do.
+    wasi: bool = True
     # ABI problems by capability set (sorted tuple): what `Sandbox.check` found before, so a call pays
     # one dict lookup. A set found fine for one capability set says nothing about another.
     checks: dict[tuple[str, ...], list[str]] = field(default_factory=dict, compare=False, repr=False)
+    # The module linked with its pinned dependency modules (`with_graph`); None for a module without any.
+    graph: DependencyGraph | None = field(default=None, compare=False, repr=False)
+
+    def instantiate(self, store: wasmtime.Store) -> wasmtime.Instance:
+        """The instance a call runs, in its fresh `store`: the one place instantiation happens. A module
+        with dependencies instantiates its graph (dependencies first); others go through the InstancePre,
+        with the same C call as `InstancePre.instantiate` without the wrapper's overhead."""
+        if self.graph is not None:
+            return self.graph.instantiate(store)
+        if self.pre is None:  # `DependencyLinker` never hands such a module to a run
+            raise wasmtime.WasmtimeError("the module imports from dependency packages but was not linked")
+        return capi.instantiate(self.pre, store)
+
+    def with_graph(self, graph: DependencyGraph) -> CompiledModule:
+        """This module, run linked with `graph` (built for this module and engine)."""
+        return replace(self, graph=graph, wasi=self.wasi or graph.imports_wasi, checks=self.checks)
+
+
+class _AbiViolation(Exception):
+    """A memory-v1 module returned an address or length the host refuses; reported as a trap."""
+
+
+_RESULT_FIELDS = tuple(f.name for f in fields(RunResult))
+
+
+def _result(*values: Any) -> RunResult:
+    """`RunResult(*values)` (all fields, in order) without the frozen dataclass's per-field
+    `object.__setattr__`: 1.4 µs of a 17 µs call. The instance is the same as the constructor's."""
+    result = object.__new__(RunResult)
+    result.__dict__.update(zip(_RESULT_FIELDS, values, strict=True))
+    return result
 
 
 class _Capture:
@@ -207,6 +277,10 @@ class _Capture:
         return b"".join(self._chunks)
 
 
+# Stands for an output nothing can write to (no WASI, or memory-v1's stdout): never overflows, stays empty.
+_NOTHING = _Capture(0)
+
+
 def _first_line(message: str) -> str:
     """The useful line of a wasmtime error: the cause rather than the 'error while executing' banner."""
     lines = [line.strip() for line in message.strip().splitlines()]
@@ -229,8 +303,6 @@ def _near_limit(peak: int, limit: int) -> bool:
 
 
 _EPOCH_CALLBACK: Any = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
-_FINALIZER: Any = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[3]
-_NO_FINALIZER = _FINALIZER()  # a NULL function pointer: the env is a plain integer
 _DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 
 
@@ -255,16 +327,25 @@ def _stdin_bytes(config: wasmtime.WasiConfig, data: bytes) -> None:
 class Sandbox:
     """One engine, its epoch ticker, and the compile/run operations. `run` is thread-safe."""
 
-    def __init__(self, abi: Abi = WASI_COMMAND_V1) -> None:
+    def __init__(self, abi: Abi | None = None, *, pool_slots: int = DEFAULT_POOL_SLOTS) -> None:
+        """`abi` None runs each module under the ABI its exports say (`detect_abi`); an ABI refuses
+        modules that do not implement it. `pool_slots`: see DEFAULT_POOL_SLOTS; 0 allocates each
+        instance on demand instead (three times slower per call)."""
         self.abi = abi
-        self.engine = make_engine(epoch_interruption=True)
-        self.metered_engine = make_engine(epoch_interruption=True, consume_fuel=True)
+        self.pool_slots = pool_slots
+
+        def configure(config: wasmtime.Config) -> None:
+            if pool_slots > 0:
+                capi.pooling_config(config, pool_slots, MAX_TABLE_ELEMENTS)
+
+        self.engine = make_engine(epoch_interruption=True, configure=configure)
+        self.metered_engine = make_engine(epoch_interruption=True, consume_fuel=True, configure=configure)
         self._stop = threading.Event()
         # Runs in progress by id, for the epoch callback (which gets the id as its `env` pointer).
         self._running: dict[int, _Running] = {}
-        self._next_id = 0
-        self._ids = threading.Lock()
+        self._ids = itertools.count(1)  # next() is atomic under the GIL
         self._on_epoch_c = _EPOCH_CALLBACK(self._on_epoch)
+        self._on_epoch_at = capi.address(self._on_epoch_c)
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch-ticker", daemon=True)
         self._ticker.start()
 
@@ -294,7 +375,9 @@ class Sandbox:
     def engine_settings(self, metered: bool) -> str:
         """What, besides the wasmtime version, makes code compiled by `engine_for(metered)` incompatible
         with other engines (part of the warm tier's key). Keep in step with `make_engine`'s arguments."""
-        return f"abi={self.abi.name};epoch_interruption=1;consume_fuel={int(metered)};opt=speed"
+        abi = self.abi.name if self.abi is not None else "detected"
+        return (f"abi={abi};epoch_interruption=1;consume_fuel={int(metered)};opt=speed;"
+                f"pooling={int(self.pool_slots > 0)}")
 
     def _tick(self) -> None:
         while not self._stop.wait(TICK_SECONDS):
@@ -312,26 +395,33 @@ class Sandbox:
         ModuleRejected; slow, so call it off the event loop. Calls with other capabilities must pass
         `check` first."""
         module, problems = compile_and_check(self.engine_for(metered), data, self.abi, capabilities)
-        if module is None or problems:
+        if module is None:
             raise ModuleRejected(problems or ["the module does not compile"])
+        # `link` checks the ABI, leaving imports from dependency packages to dependency linking.
         return self.link(digest, len(data), module, capabilities, metered=metered)
 
     def link(self, digest: str, size_bytes: int, module: wasmtime.Module, capabilities: Sequence[str] = (),
              *, metered: bool = False) -> CompiledModule:
         """Check an already compiled module (say, deserialized from disk) against the ABI with
         `capabilities` and pre-link it against WASI. Raises ModuleRejected."""
-        problems = self.abi.check(module, capabilities)
+        abi = self.abi or detect_abi(module)
+        # Imports from dependency packages are checked when the module is linked with the versions a
+        # deployment pinned (`DependencyGraph`), which then instantiates it per call instead of a pre-link.
+        packages = dependency_imports(module).keys()
+        problems = abi.check(module, capabilities, packages)
         if problems:
             raise ModuleRejected(problems)
-        linker = wasmtime.Linker(self.engine_for(metered))
-        linker.define_wasi()
-        try:
-            pre = linker.instantiate_pre(module)
-        except wasmtime.WasmtimeError as exc:
-            # Typically an import of a WASI function that does not exist.
-            raise ModuleRejected([f"the module cannot be linked: {_first_line(str(exc))}"]) from None
+        pre: wasmtime.InstancePre | None = None
+        if not packages:
+            linker = wasmtime.Linker(self.engine_for(metered))
+            linker.define_wasi()
+            try:
+                pre = linker.instantiate_pre(module)
+            except wasmtime.WasmtimeError as exc:
+                # Typically an import of a WASI function that does not exist.
+                raise ModuleRejected([f"the module cannot be linked: {_first_line(str(exc))}"]) from None
         compiled = CompiledModule(digest=digest, size_bytes=size_bytes, module=module, pre=pre,
-                                  metered=metered)
+                                  metered=metered, abi=abi, wasi=imports_wasi(module))
         compiled.checks[_caps_key(capabilities)] = []
         return compiled
 
@@ -341,7 +431,7 @@ class Sandbox:
         key = _caps_key(capabilities)
         problems = compiled.checks.get(key)
         if problems is None:
-            problems = self.abi.check(compiled.module, key)
+            problems = compiled.abi.check(compiled.module, key, dependency_imports(compiled.module).keys())
             compiled.checks[key] = problems
         if problems:
             raise ModuleRejected(problems)
@@ -364,47 +454,70 @@ class Sandbox:
         if control is not None and control.cancelled:
             return RunResult(Verdict.CANCELLED, b"", b"", 0.0, 0, budget_seconds=budget)
 
-        store = wasmtime.Store(self.engine_for(metered))
-        # Always a WASI config, even with nothing granted: a WASI import called in a Store without one
-        # aborts the whole process. Nothing is inherited from the host: argv, env and preopens are
-        # exactly the grant.
-        wasi = wasmtime.WasiConfig()
-        _stdin_bytes(wasi, stdin)
-        wasi.argv = list(grant.argv)
-        if grant.env:
-            wasi.env = grant.env
-        if grant.bundle_dir is not None:
-            wasi.preopen_dir(grant.bundle_dir, BUNDLE_GUEST_DIR, fs_mutable=False)
-        stdout = _Capture(limits.max_output_bytes)
-        stderr = _Capture(limits.max_stderr_bytes)
-        wasi.stdout_custom = stdout
-        wasi.stderr_custom = stderr
-        store.set_wasi(wasi)
-        store.set_limits(memory_size=limits.memory_bytes, table_elements=MAX_TABLE_ELEMENTS)
+        memory_abi = compiled.abi is MEMORY_V1
+        store = capi.new_store(self.engine_for(metered))
+        # Watched by the epoch callback: stdout for the output limit (WASI commands only), stderr for its own.
+        stdout = stderr = _NOTHING
+        if compiled.wasi:
+            # Nothing is inherited from the host: argv, env and preopens are exactly the grant. A module
+            # without WASI imports gets no config (`CompiledModule.wasi`): it cannot call WASI, and the
+            # config is a good part of a small call's cost.
+            wasi = wasmtime.WasiConfig()
+            wasi.argv = list(grant.argv)
+            if grant.env:
+                wasi.env = grant.env
+            if grant.bundle_dir is not None:
+                wasi.preopen_dir(grant.bundle_dir, BUNDLE_GUEST_DIR, fs_mutable=False)
+            stderr = _Capture(limits.max_stderr_bytes)
+            if memory_abi:
+                # The output is in memory: what a memory-v1 skill prints is diagnostics, kept with stderr.
+                wasi.stdout_custom = stderr
+            else:
+                _stdin_bytes(wasi, stdin)
+                stdout = _Capture(limits.max_output_bytes)
+                wasi.stdout_custom = stdout
+            wasi.stderr_custom = stderr
+            store.set_wasi(wasi)
+        store_at, context_at = capi.target(store.ptr()), capi.target(store._context())
+        capi.store_limiter(store_at, limits.memory_bytes, MAX_TABLE_ELEMENTS, -1, -1, -1)
         if metered:
             store.set_fuel(limits.fuel)
-        with self._ids:
-            self._next_id += 1
-            run_id = self._next_id
+        run_id = next(self._ids)
         running = _Running(time.monotonic() + budget, control, stdout, stderr)
         self._running[run_id] = running
-        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._on_epoch_c, run_id, _NO_FINALIZER)
+        capi.epoch_deadline_callback(store_at, self._on_epoch_at, run_id, None)
         # The callback decides at each deadline; +1 because the first tick may come right away.
-        store.set_epoch_deadline(min(SLICE_TICKS, math.ceil(budget / TICK_SECONDS)) + 1)
+        capi.set_epoch_deadline(context_at, min(SLICE_TICKS, math.ceil(budget / TICK_SECONDS)) + 1)
 
         instance: wasmtime.Instance | None = None
+        peak = -1  # unknown
         verdict, exit_code, detail = Verdict.OK, 0, ""
+        output, message = b"", b""
         started = time.perf_counter()
         try:
-            instance = compiled.pre.instantiate(store)
-            start = instance.exports(store)["_start"]
-            if not isinstance(start, wasmtime.Func):  # the ABI check makes this unreachable
-                raise wasmtime.WasmtimeError("the export `_start` is not a function")
-            start(store)
+            instance = compiled.instantiate(store)
+            if memory_abi:
+                output, failed, peak = self._call_memory(context_at, instance, stdin, limits)
+                if failed:
+                    verdict, exit_code, message, output = Verdict.EXIT_NONZERO, 1, output, b""
+            else:
+                start = instance.exports(store)["_start"]
+                if not isinstance(start, wasmtime.Func):  # the ABI check makes this unreachable
+                    raise wasmtime.WasmtimeError("the export `_start` is not a function")
+                start(store)
+        except _OverOutput:
+            verdict = Verdict.OUTPUT_LIMIT
+        except _OverMemory as exc:
+            verdict, detail = Verdict.MEMORY_LIMIT, str(exc)
+        except _AbiViolation as exc:
+            verdict, detail = Verdict.TRAPPED, f"ABI violation: {exc}"
         except wasmtime.ExitTrap as exc:
             exit_code = exc.code
             if exit_code != 0:
                 verdict = Verdict.EXIT_NONZERO
+            elif memory_abi:
+                verdict, detail = Verdict.TRAPPED, f"ABI violation: the skill called proc_exit(0) instead of " \
+                                                   f"returning from `{MEMORY_RUN}`"
         except wasmtime.Trap as exc:
             detail = _first_line(exc.message)
             if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
@@ -432,19 +545,90 @@ class Sandbox:
             verdict = running.stopped
         fuel_consumed = limits.fuel - store.get_fuel() if metered else 0
 
-        peak = 0
-        if instance is not None:
-            memory = instance.exports(store).get("memory")
-            if isinstance(memory, wasmtime.Memory):
-                peak = memory.data_len(store)
+        if peak < 0:
+            peak = 0 if instance is None else _memory_size(context_at, instance)
         if stdout.overflowed:
             verdict = Verdict.OUTPUT_LIMIT
         elif stderr.overflowed:
             verdict = Verdict.STDERR_LIMIT
         elif verdict is Verdict.TRAPPED and _near_limit(peak, limits.memory_bytes):
             verdict = Verdict.MEMORY_LIMIT
-        return RunResult(
-            verdict=verdict, output=stdout.value(), stderr=stderr.value(), wall_seconds=wall,
-            peak_memory_bytes=peak, budget_seconds=budget, exit_code=exit_code, detail=detail,
-            fuel_consumed=fuel_consumed,
-        )
+        if not memory_abi:
+            output = stdout.value()
+        elif verdict is not Verdict.OK:
+            output = b""
+        errors = stderr.value()
+        if message:  # a memory-v1 failure: its message goes after what it printed, within the stderr cap
+            errors += message[:max(0, limits.max_stderr_bytes - len(errors))]
+        return _result(verdict, output, errors, wall, peak, budget, exit_code, detail, fuel_consumed)
+
+    @staticmethod
+    def _call_memory(ctx: int, instance: wasmtime.Instance, data: bytes,
+                     limits: RunLimits) -> tuple[bytes, bool, int]:
+        """One memory-v1 call through the C API: `clawhub_alloc`, write the input, `clawhub_run`, read the
+        region it returns. Returns (bytes, failed, memory size). Raises wasmtime's errors and traps,
+        _AbiViolation for an address or length outside the memory, _OverOutput for an output over its
+        limit. Every line here is per call, so it is written for speed."""
+        s = capi.scratch
+        trap_at, args_at, alloc_at, run_at, memory_at, alloc_func, run_func, memory = s.at
+        at = ctypes.addressof(instance._instance)
+        # The ABI check makes these exist with the right types in every instance of the module.
+        if not (capi.export_get(ctx, at, _ALLOC_NAME, len(_ALLOC_NAME), alloc_at)
+                and capi.export_get(ctx, at, _RUN_NAME, len(_RUN_NAME), run_at)
+                and capi.export_get(ctx, at, _MEMORY_NAME, len(_MEMORY_NAME), memory_at)):
+            raise _AbiViolation("the instance lacks the memory-v1 exports")
+        args, trap = s.args, s.trap
+        size = len(data)
+        args[0].i32 = size
+        trap.value = None
+        try:
+            capi.raise_failure(capi.call_unchecked(ctx, alloc_func, args_at, 2, trap_at), trap)
+        except wasmtime.Trap as exc:
+            # An allocator traps when its growth is refused; the `_near_limit` guess misses that when the
+            # input alone is what does not fit, but here the host knows the size asked for.
+            if (exc.trap_code not in (wasmtime.TrapCode.INTERRUPT, wasmtime.TrapCode.OUT_OF_FUEL)
+                    and capi.memory_data_size(ctx, memory) + size > limits.memory_bytes):
+                raise _OverMemory(_first_line(exc.message)) from None
+            raise
+        ptr = args[0].i32 & 0xFFFFFFFF
+        memory_size = capi.memory_data_size(ctx, memory)
+        if ptr + size > memory_size:
+            raise _AbiViolation(f"`{MEMORY_ALLOC}({size})` returned address {ptr}, but {size} bytes there do "
+                                f"not fit in the {memory_size}-byte memory")
+        if size:
+            capi.write_bytes(capi.memory_data(ctx, memory) + ptr, data, size)
+        args[0].i32 = ptr  # truncated to 32 bits, as wasm sees it
+        args[1].i32 = size
+        capi.raise_failure(capi.call_unchecked(ctx, run_func, args_at, 2, trap_at), trap)
+        result = args[0].i64 & _MASK64
+        failed = result >= MEMORY_FAILED_BIT
+        out_ptr, out_len = (result >> 32) & 0x7FFFFFFF, result & 0xFFFFFFFF
+        if not failed and out_len > limits.max_output_bytes:
+            raise _OverOutput
+        memory_size = capi.memory_data_size(ctx, memory)
+        if out_ptr + out_len > memory_size:
+            what = "error message" if failed else "output"
+            raise _AbiViolation(f"`{MEMORY_RUN}` returned its {what} at [{out_ptr}, {out_ptr + out_len}), "
+                                f"outside the {memory_size}-byte memory")
+        if failed:  # the message is for stderr: read no more than fits there
+            out_len = min(out_len, limits.max_stderr_bytes)
+        if not out_len:
+            return b"", failed, memory_size
+        return capi.read_bytes(capi.memory_data(ctx, memory) + out_ptr, out_len), failed, memory_size
+
+
+class _OverOutput(Exception):
+    """A memory-v1 module returned more output than its limit allows."""
+
+
+class _OverMemory(Exception):
+    """A memory-v1 module's `clawhub_alloc` trapped for an input that does not fit its memory limit."""
+
+
+def _memory_size(ctx: int, instance: wasmtime.Instance) -> int:
+    """The size of the instance's exported memory (its peak: wasm memories never shrink), 0 without one."""
+    extern = ffi.wasmtime_extern_t()
+    if (capi.export_get(ctx, ctypes.addressof(instance._instance), _MEMORY_NAME, len(_MEMORY_NAME),
+                        ctypes.addressof(extern)) and capi.kind(extern) == capi.EXTERN_MEMORY):
+        return int(capi.memory_data_size(ctx, ctypes.addressof(extern.of.memory)))
+    return 0

@@ -9,8 +9,10 @@ from clawhub.executor.v1 import executor_service_pb2 as pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
 
 from services.executor.bundles import BundleCache
+from services.executor.dependencies import DependencyLinker
 from services.executor.modules import ModuleLoader
-from services.executor.sandbox import Sandbox
+from services.executor.provenance import Provenance, ProvenanceSource, RegistryProvenanceSource
+from services.executor.sandbox import DEFAULT_POOL_SLOTS, Sandbox
 from services.executor.servicer import ExecutorServicer, WorkerPool
 from services.executor.settings import Settings
 from services.executor.source import ModuleSource, RegistryModuleSource
@@ -20,19 +22,30 @@ from services.runtime.server import ServiceHost, create_server
 EXECUTOR_SERVICE = pb.DESCRIPTOR.services_by_name["ExecutorService"]
 
 
-async def build_server(settings: Settings, module_source: ModuleSource | None = None) -> ServiceHost:
-    """The executor's ServiceHost. Modules come from `module_source`, by default the registry at
-    `settings.registry_address`."""
+async def build_server(settings: Settings, module_source: ModuleSource | None = None,
+                       provenance_source: ProvenanceSource | None = None) -> ServiceHost:
+    """The executor's ServiceHost. Modules come from `module_source`, and what the registry says about a
+    published version (to re-verify digests and signatures) from `provenance_source`; both default to the
+    registry at `settings.registry_address`."""
     registry: grpc.aio.Channel | None = None
-    if module_source is None:
+    if module_source is None or provenance_source is None:
         registry = channel(settings.registry_address)
+    if module_source is None:
+        assert registry is not None
         module_source = RegistryModuleSource(registry, timeout=settings.fetch_timeout)
-    sandbox = Sandbox()
+    if provenance_source is None:
+        assert registry is not None
+        provenance_source = RegistryProvenanceSource(registry, timeout=settings.fetch_timeout)
+    # Pool slots for every call that can run at once, with room for the instances dependencies add.
+    sandbox = Sandbox(pool_slots=max(DEFAULT_POOL_SLOTS, 8 * settings.threads))
     loader = ModuleLoader(module_source, sandbox, settings.cache_bytes,
                           artifacts_dir=settings.data_dir / "artifacts")
     bundles = BundleCache(module_source, settings.data_dir / "bundles")
     pool = WorkerPool(settings.threads, settings.queue)
-    servicer = ExecutorServicer(settings, loader, sandbox, pool, bundles=bundles)
+    provenance = Provenance(provenance_source)
+    links = DependencyLinker(module_source, sandbox)
+    servicer = ExecutorServicer(settings, loader, sandbox, pool, bundles=bundles, provenance=provenance,
+                                links=links)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
@@ -51,7 +64,9 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
     servicer.health = host.health
 
     async def close() -> None:
+        await provenance.close()
         await loader.close()
+        await links.close()
         await bundles.close()
         # Running calls finish within their timeouts; the epoch ticker must outlive them.
         await asyncio.to_thread(pool.shutdown)

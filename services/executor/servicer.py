@@ -17,7 +17,9 @@ from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
 from services.executor.bundles import BundleCache
+from services.executor.dependencies import DependencyLinker
 from services.executor.modules import ModuleLoader
+from services.executor.provenance import Provenance, unchecked
 from services.executor.sandbox import Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
 from services.executor.settings import Settings
 from services.runtime.errors import Reason, ServiceError, invalid
@@ -103,8 +105,13 @@ def _tail(stderr: bytes) -> str:
 
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     def __init__(self, settings: Settings, loader: ModuleLoader, sandbox: Sandbox, pool: WorkerPool,
-                 health: Health | None = None, bundles: BundleCache | None = None) -> None:
+                 health: Health | None = None, bundles: BundleCache | None = None,
+                 provenance: Provenance | None = None, links: DependencyLinker | None = None) -> None:
         self._settings = settings
+        # Links modules that import from dependency packages with the resolution their call carries.
+        self._links = links or DependencyLinker(loader.source, sandbox)
+        # Without a registry to ask, a request that names its skill is refused, never run unchecked.
+        self._provenance = provenance or unchecked()
         self._loader = loader
         self._sandbox = sandbox
         self._pool = pool
@@ -142,6 +149,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         digest = request.digest
         _check_digest(digest)
+        await self._provenance.check(request.skill, request.version, digest, request.bundle_digest,
+                                     request.capabilities, request.dependencies)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         limits, max_input = self._limits(request.limits, deadline)
@@ -155,6 +164,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         _check_strings(request)
         capabilities = list(request.capabilities)
         compiled, _ = await self._loader.get(digest, capabilities, metered=limits.fuel > 0)
+        compiled = await self._links.link(compiled, request.dependencies)
         bundle_dir = await self._bundle_dir(request.bundle_digest, capabilities)
         grant = Grant.of(capabilities, env=request.env, args=request.args, bundle_dir=bundle_dir)
         stdin = bytes(request.input)
@@ -251,8 +261,11 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
 
     async def LoadSkill(self, request: pb.LoadSkillRequest, context: Context) -> pb.LoadSkillResponse:
         _check_digest(request.digest)
+        await self._provenance.check(request.skill, request.version, request.digest, request.bundle_digest,
+                                     request.capabilities, request.dependencies)
         capabilities = list(request.capabilities)
-        _, was_hot = await self._loader.get(request.digest, capabilities)
+        compiled, was_hot = await self._loader.get(request.digest, capabilities)
+        await self._links.link(compiled, request.dependencies)
         await self._bundle_dir(request.bundle_digest, capabilities)
         await self._smoke_test(request, context)
         await self._mark_serving(request.digest)
@@ -264,7 +277,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         for index, example in enumerate(request.examples):
             call = pb.ExecuteRequest(digest=request.digest, input=example.input, limits=request.limits,
                                      env=request.env, args=request.args, bundle_digest=request.bundle_digest,
-                                     capabilities=request.capabilities, request_id=f"smoke-{index}")
+                                     capabilities=request.capabilities, request_id=f"smoke-{index}",
+                                     dependencies=request.dependencies)
             meta = {"digest": request.digest, "example": str(index)}
             try:
                 output = (await self.Execute(call, context)).output
@@ -284,6 +298,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     async def UnloadSkill(self, request: pb.UnloadSkillRequest, context: Context) -> pb.UnloadSkillResponse:
         _check_digest(request.digest)
         was_loaded = self._loader.drop(request.digest)
+        self._links.drop(request.digest)
         if self.health is not None and (was_loaded or request.digest in self._health_names):
             self._health_names.discard(request.digest)
             await self.health.set(request.digest, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -16,8 +16,8 @@ from services.runtime.server import ServiceHost, create_server
 GATEWAY_SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"]
 REGISTRY_SERVICE = registry_pb.DESCRIPTOR.services_by_name["RegistryService"]
 DEPLOYER_SERVICE = deployer_pb.DESCRIPTOR.services_by_name["DeployerService"]
-# The route-table feed is for dispatchers only.
-INTERNAL_DEPLOYER_METHODS = ("WatchRoutes", "AcknowledgeRoutes")
+# The route-table feed and the stats feed are for dispatchers only.
+INTERNAL_DEPLOYER_METHODS = ("WatchRoutes", "AcknowledgeRoutes", "ReportStats")
 
 
 async def build_server(settings: Settings) -> ServiceHost:

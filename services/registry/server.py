@@ -8,6 +8,7 @@ from services.registry.blobs import BlobStore
 from services.registry.servicer import RegistryServicer, settle_unfinished
 from services.registry.settings import Settings
 from services.registry.store import SqliteMetadataStore
+from services.registry.trust import Trust
 from services.registry.verify import Verifier
 from services.runtime.server import ServiceHost, create_server
 
@@ -23,7 +24,8 @@ async def build_server(settings: Settings) -> ServiceHost:
     try:
         verifier = Verifier()
         await settle_unfinished(store, blobs, verifier)
-        servicer = RegistryServicer(store, blobs, verifier, max_upload_bytes=settings.max_upload_bytes)
+        trust = Trust(store, admin_token=settings.admin_token, require_namespace=settings.require_namespace)
+        servicer = RegistryServicer(store, blobs, verifier, max_upload_bytes=settings.max_upload_bytes, trust=trust)
         host = create_server(
             name="registry",
             service_names=[SERVICE_NAME],

@@ -24,9 +24,12 @@ from services.registry.blobs import BlobNotFound, BlobStore
 from services.registry.ranges import range_problem
 from services.registry.resolver import Catalog, Release, Requirement, ResolutionError, Resolved, Resolver
 from services.registry.store import MetadataStore, NewVersion, SkillRecord, State, VersionNotFound, VersionRecord
+from services.registry.trust import NamespaceRpcs, Trust
+from services.registry.verify import ABIS as SUPPORTED_ABIS
 from services.registry.verify import Verifier
 from services.runtime import bundle as bundles
 from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.linking import Copy
 from services.runtime.names import SHA256_HEX_RE, digest_problem, skill_name_problem, version_problem
 
 log = logging.getLogger("clawhub.registry")
@@ -122,7 +125,11 @@ def version_to_pb(record: VersionRecord) -> pb.SkillVersion:
         bundle_digest=record.bundle_digest,
         yanked=record.yanked,
         yank_reason=record.yank_reason,
+        publisher=record.publisher,
     )
+    if record.signature_key_id:
+        message.signature.key_id = record.signature_key_id
+        message.signature.signature = record.signature
     message.create_time.FromNanoseconds(record.create_time_ns)
     for step in record.history:
         transition = message.history.add(
@@ -262,12 +269,14 @@ def _requirements(dependencies: list[skill_pb2.Dependency]) -> tuple[Requirement
     return tuple(Requirement(d.package, d.version_range, d.is_shared) for d in dependencies)
 
 
-class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    """clawhub.registry.v1.RegistryService."""
+class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
+    """clawhub.registry.v1.RegistryService (the publisher and namespace RPCs are in trust.NamespaceRpcs)."""
 
     def __init__(self, store: MetadataStore, blobs: BlobStore, verifier: Verifier, *,
-                 max_upload_bytes: int) -> None:
+                 max_upload_bytes: int, trust: Trust | None = None) -> None:
         self._store = store
+        # Without a Trust: no admin token, names under no namespace open (what tests of other parts need).
+        self._trust = trust or Trust(store, admin_token="", require_namespace=False)
         self._blobs = blobs
         self._verifier = verifier
         self._max_upload = max_upload_bytes
@@ -298,7 +307,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             abi = (skill_pb2.Abi.Name(manifest.abi) if manifest.abi in skill_pb2.Abi.values()
                    else str(manifest.abi))
             problems.append((Reason.INVALID_MANIFEST, "metadata.manifest.abi",
-                             f"ABI {abi} is not supported; declare ABI_WASI_COMMAND_V1"))
+                             f"ABI {abi} is not supported; declare one of "
+                             + ", ".join(skill_pb2.Abi.Name(a) for a in sorted(SUPPORTED_ABIS))))
         if meta.size_bytes > self._max_upload:
             problems.append((Reason.UPLOAD_TOO_LARGE, "metadata.size_bytes",
                              f"the module is {meta.size_bytes} bytes, more than the registry's limit of "
@@ -328,6 +338,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                           "the module bytes follow as chunks, then the file bundle as bundle_chunks")
         meta = first.metadata
         self._check_metadata(meta)
+        # Ownership and signature, before any byte is stored (the signature covers the declared digests).
+        grant = await self._trust.authorize_publish(context, meta)
         name, version = meta.manifest.name, meta.manifest.version
         expected = "sha256:" + meta.sha256
         started_ns = time.time_ns()
@@ -388,6 +400,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     pending_reason="upload started",
                     verifying_reason=f"upload complete: {upload.size} bytes matching {actual}{with_bundle}",
                     bundle_digest=bundle_digest,
+                    signature_key_id=grant.key_id, signature=grant.signature, publisher=grant.publisher,
                 ))
                 if not created:
                     if (record.digest, record.bundle_digest) != (actual, bundle_digest):
@@ -400,7 +413,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     return pb.PublishSkillResponse(skill_version=version_to_pb(record), created=False)
                 settled = False
                 try:
-                    module_problems = _at_most(await self._verifier.verify(await upload.read_all(), meta.manifest))
+                    data = await upload.read_all()
+                    module_problems = _at_most(await self._verifier.verify(data, meta.manifest)
+                                               or await self._link_problems(data, meta.manifest))
                     bundle_problems = _at_most(await self._verifier.verify_bundle(
                         bundle.path if bundle is not None else None, meta.manifest))
                     problems = module_problems + bundle_problems
@@ -430,7 +445,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     record = await self._store.transition(
                         name, version, State.READY,
                         f"verification passed: compiles with wasmtime and implements {abi.name if abi else '?'} "
-                        f"with capabilities [{', '.join(meta.manifest.capabilities)}]{files}")
+                        f"with capabilities [{', '.join(meta.manifest.capabilities)}]{files}; {grant.summary()}")
                     settled = True
                 except BaseException:
                     if not settled:
@@ -564,6 +579,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         _check_version(request.version)
         if len(request.reason) > MAX_YANK_REASON:
             raise invalid(Reason.INVALID_ARGUMENT, "reason", f"a yank reason is at most {MAX_YANK_REASON} characters")
+        await self._trust.authorize_change(context, request.name, "yank" if request.yanked else "un-yank")
         self._generation += 1
         try:
             record = await self._store.set_yanked(request.name, request.version, request.yanked, request.reason)
@@ -580,6 +596,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         _check_name(request.name)
         _check_tag(request.tag)
         _check_version(request.version)
+        await self._trust.authorize_change(context, request.name, "tag")
         record = await self._store.get_version(request.name, request.version)
         if record is None:
             raise _version_not_found(request.name, request.version)
@@ -596,6 +613,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                              context: grpc.aio.ServicerContext) -> pb.DeleteSkillTagResponse:
         _check_name(request.name)
         _check_tag(request.tag)
+        await self._trust.authorize_change(context, request.name, "untag")
         skill = await self._store.delete_tag(request.name, request.tag)
         if skill is None:
             if await self._store.get_skill(request.name) is None:
@@ -604,6 +622,28 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                                f"skill {request.name!r} has no tag {request.tag!r}",
                                metadata={"name": request.name, "tag": request.tag})
         return pb.DeleteSkillTagResponse(skill=skill_to_pb(skill))
+
+    async def _link_problems(self, data: bytes, manifest: skill_pb2.Manifest) -> list[str]:
+        """Problems linking a module that imports functions from dependency packages with the versions its
+        dependencies resolve to now (the deployer pins a resolution again at deploy time). Empty for a
+        module that imports only WASI."""
+        if not await self._verifier.dependency_packages(data):
+            return []
+        try:
+            resolved = await asyncio.to_thread(Resolver(await self._resolver_catalog()).resolve,
+                                               _requirements(list(manifest.dependencies)))
+        except ResolutionError as exc:
+            return [f"the module imports from its dependencies, but they do not resolve: {exc}"]
+        modules: dict[str, bytes] = {}
+        for dep in resolved:
+            if dep.digest not in modules:
+                reader = await self._blobs.read(dep.digest)
+                try:
+                    modules[dep.digest] = b"".join([chunk async for chunk in reader.chunks()])
+                finally:
+                    reader.close()
+        copies = [Copy(r.package, r.version, r.digest, r.shared, r.required_by) for r in resolved]
+        return await self._verifier.verify_links(data, manifest, copies, modules)
 
     async def _resolver_catalog(self) -> Catalog:
         generation = self._generation
@@ -680,9 +720,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             reader.close()
 
 
-def _resolved_to_pb(resolved: Resolved) -> pb.ResolvedDependency:
-    return pb.ResolvedDependency(package=resolved.package, version=resolved.version, digest=resolved.digest,
-                                 is_shared=resolved.shared, required_by=list(resolved.required_by))
+def _resolved_to_pb(resolved: Resolved) -> skill_pb2.ResolvedDependency:
+    return skill_pb2.ResolvedDependency(package=resolved.package, version=resolved.version,
+                                        digest=resolved.digest, is_shared=resolved.shared,
+                                        required_by=list(resolved.required_by))
 
 
 async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Verifier) -> None:

@@ -35,6 +35,14 @@ class Settings:
     shutdown_grace_seconds: float = 5.0
     """How long in-flight calls may finish after SIGTERM: `CLAWHUB_SHUTDOWN_GRACE`, default 5 seconds."""
 
+    admin_token: str = field(default="", repr=False)
+    """The operator's token for admin calls (creating publishers and namespaces):
+    `CLAWHUB_REGISTRY_ADMIN_TOKEN`, default empty, which refuses every admin call."""
+
+    require_namespace: bool = False
+    """Whether every skill name must be in a namespace (else names under none are open to anyone):
+    `CLAWHUB_REGISTRY_REQUIRE_NAMESPACE`, default false."""
+
     @classmethod
     def from_env(cls) -> Settings:
         max_upload = env_size("CLAWHUB_REGISTRY_MAX_UPLOAD", "64MiB")
@@ -46,4 +54,15 @@ class Settings:
             data_dir=Path(env_str("CLAWHUB_REGISTRY_DATA_DIR", str(_default_data_dir()))).expanduser(),
             max_upload_bytes=max_upload,
             shutdown_grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", 5.0, minimum=0.0),
+            admin_token=env_str("CLAWHUB_REGISTRY_ADMIN_TOKEN", ""),
+            require_namespace=_env_bool("CLAWHUB_REGISTRY_REQUIRE_NAMESPACE", False),
         )
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = env_str(name, "true" if default else "false").lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (true or false)")

@@ -88,6 +88,11 @@ class VersionRecord:
     # Yanked: reserved forever, never `latest`, resolved only when pinned exactly.
     yanked: bool = False
     yank_reason: str = ""
+    # The signature it was published with (verified then): key id and signature bytes, empty when unsigned.
+    signature_key_id: str = ""
+    signature: bytes = b""
+    # The publisher whose token published it, empty when published without a token.
+    publisher: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,66 @@ class NewVersion:
     verifying_reason: str
     # Digest of the file bundle uploaded with the module, empty for none.
     bundle_digest: str = ""
+    # Verified signature (key id, bytes), empty when unsigned; publisher whose token published, if any.
+    signature_key_id: str = ""
+    signature: bytes = b""
+    publisher: str = ""
+
+
+class AlreadyExists(Exception):
+    """A publisher or namespace of that name exists."""
+
+
+class NotFound(LookupError):
+    """No such publisher, namespace or key; the message names it."""
+
+
+class NamespaceOverlap(Exception):
+    """A claimed prefix is inside, or contains, a namespace another publisher owns."""
+
+    def __init__(self, name: str, other: str, owner: str) -> None:
+        super().__init__(f"{name} overlaps {other}, owned by {owner}")
+        self.other = other
+        self.owner = owner
+
+
+@dataclass(frozen=True)
+class PublisherRecord:
+    """A publisher; its token is stored only as a sha256."""
+
+    name: str
+    create_time_ns: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A public key a namespace trusts."""
+
+    key_id: str
+    public_key: bytes
+    create_time_ns: int
+
+
+@dataclass(frozen=True)
+class NamespaceRecord:
+    """A claimed name prefix, its owner, its trusted keys and whether it requires signatures."""
+
+    name: str
+    owner: str
+    require_signatures: bool
+    keys: tuple[KeyRecord, ...]
+    create_time_ns: int
+    update_time_ns: int
+
+    def key(self, key_id: str) -> KeyRecord | None:
+        return next((k for k in self.keys if k.key_id == key_id), None)
+
+
+def namespace_candidates(skill: str) -> list[str]:
+    """Every prefix of `skill` on a dot boundary that a namespace could claim (at least two labels), the
+    name itself included, longest first: the first one claimed governs the skill."""
+    labels = skill.split(".")
+    return [".".join(labels[:n]) for n in range(len(labels), 1, -1)]
 
 
 @dataclass(frozen=True)
@@ -210,6 +275,37 @@ class MetadataStore(Protocol):
         """Every READY version, for dependency resolution."""
         ...
 
+    async def create_publisher(self, name: str, token_sha256: str) -> PublisherRecord:
+        """Record a publisher; raises AlreadyExists."""
+        ...
+
+    async def publisher_by_token(self, token_sha256: str) -> str | None:
+        """The name of the publisher holding the token with this sha256, if any."""
+        ...
+
+    async def create_namespace(self, name: str, owner: str, require_signatures: bool,
+                               keys: Sequence[tuple[str, bytes]]) -> NamespaceRecord:
+        """Claim `name` for `owner` with keys (key id, raw public key); raises NotFound (no such publisher),
+        AlreadyExists (claimed) or NamespaceOverlap (inside or around another publisher's namespace)."""
+        ...
+
+    async def get_namespace(self, name: str) -> NamespaceRecord | None: ...
+
+    async def governing_namespace(self, skill: str) -> NamespaceRecord | None:
+        """The namespace with the longest prefix of `skill` (on a dot boundary), if any."""
+        ...
+
+    async def list_namespaces(self, *, after: str | None, limit: int) -> Page[NamespaceRecord]:
+        """Namespaces in prefix order, starting after `after`."""
+        ...
+
+    async def update_namespace(self, name: str, *, add_keys: Sequence[tuple[str, bytes]],
+                               remove_key_ids: Sequence[str], require_signatures: bool | None,
+                               ) -> NamespaceRecord:
+        """Add keys, then remove key ids, then set the flag (None leaves it), in one transaction; raises
+        NotFound for an unknown namespace or a key id it does not have (and changes nothing)."""
+        ...
+
 
 # Each migration is a list of statements run in one transaction; schema_version records the last one applied.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -260,10 +356,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             FOREIGN KEY (name, version) REFERENCES versions(name, version)
         ) WITHOUT ROWID""",
     ),
+    (
+        # 4: publishers, namespaces and signatures (issue 4: trust). Tokens are stored as sha256 only.
+        """CREATE TABLE publishers (
+            name TEXT PRIMARY KEY,
+            token_sha256 TEXT NOT NULL UNIQUE,
+            create_time_ns INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE namespaces (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL REFERENCES publishers(name),
+            require_signatures INTEGER NOT NULL DEFAULT 0,
+            create_time_ns INTEGER NOT NULL,
+            update_time_ns INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE namespace_keys (
+            namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+            key_id TEXT NOT NULL,
+            public_key BLOB NOT NULL,
+            create_time_ns INTEGER NOT NULL,
+            PRIMARY KEY (namespace, key_id)
+        ) WITHOUT ROWID""",
+        "ALTER TABLE versions ADD COLUMN signature_key_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE versions ADD COLUMN signature BLOB NOT NULL DEFAULT x''",
+        "ALTER TABLE versions ADD COLUMN publisher TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 _VERSION_COLUMNS = ("name, version, digest, size_bytes, manifest, state, verification_errors, create_time_ns, "
-                    "bundle_digest, yanked, yank_reason")
+                    "bundle_digest, yanked, yank_reason, signature_key_id, signature, publisher")
 
 
 async def _configure(conn: aiosqlite.Connection) -> None:
@@ -364,9 +485,9 @@ class SqliteMetadataStore:
                 (new.name, new.upload_started_ns, new.upload_started_ns),
             )
             await db.execute(
-                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?, ?, 0, '')",
+                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?, ?, 0, '', ?, ?, ?)",
                 (new.name, new.version, new.digest, new.size_bytes, new.manifest, State.VERIFYING.value,
-                 new.upload_started_ns, new.bundle_digest),
+                 new.upload_started_ns, new.bundle_digest, new.signature_key_id, new.signature, new.publisher),
             )
             await _insert_transition(db, new.name, new.version, None, State.PENDING, new.upload_started_ns,
                                      new.pending_reason)
@@ -489,6 +610,121 @@ class SqliteMetadataStore:
                 return [CatalogEntry(str(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bool(r[4])) async for r in cursor]
 
 
+    # Publishers and namespaces.
+
+    async def create_publisher(self, name: str, token_sha256: str) -> PublisherRecord:
+        now = time.time_ns()
+        async with self._write() as db:
+            async with db.execute("SELECT 1 FROM publishers WHERE name = ?", (name,)) as cursor:
+                if await cursor.fetchone() is not None:
+                    raise AlreadyExists(f"publisher {name}")
+            await db.execute("INSERT INTO publishers (name, token_sha256, create_time_ns) VALUES (?, ?, ?)",
+                             (name, token_sha256, now))
+        return PublisherRecord(name, now)
+
+    async def publisher_by_token(self, token_sha256: str) -> str | None:
+        async with self._read() as db:
+            async with db.execute("SELECT name FROM publishers WHERE token_sha256 = ?", (token_sha256,)) as cursor:
+                row = await cursor.fetchone()
+        return str(row[0]) if row else None
+
+    async def create_namespace(self, name: str, owner: str, require_signatures: bool,
+                               keys: Sequence[tuple[str, bytes]]) -> NamespaceRecord:
+        now = time.time_ns()
+        async with self._write() as db:
+            async with db.execute("SELECT 1 FROM publishers WHERE name = ?", (owner,)) as cursor:
+                if await cursor.fetchone() is None:
+                    raise NotFound(f"no publisher named {owner!r}")
+            if await _fetch_namespace(db, name) is not None:
+                raise AlreadyExists(f"namespace {name}")
+            # Inside the write transaction, so two overlapping claims cannot both pass the check.
+            for other in await _related_namespaces(db, name):
+                if other.owner != owner:
+                    raise NamespaceOverlap(name, other.name, other.owner)
+            await db.execute("INSERT INTO namespaces (name, owner, require_signatures, create_time_ns, "
+                             "update_time_ns) VALUES (?, ?, ?, ?, ?)", (name, owner, int(require_signatures), now, now))
+            for key_id, public_key in keys:
+                await db.execute("INSERT OR IGNORE INTO namespace_keys (namespace, key_id, public_key, create_time_ns) "
+                                 "VALUES (?, ?, ?, ?)", (name, key_id, public_key, now))
+            record = await _fetch_namespace(db, name)
+        assert record is not None
+        return record
+
+    async def get_namespace(self, name: str) -> NamespaceRecord | None:
+        async with self._read() as db:
+            return await _fetch_namespace(db, name)
+
+    async def governing_namespace(self, skill: str) -> NamespaceRecord | None:
+        candidates = namespace_candidates(skill)
+        placeholders = ", ".join("?" * len(candidates))
+        async with self._read() as db:
+            async with db.execute(f"SELECT name FROM namespaces WHERE name IN ({placeholders}) "
+                                  "ORDER BY length(name) DESC LIMIT 1", tuple(candidates)) as cursor:
+                row = await cursor.fetchone()
+            return await _fetch_namespace(db, str(row[0])) if row else None
+
+    async def list_namespaces(self, *, after: str | None, limit: int) -> Page[NamespaceRecord]:
+        async with self._read() as db:
+            async with db.execute("SELECT name FROM namespaces WHERE name > ? ORDER BY name LIMIT ?",
+                                  (after or "", limit + 1)) as cursor:
+                names = [str(row[0]) async for row in cursor]
+            records = [r for n in names[:limit] if (r := await _fetch_namespace(db, n)) is not None]
+        return Page(records, more=len(names) > limit)
+
+    async def update_namespace(self, name: str, *, add_keys: Sequence[tuple[str, bytes]],
+                               remove_key_ids: Sequence[str], require_signatures: bool | None,
+                               ) -> NamespaceRecord:
+        now = time.time_ns()
+        async with self._write() as db:
+            if await _fetch_namespace(db, name) is None:
+                raise NotFound(f"no namespace {name!r}")
+            for key_id, public_key in add_keys:
+                await db.execute("INSERT OR IGNORE INTO namespace_keys (namespace, key_id, public_key, create_time_ns) "
+                                 "VALUES (?, ?, ?, ?)", (name, key_id, public_key, now))
+            for key_id in remove_key_ids:
+                cursor = await db.execute("DELETE FROM namespace_keys WHERE namespace = ? AND key_id = ?",
+                                          (name, key_id))
+                if cursor.rowcount == 0:
+                    # Raising rolls the whole update back: a typo in one key id changes nothing.
+                    raise NotFound(f"namespace {name} has no key {key_id}")
+            if require_signatures is not None:
+                await db.execute("UPDATE namespaces SET require_signatures = ? WHERE name = ?",
+                                 (int(require_signatures), name))
+            await db.execute("UPDATE namespaces SET update_time_ns = ? WHERE name = ?", (now, name))
+            record = await _fetch_namespace(db, name)
+        assert record is not None
+        return record
+
+
+async def _fetch_namespace(db: aiosqlite.Connection, name: str) -> NamespaceRecord | None:
+    async with db.execute("SELECT name, owner, require_signatures, create_time_ns, update_time_ns FROM namespaces "
+                          "WHERE name = ?", (name,)) as cursor:
+        row = await cursor.fetchone()
+    if row is None:
+        return None
+    async with db.execute("SELECT key_id, public_key, create_time_ns FROM namespace_keys WHERE namespace = ? "
+                          "ORDER BY create_time_ns, key_id", (name,)) as cursor:
+        keys = tuple([KeyRecord(str(k[0]), bytes(k[1]), int(k[2])) async for k in cursor])
+    return NamespaceRecord(name=str(row[0]), owner=str(row[1]), require_signatures=bool(row[2]), keys=keys,
+                           create_time_ns=int(row[3]), update_time_ns=int(row[4]))
+
+
+async def _related_namespaces(db: aiosqlite.Connection, name: str) -> list[NamespaceRecord]:
+    """Claimed namespaces that contain `name` (its dot-prefixes) or that it contains (`name.` + anything)."""
+    ancestors = namespace_candidates(name)[1:]
+    found: list[str] = []
+    if ancestors:
+        placeholders = ", ".join("?" * len(ancestors))
+        async with db.execute(f"SELECT name FROM namespaces WHERE name IN ({placeholders})",
+                              tuple(ancestors)) as cursor:
+            found += [str(row[0]) async for row in cursor]
+    # `/` is the character after `.`: this range is every name starting with `name.`.
+    async with db.execute("SELECT name FROM namespaces WHERE name > ? AND name < ?",
+                          (name + ".", name + "/")) as cursor:
+        found += [str(row[0]) async for row in cursor]
+    return [r for n in found if (r := await _fetch_namespace(db, n)) is not None]
+
+
 async def _insert_transition(db: aiosqlite.Connection, name: str, version: str, from_state: State | None,
                              to_state: State, time_ns: int, reason: str) -> None:
     await db.execute(
@@ -516,6 +752,8 @@ async def _fetch_version(db: aiosqlite.Connection, name: str, version: str) -> V
         verification_errors=tuple(json.loads(row["verification_errors"])), history=tuple(history),
         create_time_ns=int(row["create_time_ns"]), bundle_digest=str(row["bundle_digest"]),
         yanked=bool(row["yanked"]), yank_reason=str(row["yank_reason"]),
+        signature_key_id=str(row["signature_key_id"]), signature=bytes(row["signature"]),
+        publisher=str(row["publisher"]),
     )
 
 

@@ -16,10 +16,21 @@ import wasmtime
 from clawhub.common.v1 import skill_pb2
 
 from services.runtime import bundle
-from services.runtime.wasm import FILES_CAPABILITY, WASI_COMMAND_V1, Abi, compile_and_check, make_engine
+from services.runtime.linking import Copy, DependencyGraph, LinkError, dependency_imports, undeclared_imports
+from services.runtime.wasm import (
+    FILES_CAPABILITY,
+    LIBRARY_V1,
+    MEMORY_V1,
+    WASI_COMMAND_V1,
+    Abi,
+    compile_and_check,
+    make_engine,
+)
 
 # The ABIs a manifest may declare, by their enum value; later ABIs (component model) are added here.
-ABIS: dict[int, Abi] = {skill_pb2.ABI_WASI_COMMAND_V1: WASI_COMMAND_V1}
+ABIS: dict[skill_pb2.Abi.ValueType, Abi] = {skill_pb2.ABI_WASI_COMMAND_V1: WASI_COMMAND_V1,
+                                            skill_pb2.ABI_MEMORY_V1: MEMORY_V1,
+                                            skill_pb2.ABI_LIBRARY_V1: LIBRARY_V1}
 
 
 class Verifier:
@@ -41,7 +52,8 @@ class Verifier:
             return [f"the manifest declares ABI {name}, which this registry does not support"]
         async with self._slots:
             _module, problems = await asyncio.to_thread(compile_and_check, self._engine, data, abi,
-                                                        list(manifest.capabilities))
+                                                        list(manifest.capabilities),
+                                                        {d.package for d in manifest.dependencies})
         return problems
 
     async def verify_bundle(self, path: Path | None, manifest: skill_pb2.Manifest) -> list[str]:
@@ -60,3 +72,44 @@ class Verifier:
         async with self._slots:
             problems += await asyncio.to_thread(bundle.problems, path, list(manifest.files))
         return problems
+
+    async def dependency_packages(self, data: bytes) -> set[str]:
+        """The packages the module imports functions from (its run-time dependencies); empty when it
+        imports only WASI, or when it does not compile (`verify` reports that)."""
+        def find() -> set[str]:
+            try:
+                return set(dependency_imports(wasmtime.Module(self._engine, data)))
+            except wasmtime.WasmtimeError:
+                return set()
+        async with self._slots:
+            return await asyncio.to_thread(find)
+
+    async def verify_links(self, data: bytes, manifest: skill_pb2.Manifest, copies: list[Copy],
+                           modules: dict[str, bytes]) -> list[str]:
+        """Problems linking the module with the resolved dependency `copies` (`modules`: their bytes by
+        digest): each import from a package must be a declared dependency whose resolved version exports a
+        function of that name and type, transitively, with no cycle. Empty when it links."""
+        declared = {d.package for d in manifest.dependencies}
+
+        def check() -> list[str]:
+            root = wasmtime.Module(self._engine, data)
+            problems = undeclared_imports(root, declared)
+            if problems:
+                return problems
+            compiled: dict[str, wasmtime.Module] = {}
+            for digest, blob in modules.items():
+                try:
+                    compiled[digest] = wasmtime.Module(self._engine, blob)
+                except wasmtime.WasmtimeError:
+                    problems.append(f"the dependency module {digest} does not compile")
+            if problems:
+                return problems
+            try:
+                DependencyGraph(self._engine, root, copies, compiled,
+                                root_label=f"{manifest.name}@{manifest.version}")
+            except LinkError as exc:
+                return exc.problems
+            return []
+
+        async with self._slots:
+            return await asyncio.to_thread(check)

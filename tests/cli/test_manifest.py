@@ -25,7 +25,10 @@ def test_examples_load() -> None:
     for directory in directories:
         package = manifest.load(directory)
         assert package.module.startswith(b"\0asm")
-        assert package.manifest.abi == skill_pb2.ABI_WASI_COMMAND_V1
+        assert package.manifest.abi in manifest.ABIS.values()
+    # The manifest's abi string maps to the enum (memory-v1: examples/skills/echo-memory).
+    assert manifest.load(EXAMPLES / "uppercase").manifest.abi == skill_pb2.ABI_WASI_COMMAND_V1
+    assert manifest.load(EXAMPLES / "echo-memory").manifest.abi == skill_pb2.ABI_MEMORY_V1
 
 
 def test_full_manifest(tmp_path: Path) -> None:

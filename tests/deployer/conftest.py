@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from clawhub.common.v1 import release_pb2
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 
+from services.deployer.breaker import BreakerSettings
+from services.deployer.plan import Defaults
 from services.deployer.server import build_server as build_deployer
 from services.deployer.settings import Settings as DeployerSettings
 from services.dispatcher.server import build_server as build_dispatcher
@@ -31,20 +34,26 @@ class Env:
     executors: list[FakeExecutor]
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    async def deployer(self, *, port: int = 0, ack_timeout: float = 5.0,
-                       registry_address: str | None = None) -> ServiceHost:
+    async def deployer(self, *, port: int = 0, ack_timeout: float = 5.0, registry_address: str | None = None,
+                       release: Defaults | None = None, breaker: BreakerSettings | None = None,
+                       clock: Callable[[], int] = time.time_ns) -> ServiceHost:
+        """A real deployer. Unless `release` says otherwise, releases have no bake window (the tests of
+        analysis give theirs), and the breaker is off unless `breaker` is given."""
         settings = DeployerSettings(
             host="127.0.0.1", port=port, data_dir=self.data_dir,
             registry_address=registry_address or self.registry_address,
             executor_addresses=tuple(e.address for e in self.executors),
-            ack_timeout=ack_timeout, load_timeout=5.0, registry_timeout=5.0, grace=0.2)
-        return await self.fakes.start_service(build_deployer(settings))
+            ack_timeout=ack_timeout, load_timeout=5.0, registry_timeout=5.0, grace=0.2,
+            release=release or Defaults(bake_seconds=0.0), breaker=breaker or BreakerSettings(failures=0),
+            progress_interval=0.05)
+        return await self.fakes.start_service(build_deployer(settings, clock=clock))
 
-    async def dispatcher(self, deployer: ServiceHost, dispatcher_id: str = "dispatcher-1") -> ServiceHost:
+    async def dispatcher(self, deployer: ServiceHost, dispatcher_id: str = "dispatcher-1", *,
+                         stats_interval: float = 0.02) -> ServiceHost:
         settings = DispatcherSettings(
             host="127.0.0.1", port=0, deployer_address=f"127.0.0.1:{deployer.port}",
             executor_addresses=tuple(e.address for e in self.executors), dispatcher_id=dispatcher_id,
-            retries=2, dispatch_timeout=10.0, grace=0.2)
+            retries=2, dispatch_timeout=10.0, grace=0.2, stats_interval=stats_interval)
         return await self.fakes.start_service(build_dispatcher(settings))
 
     def _channel(self, host: ServiceHost) -> grpc.aio.Channel:

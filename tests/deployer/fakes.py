@@ -80,7 +80,14 @@ class FakeExecutor(executor_grpc.ExecutorServiceServicer):
         # When set, LoadSkill waits for it: a deployment stays in flight until the test lets it go.
         self.load_gate: asyncio.Event | None = None
         self.mode = "echo"
+        # Per-digest behaviour, over `mode`: "echo", "trap", "unavailable", "bad_input", or "fail_odd"
+        # (traps on inputs whose last byte is odd: a version that fails on some inputs).
+        self.modes: dict[str, str] = {}
+        # Per-digest delay (seconds) before answering: a slow version.
+        self.delays: dict[str, float] = {}
         self.executions: list[Execution] = []
+        # Set by Fakes.executor: the fake's health servicer, to flip a digest NOT_SERVING.
+        self.health: Any = None
 
     async def LoadSkill(self, request: executor_pb.LoadSkillRequest, context: Any) -> executor_pb.LoadSkillResponse:
         self.load_calls.append(request.digest)
@@ -103,9 +110,18 @@ class FakeExecutor(executor_grpc.ExecutorServiceServicer):
     async def Execute(self, request: executor_pb.ExecuteRequest, context: Any) -> executor_pb.ExecuteResponse:
         self.executions.append(Execution(request, context.time_remaining(),
                                          dict(context.invocation_metadata() or ())))
-        if self.mode == "unavailable":
+        mode = self.modes.get(request.digest, self.mode)
+        delay = self.delays.get(request.digest, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        if mode == "fail_odd":
+            mode = "trap" if request.input and request.input[-1] % 2 else "echo"
+        if mode == "bad_input":
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_INPUT, "the input is not JSON",
+                               metadata={"field": "input"})
+        if mode == "unavailable":
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.SHUTTING_DOWN, "the executor is shutting down")
-        if self.mode == "trap":
+        if mode == "trap":
             raise ServiceError(grpc.StatusCode.ABORTED, Reason.SKILL_TRAPPED,
                                "the skill trapped: wasm `unreachable` executed",
                                metadata={"digest": request.digest})
@@ -120,6 +136,7 @@ class FakeDeployer(deployer_grpc.DeployerServiceServicer):
     def __init__(self, table: routing_pb2.RouteTable | None = None) -> None:
         self.table = table or routing_pb2.RouteTable()
         self.acks: list[tuple[str, int]] = []
+        self.stats: list[deployer_pb.ReportStatsRequest] = []
         self.watchers: list[str] = []
         self._changed = asyncio.Event()
 
@@ -140,6 +157,11 @@ class FakeDeployer(deployer_grpc.DeployerServiceServicer):
                                 ) -> deployer_pb.AcknowledgeRoutesResponse:
         self.acks.append((request.dispatcher_id, request.generation))
         return deployer_pb.AcknowledgeRoutesResponse()
+
+    async def ReportStats(self, request: deployer_pb.ReportStatsRequest, context: Any,
+                          ) -> deployer_pb.ReportStatsResponse:
+        self.stats.append(request)
+        return deployer_pb.ReportStatsResponse()
 
 
 @dataclass
@@ -170,6 +192,7 @@ class Fakes:
         host = await self._start("executor", "clawhub.executor.v1.ExecutorService",
                                  lambda s: executor_grpc.add_ExecutorServiceServicer_to_server(fake, s))
         fake.address = f"127.0.0.1:{host.port}"
+        fake.health = host.health
         return fake
 
     async def deployer(self, fake: FakeDeployer, port: int = 0) -> ServiceHost:

@@ -37,3 +37,45 @@ def test_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CLAWHUB_DEPLOY_ACK_TIMEOUT", "soon")
     with pytest.raises(SettingsError, match="CLAWHUB_DEPLOY_ACK_TIMEOUT"):
         Settings.from_env()
+
+
+RELEASE_VARS = (
+    "CLAWHUB_DEPLOYER_BAKE", "CLAWHUB_DEPLOYER_CANARY_WEIGHTS", "CLAWHUB_DEPLOYER_CANARY_STEP",
+    "CLAWHUB_DEPLOYER_MIN_SUCCESS_RATE", "CLAWHUB_DEPLOYER_MAX_P99_LATENCY", "CLAWHUB_DEPLOYER_MIN_REQUESTS",
+    "CLAWHUB_DEPLOYER_BREAKER_FAILURES", "CLAWHUB_DEPLOYER_BREAKER_WINDOW", "CLAWHUB_DEPLOYER_BREAKER_RESET",
+)
+
+
+def test_release_and_breaker_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in RELEASE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings.from_env()
+    release, breaker = settings.release, settings.breaker
+    assert (release.bake_seconds, release.weights, release.step_seconds) == (10.0, (5, 25, 50, 100), 10.0)
+    t = release.thresholds
+    assert (t.min_success_rate, t.max_p99_seconds, t.min_requests) == (0.99, 1.0, 20)
+    assert (breaker.failures, breaker.window_seconds, breaker.reset_seconds) == (3, 600.0, 300.0)
+
+    for name, value in zip(RELEASE_VARS, ("0.5", "10, 100", "2", "0.9", "0.25", "50", "0", "60", "30"), strict=True):
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    release, breaker = settings.release, settings.breaker
+    assert (release.bake_seconds, release.weights, release.step_seconds) == (0.5, (10, 100), 2.0)
+    t = release.thresholds
+    assert (t.min_success_rate, t.max_p99_seconds, t.min_requests) == (0.9, 0.25, 50)
+    assert (breaker.failures, breaker.window_seconds, breaker.reset_seconds) == (0, 60.0, 30.0)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("CLAWHUB_DEPLOYER_CANARY_WEIGHTS", "50,25,100"),
+    ("CLAWHUB_DEPLOYER_CANARY_WEIGHTS", "5,50"),
+    ("CLAWHUB_DEPLOYER_CANARY_WEIGHTS", "a,100"),
+    ("CLAWHUB_DEPLOYER_MIN_SUCCESS_RATE", "1.5"),
+    ("CLAWHUB_DEPLOYER_BAKE", "-1"),
+    ("CLAWHUB_DEPLOYER_MIN_REQUESTS", "0"),
+    ("CLAWHUB_DEPLOYER_BREAKER_FAILURES", "-1"),
+])
+def test_bad_release_settings_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env()

@@ -33,3 +33,13 @@ def test_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLAWHUB_DISPATCH_RETRIES", "-1")
     with pytest.raises(SettingsError, match="CLAWHUB_DISPATCH_RETRIES"):
         Settings.from_env()
+
+
+def test_stats_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLAWHUB_DISPATCHER_STATS_INTERVAL", raising=False)
+    assert Settings.from_env().stats_interval == 0.1
+    monkeypatch.setenv("CLAWHUB_DISPATCHER_STATS_INTERVAL", "0.5")
+    assert Settings.from_env().stats_interval == 0.5
+    monkeypatch.setenv("CLAWHUB_DISPATCHER_STATS_INTERVAL", "0")
+    with pytest.raises(SettingsError, match="CLAWHUB_DISPATCHER_STATS_INTERVAL"):
+        Settings.from_env()

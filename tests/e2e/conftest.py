@@ -50,6 +50,9 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     for service in ("gateway", "registry", "deployer", "dispatcher", "executor"):
         env[f"CLAWHUB_{service.upper()}_PORT"] = "0"
     env["CLAWHUB_SHUTDOWN_GRACE"] = "2"
+    # No bake window by default, so a deploy goes Active as soon as its route is acknowledged; the release
+    # tests ask for bakes and canaries explicitly.
+    env["CLAWHUB_DEPLOYER_BAKE"] = "0"
     process = subprocess.Popen([str(BIN / "clawhub"), "up", "--data-dir", str(data_dir), "--executors", "2"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout is not None and process.stderr is not None

@@ -11,9 +11,9 @@ _IMPORTS = """
 """
 
 
-def command(body: str, *, memory: str = "1", extra: str = "") -> bytes:
-    """A WASI command module whose `_start` runs `body`."""
-    return wat(f"""(module {_IMPORTS}
+def command(body: str, *, memory: str = "1", extra: str = "", imports: str = "") -> bytes:
+    """A WASI command module whose `_start` runs `body` (`imports`: more imports, such as a dependency's)."""
+    return wat(f"""(module {_IMPORTS} {imports}
       (memory (export "memory") {memory})
       {extra}
       (func (export "_start") (local $n i32) {body}))""")

@@ -10,11 +10,20 @@ from pathlib import Path
 
 import pytest
 import wasmtime
+from clawhub.common.v1 import skill_pb2
 from clawhub.executor.v1 import executor_service_pb2 as pb
 
 from services.runtime.names import skill_name_problem, version_problem
 from services.runtime.settings import parse_size
-from services.runtime.wasm import WASI_COMMAND_V1, capability_problems, compile_and_check, env_names, make_engine
+from services.runtime.wasm import (
+    LIBRARY_V1,
+    MEMORY_V1,
+    WASI_COMMAND_V1,
+    capability_problems,
+    compile_and_check,
+    env_names,
+    make_engine,
+)
 from tests.executor.conftest import Executor, limits
 
 SKILLS = Path(__file__).resolve().parents[2] / "examples" / "skills"
@@ -41,8 +50,17 @@ def bundle(skill: str) -> bytes:
     return buffer.getvalue()
 
 
+def dependencies(ex: Executor, skill: str) -> list[skill_pb2.ResolvedDependency]:
+    """The skill's dependencies resolved to the example packages of those names (one version each)."""
+    by_name = {manifest(s)["name"]: s for s in EXAMPLES}
+    return [skill_pb2.ResolvedDependency(
+        package=d["package"], version=manifest(by_name[d["package"]])["version"],
+        digest=ex.source.add(build(by_name[d["package"]])), is_shared=d.get("is_shared", False),
+        required_by=["(root)"]) for d in manifest(skill).get("dependencies", [])]
+
+
 async def run(ex: Executor, skill: str, data: bytes, env: dict[str, str] | None = None) -> bytes:
-    """Execute the skill the way a deployment would: its capabilities, args, bundle and `env`."""
+    """Execute the skill the way a deployment would: its capabilities, args, bundle, dependencies and `env`."""
     m = manifest(skill)
     lim = limits(memory=parse_size(m["limits"]["memory"]), timeout_ms=m["limits"]["timeout_ms"],
                  max_input=8 * MiB)
@@ -50,7 +68,7 @@ async def run(ex: Executor, skill: str, data: bytes, env: dict[str, str] | None 
     bundle_digest = ex.source.add(bundle(skill)) if m.get("files") else ""
     response = await ex.stub.Execute(pb.ExecuteRequest(
         digest=digest, input=data, limits=lim, capabilities=m.get("capabilities", []), args=m.get("args", []),
-        env=env or {}, bundle_digest=bundle_digest), timeout=10)
+        env=env or {}, bundle_digest=bundle_digest, dependencies=dependencies(ex, skill)), timeout=10)
     return response.output
 
 
@@ -66,14 +84,17 @@ def test_manifest_schema_and_module(skill: str) -> None:
     assert skill_name_problem(m["name"]) is None
     assert version_problem(m["version"]) is None
     assert m["description"]
-    assert m["abi"] == "wasi-command-v1"
+    abi = {"wasi-command-v1": WASI_COMMAND_V1, "memory-v1": MEMORY_V1, "library-v1": LIBRARY_V1}[m["abi"]]
     assert capability_problems(m["capabilities"]) == []
-    assert parse_size(m["limits"]["memory"]) > 0 and m["limits"]["timeout_ms"] > 0
-    # Skills that need deploy-time environment values cannot have fixed smoke examples.
-    assert m.get("examples") or env_names(m["capabilities"]), "every example skill has smoke examples"
+    if m["abi"] != "library-v1":  # a library runs under its dependent's limits
+        assert parse_size(m["limits"]["memory"]) > 0 and m["limits"]["timeout_ms"] > 0
+    # Skills that need deploy-time environment values cannot have fixed smoke examples, nor libraries.
+    assert m.get("examples") or env_names(m["capabilities"]) or m["abi"] == "library-v1", \
+        "every example skill has smoke examples"
     for name in m.get("files", []):
         assert (SKILLS / skill / name).is_file()
-    module, problems = compile_and_check(make_engine(), build(skill), WASI_COMMAND_V1, m["capabilities"])
+    module, problems = compile_and_check(make_engine(), build(skill), abi, m["capabilities"],
+                                         {d["package"] for d in m.get("dependencies", [])})
     assert module is not None and problems == []
 
 
@@ -121,3 +142,17 @@ async def test_greeter_uses_env_args_and_bundle(executor: Executor) -> None:
     end = manifest("greeter").get("args", ["."])[0]
     output = await run(executor, "greeter", b"", env={"GREETING": "Hello", "HOME": "/root"})
     assert json.loads(output) == f"Hello, {name}{end}"
+
+
+async def test_echo_memory(executor: Executor) -> None:
+    # memory-v1 through the executor's gRPC server: the input comes back byte for byte, empty and large too
+    # (1 MiB makes clawhub_alloc grow the memory).
+    big = bytes(range(256)) * 4096
+    for data in (b'"hello"', b"", big):
+        assert await run(executor, "echo-memory", data) == data
+
+
+async def test_cipher_calls_its_rot13_library(executor: Executor) -> None:
+    assert await run(executor, "cipher", b'"Hello, World!"') == b'"Uryyb, Jbeyq!"'
+    text = bytes(range(256))
+    assert await run(executor, "cipher", await run(executor, "cipher", text)) == text

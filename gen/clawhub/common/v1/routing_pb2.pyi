@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RouteTargetRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RouteTargetRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RouteTargetRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUTE_TARGET_ROLE_UNSPECIFIED: _RouteTargetRole.ValueType  # 0
+    """An ordinary target: no release under analysis, failures are not retried on another version."""
+    ROUTE_TARGET_ROLE_CANDIDATE: _RouteTargetRole.ValueType  # 1
+    """The new version under analysis. Its calls are counted in the stats reported to the deployer, and a
+    call that fails on it (skill or executor failure, not a caller error) is retried once on the stable
+    target, so callers do not see the failure.
+    """
+    ROUTE_TARGET_ROLE_STABLE: _RouteTargetRole.ValueType  # 2
+    """The previous, still-loaded version. It takes its share of traffic by weight, and with weight 0 it is a
+    standby that only takes the retries of failed candidate calls.
+    """
+
+class RouteTargetRole(_RouteTargetRole, metaclass=_RouteTargetRoleEnumTypeWrapper):
+    """The part a target plays while a release of its skill is analysed (bake window or canary steps)."""
+
+ROUTE_TARGET_ROLE_UNSPECIFIED: RouteTargetRole.ValueType  # 0
+"""An ordinary target: no release under analysis, failures are not retried on another version."""
+ROUTE_TARGET_ROLE_CANDIDATE: RouteTargetRole.ValueType  # 1
+"""The new version under analysis. Its calls are counted in the stats reported to the deployer, and a
+call that fails on it (skill or executor failure, not a caller error) is retried once on the stable
+target, so callers do not see the failure.
+"""
+ROUTE_TARGET_ROLE_STABLE: RouteTargetRole.ValueType  # 2
+"""The previous, still-loaded version. It takes its share of traffic by weight, and with weight 0 it is a
+standby that only takes the retries of failed candidate calls.
+"""
+Global___RouteTargetRole: _TypeAlias = RouteTargetRole  # noqa: Y015
 
 @_typing.final
 class RouteTarget(_message.Message):
@@ -53,6 +88,8 @@ class RouteTarget(_message.Message):
     ARGS_FIELD_NUMBER: _builtins.int
     BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The version, such as `1.2.3`."""
     digest: _builtins.str
@@ -61,6 +98,10 @@ class RouteTarget(_message.Message):
     """Share of traffic, out of the sum of the route's weights."""
     bundle_digest: _builtins.str
     """Digest of the version's file bundle (an uncompressed tar), empty when it has none."""
+    role: Global___RouteTargetRole.ValueType
+    """What this target is in a running release: the version under analysis, or the known-good one that
+    takes a retry of each of its failed calls. Unspecified on a route with no release under analysis.
+    """
     @_builtins.property
     def limits(self) -> _skill_pb2.Limits:
         """Limits applied to each invocation of this version."""
@@ -77,6 +118,10 @@ class RouteTarget(_message.Message):
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Capabilities the manifest declares; the executor grants nothing else."""
 
+    @_builtins.property
+    def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[_skill_pb2.ResolvedDependency]:
+        """The dependency packages the module is linked with, resolved when the version was deployed."""
+
     def __init__(
         self,
         *,
@@ -88,10 +133,12 @@ class RouteTarget(_message.Message):
         args: _abc.Iterable[_builtins.str] | None = ...,
         bundle_digest: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        dependencies: _abc.Iterable[_skill_pb2.ResolvedDependency] | None = ...,
+        role: Global___RouteTargetRole.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "digest", b"digest", "env", b"env", "limits", b"limits", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "dependencies", b"dependencies", "digest", b"digest", "env", b"env", "limits", b"limits", "role", b"role", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

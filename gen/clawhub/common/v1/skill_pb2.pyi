@@ -30,6 +30,14 @@ class _AbiEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Abi.ValueType], _
     """Not set; always rejected."""
     ABI_WASI_COMMAND_V1: _Abi.ValueType  # 1
     """WASI preview-1 command: input on stdin, output on stdout, exit code 0 is success."""
+    ABI_MEMORY_V1: _Abi.ValueType  # 2
+    """Input and output through guest memory: exports `memory`, `clawhub_alloc(len: i32) -> i32` and
+    `clawhub_run(ptr: i32, len: i32) -> i64` (contract in README, "Writing a skill"); no WASI stdio per call.
+    """
+    ABI_LIBRARY_V1: _Abi.ValueType  # 3
+    """A library: exports functions that dependent skills import by its package name (the wasm import
+    module); it is linked into them and cannot be invoked on its own.
+    """
 
 class Abi(_Abi, metaclass=_AbiEnumTypeWrapper):
     """The application binary interface a skill module implements."""
@@ -38,6 +46,14 @@ ABI_UNSPECIFIED: Abi.ValueType  # 0
 """Not set; always rejected."""
 ABI_WASI_COMMAND_V1: Abi.ValueType  # 1
 """WASI preview-1 command: input on stdin, output on stdout, exit code 0 is success."""
+ABI_MEMORY_V1: Abi.ValueType  # 2
+"""Input and output through guest memory: exports `memory`, `clawhub_alloc(len: i32) -> i32` and
+`clawhub_run(ptr: i32, len: i32) -> i64` (contract in README, "Writing a skill"); no WASI stdio per call.
+"""
+ABI_LIBRARY_V1: Abi.ValueType  # 3
+"""A library: exports functions that dependent skills import by its package name (the wasm import
+module); it is linked into them and cannot be invoked on its own.
+"""
 Global___Abi: _TypeAlias = Abi  # noqa: Y015
 
 @_typing.final
@@ -113,6 +129,46 @@ class Dependency(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Dependency: _TypeAlias = Dependency  # noqa: Y015
+
+@_typing.final
+class ResolvedDependency(_message.Message):
+    """One package version of a dependency resolution: what a skill is linked with at run time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    IS_SHARED_FIELD_NUMBER: _builtins.int
+    REQUIRED_BY_FIELD_NUMBER: _builtins.int
+    package: _builtins.str
+    """Package name."""
+    version: _builtins.str
+    """Chosen version."""
+    digest: _builtins.str
+    """Content digest of the module, `sha256:<hex>`."""
+    is_shared: _builtins.bool
+    """Whether this is the one shared version for the whole graph (else an isolated copy)."""
+    @_builtins.property
+    def required_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Who requires this copy: `(root)` or `package@version`."""
+
+    def __init__(
+        self,
+        *,
+        package: _builtins.str = ...,
+        version: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        is_shared: _builtins.bool = ...,
+        required_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "is_shared", b"is_shared", "package", b"package", "required_by", b"required_by", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolvedDependency: _TypeAlias = ResolvedDependency  # noqa: Y015
 
 @_typing.final
 class SmokeExample(_message.Message):

@@ -5,11 +5,14 @@ isort:skip_file
 
 from clawhub.common.v1 import release_pb2 as _release_pb2
 from clawhub.common.v1 import routing_pb2 as _routing_pb2
+from clawhub.common.v1 import skill_pb2 as _skill_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +23,114 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AnalysisVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnalysisVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnalysisVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANALYSIS_VERDICT_UNSPECIFIED: _AnalysisVerdict.ValueType  # 0
+    """No analysis has run yet (preloading, or a deployment from before analysis existed)."""
+    ANALYSIS_VERDICT_RUNNING: _AnalysisVerdict.ValueType  # 1
+    """The bake window or a canary step is being analysed."""
+    ANALYSIS_VERDICT_PASSED: _AnalysisVerdict.ValueType  # 2
+    """Every window passed: the release is Active."""
+    ANALYSIS_VERDICT_FAILED: _AnalysisVerdict.ValueType  # 3
+    """A threshold was breached, an executor reported the version NOT_SERVING, or its smoke examples failed."""
+    ANALYSIS_VERDICT_ABORTED: _AnalysisVerdict.ValueType  # 4
+    """Stopped before a verdict: a manual rollback, a route acknowledgement timeout, or a deployer restart."""
+
+class AnalysisVerdict(_AnalysisVerdict, metaclass=_AnalysisVerdictEnumTypeWrapper):
+    """Outcome of a release's analysis."""
+
+ANALYSIS_VERDICT_UNSPECIFIED: AnalysisVerdict.ValueType  # 0
+"""No analysis has run yet (preloading, or a deployment from before analysis existed)."""
+ANALYSIS_VERDICT_RUNNING: AnalysisVerdict.ValueType  # 1
+"""The bake window or a canary step is being analysed."""
+ANALYSIS_VERDICT_PASSED: AnalysisVerdict.ValueType  # 2
+"""Every window passed: the release is Active."""
+ANALYSIS_VERDICT_FAILED: AnalysisVerdict.ValueType  # 3
+"""A threshold was breached, an executor reported the version NOT_SERVING, or its smoke examples failed."""
+ANALYSIS_VERDICT_ABORTED: AnalysisVerdict.ValueType  # 4
+"""Stopped before a verdict: a manual rollback, a route acknowledgement timeout, or a deployer restart."""
+Global___AnalysisVerdict: _TypeAlias = AnalysisVerdict  # noqa: Y015
+
+class _DeploymentEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeploymentEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeploymentEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEPLOYMENT_EVENT_KIND_UNSPECIFIED: _DeploymentEventKind.ValueType  # 0
+    """Not set."""
+    DEPLOYMENT_EVENT_KIND_STATE_CHANGED: _DeploymentEventKind.ValueType  # 1
+    """The state changed: `transition`."""
+    DEPLOYMENT_EVENT_KIND_PRELOADED: _DeploymentEventKind.ValueType  # 2
+    """The version was loaded (and its per-digest health is SERVING) on `executor`."""
+    DEPLOYMENT_EVENT_KIND_SMOKE_PASSED: _DeploymentEventKind.ValueType  # 3
+    """Its `smoke_examples` smoke examples passed on `executor`."""
+    DEPLOYMENT_EVENT_KIND_PRELOAD_FAILED: _DeploymentEventKind.ValueType  # 4
+    """Loading (or a smoke example) failed on `executor`: `reason`."""
+    DEPLOYMENT_EVENT_KIND_ROUTE_PUSHED: _DeploymentEventKind.ValueType  # 5
+    """Route `generation` was pushed; `weight` is the new version's share of traffic in it."""
+    DEPLOYMENT_EVENT_KIND_ACKED: _DeploymentEventKind.ValueType  # 6
+    """`acknowledged` of `dispatchers` dispatchers routed with `generation` when the wait ended."""
+    DEPLOYMENT_EVENT_KIND_BAKE_STARTED: _DeploymentEventKind.ValueType  # 7
+    """The bake window of length `window` began."""
+    DEPLOYMENT_EVENT_KIND_CANARY_STEP: _DeploymentEventKind.ValueType  # 8
+    """Canary step `step` of `steps` began at `weight` percent, for `window`."""
+    DEPLOYMENT_EVENT_KIND_ANALYSIS_PROGRESS: _DeploymentEventKind.ValueType  # 9
+    """The new version's `stats` so far, after `elapsed` of the current `window` (bake, or canary step at
+    `weight`).
+    """
+    DEPLOYMENT_EVENT_KIND_ANALYSIS_PASSED: _DeploymentEventKind.ValueType  # 10
+    """Every window passed (`stats` of the last one)."""
+    DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH: _DeploymentEventKind.ValueType  # 11
+    """A threshold was breached (`reason`, `stats`); a rollback follows at once."""
+    DEPLOYMENT_EVENT_KIND_HEALTH_NOT_SERVING: _DeploymentEventKind.ValueType  # 12
+    """`executor` reported the version's per-digest health NOT_SERVING; a rollback follows at once."""
+    DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED: _DeploymentEventKind.ValueType  # 13
+    """The release is being rolled back: `reason`."""
+    DEPLOYMENT_EVENT_KIND_UNLOADED: _DeploymentEventKind.ValueType  # 14
+    """The previous version's module was unloaded from `executor` after the release became Active."""
+
+class DeploymentEventKind(_DeploymentEventKind, metaclass=_DeploymentEventKindEnumTypeWrapper):
+    """Kinds of deployment events. Which DeploymentEvent fields are set depends on the kind."""
+
+DEPLOYMENT_EVENT_KIND_UNSPECIFIED: DeploymentEventKind.ValueType  # 0
+"""Not set."""
+DEPLOYMENT_EVENT_KIND_STATE_CHANGED: DeploymentEventKind.ValueType  # 1
+"""The state changed: `transition`."""
+DEPLOYMENT_EVENT_KIND_PRELOADED: DeploymentEventKind.ValueType  # 2
+"""The version was loaded (and its per-digest health is SERVING) on `executor`."""
+DEPLOYMENT_EVENT_KIND_SMOKE_PASSED: DeploymentEventKind.ValueType  # 3
+"""Its `smoke_examples` smoke examples passed on `executor`."""
+DEPLOYMENT_EVENT_KIND_PRELOAD_FAILED: DeploymentEventKind.ValueType  # 4
+"""Loading (or a smoke example) failed on `executor`: `reason`."""
+DEPLOYMENT_EVENT_KIND_ROUTE_PUSHED: DeploymentEventKind.ValueType  # 5
+"""Route `generation` was pushed; `weight` is the new version's share of traffic in it."""
+DEPLOYMENT_EVENT_KIND_ACKED: DeploymentEventKind.ValueType  # 6
+"""`acknowledged` of `dispatchers` dispatchers routed with `generation` when the wait ended."""
+DEPLOYMENT_EVENT_KIND_BAKE_STARTED: DeploymentEventKind.ValueType  # 7
+"""The bake window of length `window` began."""
+DEPLOYMENT_EVENT_KIND_CANARY_STEP: DeploymentEventKind.ValueType  # 8
+"""Canary step `step` of `steps` began at `weight` percent, for `window`."""
+DEPLOYMENT_EVENT_KIND_ANALYSIS_PROGRESS: DeploymentEventKind.ValueType  # 9
+"""The new version's `stats` so far, after `elapsed` of the current `window` (bake, or canary step at
+`weight`).
+"""
+DEPLOYMENT_EVENT_KIND_ANALYSIS_PASSED: DeploymentEventKind.ValueType  # 10
+"""Every window passed (`stats` of the last one)."""
+DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH: DeploymentEventKind.ValueType  # 11
+"""A threshold was breached (`reason`, `stats`); a rollback follows at once."""
+DEPLOYMENT_EVENT_KIND_HEALTH_NOT_SERVING: DeploymentEventKind.ValueType  # 12
+"""`executor` reported the version's per-digest health NOT_SERVING; a rollback follows at once."""
+DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED: DeploymentEventKind.ValueType  # 13
+"""The release is being rolled back: `reason`."""
+DEPLOYMENT_EVENT_KIND_UNLOADED: DeploymentEventKind.ValueType  # 14
+"""The previous version's module was unloaded from `executor` after the release became Active."""
+Global___DeploymentEventKind: _TypeAlias = DeploymentEventKind  # noqa: Y015
 
 @_typing.final
 class Deployment(_message.Message):
@@ -37,6 +148,14 @@ class Deployment(_message.Message):
     SERVING_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    BLUE_GREEN_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    ANALYSIS_FIELD_NUMBER: _builtins.int
+    TRAFFIC_WEIGHT_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    VERDICT_REASON_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     skill: _builtins.str
@@ -51,6 +170,12 @@ class Deployment(_message.Message):
     """The version that was active before, if any."""
     serving: _builtins.bool
     """Whether this deployment's version is the one the route table sends traffic to now."""
+    traffic_weight: _builtins.int
+    """Share of the skill's traffic (0-100) the route table gives this deployment's version now."""
+    verdict: Global___AnalysisVerdict.ValueType
+    """Outcome of the analysis so far."""
+    verdict_reason: _builtins.str
+    """Why the verdict is what it is, such as `success rate 0.62 < 0.99 over 40 requests`."""
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[_release_pb2.StateTransition]:
         """Every transition so far, oldest first."""
@@ -62,6 +187,28 @@ class Deployment(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the deployment last changed."""
+
+    @_builtins.property
+    def blue_green(self) -> Global___BlueGreenStrategy:
+        """Blue-green: all traffic at once, then a bake window."""
+
+    @_builtins.property
+    def canary(self) -> Global___CanaryStrategy:
+        """Canary: traffic in weighted steps, each one analysed."""
+
+    @_builtins.property
+    def analysis(self) -> Global___Analysis:
+        """The thresholds the release is analysed against, with every default filled in."""
+
+    @_builtins.property
+    def stats(self) -> Global___VersionStats:
+        """The new version's stats since the release's first route push (absent before it; kept when it ends)."""
+
+    @_builtins.property
+    def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[_skill_pb2.ResolvedDependency]:
+        """The dependency packages the skill is linked with, resolved and pinned when the deployment was created
+        (`(root)` in `required_by` is this skill).
+        """
 
     def __init__(
         self,
@@ -76,14 +223,162 @@ class Deployment(_message.Message):
         serving: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        blue_green: Global___BlueGreenStrategy | None = ...,
+        canary: Global___CanaryStrategy | None = ...,
+        analysis: Global___Analysis | None = ...,
+        traffic_weight: _builtins.int = ...,
+        verdict: Global___AnalysisVerdict.ValueType = ...,
+        verdict_reason: _builtins.str = ...,
+        stats: Global___VersionStats | None = ...,
+        dependencies: _abc.Iterable[_skill_pb2.ResolvedDependency] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "create_time", b"create_time", "stats", b"stats", "strategy", b"strategy", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "digest", b"digest", "history", b"history", "id", b"id", "previous_version", b"previous_version", "serving", b"serving", "skill", b"skill", "state", b"state", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "create_time", b"create_time", "dependencies", b"dependencies", "digest", b"digest", "history", b"history", "id", b"id", "previous_version", b"previous_version", "serving", b"serving", "skill", b"skill", "state", b"state", "stats", b"stats", "strategy", b"strategy", "traffic_weight", b"traffic_weight", "update_time", b"update_time", "verdict", b"verdict", "verdict_reason", b"verdict_reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["blue_green", "canary"]  # noqa: Y015
+    _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_strategy) -> _WhichOneofReturnType_strategy | None: ...
+
+Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class BlueGreenStrategy(_message.Message):
+    """Blue-green rollout: the new version takes all traffic at once (the previous one stays loaded as the
+    fallback of its failed calls), then bakes under analysis before the release counts as Active.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BAKE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bake(self) -> _duration_pb2.Duration:
+        """How long the new version is analysed before it counts as Active; 0s skips the bake. Unset: the
+        deployer's default (`CLAWHUB_DEPLOYER_BAKE`, 10s). At most 1h.
+        """
+
+    def __init__(
+        self,
+        *,
+        bake: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bake", b"bake"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bake", b"bake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+Global___BlueGreenStrategy: _TypeAlias = BlueGreenStrategy  # noqa: Y015
+
+@_typing.final
+class CanaryStrategy(_message.Message):
+    """Canary rollout: the new version takes its share of traffic in steps, each analysed for `step`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percent of traffic of each step, strictly increasing, each 1-100, the last one 100. Empty: the
+        deployer's default (`CLAWHUB_DEPLOYER_CANARY_WEIGHTS`, 5,25,50,100). At most 20 steps.
+        """
+
+    @_builtins.property
+    def step(self) -> _duration_pb2.Duration:
+        """How long each step is analysed before the next; 0s moves on at once. Unset: the deployer's default
+        (`CLAWHUB_DEPLOYER_CANARY_STEP`, 10s). At most 1h.
+        """
+
+    def __init__(
+        self,
+        *,
+        weights: _abc.Iterable[_builtins.int] | None = ...,
+        step: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryStrategy: _TypeAlias = CanaryStrategy  # noqa: Y015
+
+@_typing.final
+class Analysis(_message.Message):
+    """Thresholds a release is analysed against during its bake window or canary steps. A breach rolls the
+    release back at once. Zero or unset fields take the deployer's defaults.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    MAX_P99_LATENCY_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    min_success_rate: _builtins.float
+    """Lowest acceptable success rate (0-1] of the new version's calls, checked once it has `min_requests`
+    calls. Default `CLAWHUB_DEPLOYER_MIN_SUCCESS_RATE`, 0.99.
+    """
+    min_requests: _builtins.int
+    """Calls the new version must have had before its success rate and p99 count (at most 1,000,000).
+    Default `CLAWHUB_DEPLOYER_MIN_REQUESTS`, 20.
+    """
+    @_builtins.property
+    def max_p99_latency(self) -> _duration_pb2.Duration:
+        """Highest acceptable p99 latency of the new version's calls (1ms-10min). Default
+        `CLAWHUB_DEPLOYER_MAX_P99_LATENCY`, 1s.
+        """
+
+    def __init__(
+        self,
+        *,
+        min_success_rate: _builtins.float = ...,
+        max_p99_latency: _duration_pb2.Duration | None = ...,
+        min_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_p99_latency", b"max_p99_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_p99_latency", b"max_p99_latency", "min_requests", b"min_requests", "min_success_rate", b"min_success_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Analysis: _TypeAlias = Analysis  # noqa: Y015
+
+@_typing.final
+class VersionStats(_message.Message):
+    """A version's invocation stats over some window, as the deployer analyses them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    P99_LATENCY_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """Calls that ran on the version."""
+    failures: _builtins.int
+    """Calls that failed on it because of the skill or the executor (not caller errors)."""
+    success_rate: _builtins.float
+    """requests - failures over requests; 1 with no requests."""
+    @_builtins.property
+    def p99_latency(self) -> _duration_pb2.Duration:
+        """p99 latency of the calls (an upper bound from a latency histogram); zero with no requests."""
+
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        success_rate: _builtins.float = ...,
+        p99_latency: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["p99_latency", b"p99_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "p99_latency", b"p99_latency", "requests", b"requests", "success_rate", b"success_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionStats: _TypeAlias = VersionStats  # noqa: Y015
 
 @_typing.final
 class CreateDeploymentRequest(_message.Message):
@@ -115,6 +410,9 @@ class CreateDeploymentRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    BLUE_GREEN_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    ANALYSIS_FIELD_NUMBER: _builtins.int
     skill: _builtins.str
     """Skill name."""
     version: _builtins.str
@@ -127,6 +425,18 @@ class CreateDeploymentRequest(_message.Message):
         manifest does not declare is refused; a declared name left out is unset in the sandbox.
         """
 
+    @_builtins.property
+    def blue_green(self) -> Global___BlueGreenStrategy:
+        """Blue-green with a bake window."""
+
+    @_builtins.property
+    def canary(self) -> Global___CanaryStrategy:
+        """Canary with weighted steps."""
+
+    @_builtins.property
+    def analysis(self) -> Global___Analysis:
+        """Analysis thresholds; unset fields take the deployer's defaults."""
+
     def __init__(
         self,
         *,
@@ -134,12 +444,17 @@ class CreateDeploymentRequest(_message.Message):
         version: _builtins.str = ...,
         request_id: _builtins.str = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        blue_green: Global___BlueGreenStrategy | None = ...,
+        canary: Global___CanaryStrategy | None = ...,
+        analysis: Global___Analysis | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "strategy", b"strategy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "request_id", b"request_id", "skill", b"skill", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "env", b"env", "request_id", b"request_id", "skill", b"skill", "strategy", b"strategy", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["blue_green", "canary"]  # noqa: Y015
+    _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_strategy) -> _WhichOneofReturnType_strategy | None: ...
 
 Global___CreateDeploymentRequest: _TypeAlias = CreateDeploymentRequest  # noqa: Y015
 
@@ -355,25 +670,121 @@ class WatchDeploymentResponse(_message.Message):
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
     message: _builtins.str
     """What happened, for people, such as `preloaded on 127.0.0.1:50055`."""
     @_builtins.property
     def deployment(self) -> Global___Deployment:
         """The deployment after the event."""
 
+    @_builtins.property
+    def event(self) -> Global___DeploymentEvent:
+        """What happened, for programs. Absent on the first response (the current state)."""
+
     def __init__(
         self,
         *,
         deployment: Global___Deployment | None = ...,
         message: _builtins.str = ...,
+        event: Global___DeploymentEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "event", b"event", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchDeploymentResponse: _TypeAlias = WatchDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class DeploymentEvent(_message.Message):
+    """A structured deployment event; fields not listed for its kind are unset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TRANSITION_FIELD_NUMBER: _builtins.int
+    EXECUTOR_FIELD_NUMBER: _builtins.int
+    SMOKE_EXAMPLES_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
+    DISPATCHERS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    ELAPSED_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    kind: Global___DeploymentEventKind.ValueType
+    """What happened."""
+    executor: _builtins.str
+    """PRELOADED, SMOKE_PASSED, PRELOAD_FAILED, HEALTH_NOT_SERVING, UNLOADED: the executor's address."""
+    smoke_examples: _builtins.int
+    """SMOKE_PASSED: how many smoke examples passed."""
+    generation: _builtins.int
+    """ROUTE_PUSHED, ACKED: the route-table generation."""
+    acknowledged: _builtins.int
+    """ACKED: dispatchers that acknowledged the generation."""
+    dispatchers: _builtins.int
+    """ACKED: dispatchers connected (that had to acknowledge)."""
+    weight: _builtins.int
+    """ROUTE_PUSHED, CANARY_STEP, ANALYSIS_PROGRESS: the new version's share of traffic (0-100)."""
+    step: _builtins.int
+    """CANARY_STEP: the step's number, from 1."""
+    steps: _builtins.int
+    """CANARY_STEP: how many steps there are."""
+    reason: _builtins.str
+    """PRELOAD_FAILED, ANALYSIS_BREACH, HEALTH_NOT_SERVING, ROLLBACK_STARTED: why, for people."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    @_builtins.property
+    def transition(self) -> _release_pb2.StateTransition:
+        """STATE_CHANGED: the transition."""
+
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """BAKE_STARTED, CANARY_STEP, ANALYSIS_PROGRESS: length of the current window."""
+
+    @_builtins.property
+    def elapsed(self) -> _duration_pb2.Duration:
+        """ANALYSIS_PROGRESS: time spent in the current window."""
+
+    @_builtins.property
+    def stats(self) -> Global___VersionStats:
+        """ANALYSIS_PROGRESS, ANALYSIS_PASSED, ANALYSIS_BREACH: the new version's stats since the release's first
+        route push.
+        """
+
+    def __init__(
+        self,
+        *,
+        kind: Global___DeploymentEventKind.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        transition: _release_pb2.StateTransition | None = ...,
+        executor: _builtins.str = ...,
+        smoke_examples: _builtins.int = ...,
+        generation: _builtins.int = ...,
+        acknowledged: _builtins.int = ...,
+        dispatchers: _builtins.int = ...,
+        weight: _builtins.int = ...,
+        step: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        window: _duration_pb2.Duration | None = ...,
+        elapsed: _duration_pb2.Duration | None = ...,
+        stats: Global___VersionStats | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["elapsed", b"elapsed", "stats", b"stats", "time", b"time", "transition", b"transition", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged", b"acknowledged", "dispatchers", b"dispatchers", "elapsed", b"elapsed", "executor", b"executor", "generation", b"generation", "kind", b"kind", "reason", b"reason", "smoke_examples", b"smoke_examples", "stats", b"stats", "step", b"step", "steps", b"steps", "time", b"time", "transition", b"transition", "weight", b"weight", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentEvent: _TypeAlias = DeploymentEvent  # noqa: Y015
 
 @_typing.final
 class WatchRoutesRequest(_message.Message):
@@ -463,3 +874,134 @@ class AcknowledgeRoutesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AcknowledgeRoutesResponse: _TypeAlias = AcknowledgeRoutesResponse  # noqa: Y015
+
+@_typing.final
+class ReportStatsRequest(_message.Message):
+    """Request of ReportStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISPATCHER_ID_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    dispatcher_id: _builtins.str
+    """Id of the reporting dispatcher, as given to WatchRoutes."""
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStatsReport]:
+        """One entry per version that had calls since the previous report (at most 1,000)."""
+
+    def __init__(
+        self,
+        *,
+        dispatcher_id: _builtins.str = ...,
+        reports: _abc.Iterable[Global___VersionStatsReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatcher_id", b"dispatcher_id", "reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportStatsRequest: _TypeAlias = ReportStatsRequest  # noqa: Y015
+
+@_typing.final
+class VersionStatsReport(_message.Message):
+    """One version's calls on one dispatcher since its previous report (counts are deltas, not totals)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKILL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    P99_LATENCY_FIELD_NUMBER: _builtins.int
+    skill: _builtins.str
+    """Skill name."""
+    version: _builtins.str
+    """The version."""
+    digest: _builtins.str
+    """Content digest of the version's module."""
+    requests: _builtins.int
+    """Calls that ran on the version, including failed ones."""
+    failures: _builtins.int
+    """Calls that failed because of the skill (trap, non-zero exit, timeout, limits) or the executor; caller
+    errors (bad input) are not counted.
+    """
+    retried: _builtins.int
+    """Failed calls that were retried on the stable version (so the caller did not see them)."""
+    @_builtins.property
+    def latency(self) -> Global___LatencyHistogram:
+        """Latency of these calls."""
+
+    @_builtins.property
+    def p99_latency(self) -> _duration_pb2.Duration:
+        """p99 latency over the dispatcher's short sliding window, for display."""
+
+    def __init__(
+        self,
+        *,
+        skill: _builtins.str = ...,
+        version: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        retried: _builtins.int = ...,
+        latency: Global___LatencyHistogram | None = ...,
+        p99_latency: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "p99_latency", b"p99_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "failures", b"failures", "latency", b"latency", "p99_latency", b"p99_latency", "requests", b"requests", "retried", b"retried", "skill", b"skill", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionStatsReport: _TypeAlias = VersionStatsReport  # noqa: Y015
+
+@_typing.final
+class LatencyHistogram(_message.Message):
+    """Counts of calls by latency bucket."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPPER_BOUNDS_SECONDS_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def upper_bounds_seconds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Upper bound (inclusive, seconds) of each bucket, increasing; at most 64."""
+
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Calls per bucket: one count per bound, then one for the calls slower than the last bound."""
+
+    def __init__(
+        self,
+        *,
+        upper_bounds_seconds: _abc.Iterable[_builtins.float] | None = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "upper_bounds_seconds", b"upper_bounds_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatencyHistogram: _TypeAlias = LatencyHistogram  # noqa: Y015
+
+@_typing.final
+class ReportStatsResponse(_message.Message):
+    """Response of ReportStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportStatsResponse: _TypeAlias = ReportStatsResponse  # noqa: Y015

@@ -70,6 +70,11 @@ class DeployerServiceStub:
                 request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesRequest.SerializeToString,
                 response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesResponse.FromString,
                 _registered_method=True)
+        self.ReportStats = channel.unary_unary(
+                '/clawhub.deployer.v1.DeployerService/ReportStats',
+                request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsRequest.SerializeToString,
+                response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsResponse.FromString,
+                _registered_method=True)
 
 
 class DeployerServiceServicer:
@@ -77,9 +82,12 @@ class DeployerServiceServicer:
     """
 
     def CreateDeployment(self, request, context):
-        """Starts deploying a Ready version. The deployment runs in the background; watch it with WatchDeployment.
-        Returns INVALID_ARGUMENT (bad name or version), NOT_FOUND (no such version),
-        FAILED_PRECONDITION (the version is not Ready, or a deployment of the skill is in flight),
+        """Starts deploying a Ready version. The deployment runs in the background (preload, route push, then a
+        bake window or canary steps under analysis); watch it with WatchDeployment.
+        Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field),
+        NOT_FOUND (no such version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
+        deployment of the skill is in flight; DEPLOYMENT_CIRCUIT_OPEN: too many recent failed deployments of
+        the skill, with RetryInfo giving the time until the breaker lets a deployment through),
         UNAVAILABLE (registry unreachable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -103,17 +111,21 @@ class DeployerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Rolls a skill back to the version that was active before the current one.
+        """Rolls a skill back to the version that was active before the current one. A deployment of the skill
+        that is still in its bake window or canary steps is aborted instead: it ends Failed and the version
+        that served before it serves again.
         Returns INVALID_ARGUMENT (bad name), NOT_FOUND (skill not deployed),
-        FAILED_PRECONDITION (no previous version, or a deployment is in flight).
+        FAILED_PRECONDITION (no previous version, or a deployment is still preloading or being rolled back),
+        INTERNAL (an aborted release could not restore the previous route; its history says why).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchDeployment(self, request, context):
-        """Streams the deployment's current state, then every change until it ends (Active or Failed).
-        Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment).
+        """Streams the deployment's current state, then every state change and progress event until it ends
+        (Active or Failed).
+        Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +142,15 @@ class DeployerServiceServicer:
     def AcknowledgeRoutes(self, request, context):
         """Acknowledges that a dispatcher applied a route-table generation. Used by dispatchers; internal.
         Returns INVALID_ARGUMENT (missing dispatcher id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportStats(self, request, context):
+        """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
+        releases with them. Used by dispatchers; internal (the gateway refuses it).
+        Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +193,11 @@ def add_DeployerServiceServicer_to_server(servicer, server):
                     servicer.AcknowledgeRoutes,
                     request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesRequest.FromString,
                     response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesResponse.SerializeToString,
+            ),
+            'ReportStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportStats,
+                    request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsRequest.FromString,
+                    response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +390,33 @@ class DeployerService:
             '/clawhub.deployer.v1.DeployerService/AcknowledgeRoutes',
             clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesRequest.SerializeToString,
             clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.deployer.v1.DeployerService/ReportStats',
+            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsRequest.SerializeToString,
+            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,9 +34,12 @@ class DeployerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DeployerServiceAsyncStub: ...
     CreateDeployment: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.CreateDeploymentRequest, _deployer_service_pb2.CreateDeploymentResponse]
-    """Starts deploying a Ready version. The deployment runs in the background; watch it with WatchDeployment.
-    Returns INVALID_ARGUMENT (bad name or version), NOT_FOUND (no such version),
-    FAILED_PRECONDITION (the version is not Ready, or a deployment of the skill is in flight),
+    """Starts deploying a Ready version. The deployment runs in the background (preload, route push, then a
+    bake window or canary steps under analysis); watch it with WatchDeployment.
+    Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field),
+    NOT_FOUND (no such version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
+    deployment of the skill is in flight; DEPLOYMENT_CIRCUIT_OPEN: too many recent failed deployments of
+    the skill, with RetryInfo giving the time until the breaker lets a deployment through),
     UNAVAILABLE (registry unreachable).
     """
     GetDeployment: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.GetDeploymentRequest, _deployer_service_pb2.GetDeploymentResponse]
@@ -48,13 +51,17 @@ class DeployerServiceStub:
     Returns INVALID_ARGUMENT (bad name, page token or size).
     """
     Rollback: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.RollbackRequest, _deployer_service_pb2.RollbackResponse]
-    """Rolls a skill back to the version that was active before the current one.
+    """Rolls a skill back to the version that was active before the current one. A deployment of the skill
+    that is still in its bake window or canary steps is aborted instead: it ends Failed and the version
+    that served before it serves again.
     Returns INVALID_ARGUMENT (bad name), NOT_FOUND (skill not deployed),
-    FAILED_PRECONDITION (no previous version, or a deployment is in flight).
+    FAILED_PRECONDITION (no previous version, or a deployment is still preloading or being rolled back),
+    INTERNAL (an aborted release could not restore the previous route; its history says why).
     """
     WatchDeployment: _grpc.UnaryStreamMultiCallable[_deployer_service_pb2.WatchDeploymentRequest, _deployer_service_pb2.WatchDeploymentResponse]
-    """Streams the deployment's current state, then every change until it ends (Active or Failed).
-    Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment).
+    """Streams the deployment's current state, then every state change and progress event until it ends
+    (Active or Failed).
+    Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
     """
     WatchRoutes: _grpc.UnaryStreamMultiCallable[_deployer_service_pb2.WatchRoutesRequest, _deployer_service_pb2.WatchRoutesResponse]
     """Streams the current route table, then every new generation. Used by dispatchers; internal.
@@ -64,6 +71,11 @@ class DeployerServiceStub:
     """Acknowledges that a dispatcher applied a route-table generation. Used by dispatchers; internal.
     Returns INVALID_ARGUMENT (missing dispatcher id).
     """
+    ReportStats: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.ReportStatsRequest, _deployer_service_pb2.ReportStatsResponse]
+    """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
+    releases with them. Used by dispatchers; internal (the gateway refuses it).
+    Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
+    """
 
 @_typing.type_check_only
 class DeployerServiceAsyncStub(DeployerServiceStub):
@@ -71,9 +83,12 @@ class DeployerServiceAsyncStub(DeployerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateDeployment: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.CreateDeploymentRequest, _deployer_service_pb2.CreateDeploymentResponse]  # type: ignore[assignment]
-    """Starts deploying a Ready version. The deployment runs in the background; watch it with WatchDeployment.
-    Returns INVALID_ARGUMENT (bad name or version), NOT_FOUND (no such version),
-    FAILED_PRECONDITION (the version is not Ready, or a deployment of the skill is in flight),
+    """Starts deploying a Ready version. The deployment runs in the background (preload, route push, then a
+    bake window or canary steps under analysis); watch it with WatchDeployment.
+    Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field),
+    NOT_FOUND (no such version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
+    deployment of the skill is in flight; DEPLOYMENT_CIRCUIT_OPEN: too many recent failed deployments of
+    the skill, with RetryInfo giving the time until the breaker lets a deployment through),
     UNAVAILABLE (registry unreachable).
     """
     GetDeployment: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.GetDeploymentRequest, _deployer_service_pb2.GetDeploymentResponse]  # type: ignore[assignment]
@@ -85,13 +100,17 @@ class DeployerServiceAsyncStub(DeployerServiceStub):
     Returns INVALID_ARGUMENT (bad name, page token or size).
     """
     Rollback: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.RollbackRequest, _deployer_service_pb2.RollbackResponse]  # type: ignore[assignment]
-    """Rolls a skill back to the version that was active before the current one.
+    """Rolls a skill back to the version that was active before the current one. A deployment of the skill
+    that is still in its bake window or canary steps is aborted instead: it ends Failed and the version
+    that served before it serves again.
     Returns INVALID_ARGUMENT (bad name), NOT_FOUND (skill not deployed),
-    FAILED_PRECONDITION (no previous version, or a deployment is in flight).
+    FAILED_PRECONDITION (no previous version, or a deployment is still preloading or being rolled back),
+    INTERNAL (an aborted release could not restore the previous route; its history says why).
     """
     WatchDeployment: _aio.UnaryStreamMultiCallable[_deployer_service_pb2.WatchDeploymentRequest, _deployer_service_pb2.WatchDeploymentResponse]  # type: ignore[assignment]
-    """Streams the deployment's current state, then every change until it ends (Active or Failed).
-    Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment).
+    """Streams the deployment's current state, then every state change and progress event until it ends
+    (Active or Failed).
+    Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
     """
     WatchRoutes: _aio.UnaryStreamMultiCallable[_deployer_service_pb2.WatchRoutesRequest, _deployer_service_pb2.WatchRoutesResponse]  # type: ignore[assignment]
     """Streams the current route table, then every new generation. Used by dispatchers; internal.
@@ -100,6 +119,11 @@ class DeployerServiceAsyncStub(DeployerServiceStub):
     AcknowledgeRoutes: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.AcknowledgeRoutesRequest, _deployer_service_pb2.AcknowledgeRoutesResponse]  # type: ignore[assignment]
     """Acknowledges that a dispatcher applied a route-table generation. Used by dispatchers; internal.
     Returns INVALID_ARGUMENT (missing dispatcher id).
+    """
+    ReportStats: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.ReportStatsRequest, _deployer_service_pb2.ReportStatsResponse]  # type: ignore[assignment]
+    """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
+    releases with them. Used by dispatchers; internal (the gateway refuses it).
+    Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
     """
 
 class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -111,9 +135,12 @@ class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _deployer_service_pb2.CreateDeploymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_deployer_service_pb2.CreateDeploymentResponse, _abc.Awaitable[_deployer_service_pb2.CreateDeploymentResponse]]:
-        """Starts deploying a Ready version. The deployment runs in the background; watch it with WatchDeployment.
-        Returns INVALID_ARGUMENT (bad name or version), NOT_FOUND (no such version),
-        FAILED_PRECONDITION (the version is not Ready, or a deployment of the skill is in flight),
+        """Starts deploying a Ready version. The deployment runs in the background (preload, route push, then a
+        bake window or canary steps under analysis); watch it with WatchDeployment.
+        Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field),
+        NOT_FOUND (no such version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
+        deployment of the skill is in flight; DEPLOYMENT_CIRCUIT_OPEN: too many recent failed deployments of
+        the skill, with RetryInfo giving the time until the breaker lets a deployment through),
         UNAVAILABLE (registry unreachable).
         """
 
@@ -143,9 +170,12 @@ class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _deployer_service_pb2.RollbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_deployer_service_pb2.RollbackResponse, _abc.Awaitable[_deployer_service_pb2.RollbackResponse]]:
-        """Rolls a skill back to the version that was active before the current one.
+        """Rolls a skill back to the version that was active before the current one. A deployment of the skill
+        that is still in its bake window or canary steps is aborted instead: it ends Failed and the version
+        that served before it serves again.
         Returns INVALID_ARGUMENT (bad name), NOT_FOUND (skill not deployed),
-        FAILED_PRECONDITION (no previous version, or a deployment is in flight).
+        FAILED_PRECONDITION (no previous version, or a deployment is still preloading or being rolled back),
+        INTERNAL (an aborted release could not restore the previous route; its history says why).
         """
 
     @_abc_1.abstractmethod
@@ -154,8 +184,9 @@ class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _deployer_service_pb2.WatchDeploymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_deployer_service_pb2.WatchDeploymentResponse], _abc.AsyncIterator[_deployer_service_pb2.WatchDeploymentResponse]]:
-        """Streams the deployment's current state, then every change until it ends (Active or Failed).
-        Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment).
+        """Streams the deployment's current state, then every state change and progress event until it ends
+        (Active or Failed).
+        Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
         """
 
     @_abc_1.abstractmethod
@@ -176,6 +207,17 @@ class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_deployer_service_pb2.AcknowledgeRoutesResponse, _abc.Awaitable[_deployer_service_pb2.AcknowledgeRoutesResponse]]:
         """Acknowledges that a dispatcher applied a route-table generation. Used by dispatchers; internal.
         Returns INVALID_ARGUMENT (missing dispatcher id).
+        """
+
+    @_abc_1.abstractmethod
+    def ReportStats(
+        self,
+        request: _deployer_service_pb2.ReportStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployer_service_pb2.ReportStatsResponse, _abc.Awaitable[_deployer_service_pb2.ReportStatsResponse]]:
+        """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
+        releases with them. Used by dispatchers; internal (the gateway refuses it).
+        Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
         """
 
 def add_DeployerServiceServicer_to_server(servicer: DeployerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -53,6 +53,9 @@ class ExecuteRequest(_message.Message):
     ARGS_FIELD_NUMBER: _builtins.int
     BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    SKILL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     """Content digest of the module, `sha256:<hex>`."""
     input: _builtins.bytes
@@ -61,6 +64,13 @@ class ExecuteRequest(_message.Message):
     """Optional id of the invocation, for logs."""
     bundle_digest: _builtins.str
     """Digest of the file bundle to preopen read-only at `/skill`; empty for none."""
+    skill: _builtins.str
+    """Skill name the digest was published as. When set, the executor checks with the registry, once per
+    (skill, version, digest), that the version has this digest and, where signed or required, a valid
+    signature by a key its namespace trusts; empty skips the check (internal calls).
+    """
+    version: _builtins.str
+    """Version of `skill` the digest was published as; required when `skill` is set."""
     @_builtins.property
     def limits(self) -> _skill_pb2.Limits:
         """Limits of this call; zero fields take the executor's defaults."""
@@ -77,6 +87,10 @@ class ExecuteRequest(_message.Message):
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Capabilities the skill declares; the executor re-checks the module's imports against them."""
 
+    @_builtins.property
+    def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[_skill_pb2.ResolvedDependency]:
+        """The dependency packages to link the module with (from the route); empty when it imports none."""
+
     def __init__(
         self,
         *,
@@ -88,10 +102,13 @@ class ExecuteRequest(_message.Message):
         args: _abc.Iterable[_builtins.str] | None = ...,
         bundle_digest: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        dependencies: _abc.Iterable[_skill_pb2.ResolvedDependency] | None = ...,
+        skill: _builtins.str = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "digest", b"digest", "env", b"env", "input", b"input", "limits", b"limits", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "dependencies", b"dependencies", "digest", b"digest", "env", b"env", "input", b"input", "limits", b"limits", "request_id", b"request_id", "skill", b"skill", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -162,10 +179,19 @@ class LoadSkillRequest(_message.Message):
     ENV_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    SKILL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     """Content digest of the module, `sha256:<hex>`."""
     bundle_digest: _builtins.str
     """Digest of the file bundle to fetch and unpack as well; empty for none."""
+    skill: _builtins.str
+    """Skill name the digest was published as; as in ExecuteRequest, it makes the executor verify the
+    digest's provenance with the registry before loading; empty skips the check.
+    """
+    version: _builtins.str
+    """Version of `skill` the digest was published as; required when `skill` is set."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Capabilities the skill declares; the module's imports are re-checked against them."""
@@ -186,6 +212,10 @@ class LoadSkillRequest(_message.Message):
     def limits(self) -> _skill_pb2.Limits:
         """Limits for the smoke examples."""
 
+    @_builtins.property
+    def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[_skill_pb2.ResolvedDependency]:
+        """The dependency packages to link the module with; empty when it imports none."""
+
     def __init__(
         self,
         *,
@@ -196,10 +226,13 @@ class LoadSkillRequest(_message.Message):
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         args: _abc.Iterable[_builtins.str] | None = ...,
         limits: _skill_pb2.Limits | None = ...,
+        dependencies: _abc.Iterable[_skill_pb2.ResolvedDependency] | None = ...,
+        skill: _builtins.str = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "digest", b"digest", "env", b"env", "examples", b"examples", "limits", b"limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "dependencies", b"dependencies", "digest", b"digest", "env", b"env", "examples", b"examples", "limits", b"limits", "skill", b"skill", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

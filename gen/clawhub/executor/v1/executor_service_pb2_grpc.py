@@ -60,7 +60,9 @@ class ExecutorServiceServicer:
         """Runs a module once with the given input.
         Returns INVALID_ARGUMENT (bad digest, input too large), NOT_FOUND (digest unknown to the registry),
         DEADLINE_EXCEEDED (wall-clock limit), RESOURCE_EXHAUSTED (memory, output or queue limit),
-        ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable).
+        ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable),
+        FAILED_PRECONDITION (PROVENANCE_MISMATCH: the registry does not list the digest as skill@version),
+        PERMISSION_DENIED (SIGNATURE_INVALID, SIGNATURE_REQUIRED, SIGNER_NOT_TRUSTED: re-verification failed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,7 +72,8 @@ class ExecutorServiceServicer:
         """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
         health reports SERVING once all of them pass.
         Returns INVALID_ARGUMENT (bad digest, module refused), NOT_FOUND (digest unknown to the registry),
-        FAILED_PRECONDITION (a smoke example failed), UNAVAILABLE (registry unreachable).
+        FAILED_PRECONDITION (a smoke example failed; PROVENANCE_MISMATCH), PERMISSION_DENIED (signature
+        re-verification failed, as for Execute), UNAVAILABLE (registry unreachable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,13 +37,16 @@ class ExecutorServiceStub:
     """Runs a module once with the given input.
     Returns INVALID_ARGUMENT (bad digest, input too large), NOT_FOUND (digest unknown to the registry),
     DEADLINE_EXCEEDED (wall-clock limit), RESOURCE_EXHAUSTED (memory, output or queue limit),
-    ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable).
+    ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable),
+    FAILED_PRECONDITION (PROVENANCE_MISMATCH: the registry does not list the digest as skill@version),
+    PERMISSION_DENIED (SIGNATURE_INVALID, SIGNATURE_REQUIRED, SIGNER_NOT_TRUSTED: re-verification failed).
     """
     LoadSkill: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.LoadSkillRequest, _executor_service_pb2.LoadSkillResponse]
     """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
     health reports SERVING once all of them pass.
     Returns INVALID_ARGUMENT (bad digest, module refused), NOT_FOUND (digest unknown to the registry),
-    FAILED_PRECONDITION (a smoke example failed), UNAVAILABLE (registry unreachable).
+    FAILED_PRECONDITION (a smoke example failed; PROVENANCE_MISMATCH), PERMISSION_DENIED (signature
+    re-verification failed, as for Execute), UNAVAILABLE (registry unreachable).
     """
     UnloadSkill: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.UnloadSkillRequest, _executor_service_pb2.UnloadSkillResponse]
     """Drops a module from memory. Unloading a module that is not loaded succeeds.
@@ -59,13 +62,16 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """Runs a module once with the given input.
     Returns INVALID_ARGUMENT (bad digest, input too large), NOT_FOUND (digest unknown to the registry),
     DEADLINE_EXCEEDED (wall-clock limit), RESOURCE_EXHAUSTED (memory, output or queue limit),
-    ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable).
+    ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable),
+    FAILED_PRECONDITION (PROVENANCE_MISMATCH: the registry does not list the digest as skill@version),
+    PERMISSION_DENIED (SIGNATURE_INVALID, SIGNATURE_REQUIRED, SIGNER_NOT_TRUSTED: re-verification failed).
     """
     LoadSkill: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.LoadSkillRequest, _executor_service_pb2.LoadSkillResponse]  # type: ignore[assignment]
     """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
     health reports SERVING once all of them pass.
     Returns INVALID_ARGUMENT (bad digest, module refused), NOT_FOUND (digest unknown to the registry),
-    FAILED_PRECONDITION (a smoke example failed), UNAVAILABLE (registry unreachable).
+    FAILED_PRECONDITION (a smoke example failed; PROVENANCE_MISMATCH), PERMISSION_DENIED (signature
+    re-verification failed, as for Execute), UNAVAILABLE (registry unreachable).
     """
     UnloadSkill: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.UnloadSkillRequest, _executor_service_pb2.UnloadSkillResponse]  # type: ignore[assignment]
     """Drops a module from memory. Unloading a module that is not loaded succeeds.
@@ -84,7 +90,9 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Runs a module once with the given input.
         Returns INVALID_ARGUMENT (bad digest, input too large), NOT_FOUND (digest unknown to the registry),
         DEADLINE_EXCEEDED (wall-clock limit), RESOURCE_EXHAUSTED (memory, output or queue limit),
-        ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable).
+        ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable),
+        FAILED_PRECONDITION (PROVENANCE_MISMATCH: the registry does not list the digest as skill@version),
+        PERMISSION_DENIED (SIGNATURE_INVALID, SIGNATURE_REQUIRED, SIGNER_NOT_TRUSTED: re-verification failed).
         """
 
     @_abc_1.abstractmethod
@@ -96,7 +104,8 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
         health reports SERVING once all of them pass.
         Returns INVALID_ARGUMENT (bad digest, module refused), NOT_FOUND (digest unknown to the registry),
-        FAILED_PRECONDITION (a smoke example failed), UNAVAILABLE (registry unreachable).
+        FAILED_PRECONDITION (a smoke example failed; PROVENANCE_MISMATCH), PERMISSION_DENIED (signature
+        re-verification failed, as for Execute), UNAVAILABLE (registry unreachable).
         """
 
     @_abc_1.abstractmethod

@@ -107,6 +107,8 @@ class SkillVersion(_message.Message):
     BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
     YANKED_FIELD_NUMBER: _builtins.int
     YANK_REASON_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    PUBLISHER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Skill name in reverse-DNS form."""
     version: _builtins.str
@@ -125,6 +127,8 @@ class SkillVersion(_message.Message):
     """
     yank_reason: _builtins.str
     """Why the version was yanked; empty when it is not."""
+    publisher: _builtins.str
+    """The publisher whose token published the version; empty when it was published without a token."""
     @_builtins.property
     def manifest(self) -> _skill_pb2.Manifest:
         """The manifest the version was published with."""
@@ -141,6 +145,10 @@ class SkillVersion(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the version was published."""
 
+    @_builtins.property
+    def signature(self) -> Global___Signature:
+        """The Ed25519 signature the version was published with (verified at publish); unset when unsigned."""
+
     def __init__(
         self,
         *,
@@ -156,14 +164,154 @@ class SkillVersion(_message.Message):
         bundle_digest: _builtins.str = ...,
         yanked: _builtins.bool = ...,
         yank_reason: _builtins.str = ...,
+        signature: Global___Signature | None = ...,
+        publisher: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "manifest", b"manifest"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "manifest", b"manifest", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_digest", b"bundle_digest", "create_time", b"create_time", "digest", b"digest", "history", b"history", "manifest", b"manifest", "name", b"name", "size_bytes", b"size_bytes", "state", b"state", "verification_errors", b"verification_errors", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_digest", b"bundle_digest", "create_time", b"create_time", "digest", b"digest", "history", b"history", "manifest", b"manifest", "name", b"name", "publisher", b"publisher", "signature", b"signature", "size_bytes", b"size_bytes", "state", b"state", "verification_errors", b"verification_errors", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SkillVersion: _TypeAlias = SkillVersion  # noqa: Y015
+
+@_typing.final
+class Signature(_message.Message):
+    """An Ed25519 signature over one skill version: over name, version, module digest, bundle digest and the
+    manifest's sha256, in the canonical payload of `services/runtime/signing.py` (see docs/registry.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Id of the signing key: `ed25519:` and the first 16 hex digits of the sha256 of the raw public key."""
+    signature: _builtins.bytes
+    """The 64-byte Ed25519 signature."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Signature: _TypeAlias = Signature  # noqa: Y015
+
+@_typing.final
+class Publisher(_message.Message):
+    """A publisher: an account that owns namespaces and authenticates with a bearer token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Publisher name: a lowercase letter, then up to 62 lowercase letters, digits or hyphens."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the publisher was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Publisher: _TypeAlias = Publisher  # noqa: Y015
+
+@_typing.final
+class NamespaceKey(_message.Message):
+    """A public key a namespace trusts to sign its skills."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Key id, `ed25519:<16 hex>`."""
+    public_key: _builtins.bytes
+    """The raw 32-byte Ed25519 public key."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was added."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "key_id", b"key_id", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamespaceKey: _TypeAlias = NamespaceKey  # noqa: Y015
+
+@_typing.final
+class Namespace(_message.Message):
+    """A namespace: a name prefix on dot boundaries (`com.acme` covers `com.acme.x` and `com.acme.tools.y`, not
+    `com.acmex`) that one publisher owns. The longest claimed prefix of a skill name governs it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    REQUIRE_SIGNATURES_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The prefix, reverse-DNS, such as `com.acme`."""
+    owner: _builtins.str
+    """Name of the owning publisher."""
+    require_signatures: _builtins.bool
+    """Whether every publish under the namespace must be signed by one of its keys."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamespaceKey]:
+        """The keys trusted to sign skills of the namespace."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the namespace was claimed."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the namespace last changed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        require_signatures: _builtins.bool = ...,
+        keys: _abc.Iterable[Global___NamespaceKey] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "keys", b"keys", "name", b"name", "owner", b"owner", "require_signatures", b"require_signatures", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Namespace: _TypeAlias = Namespace  # noqa: Y015
 
 @_typing.final
 class PublishSkillMetadata(_message.Message):
@@ -177,6 +325,7 @@ class PublishSkillMetadata(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
     BUNDLE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     """Expected sha256 of the module bytes, 64 lowercase hex digits."""
     size_bytes: _builtins.int
@@ -193,6 +342,10 @@ class PublishSkillMetadata(_message.Message):
     def manifest(self) -> _skill_pb2.Manifest:
         """The manifest; its name and version name the new version."""
 
+    @_builtins.property
+    def signature(self) -> Global___Signature:
+        """Optional Ed25519 signature over the version (required where the namespace requires signatures)."""
+
     def __init__(
         self,
         *,
@@ -202,10 +355,11 @@ class PublishSkillMetadata(_message.Message):
         request_id: _builtins.str = ...,
         bundle_sha256: _builtins.str = ...,
         bundle_size_bytes: _builtins.int = ...,
+        signature: Global___Signature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_sha256", b"bundle_sha256", "bundle_size_bytes", b"bundle_size_bytes", "manifest", b"manifest", "request_id", b"request_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_sha256", b"bundle_sha256", "bundle_size_bytes", b"bundle_size_bytes", "manifest", b"manifest", "request_id", b"request_id", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -742,46 +896,6 @@ class ResolveDependenciesRequest(_message.Message):
 Global___ResolveDependenciesRequest: _TypeAlias = ResolveDependenciesRequest  # noqa: Y015
 
 @_typing.final
-class ResolvedDependency(_message.Message):
-    """One package version of a resolution."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PACKAGE_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
-    DIGEST_FIELD_NUMBER: _builtins.int
-    IS_SHARED_FIELD_NUMBER: _builtins.int
-    REQUIRED_BY_FIELD_NUMBER: _builtins.int
-    package: _builtins.str
-    """Package name."""
-    version: _builtins.str
-    """Chosen version."""
-    digest: _builtins.str
-    """Content digest of the module, `sha256:<hex>`."""
-    is_shared: _builtins.bool
-    """Whether this is the one shared version for the whole graph (else an isolated copy)."""
-    @_builtins.property
-    def required_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Who requires this copy: `(root)` or `package@version`."""
-
-    def __init__(
-        self,
-        *,
-        package: _builtins.str = ...,
-        version: _builtins.str = ...,
-        digest: _builtins.str = ...,
-        is_shared: _builtins.bool = ...,
-        required_by: _abc.Iterable[_builtins.str] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "is_shared", b"is_shared", "package", b"package", "required_by", b"required_by", "version", b"version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ResolvedDependency: _TypeAlias = ResolvedDependency  # noqa: Y015
-
-@_typing.final
 class ResolveDependenciesResponse(_message.Message):
     """Response of ResolveDependencies."""
 
@@ -789,13 +903,13 @@ class ResolveDependenciesResponse(_message.Message):
 
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedDependency]:
+    def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[_skill_pb2.ResolvedDependency]:
         """The flattened set, ordered by package and version."""
 
     def __init__(
         self,
         *,
-        dependencies: _abc.Iterable[Global___ResolvedDependency] | None = ...,
+        dependencies: _abc.Iterable[_skill_pb2.ResolvedDependency] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -804,3 +918,283 @@ class ResolveDependenciesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveDependenciesResponse: _TypeAlias = ResolveDependenciesResponse  # noqa: Y015
+
+@_typing.final
+class CreatePublisherRequest(_message.Message):
+    """Request of CreatePublisher."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Publisher name: a lowercase letter, then up to 62 lowercase letters, digits or hyphens."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePublisherRequest: _TypeAlias = CreatePublisherRequest  # noqa: Y015
+
+@_typing.final
+class CreatePublisherResponse(_message.Message):
+    """Response of CreatePublisher."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHER_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Its bearer token (send `authorization: Bearer <token>`). Shown only here: the registry keeps a hash."""
+    @_builtins.property
+    def publisher(self) -> Global___Publisher:
+        """The new publisher."""
+
+    def __init__(
+        self,
+        *,
+        publisher: Global___Publisher | None = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePublisherResponse: _TypeAlias = CreatePublisherResponse  # noqa: Y015
+
+@_typing.final
+class CreateNamespaceRequest(_message.Message):
+    """Request of CreateNamespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    REQUIRE_SIGNATURES_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEYS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The prefix to claim, reverse-DNS with at least two labels, such as `com.acme`."""
+    owner: _builtins.str
+    """Name of the publisher that will own it."""
+    require_signatures: _builtins.bool
+    """Whether every publish under it must be signed by one of its keys."""
+    @_builtins.property
+    def public_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Raw 32-byte Ed25519 public keys to trust from the start."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        require_signatures: _builtins.bool = ...,
+        public_keys: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "owner", b"owner", "public_keys", b"public_keys", "require_signatures", b"require_signatures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateNamespaceRequest: _TypeAlias = CreateNamespaceRequest  # noqa: Y015
+
+@_typing.final
+class CreateNamespaceResponse(_message.Message):
+    """Response of CreateNamespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def namespace(self) -> Global___Namespace:
+        """The new namespace."""
+
+    def __init__(
+        self,
+        *,
+        namespace: Global___Namespace | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateNamespaceResponse: _TypeAlias = CreateNamespaceResponse  # noqa: Y015
+
+@_typing.final
+class GetNamespaceRequest(_message.Message):
+    """Request of GetNamespace: exactly one of name and skill."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SKILL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The namespace's prefix."""
+    skill: _builtins.str
+    """A skill name: answer the namespace that governs it (the longest claimed prefix)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        skill: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "skill", b"skill"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNamespaceRequest: _TypeAlias = GetNamespaceRequest  # noqa: Y015
+
+@_typing.final
+class GetNamespaceResponse(_message.Message):
+    """Response of GetNamespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def namespace(self) -> Global___Namespace:
+        """The namespace."""
+
+    def __init__(
+        self,
+        *,
+        namespace: Global___Namespace | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNamespaceResponse: _TypeAlias = GetNamespaceResponse  # noqa: Y015
+
+@_typing.final
+class ListNamespacesRequest(_message.Message):
+    """Request of ListNamespaces."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of namespaces to return (default 50, maximum 1000)."""
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNamespacesRequest: _TypeAlias = ListNamespacesRequest  # noqa: Y015
+
+@_typing.final
+class ListNamespacesResponse(_message.Message):
+    """Response of ListNamespaces."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___Namespace]:
+        """The namespaces of this page, in prefix order."""
+
+    def __init__(
+        self,
+        *,
+        namespaces: _abc.Iterable[Global___Namespace] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespaces", b"namespaces", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNamespacesResponse: _TypeAlias = ListNamespacesResponse  # noqa: Y015
+
+@_typing.final
+class UpdateNamespaceRequest(_message.Message):
+    """Request of UpdateNamespace. Keys are added before any is removed; adding a key already there and
+    removing one after adding it are both allowed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADD_PUBLIC_KEYS_FIELD_NUMBER: _builtins.int
+    REMOVE_KEY_IDS_FIELD_NUMBER: _builtins.int
+    REQUIRE_SIGNATURES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The namespace's prefix."""
+    require_signatures: _builtins.bool
+    """Turn the signature requirement on or off; unset leaves it as it is."""
+    @_builtins.property
+    def add_public_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Raw 32-byte Ed25519 public keys to trust."""
+
+    @_builtins.property
+    def remove_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Key ids to stop trusting. Versions they signed fail re-verification on load (a removed key is revoked)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        add_public_keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        remove_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        require_signatures: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_require_signatures", b"_require_signatures", "require_signatures", b"require_signatures"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_require_signatures", b"_require_signatures", "add_public_keys", b"add_public_keys", "name", b"name", "remove_key_ids", b"remove_key_ids", "require_signatures", b"require_signatures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__require_signatures: _TypeAlias = _typing.Literal["require_signatures"]  # noqa: Y015
+    _WhichOneofArgType__require_signatures: _TypeAlias = _typing.Literal["_require_signatures", b"_require_signatures"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__require_signatures) -> _WhichOneofReturnType__require_signatures | None: ...
+
+Global___UpdateNamespaceRequest: _TypeAlias = UpdateNamespaceRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNamespaceResponse(_message.Message):
+    """Response of UpdateNamespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def namespace(self) -> Global___Namespace:
+        """The namespace after the change."""
+
+    def __init__(
+        self,
+        *,
+        namespace: Global___Namespace | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNamespaceResponse: _TypeAlias = UpdateNamespaceResponse  # noqa: Y015

@@ -85,6 +85,31 @@ class RegistryServiceStub:
                 request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesRequest.SerializeToString,
                 response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesResponse.FromString,
                 _registered_method=True)
+        self.CreatePublisher = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/CreatePublisher',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreatePublisherRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreatePublisherResponse.FromString,
+                _registered_method=True)
+        self.CreateNamespace = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/CreateNamespace',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreateNamespaceRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreateNamespaceResponse.FromString,
+                _registered_method=True)
+        self.GetNamespace = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/GetNamespace',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.GetNamespaceRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.GetNamespaceResponse.FromString,
+                _registered_method=True)
+        self.ListNamespaces = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/ListNamespaces',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListNamespacesRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListNamespacesResponse.FromString,
+                _registered_method=True)
+        self.UpdateNamespace = channel.unary_unary(
+                '/clawhub.registry.v1.RegistryService/UpdateNamespace',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -94,7 +119,11 @@ class RegistryServiceServicer:
     def PublishSkill(self, request_iterator, context):
         """Publishes one version of a skill. The first message carries the metadata and the expected sha256,
         the following messages carry the module bytes in chunks.
-        Returns INVALID_ARGUMENT (bad metadata, checksum mismatch, oversized upload, verification failed),
+        Returns INVALID_ARGUMENT (bad metadata, checksum mismatch, oversized upload, verification failed, a
+        signature that does not verify: SIGNATURE_INVALID), UNAUTHENTICATED (a bearer token no publisher holds),
+        PERMISSION_DENIED (the name is in a namespace the caller does not own: NAMESPACE_NOT_OWNED; in no
+        namespace while the registry requires one: NAMESPACE_REQUIRED; unsigned where the namespace requires
+        signatures: SIGNATURE_REQUIRED; signed by a key the namespace does not trust: SIGNER_NOT_TRUSTED),
         ALREADY_EXISTS (the version exists with other bytes), OK for a new or identical publish.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -144,7 +173,9 @@ class RegistryServiceServicer:
     def YankSkillVersion(self, request, context):
         """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
         unless a requirement pins it exactly.
-        Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version).
+        Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version),
+        UNAUTHENTICATED (a bearer token no publisher holds), PERMISSION_DENIED (the skill is in a namespace the
+        caller does not own, or in none while the registry requires one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,7 +184,8 @@ class RegistryServiceServicer:
     def SetSkillTag(self, request, context):
         """Points a tag of a skill at a version; `latest` is computed and cannot be set.
         Returns INVALID_ARGUMENT (bad name, tag or version; the reserved tag `latest`), NOT_FOUND (no such
-        version), FAILED_PRECONDITION (the version is not Ready).
+        version), FAILED_PRECONDITION (the version is not Ready), UNAUTHENTICATED, PERMISSION_DENIED (as for
+        YankSkillVersion).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,7 +193,8 @@ class RegistryServiceServicer:
 
     def DeleteSkillTag(self, request, context):
         """Removes a tag from a skill.
-        Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag).
+        Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag),
+        UNAUTHENTICATED, PERMISSION_DENIED (as for YankSkillVersion).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +206,52 @@ class RegistryServiceServicer:
         Returns INVALID_ARGUMENT (bad package name or range, both or neither of requirements and name),
         NOT_FOUND (the named version does not exist), FAILED_PRECONDITION (DEPENDENCY_CONFLICT: no versions
         satisfy every range, or the graph has a cycle; the message explains the chain).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePublisher(self, request, context):
+        """Creates a publisher and returns its bearer token, once (the registry keeps only a hash). Admin only.
+        Returns INVALID_ARGUMENT (bad name), PERMISSION_DENIED (not the admin token: ADMIN_REQUIRED; no admin
+        token configured: ADMIN_TOKEN_NOT_CONFIGURED), ALREADY_EXISTS (PUBLISHER_EXISTS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateNamespace(self, request, context):
+        """Claims a name prefix for a publisher. Admin only.
+        Returns INVALID_ARGUMENT (bad prefix or public key), PERMISSION_DENIED (as for CreatePublisher),
+        NOT_FOUND (PUBLISHER_NOT_FOUND), ALREADY_EXISTS (NAMESPACE_EXISTS), FAILED_PRECONDITION
+        (NAMESPACE_OVERLAP: the prefix is inside, or contains, a namespace another publisher owns).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNamespace(self, request, context):
+        """Gets a namespace by prefix, or the namespace that governs a skill name (the longest claimed prefix).
+        Returns INVALID_ARGUMENT (bad prefix or skill name, both or neither given), NOT_FOUND (NAMESPACE_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNamespaces(self, request, context):
+        """Lists namespaces in prefix order.
+        Returns INVALID_ARGUMENT (bad page token or size).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNamespace(self, request, context):
+        """Adds or removes trusted keys of a namespace, or turns its signature requirement on or off. The owner or
+        the admin.
+        Returns INVALID_ARGUMENT (bad prefix, public key or key id), UNAUTHENTICATED (a bearer token no
+        publisher holds), PERMISSION_DENIED (NAMESPACE_NOT_OWNED), NOT_FOUND (NAMESPACE_NOT_FOUND, or a key id
+        to remove that the namespace does not have: KEY_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +309,31 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ResolveDependencies,
                     request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesRequest.FromString,
                     response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesResponse.SerializeToString,
+            ),
+            'CreatePublisher': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePublisher,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreatePublisherRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreatePublisherResponse.SerializeToString,
+            ),
+            'CreateNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateNamespace,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreateNamespaceRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreateNamespaceResponse.SerializeToString,
+            ),
+            'GetNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNamespace,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.GetNamespaceRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.GetNamespaceResponse.SerializeToString,
+            ),
+            'ListNamespaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNamespaces,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListNamespacesRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListNamespacesResponse.SerializeToString,
+            ),
+            'UpdateNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNamespace,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -503,6 +607,141 @@ class RegistryService:
             '/clawhub.registry.v1.RegistryService/ResolveDependencies',
             clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesRequest.SerializeToString,
             clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ResolveDependenciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePublisher(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/CreatePublisher',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreatePublisherRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreatePublisherResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/CreateNamespace',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreateNamespaceRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.CreateNamespaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/GetNamespace',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.GetNamespaceRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.GetNamespaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNamespaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/ListNamespaces',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListNamespacesRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListNamespacesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/UpdateNamespace',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,7 +36,11 @@ class RegistryServiceStub:
     PublishSkill: _grpc.StreamUnaryMultiCallable[_registry_service_pb2.PublishSkillRequest, _registry_service_pb2.PublishSkillResponse]
     """Publishes one version of a skill. The first message carries the metadata and the expected sha256,
     the following messages carry the module bytes in chunks.
-    Returns INVALID_ARGUMENT (bad metadata, checksum mismatch, oversized upload, verification failed),
+    Returns INVALID_ARGUMENT (bad metadata, checksum mismatch, oversized upload, verification failed, a
+    signature that does not verify: SIGNATURE_INVALID), UNAUTHENTICATED (a bearer token no publisher holds),
+    PERMISSION_DENIED (the name is in a namespace the caller does not own: NAMESPACE_NOT_OWNED; in no
+    namespace while the registry requires one: NAMESPACE_REQUIRED; unsigned where the namespace requires
+    signatures: SIGNATURE_REQUIRED; signed by a key the namespace does not trust: SIGNER_NOT_TRUSTED),
     ALREADY_EXISTS (the version exists with other bytes), OK for a new or identical publish.
     """
     GetSkill: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetSkillRequest, _registry_service_pb2.GetSkillResponse]
@@ -62,16 +66,20 @@ class RegistryServiceStub:
     YankSkillVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]
     """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
     unless a requirement pins it exactly.
-    Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version).
+    Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version),
+    UNAUTHENTICATED (a bearer token no publisher holds), PERMISSION_DENIED (the skill is in a namespace the
+    caller does not own, or in none while the registry requires one).
     """
     SetSkillTag: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SetSkillTagRequest, _registry_service_pb2.SetSkillTagResponse]
     """Points a tag of a skill at a version; `latest` is computed and cannot be set.
     Returns INVALID_ARGUMENT (bad name, tag or version; the reserved tag `latest`), NOT_FOUND (no such
-    version), FAILED_PRECONDITION (the version is not Ready).
+    version), FAILED_PRECONDITION (the version is not Ready), UNAUTHENTICATED, PERMISSION_DENIED (as for
+    YankSkillVersion).
     """
     DeleteSkillTag: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteSkillTagRequest, _registry_service_pb2.DeleteSkillTagResponse]
     """Removes a tag from a skill.
-    Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag).
+    Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag),
+    UNAUTHENTICATED, PERMISSION_DENIED (as for YankSkillVersion).
     """
     ResolveDependencies: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ResolveDependenciesRequest, _registry_service_pb2.ResolveDependenciesResponse]
     """Resolves dependency requirements (or a published version's dependencies) to the flattened set of
@@ -79,6 +87,32 @@ class RegistryServiceStub:
     Returns INVALID_ARGUMENT (bad package name or range, both or neither of requirements and name),
     NOT_FOUND (the named version does not exist), FAILED_PRECONDITION (DEPENDENCY_CONFLICT: no versions
     satisfy every range, or the graph has a cycle; the message explains the chain).
+    """
+    CreatePublisher: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CreatePublisherRequest, _registry_service_pb2.CreatePublisherResponse]
+    """Creates a publisher and returns its bearer token, once (the registry keeps only a hash). Admin only.
+    Returns INVALID_ARGUMENT (bad name), PERMISSION_DENIED (not the admin token: ADMIN_REQUIRED; no admin
+    token configured: ADMIN_TOKEN_NOT_CONFIGURED), ALREADY_EXISTS (PUBLISHER_EXISTS).
+    """
+    CreateNamespace: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CreateNamespaceRequest, _registry_service_pb2.CreateNamespaceResponse]
+    """Claims a name prefix for a publisher. Admin only.
+    Returns INVALID_ARGUMENT (bad prefix or public key), PERMISSION_DENIED (as for CreatePublisher),
+    NOT_FOUND (PUBLISHER_NOT_FOUND), ALREADY_EXISTS (NAMESPACE_EXISTS), FAILED_PRECONDITION
+    (NAMESPACE_OVERLAP: the prefix is inside, or contains, a namespace another publisher owns).
+    """
+    GetNamespace: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetNamespaceRequest, _registry_service_pb2.GetNamespaceResponse]
+    """Gets a namespace by prefix, or the namespace that governs a skill name (the longest claimed prefix).
+    Returns INVALID_ARGUMENT (bad prefix or skill name, both or neither given), NOT_FOUND (NAMESPACE_NOT_FOUND).
+    """
+    ListNamespaces: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListNamespacesRequest, _registry_service_pb2.ListNamespacesResponse]
+    """Lists namespaces in prefix order.
+    Returns INVALID_ARGUMENT (bad page token or size).
+    """
+    UpdateNamespace: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateNamespaceRequest, _registry_service_pb2.UpdateNamespaceResponse]
+    """Adds or removes trusted keys of a namespace, or turns its signature requirement on or off. The owner or
+    the admin.
+    Returns INVALID_ARGUMENT (bad prefix, public key or key id), UNAUTHENTICATED (a bearer token no
+    publisher holds), PERMISSION_DENIED (NAMESPACE_NOT_OWNED), NOT_FOUND (NAMESPACE_NOT_FOUND, or a key id
+    to remove that the namespace does not have: KEY_NOT_FOUND).
     """
 
 @_typing.type_check_only
@@ -89,7 +123,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     PublishSkill: _aio.StreamUnaryMultiCallable[_registry_service_pb2.PublishSkillRequest, _registry_service_pb2.PublishSkillResponse]  # type: ignore[assignment]
     """Publishes one version of a skill. The first message carries the metadata and the expected sha256,
     the following messages carry the module bytes in chunks.
-    Returns INVALID_ARGUMENT (bad metadata, checksum mismatch, oversized upload, verification failed),
+    Returns INVALID_ARGUMENT (bad metadata, checksum mismatch, oversized upload, verification failed, a
+    signature that does not verify: SIGNATURE_INVALID), UNAUTHENTICATED (a bearer token no publisher holds),
+    PERMISSION_DENIED (the name is in a namespace the caller does not own: NAMESPACE_NOT_OWNED; in no
+    namespace while the registry requires one: NAMESPACE_REQUIRED; unsigned where the namespace requires
+    signatures: SIGNATURE_REQUIRED; signed by a key the namespace does not trust: SIGNER_NOT_TRUSTED),
     ALREADY_EXISTS (the version exists with other bytes), OK for a new or identical publish.
     """
     GetSkill: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetSkillRequest, _registry_service_pb2.GetSkillResponse]  # type: ignore[assignment]
@@ -115,16 +153,20 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     YankSkillVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]  # type: ignore[assignment]
     """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
     unless a requirement pins it exactly.
-    Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version).
+    Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version),
+    UNAUTHENTICATED (a bearer token no publisher holds), PERMISSION_DENIED (the skill is in a namespace the
+    caller does not own, or in none while the registry requires one).
     """
     SetSkillTag: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SetSkillTagRequest, _registry_service_pb2.SetSkillTagResponse]  # type: ignore[assignment]
     """Points a tag of a skill at a version; `latest` is computed and cannot be set.
     Returns INVALID_ARGUMENT (bad name, tag or version; the reserved tag `latest`), NOT_FOUND (no such
-    version), FAILED_PRECONDITION (the version is not Ready).
+    version), FAILED_PRECONDITION (the version is not Ready), UNAUTHENTICATED, PERMISSION_DENIED (as for
+    YankSkillVersion).
     """
     DeleteSkillTag: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteSkillTagRequest, _registry_service_pb2.DeleteSkillTagResponse]  # type: ignore[assignment]
     """Removes a tag from a skill.
-    Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag).
+    Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag),
+    UNAUTHENTICATED, PERMISSION_DENIED (as for YankSkillVersion).
     """
     ResolveDependencies: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ResolveDependenciesRequest, _registry_service_pb2.ResolveDependenciesResponse]  # type: ignore[assignment]
     """Resolves dependency requirements (or a published version's dependencies) to the flattened set of
@@ -132,6 +174,32 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     Returns INVALID_ARGUMENT (bad package name or range, both or neither of requirements and name),
     NOT_FOUND (the named version does not exist), FAILED_PRECONDITION (DEPENDENCY_CONFLICT: no versions
     satisfy every range, or the graph has a cycle; the message explains the chain).
+    """
+    CreatePublisher: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CreatePublisherRequest, _registry_service_pb2.CreatePublisherResponse]  # type: ignore[assignment]
+    """Creates a publisher and returns its bearer token, once (the registry keeps only a hash). Admin only.
+    Returns INVALID_ARGUMENT (bad name), PERMISSION_DENIED (not the admin token: ADMIN_REQUIRED; no admin
+    token configured: ADMIN_TOKEN_NOT_CONFIGURED), ALREADY_EXISTS (PUBLISHER_EXISTS).
+    """
+    CreateNamespace: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CreateNamespaceRequest, _registry_service_pb2.CreateNamespaceResponse]  # type: ignore[assignment]
+    """Claims a name prefix for a publisher. Admin only.
+    Returns INVALID_ARGUMENT (bad prefix or public key), PERMISSION_DENIED (as for CreatePublisher),
+    NOT_FOUND (PUBLISHER_NOT_FOUND), ALREADY_EXISTS (NAMESPACE_EXISTS), FAILED_PRECONDITION
+    (NAMESPACE_OVERLAP: the prefix is inside, or contains, a namespace another publisher owns).
+    """
+    GetNamespace: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetNamespaceRequest, _registry_service_pb2.GetNamespaceResponse]  # type: ignore[assignment]
+    """Gets a namespace by prefix, or the namespace that governs a skill name (the longest claimed prefix).
+    Returns INVALID_ARGUMENT (bad prefix or skill name, both or neither given), NOT_FOUND (NAMESPACE_NOT_FOUND).
+    """
+    ListNamespaces: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListNamespacesRequest, _registry_service_pb2.ListNamespacesResponse]  # type: ignore[assignment]
+    """Lists namespaces in prefix order.
+    Returns INVALID_ARGUMENT (bad page token or size).
+    """
+    UpdateNamespace: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateNamespaceRequest, _registry_service_pb2.UpdateNamespaceResponse]  # type: ignore[assignment]
+    """Adds or removes trusted keys of a namespace, or turns its signature requirement on or off. The owner or
+    the admin.
+    Returns INVALID_ARGUMENT (bad prefix, public key or key id), UNAUTHENTICATED (a bearer token no
+    publisher holds), PERMISSION_DENIED (NAMESPACE_NOT_OWNED), NOT_FOUND (NAMESPACE_NOT_FOUND, or a key id
+    to remove that the namespace does not have: KEY_NOT_FOUND).
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -145,7 +213,11 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.PublishSkillResponse, _abc.Awaitable[_registry_service_pb2.PublishSkillResponse]]:
         """Publishes one version of a skill. The first message carries the metadata and the expected sha256,
         the following messages carry the module bytes in chunks.
-        Returns INVALID_ARGUMENT (bad metadata, checksum mismatch, oversized upload, verification failed),
+        Returns INVALID_ARGUMENT (bad metadata, checksum mismatch, oversized upload, verification failed, a
+        signature that does not verify: SIGNATURE_INVALID), UNAUTHENTICATED (a bearer token no publisher holds),
+        PERMISSION_DENIED (the name is in a namespace the caller does not own: NAMESPACE_NOT_OWNED; in no
+        namespace while the registry requires one: NAMESPACE_REQUIRED; unsigned where the namespace requires
+        signatures: SIGNATURE_REQUIRED; signed by a key the namespace does not trust: SIGNER_NOT_TRUSTED),
         ALREADY_EXISTS (the version exists with other bytes), OK for a new or identical publish.
         """
 
@@ -207,7 +279,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.YankSkillVersionResponse, _abc.Awaitable[_registry_service_pb2.YankSkillVersionResponse]]:
         """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
         unless a requirement pins it exactly.
-        Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version).
+        Returns INVALID_ARGUMENT (bad name or version, reason too long), NOT_FOUND (no such version),
+        UNAUTHENTICATED (a bearer token no publisher holds), PERMISSION_DENIED (the skill is in a namespace the
+        caller does not own, or in none while the registry requires one).
         """
 
     @_abc_1.abstractmethod
@@ -218,7 +292,8 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.SetSkillTagResponse, _abc.Awaitable[_registry_service_pb2.SetSkillTagResponse]]:
         """Points a tag of a skill at a version; `latest` is computed and cannot be set.
         Returns INVALID_ARGUMENT (bad name, tag or version; the reserved tag `latest`), NOT_FOUND (no such
-        version), FAILED_PRECONDITION (the version is not Ready).
+        version), FAILED_PRECONDITION (the version is not Ready), UNAUTHENTICATED, PERMISSION_DENIED (as for
+        YankSkillVersion).
         """
 
     @_abc_1.abstractmethod
@@ -228,7 +303,8 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.DeleteSkillTagResponse, _abc.Awaitable[_registry_service_pb2.DeleteSkillTagResponse]]:
         """Removes a tag from a skill.
-        Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag).
+        Returns INVALID_ARGUMENT (bad name or tag; the reserved tag `latest`), NOT_FOUND (no such skill or tag),
+        UNAUTHENTICATED, PERMISSION_DENIED (as for YankSkillVersion).
         """
 
     @_abc_1.abstractmethod
@@ -242,6 +318,62 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         Returns INVALID_ARGUMENT (bad package name or range, both or neither of requirements and name),
         NOT_FOUND (the named version does not exist), FAILED_PRECONDITION (DEPENDENCY_CONFLICT: no versions
         satisfy every range, or the graph has a cycle; the message explains the chain).
+        """
+
+    @_abc_1.abstractmethod
+    def CreatePublisher(
+        self,
+        request: _registry_service_pb2.CreatePublisherRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.CreatePublisherResponse, _abc.Awaitable[_registry_service_pb2.CreatePublisherResponse]]:
+        """Creates a publisher and returns its bearer token, once (the registry keeps only a hash). Admin only.
+        Returns INVALID_ARGUMENT (bad name), PERMISSION_DENIED (not the admin token: ADMIN_REQUIRED; no admin
+        token configured: ADMIN_TOKEN_NOT_CONFIGURED), ALREADY_EXISTS (PUBLISHER_EXISTS).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateNamespace(
+        self,
+        request: _registry_service_pb2.CreateNamespaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.CreateNamespaceResponse, _abc.Awaitable[_registry_service_pb2.CreateNamespaceResponse]]:
+        """Claims a name prefix for a publisher. Admin only.
+        Returns INVALID_ARGUMENT (bad prefix or public key), PERMISSION_DENIED (as for CreatePublisher),
+        NOT_FOUND (PUBLISHER_NOT_FOUND), ALREADY_EXISTS (NAMESPACE_EXISTS), FAILED_PRECONDITION
+        (NAMESPACE_OVERLAP: the prefix is inside, or contains, a namespace another publisher owns).
+        """
+
+    @_abc_1.abstractmethod
+    def GetNamespace(
+        self,
+        request: _registry_service_pb2.GetNamespaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.GetNamespaceResponse, _abc.Awaitable[_registry_service_pb2.GetNamespaceResponse]]:
+        """Gets a namespace by prefix, or the namespace that governs a skill name (the longest claimed prefix).
+        Returns INVALID_ARGUMENT (bad prefix or skill name, both or neither given), NOT_FOUND (NAMESPACE_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def ListNamespaces(
+        self,
+        request: _registry_service_pb2.ListNamespacesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListNamespacesResponse, _abc.Awaitable[_registry_service_pb2.ListNamespacesResponse]]:
+        """Lists namespaces in prefix order.
+        Returns INVALID_ARGUMENT (bad page token or size).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateNamespace(
+        self,
+        request: _registry_service_pb2.UpdateNamespaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.UpdateNamespaceResponse, _abc.Awaitable[_registry_service_pb2.UpdateNamespaceResponse]]:
+        """Adds or removes trusted keys of a namespace, or turns its signature requirement on or off. The owner or
+        the admin.
+        Returns INVALID_ARGUMENT (bad prefix, public key or key id), UNAUTHENTICATED (a bearer token no
+        publisher holds), PERMISSION_DENIED (NAMESPACE_NOT_OWNED), NOT_FOUND (NAMESPACE_NOT_FOUND, or a key id
+        to remove that the namespace does not have: KEY_NOT_FOUND).
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
