@@ -3,7 +3,8 @@ calls/s, tests/e2e/loadgen.py), a blue-green deploy, a canary deploy, an automat
 and a manual rollback each complete with zero failed calls, and the traffic really moved.
 
 Every change goes through the CLI (`clawhub deploy … --watch` in its plain, not-a-terminal mode), as an
-operator's CI job would run it. Each test uses its own skill, so the tests do not depend on each other.
+operator's CI job would run it; one test runs it on a pty for the live display. Each test uses its own
+skill, so the tests do not depend on each other.
 Times compared between the load generator and this process are time.monotonic() on both sides, one
 system-wide clock on Linux.
 """
@@ -11,6 +12,8 @@ system-wide clock on Linux.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 import time
@@ -24,7 +27,7 @@ from clawhub.common.v1 import release_pb2
 from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 
-from tests.e2e.conftest import ROOT, Suite
+from tests.e2e.conftest import BIN, ROOT, Suite
 from tests.e2e.loadgen import LoadProcess
 from tests.e2e.release_skills import MARKER, SLOW_ON_MARKER, TRAP_ON_MARKER, write_skill
 
@@ -196,6 +199,34 @@ def test_slow_version_is_rolled_back_automatically_and_no_call_fails(
     assert serving_version(deployer, name) == "1.0.0"
     assert summary["versions"].get("2.0.0", 0) > 0, summary["versions"]
     assert served_after(summary, returned) == {"1.0.0"}
+
+
+def test_deploy_on_a_terminal_shows_the_live_display(suite: Suite, tmp_path: Path) -> None:
+    """With a terminal (a pty here) `clawhub deploy` needs no flag for the live display: a status line redrawn
+    in place during the bake window, erased before the verdict."""
+    name = "com.test.terminal"
+    publish_versions(suite, tmp_path, name, ("1.0.0", 0))
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen([str(BIN / "clawhub"), "deploy", f"{name}@1.0.0", "--bake", "1s",
+                                    "--gateway", suite.gateway], stdin=terminal, stdout=terminal, stderr=terminal,
+                                   cwd=ROOT)
+        os.close(terminal)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+        assert process.wait(30) == 0, screen.decode(errors="replace")
+    finally:
+        os.close(controller)
+    text = screen.decode(errors="replace")
+    assert "\r\x1b[K" in text and "DEPLOYING · " in text and "baking 1.0.0" in text, text
+    assert text.rstrip().endswith(f"{name}@1.0.0 is active"), text
 
 
 def test_the_load_generator_counts_failed_calls(suite: Suite, tmp_path: Path) -> None:
