@@ -12,6 +12,8 @@ from clawhub.common.v1 import routing_pb2
 from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 
+from services.runtime.tasks import BackgroundLoop
+
 log = logging.getLogger("clawhub.dispatcher")
 
 ACK_TIMEOUT = 5.0
@@ -76,29 +78,19 @@ class RouteState:
         self._table = table
 
 
-class RouteWatcher:
+class RouteWatcher(BackgroundLoop):
     """Follows the feed forever: apply each table, acknowledge it, reconnect with capped backoff."""
+
+    task_name = "route-watcher"
 
     def __init__(self, feed: RouteFeed, state: RouteState, dispatcher_id: str, *,
                  backoff_initial: float = BACKOFF_INITIAL, backoff_max: float = BACKOFF_MAX) -> None:
+        super().__init__()
         self._feed = feed
         self._state = state
         self._dispatcher_id = dispatcher_id
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="route-watcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
 
     async def run(self) -> None:
         backoff = self._backoff_initial

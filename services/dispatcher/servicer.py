@@ -114,13 +114,17 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         # The caller's deadline propagates; without one, the dispatcher's own budget bounds the call.
         deadline = loop.time() + (remaining if remaining is not None else self._default_timeout)
         metadata = trace_metadata(context)
+        stable = stable_target(route, target) if target.role == routing_pb2.ROUTE_TARGET_ROLE_CANDIDATE else None
+        # A version under analysis gets half the caller's budget, the stable version keeps the rest: a
+        # candidate that hangs is cut off, counted as a failure and retried instead of failing the caller.
+        attempt_deadline = deadline if stable is None else loop.time() + (deadline - loop.time()) / 2
         try:
-            return await self._call_version(request, target, deadline, metadata)
+            return await self._call_version(request, target, attempt_deadline, metadata,
+                                            candidate=stable is not None)
         except Exception as exc:
-            if target.role != routing_pb2.ROUTE_TARGET_ROLE_CANDIDATE or classify(exc) is not Outcome.VERSION:
+            if stable is None or classify(exc) not in (Outcome.VERSION, Outcome.DEADLINE):
                 raise
-            stable = stable_target(route, target)
-            if stable is None or deadline - loop.time() <= 0:
+            if deadline - loop.time() <= 0:
                 raise
             # A release under analysis: the failure is counted against the new version (it was recorded
             # above) and the caller gets the stable version's answer instead.
@@ -130,17 +134,25 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             return await self._call_version(request, stable, deadline, metadata)
 
     async def _call_version(self, request: pb.DispatchRequest, target: routing_pb2.RouteTarget, deadline: float,
-                            metadata: tuple[tuple[str, str], ...]) -> pb.DispatchResponse:
-        """One call of one version (on any executor), counted in the version's stats."""
+                            metadata: tuple[tuple[str, str], ...], *, candidate: bool = False,
+                            ) -> pb.DispatchResponse:
+        """One call of one version (on any executor), counted in the version's stats. For a `candidate`
+        (a version under analysis), not finishing within its budget, or before the caller gave up, is a
+        failure too: a version that hangs must not pass its analysis for lack of finished calls."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         key = VersionStats.key(request.skill, target)
         try:
             response = await self._call_executors(request, target, deadline, metadata)
+        except asyncio.CancelledError:
+            if candidate:
+                self._stats.record(key, loop.time() - started, failed=True)
+            raise
         except Exception as exc:
             outcome = classify(exc)
             if outcome in (Outcome.VERSION, Outcome.DEADLINE):
-                self._stats.record(key, loop.time() - started, failed=outcome is Outcome.VERSION)
+                self._stats.record(key, loop.time() - started,
+                                   failed=outcome is Outcome.VERSION or candidate)
             raise
         self._stats.record(key, loop.time() - started, failed=False)
         return response

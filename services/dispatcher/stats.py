@@ -24,6 +24,7 @@ from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from google.protobuf import duration_pb2
 
 from services.runtime.latency import Histogram
+from services.runtime.tasks import BackgroundLoop
 
 log = logging.getLogger("clawhub.dispatcher")
 
@@ -141,27 +142,17 @@ class GrpcStatsSink:
         await self._stub.ReportStats(request, timeout=self._timeout)
 
 
-class StatsReporter:
+class StatsReporter(BackgroundLoop):
     """Sends the stats as soon as there are some, then at most one report per `interval`."""
 
+    task_name = "stats-reporter"
+
     def __init__(self, stats: VersionStats, sink: StatsSink, dispatcher_id: str, *, interval: float) -> None:
+        super().__init__()
         self._stats = stats
         self._sink = sink
         self._dispatcher_id = dispatcher_id
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="stats-reporter")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
 
     async def run(self) -> None:
         while True:

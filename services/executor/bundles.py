@@ -24,10 +24,9 @@ from pathlib import Path
 import grpc
 
 from services.executor.singleflight import SingleFlight
-from services.executor.source import BlobNotFound, ModuleSource, ModuleTooLarge, SourceUnavailable
+from services.executor.source import ModuleSource, fetch_verified
 from services.runtime.bundle import path_problem
 from services.runtime.errors import Reason, ServiceError
-from services.runtime.wasm import sha256_digest
 
 log = logging.getLogger("clawhub.executor.bundles")
 
@@ -135,30 +134,13 @@ class BundleCache:
         return await self._loading.do(digest, lambda: self._load(digest, path))
 
     async def _load(self, digest: str, path: Path) -> Path:
-        meta = {"bundle_digest": digest}
-        try:
-            data = await self._source.fetch(digest)
-        except BlobNotFound as exc:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND, str(exc), metadata=meta) from None
-        except SourceUnavailable as exc:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.UPSTREAM_UNAVAILABLE, str(exc),
-                               metadata={**meta, "upstream": "registry"}, retry_after_seconds=1.0) from None
-        except ModuleTooLarge as exc:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID, str(exc),
-                               metadata=meta) from None
-        actual = sha256_digest(data)
-        if actual != digest:
-            log.warning("source returned bytes with digest %s for bundle %s; refusing them", actual, digest)
-            raise ServiceError(
-                grpc.StatusCode.DATA_LOSS, Reason.CHECKSUM_MISMATCH,
-                f"the bundle bytes fetched for {digest} have digest {actual}; refusing to use them",
-                metadata={"expected_digest": digest, "actual_digest": actual})
+        data = await fetch_verified(self._source, digest, what="bundle", key="bundle_digest")
         try:
             await asyncio.to_thread(unpack, data, path)
         except BundleRejected as exc:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID,
                                f"the file bundle {digest} is refused: {exc}",
-                               metadata={**meta, "problems": str(exc)[:1024]}) from None
+                               metadata={"bundle_digest": digest, "problems": str(exc)[:1024]}) from None
         log.info("unpacked bundle %s (%d bytes)", digest[:19], len(data))
         self._ready.add(digest)
         return path

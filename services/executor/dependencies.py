@@ -16,10 +16,9 @@ import grpc
 import wasmtime
 from clawhub.common.v1 import skill_pb2
 
-from services.executor.modules import fetch_verified
 from services.executor.sandbox import CompiledModule, Sandbox
 from services.executor.singleflight import SingleFlight
-from services.executor.source import ModuleSource
+from services.executor.source import ModuleSource, fetch_verified
 from services.runtime.errors import Reason, ServiceError
 from services.runtime.linking import ROOT, Copy, DependencyGraph, LinkError, dependency_imports
 

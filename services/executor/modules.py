@@ -24,9 +24,9 @@ import grpc
 from services.executor.artifacts import ArtifactCache
 from services.executor.sandbox import CompiledModule, ModuleRejected, Sandbox
 from services.executor.singleflight import SingleFlight
-from services.executor.source import BlobNotFound, ModuleSource, ModuleTooLarge, SourceUnavailable
+from services.executor.source import ModuleSource, fetch_verified
 from services.runtime.errors import Reason, ServiceError
-from services.runtime.wasm import FILES_CAPABILITY, sha256_digest
+from services.runtime.wasm import FILES_CAPABILITY
 
 log = logging.getLogger("clawhub.executor.modules")
 
@@ -42,31 +42,6 @@ def _invalid(digest: str, exc: ModuleRejected) -> ServiceError:
         grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID,
         f"the module {digest} cannot run as a skill: {exc}",
         metadata={"digest": digest, "problems": "; ".join(exc.problems)[:1024]})
-
-
-async def fetch_verified(source: ModuleSource, digest: str) -> bytes:
-    """Module bytes from `source`, refused unless they hash to `digest`. Raises ServiceError (NOT_FOUND,
-    UNAVAILABLE, INVALID_ARGUMENT, DATA_LOSS)."""
-    try:
-        data = await source.fetch(digest)
-    except BlobNotFound as exc:
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND, str(exc),
-                           metadata={"digest": digest}) from None
-    except SourceUnavailable as exc:
-        raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.UPSTREAM_UNAVAILABLE, str(exc),
-                           metadata={"digest": digest, "upstream": "registry"},
-                           retry_after_seconds=1.0) from None
-    except ModuleTooLarge as exc:
-        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID, str(exc),
-                           metadata={"digest": digest}) from None
-    actual = sha256_digest(data)
-    if actual != digest:
-        log.warning("module source returned bytes with digest %s for %s; refusing them", actual, digest)
-        raise ServiceError(
-            grpc.StatusCode.DATA_LOSS, Reason.CHECKSUM_MISMATCH,
-            f"the module bytes fetched for {digest} have digest {actual}; refusing to run them",
-            metadata={"expected_digest": digest, "actual_digest": actual})
-    return data
 
 
 class ModuleLoader:

@@ -5,7 +5,9 @@ with the registry once per (skill, version, digest, bundle digest): the registry
 module and bundle as the Ready version, the capabilities asked for must be among those its manifest
 declares, and the signature is verified here, with `services/runtime/signing.py`, against the keys of the
 namespace that governs the name, whenever the version is signed or its namespace requires signatures. The
-dependencies a request links the module with are checked the same way. Failures refuse the call before any
+dependencies a request links the module with are checked the same way, and must be signed when the skill's
+namespace requires signatures (else a publisher of an in-range dependency version could change what runs
+inside a signed skill). Failures refuse the call before any
 byte of the module runs, and are not cached (a fixed registry answer is picked up by the next call).
 
 Requests without `skill` skip the check: they come from inside the executor (smoke examples, after their
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -80,16 +83,28 @@ class RegistryProvenanceSource:
         return result
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What the check of one published version found."""
+
+    # The capabilities its manifest declares.
+    capabilities: frozenset[str]
+    # Whether it carries a signature that verified against its namespace's keys.
+    signed: bool
+    # Whether its namespace requires signatures.
+    requires_signatures: bool
+
+
 class Provenance:
     """Checks digests against the registry's record of them, caching what verified."""
 
     def __init__(self, source: ProvenanceSource, *, cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
         self._source = source
-        # Verified entry → the capabilities its manifest declares (the manifest of a version is immutable).
-        self._verified: OrderedDict[tuple[str, str, str, str], frozenset[str]] = OrderedDict()
+        # Verified entry → what it was found to be (the manifest of a version is immutable).
+        self._verified: OrderedDict[tuple[str, str, str, str], Verified] = OrderedDict()
         self._cache_entries = cache_entries
         # Concurrent first calls for one entry (a restarted executor taking traffic) ask the registry once.
-        self._flight: SingleFlight[tuple[str, str, str, str], frozenset[str]] = SingleFlight()
+        self._flight: SingleFlight[tuple[str, str, str, str], Verified] = SingleFlight()
 
     async def close(self) -> None:
         await self._flight.close()
@@ -107,16 +122,25 @@ class Provenance:
             raise invalid(Reason.INVALID_NAME, "skill", problem)
         if problem := version_problem(version):
             raise invalid(Reason.INVALID_VERSION, "version", f"{problem} (an exact version, not a tag)")
-        await self._check_one(skill, version, digest, bundle_digest, capabilities)
+        root = await self._check_one(skill, version, digest, bundle_digest, capabilities)
         for i, dependency in enumerate(dependencies):
             if skill_name_problem(dependency.package) or version_problem(dependency.version):
                 raise invalid(Reason.INVALID_ARGUMENT, f"dependencies[{i}]",
                               f"{dependency.package[:80]}@{dependency.version[:80]} is not a package and exact version")
             # A dependency is linked, not run on its own: its bundle and capabilities are not granted.
-            await self._check_one(dependency.package, dependency.version, dependency.digest, None, ())
+            linked = await self._check_one(dependency.package, dependency.version, dependency.digest, None, ())
+            # Code linked into a skill whose namespace requires signatures must be signed too (by keys its own
+            # namespace trusts): otherwise anyone publishing an in-range version could swap it in.
+            if root.requires_signatures and not linked.signed:
+                raise ServiceError(
+                    grpc.StatusCode.PERMISSION_DENIED, Reason.SIGNATURE_REQUIRED,
+                    f"the namespace of {skill} requires signatures, and {skill}@{version} links its dependency "
+                    f"{dependency.package}@{dependency.version}, which is not signed: refusing to run unsigned "
+                    "code inside it", metadata={"skill": skill, "version": version,
+                                                "dependency": f"{dependency.package}@{dependency.version}"})
 
     async def _check_one(self, skill: str, version: str, digest: str, bundle_digest: str | None,
-                         capabilities: Sequence[str]) -> None:
+                         capabilities: Sequence[str]) -> Verified:
         key = (skill, version, digest, bundle_digest if bundle_digest is not None else "*")
         declared = self._verified.get(key)
         if declared is None:
@@ -125,13 +149,14 @@ class Provenance:
             while len(self._verified) > self._cache_entries:
                 self._verified.popitem(last=False)
         self._verified.move_to_end(key)
-        if extra := sorted(set(capabilities) - declared):
+        if extra := sorted(set(capabilities) - declared.capabilities):
             raise _mismatch(f"capabilities {', '.join(extra)} are not declared by the manifest {skill}@{version} was "
                             "published (and signed) with",
                             {"skill": skill, "version": version, "digest": digest, "undeclared": ", ".join(extra)})
+        return declared
 
-    async def _verify(self, skill: str, version: str, digest: str, bundle_digest: str | None) -> frozenset[str]:
-        """Ask the registry and check everything but the requested capabilities; returns the declared ones."""
+    async def _verify(self, skill: str, version: str, digest: str, bundle_digest: str | None) -> Verified:
+        """Ask the registry and check everything but the requested capabilities."""
         meta = {"skill": skill, "version": version, "digest": digest}
         namespace: registry_pb.Namespace | None = None
         try:
@@ -157,8 +182,9 @@ class Provenance:
                             f"not {bundle_digest or '(none)'}",
                             {**meta, "registry_digest": published.digest,
                              "registry_bundle_digest": published.bundle_digest})
-        _check_signature(published, namespace)
-        return frozenset(published.manifest.capabilities)
+        signed = _check_signature(published, namespace)
+        return Verified(frozenset(published.manifest.capabilities), signed,
+                        namespace is not None and namespace.require_signatures)
 
 
 def _mismatch(message: str, metadata: dict[str, str]) -> ServiceError:
@@ -166,7 +192,7 @@ def _mismatch(message: str, metadata: dict[str, str]) -> ServiceError:
                         metadata=metadata)
 
 
-def _check_signature(published: registry_pb.SkillVersion, namespace: registry_pb.Namespace | None) -> None:
+def _check_signature(published: registry_pb.SkillVersion, namespace: registry_pb.Namespace | None) -> bool:
     """The executor's own verification of the stored signature, against the namespace's current keys: a key
     removed from the namespace no longer vouches for what it signed (revocation)."""
     skill, version = published.name, published.version
@@ -178,7 +204,7 @@ def _check_signature(published: registry_pb.SkillVersion, namespace: registry_pb
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, Reason.SIGNATURE_REQUIRED,
                                f"namespace {namespace.name} requires signatures, and the registry holds none for "
                                f"{skill}@{version}", metadata=meta)
-        return
+        return False
     key = next((k for k in namespace.keys if k.key_id == signature.key_id), None) if namespace else None
     if key is None:
         raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, Reason.SIGNER_NOT_TRUSTED,
@@ -194,6 +220,7 @@ def _check_signature(published: registry_pb.SkillVersion, namespace: registry_pb
                            f"the signature of {skill}@{version} by {signature.key_id} does not verify over its name, "
                            "version, digests and manifest as the registry holds them: refusing to run it",
                            metadata={**meta, "key_id": signature.key_id})
+    return True
 
 
 class _NoRegistry:

@@ -17,6 +17,7 @@ from services.executor.servicer import ExecutorServicer, WorkerPool
 from services.executor.settings import Settings
 from services.executor.source import ModuleSource, RegistryModuleSource
 from services.runtime.channels import channel
+from services.runtime.linking import MAX_INSTANCES
 from services.runtime.server import ServiceHost, create_server
 
 EXECUTOR_SERVICE = pb.DESCRIPTOR.services_by_name["ExecutorService"]
@@ -37,7 +38,7 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
         assert registry is not None
         provenance_source = RegistryProvenanceSource(registry, timeout=settings.fetch_timeout)
     # Pool slots for every call that can run at once, with room for the instances dependencies add.
-    sandbox = Sandbox(pool_slots=max(DEFAULT_POOL_SLOTS, 8 * settings.threads))
+    sandbox = Sandbox(pool_slots=max(DEFAULT_POOL_SLOTS, MAX_INSTANCES * settings.threads))
     loader = ModuleLoader(module_source, sandbox, settings.cache_bytes,
                           artifacts_dir=settings.data_dir / "artifacts")
     bundles = BundleCache(module_source, settings.data_dir / "bundles")

@@ -6,11 +6,17 @@ compiling them, whatever the source.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+
+from services.runtime.errors import Reason, ServiceError
+from services.runtime.wasm import sha256_digest
+
+log = logging.getLogger("clawhub.executor.source")
 
 # No skill module is this big; a larger download is refused rather than buffered.
 MAX_MODULE_BYTES = 128 * 1024 * 1024
@@ -63,3 +69,29 @@ class RegistryModuleSource:
                 f"downloading {digest} from the registry failed: {err.code().name}: {err.details()}"
             ) from None
         return b"".join(chunks)
+
+
+async def fetch_verified(source: ModuleSource, digest: str, *, what: str = "module",
+                         key: str = "digest") -> bytes:
+    """The bytes of `digest` from `source`, refused unless they hash to it (the source is untrusted).
+    `what` names the blob in messages ("module", "bundle"), `key` its digest in ErrorInfo metadata. Raises
+    ServiceError (NOT_FOUND, UNAVAILABLE, INVALID_ARGUMENT, DATA_LOSS)."""
+    meta = {key: digest}
+    try:
+        data = await source.fetch(digest)
+    except BlobNotFound as exc:
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND, str(exc), metadata=meta) from None
+    except SourceUnavailable as exc:
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.UPSTREAM_UNAVAILABLE, str(exc),
+                           metadata={**meta, "upstream": "registry"}, retry_after_seconds=1.0) from None
+    except ModuleTooLarge as exc:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.MODULE_INVALID, str(exc),
+                           metadata=meta) from None
+    actual = sha256_digest(data)
+    if actual != digest:
+        log.warning("the source returned bytes with digest %s for %s %s; refusing them", actual, what, digest)
+        raise ServiceError(
+            grpc.StatusCode.DATA_LOSS, Reason.CHECKSUM_MISMATCH,
+            f"the {what} bytes fetched for {digest} have digest {actual}; refusing to use them",
+            metadata={"expected_digest": digest, "actual_digest": actual})
+    return data

@@ -26,10 +26,10 @@ from services.registry.resolver import Catalog, Release, Requirement, Resolution
 from services.registry.store import MetadataStore, NewVersion, SkillRecord, State, VersionNotFound, VersionRecord
 from services.registry.trust import NamespaceRpcs, Trust
 from services.registry.verify import ABIS as SUPPORTED_ABIS
-from services.registry.verify import Verifier
+from services.registry.verify import MAX_LINKED_BYTES, Verifier
 from services.runtime import bundle as bundles
 from services.runtime.errors import Reason, ServiceError, invalid
-from services.runtime.linking import Copy
+from services.runtime.linking import MAX_MODULES, ROOT, Copy, provider_for
 from services.runtime.names import SHA256_HEX_RE, digest_problem, skill_name_problem, version_problem
 
 log = logging.getLogger("clawhub.registry")
@@ -441,11 +441,17 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                     abi = self._verifier.abi_of(meta.manifest)
                     files = (f"; bundle holds exactly the manifest's {len(meta.manifest.files)} file(s)"
                              if bundle is not None else "")
+                    # Before and after: a resolver catalogue built while the transition commits must not be
+                    # kept as current (it may predate the new READY version).
                     self._generation += 1
-                    record = await self._store.transition(
-                        name, version, State.READY,
-                        f"verification passed: compiles with wasmtime and implements {abi.name if abi else '?'} "
-                        f"with capabilities [{', '.join(meta.manifest.capabilities)}]{files}; {grant.summary()}")
+                    try:
+                        record = await self._store.transition(
+                            name, version, State.READY,
+                            f"verification passed: compiles with wasmtime and implements "
+                            f"{abi.name if abi else '?'} with capabilities "
+                            f"[{', '.join(meta.manifest.capabilities)}]{files}; {grant.summary()}")
+                    finally:
+                        self._generation += 1
                     settled = True
                 except BaseException:
                     if not settled:
@@ -634,15 +640,31 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                                                _requirements(list(manifest.dependencies)))
         except ResolutionError as exc:
             return [f"the module imports from its dependencies, but they do not resolve: {exc}"]
+        copies = [Copy(r.package, r.version, r.digest, r.shared, r.required_by) for r in resolved]
+        # Only the copies the imports reach are read and compiled, and only up to the graph bounds.
         modules: dict[str, bytes] = {}
-        for dep in resolved:
-            if dep.digest not in modules:
-                reader = await self._blobs.read(dep.digest)
+        pending = [(package, ROOT) for package in await self._verifier.dependency_packages(data)]
+        seen: set[tuple[str, str, bool]] = set()
+        total = 0
+        while pending:
+            package, dependent = pending.pop()
+            copy = provider_for(package, dependent, copies)
+            if copy is None or (copy.package, copy.version, copy.shared) in seen:
+                continue  # a missing provider is reported by verify_links
+            seen.add((copy.package, copy.version, copy.shared))
+            if len(seen) > MAX_MODULES:
+                return [f"the dependency graph the module imports from has more than {MAX_MODULES} modules"]
+            if copy.digest not in modules:
+                reader = await self._blobs.read(copy.digest)
                 try:
-                    modules[dep.digest] = b"".join([chunk async for chunk in reader.chunks()])
+                    modules[copy.digest] = b"".join([chunk async for chunk in reader.chunks()])
                 finally:
                     reader.close()
-        copies = [Copy(r.package, r.version, r.digest, r.shared, r.required_by) for r in resolved]
+                total += len(modules[copy.digest])
+                if total > MAX_LINKED_BYTES:
+                    return [f"the dependency modules the module imports from total more than "
+                            f"{MAX_LINKED_BYTES} bytes"]
+            pending += [(p, copy.label) for p in await self._verifier.dependency_packages(modules[copy.digest])]
         return await self._verifier.verify_links(data, manifest, copies, modules)
 
     async def _resolver_catalog(self) -> Catalog:

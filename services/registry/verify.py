@@ -9,7 +9,9 @@ publishes cannot take every core from the event loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import wasmtime
@@ -33,12 +35,21 @@ ABIS: dict[skill_pb2.Abi.ValueType, Abi] = {skill_pb2.ABI_WASI_COMMAND_V1: WASI_
                                             skill_pb2.ABI_LIBRARY_V1: LIBRARY_V1}
 
 
+# Compiled modules the verifier keeps (libraries checked again on every publish of a dependent).
+COMPILED_CACHE = 64
+# At most this many bytes of dependency modules are read to check one publish's links.
+MAX_LINKED_BYTES = 256 * 1024 * 1024
+
+
 class Verifier:
     """Checks that module bytes compile and implement the manifest's ABI."""
 
     def __init__(self, *, max_parallel: int | None = None) -> None:
         self._engine: wasmtime.Engine = make_engine()
         self._slots = asyncio.Semaphore(max_parallel or max(1, min(4, os.cpu_count() or 1)))
+        # Compiled modules by sha256 of their bytes (see `_module`); only touched on worker threads, one at a
+        # time per module, and OrderedDict operations are atomic under the GIL.
+        self._compiled: OrderedDict[bytes, wasmtime.Module] = OrderedDict()
 
     @staticmethod
     def abi_of(manifest: skill_pb2.Manifest) -> Abi | None:
@@ -73,12 +84,26 @@ class Verifier:
             problems += await asyncio.to_thread(bundle.problems, path, list(manifest.files))
         return problems
 
+    def _module(self, data: bytes) -> wasmtime.Module:
+        """`data` compiled, from a small cache by content (blobs are immutable and content-addressed, and a
+        popular library is linked-checked on every publish of its dependents). Raises WasmtimeError."""
+        key = hashlib.sha256(data).digest()
+        module = self._compiled.get(key)
+        if module is None:
+            module = wasmtime.Module(self._engine, data)
+            self._compiled[key] = module
+            while len(self._compiled) > COMPILED_CACHE:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
+        return module
+
     async def dependency_packages(self, data: bytes) -> set[str]:
         """The packages the module imports functions from (its run-time dependencies); empty when it
         imports only WASI, or when it does not compile (`verify` reports that)."""
         def find() -> set[str]:
             try:
-                return set(dependency_imports(wasmtime.Module(self._engine, data)))
+                return set(dependency_imports(self._module(data)))
             except wasmtime.WasmtimeError:
                 return set()
         async with self._slots:
@@ -86,20 +111,21 @@ class Verifier:
 
     async def verify_links(self, data: bytes, manifest: skill_pb2.Manifest, copies: list[Copy],
                            modules: dict[str, bytes]) -> list[str]:
-        """Problems linking the module with the resolved dependency `copies` (`modules`: their bytes by
-        digest): each import from a package must be a declared dependency whose resolved version exports a
-        function of that name and type, transitively, with no cycle. Empty when it links."""
+        """Problems linking the module with the resolved dependency `copies` (`modules`: the bytes, by
+        digest, of every copy its imports reach): each import from a package must be a declared dependency
+        whose resolved version exports a function of that name and type, transitively, with no cycle and
+        within the per-call instance bound. Empty when it links."""
         declared = {d.package for d in manifest.dependencies}
 
         def check() -> list[str]:
-            root = wasmtime.Module(self._engine, data)
+            root = self._module(data)
             problems = undeclared_imports(root, declared)
             if problems:
                 return problems
             compiled: dict[str, wasmtime.Module] = {}
             for digest, blob in modules.items():
                 try:
-                    compiled[digest] = wasmtime.Module(self._engine, blob)
+                    compiled[digest] = self._module(blob)
                 except wasmtime.WasmtimeError:
                     problems.append(f"the dependency module {digest} does not compile")
             if problems:

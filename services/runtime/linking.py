@@ -18,8 +18,8 @@ module, so a dependency cannot reach into its dependent's memory (or the other w
 satisfied by the pinned version's exports (same name, same function type) and that the graph has no cycle,
 and keeps the compiled modules; the registry builds one to verify a publish, the executor to run calls.
 `instantiate(store)` builds the instances for one call inside that call's Store, dependencies first.
-Dependency modules get their WASI imports from the same Store, so they see exactly the skill's grant and
-are bounded by the same limits (memory, epoch, fuel).
+Dependency modules may not import WASI (in the skill's Store they would act with its grant), and are
+bounded by the call's wall clock and fuel and, each memory, by its memory limit.
 
 Pure wasmtime, no I/O: shared by the registry and the executor.
 """
@@ -36,6 +36,11 @@ from services.runtime.names import skill_name_problem
 from services.runtime.wasm import WASI_P1
 
 ROOT = "(root)"
+# One call instantiates at most this many modules (the skill and its dependency instances), and a graph
+# holds at most MAX_MODULES distinct modules: bounds on the work, memory and pooled instance slots a
+# single skill can take (each module's memory is limited to the call's memory limit).
+MAX_INSTANCES = 16
+MAX_MODULES = 64
 
 
 def dependency_imports(module: wasmtime.Module) -> dict[str, list[wasmtime.ImportType]]:
@@ -154,6 +159,8 @@ class DependencyGraph:
             key = (copy.package, copy.version, copy.shared)
             node = nodes.get(key)
             if node is None:
+                if len(nodes) >= MAX_MODULES:
+                    raise LinkError([f"the dependency graph has more than {MAX_MODULES} modules"])
                 node = _Node(copy.label, modules[copy.digest], copy.shared)
                 nodes[key] = node
                 expand(node, copy.label)
@@ -161,6 +168,12 @@ class DependencyGraph:
 
         def expand(node: _Node, dependent: str) -> None:
             node.imports = [(i.module, i.name or "") for i in node.module.imports]
+            if dependent != ROOT:
+                # A dependency runs in its dependent's Store: with WASI it would see the skill's environment
+                # (its secrets), arguments, files and output. Dependencies compute; they do no I/O.
+                problems.extend(f"{node.label} imports `{WASI_P1}.{name}`: a dependency may not use WASI (it "
+                                "would act with its dependent's grant); only functions of other packages"
+                                for package, name in node.imports if package == WASI_P1)
             providers: dict[str, tuple[str, wasmtime.Module]] = {}
             for package in dependency_imports(node.module):
                 copy = provider_for(package, dependent, copies)
@@ -181,8 +194,32 @@ class DependencyGraph:
         cycle = self._cycle()
         if cycle:
             problems.append("the dependencies import each other in a cycle: " + " -> ".join(cycle))
+        elif (count := self._instances()) > MAX_INSTANCES:
+            problems.append(f"one call would instantiate {count} modules (non-shared dependencies get an "
+                            f"instance per dependent); at most {MAX_INSTANCES} are allowed")
         if problems:
             raise LinkError(list(dict.fromkeys(problems)))
+
+    def _instances(self) -> int:
+        """How many instances one call creates: each node once per dependent instance when non-shared,
+        once per call when shared. Only called on an acyclic graph."""
+        shared: set[int] = set()
+        per_node: dict[int, int] = {}
+
+        def subtree(node: _Node) -> int:
+            # Instances made when `node` is instantiated once, shared ones excluded (counted once below).
+            if id(node) not in per_node:
+                total = 1
+                for child in node.links.values():
+                    if child.shared:
+                        shared.add(id(child))
+                        subtree(child)
+                    else:
+                        total += subtree(child)
+                per_node[id(node)] = total
+            return per_node[id(node)]
+
+        return subtree(self.root) + sum(per_node[n] for n in shared)
 
     def _cycle(self) -> list[str]:
         """A chain of labels that leads back to its start, or [] when the graph is acyclic."""

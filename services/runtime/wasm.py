@@ -137,6 +137,9 @@ class LibraryV1:
         problems: list[str] = []
         if not any(isinstance(e.type, wasmtime.FuncType) for e in module.exports):
             problems.append("a library must export at least one function for its dependents to import")
+        problems += [f"a library may not import `{WASI_P1}.{imp.name}`: it runs in its dependent's sandbox "
+                     "and would act with the dependent's grant; it may import only functions of its own "
+                     "dependencies" for imp in module.imports if imp.module == WASI_P1]
         return problems + import_problems(module, capabilities, dependencies)
 
 

@@ -162,14 +162,26 @@ async def test_the_retry_on_the_stable_version_keeps_the_callers_deadline(env: E
     # What the candidate used up is gone from the retry's budget.
     assert retry.time_remaining is not None and retry.time_remaining < 1.85
 
-    # A candidate slower than the caller's deadline: the deadline ends the call; no retry past it.
+    # A candidate that hangs: it gets half the caller's budget, then the call is counted as its failure and
+    # the stable version answers within the other half.
     for executor in env.executors:
-        executor.delays[new_digest] = 1.0
+        executor.modes.clear()
+        executor.delays[new_digest] = 5.0
+    before = env.totals(NEW)["failures"]
+    response = await stub.Dispatch(pb.DispatchRequest(skill=SKILL, input=b"b"), timeout=1.0)
+    assert response.version == OLD
+    assert env.executions(OLD) == 2
+
+    async def counted() -> bool:
+        return env.totals(NEW)["failures"] == before + 1
+
+    await eventually(counted)
+    # A stable version slower than what is left of the deadline: the caller's deadline still ends the call.
+    for executor in env.executors:
+        executor.delays[digest_of(SKILL, OLD)] = 5.0
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Dispatch(pb.DispatchRequest(skill=SKILL, input=b"b"), timeout=0.3)
+        await stub.Dispatch(pb.DispatchRequest(skill=SKILL, input=b"c"), timeout=0.3)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await asyncio.sleep(0.1)
-    assert env.executions(OLD) == 1
 
 
 async def test_stats_reports_carry_counts_latency_and_p99(env: Env) -> None:

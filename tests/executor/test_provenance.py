@@ -29,6 +29,7 @@ from services.runtime.wasm import sha256_digest
 from tests.conftest import Starter
 from tests.executor.conftest import TEST_SETTINGS, MemorySource
 from tests.executor.fixtures import ECHO, NO_OUTPUT
+from tests.executor.test_dependencies import LIB, SHOUT  # a library, and a skill calling its `upper`
 
 SKILL = "com.acme.echo"
 DOMAIN = "executor.clawhub"
@@ -251,3 +252,25 @@ async def test_tampering_with_the_registrys_stored_manifest_is_caught_on_load(st
         # The untouched version loads and runs.
         await executor.LoadSkill(pb.LoadSkillRequest(digest=digest, skill=SKILL, version="1.0.0"), timeout=10)
         assert (await executor.Execute(execute(digest), timeout=10)).output == b"ok:hi"
+
+
+async def test_a_signed_namespace_runs_only_signed_dependencies(setup: Setup) -> None:
+    key = signing.generate()
+    setup.registry.claim("com.acme", key)
+    lib = setup.source.add(LIB)
+    digest = setup.source.add(SHOUT)
+    setup.registry.publish(SHOUT, key=key)
+    dependency = skill_pb2.ResolvedDependency(package="org.text", version="1.0.0", digest=lib,
+                                              required_by=["(root)"])
+    # Anyone may publish org.text (no namespace): unsigned, it cannot run inside a signed skill.
+    setup.registry.publish(LIB, skill="org.text")
+    meta = await refused(setup.stub.Execute(execute(digest, dependencies=[dependency]), timeout=10),
+                         grpc.StatusCode.PERMISSION_DENIED, "SIGNATURE_REQUIRED")
+    assert meta["dependency"] == "org.text@1.0.0"
+    # Signed by a key its own namespace trusts, it runs.
+    other = signing.generate()
+    setup.registry.claim("org.text", other, require_signatures=False)
+    setup.registry.publish(LIB, skill="org.text", version="1.0.1", key=other)
+    dependency.version = "1.0.1"
+    response = await setup.stub.Execute(execute(digest, dependencies=[dependency]), timeout=10)
+    assert response.output == b"HI"

@@ -69,3 +69,12 @@ async def test_a_library_must_export_a_function(registry: Client) -> None:
                                                  abi=skill_pb2.ABI_LIBRARY_V1))
     check_error(err.value, grpc.StatusCode.INVALID_ARGUMENT, "VERIFICATION_FAILED")
     assert "a library must export at least one function" in (err.value.details() or "")
+
+
+async def test_a_library_may_not_import_wasi(registry: Client) -> None:
+    leaky = wasm('(module (import "wasi_snapshot_preview1" "environ_get" (func (param i32 i32) (result i32)))'
+                 ' (func (export "add1") (param i32) (result i32) (local.get 0)))')
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await publish_raw(registry.stub, request(leaky, "org.leaky", "1.0.0", abi=skill_pb2.ABI_LIBRARY_V1))
+    check_error(err.value, grpc.StatusCode.INVALID_ARGUMENT, "VERIFICATION_FAILED")
+    assert "a library may not import `wasi_snapshot_preview1.environ_get`" in (err.value.details() or "")

@@ -136,3 +136,43 @@ def test_provider_prefers_the_copy_resolved_for_the_dependent() -> None:
     assert provider_for("org.counter", "org.b@1.0.0", copies) == copies[3]
     assert provider_for("org.counter", "org.a@1.0.0", copies) == copies[2]
     assert provider_for("org.counter", "(root)", copies) is None
+
+
+def test_a_dependency_may_not_use_wasi(engine: wasmtime.Engine) -> None:
+    # It would run with the skill's grant: read its env secrets, write to its output.
+    leaky = wat('(module (import "wasi_snapshot_preview1" "environ_get" (func (param i32 i32) (result i32)))'
+                ' (func (export "bump") (result i32) (i32.const 0)))')
+    mods = modules(engine)
+    mods[DIGESTS["counter1"]] = wasmtime.Module(engine, leaky)
+    with pytest.raises(LinkError) as err:
+        DependencyGraph(engine, wasmtime.Module(engine, ROOT), ab(True), mods)
+    assert "org.counter@1.0.0 imports `wasi_snapshot_preview1.environ_get`: a dependency may not use WASI" \
+        in str(err.value)
+
+
+def layered(engine: wasmtime.Engine, depth: int, *, shared: bool) -> tuple[wasmtime.Module, list[Copy],
+                                                                          dict[str, wasmtime.Module]]:
+    """A diamond chain: each layer's two packages both import both packages of the next layer."""
+    copies: list[Copy] = []
+    mods: dict[str, wasmtime.Module] = {}
+    for layer in range(depth):
+        for side in "lr":
+            name = f"org.l{layer}{side}"
+            imports = "" if layer == depth - 1 else "".join(
+                f'(import "org.l{layer + 1}{s}" "f" (func))' for s in "lr")
+            digest = "sha256:" + f"{layer:02d}{side}".encode().hex().ljust(64, "0")
+            mods[digest] = wasmtime.Module(engine, wat(f'(module {imports} (func (export "f")))'))
+            requirers = ("(root)",) if layer == 0 else tuple(f"org.l{layer - 1}{s}@1.0.0" for s in "lr")
+            copies.append(Copy(name, "1.0.0", digest, shared, requirers))
+    root = wasmtime.Module(engine, wat('(module (import "org.l0l" "f" (func)) (import "org.l0r" "f" (func)))'))
+    return root, copies, mods
+
+
+def test_non_shared_diamonds_that_multiply_instances_are_refused(engine: wasmtime.Engine) -> None:
+    # Non-shared: every layer doubles the instances (2 + 4 + 8 + 16 ...): 3 layers = 15 with the root.
+    DependencyGraph(engine, *layered(engine, 3, shared=False))
+    with pytest.raises(LinkError) as err:
+        DependencyGraph(engine, *layered(engine, 4, shared=False))
+    assert "one call would instantiate 31 modules" in str(err.value)
+    # Shared, the same graph is one instance per package: 1 + 2 * 6 = 13.
+    DependencyGraph(engine, *layered(engine, 6, shared=True))
