@@ -147,6 +147,8 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                 "that depend on it and cannot be deployed on its own; deploy a skill that imports it",
                 metadata={"skill": request.skill, "version": request.version})
         _check_env(request.skill, request.version, dict(request.env), manifest.capabilities)
+        if request.WhichOneof("strategy") == "canary":
+            await self._check_canary_possible(request.skill, version.digest)
         dependencies = await self._pin_dependencies(request.skill, request.version, manifest, timeout)
         record = await self._releaser.start_deployment(
             request.skill, request.version, version.digest, manifest.limits, request.request_id, plan=plan,
@@ -154,6 +156,16 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
             capabilities=list(manifest.capabilities), examples=list(manifest.examples),
             dependencies=dependencies)
         return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record))
+
+    async def _check_canary_possible(self, skill: str, digest: str) -> None:
+        """A canary splits traffic and stats by module digest: a redeploy of the module that serves now
+        (new env or limits) cannot be told apart from it, so it has to go blue-green."""
+        owner = self._hub.owner(skill)
+        serving = await self._store.get_deployment(owner) if owner else None
+        if serving is not None and serving.digest == digest:
+            raise invalid(Reason.INVALID_ARGUMENT, "canary",
+                          f"{skill} already serves module {digest[:19]}…: a canary of the same module (a new env "
+                          "or limits) cannot be split from it; deploy it blue-green (leave out canary)")
 
     async def _pin_dependencies(self, skill: str, version: str, manifest: skill_pb2.Manifest,
                                 timeout: float) -> list[skill_pb2.ResolvedDependency]:

@@ -524,3 +524,17 @@ async def test_a_deployer_killed_mid_bake_settles_on_restart(env: Env, tmp_path:
     # One route, one version: never two claiming the skill.
     assert targets(await first_table(stub)) == [("1.0.0", 100, routing_pb2.ROUTE_TARGET_ROLE_UNSPECIFIED)]
     assert [(d.version, d.serving) for d in listed] == [("2.0.0", False), ("1.0.0", True)]
+
+
+async def test_a_canary_of_the_module_already_serving_is_refused(env: Env) -> None:
+    # Same digest (a redeploy with new env or limits): traffic and stats cannot be split from the serving one.
+    _, stub, _ = await platform(env)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateDeployment(pb.CreateDeploymentRequest(
+            skill=SKILL, version="1.0.0", canary=pb.CanaryStrategy(weights=[10, 100], step=seconds(1))), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = bad_request(caught.value)
+    assert violations is not None and [v.field for v in violations.field_violations] == ["canary"]
+    # Blue-green, the same redeploy goes through.
+    done, _ = await release(env, stub, "1.0.0", **bake(0))
+    assert done.state == ACTIVE
