@@ -150,22 +150,22 @@ def main() -> None:
             # Free the instance now rather than whenever the garbage collector gets to it.
             p.__del__()
 
-    engine_at = capi.target(sandbox.engine.ptr())
+    engine = capi.word(capi.target(sandbox.engine.ptr()))
 
     def isolation_only() -> None:
         # What per-call isolation itself costs clawhub: a fresh Store and instance of the echo, nothing run,
         # made (and deleted) the way `Sandbox.run` makes them for it: through the C API when the module
         # can take the raw path (memory-v1, no WASI import), else through wasmtime-py's Store.
-        if not echo.raw_pre:
+        if echo.raw_pre_arg is None:
             echo.instantiate(capi.new_store(sandbox.engine))
             return
-        trap_at, instance_at, trap = capi.scratch.raw[0], capi.scratch.raw[2], capi.scratch.trap
-        store = capi.store_new(engine_at, None, None)
+        trap_arg, _, instance_arg = capi.scratch.raw[:3]
+        store = capi.u_store_new(engine, None, None)
         try:
-            error = capi.instantiate_pre(echo.raw_pre, capi.store_context(store), instance_at, trap_at)
-            capi.raise_failure(error, trap)
+            error = capi.u_instantiate_pre(echo.raw_pre_arg, capi.u_store_context(store), instance_arg, trap_arg)
+            capi.raise_failure(error, capi.scratch.trap)
         finally:
-            capi.store_delete(store)
+            capi.u_store_delete(store)
 
     us = per_call_us({
         "memory": clawhub_memory,

@@ -7,7 +7,8 @@ are in `services/runtime/wasm.py`):
 - memory-v1: input written into guest memory at the address `clawhub_alloc` returns, output read from
   the region `clawhub_run` returns, both bounds-checked by the host; no WASI stdio on the way, and the
   calls go straight to wasmtime's C API (`capi`), which makes a small call about as cheap as the fresh
-  instance it needs.
+  instance it needs. A module that imports no WASI function and has no dependencies (`raw_pre`) runs
+  without any wasmtime-py object (`Sandbox._run_raw`: a raw Store, the same limits, about 9 µs per echo).
 
 Instances come from a pooling allocator (`capi.pooling_config`): a fresh instance per call reuses a
 reserved slot instead of mapping and unmapping memory (measured on the bare C-API sequence of a memory-v1
@@ -56,6 +57,21 @@ from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 
 from services.executor import capi
+from services.executor.capi import read_bytes as _read_bytes
+from services.executor.capi import u_call_unchecked as _call_unchecked
+from services.executor.capi import u_epoch_deadline_callback as _epoch_deadline_callback
+from services.executor.capi import u_export_get as _export_get
+from services.executor.capi import u_instantiate_pre as _instantiate_pre
+from services.executor.capi import u_memory_data as _memory_data
+from services.executor.capi import u_memory_data_size as _memory_data_size
+from services.executor.capi import u_set_epoch_deadline as _set_epoch_deadline
+from services.executor.capi import u_store_context as _store_context
+from services.executor.capi import u_store_delete as _store_delete
+from services.executor.capi import u_store_limiter as _store_limiter
+from services.executor.capi import u_store_new as _store_new
+from services.executor.capi import word as _word
+from services.executor.capi import words as _words
+from services.executor.capi import write_bytes as _write_bytes
 from services.runtime.linking import DependencyGraph, dependency_imports
 from services.runtime.wasm import (
     BUNDLE_GUEST_DIR,
@@ -76,6 +92,7 @@ from services.runtime.wasm import (
 TICK_SECONDS = 0.01
 # How often (in ticks) a running store comes back to the host to check its deadline and cancellation.
 SLICE_TICKS = 5
+_SLICE_SECONDS = SLICE_TICKS * TICK_SECONDS
 WASM_PAGE = 64 * 1024
 # At most this many table elements per store (8 bytes each), so a table.grow loop cannot eat the host.
 MAX_TABLE_ELEMENTS = 1 << 20
@@ -87,6 +104,10 @@ _MASK64 = (1 << 64) - 1
 _ALLOC_NAME = MEMORY_ALLOC.encode()
 _RUN_NAME = MEMORY_RUN.encode()
 _MEMORY_NAME = b"memory"
+# Constant arguments of `_run_raw`'s C calls (`capi.word`).
+_ALLOC_LEN, _RUN_LEN, _MEMORY_LEN = (capi.word(len(name)) for name in (_ALLOC_NAME, _RUN_NAME, _MEMORY_NAME))
+_TABLE_LIMIT, _NO_LIMIT, _TWO, _SLICE_DEADLINE = (capi.word(n) for n in (MAX_TABLE_ELEMENTS, -1, 2,
+                                                                         SLICE_TICKS + 1))
 
 
 class ModuleRejected(Exception):
@@ -219,6 +240,17 @@ class CompiledModule:
     checks: dict[tuple[str, ...], list[str]] = field(default_factory=dict, compare=False, repr=False)
     # The module linked with its pinned dependency modules (`with_graph`); None for a module without any.
     graph: DependencyGraph | None = field(default=None, compare=False, repr=False)
+    # The address of `pre`'s C object when a call can take `Sandbox.run`'s raw path (memory-v1, no WASI
+    # import, no dependencies), else 0. Derived from the fields above (kept in step by `replace`).
+    raw_pre: int = field(default=0, init=False, compare=False, repr=False)
+    # The same address as an argument for `capi`'s untyped functions (`capi.word`), or None.
+    raw_pre_arg: Any = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.pre is not None and self.abi is MEMORY_V1 and not self.wasi and self.graph is None:
+            address = capi.target(self.pre.ptr())
+            object.__setattr__(self, "raw_pre", address)
+            object.__setattr__(self, "raw_pre_arg", ctypes.byref(ctypes.c_char.from_address(address)))
 
     def instantiate(self, store: wasmtime.Store) -> wasmtime.Instance:
         """The instance a call runs, in its fresh `store`: the one place instantiation happens. A module
@@ -239,14 +271,26 @@ class _AbiViolation(Exception):
     """A memory-v1 module returned an address or length the host refuses; reported as a trap."""
 
 
-_RESULT_FIELDS = tuple(f.name for f in fields(RunResult))
+_RESULT_FIELDS = ("verdict", "output", "stderr", "wall_seconds", "peak_memory_bytes", "budget_seconds",
+                  "exit_code", "detail", "fuel_consumed")
+if tuple(f.name for f in fields(RunResult)) != _RESULT_FIELDS:  # keep `_result` in step with RunResult
+    raise RuntimeError("sandbox._result is out of step with RunResult's fields")
 
 
-def _result(*values: Any) -> RunResult:
-    """`RunResult(*values)` (all fields, in order) without the frozen dataclass's per-field
-    `object.__setattr__`: 1.4 µs of a 17 µs call. The instance is the same as the constructor's."""
-    result = object.__new__(RunResult)
-    result.__dict__.update(zip(_RESULT_FIELDS, values, strict=True))
+_new = object.__new__
+_set_attribute = object.__setattr__
+
+
+def _result(verdict: Verdict, output: bytes, stderr: bytes, wall_seconds: float, peak_memory_bytes: int,
+            budget_seconds: float, exit_code: int, detail: str, fuel_consumed: int) -> RunResult:
+    """`RunResult(...)` (all fields, in order) without the frozen dataclass's per-field
+    `object.__setattr__` (1.4 µs of a 17 µs call; this takes 0.4). The instance is the same as the
+    constructor's."""
+    result = _new(RunResult)
+    _set_attribute(result, "__dict__", {
+        "verdict": verdict, "output": output, "stderr": stderr, "wall_seconds": wall_seconds,
+        "peak_memory_bytes": peak_memory_bytes, "budget_seconds": budget_seconds, "exit_code": exit_code,
+        "detail": detail, "fuel_consumed": fuel_consumed})
     return result
 
 
@@ -324,6 +368,40 @@ def _stdin_bytes(config: wasmtime.WasiConfig, data: bytes) -> None:
     ffi.wasi_config_set_stdin_bytes(config.ptr(), ctypes.byref(vec))
 
 
+def _verdict_of(exc: BaseException, memory_abi: bool) -> tuple[Verdict, int, str]:
+    """The (verdict, exit code, detail) of a run that raised `exc` (one of `_RUN_FAILURES`)."""
+    if isinstance(exc, _OverOutput):
+        return Verdict.OUTPUT_LIMIT, 0, ""
+    if isinstance(exc, _OverMemory):
+        return Verdict.MEMORY_LIMIT, 0, str(exc)
+    if isinstance(exc, _AbiViolation):
+        return Verdict.TRAPPED, 0, f"ABI violation: {exc}"
+    if isinstance(exc, wasmtime.ExitTrap):
+        if exc.code != 0:
+            return Verdict.EXIT_NONZERO, exc.code, ""
+        if memory_abi:
+            return (Verdict.TRAPPED, 0, f"ABI violation: the skill called proc_exit(0) instead of returning from "
+                                        f"`{MEMORY_RUN}`")
+        return Verdict.OK, 0, ""
+    if isinstance(exc, wasmtime.Trap):
+        detail = _first_line(exc.message)
+        if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+            return Verdict.TIMEOUT, 0, detail
+        if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return Verdict.FUEL_EXHAUSTED, 0, detail
+        return Verdict.TRAPPED, 0, detail
+    # A WasmtimeError: instantiation failures (initial memory over the limit, a trapping start function) and
+    # host errors (the epoch callback's stop) land here.
+    detail = _first_line(str(exc))
+    if "exceeds memory limits" in detail:
+        return Verdict.MEMORY_LIMIT, 0, detail
+    if "interrupt" in detail:
+        return Verdict.TIMEOUT, 0, detail
+    if "all fuel consumed" in detail:
+        return Verdict.FUEL_EXHAUSTED, 0, detail
+    return Verdict.TRAPPED, 0, detail
+
+
 class Sandbox:
     """One engine, its epoch ticker, and the compile/run operations. `run` is thread-safe."""
 
@@ -343,9 +421,14 @@ class Sandbox:
         self._stop = threading.Event()
         # Runs in progress by id, for the epoch callback (which gets the id as its `env` pointer).
         self._running: dict[int, _Running] = {}
+        self._raw_threads = threading.local()  # per-thread `_raw_slot`
         self._ids = itertools.count(1)  # next() is atomic under the GIL
         self._on_epoch_c = _EPOCH_CALLBACK(self._on_epoch)
         self._on_epoch_at = capi.address(self._on_epoch_c)
+        # For `_run_raw`: the engines' C objects, by `metered` (False, True), and the callback, as arguments.
+        self._engine_arg = (capi.word(capi.target(self.engine.ptr())),
+                            capi.word(capi.target(self.metered_engine.ptr())))
+        self._on_epoch_arg = capi.word(self._on_epoch_at)
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch-ticker", daemon=True)
         self._ticker.start()
 
@@ -453,6 +536,8 @@ class Sandbox:
             return RunResult(Verdict.TIMEOUT, b"", b"", 0.0, 0, budget_seconds=max(budget, 0.0))
         if control is not None and control.cancelled:
             return RunResult(Verdict.CANCELLED, b"", b"", 0.0, 0, budget_seconds=budget)
+        if compiled.raw_pre:
+            return self._run_raw(compiled.raw_pre_arg, stdin, limits, control, budget, metered)
 
         memory_abi = compiled.abi is MEMORY_V1
         store = capi.new_store(self.engine_for(metered))
@@ -505,39 +590,8 @@ class Sandbox:
                 if not isinstance(start, wasmtime.Func):  # the ABI check makes this unreachable
                     raise wasmtime.WasmtimeError("the export `_start` is not a function")
                 start(store)
-        except _OverOutput:
-            verdict = Verdict.OUTPUT_LIMIT
-        except _OverMemory as exc:
-            verdict, detail = Verdict.MEMORY_LIMIT, str(exc)
-        except _AbiViolation as exc:
-            verdict, detail = Verdict.TRAPPED, f"ABI violation: {exc}"
-        except wasmtime.ExitTrap as exc:
-            exit_code = exc.code
-            if exit_code != 0:
-                verdict = Verdict.EXIT_NONZERO
-            elif memory_abi:
-                verdict, detail = Verdict.TRAPPED, f"ABI violation: the skill called proc_exit(0) instead of " \
-                                                   f"returning from `{MEMORY_RUN}`"
-        except wasmtime.Trap as exc:
-            detail = _first_line(exc.message)
-            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
-                verdict = Verdict.TIMEOUT
-            elif exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
-                verdict = Verdict.FUEL_EXHAUSTED
-            else:
-                verdict = Verdict.TRAPPED
-        except wasmtime.WasmtimeError as exc:
-            # Instantiation failures (initial memory over the limit, a trapping start function) and host
-            # errors land here.
-            detail = _first_line(str(exc))
-            if "exceeds memory limits" in detail:
-                verdict = Verdict.MEMORY_LIMIT
-            elif "interrupt" in detail:
-                verdict = Verdict.TIMEOUT
-            elif "all fuel consumed" in detail:
-                verdict = Verdict.FUEL_EXHAUSTED
-            else:
-                verdict = Verdict.TRAPPED
+        except _RUN_FAILURES as exc:
+            verdict, exit_code, detail = _verdict_of(exc, memory_abi)
         finally:
             del self._running[run_id]
         wall = time.perf_counter() - started
@@ -561,6 +615,131 @@ class Sandbox:
         if message:  # a memory-v1 failure: its message goes after what it printed, within the stderr cap
             errors += message[:max(0, limits.max_stderr_bytes - len(errors))]
         return _result(verdict, output, errors, wall, peak, budget, exit_code, detail, fuel_consumed)
+
+    def _run_raw(self, pre: Any, data: bytes, limits: RunLimits, control: RunControl | None, budget: float,
+                 metered: bool) -> RunResult:
+        """`run` of a memory-v1 module without WASI imports or dependencies (`CompiledModule.raw_pre`),
+        entirely through wasmtime's C API: a fresh Store (deleted on the way out, whatever happens) with
+        the same limiter, fuel, epoch deadline and callback as `run`'s, an instance from the InstancePre,
+        then the memory-v1 call with the host-side checks of `_call_memory`. No wasmtime-py wrapper object
+        is made. Every line here is per call, so it is written for speed: C functions bound at import and
+        called with arguments ctypes need not convert (`capi`'s `u_` functions; never pass them a bare
+        int), per-thread slots, no C call that can be skipped (each costs ctypes about 0.15 µs)."""
+        try:
+            slot = self._raw_threads.slot
+        except AttributeError:
+            slot = self._raw_slot()
+        (running, run_id, run_arg, trap_ref, args_ref, instance_ref, alloc_ref, run_ref, memory_ref, alloc_func,
+         run_func, memory, arg0, arg1, result, trap) = slot
+        store = _store_new(self._engine_arg[metered], None, None)
+        try:
+            ctx = _store_context(store)
+            memory_limit = limits.memory_bytes
+            _store_limiter(store, _words.get(memory_limit) or _word(memory_limit), _TABLE_LIMIT, _NO_LIMIT,
+                           _NO_LIMIT, _NO_LIMIT)
+            trap.value = None
+            if metered:
+                capi.raise_failure(capi.set_fuel(ctx, limits.fuel), trap)
+            _epoch_deadline_callback(store, self._on_epoch_arg, run_arg, None)
+            # As in `run`: the callback decides at each deadline; +1 as the first tick may come right away.
+            _set_epoch_deadline(ctx, _SLICE_DEADLINE if budget >= _SLICE_SECONDS
+                                else _word(math.ceil(budget / TICK_SECONDS) + 1))
+            verdict, exit_code, detail, output, message = Verdict.OK, 0, "", b"", b""
+            peak = -1  # unknown
+            instantiated = False
+            started = time.monotonic()
+            running.ends, running.control, running.stopped = started + budget, control, None
+            self._running[run_id] = running
+            try:
+                error = _instantiate_pre(pre, ctx, instance_ref, trap_ref)
+                if error or trap.value:
+                    capi.raise_failure(error, trap)
+                instantiated = True
+                # The ABI check makes these exist with the right types in every instance of the module.
+                if not (_export_get(ctx, instance_ref, _ALLOC_NAME, _ALLOC_LEN, alloc_ref)
+                        and _export_get(ctx, instance_ref, _RUN_NAME, _RUN_LEN, run_ref)
+                        and _export_get(ctx, instance_ref, _MEMORY_NAME, _MEMORY_LEN, memory_ref)):
+                    raise _AbiViolation("the instance lacks the memory-v1 exports")
+                size = len(data)
+                arg0.value = size
+                error = _call_unchecked(ctx, alloc_func, args_ref, _TWO, trap_ref)
+                if error or trap.value:
+                    _raise_alloc_failure(error, trap, ctx, memory, size, memory_limit)
+                ptr = arg0.value
+                peak = memory_size = _memory_data_size(ctx, memory)
+                if ptr + size > memory_size:
+                    raise _AbiViolation(f"`{MEMORY_ALLOC}({size})` returned address {ptr}, but {size} bytes "
+                                        f"there do not fit in the {memory_size}-byte memory")
+                base = _memory_data(ctx, memory)
+                if size:
+                    _write_bytes(base + ptr, data, size)
+                arg0.value = ptr
+                arg1.value = size
+                error = _call_unchecked(ctx, run_func, args_ref, _TWO, trap_ref)
+                if error or trap.value:
+                    peak = -1  # the run may have grown the memory before it failed
+                    capi.raise_failure(error, trap)
+                packed = result.value
+                peak = _memory_data_size(ctx, memory)
+                if peak != memory_size:
+                    # Only a growth moves a memory (and only one that is not reserved in full up front).
+                    memory_size, base = peak, _memory_data(ctx, memory)
+                out_len = packed & 0xFFFFFFFF
+                if packed >= MEMORY_FAILED_BIT:
+                    out_ptr = (packed >> 32) & 0x7FFFFFFF
+                    if out_ptr + out_len > memory_size:
+                        raise _AbiViolation(f"`{MEMORY_RUN}` returned its error message at "
+                                            f"[{out_ptr}, {out_ptr + out_len}), outside the {memory_size}-byte "
+                                            f"memory")
+                    # The message is for stderr: read no more than fits there.
+                    out_len = min(out_len, limits.max_stderr_bytes)
+                    if out_len:
+                        message = _read_bytes(base + out_ptr, out_len)
+                    verdict, exit_code = Verdict.EXIT_NONZERO, 1
+                else:
+                    out_ptr = packed >> 32
+                    if out_len > limits.max_output_bytes:
+                        raise _OverOutput
+                    if out_ptr + out_len > memory_size:
+                        raise _AbiViolation(f"`{MEMORY_RUN}` returned its output at "
+                                            f"[{out_ptr}, {out_ptr + out_len}), outside the {memory_size}-byte "
+                                            f"memory")
+                    if out_len:
+                        output = _read_bytes(base + out_ptr, out_len)
+            except _RUN_FAILURES as exc:
+                verdict, exit_code, detail = _verdict_of(exc, True)
+            finally:
+                del self._running[run_id]
+                running.control = None
+            wall = time.monotonic() - started
+            if running.stopped is not None:
+                verdict = running.stopped
+            fuel_consumed = limits.fuel - capi.fuel_left(ctx) if metered else 0
+            if peak < 0:
+                peak = _raw_memory_size(ctx) if instantiated else 0
+        finally:
+            _store_delete(store)
+        if verdict is Verdict.OK:
+            ok = _new(RunResult)
+            _set_attribute(ok, "__dict__", {
+                "verdict": verdict, "output": output, "stderr": b"", "wall_seconds": wall,
+                "peak_memory_bytes": peak, "budget_seconds": budget, "exit_code": 0, "detail": "",
+                "fuel_consumed": fuel_consumed})  # `_result`, inline
+            return ok
+        if verdict is Verdict.TRAPPED and _near_limit(peak, memory_limit):
+            verdict = Verdict.MEMORY_LIMIT
+        # A memory-v1 failure's message is its stderr (there is no WASI stderr here), within the cap.
+        return _result(verdict, b"", message[:limits.max_stderr_bytes], wall, peak, budget, exit_code, detail,
+                       fuel_consumed)
+
+    def _raw_slot(self) -> tuple[Any, ...]:
+        """This thread's slot for `_run_raw`: a `_Running` record with its own id, reset for each run (a
+        thread runs one call at a time, and the record is in `_running` only during a run), then the
+        thread's C-API scratch (`capi.Scratch.raw`). It goes away with the thread."""
+        run_id = next(self._ids)
+        slot = (_Running(0.0, None, _NOTHING, _NOTHING), run_id, capi.word(run_id), *capi.scratch.raw)
+        self._raw_threads.slot = slot
+        return slot
 
     @staticmethod
     def _call_memory(ctx: int, instance: wasmtime.Instance, data: bytes,
@@ -623,6 +802,34 @@ class _OverOutput(Exception):
 
 class _OverMemory(Exception):
     """A memory-v1 module's `clawhub_alloc` trapped for an input that does not fit its memory limit."""
+
+
+# What a run turns into a verdict (`_verdict_of`) rather than letting through.
+_RUN_FAILURES = (_OverOutput, _OverMemory, _AbiViolation, wasmtime.Trap, wasmtime.WasmtimeError)
+
+
+def _raise_alloc_failure(error: int | None, trap: ctypes.c_void_p, ctx: Any, memory: Any, size: int,
+                         memory_limit: int) -> None:
+    """Raise what a failed `clawhub_alloc` call reported (see `_call_memory`): an allocator traps when its
+    growth is refused; the `_near_limit` guess misses that when the input alone is what does not fit, but
+    the host knows the size asked for."""
+    try:
+        capi.raise_failure(error, trap)
+    except wasmtime.Trap as exc:
+        if (exc.trap_code not in (wasmtime.TrapCode.INTERRUPT, wasmtime.TrapCode.OUT_OF_FUEL)
+                and capi.memory_data_size(ctx, memory) + size > memory_limit):
+            raise _OverMemory(_first_line(exc.message)) from None
+        raise
+
+
+def _raw_memory_size(ctx: Any) -> int:
+    """`_memory_size` for `_run_raw`'s instance (in this thread's scratch), using its memory extern slot."""
+    s = capi.scratch
+    extern_at = s.at[4]
+    if (capi.export_get(ctx, s.instance_at, _MEMORY_NAME, len(_MEMORY_NAME), extern_at)
+            and ctypes.c_uint8.from_address(extern_at).value == capi.EXTERN_MEMORY):
+        return int(capi.memory_data_size(ctx, extern_at + capi.EXTERN_OF))
+    return 0
 
 
 def _memory_size(ctx: int, instance: wasmtime.Instance) -> int:
