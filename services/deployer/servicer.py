@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -97,6 +98,10 @@ def decode_page_token(token: str, skill: str) -> int:
     if not isinstance(before, int) or isinstance(before, bool) or before < 1:
         raise bad
     return before
+
+
+# How long a WatchDeployment stream waits for an event before it re-reads the deployment.
+WATCH_RECHECK_SECONDS = 1.0
 
 
 class DeployerServicer(pb_grpc.DeployerServiceServicer):
@@ -220,7 +225,17 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                 return
             seen = len(record.history)
             while True:
-                event = await queue.get()
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=WATCH_RECHECK_SECONDS)
+                except TimeoutError:
+                    # A quiet stream re-reads the record now and then: should an event ever be missed, the
+                    # watcher still learns that the release ended instead of waiting for its deadline.
+                    record = await self._get(request.id)
+                    if record.state in SETTLED:
+                        yield pb.WatchDeploymentResponse(deployment=self._releaser.to_proto(record),
+                                                         message=f"ended {state_name(record.state)}")
+                        return
+                    continue
                 if event is None:
                     raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.SHUTTING_DOWN,
                                        "the deployer is shutting down; watch the deployment again",

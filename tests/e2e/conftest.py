@@ -29,9 +29,15 @@ class Suite:
     def gateway(self) -> str:
         return self.addresses["gateway"]
 
-    def cli(self, *args: str, input_text: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "clawhub"), *args, "--gateway", self.gateway], capture_output=True,
-                              text=True, input=input_text, timeout=timeout, cwd=ROOT)
+    def cli(self, *args: str, input_text: str | None = None, timeout: float = 40) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run([str(BIN / "clawhub"), *args, "--gateway", self.gateway], capture_output=True,
+                                  text=True, input=input_text, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired as exc:
+            # Say what the command and the suite were doing, rather than only that the test timed out.
+            raise AssertionError(
+                f"clawhub {' '.join(args)} did not finish in {timeout} s\n--- its output:\n{exc.stdout!r}\n"
+                f"{exc.stderr!r}\n--- the suite's last log lines:\n" + "".join(self.log[-60:])) from None
 
     def grpcurl(self, *args: str, address: str | None = None, data: object = None,
                 timeout: float = 30) -> subprocess.CompletedProcess[str]:
