@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from clawhub.common.v1 import release_pb2
+from clawhub.common.v1 import release_pb2, skill_pb2
 from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
@@ -132,7 +132,11 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
     if version.HasField("signature"):
         print(f"  signed by {version.signature.key_id}" + (f", publisher {version.publisher}" if version.publisher
                                                            else ""))
-    print(f"next: clawhub deploy {version.name}@{version.version}", file=sys.stderr)
+    if version.manifest.abi == skill_pb2.ABI_LIBRARY_V1:
+        print(f"next: publish a skill that depends on {version.name} (a library is linked into its dependents, "
+              "not deployed)", file=sys.stderr)
+    else:
+        print(f"next: clawhub deploy {version.name}@{version.version}", file=sys.stderr)
     return 0
 
 
