@@ -653,10 +653,11 @@ class Releaser:
                        executor=address)
 
     async def _reload(self, record: DeploymentRecord) -> None:
-        """Best effort: load a rollback target again on every executor if a release unloaded it (otherwise it
-        is still loaded and the rollback stays one route push); an executor that cannot still loads it on the
-        first call."""
-        if record.digest not in self._unloaded:
+        """Best effort: load a rollback target again on every executor unless a route still sends it traffic
+        (then it is loaded and the rollback stays one route push). A release may have unloaded it, also
+        before a restart of this deployer, which forgets what it unloaded. An executor that cannot still
+        loads it on the first call."""
+        if record.digest in self._hub.digests() and record.digest not in self._unloaded:
             return
         self._unloaded.discard(record.digest)
 

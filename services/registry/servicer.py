@@ -405,6 +405,14 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                 if not created:
                     if (record.digest, record.bundle_digest) != (actual, bundle_digest):
                         raise _version_exists(name, version, record, actual, bundle_digest)
+                    if skill_pb2.Manifest.FromString(record.manifest) != meta.manifest:
+                        # Same bytes, another manifest (say, one more capability): not the same version.
+                        raise ServiceError(
+                            grpc.StatusCode.ALREADY_EXISTS, Reason.VERSION_EXISTS,
+                            f"{name}@{version} already exists with the same module but another manifest; "
+                            "versions are immutable, publish a new version",
+                            metadata={"name": name, "version": version, "existing_digest": record.digest,
+                                      "digest": actual})
                     # The stored blobs went missing; these are the same verified bytes, so restore them.
                     if bundle is not None and not await self._blobs.exists(bundle_digest):
                         await bundle.commit(bundle_digest)

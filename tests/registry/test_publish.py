@@ -105,6 +105,15 @@ async def test_identical_republish_is_idempotent(registry: Client) -> None:
     assert again.skill_version == first.skill_version
 
 
+async def test_same_bytes_with_another_manifest_already_exist(registry: Client) -> None:
+    await publish(registry.stub, MODULE)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await publish(registry.stub, MODULE, description="a different description")
+    meta = check_error(caught.value, grpc.StatusCode.ALREADY_EXISTS, "VERSION_EXISTS")
+    assert "another manifest" in (caught.value.details() or "") and meta["digest"] == meta["existing_digest"]
+    await still_serving(registry.stub)
+
+
 async def test_same_version_with_other_bytes_already_exists(registry: Client) -> None:
     await publish(registry.stub, MODULE)
     other = module("other")

@@ -53,7 +53,7 @@ async def test_restart_keeps_everything(open_registry: Opener) -> None:
     assert (skill.latest_version, skill.description) == ("1.0.0", "kept")
     assert b"".join(await download(second.stub, digest(MODULE))) == MODULE
     # Immutability survives the restart too.
-    again = await publish(second.stub, MODULE, version="1.0.0")
+    again = await publish(second.stub, MODULE, version="1.0.0", description="kept")
     assert not again.created
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await publish(second.stub, module("different"), version="1.0.0")
