@@ -197,7 +197,9 @@ def _follow(client: Client, args: argparse.Namespace, deployment: deployer_pb.De
     try:
         last = watch.follow_reconnecting(client.deployer.WatchDeployment, deployment,
                                          live=watch.use_live_display(args), timeout=budget, out=sys.stderr,
-                                         printable=printable)
+                                         printable=printable,
+                                         get=lambda id_: client.deployer.GetDeployment(
+                                             deployer_pb.GetDeploymentRequest(id=id_), timeout=args.timeout).deployment)
     except KeyboardInterrupt:
         print(f"\nstopped watching; the release goes on. Follow it again with: clawhub watch {deployment.id}",
               file=sys.stderr)

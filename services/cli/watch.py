@@ -398,6 +398,10 @@ class LiveDisplay:
 # Following the stream.
 
 _END = object()
+# How long a finished watch waits for the deployer to end its stream before cancelling it.
+PUMP_JOIN_SECONDS = 2.0
+# After this long without a word on the stream, the watch asks for the deployment directly.
+QUIET_POLL_SECONDS = 3.0
 
 
 def _pump(stream: Iterator[deployer_pb.WatchDeploymentResponse], events: queue.Queue[Any]) -> None:
@@ -411,7 +415,8 @@ def _pump(stream: Iterator[deployer_pb.WatchDeploymentResponse], events: queue.Q
 
 
 def follow(watch: Callable[..., Any], deployment: deployer_pb.Deployment, *, live: bool, timeout: float,
-           out: IO[str], printable: Callable[[str], str]) -> deployer_pb.Deployment:
+           out: IO[str], printable: Callable[[str], str],
+           get: Callable[[str], deployer_pb.Deployment] | None = None) -> deployer_pb.Deployment:
     """Show the deployment's events until it ends (Active or Failed); returns its last state.
 
     A broken stream raises its grpc.RpcError. Ctrl-C stops following only: the release goes on in the
@@ -420,8 +425,9 @@ def follow(watch: Callable[..., Any], deployment: deployer_pb.Deployment, *, liv
     display: PlainDisplay | LiveDisplay = LiveDisplay(out, printable) if live else PlainDisplay(out, printable)
     stream = watch(deployer_pb.WatchDeploymentRequest(id=deployment.id), timeout=timeout)
     events: queue.Queue[Any] = queue.Queue()
-    threading.Thread(target=_pump, args=(stream, events), daemon=True, name="watch-deployment").start()
-    started = time.monotonic()
+    pump = threading.Thread(target=_pump, args=(stream, events), daemon=True, name="watch-deployment")
+    pump.start()
+    started = heard = time.monotonic()
     status = Status(state=state_name(deployment.state))
     last = deployment
     try:
@@ -430,7 +436,18 @@ def follow(watch: Callable[..., Any], deployment: deployer_pb.Deployment, *, liv
                 item = events.get(timeout=REDRAW_SECONDS)
             except queue.Empty:
                 display.tick(time.monotonic() - started, status)
+                if get is not None and time.monotonic() - heard > QUIET_POLL_SECONDS:
+                    # A quiet stream: ask for the deployment directly, so a lost stream cannot keep us
+                    # waiting after the release ended.
+                    heard = time.monotonic()
+                    polled = get(deployment.id)
+                    if polled.state in TERMINAL_STATES:
+                        last = polled
+                        display.event(time.monotonic() - started, status,
+                                      f"{state_name(polled.state)}: {last_reason(polled)}")
+                        break
                 continue
+            heard = time.monotonic()
             if item is _END:
                 break
             if isinstance(item, grpc.RpcError):
@@ -440,21 +457,31 @@ def follow(watch: Callable[..., Any], deployment: deployer_pb.Deployment, *, liv
             display.event(time.monotonic() - started, status, text, routine)
             if last.state in TERMINAL_STATES:
                 break
-    finally:
+    except BaseException:
         stream.cancel()
+        raise
+    else:
+        # The deployer ends the stream right after the last event: let the pump see that end rather than
+        # cancelling the stream under it (a sync stream cancelled from another thread while it is being read
+        # can block that reader, and then the channel's close, for good: grpc/grpc#20562).
+        pump.join(timeout=PUMP_JOIN_SECONDS)
+        if pump.is_alive():
+            stream.cancel()
+    finally:
         display.close()
     return last
 
 
 def follow_reconnecting(watch: Callable[..., Any], deployment: deployer_pb.Deployment, *, live: bool,
-                        timeout: float, out: IO[str], printable: Callable[[str], str]) -> deployer_pb.Deployment:
+                        timeout: float, out: IO[str], printable: Callable[[str], str],
+                        get: Callable[[str], deployer_pb.Deployment] | None = None) -> deployer_pb.Deployment:
     """`follow`, reconnecting when the stream breaks with UNAVAILABLE (a deployer or gateway restarting:
     `clawhub up` restarts a dead service within a second or two). The release goes on in the deployer
     meanwhile, and a new stream starts from its current state. Other errors, and UNAVAILABLE past the
     retries, are raised."""
     for attempt in itertools.count():
         try:
-            return follow(watch, deployment, live=live, timeout=timeout, out=out, printable=printable)
+            return follow(watch, deployment, live=live, timeout=timeout, out=out, printable=printable, get=get)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= WATCH_RETRIES:
                 raise

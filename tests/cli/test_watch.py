@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -384,3 +385,38 @@ def test_untrusted_text_cannot_drive_the_terminal() -> None:
     display = watch.LiveDisplay(term, printable)
     display.event(0.0, status, *watch.describe(event, status, 0.0))
     assert "\x1b[2J" not in term.getvalue() and "bad\\x1b[2Jskill" in term.getvalue()
+
+
+class SilentStream:
+    """A WatchDeployment stream that never says a word until cancelled (a lost stream)."""
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> Iterator[pb.WatchDeploymentResponse]:
+        self._cancelled.wait(30)
+        return iter(())
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+def test_a_silent_stream_falls_back_to_asking_for_the_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "QUIET_POLL_SECONDS", 0.2)
+    monkeypatch.setattr(watch, "PUMP_JOIN_SECONDS", 0.1)
+    deploying = pb.Deployment(id="d1", skill="com.example.x", version="1.0.0",
+                              state=release_pb2.RELEASE_STATE_DEPLOYING)
+    active = pb.Deployment(id="d1", skill="com.example.x", version="1.0.0", state=release_pb2.RELEASE_STATE_ACTIVE)
+    active.history.add(reason="route acknowledged")
+    asked: list[str] = []
+
+    def get(deployment_id: str) -> pb.Deployment:
+        asked.append(deployment_id)
+        return deploying if len(asked) < 2 else active
+
+    out = io.StringIO()
+    last = watch.follow(lambda request, timeout: SilentStream(), deploying, live=False, timeout=10, out=out,
+                        printable=printable, get=get)
+    assert last.state == release_pb2.RELEASE_STATE_ACTIVE
+    assert asked == ["d1", "d1"]
+    assert "ACTIVE: route acknowledged" in out.getvalue()
