@@ -768,6 +768,11 @@ async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Ve
             bundle_path = blobs.path_of(record.bundle_digest) if record.bundle_digest else None
             problems = (await verifier.verify(data, manifest)
                         + await verifier.verify_bundle(bundle_path, manifest))
+            if not problems and await verifier.dependency_packages(data):
+                # Its links were checked against the catalogue of that moment, which a restart does not keep:
+                # rather than pass it unchecked, ask for the publish again.
+                problems = ["the registry stopped before the module's dependency links were recorded as checked; "
+                            "publish this version again"]
             if not problems:
                 await store.transition(record.name, record.version, State.READY,
                                        "verification passed (re-run after a restart)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiosqlite
@@ -28,7 +29,7 @@ from services.registry.store import (
 from services.registry.verify import Verifier
 from services.runtime.settings import SettingsError
 from tests.registry.conftest import Opener
-from tests.registry.support import MODULE, check_error, digest, download, metadata, module, publish
+from tests.registry.support import MODULE, check_error, digest, download, metadata, module, publish, wasm
 
 S = release_pb2
 
@@ -82,6 +83,17 @@ async def test_publishes_interrupted_by_a_stop_are_settled_on_start(open_registr
             await upload.write(placed)
             await upload.finish()
             await upload.commit(digest(placed))
+        # One whose module imports from a dependency: its links cannot be re-checked after the fact.
+        linked = wasm('(module (import "org.math" "add1" (func (param i32) (result i32)))'
+                      ' (memory (export "memory") 1) (func (export "_start")))')
+        new = _new_version(linked, "3.0.0")
+        manifest = skill_pb2.Manifest.FromString(new.manifest)
+        manifest.dependencies.add(package="org.math", version_range="^1.0.0")
+        await store.begin_version(replace(new, manifest=manifest.SerializeToString()))
+        async with blobs.upload(digest(linked).removeprefix("sha256:")) as upload:
+            await upload.write(linked)
+            await upload.finish()
+            await upload.commit(digest(linked))
         # And a temporary file of an upload that never finished.
         leftover = blobs.path_of(digest(MODULE)).parent / ".deadbeef.0000.tmp"
         leftover.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +112,10 @@ async def test_publishes_interrupted_by_a_stop_are_settled_on_start(open_registr
     assert [t.to_state for t in kept.history] == [
         S.RELEASE_STATE_PENDING, S.RELEASE_STATE_VERIFYING, S.RELEASE_STATE_READY]
     assert not leftover.exists()
+    unchecked = (await client.stub.GetSkillVersion(
+        pb.GetSkillVersionRequest(name="com.acme.echo", version="3.0.0"), timeout=5)).skill_version
+    assert unchecked.state == S.RELEASE_STATE_FAILED
+    assert "dependency links" in unchecked.verification_errors[0]
     # The lost one can be published again.
     assert (await publish(client.stub, MODULE, version="1.0.0")).created
 
