@@ -51,3 +51,30 @@ def test_compose_runs_the_five_services() -> None:
     assert services["gateway"]["ports"] == ["50051:50051"]
     assert all("ports" not in s for n, s in services.items() if n != "gateway"), "only the gateway is public"
     assert (ROOT / "Dockerfile").is_file()
+
+
+def _documented_reasons() -> dict[str, str]:
+    """docs/errors.md's table: reason → its status cell."""
+    rows = {}
+    for line in (ROOT / "docs" / "errors.md").read_text().splitlines():
+        if match := re.match(r"\|\s*`([A-Z_]+)`\s*\|([^|]*)\|", line):
+            rows[match[1]] = match[2]
+    return rows
+
+
+def test_errors_doc_lists_every_reason_with_the_codes_the_code_returns() -> None:
+    """docs/errors.md cannot drift from the code: every Reason is listed, and every status code a service
+    pairs with a reason (`ServiceError(grpc.StatusCode.X, Reason.Y, …)`, `invalid(Reason.Y, …)`) is named in
+    that reason's row."""
+    from services.runtime.errors import Reason
+
+    rows = _documented_reasons()
+    assert sorted(set(Reason) - set(rows)) == []
+    wrong = []
+    for path in (ROOT / "services").rglob("*.py"):
+        text = path.read_text()
+        pairs = set(re.findall(r"StatusCode\.([A-Z_]+),\s*Reason\.([A-Z_]+)", text))
+        pairs |= {("INVALID_ARGUMENT", reason) for reason in re.findall(r"\binvalid\(\s*Reason\.([A-Z_]+)", text)}
+        wrong += [f"{reason} is returned as {code} in {path.relative_to(ROOT)}" for code, reason in pairs
+                  if reason in rows and code not in rows[reason]]
+    assert sorted(set(wrong)) == []

@@ -139,9 +139,23 @@ def load(directory: Path) -> SkillPackage:
             raise ManifestError(f"{ewhere}: must be a table with input and output")
         manifest.examples.add(input=_require(example, "input", str, ewhere).encode(),
                               expected_output=_require(example, "output", str, ewhere).encode())
-    module_path = directory / _require(doc, "module", str, where)
+    module_path = confined_path(directory, _require(doc, "module", str, where), f"{where}: module")
     return SkillPackage(manifest=manifest, module=build_module(module_path), module_path=module_path,
                         bundle=bundle.build(files) if files else b"")
+
+
+def confined_path(directory: Path, path: str, where: str) -> Path:
+    """`directory / path` for a plain relative path that stays inside the skill directory, symlinks resolved:
+    nothing a manifest names (its module, its files) is read from elsewhere, so a hostile skill directory
+    cannot make `clawhub publish` upload `../../../etc/passwd` or what a symlink points at."""
+    if problem := bundle.path_problem(path):
+        raise ManifestError(f"{where}: {problem}")
+    target = directory / path
+    resolved = target.resolve()
+    if not resolved.is_relative_to(directory.resolve()):
+        raise ManifestError(f"{where}: {path!r} resolves to {resolved}, outside the skill directory "
+                            "(a symlink may not lead out of it)")
+    return target
 
 
 def read_files(directory: Path, listed: Any, where: str) -> dict[str, bytes]:
@@ -150,19 +164,12 @@ def read_files(directory: Path, listed: Any, where: str) -> dict[str, bytes]:
     if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
         raise ManifestError(f"{where}: files must be a list of paths relative to the skill directory, "
                             "such as [\"data/words.txt\"]")
-    root = directory.resolve()
     files: dict[str, bytes] = {}
     for i, path in enumerate(listed):
         fwhere = f"{where}: files[{i}]"
-        if problem := bundle.path_problem(path):
-            raise ManifestError(f"{fwhere}: {problem}")
         if path in files:
             raise ManifestError(f"{fwhere}: {path!r} is listed twice")
-        target = directory / path
-        resolved = target.resolve()
-        if not resolved.is_relative_to(root):
-            raise ManifestError(f"{fwhere}: {path!r} resolves to {resolved}, outside the skill directory "
-                                "(a symlink may not lead out of it)")
+        target = confined_path(directory, path, fwhere)
         if not target.exists():
             raise ManifestError(f"{fwhere}: {path!r} does not exist in {directory}")
         if target.is_dir():

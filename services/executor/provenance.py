@@ -12,12 +12,25 @@ byte of the module runs, and are not cached (a fixed registry answer is picked u
 
 Requests without `skill` skip the check: they come from inside the executor (smoke examples, after their
 LoadSkill was checked) or from older callers; the route's own requests always name the skill.
+
+What verified does not stay verified forever: a key removed from a namespace revokes what it signed. A
+background re-check (`Provenance.run_rechecks`, every `recheck_seconds`) asks the registry again about every
+entry used since the previous round; an entry that no longer verifies is kept as *revoked* — its calls are
+refused with the reason at once, it is logged, and `on_change` reports its digest not runnable (the executor
+turns its per-digest health NOT_SERVING) — and one that verifies again is restored. An entry idle for a round
+is not asked about (the re-check costs registry calls only for what runs); its next call, finding its last
+check older than the bound, checks again first. A registry that cannot be reached changes nothing: skills keep
+running on what was verified, so invoking does not depend on the registry being up.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,8 +44,18 @@ from services.runtime import signing
 from services.runtime.errors import Reason, ServiceError, invalid
 from services.runtime.names import skill_name_problem, version_problem
 
+log = logging.getLogger("clawhub.executor.provenance")
+
 # Verified (skill, version, digest, bundle digest) entries kept; each is a few hundred bytes.
 DEFAULT_CACHE_ENTRIES = 4096
+# Seconds between re-checks of the entries in use: the bound on how long a revoked signing key still runs.
+DEFAULT_RECHECK_SECONDS = 5.0
+# Registry questions of one re-check round in flight at once.
+RECHECK_CONCURRENCY = 8
+
+Key = tuple[str, str, str, str]
+# Told when an entry's digest stops (False, with the reason) or starts again (True) being runnable.
+OnChange = Callable[[str, bool, str], Awaitable[None]]
 
 
 class ProvenanceUnavailable(Exception):
@@ -95,19 +118,81 @@ class Verified:
     requires_signatures: bool
 
 
-class Provenance:
-    """Checks digests against the registry's record of them, caching what verified."""
+@dataclass
+class _Entry:
+    """What the last check of one entry found: Verified, or the error that now refuses it (revoked)."""
 
-    def __init__(self, source: ProvenanceSource, *, cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+    found: Verified | ServiceError
+    # When the registry last answered about it (time.monotonic()).
+    checked: float
+    # Whether a call used it since the last re-check round.
+    used: bool = True
+
+
+class Provenance:
+    """Checks digests against the registry's record of them, caching what verified and re-checking it."""
+
+    def __init__(self, source: ProvenanceSource, *, cache_entries: int = DEFAULT_CACHE_ENTRIES,
+                 recheck_seconds: float = DEFAULT_RECHECK_SECONDS, on_change: OnChange | None = None) -> None:
         self._source = source
-        # Verified entry → what it was found to be (the manifest of a version is immutable).
-        self._verified: OrderedDict[tuple[str, str, str, str], Verified] = OrderedDict()
+        # Entry → what it was last found to be.
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._cache_entries = cache_entries
+        self.recheck_seconds = recheck_seconds
+        self.on_change = on_change
         # Concurrent first calls for one entry (a restarted executor taking traffic) ask the registry once.
-        self._flight: SingleFlight[tuple[str, str, str, str], Verified] = SingleFlight()
+        self._flight: SingleFlight[Key, Verified] = SingleFlight()
 
     async def close(self) -> None:
         await self._flight.close()
+
+    async def run_rechecks(self) -> None:
+        """Re-check the entries in use every `recheck_seconds`, until cancelled."""
+        while True:
+            await asyncio.sleep(self.recheck_seconds)
+            started = time.monotonic()
+            try:
+                await self.recheck()
+            except Exception:  # noqa: BLE001 - one bad round must not end the re-checks
+                log.exception("re-checking the provenance of running skills failed")
+            log.debug("provenance re-check of %d entries took %.1f ms", len(self._entries),
+                      (time.monotonic() - started) * 1e3)
+
+    async def recheck(self) -> None:
+        """One round: the entries used since the last round are asked about again, and revoked or restored
+        by what the registry says now."""
+        limit = asyncio.Semaphore(RECHECK_CONCURRENCY)
+
+        async def one(key: Key, entry: _Entry) -> None:
+            entry.used = False
+            async with limit:
+                await self._refresh(key, entry)
+
+        await asyncio.gather(*(one(k, e) for k, e in list(self._entries.items()) if e.used))
+
+    async def _refresh(self, key: Key, entry: _Entry) -> None:
+        skill, version, digest, bundle = key
+        try:
+            found: Verified | ServiceError = await self._flight.do(
+                key, lambda: self._verify(skill, version, digest, None if bundle == "*" else bundle))
+        except ServiceError as exc:
+            if exc.code == grpc.StatusCode.UNAVAILABLE:
+                return  # cannot tell now: keep serving on what was verified
+            found = exc
+        await self._settle(key, entry, found)
+
+    async def _settle(self, key: Key, entry: _Entry, found: Verified | ServiceError) -> None:
+        was_runnable = isinstance(entry.found, Verified)
+        entry.found, entry.checked = found, time.monotonic()
+        skill, version, digest, _ = key
+        if isinstance(found, ServiceError) and was_runnable:
+            log.warning("%s@%s (%s) is no longer runnable: %s", skill, version, digest[:19], found.message)
+            if self.on_change is not None:
+                await self.on_change(digest, False, found.message)
+        elif isinstance(found, Verified) and not was_runnable:
+            log.info("%s@%s (%s) verifies again and is runnable", skill, version, digest[:19])
+            if self.on_change is not None:
+                await self.on_change(digest, True, "")
 
     async def check(self, skill: str, version: str, digest: str, bundle_digest: str, capabilities: Sequence[str],
                     dependencies: Sequence[skill_pb2.ResolvedDependency] = ()) -> None:
@@ -142,13 +227,24 @@ class Provenance:
     async def _check_one(self, skill: str, version: str, digest: str, bundle_digest: str | None,
                          capabilities: Sequence[str]) -> Verified:
         key = (skill, version, digest, bundle_digest if bundle_digest is not None else "*")
-        declared = self._verified.get(key)
-        if declared is None:
-            declared = await self._flight.do(key, lambda: self._verify(skill, version, digest, bundle_digest))
-            self._verified[key] = declared
-            while len(self._verified) > self._cache_entries:
-                self._verified.popitem(last=False)
-        self._verified.move_to_end(key)
+        entry = self._entries.get(key)
+        if entry is None:
+            # Refusals are not cached here (a fixed registry answer is picked up by the next call); only a
+            # re-check keeps one, for a version that verified before and was revoked since.
+            entry = _Entry(await self._flight.do(key, lambda: self._verify(skill, version, digest, bundle_digest)),
+                           time.monotonic())
+            self._entries[key] = entry
+            while len(self._entries) > self._cache_entries:
+                self._entries.popitem(last=False)
+        else:
+            entry.used = True
+            if time.monotonic() - entry.checked > 2 * self.recheck_seconds:
+                # Idle past the re-check bound: the rounds did not cover it, so ask before running it.
+                await self._refresh(key, entry)
+        self._entries.move_to_end(key)
+        declared = entry.found
+        if isinstance(declared, ServiceError):
+            raise dataclasses.replace(declared)  # a fresh exception: re-raising one object grows its traceback
         if extra := sorted(set(capabilities) - declared.capabilities):
             raise _mismatch(f"capabilities {', '.join(extra)} are not declared by the manifest {skill}@{version} was "
                             "published (and signed) with",

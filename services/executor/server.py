@@ -43,7 +43,7 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
                           artifacts_dir=settings.data_dir / "artifacts")
     bundles = BundleCache(module_source, settings.data_dir / "bundles")
     pool = WorkerPool(settings.threads, settings.queue)
-    provenance = Provenance(provenance_source)
+    provenance = Provenance(provenance_source, recheck_seconds=settings.trust_recheck_seconds)
     links = DependencyLinker(module_source, sandbox)
     servicer = ExecutorServicer(settings, loader, sandbox, pool, bundles=bundles, provenance=provenance,
                                 links=links)
@@ -63,8 +63,18 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
             await registry.close()
         raise
     servicer.health = host.health
+    provenance.on_change = servicer.trust_changed
+    rechecks: list[asyncio.Task[None]] = []
+
+    async def start_rechecks() -> None:
+        rechecks.append(asyncio.create_task(provenance.run_rechecks(), name="provenance-rechecks"))
+
+    host.on_start.append(start_rechecks)
 
     async def close() -> None:
+        for task in rechecks:
+            task.cancel()
+        await asyncio.gather(*rechecks, return_exceptions=True)
         await provenance.close()
         await loader.close()
         await links.close()

@@ -22,7 +22,7 @@ from services.executor.modules import ModuleLoader
 from services.executor.provenance import Provenance, unchecked
 from services.executor.sandbox import Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
 from services.executor.settings import Settings
-from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.errors import MAX_DETAIL_CHARS, Reason, ServiceError, invalid
 from services.runtime.names import digest_problem
 from services.runtime.wasm import FILES_CAPABILITY
 
@@ -100,7 +100,10 @@ def _check_strings(request: pb.ExecuteRequest) -> None:
 
 
 def _tail(stderr: bytes) -> str:
-    return stderr[-STDERR_TAIL_BYTES:].decode("utf-8", errors="replace")
+    """The end of a failed call's stderr: the lines just before a failure are what explains it. ErrorInfo
+    metadata values are clipped to their first MAX_DETAIL_CHARS characters, so cut from the front here."""
+    text = stderr[-STDERR_TAIL_BYTES:].decode("utf-8", errors="replace")
+    return text if len(text) <= MAX_DETAIL_CHARS else "…" + text[-(MAX_DETAIL_CHARS - 1):]
 
 
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
@@ -145,6 +148,13 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         if self.health is not None:
             self._health_names.add(digest)
             await self.health.set(digest, health_pb2.HealthCheckResponse.SERVING)
+
+    async def trust_changed(self, digest: str, runnable: bool, why: str) -> None:
+        """A loaded digest's provenance re-check revoked or restored it: its per-digest health follows, so
+        a release watching it (and an operator) sees that it cannot run."""
+        if self.health is not None and digest in self._health_names:
+            await self.health.set(digest, health_pb2.HealthCheckResponse.SERVING if runnable
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         digest = request.digest

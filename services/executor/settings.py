@@ -50,6 +50,9 @@ class Settings:
     """CLAWHUB_EXECUTOR_CACHE_BYTES: hot cache of compiled modules, bounded by module bytes (LRU)."""
     fetch_timeout: float = 30.0
     """CLAWHUB_EXECUTOR_FETCH_TIMEOUT: deadline in seconds for downloading one module from the registry."""
+    trust_recheck_seconds: float = 5.0
+    """CLAWHUB_EXECUTOR_TRUST_RECHECK: seconds between re-checks with the registry of the skill versions in use
+    (a signing key removed from a namespace stops what it signed within this bound)."""
     grace_seconds: float = 5.0
     """CLAWHUB_SHUTDOWN_GRACE: seconds to drain in-flight calls on SIGTERM."""
     data_dir: Path = field(default_factory=_default_data_dir)
@@ -74,6 +77,8 @@ class Settings:
             max_input=env_size("CLAWHUB_EXECUTOR_MAX_INPUT", str(d.max_input)),
             cache_bytes=env_size("CLAWHUB_EXECUTOR_CACHE_BYTES", str(d.cache_bytes)),
             fetch_timeout=env_float("CLAWHUB_EXECUTOR_FETCH_TIMEOUT", d.fetch_timeout, minimum=0.001),
+            trust_recheck_seconds=env_float("CLAWHUB_EXECUTOR_TRUST_RECHECK", d.trust_recheck_seconds,
+                                            minimum=0.1),
             grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", d.grace_seconds, minimum=0),
             data_dir=Path(env_str("CLAWHUB_EXECUTOR_DATA_DIR", str(d.data_dir))).expanduser(),
         )

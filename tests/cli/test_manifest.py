@@ -137,6 +137,33 @@ def test_bad_files_name_the_field(tmp_path: Path, files: str, needle: str) -> No
         manifest.load(skill)
 
 
+@pytest.mark.parametrize(("module", "needle"), [
+    ("../../../etc/passwd", r"module: .*`\.\.`"),
+    ("/etc/passwd", r"module: '/etc/passwd' is absolute"),
+    ("escape.wasm", r"module: 'escape.wasm' resolves to .* outside the skill directory"),
+    ("sub/../m.wat", r"module: .*`\.\.`"),
+])
+def test_module_outside_the_skill_directory_is_refused_before_reading(tmp_path: Path, module: str,
+                                                                       needle: str) -> None:
+    """A hostile skill directory cannot make `clawhub publish` read (and upload) a file from elsewhere."""
+    skill = tmp_path / "skill"
+    skill.mkdir()
+    (tmp_path / "secret.wasm").write_bytes(b"\0asm\1\0\0\0 secret")
+    (skill / "escape.wasm").symlink_to(tmp_path / "secret.wasm")
+    write(skill, BASE.replace('module = "m.wat"', f"module = {module!r}"))
+    with pytest.raises(manifest.ManifestError, match=needle):
+        manifest.load(skill)
+
+
+def test_module_in_a_subdirectory_and_an_inner_symlink_still_work(tmp_path: Path) -> None:
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "m.wat").write_text(MINIMAL)
+    (tmp_path / "link.wat").symlink_to(tmp_path / "build" / "m.wat")
+    for module in ("build/m.wat", "link.wat"):
+        package = manifest.load(write(tmp_path, BASE.replace('module = "m.wat"', f"module = {module!r}")))
+        assert package.module.startswith(b"\0asm")
+
+
 @pytest.mark.parametrize(("args", "needle"), [('"--x"', "args must be a list"), ('["a\\u0000b"]', r"args\[0\]")])
 def test_bad_args(tmp_path: Path, args: str, needle: str) -> None:
     with pytest.raises(manifest.ManifestError, match=needle):

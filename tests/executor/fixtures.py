@@ -50,6 +50,17 @@ EXIT_3 = command("""
   (call $proc_exit (i32.const 3))
 """, extra='(data (i32.const 16) "something went wrong here\\n")')
 
+# Writes 1,500 bytes of noise and then a last line to stderr, then exits with code 1.
+LONG_STDERR_LAST_LINE = "the last line before the failure\n"
+_LONG_STDERR = "noise " * 250 + LONG_STDERR_LAST_LINE
+_LONG_STDERR_WAT = _LONG_STDERR.replace("\n", "\\n")
+EXIT_1_LONG_STDERR = command(f"""
+  (i32.store (i32.const 0) (i32.const 16))
+  (i32.store (i32.const 4) (i32.const {len(_LONG_STDERR)}))
+  (drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
+  (call $proc_exit (i32.const 1))
+""", extra=f'(data (i32.const 16) "{_LONG_STDERR_WAT}")')
+
 EXIT_0_EXPLICIT = command("(call $proc_exit (i32.const 0))")
 
 # Grows memory one page at a time until refused, then traps (what allocators do when out of memory).

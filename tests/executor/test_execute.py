@@ -113,6 +113,15 @@ async def test_nonzero_exit_is_aborted_with_exit_code_and_stderr_tail(executor: 
     await still_works(executor)
 
 
+async def test_stderr_tail_is_the_end_of_stderr(executor: Executor) -> None:
+    """The lines just before a failure explain it: the tail keeps them, within the ErrorInfo value limit."""
+    code, reason, meta = await failure(executor, f.EXIT_1_LONG_STDERR)
+    assert (code, reason) == (grpc.StatusCode.ABORTED, "SKILL_EXIT_NONZERO")
+    tail = meta["stderr_tail"]
+    assert tail.endswith(f.LONG_STDERR_LAST_LINE) and tail.startswith("…")
+    assert len(tail) <= 512
+
+
 async def test_memory_bomb_is_memory_limit_exceeded(executor: Executor) -> None:
     code, reason, meta = await failure(executor, f.MEMORY_BOMB, lim=limits(memory=2 * MiB))
     assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "MEMORY_LIMIT_EXCEEDED")

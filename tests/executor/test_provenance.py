@@ -18,8 +18,9 @@ from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.executor.provenance import ProvenanceUnavailable
+from services.executor.provenance import Provenance, ProvenanceUnavailable
 from services.executor.server import build_server
 from services.registry.server import build_server as build_registry
 from services.registry.settings import Settings as RegistrySettings
@@ -274,3 +275,127 @@ async def test_a_signed_namespace_runs_only_signed_dependencies(setup: Setup) ->
     dependency.version = "1.0.1"
     response = await setup.stub.Execute(execute(digest, dependencies=[dependency]), timeout=10)
     assert response.output == b"HI"
+
+
+# Revocation while running: a key removed from the namespace stops what it signed within the re-check bound.
+
+RECHECK = 0.1
+
+
+async def _until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(RECHECK / 2)
+
+
+async def _digest_health(channel: grpc.aio.Channel, digest: str) -> int:
+    response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=digest),
+                                                               timeout=5)
+    status: int = response.status
+    return status
+
+
+async def _refuses(stub: pb_grpc.ExecutorServiceStub, digest: str, reason: str) -> bool:
+    try:
+        await stub.Execute(execute(digest), timeout=5)
+    except grpc.aio.AioRpcError as err:
+        info = error_info(err)
+        return info is not None and info.reason == reason
+    return False
+
+
+async def test_a_removed_key_stops_what_it_signed_on_a_running_executor(
+        start_service: Starter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source, registry = MemorySource(), FakeRegistry()
+    host = await start_service(build_server(
+        replace(TEST_SETTINGS, data_dir=tmp_path / "executor", trust_recheck_seconds=RECHECK),
+        module_source=source, provenance_source=registry))
+    key = signing.generate()
+    namespace = registry.claim("com.acme", key)
+    digest = source.add(ECHO)
+    registry.publish(ECHO, key=key)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+        stub = pb_grpc.ExecutorServiceStub(channel)
+        await stub.LoadSkill(pb.LoadSkillRequest(digest=digest, skill=SKILL, version="1.0.0"), timeout=10)
+        assert (await stub.Execute(execute(digest), timeout=5)).output == b"ok:hi"
+        assert await _digest_health(channel, digest) == health_pb2.HealthCheckResponse.SERVING
+        # A registry that cannot be reached revokes nothing: running skills keep running.
+        registry.unavailable = True
+        await asyncio.sleep(RECHECK * 4)
+        assert (await stub.Execute(execute(digest), timeout=5)).output == b"ok:hi"
+        registry.unavailable = False
+
+        removed = namespace.keys.pop()
+        await _until(lambda: _refuses(stub, digest, "SIGNER_NOT_TRUSTED"))
+        assert await _digest_health(channel, digest) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert any("no longer runnable" in r.getMessage() and "no longer trusts" in r.getMessage()
+                   for r in caplog.records)
+        # Trusting the key again restores it, health included.
+        namespace.keys.append(removed)
+
+        async def runs() -> bool:
+            return not await _refuses(stub, digest, "SIGNER_NOT_TRUSTED")
+
+        await _until(runs)
+        assert await _digest_health(channel, digest) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_rechecks_ask_only_about_entries_in_use(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry no call used since the last round is not asked about; its next call checks it first if its
+    last check is older than the bound, and a registry that cannot answer then does not stop it."""
+    provenance = Provenance(setup.registry, recheck_seconds=3600)
+    setup.registry.publish(ECHO)
+    digest = sha256_digest(ECHO)
+    await provenance.check(SKILL, "1.0.0", digest, "", ())
+    assert setup.registry.asked == 1
+    await provenance.recheck()  # used since: asked again
+    assert setup.registry.asked == 2
+    await provenance.recheck()  # unused since: not asked
+    assert setup.registry.asked == 2
+    await provenance.check(SKILL, "1.0.0", digest, "", ())  # checked recently: not asked
+    assert setup.registry.asked == 2
+    provenance.recheck_seconds = 0.0  # now every check is older than the bound
+    await provenance.check(SKILL, "1.0.0", digest, "", ())
+    assert setup.registry.asked == 3
+    setup.registry.unavailable = True
+    await provenance.check(SKILL, "1.0.0", digest, "", ())  # stale, registry down: still runs
+
+
+async def test_namespace_remove_key_revokes_on_a_running_executor_against_the_real_registry(
+        start_service: Starter, tmp_path: Path) -> None:
+    registry_host = await start_service(build_registry(RegistrySettings(
+        host="127.0.0.1", port=0, data_dir=tmp_path / "registry", admin_token=ADMIN, shutdown_grace_seconds=0.5)))
+    address = f"127.0.0.1:{registry_host.port}"
+    executor_host = await start_service(build_server(replace(
+        TEST_SETTINGS, data_dir=tmp_path / "executor", registry_address=address, trust_recheck_seconds=RECHECK)))
+    admin = (("authorization", f"Bearer {ADMIN}"),)
+    key = signing.generate()
+    async with grpc.aio.insecure_channel(address) as registry_channel, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{executor_host.port}") as executor_channel:
+        registry = registry_grpc.RegistryServiceStub(registry_channel)
+        executor = pb_grpc.ExecutorServiceStub(executor_channel)
+        token = (await registry.CreatePublisher(registry_pb.CreatePublisherRequest(name="acme"), timeout=5,
+                                                metadata=admin)).token
+        await registry.CreateNamespace(registry_pb.CreateNamespaceRequest(
+            name="com.acme", owner="acme", public_keys=[signing.raw_public_key(key)]), timeout=5, metadata=admin)
+        digest = sha256_digest(ECHO)
+        manifest = skill_pb2.Manifest(name=SKILL, version="1.0.0", abi=skill_pb2.ABI_WASI_COMMAND_V1)
+        key_id = signing.key_id(signing.raw_public_key(key))
+        meta = registry_pb.PublishSkillMetadata(
+            manifest=manifest, sha256=digest.removeprefix("sha256:"), size_bytes=len(ECHO),
+            signature=registry_pb.Signature(key_id=key_id, signature=signing.sign(
+                key, signing.Subject(SKILL, "1.0.0", digest, "", signing.manifest_bytes(manifest)))))
+
+        async def stream() -> AsyncIterator[Any]:
+            yield registry_pb.PublishSkillRequest(metadata=meta)
+            yield registry_pb.PublishSkillRequest(chunk=ECHO)
+
+        owner = (("authorization", f"Bearer {token}"),)
+        await registry.PublishSkill(stream(), timeout=10, metadata=owner)
+        await executor.LoadSkill(pb.LoadSkillRequest(digest=digest, skill=SKILL, version="1.0.0"), timeout=10)
+        assert (await executor.Execute(execute(digest), timeout=5)).output == b"ok:hi"
+        await registry.UpdateNamespace(registry_pb.UpdateNamespaceRequest(name="com.acme", remove_key_ids=[key_id]),
+                                       timeout=5, metadata=owner)
+        # Within the re-check bound (and not only after a restart) the executor refuses it.
+        await _until(lambda: _refuses(executor, digest, "SIGNER_NOT_TRUSTED"), timeout=RECHECK * 20)
