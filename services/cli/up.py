@@ -3,6 +3,18 @@
 Start order follows the dependencies (registry, executors, deployer, dispatcher, gateway); each service
 prints `clawhub NAME listening on HOST:PORT` once it serves, and its address is handed to the next ones.
 Shutdown runs the other way round, gateway first, each with SIGTERM (NOT_SERVING, drain, close).
+
+What `up` guarantees (docs/supervision.md says more):
+
+- One suite per data directory: `up` locks the data directory (services/runtime/datadir.py), and so do the
+  registry and the deployer for theirs, so a second suite on the same directory is refused, naming the
+  process that holds it, whether that is another `up` or a service left over from one.
+- The services die with `up`, even when `up` is killed with SIGKILL (services/runtime/lifeline.py), yet
+  Ctrl-C reaches only `up`: each service runs in a session of its own.
+- No service is essential to the others' supervision: one that dies is restarted on the same address,
+  again and again, backing off up to `CLAWHUB_UP_RESTART_MAX_DELAY`, while the rest keep serving (invoking
+  needs no registry or deployer). `up` reports when a service goes down, each attempt, and when it is back.
+  It exits only on Ctrl-C/SIGTERM, or when the first start of the suite fails.
 """
 
 from __future__ import annotations
@@ -14,33 +26,88 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from services.runtime.datadir import DataDirInUse, lock_data_dir
+from services.runtime.lifeline import LIFELINE_VARIABLE
+from services.runtime.settings import SettingsError, env_float
 
 LISTENING = re.compile(r"^clawhub (\S+) listening on (\S+):(\d+)$")
 DEFAULT_PORTS = {
     "gateway": 50051, "registry": 50052, "deployer": 50053, "dispatcher": 50054, "executor": 50055,
 }
 START_TIMEOUT = 30.0
-# A service that dies is restarted on the same address after a backoff that doubles up to the cap; one
-# that dies more than MAX_RESTARTS times within RESTART_WINDOW is broken, and the suite stops.
-RESTART_BACKOFF = (0.5, 8.0)
-MAX_RESTARTS = 5
-RESTART_WINDOW = 60.0
+# A service that served this long before it died starts its restart backoff afresh.
+STABLE_SECONDS = 60.0
+# This many deaths within the window are reported as a crash loop (retrying goes on).
+CRASH_LOOP = (6, 60.0)
+TICK_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How soon a dead service is started again: `first_delay`, doubling per consecutive failure up to
+    `max_delay` (`CLAWHUB_UP_RESTART_DELAY`, `CLAWHUB_UP_RESTART_MAX_DELAY`)."""
+
+    first_delay: float = 0.5
+    max_delay: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> RestartPolicy:
+        d = cls()
+        first = env_float("CLAWHUB_UP_RESTART_DELAY", d.first_delay, minimum=0.0)
+        cap = env_float("CLAWHUB_UP_RESTART_MAX_DELAY", d.max_delay, minimum=0.0)
+        if cap < first:
+            raise SettingsError(f"CLAWHUB_UP_RESTART_MAX_DELAY={cap} is less than CLAWHUB_UP_RESTART_DELAY={first}")
+        return cls(first_delay=first, max_delay=cap)
+
+    def delay(self, failures: int) -> float:
+        """The wait before the next start, after `failures` consecutive deaths (1 or more)."""
+        return min(self.first_delay * 2.0 ** min(failures - 1, 30), self.max_delay)
+
+
+class StartFailed(RuntimeError):
+    """The suite could not be started; the message says which service and why."""
 
 
 @dataclass
 class Child:
+    """One process of a service."""
+
     label: str
-    module: str
     process: subprocess.Popen[bytes]
-    # The environment the service was started with beyond the suite's own (ports, peer addresses).
-    extra: dict[str, str] = field(default_factory=dict)
+    # Write end of the child's lifeline pipe: held, never written, closed once the child is gone.
+    lifeline: int
+    started: float
+    pump: threading.Thread | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     address: str = ""
-    restarts: list[float] = field(default_factory=list)
+    last_line: str = ""
+    # Its death has been reported and its restart scheduled.
+    handled: bool = False
+
+
+@dataclass
+class Service:
+    """A service `up` supervises: restarted as a new Child on the same address whenever it dies."""
+
+    label: str
+    module: str
+    # The environment the service is started with beyond the suite's own (ports, peer addresses).
+    extra: dict[str, str]
+    child: Child
+    address: str = ""
+    # Deaths since it last served for STABLE_SECONDS: they set the backoff.
+    failures: int = 0
+    deaths: deque[float] = field(default_factory=deque)
+    down_since: float | None = None
+    retry_at: float = 0.0
+    attempts: int = 0
+    crash_loop_reported: bool = False
 
 
 def _pump(child: Child, stream: IO[bytes], out: IO[str]) -> None:
@@ -48,6 +115,8 @@ def _pump(child: Child, stream: IO[bytes], out: IO[str]) -> None:
     width = 11
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
+        if line.strip():
+            child.last_line = line.strip()
         match = LISTENING.match(line)
         if match and not child.ready.is_set():
             child.address = f"{match[2]}:{match[3]}"
@@ -66,119 +135,207 @@ def _port(env: Mapping[str, str], service: str) -> int:
     return int(raw) if raw else DEFAULT_PORTS[service]
 
 
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 class Suite:
+    """The processes of one suite. Every process is started from the thread that created the Suite (the
+    main thread in `clawhub up`): the children's parent-death signal follows the thread that forked them."""
+
     def __init__(self, data_dir: Path, executors: int, host: str, gateway_port: int | None,
-                 log: IO[str]) -> None:
+                 log: IO[str], policy: RestartPolicy | None = None) -> None:
         self.data_dir = data_dir
         self.executors = executors
         self.host = host
         self.gateway_port = gateway_port
         self.log = log
-        self.children: list[Child] = []
+        self.policy = policy or RestartPolicy()
+        self.services: list[Service] = []
         self.env = dict(os.environ)
+        self.env.pop(LIFELINE_VARIABLE, None)
         self.env["CLAWHUB_DATA_DIR"] = str(data_dir)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
 
+    def say(self, message: str) -> None:
+        try:
+            print(f"clawhub up: {message}", file=self.log, flush=True)
+        except (OSError, ValueError):
+            pass
+
     def _spawn(self, label: str, service: str, extra: dict[str, str]) -> Child:
-        process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
-            env={**self.env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # Own process group: Ctrl-C reaches only `up`, which then stops the services in order.
-            start_new_session=True,
-        )
-        child = Child(label=label, module=service, process=process, extra=extra)
+        # The lifeline: the child holds the read end, only `up` the write end, so the child reads EOF
+        # as soon as `up` is gone, however it went (services/runtime/lifeline.py).
+        read_end, write_end = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"],
+                env={**self.env, **extra, LIFELINE_VARIABLE: str(read_end)},
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                pass_fds=(read_end,),
+                # Own session: Ctrl-C reaches only `up`, which then stops the services in order.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        child = Child(label=label, process=process, lifeline=write_end, started=time.monotonic())
         assert process.stdout is not None
-        threading.Thread(target=_pump, args=(child, process.stdout, self.log), daemon=True).start()
+        child.pump = threading.Thread(target=_pump, args=(child, process.stdout, self.log), daemon=True,
+                                      name=f"pump-{label}")
+        child.pump.start()
         return child
 
-    def _start(self, label: str, service: str, extra: dict[str, str]) -> Child:
-        child = self._spawn(label, service, extra)
-        self.children.append(child)
-        self._wait_ready(child)
-        return child
+    def _start(self, label: str, module: str, extra: dict[str, str], stopping: threading.Event) -> Service:
+        service = Service(label=label, module=module, extra=extra, child=self._spawn(label, module, extra))
+        self.services.append(service)
+        self._wait_ready(service.child, stopping)
+        service.address = service.child.address
+        return service
 
-    def _wait_ready(self, child: Child) -> None:
-        label, process = child.label, child.process
+    def _wait_ready(self, child: Child, stopping: threading.Event) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while not child.ready.wait(0.05):
-            if process.poll() is not None:
-                raise RuntimeError(f"{label} exited with code {process.returncode} while starting "
-                                   "(its output is above)")
+            if child.process.poll() is not None:
+                raise StartFailed(f"{child.label} {_describe_exit(child.process.returncode)} while starting"
+                                  f"{self._why(child)}")
+            if stopping.is_set():
+                raise StartFailed("interrupted before the suite was up")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{label} did not start within {START_TIMEOUT:.0f}s")
+                raise StartFailed(f"{child.label} did not start within {START_TIMEOUT:.0f}s")
 
-    def restart(self, dead: Child, stopping: threading.Event) -> bool:
-        """Start `dead` again on the address it had (its peers know that address). False if it keeps dying."""
-        now = time.monotonic()
-        recent = [t for t in dead.restarts if now - t < RESTART_WINDOW]
-        if len(recent) >= MAX_RESTARTS:
-            print(f"clawhub up: {dead.label} died {len(recent) + 1} times within {RESTART_WINDOW:.0f}s; "
-                  "giving up and stopping the suite", file=self.log, flush=True)
-            return False
-        delay = min(RESTART_BACKOFF[0] * 2 ** len(recent), RESTART_BACKOFF[1])
-        print(f"clawhub up: {dead.label} exited with code {dead.process.returncode}; restarting it on "
-              f"{dead.address} in {delay:.1f}s", file=self.log, flush=True)
-        if stopping.wait(delay):
-            return True
-        port = dead.address.rpartition(":")[2]
-        child = self._spawn(dead.label, dead.module, {**dead.extra, f"CLAWHUB_{dead.module.upper()}_PORT": port})
-        child.restarts = [*recent, now]
-        self.children[self.children.index(dead)] = child
-        try:
-            self._wait_ready(child)
-        except RuntimeError as exc:
-            print(f"clawhub up: {exc}", file=self.log, flush=True)
-            child.address = dead.address
-            return self.restart(child, stopping) if child.process.poll() is not None else False
-        return True
+    @staticmethod
+    def _why(child: Child) -> str:
+        """`: <its last output line>`, the reason a service gives when it refuses to start."""
+        if child.pump is not None:
+            child.pump.join(1.0)  # the line may still be in the pipe
+        return f": {child.last_line.removeprefix('clawhub: ')}" if child.last_line else ""
 
-    def start(self) -> dict[str, str]:
-        """Start every service; returns label → address."""
+    def start(self, stopping: threading.Event | None = None) -> dict[str, str]:
+        """Start every service, each once the ones it needs serve; returns label → address."""
+        stopping = stopping or threading.Event()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         host = {f"CLAWHUB_{s.upper()}_HOST": self.host for s in DEFAULT_PORTS}
         registry = self._start("registry", "registry",
-                               {**host, "CLAWHUB_REGISTRY_PORT": str(_port(self.env, "registry"))})
+                               {**host, "CLAWHUB_REGISTRY_PORT": str(_port(self.env, "registry"))}, stopping)
         executor_base = _port(self.env, "executor")
         executors = []
         for i in range(self.executors):
             port = executor_base + i if executor_base else 0
             executors.append(self._start(
                 f"executor-{i + 1}" if self.executors > 1 else "executor", "executor",
-                {**host, "CLAWHUB_EXECUTOR_PORT": str(port), "CLAWHUB_REGISTRY_ADDRESS": registry.address}))
+                {**host, "CLAWHUB_EXECUTOR_PORT": str(port), "CLAWHUB_REGISTRY_ADDRESS": registry.address},
+                stopping))
         executor_addresses = ",".join(e.address for e in executors)
         deployer = self._start("deployer", "deployer", {
             **host, "CLAWHUB_DEPLOYER_PORT": str(_port(self.env, "deployer")),
-            "CLAWHUB_REGISTRY_ADDRESS": registry.address, "CLAWHUB_EXECUTOR_ADDRESSES": executor_addresses})
+            "CLAWHUB_REGISTRY_ADDRESS": registry.address, "CLAWHUB_EXECUTOR_ADDRESSES": executor_addresses},
+            stopping)
         dispatcher = self._start("dispatcher", "dispatcher", {
             **host, "CLAWHUB_DISPATCHER_PORT": str(_port(self.env, "dispatcher")),
-            "CLAWHUB_DEPLOYER_ADDRESS": deployer.address, "CLAWHUB_EXECUTOR_ADDRESSES": executor_addresses})
+            "CLAWHUB_DEPLOYER_ADDRESS": deployer.address, "CLAWHUB_EXECUTOR_ADDRESSES": executor_addresses},
+            stopping)
         gateway_port = self.gateway_port if self.gateway_port is not None else _port(self.env, "gateway")
         self._start("gateway", "gateway", {
             **host, "CLAWHUB_GATEWAY_PORT": str(gateway_port),
             "CLAWHUB_DISPATCHER_ADDRESS": dispatcher.address, "CLAWHUB_REGISTRY_ADDRESS": registry.address,
-            "CLAWHUB_DEPLOYER_ADDRESS": deployer.address})
-        return {c.label: c.address for c in self.children}
+            "CLAWHUB_DEPLOYER_ADDRESS": deployer.address}, stopping)
+        return {s.label: s.address for s in self.services}
+
+    def supervise(self, now: float, stopping: threading.Event) -> None:
+        """One round of supervision: report deaths, restart the services whose backoff is over, and report
+        the ones that serve again. Never stops the suite."""
+        for service in self.services:
+            child = service.child
+            code = child.process.poll()
+            if code is None:
+                if service.down_since is not None and child.ready.is_set():
+                    self.say(f"{service.label} is back on {service.address} after {now - service.down_since:.1f}s "
+                             f"down ({service.attempts} restart attempt(s))")
+                    service.down_since = None
+                    service.attempts = 0
+                    service.crash_loop_reported = False
+                elif not child.ready.is_set() and now - child.started > START_TIMEOUT:
+                    self.say(f"{service.label} did not start within {START_TIMEOUT:.0f}s; killing it")
+                    child.process.kill()
+                continue
+            if not child.handled:
+                self._died(service, code, now)
+            elif now >= service.retry_at and not stopping.is_set():
+                self._restart(service)
+
+    def _died(self, service: Service, code: int, now: float) -> None:
+        child = service.child
+        child.handled = True
+        self._close_lifeline(child)
+        if child.ready.is_set() and now - child.started >= STABLE_SECONDS:
+            service.failures = 0
+        service.failures += 1
+        delay = self.policy.delay(service.failures)
+        service.retry_at = now + delay
+        count, window = CRASH_LOOP
+        service.deaths.append(now)
+        while service.deaths and now - service.deaths[0] > window:
+            service.deaths.popleft()
+        why = _describe_exit(code) + ("" if child.ready.is_set() else " while starting" + self._why(child))
+        if service.down_since is None:
+            service.down_since = now
+            self.say(f"{service.label} is DOWN: it {why}. The other services keep serving; restarting it on "
+                     f"{service.address} in {delay:.1f}s")
+        else:
+            self.say(f"{service.label} is still down: restart attempt {service.attempts} {why}; next attempt "
+                     f"in {delay:.1f}s")
+        if len(service.deaths) >= count and not service.crash_loop_reported:
+            service.crash_loop_reported = True
+            self.say(f"{service.label} keeps dying ({len(service.deaths)} times within {window:.0f}s); still "
+                     f"retrying, at most {self.policy.max_delay:g}s apart, until it serves again or Ctrl-C")
+
+    def _restart(self, service: Service) -> None:
+        service.attempts += 1
+        port = service.address.rpartition(":")[2]
+        self.say(f"restarting {service.label} on {service.address} (attempt {service.attempts})")
+        service.child = self._spawn(service.label, service.module,
+                                    {**service.extra, f"CLAWHUB_{service.module.upper()}_PORT": port})
+
+    @staticmethod
+    def _close_lifeline(child: Child) -> None:
+        if child.lifeline >= 0:
+            os.close(child.lifeline)
+            child.lifeline = -1
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM in reverse start order, each waited for; SIGKILL whatever outlives `timeout`."""
-        for child in reversed(self.children):
+        for service in reversed(self.services):
+            child = service.child
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
                 try:
                     child.process.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    print(f"{child.label} did not stop within {timeout:.0f}s; killing it", file=self.log)
+                    self.say(f"{child.label} did not stop within {timeout:.0f}s; killing it")
                     child.process.kill()
                     child.process.wait()
-
-    def first_exited(self) -> Child | None:
-        return next((c for c in self.children if c.process.poll() is not None), None)
+            self._close_lifeline(child)
 
 
 def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) -> int:
     log = sys.stderr
-    suite = Suite(data_dir.resolve(), executors, host, gateway_port, log)
+    data_dir = data_dir.resolve()
+    try:
+        policy = RestartPolicy.from_env()
+        # Held until `up` exits: a second `up` on this directory is refused, naming this one.
+        lock = lock_data_dir(data_dir, owner="clawhub up", variable="--data-dir (or CLAWHUB_DATA_DIR)")
+    except (DataDirInUse, SettingsError) as exc:
+        print(f"clawhub up: {exc}" if isinstance(exc, SettingsError) else str(exc), file=log)
+        return 1
+    suite = Suite(data_dir, executors, host, gateway_port, log, policy)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -187,9 +344,9 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            addresses = suite.start()
-        except RuntimeError as exc:
-            print(f"clawhub up: {exc}", file=log)
+            addresses = suite.start(stopping)
+        except StartFailed as exc:
+            suite.say(f"{exc}; stopping")
             suite.stop()
             return 1
         rows = {**addresses, "data dir": str(suite.data_dir)}
@@ -204,11 +361,8 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
         # Machine-readable lines for scripts and tests, `LABEL ADDRESS`, the gateway last.
         for label, address in sorted(addresses.items(), key=lambda item: item[0] == "gateway"):
             print(f"{label} {address}", flush=True)
-        while not stopping.wait(0.2):
-            dead = suite.first_exited()
-            if dead is not None and not stopping.is_set() and not suite.restart(dead, stopping):
-                suite.stop()
-                return 1
+        while not stopping.wait(TICK_SECONDS):
+            suite.supervise(time.monotonic(), stopping)
         print("\nclawhub up: stopping (gateway first)…", file=log, flush=True)
         suite.stop()
         print("clawhub up: all services stopped", file=log, flush=True)
@@ -222,3 +376,4 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
             pass
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        lock.release()

@@ -24,6 +24,7 @@ class Suite:
     addresses: dict[str, str]
     data_dir: Path
     log: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def gateway(self) -> str:
@@ -48,9 +49,8 @@ class Suite:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="package")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    data_dir = tmp_path_factory.mktemp("clawhub-data")
+def suite_env(**overrides: str) -> dict[str, str]:
+    """The environment of a test suite: every service on a free port, short drains, no bake window."""
     env = dict(os.environ)
     # Every service on a free port, so the test never collides with anything on the machine.
     for service in ("gateway", "registry", "deployer", "dispatcher", "executor"):
@@ -59,8 +59,17 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     # No bake window by default, so a deploy goes Active as soon as its route is acknowledged; the release
     # tests ask for bakes and canaries explicitly.
     env["CLAWHUB_DEPLOYER_BAKE"] = "0"
-    process = subprocess.Popen([str(BIN / "clawhub"), "up", "--data-dir", str(data_dir), "--executors", "2"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    env.update(overrides)
+    return env
+
+
+def start_up(data_dir: Path, *, executors: int = 2, env: dict[str, str] | None = None) -> Suite:
+    """Run `clawhub up` on `data_dir` and wait until it prints the gateway's address (fails the test if it
+    does not start within 60 s)."""
+    process = subprocess.Popen([str(BIN / "clawhub"), "up", "--data-dir", str(data_dir), "--executors",
+                                str(executors)],
+                               env=env or suite_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT)
     assert process.stdout is not None and process.stderr is not None
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(iter(process.stderr.readline, "")), daemon=True)
@@ -76,19 +85,39 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     timer.cancel()
     if "gateway" not in addresses:
         process.kill()
+        process.wait()
+        reader.join(5)
+        process.stdout.close()
+        process.stderr.close()
         pytest.fail("clawhub up did not start:\n" + "".join(log))
-    running = Suite(process=process, addresses=addresses, data_dir=data_dir, log=log)
-    yield running
-    process.send_signal(signal.SIGINT)
+    return Suite(process=process, addresses=addresses, data_dir=data_dir, log=log, reader=reader)
+
+
+def stop_up(running: Suite) -> int | None:
+    """Ctrl-C the suite and wait for it; its exit code (None when it had to be killed)."""
+    process = running.process
+    assert process.stdout is not None and process.stderr is not None
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
     try:
-        code = process.wait(30)
+        code: int | None = process.wait(30)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
         code = None
     finally:
         process.stdout.close()
-        reader.join(5)
+        if running.reader is not None:
+            running.reader.join(5)
         process.stderr.close()
+    return code
+
+
+@pytest.fixture(scope="package")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+    running = start_up(tmp_path_factory.mktemp("clawhub-data"))
+    yield running
+    code = stop_up(running)
+    log = running.log
     assert code == 0, "clawhub up did not stop cleanly on Ctrl-C:\n" + "".join(log[-40:])
     assert "all services stopped" in "".join(log[-5:])
