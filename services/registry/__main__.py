@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from services.registry.server import build_server
 from services.registry.settings import Settings
-from services.runtime.server import run
+from services.runtime.server import main
 
-settings = Settings.from_env()
-run(lambda: build_server(settings), host=settings.host)
+main("registry", Settings.from_env, build_server)

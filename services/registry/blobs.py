@@ -1,50 +1,108 @@
 """Content-addressed blob store on disk: `blobs/sha256/ab/<64 hex>`.
 
-An upload is written to a temporary file in the directory of its expected digest while it is hashed, fsynced,
-and only renamed into place (`os.replace`, atomic on one filesystem) once the caller has checked the digest
-and verified the module, so a reader never sees a partial or unverified blob and a failed or interrupted
-upload leaves nothing behind but a temporary file that the next start sweeps away. One registry process
-owns a data directory.
+An upload is gathered in memory and written to a temporary file under `blobs/tmp/` only once it outgrows a
+small buffer (so a stream that stalls after its metadata holds no file descriptor and no file), hashed on the
+way, fsynced, and only renamed into place (`os.replace`, atomic on one filesystem) once the caller has checked
+the digest and verified the module, so a reader never sees a partial or unverified blob. An upload that fails,
+is cancelled or times out removes its temporary file on the way out; a killed process leaves one that the next
+start sweeps away. One registry process owns a data directory.
+
+Bytes on disk can still rot, be truncated or be edited. Every read of a whole blob hashes it on the way
+(`BlobReader.chunks` holds its last chunk back until the digest is confirmed), and a blob that fails is moved
+to `blobs/quarantine/` (kept as evidence, never deleted) by `quarantine`; a publish of the same bytes puts
+verified bytes back with `Upload.commit`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any, TypeVar
+
+from services.runtime.names import DIGEST_RE, SHA256_HEX_RE
 
 log = logging.getLogger("clawhub.registry.blobs")
 
+T = TypeVar("T")
+
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
-# Small client chunks are gathered before a disk write so one upload costs a few thread hops, not thousands.
-_WRITE_BUFFER_BYTES = 1024 * 1024
+# Small client chunks are gathered before a disk write so one upload costs a few thread hops, not thousands;
+# an upload no larger than this never touches the disk before `finish`.
+WRITE_BUFFER_BYTES = 1024 * 1024
+_HASH_CHUNK_BYTES = 1024 * 1024
 _TMP_SUFFIX = ".tmp"
+# Locks serializing the moves of one digest's file (placing verified bytes, quarantining corrupt ones):
+# striped, so their number stays bounded however many blobs there are.
+_LOCK_STRIPES = 64
 
 
 class BlobNotFound(LookupError):
     """No blob is stored under a digest."""
 
 
-def _hex_of(digest: str) -> str:
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm != "sha256" or len(hexdigest) != 64:
-        raise ValueError(f"not a sha256 digest: {digest!r}")
-    return hexdigest
+FileIdentity = tuple[int, int]
+"""(device, inode) of a file that was read: tells whether the file at a path is still that one."""
+
+
+class BlobCorrupt(Exception):
+    """The bytes stored under a digest hash to another digest."""
+
+    def __init__(self, digest: str, actual: str, size: int, identity: FileIdentity | None) -> None:
+        super().__init__(f"blob {digest} holds {size} bytes that hash to {actual}")
+        self.digest = digest
+        self.actual = actual
+        self.size = size
+        self.identity = identity
+
+
+class BlobCondition(StrEnum):
+    OK = "ok"
+    MISSING = "missing"
+    CORRUPT = "corrupt"
+
+
+@dataclass(frozen=True)
+class BlobCheck:
+    """What hashing a stored blob found."""
+
+    digest: str
+    condition: BlobCondition
+    size: int = 0
+    actual: str = ""
+    identity: FileIdentity | None = None
+
+    def corrupt(self) -> BlobCorrupt:
+        return BlobCorrupt(self.digest, self.actual, self.size, self.identity)
+
+
+def hex_of(digest: str) -> str:
+    """The hex part of `sha256:<64 hex>`; ValueError for anything else (so no digest can name another path)."""
+    if not DIGEST_RE.fullmatch(digest):
+        raise ValueError(f"not a sha256 digest: {digest[:80]!r}")
+    return digest[len("sha256:"):]
 
 
 def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; without it a power loss can forget the new directory entry.
+    # Makes a rename itself durable; without it a power loss can forget the new directory entry.
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _identity(stat: os.stat_result) -> FileIdentity:
+    return (stat.st_dev, stat.st_ino)
 
 
 class BlobStore:
@@ -53,66 +111,198 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self._root = root
         self._sha256 = root / "sha256"
+        self._tmp = root / "tmp"
+        self._quarantine = root / "quarantine"
+        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+        # File work that must finish even when the task that started it is cancelled (removing a temporary
+        # file, a rename under a lock): strong references until done, awaited by `close`.
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def root(self) -> Path:
         return self._root
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self._quarantine
 
     async def open(self) -> None:
         """Create the layout and remove temporary files an interrupted upload left behind."""
         await asyncio.to_thread(self._open_sync)
 
     def _open_sync(self) -> None:
-        self._sha256.mkdir(parents=True, exist_ok=True)
-        for tmp in self._sha256.glob(f"*/.*{_TMP_SUFFIX}"):
+        for directory in (self._sha256, self._tmp, self._quarantine):
+            directory.mkdir(parents=True, exist_ok=True)
+        # The second pattern is where earlier versions staged uploads (beside their final place).
+        for tmp in [*self._tmp.glob(f"*{_TMP_SUFFIX}"), *self._sha256.glob(f"*/.*{_TMP_SUFFIX}")]:
             log.info("removing the leftover of an interrupted upload: %s", tmp)
             tmp.unlink(missing_ok=True)
 
+    async def close(self) -> None:
+        """Wait for the file work still running in the background (cleanups of cancelled uploads)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
     def path_of(self, digest: str) -> Path:
-        hexdigest = _hex_of(digest)
+        hexdigest = hex_of(digest)
         return self._sha256 / hexdigest[:2] / hexdigest
+
+    def _lock(self, digest: str) -> asyncio.Lock:
+        return self._locks[int(hex_of(digest)[:2], 16) % _LOCK_STRIPES]
+
+    def _in_background(self, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(work())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def exists(self, digest: str) -> bool:
         return await asyncio.to_thread(self.path_of(digest).is_file)
 
+    async def existing(self, digests: Iterable[str]) -> set[str]:
+        """Which of `digests` are stored (one thread hop for all of them)."""
+        wanted = list(dict.fromkeys(digests))
+        return await asyncio.to_thread(lambda: {d for d in wanted if self.path_of(d).is_file()})
+
     def upload(self, expected_hex: str) -> Upload:
-        """A new upload, staged next to where a blob with the expected digest will live."""
-        directory = self._sha256 / expected_hex[:2]
-        return Upload(self, directory / f".{expected_hex}.{secrets.token_hex(8)}{_TMP_SUFFIX}")
+        """A new upload of bytes expected to hash to `expected_hex` (named after it, for whoever looks)."""
+        if not SHA256_HEX_RE.fullmatch(expected_hex):
+            raise ValueError(f"not a sha256: {expected_hex[:80]!r}")
+        return Upload(self, self._tmp / f"{expected_hex}.{secrets.token_hex(8)}{_TMP_SUFFIX}")
 
     async def read(self, digest: str) -> BlobReader:
         """Open a blob for streaming; raises BlobNotFound before any byte is sent."""
         path = self.path_of(digest)
+
+        def open_() -> tuple[IO[bytes], FileIdentity]:
+            handle = path.open("rb")
+            return handle, _identity(os.fstat(handle.fileno()))
+
         try:
-            handle = await asyncio.to_thread(path.open, "rb")
+            handle, identity = await asyncio.to_thread(open_)
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
-        return BlobReader(handle)
+        return BlobReader(handle, digest, identity)
+
+    async def check(self, digest: str) -> BlobCheck:
+        """Hash the blob stored under `digest`: OK, MISSING or CORRUPT (with what it hashes to)."""
+        path = self.path_of(digest)
+
+        def hash_file() -> BlobCheck:
+            hasher = hashlib.sha256()
+            size = 0
+            try:
+                with path.open("rb") as handle:
+                    identity = _identity(os.fstat(handle.fileno()))
+                    while chunk := handle.read(_HASH_CHUNK_BYTES):
+                        hasher.update(chunk)
+                        size += len(chunk)
+            except FileNotFoundError:
+                return BlobCheck(digest, BlobCondition.MISSING)
+            actual = "sha256:" + hasher.hexdigest()
+            condition = BlobCondition.OK if actual == digest else BlobCondition.CORRUPT
+            return BlobCheck(digest, condition, size, actual, identity)
+
+        return await asyncio.to_thread(hash_file)
+
+    async def stored(self) -> list[str]:
+        """The digest of every stored blob, in order."""
+        def scan() -> list[str]:
+            found = []
+            for directory in sorted(self._sha256.iterdir()):
+                if directory.is_dir():
+                    found += ["sha256:" + p.name for p in sorted(directory.iterdir())
+                              if SHA256_HEX_RE.fullmatch(p.name) and p.is_file()]
+            return found
+
+        return await asyncio.to_thread(scan)
+
+    async def quarantine(self, digest: str, identity: FileIdentity | None) -> Path | None:
+        """Move the blob stored under `digest` to the quarantine directory, kept as evidence; returns where it
+        went. None when there is nothing to move: the file is gone, or it is no longer the file that was found
+        corrupt (`identity`), because a publish has put verified bytes in its place meanwhile."""
+        path = self.path_of(digest)
+        target = self._quarantine / f"{hex_of(digest)}.{time.time_ns()}"
+
+        def move() -> Path | None:
+            try:
+                current = _identity(os.stat(path))
+            except FileNotFoundError:
+                return None
+            if identity is not None and current != identity:
+                return None
+            os.replace(path, target)
+            _fsync_dir(path.parent)
+            _fsync_dir(target.parent)
+            return target
+
+        return await self._locked(digest, move)
+
+    async def _locked(self, digest: str, fn: Callable[[], T]) -> T:
+        """Run `fn` in a thread under the digest's lock. It runs to its end even when the caller is cancelled,
+        and the lock is held until then: a move is never half-known to the next one."""
+        lock = self._lock(digest)
+
+        async def work() -> T:
+            async with lock:
+                return await asyncio.to_thread(fn)
+
+        return await asyncio.shield(self._in_background(work))
 
 
 class BlobReader:
-    """An open blob, read in chunks off the event loop."""
+    """An open blob, read in chunks off the event loop and checked against its digest on the way."""
 
-    def __init__(self, handle: IO[bytes]) -> None:
+    def __init__(self, handle: IO[bytes], digest: str, identity: FileIdentity | None = None) -> None:
         self._handle = handle
+        self.digest = digest
+        self.identity = identity
 
     async def chunks(self, chunk_size: int = DOWNLOAD_CHUNK_BYTES) -> AsyncIterator[bytes]:
+        """The blob's bytes. The last chunk is held back until the whole blob has hashed to its digest, so a
+        reader never gets a complete corrupt blob: on a mismatch it gets BlobCorrupt instead (having received
+        strictly fewer bytes than the blob holds; none for a blob of one chunk)."""
+        hasher = hashlib.sha256()
+
+        def read() -> bytes:
+            data = self._handle.read(chunk_size)
+            hasher.update(data)
+            return data
+
         try:
+            held = await asyncio.to_thread(read)
+            size = len(held)
             while True:
-                chunk = await asyncio.to_thread(self._handle.read, chunk_size)
-                if not chunk:
-                    return
-                yield chunk
+                following = await asyncio.to_thread(read)
+                if not following:
+                    break
+                yield held
+                held = following
+                size += len(following)
+            actual = "sha256:" + hasher.hexdigest()
+            if actual != self.digest:
+                raise BlobCorrupt(self.digest, actual, size, self.identity)
+            if held:
+                yield held
         finally:
             self._handle.close()
+
+    async def read_all(self) -> bytes:
+        """Every byte, checked (raises BlobCorrupt like `chunks`)."""
+        return b"".join([chunk async for chunk in self.chunks()])
 
     def close(self) -> None:
         self._handle.close()
 
 
 class Upload:
-    """Bytes streamed into a temporary file and hashed on the way. Use as an async context manager: on exit,
-    an upload that was not committed is removed."""
+    """Bytes received, hashed on the way and staged in a temporary file. Use as an async context manager: on
+    exit, an upload that was not committed is removed, whatever the reason (error, cancellation, timeout).
+
+    The temporary file is created only when the bytes outgrow the write buffer (or at `finish`), and closed at
+    `finish`: an upload holds at most one file descriptor, and none while it waits for bytes under the buffer.
+    Every file operation runs in a thread that is allowed to finish even when the upload's task is cancelled;
+    the removal waits for it, so a file opened just as the client went away is still removed."""
 
     def __init__(self, store: BlobStore, path: Path) -> None:
         self._store = store
@@ -122,79 +312,102 @@ class Upload:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._handle: IO[bytes] | None = None
+        self._spilled = False
+        self._digest = ""
+        # The whole content, when it fit in the buffer: verification reads it from memory, not from disk.
+        self._data: bytes | None = None
+        self._pending: asyncio.Future[object] | None = None
         self._done = False
 
     async def __aenter__(self) -> Upload:
-        def create() -> IO[bytes]:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            return self.path.open("xb")
-
-        self._handle = await asyncio.to_thread(create)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if not self._done:
-            # Also runs on cancellation (a client that went away): never leave a half upload behind.
+        if self._done:
+            return
+        self._done = True
+        pending = self._pending
+
+        async def discard() -> None:
+            if pending is not None:
+                await asyncio.wait([pending])
             await asyncio.to_thread(self._discard_sync)
+
+        # In the background and shielded: a second cancellation of this task must not stop the removal.
+        await asyncio.shield(self._store._in_background(discard))
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        future: asyncio.Future[T] = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._pending = future  # type: ignore[assignment]
+        return await asyncio.shield(future)
 
     async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         self._buffer.append(chunk)
         self._buffered += len(chunk)
-        if self._buffered >= _WRITE_BUFFER_BYTES:
-            await self._flush()
+        if self._buffered >= WRITE_BUFFER_BYTES:
+            data = self._take()
+            self._spilled = True
+            await self._run(self._write_sync, data)
 
-    async def _flush(self) -> None:
-        if not self._buffer:
-            return
+    def _take(self) -> bytes:
         data = b"".join(self._buffer)
         self._buffer.clear()
         self._buffered = 0
-        await asyncio.to_thread(self._write_sync, data)
+        return data
 
     def _write_sync(self, data: bytes) -> None:
-        assert self._handle is not None
+        if self._handle is None:
+            self._handle = self.path.open("xb")
         self._hash.update(data)
         self._handle.write(data)
 
     async def finish(self) -> str:
-        """Flush and fsync everything received; returns the digest `sha256:<hex>` of the bytes."""
-        await self._flush()
+        """Write and fsync everything received and close the file; returns the digest `sha256:<hex>` of the
+        bytes. Calling it again returns the same digest."""
+        if self._digest:
+            return self._digest
+        data = self._take()
+        if not self._spilled:
+            self._data = data
 
         def sync() -> None:
+            self._write_sync(data)
             assert self._handle is not None
             self._handle.flush()
             os.fsync(self._handle.fileno())
+            self._handle.close()
 
-        await asyncio.to_thread(sync)
-        return "sha256:" + self._hash.hexdigest()
+        await self._run(sync)
+        self._digest = "sha256:" + self._hash.hexdigest()
+        return self._digest
 
     async def read_all(self) -> bytes:
-        """The bytes received so far (after finish), for verification."""
-        return await asyncio.to_thread(self.path.read_bytes)
+        """The bytes received (after finish), for verification."""
+        if self._data is not None:
+            return self._data
+        return await self._run(self.path.read_bytes)
 
     async def commit(self, digest: str) -> Path:
-        """Move the finished upload into place under `digest` (which the caller has checked)."""
+        """Move the finished upload into place under `digest` (which the caller has checked), replacing what
+        is there: identical bytes of another skill (harmless), or a corrupt or missing blob (the repair)."""
+        assert self._digest, "finish() first"
         final = self._store.path_of(digest)
 
         def move() -> None:
-            assert self._handle is not None
-            self._handle.close()
             final.parent.mkdir(parents=True, exist_ok=True)
-            # Identical content may already be there (another skill with the same bytes): replacing it with
-            # the same bytes is harmless and keeps this path simple.
             os.replace(self.path, final)
             _fsync_dir(final.parent)
 
-        # Set first: once the move is under way (a thread finishes it even if this task is cancelled), the
-        # exit handler must not delete the file from under it.
+        # Set first: once the move is under way (it finishes even if this task is cancelled), the exit handler
+        # must not delete the file from under it.
         self._done = True
-        await asyncio.to_thread(move)
+        await self._store._locked(digest, move)
         return final
 
     def _discard_sync(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            with contextlib.suppress(OSError):
+                self._handle.close()
         self.path.unlink(missing_ok=True)
-        self._done = True

@@ -17,8 +17,8 @@ from services.runtime.names import SEMVER_RE, semver_key
 
 _XR = r"(?:[xX*]|0|[1-9]\d*)"
 _PARTIAL = re.compile(
-    rf"^v?({_XR})(?:\.({_XR})(?:\.({_XR})(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?)?)?$")
-_COMPARATOR = re.compile(r"^(<=|>=|<|>|=|\^|~>?|)\s*(.+)$")
+    rf"v?({_XR})(?:\.({_XR})(?:\.({_XR})(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?)?)?")
+_COMPARATOR = re.compile(r"(<=|>=|<|>|=|\^|~>?|)\s*(.+)")
 MAX_RANGE_LENGTH = 256
 
 
@@ -60,7 +60,7 @@ def _is_x(part: str | None) -> bool:
 
 def _expand(op: str, text: str) -> list[Comparator]:
     """One primitive (operator + partial version) as plain comparators."""
-    match = _PARTIAL.match(text)
+    match = _PARTIAL.fullmatch(text)
     if not match:
         raise RangeError(f"{text!r} is not a version or partial version such as 1, 1.2, 1.2.3 or 1.x")
     major_s, minor_s, patch_s, pre = match[1], match[2], match[3], match[4] or ""
@@ -131,7 +131,7 @@ class Range:
         return answer
 
     def _check(self, version: str) -> bool:
-        match = SEMVER_RE.match(version)
+        match = SEMVER_RE.fullmatch(version)
         if not match:
             return False
         pre = match[4] or ""
@@ -178,7 +178,7 @@ def parse_range(text: str) -> Range:
         tokens = re.sub(r"(<=|>=|<|>|=|\^|~>?)\s+", r"\1", alternative).split()
         comparators: list[Comparator] = []
         for token in tokens:
-            match = _COMPARATOR.match(token)
+            match = _COMPARATOR.fullmatch(token)
             if not match:
                 raise RangeError(f"{token!r} in {text!r} is not a comparator such as >=1.2.3")
             try:

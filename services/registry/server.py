@@ -5,11 +5,15 @@ from __future__ import annotations
 from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from services.registry.blobs import BlobStore
+from services.registry.integrity import Integrity, PeriodicScrub
+from services.registry.limits import DescriptorBudget, UploadGate, UploadLimits
 from services.registry.servicer import RegistryServicer, settle_unfinished
 from services.registry.settings import Settings
 from services.registry.store import SqliteMetadataStore
 from services.registry.trust import Trust
 from services.registry.verify import Verifier
+from services.runtime.channels import PUBLISH_MESSAGE_BYTES
+from services.runtime.datadir import lock_data_dir
 from services.runtime.server import ServiceHost, create_server
 
 SERVICE_NAME = "clawhub.registry.v1.RegistryService"
@@ -17,15 +21,27 @@ DATABASE_FILE = "registry.sqlite3"
 
 
 async def build_server(settings: Settings) -> ServiceHost:
-    """A registry bound to settings.host:settings.port (0 picks a free port; see ServiceHost.port)."""
-    blobs = BlobStore(settings.data_dir / "blobs")
-    await blobs.open()
-    store = await SqliteMetadataStore.open(settings.data_dir / DATABASE_FILE)
+    """A registry bound to settings.host:settings.port (0 picks a free port; see ServiceHost.port).
+
+    Its data directory is locked first (DataDirInUse when another live process holds it) and released last."""
+    lock = lock_data_dir(settings.data_dir, owner="registry", variable="CLAWHUB_REGISTRY_DATA_DIR")
+    try:
+        blobs = BlobStore(settings.data_dir / "blobs")
+        await blobs.open()
+        store = await SqliteMetadataStore.open(settings.data_dir / DATABASE_FILE)
+    except BaseException:
+        lock.release()
+        raise
     try:
         verifier = Verifier()
         await settle_unfinished(store, blobs, verifier)
         trust = Trust(store, admin_token=settings.admin_token, require_namespace=settings.require_namespace)
-        servicer = RegistryServicer(store, blobs, verifier, max_upload_bytes=settings.max_upload_bytes, trust=trust)
+        uploads = UploadGate(UploadLimits(
+            max_total=settings.max_uploads, max_per_caller=settings.max_uploads_per_caller,
+            idle_timeout_seconds=settings.upload_idle_timeout_seconds,
+            max_duration_seconds=settings.upload_max_seconds), DescriptorBudget.from_process())
+        servicer = RegistryServicer(store, blobs, verifier, max_upload_bytes=settings.max_upload_bytes, trust=trust,
+                                    uploads=uploads)
         host = create_server(
             name="registry",
             service_names=[SERVICE_NAME],
@@ -33,9 +49,17 @@ async def build_server(settings: Settings) -> ServiceHost:
             port=settings.port,
             grace_seconds=settings.shutdown_grace_seconds,
             register=lambda server: pb_grpc.add_RegistryServiceServicer_to_server(servicer, server),
+            # Requests are small but for publish streams, whose messages are chunks (or the manifest).
+            max_receive_bytes=PUBLISH_MESSAGE_BYTES,
         )
     except BaseException:
         await store.close()
+        lock.release()
         raise
-    host.closers.append(store.close)
+    if settings.scrub_interval_seconds:
+        scrub = PeriodicScrub(Integrity(store, blobs), settings.scrub_interval_seconds)
+        host.on_start.append(scrub.start)
+        host.closers.append(scrub.stop)
+    # Background file work (removing the temporary files of cancelled uploads) finishes before the lock goes.
+    host.closers.extend([blobs.close, store.close, lock.close])
     return host

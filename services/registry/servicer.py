@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -20,19 +20,37 @@ from clawhub.common.v1 import release_pb2, skill_pb2
 from clawhub.registry.v1 import registry_service_pb2 as pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
-from services.registry.blobs import BlobNotFound, BlobStore
+from services.registry.blobs import BlobCorrupt, BlobNotFound, BlobStore
+from services.registry.integrity import (
+    BUNDLE,
+    MODULE,
+    FoundProblem,
+    Integrity,
+    ScrubProgress,
+    blob_corrupt_error,
+)
+from services.registry.limits import (
+    UploadGate,
+    UploadLimits,
+    UploadTimeout,
+    caller_key,
+    is_out_of_descriptors,
+    out_of_descriptors,
+)
 from services.registry.ranges import range_problem
 from services.registry.resolver import Catalog, Release, Requirement, ResolutionError, Resolved, Resolver
 from services.registry.store import MetadataStore, NewVersion, SkillRecord, State, VersionNotFound, VersionRecord
-from services.registry.trust import NamespaceRpcs, Trust
+from services.registry.trust import Caller, NamespaceRpcs, Trust
 from services.registry.verify import ABIS as SUPPORTED_ABIS
 from services.registry.verify import MAX_LINKED_BYTES, Verifier
 from services.runtime import bundle as bundles
-from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.errors import RateLimitedLog, Reason, ServiceError, abort_with, invalid
 from services.runtime.linking import MAX_MODULES, ROOT, Copy, provider_for
 from services.runtime.names import SHA256_HEX_RE, digest_problem, skill_name_problem, version_problem
 
 log = logging.getLogger("clawhub.registry")
+
+DOMAIN = "registry.clawhub"
 
 T = TypeVar("T")
 
@@ -51,7 +69,7 @@ _SKILLS_TOKEN = "skills/"
 _VERSIONS_TOKEN = "versions/"
 
 # Tag names: lowercase, starting with a letter, so a tag can never be mistaken for a SemVer version.
-TAG_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+TAG_RE = re.compile(r"[a-z][a-z0-9-]{0,63}")  # fullmatch: `$` would accept a final "\n"
 LATEST = "latest"
 MAX_YANK_REASON = 1024
 MAX_FILTER_LENGTH = 256
@@ -113,7 +131,8 @@ def _decode_token(token: str, prefix: str) -> str:
     return text[len(prefix):]
 
 
-def version_to_pb(record: VersionRecord) -> pb.SkillVersion:
+def version_to_pb(record: VersionRecord, problems: Sequence[str] = ()) -> pb.SkillVersion:
+    """The message of a stored version; `problems` is what integrity.version_problems says about it."""
     message = pb.SkillVersion(
         name=record.name,
         version=record.version,
@@ -126,6 +145,7 @@ def version_to_pb(record: VersionRecord) -> pb.SkillVersion:
         yanked=record.yanked,
         yank_reason=record.yank_reason,
         publisher=record.publisher,
+        problems=list(problems),
     )
     if record.signature_key_id:
         message.signature.key_id = record.signature_key_id
@@ -235,7 +255,7 @@ def _check_version(version: str, field_name: str = "version") -> None:
 
 
 def _check_tag(tag: str, field_name: str = "tag") -> None:
-    if not TAG_RE.match(tag):
+    if not TAG_RE.fullmatch(tag):
         raise invalid(Reason.INVALID_ARGUMENT, field_name,
                       f"{tag[:80]!r} is not a tag name: a lowercase letter, then up to 63 lowercase letters, "
                       "digits or hyphens")
@@ -273,8 +293,12 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
     """clawhub.registry.v1.RegistryService (the publisher and namespace RPCs are in trust.NamespaceRpcs)."""
 
     def __init__(self, store: MetadataStore, blobs: BlobStore, verifier: Verifier, *,
-                 max_upload_bytes: int, trust: Trust | None = None) -> None:
+                 max_upload_bytes: int, trust: Trust | None = None, uploads: UploadGate | None = None) -> None:
         self._store = store
+        self._integrity = Integrity(store, blobs)
+        self._uploads = uploads or UploadGate(UploadLimits())
+        # A flood of stalled streams costs the log a few lines, not one per stream.
+        self._drops_log = RateLimitedLog(log)
         # Without a Trust: no admin token, names under no namespace open (what tests of other parts need).
         self._trust = trust or Trust(store, admin_token="", require_namespace=False)
         self._blobs = blobs
@@ -288,6 +312,9 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         self._generation = 0
         self._catalog: tuple[int, Catalog] | None = None
 
+    async def _version_pb(self, record: VersionRecord) -> pb.SkillVersion:
+        return version_to_pb(record, (await self._integrity.problems([record]))[0])
+
     # Publishing.
 
     def _check_metadata(self, meta: pb.PublishSkillMetadata) -> None:
@@ -299,7 +326,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
             problems.append((Reason.INVALID_NAME, "metadata.manifest.name", problem))
         if problem := version_problem(manifest.version):
             problems.append((Reason.INVALID_VERSION, "metadata.manifest.version", problem))
-        if not SHA256_HEX_RE.match(meta.sha256):
+        if not SHA256_HEX_RE.fullmatch(meta.sha256):
             hint = " without the `sha256:` prefix" if meta.sha256.startswith("sha256:") else ""
             problems.append((Reason.INVALID_DIGEST, "metadata.sha256",
                              f"{meta.sha256[:80]!r} is not a sha256: send 64 lowercase hex digits{hint}"))
@@ -313,7 +340,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
             problems.append((Reason.UPLOAD_TOO_LARGE, "metadata.size_bytes",
                              f"the module is {meta.size_bytes} bytes, more than the registry's limit of "
                              f"{self._max_upload} bytes"))
-        if meta.bundle_sha256 and not SHA256_HEX_RE.match(meta.bundle_sha256):
+        if meta.bundle_sha256 and not SHA256_HEX_RE.fullmatch(meta.bundle_sha256):
             hint = " without the `sha256:` prefix" if meta.bundle_sha256.startswith("sha256:") else ""
             problems.append((Reason.INVALID_DIGEST, "metadata.bundle_sha256",
                              f"{meta.bundle_sha256[:80]!r} is not a sha256: send 64 lowercase hex digits{hint}"))
@@ -330,7 +357,51 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
 
     async def PublishSkill(self, request_iterator: AsyncIterator[pb.PublishSkillRequest],
                            context: grpc.aio.ServicerContext) -> pb.PublishSkillResponse:
-        requests = aiter(request_iterator)
+        # Who calls decides which upload slots the stream counts against; an unknown token is refused here,
+        # before the stream holds anything (random tokens must not buy fresh per-caller slots).
+        caller = await self._trust.caller(context)
+        who = caller_key(context, caller)
+        with self._uploads.admit(who):
+            paced = self._paced(request_iterator)
+            try:
+                return await self._publish(paced, context, caller)
+            except OSError as exc:
+                if is_out_of_descriptors(exc):
+                    log.warning("a publish failed for want of file descriptors: %s", exc)
+                    raise out_of_descriptors() from None
+                raise
+            except UploadTimeout as exc:
+                self._drops_log.log(logging.INFO, "dropped a publish stream of %s: %s", who, exc.message)
+                if context is None:
+                    raise
+                # Straight to the status: the interceptor would first wait for a stalled client to send more.
+                await abort_with(context, exc, DOMAIN)
+                raise  # not reached: abort raises
+            finally:
+                await paced.aclose()
+
+    async def _paced(self, requests: AsyncIterator[pb.PublishSkillRequest],
+                     ) -> AsyncGenerator[pb.PublishSkillRequest, None]:
+        """The stream's messages, each within the idle timeout and all within the upload's time cap."""
+        limits = self._uploads.limits
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limits.max_duration_seconds
+        iterator = aiter(requests)
+        while True:
+            remaining = end - loop.time()
+            # Which bound this wait runs into: the idle timeout, or the cap on the whole upload.
+            capped = remaining < limits.idle_timeout_seconds
+            try:
+                async with asyncio.timeout(max(min(remaining, limits.idle_timeout_seconds), 0.0)):
+                    request = await anext(iterator, None)
+            except TimeoutError:
+                raise UploadTimeout(limits, total=capped) from None
+            if request is None:
+                return
+            yield request
+
+    async def _publish(self, requests: AsyncIterator[pb.PublishSkillRequest], context: grpc.aio.ServicerContext,
+                       caller: Caller) -> pb.PublishSkillResponse:
         first = await anext(requests, None)
         if first is None or first.WhichOneof("content") != "metadata":
             raise invalid(Reason.INVALID_ARGUMENT, "metadata",
@@ -339,13 +410,15 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         meta = first.metadata
         self._check_metadata(meta)
         # Ownership and signature, before any byte is stored (the signature covers the declared digests).
-        grant = await self._trust.authorize_publish(context, meta)
+        grant = await self._trust.authorize_publish(context, meta, caller)
         name, version = meta.manifest.name, meta.manifest.version
         expected = "sha256:" + meta.sha256
         started_ns = time.time_ns()
         limit = min(self._max_upload, meta.size_bytes) if meta.size_bytes else self._max_upload
 
         async with contextlib.AsyncExitStack() as stack:
+            # Neither holds a file until its bytes outgrow a buffer; the module's is closed (finished) before
+            # the bundle's opens, so a publish holds at most one descriptor at a time.
             upload = await stack.enter_async_context(self._blobs.upload(meta.sha256))
             bundle = (await stack.enter_async_context(self._blobs.upload(meta.bundle_sha256))
                       if meta.bundle_sha256 else None)
@@ -367,7 +440,9 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                         raise invalid(Reason.INVALID_ARGUMENT, "bundle_chunk",
                                       "a bundle_chunk arrived but the metadata declares no bundle: set "
                                       "bundle_sha256 (and bundle_size_bytes) in the metadata")
-                    in_bundle = True
+                    if not in_bundle:
+                        in_bundle = True
+                        await upload.finish()
                     # One limit covers module and bundle together.
                     room = self._max_upload - upload.size
                     bundle_limit = min(room, meta.bundle_size_bytes) if meta.bundle_size_bytes else room
@@ -413,12 +488,16 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                             "versions are immutable, publish a new version",
                             metadata={"name": name, "version": version, "existing_digest": record.digest,
                                       "digest": actual})
-                    # The stored blobs went missing; these are the same verified bytes, so restore them.
-                    if bundle is not None and not await self._blobs.exists(bundle_digest):
-                        await bundle.commit(bundle_digest)
-                    if not await self._blobs.exists(actual):
-                        await upload.commit(actual)
-                    return pb.PublishSkillResponse(skill_version=version_to_pb(record), created=False)
+                    # The same bytes again: they hash to the version's digests, which passed verification when
+                    # it was published, so they repair a stored blob that went missing or corrupt.
+                    repaired = False
+                    if record.state is State.READY:
+                        what = f"{name}@{version}"
+                        if bundle is not None:
+                            repaired |= await self._integrity.restore(bundle, bundle_digest, what)
+                        repaired |= await self._integrity.restore(upload, actual, what)
+                    return pb.PublishSkillResponse(skill_version=await self._version_pb(record), created=False,
+                                                   repaired=repaired)
                 settled = False
                 try:
                     data = await upload.read_all()
@@ -443,9 +522,13 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                             + [("bundle", p) for p in bundle_problems])
                     # The blobs go into place only now: anything served by digest has passed verification.
                     # The bundle first: a module blob in place means its bundle is too (see settle_unfinished).
+                    # Placing verified bytes also repairs a blob another version shares that was quarantined.
                     if bundle is not None:
                         await bundle.commit(bundle_digest)
                     await upload.commit(actual)
+                    for placed in (bundle_digest, actual):
+                        if placed:
+                            await self._store.mark_repaired(placed)
                     abi = self._verifier.abi_of(meta.manifest)
                     files = (f"; bundle holds exactly the manifest's {len(meta.manifest.files)} file(s)"
                              if bundle is not None else "")
@@ -547,7 +630,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                               context: grpc.aio.ServicerContext) -> pb.GetSkillVersionResponse:
         _check_name(request.name)
         version = request.version
-        if version_problem(version) and TAG_RE.match(version):
+        if version_problem(version) and TAG_RE.fullmatch(version):
             skill = await self._store.get_skill(request.name)
             if skill is None:
                 raise _skill_not_found(request.name)
@@ -563,7 +646,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         record = await self._store.get_version(request.name, version)
         if record is None:
             raise _version_not_found(request.name, version)
-        return pb.GetSkillVersionResponse(skill_version=version_to_pb(record))
+        return pb.GetSkillVersionResponse(skill_version=await self._version_pb(record))
 
     async def ListSkillVersions(self, request: pb.ListSkillVersionsRequest,
                                 context: grpc.aio.ServicerContext) -> pb.ListSkillVersionsResponse:
@@ -582,8 +665,10 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         token = ""
         if page.more and page.items:
             token = _encode_token(f"{_VERSIONS_TOKEN}{request.name}@{page.items[-1].version}")
-        return pb.ListSkillVersionsResponse(skill_versions=[version_to_pb(v) for v in page.items],
-                                            next_page_token=token)
+        problems = await self._integrity.problems(page.items)
+        return pb.ListSkillVersionsResponse(
+            skill_versions=[version_to_pb(v, p) for v, p in zip(page.items, problems, strict=True)],
+            next_page_token=token)
 
     # Catalogue.
 
@@ -603,7 +688,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
             self._generation += 1
         log.info("%s %s@%s%s", "yanked" if request.yanked else "un-yanked", request.name, request.version,
                  f" ({request.reason})" if request.yanked and request.reason else "")
-        return pb.YankSkillVersionResponse(skill_version=version_to_pb(record))
+        return pb.YankSkillVersionResponse(skill_version=await self._version_pb(record))
 
     async def SetSkillTag(self, request: pb.SetSkillTagRequest,
                           context: grpc.aio.ServicerContext) -> pb.SetSkillTagResponse:
@@ -663,11 +748,15 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
             if len(seen) > MAX_MODULES:
                 return [f"the dependency graph the module imports from has more than {MAX_MODULES} modules"]
             if copy.digest not in modules:
-                reader = await self._blobs.read(copy.digest)
                 try:
-                    modules[copy.digest] = b"".join([chunk async for chunk in reader.chunks()])
-                finally:
-                    reader.close()
+                    modules[copy.digest] = await (await self._blobs.read(copy.digest)).read_all()
+                except BlobNotFound:
+                    return [f"the module of dependency {copy.package}@{copy.version} ({copy.digest}) is missing "
+                            "from the registry's blob store; publish it again to restore it"]
+                except BlobCorrupt as exc:
+                    record = await self._integrity.quarantine(exc, "publish")
+                    return [f"the module of dependency {copy.package}@{copy.version} "
+                            f"({blob_corrupt_error(copy.digest, record).message})"]
                 total += len(modules[copy.digest])
                 if total > MAX_LINKED_BYTES:
                     return [f"the dependency modules the module imports from total more than "
@@ -739,15 +828,55 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
             raise invalid(Reason.INVALID_DIGEST, "digest", problem)
         try:
             reader = await self._blobs.read(request.digest)
+        except OSError as exc:
+            if is_out_of_descriptors(exc):
+                log.warning("a download failed for want of file descriptors: %s", exc)
+                raise out_of_descriptors() from None
+            raise
         except BlobNotFound:
+            if record := await self._integrity.quarantine_record(request.digest):
+                raise blob_corrupt_error(request.digest, record) from None
             raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND,
                                f"no blob with digest {request.digest}", metadata={"digest": request.digest}
                                ) from None
         try:
+            # Checked on the way; the last chunk waits for the verdict (see BlobReader.chunks).
             async for chunk in reader.chunks():
                 yield pb.DownloadBlobResponse(chunk=chunk)
+        except BlobCorrupt as exc:
+            record = await self._integrity.quarantine(exc, "download")
+            raise blob_corrupt_error(request.digest, record or await self._integrity.quarantine_record(
+                request.digest)) from None
         finally:
             reader.close()
+
+    async def VerifyBlobs(self, request: pb.VerifyBlobsRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VerifyBlobsResponse]:
+        await self._trust.require_admin(context)
+        log.info("a blob scrub was asked for (VerifyBlobs)")
+        async for progress in self._integrity.scrub():
+            yield _progress_to_pb(progress)
+            if progress.done:
+                log.info("scrub (VerifyBlobs): %d blob(s), %d bytes hashed; %d quarantined now; %d problem(s)",
+                         progress.blobs_checked, progress.bytes_checked, progress.blobs_quarantined,
+                         progress.problem_count)
+
+
+_ROLES_PB = {MODULE: pb.BLOB_ROLE_MODULE, BUNDLE: pb.BLOB_ROLE_BUNDLE, "": pb.BLOB_ROLE_UNUSED}
+_CONDITIONS_PB = {"corrupt": pb.BLOB_CONDITION_CORRUPT, "quarantined": pb.BLOB_CONDITION_QUARANTINED,
+                  "missing": pb.BLOB_CONDITION_MISSING}
+
+
+def _problem_to_pb(problem: FoundProblem) -> pb.BlobProblem:
+    return pb.BlobProblem(name=problem.name, version=problem.version, role=_ROLES_PB[problem.role],
+                          digest=problem.digest, condition=_CONDITIONS_PB[problem.condition],
+                          description=problem.description)
+
+
+def _progress_to_pb(progress: ScrubProgress) -> pb.VerifyBlobsResponse:
+    return pb.VerifyBlobsResponse(blobs_checked=progress.blobs_checked, blobs_total=progress.blobs_total,
+                                  bytes_checked=progress.bytes_checked, blobs_quarantined=progress.blobs_quarantined,
+                                  problems=[_problem_to_pb(p) for p in progress.problems], done=progress.done)
 
 
 def _resolved_to_pb(resolved: Resolved) -> skill_pb2.ResolvedDependency:
@@ -763,8 +892,15 @@ async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Ve
         bundle_ok = not record.bundle_digest or await blobs.exists(record.bundle_digest)
         if record.state is State.VERIFYING and bundle_ok and await blobs.exists(record.digest):
             # The registry stopped between placing the blobs and recording READY: verify again.
-            reader = await blobs.read(record.digest)
-            data = b"".join([chunk async for chunk in reader.chunks()])
+            try:
+                data = await (await blobs.read(record.digest)).read_all()
+            except BlobCorrupt as exc:
+                await Integrity(store, blobs).quarantine(exc, "restart")
+                why = ("the module stored before the registry stopped failed its digest check; publish this "
+                       "version again")
+                await store.transition(record.name, record.version, State.FAILED, why, errors=[why])
+                log.warning("%s@%s left %s by a previous run: now FAILED", record.name, record.version, record.state)
+                continue
             bundle_path = blobs.path_of(record.bundle_digest) if record.bundle_digest else None
             problems = (await verifier.verify(data, manifest)
                         + await verifier.verify_bundle(bundle_path, manifest))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,29 @@ class Settings:
     """Whether every skill name must be in a namespace (else names under none are open to anyone):
     `CLAWHUB_REGISTRY_REQUIRE_NAMESPACE`, default false."""
 
+    max_uploads: int = 64
+    """Publish streams in flight at once, from everyone: `CLAWHUB_REGISTRY_MAX_UPLOADS`, default 64. More are
+    refused with RESOURCE_EXHAUSTED (TOO_MANY_UPLOADS) and a RetryInfo. While its bytes arrive, each holds up
+    to 2 MiB of buffered bytes and one file descriptor."""
+
+    max_uploads_per_caller: int = 32
+    """Publish streams in flight at once from one caller (a publisher token; without one, the client address):
+    `CLAWHUB_REGISTRY_MAX_UPLOADS_PER_CALLER`, default 32 (a client running many publishes in parallel; a
+    stranger still leaves half of `max_uploads` to the others)."""
+
+    upload_idle_timeout_seconds: float = 30.0
+    """A publish stream that sends no message for this long is dropped with DEADLINE_EXCEEDED
+    (UPLOAD_TIMEOUT): `CLAWHUB_REGISTRY_UPLOAD_IDLE_TIMEOUT`, seconds, default 30."""
+
+    upload_max_seconds: float = 600.0
+    """The longest one upload may take to arrive, however steadily it trickles in:
+    `CLAWHUB_REGISTRY_UPLOAD_MAX_DURATION`, seconds, default 600 (64 MiB at under 1 Mbit/s)."""
+
+    scrub_interval_seconds: float = 86400.0
+    """How often the registry hashes every stored blob, quarantining and logging corrupt or missing ones
+    (as `clawhub admin verify-blobs` does): `CLAWHUB_REGISTRY_SCRUB_INTERVAL`, seconds, default 86400 (daily,
+    the first one a full interval after the start); 0 turns it off."""
+
     @classmethod
     def from_env(cls) -> Settings:
         max_upload = env_size("CLAWHUB_REGISTRY_MAX_UPLOAD", "64MiB")
@@ -56,6 +80,11 @@ class Settings:
             shutdown_grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", 5.0, minimum=0.0),
             admin_token=env_str("CLAWHUB_REGISTRY_ADMIN_TOKEN", ""),
             require_namespace=_env_bool("CLAWHUB_REGISTRY_REQUIRE_NAMESPACE", False),
+            max_uploads=env_int("CLAWHUB_REGISTRY_MAX_UPLOADS", 64, minimum=1),
+            max_uploads_per_caller=env_int("CLAWHUB_REGISTRY_MAX_UPLOADS_PER_CALLER", 32, minimum=1),
+            upload_idle_timeout_seconds=_env_seconds("CLAWHUB_REGISTRY_UPLOAD_IDLE_TIMEOUT", 30.0),
+            upload_max_seconds=_env_seconds("CLAWHUB_REGISTRY_UPLOAD_MAX_DURATION", 600.0),
+            scrub_interval_seconds=_env_seconds("CLAWHUB_REGISTRY_SCRUB_INTERVAL", 86400.0, zero_ok=True),
         )
 
 
@@ -66,3 +95,11 @@ def _env_bool(name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{name}={raw!r} is not a boolean (true or false)")
+
+
+def _env_seconds(name: str, default: float, *, zero_ok: bool = False) -> float:
+    value = env_float(name, default, minimum=0.0)
+    if not math.isfinite(value) or (value == 0 and not zero_ok):
+        raise SettingsError(f"{name}={value} must be a positive number of seconds"
+                            + (" (or 0 to turn it off)" if zero_ok else ""))
+    return value

@@ -10,7 +10,9 @@ change it, never edit a released one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -200,6 +202,30 @@ class CatalogEntry:
 
 
 @dataclass(frozen=True)
+class QuarantineRecord:
+    """A blob that failed its digest check and was moved aside (kept as evidence) until a publish repairs it."""
+
+    digest: str
+    # What the bytes hashed to instead, and how many there were.
+    actual_digest: str
+    size_bytes: int
+    # Where the bytes went, and what noticed (`download`, `scrub`, `publish`).
+    path: str
+    detected_by: str
+    time_ns: int
+
+
+@dataclass(frozen=True)
+class BlobReference:
+    """The blobs one READY version needs."""
+
+    name: str
+    version: str
+    digest: str
+    bundle_digest: str
+
+
+@dataclass(frozen=True)
 class Page(Generic[T]):
     """One page of a listing; `more` says whether anything follows the last item."""
 
@@ -306,6 +332,22 @@ class MetadataStore(Protocol):
         NotFound for an unknown namespace or a key id it does not have (and changes nothing)."""
         ...
 
+    async def record_quarantine(self, record: QuarantineRecord) -> None:
+        """Remember that a blob was quarantined (until `mark_repaired`)."""
+        ...
+
+    async def quarantined(self, digests: Iterable[str]) -> dict[str, QuarantineRecord]:
+        """The unrepaired quarantine of each of `digests` that has one (the latest, if several)."""
+        ...
+
+    async def mark_repaired(self, digest: str) -> int:
+        """Close the quarantine records of `digest` (its verified bytes are back); returns how many."""
+        ...
+
+    async def blob_references(self) -> list[BlobReference]:
+        """The blobs every READY version needs (yanked ones included: they stay downloadable)."""
+        ...
+
 
 # Each migration is a list of statements run in one transaction; schema_version records the last one applied.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -381,6 +423,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE versions ADD COLUMN signature BLOB NOT NULL DEFAULT x''",
         "ALTER TABLE versions ADD COLUMN publisher TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # 5: blobs that failed their digest check (issue 9). Rows are kept after a repair, as history.
+        """CREATE TABLE blob_quarantine (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            digest TEXT NOT NULL,
+            actual_digest TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            path TEXT NOT NULL,
+            detected_by TEXT NOT NULL,
+            time_ns INTEGER NOT NULL,
+            repair_time_ns INTEGER
+        )""",
+        "CREATE INDEX blob_quarantine_by_digest ON blob_quarantine(digest, repair_time_ns)",
+    ),
 )
 
 _VERSION_COLUMNS = ("name, version, digest, size_bytes, manifest, state, verification_errors, create_time_ns, "
@@ -425,6 +481,9 @@ class SqliteMetadataStore:
         self._reader = reader
         self._write_lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()
+        # Digests with an unrepaired quarantine record, mirrored in memory (this process owns the database):
+        # the common answer, "none of these", then costs no query on every read and publish.
+        self._quarantined_digests: set[str] = set()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteMetadataStore:
@@ -437,25 +496,34 @@ class SqliteMetadataStore:
                 await _configure(conn)
                 conn.row_factory = aiosqlite.Row
             await migrate(connections[0])
+            store = cls(connections[0], connections[1])
+            async with connections[0].execute("SELECT DISTINCT digest FROM blob_quarantine "
+                                              "WHERE repair_time_ns IS NULL") as cursor:
+                store._quarantined_digests = {str(row[0]) async for row in cursor}
         except BaseException:
             for conn in connections:
                 await conn.close()
             raise
-        return cls(connections[0], connections[1])
+        return store
 
     async def close(self) -> None:
         async with self._write_lock, self._read_lock:
             await self._reader.close()
             await self._writer.close()
 
+    # BEGIN is inside the try in both: aiosqlite queues a statement as soon as it is awaited and runs it even
+    # if the awaiting task is cancelled (a caller cancelling its call, gRPC refusing an oversized message), so
+    # the transaction must be ended on that path too, or the connection stays in it and every later
+    # transaction fails ("cannot start a transaction within a transaction") until a restart.
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
+                await self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.OperationalError):  # BEGIN itself failed: nothing to roll back
+                    await self._writer.execute("ROLLBACK")
                 raise
             await self._writer.execute("COMMIT")
 
@@ -463,11 +531,12 @@ class SqliteMetadataStore:
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
         # One read transaction, so a version and its history come from the same snapshot.
         async with self._read_lock:
-            await self._reader.execute("BEGIN")
             try:
+                await self._reader.execute("BEGIN")
                 yield self._reader
             finally:
-                await self._reader.execute("COMMIT")
+                with contextlib.suppress(sqlite3.OperationalError):
+                    await self._reader.execute("COMMIT")
 
     # Writes.
 
@@ -694,6 +763,50 @@ class SqliteMetadataStore:
             record = await _fetch_namespace(db, name)
         assert record is not None
         return record
+
+
+    # Blob integrity.
+
+    async def record_quarantine(self, record: QuarantineRecord) -> None:
+        async with self._write() as db:
+            await db.execute("INSERT INTO blob_quarantine (digest, actual_digest, size_bytes, path, detected_by, "
+                             "time_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                             (record.digest, record.actual_digest, record.size_bytes, record.path,
+                              record.detected_by, record.time_ns))
+        self._quarantined_digests.add(record.digest)
+
+    async def quarantined(self, digests: Iterable[str]) -> dict[str, QuarantineRecord]:
+        wanted = sorted(set(digests) & self._quarantined_digests)
+        found: dict[str, QuarantineRecord] = {}
+        if not wanted:
+            return found
+        async with self._read() as db:
+            # In slices: sqlite bounds the number of parameters of one statement.
+            for start in range(0, len(wanted), 500):
+                part = wanted[start:start + 500]
+                placeholders = ", ".join("?" * len(part))
+                async with db.execute(
+                        "SELECT digest, actual_digest, size_bytes, path, detected_by, time_ns FROM blob_quarantine "
+                        f"WHERE repair_time_ns IS NULL AND digest IN ({placeholders}) ORDER BY id", part) as cursor:
+                    async for r in cursor:
+                        found[str(r[0])] = QuarantineRecord(str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]),
+                                                            int(r[5]))
+        return found
+
+    async def mark_repaired(self, digest: str) -> int:
+        if digest not in self._quarantined_digests:
+            return 0
+        async with self._write() as db:
+            cursor = await db.execute("UPDATE blob_quarantine SET repair_time_ns = ? "
+                                      "WHERE digest = ? AND repair_time_ns IS NULL", (time.time_ns(), digest))
+        self._quarantined_digests.discard(digest)
+        return int(cursor.rowcount)
+
+    async def blob_references(self) -> list[BlobReference]:
+        async with self._read() as db:
+            async with db.execute("SELECT name, version, digest, bundle_digest FROM versions WHERE state = ? "
+                                  "ORDER BY name, version", (State.READY.value,)) as cursor:
+                return [BlobReference(str(r[0]), str(r[1]), str(r[2]), str(r[3])) async for r in cursor]
 
 
 async def _fetch_namespace(db: aiosqlite.Connection, name: str) -> NamespaceRecord | None:

@@ -33,13 +33,13 @@ from services.registry.store import (
 )
 from services.runtime import signing
 from services.runtime.errors import Reason, ServiceError, invalid
-from services.runtime.names import skill_name_problem
+from services.runtime.names import key_id_problem, skill_name_problem
 
 log = logging.getLogger("clawhub.registry")
 
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
-PUBLISHER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+PUBLISHER_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,62}")  # fullmatch: `$` would accept a final "\n"
 TOKEN_PREFIX = "clawhub_"
 # What a version's `publisher` says when the admin token published it: not a valid publisher name.
 ADMIN_PUBLISHER = "(admin)"
@@ -207,11 +207,14 @@ class Trust:
         caller = await self.caller(context)
         self._check_owner(caller, skill, await self._store.governing_namespace(skill), action)
 
-    async def authorize_publish(self, context: Context, meta: pb.PublishSkillMetadata) -> PublishGrant:
+    async def authorize_publish(self, context: Context, meta: pb.PublishSkillMetadata,
+                                caller: Caller | None = None) -> PublishGrant:
         """Ownership of the name, then the signature: over the *declared* digests, which the upload must then
-        match, so a refused publish is refused before any byte is stored."""
+        match, so a refused publish is refused before any byte is stored. `caller`: who `caller(context)`
+        said calls, when the caller already asked."""
         name, version = meta.manifest.name, meta.manifest.version
-        caller = await self.caller(context)
+        if caller is None:
+            caller = await self.caller(context)
         namespace = await self._store.governing_namespace(name)
         self._check_owner(caller, name, namespace, "publish")
         publisher = ADMIN_PUBLISHER if caller.admin else caller.publisher
@@ -225,9 +228,8 @@ class Trust:
                     f"(`clawhub publish --sign KEYFILE`; trusted: {_key_list(namespace)})",
                     metadata={"skill": name, "version": version, "namespace": namespace.name})
             return PublishGrant(publisher, ns_name)
-        if not signature.key_id.startswith(signing.KEY_ID_PREFIX) or len(signature.key_id) > 80:
-            raise invalid(Reason.SIGNATURE_INVALID, "metadata.signature.key_id",
-                          f"{signature.key_id[:80]!r} is not a key id such as ed25519:0123456789abcdef")
+        if problem := key_id_problem(signature.key_id):
+            raise invalid(Reason.SIGNATURE_INVALID, "metadata.signature.key_id", problem)
         if len(signature.signature) != signing.SIGNATURE_BYTES:
             raise invalid(Reason.SIGNATURE_INVALID, "metadata.signature.signature",
                           f"an Ed25519 signature is {signing.SIGNATURE_BYTES} bytes, not {len(signature.signature)}")
@@ -287,7 +289,7 @@ class NamespaceRpcs:
     async def CreatePublisher(self, request: pb.CreatePublisherRequest,
                               context: Context) -> pb.CreatePublisherResponse:
         await self._trust.require_admin(context)
-        if not PUBLISHER_NAME_RE.match(request.name):
+        if not PUBLISHER_NAME_RE.fullmatch(request.name):
             raise invalid(Reason.INVALID_NAME, "name",
                           f"{request.name[:80]!r} is not a publisher name: a lowercase letter, then up to 62 "
                           "lowercase letters, digits or hyphens")
@@ -305,7 +307,7 @@ class NamespaceRpcs:
                               context: Context) -> pb.CreateNamespaceResponse:
         await self._trust.require_admin(context)
         _check_namespace_name(request.name)
-        if not PUBLISHER_NAME_RE.match(request.owner):
+        if not PUBLISHER_NAME_RE.fullmatch(request.owner):
             raise invalid(Reason.INVALID_NAME, "owner", f"{request.owner[:80]!r} is not a publisher name")
         keys = _public_keys(list(request.public_keys), "public_keys")
         try:
@@ -370,9 +372,8 @@ class NamespaceRpcs:
                 metadata={"namespace": current.name, "owner": current.owner})
         keys = _public_keys(list(request.add_public_keys), "add_public_keys")
         for i, key_id in enumerate(request.remove_key_ids):
-            if not key_id.startswith(signing.KEY_ID_PREFIX) or len(key_id) > 80:
-                raise invalid(Reason.INVALID_ARGUMENT, f"remove_key_ids[{i}]",
-                              f"{key_id[:80]!r} is not a key id such as ed25519:0123456789abcdef")
+            if problem := key_id_problem(key_id):
+                raise invalid(Reason.INVALID_ARGUMENT, f"remove_key_ids[{i}]", problem)
         flag = request.require_signatures if request.HasField("require_signatures") else None
         try:
             record = await self._store.update_namespace(request.name, add_keys=keys,

@@ -1,4 +1,8 @@
-"""Validation of the names the contracts carry: skill names, versions, digests."""
+"""Validation of the names the contracts carry: skill names, versions, digests, key ids.
+
+Every pattern here is applied with `fullmatch`: `re.match` with a pattern ending in `$` accepts a final
+"\n" (`$` matches before a trailing newline), which once let `1.0.0\n` be published as a second version
+that sorted as `latest` while every listing showed `1.0.0`."""
 
 from __future__ import annotations
 
@@ -7,15 +11,17 @@ from functools import lru_cache
 
 # Reverse-DNS: at least two dot-separated labels, lowercase letters, digits and inner hyphens.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-SKILL_NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
+SKILL_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 # SemVer 2.0.0, from semver.org.
 SEMVER_RE = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
 )
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
+# `ed25519:` and 16 hex digits (services/runtime/signing.py makes them).
+KEY_ID_RE = re.compile(r"ed25519:[0-9a-f]{16}")
 MAX_NAME_LENGTH = 200
 
 
@@ -25,7 +31,7 @@ def skill_name_problem(name: str) -> str | None:
         return "a skill name is required, such as com.acme.image-process"
     if len(name) > MAX_NAME_LENGTH:
         return f"a skill name is at most {MAX_NAME_LENGTH} characters"
-    if not SKILL_NAME_RE.match(name):
+    if not SKILL_NAME_RE.fullmatch(name):
         return (f"{name[:80]!r} is not a reverse-DNS skill name: use lowercase dot-separated labels "
                 "such as com.acme.image-process")
     return None
@@ -35,22 +41,29 @@ def version_problem(version: str) -> str | None:
     """Why `version` is not a strict SemVer 2.0 version, or None when it is."""
     if not version:
         return "a version is required, such as 1.2.3"
-    if len(version) > 128 or not SEMVER_RE.match(version):
+    if len(version) > 128 or not SEMVER_RE.fullmatch(version):
         return f"{version[:80]!r} is not a SemVer 2.0 version such as 1.2.3 or 2.0.0-rc.1"
     return None
 
 
 def digest_problem(digest: str) -> str | None:
     """Why `digest` is not a `sha256:<64 hex>` content digest, or None when it is."""
-    if not DIGEST_RE.match(digest):
+    if not DIGEST_RE.fullmatch(digest):
         return f"{digest[:80]!r} is not a digest of the form sha256:<64 lowercase hex digits>"
+    return None
+
+
+def key_id_problem(key_id: str) -> str | None:
+    """Why `key_id` is not a signing key id `ed25519:<16 lowercase hex digits>`, or None when it is."""
+    if not KEY_ID_RE.fullmatch(key_id):
+        return f"{key_id[:80]!r} is not a key id such as ed25519:0123456789abcdef"
     return None
 
 
 @lru_cache(maxsize=65536)
 def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
     """Sort key implementing SemVer 2.0 precedence (build metadata ignored)."""
-    match = SEMVER_RE.match(version)
+    match = SEMVER_RE.fullmatch(version)
     if not match:
         raise ValueError(f"not a semver version: {version!r}")
     major, minor, patch, pre = int(match[1]), int(match[2]), int(match[3]), match[4]
@@ -62,5 +75,5 @@ def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int |
 
 
 def is_prerelease(version: str) -> bool:
-    match = SEMVER_RE.match(version)
+    match = SEMVER_RE.fullmatch(version)
     return bool(match and match[4])

@@ -340,6 +340,40 @@ async def test_a_signature_is_checked_even_where_none_is_required(trusted: Clien
 
 
 
+async def test_problems_say_when_a_signature_is_no_longer_trusted(
+        signed_namespace: tuple[Client, str, Ed25519PrivateKey]) -> None:
+    """`clawhub namespace remove-key` revokes what the key signed: the versions say they cannot run (what
+    `clawhub status` shows), and adding the key back clears it."""
+    client, token, key = signed_namespace
+    stub = client.stub
+    man, data = manifest("com.acme.echo"), module("revoked")
+    await publish(stub, man, token=token, data=data, signature=sign(key, man, data))
+    get = pb.GetSkillVersionRequest(name="com.acme.echo", version="1.0.0")
+    assert list((await stub.GetSkillVersion(get, timeout=5)).skill_version.problems) == []
+    key_id = signing.key_id(signing.raw_public_key(key))
+    await stub.UpdateNamespace(pb.UpdateNamespaceRequest(name="com.acme", remove_key_ids=[key_id]), timeout=5,
+                               metadata=auth(token))
+    problems = list((await stub.GetSkillVersion(get, timeout=5)).skill_version.problems)
+    assert len(problems) == 1 and key_id in problems[0] and "no longer trusts" in problems[0]
+    listed = (await stub.ListSkillVersions(pb.ListSkillVersionsRequest(name="com.acme.echo"), timeout=5))
+    assert list(listed.skill_versions[0].problems) == problems
+    await stub.UpdateNamespace(pb.UpdateNamespaceRequest(name="com.acme", add_public_keys=[
+        signing.raw_public_key(key)]), timeout=5, metadata=auth(token))
+    assert list((await stub.GetSkillVersion(get, timeout=5)).skill_version.problems) == []
+
+
+async def test_problems_say_when_a_namespace_starts_requiring_signatures(trusted: Client) -> None:
+    stub = trusted.stub
+    token = await create_publisher(stub, "acme")
+    await create_namespace(stub, "com.acme", "acme")
+    await publish(stub, manifest("com.acme.echo"), token=token)
+    await stub.UpdateNamespace(pb.UpdateNamespaceRequest(name="com.acme", require_signatures=True), timeout=5,
+                               metadata=auth(token))
+    version = (await stub.GetSkillVersion(pb.GetSkillVersionRequest(name="com.acme.echo", version="1.0.0"),
+                                          timeout=5)).skill_version
+    assert [p for p in version.problems if "requires signatures" in p]
+
+
 def test_trust_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CLAWHUB_REGISTRY_ADMIN_TOKEN", raising=False)
     monkeypatch.delenv("CLAWHUB_REGISTRY_REQUIRE_NAMESPACE", raising=False)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.runtime.names import digest_problem, semver_key, skill_name_problem, version_problem
@@ -54,3 +56,51 @@ def test_env_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLAWHUB_Y", "12 parsecs")
     with pytest.raises(SettingsError, match="CLAWHUB_Y"):
         env_size("CLAWHUB_Y", "1MiB")
+
+
+# Issue 9: `$` matches before a final "\n", so `re.match` with a pattern ending in `$` accepted a trailing
+# newline. Every validator of the code base uses full-match semantics now; each is checked here.
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", " ", "\t", "\x00"], ids=repr)
+def test_no_validator_accepts_trailing_whitespace(suffix: str) -> None:
+    from services.deployer.servicer import _check_id
+    from services.registry.ranges import range_problem
+    from services.registry.servicer import TAG_RE
+    from services.registry.trust import PUBLISHER_NAME_RE, namespace_problem
+    from services.runtime.errors import ServiceError
+    from services.runtime.names import DIGEST_RE, SHA256_HEX_RE, is_prerelease, key_id_problem, semver_key
+    from services.runtime.wasm import capability_problems, env_names
+
+    hexdigest = "a" * 64
+    assert skill_name_problem("com.acme.echo" + suffix)
+    assert version_problem("1.0.0" + suffix) and version_problem("1.0.0-rc.1" + suffix)
+    assert digest_problem(f"sha256:{hexdigest}" + suffix)
+    assert not DIGEST_RE.fullmatch(f"sha256:{hexdigest}" + suffix)
+    assert not SHA256_HEX_RE.fullmatch(hexdigest + suffix)
+    assert namespace_problem("com.acme" + suffix)
+    assert key_id_problem("ed25519:0123456789abcdef" + suffix) and key_id_problem("ed25519:0123456789abcdef") is None
+    assert not TAG_RE.fullmatch("stable" + suffix)
+    assert not PUBLISHER_NAME_RE.fullmatch("acme" + suffix)
+    with pytest.raises(ValueError):
+        semver_key("1.0.0" + suffix)
+    assert not is_prerelease("1.0.0-rc.1" + suffix)
+    assert capability_problems(["env:GREETING" + suffix]) and env_names(["env:GREETING" + suffix]) == []
+    with pytest.raises(ServiceError):
+        _check_id("d-0123456789" + suffix)
+    _check_id("d-0123456789")
+    # A range may be surrounded by spaces (they are stripped), but no part of it may end in a stray character.
+    assert range_problem(" ^1.2.3\n") is None
+    assert range_problem("^1.2.3\x00")
+
+
+@pytest.mark.parametrize("service", ["gateway", "registry", "deployer", "dispatcher", "executor"])
+def test_a_bad_setting_stops_a_service_with_one_line_not_a_traceback(service: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, f"CLAWHUB_{service.upper()}_PORT": "fifty", "CLAWHUB_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", f"services.{service}"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"clawhub: {service}: CLAWHUB_{service.upper()}_PORT='fifty' is not an integer"

@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,62 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BlobRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BlobRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BlobRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BLOB_ROLE_UNSPECIFIED: _BlobRole.ValueType  # 0
+    """Not set."""
+    BLOB_ROLE_MODULE: _BlobRole.ValueType  # 1
+    """The version's WebAssembly module."""
+    BLOB_ROLE_BUNDLE: _BlobRole.ValueType  # 2
+    """The version's file bundle."""
+    BLOB_ROLE_UNUSED: _BlobRole.ValueType  # 3
+    """No Ready version needs the blob."""
+
+class BlobRole(_BlobRole, metaclass=_BlobRoleEnumTypeWrapper):
+    """What a version needs a blob for."""
+
+BLOB_ROLE_UNSPECIFIED: BlobRole.ValueType  # 0
+"""Not set."""
+BLOB_ROLE_MODULE: BlobRole.ValueType  # 1
+"""The version's WebAssembly module."""
+BLOB_ROLE_BUNDLE: BlobRole.ValueType  # 2
+"""The version's file bundle."""
+BLOB_ROLE_UNUSED: BlobRole.ValueType  # 3
+"""No Ready version needs the blob."""
+Global___BlobRole: _TypeAlias = BlobRole  # noqa: Y015
+
+class _BlobCondition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BlobConditionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BlobCondition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BLOB_CONDITION_UNSPECIFIED: _BlobCondition.ValueType  # 0
+    """Not set."""
+    BLOB_CONDITION_CORRUPT: _BlobCondition.ValueType  # 1
+    """Its bytes do not match its digest: this scrub moved it to quarantine."""
+    BLOB_CONDITION_QUARANTINED: _BlobCondition.ValueType  # 2
+    """It failed its digest check earlier and is still in quarantine (no publish has repaired it since)."""
+    BLOB_CONDITION_MISSING: _BlobCondition.ValueType  # 3
+    """It is not in the blob store, and was never quarantined."""
+
+class BlobCondition(_BlobCondition, metaclass=_BlobConditionEnumTypeWrapper):
+    """What is wrong with a blob."""
+
+BLOB_CONDITION_UNSPECIFIED: BlobCondition.ValueType  # 0
+"""Not set."""
+BLOB_CONDITION_CORRUPT: BlobCondition.ValueType  # 1
+"""Its bytes do not match its digest: this scrub moved it to quarantine."""
+BLOB_CONDITION_QUARANTINED: BlobCondition.ValueType  # 2
+"""It failed its digest check earlier and is still in quarantine (no publish has repaired it since)."""
+BLOB_CONDITION_MISSING: BlobCondition.ValueType  # 3
+"""It is not in the blob store, and was never quarantined."""
+Global___BlobCondition: _TypeAlias = BlobCondition  # noqa: Y015
 
 @_typing.final
 class Skill(_message.Message):
@@ -109,6 +166,7 @@ class SkillVersion(_message.Message):
     YANK_REASON_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     PUBLISHER_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Skill name in reverse-DNS form."""
     version: _builtins.str
@@ -149,6 +207,12 @@ class SkillVersion(_message.Message):
     def signature(self) -> Global___Signature:
         """The Ed25519 signature the version was published with (verified at publish); unset when unsigned."""
 
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why this Ready version cannot run now, empty when it can: for example a module or file-bundle blob it
+        needs is missing, or failed its digest check and was quarantined (publish the same bytes to repair it).
+        """
+
     def __init__(
         self,
         *,
@@ -166,10 +230,11 @@ class SkillVersion(_message.Message):
         yank_reason: _builtins.str = ...,
         signature: Global___Signature | None = ...,
         publisher: _builtins.str = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "manifest", b"manifest", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_digest", b"bundle_digest", "create_time", b"create_time", "digest", b"digest", "history", b"history", "manifest", b"manifest", "name", b"name", "publisher", b"publisher", "signature", b"signature", "size_bytes", b"size_bytes", "state", b"state", "verification_errors", b"verification_errors", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_digest", b"bundle_digest", "create_time", b"create_time", "digest", b"digest", "history", b"history", "manifest", b"manifest", "name", b"name", "problems", b"problems", "publisher", b"publisher", "signature", b"signature", "size_bytes", b"size_bytes", "state", b"state", "verification_errors", b"verification_errors", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,8 +472,13 @@ class PublishSkillResponse(_message.Message):
 
     SKILL_VERSION_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
     """False when an identical version already existed."""
+    repaired: _builtins.bool
+    """True when the version existed but a blob it needs was missing or corrupt, and this publish's bytes (which
+    match the version's digests) were put in its place.
+    """
     @_builtins.property
     def skill_version(self) -> Global___SkillVersion:
         """The stored version, Ready."""
@@ -418,10 +488,11 @@ class PublishSkillResponse(_message.Message):
         *,
         skill_version: Global___SkillVersion | None = ...,
         created: _builtins.bool = ...,
+        repaired: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["skill_version", b"skill_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "skill_version", b"skill_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "repaired", b"repaired", "skill_version", b"skill_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1198,3 +1269,106 @@ class UpdateNamespaceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateNamespaceResponse: _TypeAlias = UpdateNamespaceResponse  # noqa: Y015
+
+@_typing.final
+class VerifyBlobsRequest(_message.Message):
+    """Request of VerifyBlobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyBlobsRequest: _TypeAlias = VerifyBlobsRequest  # noqa: Y015
+
+@_typing.final
+class VerifyBlobsResponse(_message.Message):
+    """Progress of VerifyBlobs; the last message of the stream has `done` set and the final counts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOBS_CHECKED_FIELD_NUMBER: _builtins.int
+    BLOBS_TOTAL_FIELD_NUMBER: _builtins.int
+    BYTES_CHECKED_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    BLOBS_QUARANTINED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    blobs_checked: _builtins.int
+    """Blobs hashed so far."""
+    blobs_total: _builtins.int
+    """Blobs stored when the scrub started: what it will hash in all."""
+    bytes_checked: _builtins.int
+    """Bytes hashed so far."""
+    blobs_quarantined: _builtins.int
+    """Blobs this scrub found corrupt and moved to quarantine, so far."""
+    done: _builtins.bool
+    """True on the last message: every blob was checked and the counts are final."""
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlobProblem]:
+        """Problems found since the previous message; each is reported once."""
+
+    def __init__(
+        self,
+        *,
+        blobs_checked: _builtins.int = ...,
+        blobs_total: _builtins.int = ...,
+        bytes_checked: _builtins.int = ...,
+        problems: _abc.Iterable[Global___BlobProblem] | None = ...,
+        blobs_quarantined: _builtins.int = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs_checked", b"blobs_checked", "blobs_quarantined", b"blobs_quarantined", "blobs_total", b"blobs_total", "bytes_checked", b"bytes_checked", "done", b"done", "problems", b"problems"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyBlobsResponse: _TypeAlias = VerifyBlobsResponse  # noqa: Y015
+
+@_typing.final
+class BlobProblem(_message.Message):
+    """A blob a version needs (or a stored blob no version needs) that cannot be used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Skill name of the Ready version that needs the blob; empty for a stored blob that no Ready version needs."""
+    version: _builtins.str
+    """Version of that skill; empty when `name` is."""
+    role: Global___BlobRole.ValueType
+    """What the version needs the blob for."""
+    digest: _builtins.str
+    """Content digest of the blob, `sha256:<hex>`."""
+    condition: Global___BlobCondition.ValueType
+    """What is wrong with it."""
+    description: _builtins.str
+    """The problem in words, as SkillVersion.problems says it."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        role: Global___BlobRole.ValueType = ...,
+        digest: _builtins.str = ...,
+        condition: Global___BlobCondition.ValueType = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "description", b"description", "digest", b"digest", "name", b"name", "role", b"role", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobProblem: _TypeAlias = BlobProblem  # noqa: Y015

@@ -110,6 +110,11 @@ class RegistryServiceStub:
                 request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceRequest.SerializeToString,
                 response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceResponse.FromString,
                 _registered_method=True)
+        self.VerifyBlobs = channel.unary_stream(
+                '/clawhub.registry.v1.RegistryService/VerifyBlobs',
+                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.VerifyBlobsRequest.SerializeToString,
+                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.VerifyBlobsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -124,7 +129,11 @@ class RegistryServiceServicer:
         PERMISSION_DENIED (the name is in a namespace the caller does not own: NAMESPACE_NOT_OWNED; in no
         namespace while the registry requires one: NAMESPACE_REQUIRED; unsigned where the namespace requires
         signatures: SIGNATURE_REQUIRED; signed by a key the namespace does not trust: SIGNER_NOT_TRUSTED),
-        ALREADY_EXISTS (the version exists with other bytes), OK for a new or identical publish.
+        ALREADY_EXISTS (the version exists with other bytes), RESOURCE_EXHAUSTED (too many uploads in flight, of
+        this caller or in all: TOO_MANY_UPLOADS; the registry is short of file descriptors:
+        DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), DEADLINE_EXCEEDED (UPLOAD_TIMEOUT: no message for the
+        idle timeout, or the upload took longer than the registry allows), OK for a new or identical publish (an
+        identical publish also repairs a stored blob of the version that is missing or corrupt: `repaired`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,8 +172,11 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadBlob(self, request, context):
-        """Streams the module bytes stored under a digest.
-        Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob).
+        """Streams the module bytes stored under a digest, checking them against it on the way: the last chunk is
+        held back until the digest is confirmed, so a client never receives a complete corrupt blob.
+        Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
+        bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
+        RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED, with a RetryInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,6 +269,17 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyBlobs(self, request, context):
+        """Hashes every stored blob, moves each corrupt one to quarantine (kept as evidence, never deleted) and
+        reports, per Ready version, the blobs it needs that are corrupt, quarantined or missing. Admin only.
+        Streams progress; the last message has `done` set and the final counts.
+        Returns PERMISSION_DENIED (ADMIN_REQUIRED, ADMIN_TOKEN_NOT_CONFIGURED), OK otherwise (problems are
+        reported in the messages, not as a status).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -334,6 +357,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.UpdateNamespace,
                     request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceRequest.FromString,
                     response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceResponse.SerializeToString,
+            ),
+            'VerifyBlobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.VerifyBlobs,
+                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.VerifyBlobsRequest.FromString,
+                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.VerifyBlobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -742,6 +770,33 @@ class RegistryService:
             '/clawhub.registry.v1.RegistryService/UpdateNamespace',
             clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceRequest.SerializeToString,
             clawhub_dot_registry_dot_v1_dot_registry__service__pb2.UpdateNamespaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clawhub.registry.v1.RegistryService/VerifyBlobs',
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.VerifyBlobsRequest.SerializeToString,
+            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.VerifyBlobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

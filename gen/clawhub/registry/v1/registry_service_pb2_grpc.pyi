@@ -41,7 +41,11 @@ class RegistryServiceStub:
     PERMISSION_DENIED (the name is in a namespace the caller does not own: NAMESPACE_NOT_OWNED; in no
     namespace while the registry requires one: NAMESPACE_REQUIRED; unsigned where the namespace requires
     signatures: SIGNATURE_REQUIRED; signed by a key the namespace does not trust: SIGNER_NOT_TRUSTED),
-    ALREADY_EXISTS (the version exists with other bytes), OK for a new or identical publish.
+    ALREADY_EXISTS (the version exists with other bytes), RESOURCE_EXHAUSTED (too many uploads in flight, of
+    this caller or in all: TOO_MANY_UPLOADS; the registry is short of file descriptors:
+    DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), DEADLINE_EXCEEDED (UPLOAD_TIMEOUT: no message for the
+    idle timeout, or the upload took longer than the registry allows), OK for a new or identical publish (an
+    identical publish also repairs a stored blob of the version that is missing or corrupt: `repaired`).
     """
     GetSkill: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetSkillRequest, _registry_service_pb2.GetSkillResponse]
     """Gets a skill and its latest version.
@@ -60,8 +64,11 @@ class RegistryServiceStub:
     Returns INVALID_ARGUMENT (bad name, page token or size), NOT_FOUND (no such skill).
     """
     DownloadBlob: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.DownloadBlobRequest, _registry_service_pb2.DownloadBlobResponse]
-    """Streams the module bytes stored under a digest.
-    Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob).
+    """Streams the module bytes stored under a digest, checking them against it on the way: the last chunk is
+    held back until the digest is confirmed, so a client never receives a complete corrupt blob.
+    Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
+    bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
+    RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED, with a RetryInfo).
     """
     YankSkillVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]
     """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
@@ -114,6 +121,13 @@ class RegistryServiceStub:
     publisher holds), PERMISSION_DENIED (NAMESPACE_NOT_OWNED), NOT_FOUND (NAMESPACE_NOT_FOUND, or a key id
     to remove that the namespace does not have: KEY_NOT_FOUND).
     """
+    VerifyBlobs: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.VerifyBlobsRequest, _registry_service_pb2.VerifyBlobsResponse]
+    """Hashes every stored blob, moves each corrupt one to quarantine (kept as evidence, never deleted) and
+    reports, per Ready version, the blobs it needs that are corrupt, quarantined or missing. Admin only.
+    Streams progress; the last message has `done` set and the final counts.
+    Returns PERMISSION_DENIED (ADMIN_REQUIRED, ADMIN_TOKEN_NOT_CONFIGURED), OK otherwise (problems are
+    reported in the messages, not as a status).
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -128,7 +142,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     PERMISSION_DENIED (the name is in a namespace the caller does not own: NAMESPACE_NOT_OWNED; in no
     namespace while the registry requires one: NAMESPACE_REQUIRED; unsigned where the namespace requires
     signatures: SIGNATURE_REQUIRED; signed by a key the namespace does not trust: SIGNER_NOT_TRUSTED),
-    ALREADY_EXISTS (the version exists with other bytes), OK for a new or identical publish.
+    ALREADY_EXISTS (the version exists with other bytes), RESOURCE_EXHAUSTED (too many uploads in flight, of
+    this caller or in all: TOO_MANY_UPLOADS; the registry is short of file descriptors:
+    DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), DEADLINE_EXCEEDED (UPLOAD_TIMEOUT: no message for the
+    idle timeout, or the upload took longer than the registry allows), OK for a new or identical publish (an
+    identical publish also repairs a stored blob of the version that is missing or corrupt: `repaired`).
     """
     GetSkill: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetSkillRequest, _registry_service_pb2.GetSkillResponse]  # type: ignore[assignment]
     """Gets a skill and its latest version.
@@ -147,8 +165,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     Returns INVALID_ARGUMENT (bad name, page token or size), NOT_FOUND (no such skill).
     """
     DownloadBlob: _aio.UnaryStreamMultiCallable[_registry_service_pb2.DownloadBlobRequest, _registry_service_pb2.DownloadBlobResponse]  # type: ignore[assignment]
-    """Streams the module bytes stored under a digest.
-    Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob).
+    """Streams the module bytes stored under a digest, checking them against it on the way: the last chunk is
+    held back until the digest is confirmed, so a client never receives a complete corrupt blob.
+    Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
+    bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
+    RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED, with a RetryInfo).
     """
     YankSkillVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]  # type: ignore[assignment]
     """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
@@ -201,6 +222,13 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     publisher holds), PERMISSION_DENIED (NAMESPACE_NOT_OWNED), NOT_FOUND (NAMESPACE_NOT_FOUND, or a key id
     to remove that the namespace does not have: KEY_NOT_FOUND).
     """
+    VerifyBlobs: _aio.UnaryStreamMultiCallable[_registry_service_pb2.VerifyBlobsRequest, _registry_service_pb2.VerifyBlobsResponse]  # type: ignore[assignment]
+    """Hashes every stored blob, moves each corrupt one to quarantine (kept as evidence, never deleted) and
+    reports, per Ready version, the blobs it needs that are corrupt, quarantined or missing. Admin only.
+    Streams progress; the last message has `done` set and the final counts.
+    Returns PERMISSION_DENIED (ADMIN_REQUIRED, ADMIN_TOKEN_NOT_CONFIGURED), OK otherwise (problems are
+    reported in the messages, not as a status).
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores, verifies and serves skill packages."""
@@ -218,7 +246,11 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         PERMISSION_DENIED (the name is in a namespace the caller does not own: NAMESPACE_NOT_OWNED; in no
         namespace while the registry requires one: NAMESPACE_REQUIRED; unsigned where the namespace requires
         signatures: SIGNATURE_REQUIRED; signed by a key the namespace does not trust: SIGNER_NOT_TRUSTED),
-        ALREADY_EXISTS (the version exists with other bytes), OK for a new or identical publish.
+        ALREADY_EXISTS (the version exists with other bytes), RESOURCE_EXHAUSTED (too many uploads in flight, of
+        this caller or in all: TOO_MANY_UPLOADS; the registry is short of file descriptors:
+        DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), DEADLINE_EXCEEDED (UPLOAD_TIMEOUT: no message for the
+        idle timeout, or the upload took longer than the registry allows), OK for a new or identical publish (an
+        identical publish also repairs a stored blob of the version that is missing or corrupt: `repaired`).
         """
 
     @_abc_1.abstractmethod
@@ -267,8 +299,11 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.DownloadBlobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.DownloadBlobResponse], _abc.AsyncIterator[_registry_service_pb2.DownloadBlobResponse]]:
-        """Streams the module bytes stored under a digest.
-        Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob).
+        """Streams the module bytes stored under a digest, checking them against it on the way: the last chunk is
+        held back until the digest is confirmed, so a client never receives a complete corrupt blob.
+        Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
+        bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
+        RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED, with a RetryInfo).
         """
 
     @_abc_1.abstractmethod
@@ -374,6 +409,19 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         Returns INVALID_ARGUMENT (bad prefix, public key or key id), UNAUTHENTICATED (a bearer token no
         publisher holds), PERMISSION_DENIED (NAMESPACE_NOT_OWNED), NOT_FOUND (NAMESPACE_NOT_FOUND, or a key id
         to remove that the namespace does not have: KEY_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyBlobs(
+        self,
+        request: _registry_service_pb2.VerifyBlobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.VerifyBlobsResponse], _abc.AsyncIterator[_registry_service_pb2.VerifyBlobsResponse]]:
+        """Hashes every stored blob, moves each corrupt one to quarantine (kept as evidence, never deleted) and
+        reports, per Ready version, the blobs it needs that are corrupt, quarantined or missing. Admin only.
+        Streams progress; the last message has `done` set and the final counts.
+        Returns PERMISSION_DENIED (ADMIN_REQUIRED, ADMIN_TOKEN_NOT_CONFIGURED), OK otherwise (problems are
+        reported in the messages, not as a status).
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

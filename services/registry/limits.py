@@ -1,0 +1,193 @@
+"""What one publish stream may hold, so strangers cannot exhaust the registry: upload slots per caller and in
+all, a file-descriptor budget, and an idle timeout and a cap on the duration of each upload.
+
+Before these, 500 streams that sent their metadata and stalled held 1,000 descriptors and temporary files for
+ever; at a 1,024-descriptor limit every other publish then failed INTERNAL "Too many open files". Now a stream
+holds no descriptor until its bytes outgrow a buffer (see blobs.Upload), at most one after that, a caller
+holds at most `max_per_caller` upload slots and everyone together `max_total`, a slot is refused while the
+process is near its descriptor limit, and a stream that sends nothing for `idle_timeout` seconds is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import resource
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from services.registry.trust import Caller, Context
+from services.runtime.channels import PEER_METADATA, peer_host
+from services.runtime.errors import RateLimitedLog, Reason, ServiceError
+
+log = logging.getLogger("clawhub.registry")
+
+MAX_CALLER_CHARS = 256
+# Descriptors kept out of the uploads' reach, for connections, reads, sqlite and the runtime: an eighth of the
+# limit, at least 32.
+MIN_DESCRIPTOR_RESERVE = 32
+RETRY_AFTER_SECONDS = 2.0
+DESCRIPTOR_RETRY_AFTER_SECONDS = 5.0
+_FD_DIRS = ("/proc/self/fd", "/dev/fd")
+
+
+def caller_key(context: Context, caller: Caller) -> str:
+    """Who an upload is counted against: the publisher (or the admin) whose token authenticated the call;
+    without a token, the client the gateway relays for (`x-clawhub-peer`), else the connection's peer address
+    without its port (a client must not get a fresh bucket per connection)."""
+    if caller.admin:
+        return "admin"
+    if caller.publisher:
+        return f"publisher:{caller.publisher}"
+    if context is None:
+        return "in-process"
+    for key, value in context.invocation_metadata() or ():
+        if key == PEER_METADATA:
+            text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            return f"peer:{text.strip()[:MAX_CALLER_CHARS]}"
+    return f"peer:{peer_host(str(context.peer() or ''))[:MAX_CALLER_CHARS]}"
+
+
+def _count_open_descriptors() -> int | None:
+    for directory in _FD_DIRS:
+        try:
+            # The listing's own descriptor is among them.
+            return len(os.listdir(directory)) - 1
+        except OSError:
+            continue
+    return None
+
+
+@dataclass
+class DescriptorBudget:
+    """How many more file descriptors the uploads may take: the soft RLIMIT_NOFILE minus a reserve minus what
+    the process holds now. `limit` None (no limit known, or no way to count) turns the check off."""
+
+    limit: int | None
+    reserve: int
+    count_open: Callable[[], int | None] = _count_open_descriptors
+
+    @classmethod
+    def from_process(cls) -> DescriptorBudget:
+        """The budget of this process, after raising its soft descriptor limit to the hard one where allowed
+        (a default soft limit of 1,024 is common and low for a server; the hard limit is the operator's)."""
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (OSError, ValueError):
+            return cls(None, 0)
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft < hard):
+            with contextlib.suppress(OSError, ValueError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+        if soft == resource.RLIM_INFINITY:
+            return cls(None, 0)
+        budget = cls(soft, max(MIN_DESCRIPTOR_RESERVE, soft // 8))
+        if budget.count_open() is None:
+            log.warning("cannot count this process's open file descriptors here: the descriptor budget is off")
+            return cls(None, 0)
+        log.info("file descriptors: limit %d (hard %s), %d kept in reserve; uploads are refused beyond the rest",
+                 soft, "unlimited" if hard == resource.RLIM_INFINITY else hard, budget.reserve)
+        return budget
+
+    def headroom(self) -> int | None:
+        """Descriptors left before the reserve; None when unbounded."""
+        if self.limit is None:
+            return None
+        count = self.count_open()
+        return None if count is None else self.limit - self.reserve - count
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """The bounds on uploads (see Settings for their variables)."""
+
+    max_total: int = 64
+    max_per_caller: int = 32
+    idle_timeout_seconds: float = 30.0
+    max_duration_seconds: float = 600.0
+
+
+class UploadGate:
+    """Admission of publish streams: a slot per stream, at most `max_per_caller` per caller and `max_total`
+    in all, and only while the descriptor budget has room for one descriptor per admitted upload."""
+
+    def __init__(self, limits: UploadLimits, budget: DescriptorBudget | None = None) -> None:
+        self.limits = limits
+        self._budget = budget or DescriptorBudget(None, 0)
+        self._by_caller: collections.Counter[str] = collections.Counter()
+        self._total = 0
+        # Under a flood of refused streams the log gets a few lines, not one per stream.
+        self._refusals_log = RateLimitedLog(log)
+
+    @property
+    def active(self) -> int:
+        return self._total
+
+    @contextlib.contextmanager
+    def admit(self, caller: str) -> Iterator[None]:
+        """Hold an upload slot for `caller` for the block; RESOURCE_EXHAUSTED with a RetryInfo when none is
+        free (checked and taken without awaiting, so two streams cannot both take the last slot)."""
+        if self._by_caller[caller] >= self.limits.max_per_caller:
+            raise _too_many("per_caller", self.limits.max_per_caller,
+                            f"this caller already has {self.limits.max_per_caller} uploads in flight, the most "
+                            "the registry allows one caller (CLAWHUB_REGISTRY_MAX_UPLOADS_PER_CALLER)")
+        if self._total >= self.limits.max_total:
+            raise _too_many("total", self.limits.max_total,
+                            f"the registry has {self.limits.max_total} uploads in flight, the most it allows "
+                            "(CLAWHUB_REGISTRY_MAX_UPLOADS)")
+        # Every admitted upload may come to hold one descriptor (those that do are counted twice: on the safe
+        # side), and this one is about to.
+        headroom = self._budget.headroom()
+        if headroom is not None and headroom < self._total + 1:
+            self._refusals_log.warning("refusing an upload: %d uploads in flight and %s file descriptors left "
+                                       "before the reserve (limit %s)", self._total, headroom, self._budget.limit)
+            raise out_of_descriptors(self._budget.limit)
+        self._by_caller[caller] += 1
+        self._total += 1
+        try:
+            yield
+        finally:
+            self._total -= 1
+            self._by_caller[caller] -= 1
+            if not self._by_caller[caller]:
+                del self._by_caller[caller]
+
+
+def _too_many(scope: str, limit: int, message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_UPLOADS, f"{message}; retry later",
+                        metadata={"scope": scope, "max_uploads": str(limit)}, retry_after_seconds=RETRY_AFTER_SECONDS)
+
+
+class UploadTimeout(ServiceError):
+    """DEADLINE_EXCEEDED (UPLOAD_TIMEOUT): a publish stream went quiet for the idle timeout, or took longer
+    than the cap on an upload's duration."""
+
+    def __init__(self, limits: UploadLimits, *, total: bool) -> None:
+        if total:
+            message = (f"the upload took longer than {limits.max_duration_seconds:g} s, the most the registry "
+                       "allows for one (CLAWHUB_REGISTRY_UPLOAD_MAX_DURATION), and was dropped")
+            metadata = {"timeout": "total", "seconds": f"{limits.max_duration_seconds:g}"}
+        else:
+            message = (f"no message of the publish stream arrived for {limits.idle_timeout_seconds:g} s "
+                       "(CLAWHUB_REGISTRY_UPLOAD_IDLE_TIMEOUT), so the upload was dropped; send the stream "
+                       "without pausing")
+            metadata = {"timeout": "idle", "seconds": f"{limits.idle_timeout_seconds:g}"}
+        super().__init__(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.UPLOAD_TIMEOUT, message, metadata=metadata)
+
+
+def out_of_descriptors(limit: int | None = None) -> ServiceError:
+    """RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED): the budget is spent, or an open failed with EMFILE or
+    ENFILE anyway (another part of the process, or the whole system, took them): a reason to retry, not a bug."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.DESCRIPTOR_BUDGET_EXHAUSTED,
+        "the registry is close to its limit of open files and takes no new upload or download now; retry later",
+        metadata={"limit": str(limit)} if limit is not None else {}, retry_after_seconds=DESCRIPTOR_RETRY_AFTER_SECONDS)
+
+
+def is_out_of_descriptors(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
