@@ -15,6 +15,7 @@ the release failing (rolled back), reported with its last reason.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import queue
 import re
@@ -29,11 +30,11 @@ from typing import IO, Any
 import grpc
 from clawhub.common.v1 import release_pb2
 from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 K = deployer_pb.DeploymentEventKind
 TERMINAL_STATES = {release_pb2.RELEASE_STATE_ACTIVE, release_pb2.RELEASE_STATE_FAILED}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 REDRAW_SECONDS = 0.1
@@ -50,7 +51,7 @@ WATCH_BACKOFF = (0.25, 2.0)
 def parse_duration(text: str) -> float:
     """`300ms`, `10s`, `1.5s`, `2m`, `1h` → seconds. A bare number is refused: `--max-p99 250` could mean
     milliseconds or seconds, and guessing wrong silently is worse than asking."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if not match:
         hint = " (add a unit: ms, s, m or h)" if re.fullmatch(r"\s*[\d.]+\s*", text) else ""
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 300ms, 10s or 2m{hint}")
@@ -196,9 +197,33 @@ def describe_serving(deployments: Sequence[deployer_pb.Deployment]) -> str:
     return next((d.version for d in deployments if d.serving), next(iter(weights), "-"))
 
 
+def release_state(deployment: deployer_pb.Deployment) -> str:
+    """The deployment's state for people: ROLLED_BACK for an Active deployment a manual rollback took the
+    traffic from (Active alone would read as if it served)."""
+    return "ROLLED_BACK" if deployment.HasField("rolled_back") else state_name(deployment.state)
+
+
+def format_time(value: timestamp_pb2.Timestamp) -> str:
+    return value.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def describe_rollback(deployment: deployer_pb.Deployment) -> str:
+    """`rolled back to 1.0.0 (deployment …, route generation 4) at …`, or "" when it was not rolled back."""
+    if not deployment.HasField("rolled_back"):
+        return ""
+    rolled = deployment.rolled_back
+    generation = f", route generation {rolled.generation}" if rolled.generation else ""
+    return (f"rolled back to {rolled.version} (deployment {rolled.deployment_id}{generation}) at "
+            f"{format_time(rolled.time)}")
+
+
 def describe_deployment(deployment: deployer_pb.Deployment) -> list[str]:
     """Detail lines of one deployment for `clawhub status NAME`."""
-    lines = [f"last deployment {deployment.version} ({deployment.id}): {state_name(deployment.state)}"]
+    lines = [f"last deployment {deployment.version} ({deployment.id}): {release_state(deployment)}"]
+    rollback = describe_rollback(deployment)
+    if rollback:
+        lines.append(f"  rollback  {rollback}; {deployment.version} stays Active (its release passed) but serves "
+                     "no more")
     strategy = describe_strategy(deployment)
     if strategy:
         lines.append(f"  strategy  {strategy}")
@@ -208,9 +233,15 @@ def describe_deployment(deployment: deployer_pb.Deployment) -> list[str]:
     lines.append(f"  traffic   {deployment.traffic_weight}%")
     verdict = verdict_name(deployment.verdict)
     if verdict:
-        lines.append(f"  verdict   {verdict}" + (f": {deployment.verdict_reason}" if deployment.verdict_reason else ""))
+        # `not analysed: no traffic (…)` under NOT_ANALYSED would say it twice.
+        reason = deployment.verdict_reason.removeprefix("not analysed: ")
+        lines.append(f"  verdict   {verdict}" + (f": {reason}" if reason else ""))
     if deployment.HasField("stats"):
         lines.append(f"  stats     {describe_stats(deployment.stats)}")
+    if deployment.unset_env:
+        lines.append(f"  env unset {', '.join(deployment.unset_env)} (deployed with --allow-unset-env)")
+    if deployment.inherited_env:
+        lines.append(f"  env kept  {', '.join(deployment.inherited_env)} (values of the deployment serving before)")
     if deployment.history:
         lines.append(f"  last step {deployment.history[-1].reason}")
     return lines
@@ -316,9 +347,12 @@ def describe(response: deployer_pb.WatchDeploymentResponse, status: Status, now:
         return f"rolling back: {event.reason}", False
     if kind == K.DEPLOYMENT_EVENT_KIND_UNLOADED:
         return f"previous version unloaded from {event.executor}", False
+    if kind == K.DEPLOYMENT_EVENT_KIND_NOT_ANALYSED:
+        status.until, status.detail, status.stats = None, "not analysed", ""
+        return event.reason or response.message, False
     if not response.HasField("event"):
-        # The first response, the current state. Events sent before the watch began are not replayed, so a
-        # release already under analysis says so here (a fast preload and route push are often done by now).
+        # The first response, the current state; the deployment's event log follows it. A release already
+        # under analysis says so first, as the headline of what the log is about to show.
         if deployment.verdict == deployer_pb.ANALYSIS_VERDICT_RUNNING:
             weight = deployment.traffic_weight
             status.detail = (f"canary {weight}%" if deployment.WhichOneof("strategy") == "canary"
@@ -414,59 +448,103 @@ def _pump(stream: Iterator[deployer_pb.WatchDeploymentResponse], events: queue.Q
     events.put(_END)
 
 
+@dataclass
+class Cursor:
+    """The sequence number of the last event a watch showed: a reconnected stream replays the deployment's
+    event log from the start, and what was already shown is skipped."""
+
+    sequence: int = 0
+
+
+def _age(deployment: deployer_pb.Deployment) -> float:
+    """Seconds since the deployment was created by this machine's clock; 0 when unknown or implausible (a
+    clock far off the deployer's)."""
+    if not deployment.HasField("create_time"):
+        return 0.0
+    age = time.time() - deployment.create_time.ToNanoseconds() / 1e9
+    return age if 0 <= age <= 7 * 86400 else 0.0
+
+
+def _event_time(response: deployer_pb.WatchDeploymentResponse) -> float | None:
+    """When the event happened, in seconds since the deployment was created, by the deployer's clock alone:
+    the same for a replayed event as it was live."""
+    if not (response.HasField("event") and response.event.HasField("time")
+            and response.deployment.HasField("create_time")):
+        return None
+    return max(0.0, (response.event.time.ToNanoseconds() - response.deployment.create_time.ToNanoseconds()) / 1e9)
+
+
 def follow(watch: Callable[..., Any], deployment: deployer_pb.Deployment, *, live: bool, timeout: float,
            out: IO[str], printable: Callable[[str], str],
-           get: Callable[[str], deployer_pb.Deployment] | None = None) -> deployer_pb.Deployment:
+           get: Callable[[str], deployer_pb.Deployment] | None = None,
+           cursor: Cursor | None = None) -> deployer_pb.Deployment:
     """Show the deployment's events until it ends (Active or Failed); returns its last state.
 
-    A broken stream raises its grpc.RpcError. Ctrl-C stops following only: the release goes on in the
-    deployer (the caller says how to find it again).
+    The deployer sends the deployment's event log first, so a release that is already under way, or over,
+    is shown from its start; times are counted from the deployment's creation. A broken stream raises its
+    grpc.RpcError. Ctrl-C stops following only: the release goes on in the deployer (the caller says how to
+    find it again).
     """
     display: PlainDisplay | LiveDisplay = LiveDisplay(out, printable) if live else PlainDisplay(out, printable)
+    cursor = cursor if cursor is not None else Cursor()
     stream = watch(deployer_pb.WatchDeploymentRequest(id=deployment.id), timeout=timeout)
     events: queue.Queue[Any] = queue.Queue()
     pump = threading.Thread(target=_pump, args=(stream, events), daemon=True, name="watch-deployment")
     pump.start()
     started = heard = time.monotonic()
+    # The status line's clock: the release's age (for a release joined late), then this watch's time.
+    offset = _age(deployment) if deployment.state not in TERMINAL_STATES else 0.0
+
+    def clock() -> float:
+        return offset + time.monotonic() - started
+
     status = Status(state=state_name(deployment.state))
     last = deployment
+    # When the release was seen ended; the stream still goes on to its end (a replayed log can hold a manual
+    # rollback after the end), but not for longer than PUMP_JOIN_SECONDS.
+    ended: float | None = None
+    finished = False
     try:
-        while True:
+        while ended is None or time.monotonic() - ended < PUMP_JOIN_SECONDS:
             try:
                 item = events.get(timeout=REDRAW_SECONDS)
             except queue.Empty:
-                display.tick(time.monotonic() - started, status)
-                if get is not None and time.monotonic() - heard > QUIET_POLL_SECONDS:
+                display.tick(clock(), status)
+                if ended is None and get is not None and time.monotonic() - heard > QUIET_POLL_SECONDS:
                     # A quiet stream: ask for the deployment directly, so a lost stream cannot keep us
                     # waiting after the release ended.
                     heard = time.monotonic()
                     polled = get(deployment.id)
                     if polled.state in TERMINAL_STATES:
                         last = polled
-                        display.event(time.monotonic() - started, status,
-                                      f"{state_name(polled.state)}: {last_reason(polled)}")
+                        display.event(clock(), status, f"{state_name(polled.state)}: {last_reason(polled)}")
                         break
                 continue
             heard = time.monotonic()
             if item is _END:
+                finished = True
                 break
             if isinstance(item, grpc.RpcError):
                 raise item
+            if item.sequence and item.sequence <= cursor.sequence:
+                continue
+            cursor.sequence = max(cursor.sequence, item.sequence)
             last = item.deployment
             text, routine = describe(item, status, time.monotonic())
-            display.event(time.monotonic() - started, status, text, routine)
-            if last.state in TERMINAL_STATES:
-                break
+            at = _event_time(item)
+            display.event(clock() if at is None else at, status, text, routine)
+            ended = (ended or time.monotonic()) if last.state in TERMINAL_STATES else None
     except BaseException:
         stream.cancel()
         raise
     else:
-        # The deployer ends the stream right after the last event: let the pump see that end rather than
-        # cancelling the stream under it (a sync stream cancelled from another thread while it is being read
-        # can block that reader, and then the channel's close, for good: grpc/grpc#20562).
-        pump.join(timeout=PUMP_JOIN_SECONDS)
-        if pump.is_alive():
-            stream.cancel()
+        if not finished:
+            # The deployer ends the stream right after the last event: let the pump see that end rather than
+            # cancelling the stream under it (a sync stream cancelled from another thread while it is being
+            # read can block that reader, and then the channel's close, for good: grpc/grpc#20562).
+            pump.join(timeout=0 if ended is not None else PUMP_JOIN_SECONDS)
+            if pump.is_alive():
+                stream.cancel()
     finally:
         display.close()
     return last
@@ -477,11 +555,13 @@ def follow_reconnecting(watch: Callable[..., Any], deployment: deployer_pb.Deplo
                         get: Callable[[str], deployer_pb.Deployment] | None = None) -> deployer_pb.Deployment:
     """`follow`, reconnecting when the stream breaks with UNAVAILABLE (a deployer or gateway restarting:
     `clawhub up` restarts a dead service within a second or two). The release goes on in the deployer
-    meanwhile, and a new stream starts from its current state. Other errors, and UNAVAILABLE past the
-    retries, are raised."""
+    meanwhile; a new stream replays the deployment's event log, and the events already shown are skipped.
+    Other errors, and UNAVAILABLE past the retries, are raised."""
+    cursor = Cursor()
     for attempt in itertools.count():
         try:
-            return follow(watch, deployment, live=live, timeout=timeout, out=out, printable=printable, get=get)
+            return follow(watch, deployment, live=live, timeout=timeout, out=out, printable=printable, get=get,
+                          cursor=cursor)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= WATCH_RETRIES:
                 raise

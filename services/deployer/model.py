@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias
@@ -12,6 +13,7 @@ from google.protobuf import timestamp_pb2
 
 from services.deployer.plan import Plan
 from services.deployer.statemachine import State, check_transition
+from services.runtime.wasm import env_names
 
 if TYPE_CHECKING:
     from services.deployer.analysis import Tally
@@ -42,6 +44,31 @@ class Transition:
     def to_proto(self) -> release_pb2.StateTransition:
         return release_pb2.StateTransition(from_state=self.from_state, to_state=self.to_state,
                                            time=timestamp(self.time_ns), reason=self.reason)
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """A manual rollback that moved a deployment's traffic back to the deployment before it."""
+
+    deployment_id: str
+    version: str
+    generation: int
+    time_ns: int
+
+    def to_proto(self) -> pb.RolledBack:
+        return pb.RolledBack(deployment_id=self.deployment_id, version=self.version, generation=self.generation,
+                             time=timestamp(self.time_ns))
+
+    def to_json(self) -> str:
+        return json.dumps({"deployment_id": self.deployment_id, "version": self.version,
+                           "generation": self.generation, "time_ns": self.time_ns})
+
+    @classmethod
+    def from_json(cls, text: str) -> RolledBack | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(str(data["deployment_id"]), str(data["version"]), int(data["generation"]), int(data["time_ns"]))
 
 
 @dataclass
@@ -79,6 +106,19 @@ class DeploymentRecord:
     verdict: Verdict = pb.ANALYSIS_VERDICT_UNSPECIFIED
     verdict_reason: str = ""
     stats: Tally | None = field(default=None, compare=False)
+    # The env names whose values were kept from the deployment serving when this one was created (the request
+    # left them out): an idempotent retry is compared with what was asked, not with what was kept.
+    inherited_env: list[str] = field(default_factory=list)
+    # Set once a manual rollback took the traffic from this deployment.
+    rolled_back: RolledBack | None = None
+
+    def requested_env(self) -> dict[str, str]:
+        """The env values the CreateDeployment request gave (without those kept from the previous deployment)."""
+        return {k: v for k, v in self.env.items() if k not in self.inherited_env}
+
+    def unset_env(self) -> list[str]:
+        """Declared `env:NAME` variables with no value (deployed with allow_unset_env), sorted."""
+        return sorted(set(env_names(self.capabilities)) - set(self.env))
 
     def apply(self, to_state: State, reason: str, time_ns: int) -> Transition:
         """Move to `to_state` if the state machine allows it; returns the transition to persist."""
@@ -99,8 +139,10 @@ class DeploymentRecord:
             history=[t.to_proto() for t in self.history], previous_version=self.previous_version,
             serving=serving, create_time=timestamp(self.create_ns), update_time=timestamp(self.update_ns),
             traffic_weight=traffic_weight, verdict=self.verdict, verdict_reason=self.verdict_reason,
-            dependencies=self.dependencies,
+            dependencies=self.dependencies, unset_env=self.unset_env(), inherited_env=sorted(self.inherited_env),
         )
+        if self.rolled_back is not None:
+            deployment.rolled_back.CopyFrom(self.rolled_back.to_proto())
         if self.plan is not None:
             self.plan.fill(deployment)
         if self.stats is not None:

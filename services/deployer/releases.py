@@ -40,7 +40,14 @@ from services.deployer.analysis import Tally, breach
 from services.deployer.backends import ExecutorFleet, describe_error
 from services.deployer.breaker import BreakerSettings
 from services.deployer.events import EventBus
-from services.deployer.model import DeploymentRecord, Transition, Verdict, new_deployment_id, timestamp
+from services.deployer.model import (
+    DeploymentRecord,
+    RolledBack,
+    Transition,
+    Verdict,
+    new_deployment_id,
+    timestamp,
+)
 from services.deployer.plan import CANARY, Plan, duration
 from services.deployer.routes import Acks, RouteHub
 from services.deployer.statemachine import (
@@ -63,6 +70,9 @@ MANUAL_ABORT_REASON = "manual rollback requested"
 # Pause before watching an executor's per-digest health again after the stream broke.
 HEALTH_RETRY_SECONDS = 0.5
 DEFAULT_PROGRESS_INTERVAL = 0.25
+# Events kept in one deployment's log (progress samples are never kept). Past it only state changes are: a
+# rollout has a few events per executor and per analysis window, so only a very large fleet gets there.
+MAX_LOGGED_EVENTS = 500
 
 T = TypeVar("T")
 Kind: TypeAlias = pb.DeploymentEventKind.ValueType
@@ -73,6 +83,29 @@ def in_progress(skill: str, deployment_id: str) -> ServiceError:
         grpc.StatusCode.FAILED_PRECONDITION, Reason.DEPLOYMENT_IN_PROGRESS,
         f"deployment {deployment_id} of {skill} is still in flight; watch it with WatchDeployment and "
         "try again when it ends", metadata={"skill": skill, "deployment_id": deployment_id})
+
+
+def env_not_set(skill: str, version: str, unset: Sequence[str], previous: DeploymentRecord | None) -> ServiceError:
+    """INVALID_ARGUMENT / ENV_NOT_SET naming every declared variable the deploy leaves without a value, and how
+    to set it (names only: never values)."""
+    them = "it" if len(unset) == 1 else "them"
+    kept = f" (nor does {previous.version}, serving now, whose values a deploy keeps)" if previous else ""
+    flags = " ".join(f"--env {name}=value" for name in unset)
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, Reason.ENV_NOT_SET,
+        f"{skill}@{version} declares {', '.join('env:' + n for n in unset)} but this deploy gives no value for "
+        f"{them}{kept}; a skill that needs {them} would fail on every call. Set {them} with "
+        f"`clawhub deploy {skill}@{version} {flags}`, or deploy without {them} with --allow-unset-env "
+        "(allow_unset_env in the API)",
+        metadata={"field": f"env[{unset[0]}]", "skill": skill, "version": version, "unset": ",".join(unset)},
+        field_violations=[(f"env[{name}]", f"declared (env:{name}) but given no value") for name in unset])
+
+
+def not_analysed(requests: int, minimum: int) -> str:
+    """Why a release that ended its windows without a breach was not judged."""
+    if not requests:
+        return "not analysed: no traffic"
+    return f"not analysed: {requests} call{'s' if requests != 1 else ''}, fewer than min_requests {minimum}"
 
 
 def no_previous(skill: str, version: str, deployment_id: str) -> ServiceError:
@@ -140,6 +173,9 @@ class Releaser:
         # Digests this deployer unloaded after a release replaced them: a manual rollback to one of them loads
         # it again first. (Forgotten on restart: an executor then loads it on the first call instead.)
         self._unloaded: set[str] = set()
+        # Numbering of each deployment's events (see _emit).
+        self._emit_lock = asyncio.Lock()
+        self._sequences: dict[str, int] = {}
 
     # Views.
 
@@ -173,7 +209,7 @@ class Releaser:
             raise invalid(Reason.INVALID_ARGUMENT, "request_id",
                           f"request_id {request_id!r} was already used to deploy "
                           f"{record.skill}@{record.version} (deployment {record.id})")
-        if record.env != env:
+        if record.requested_env() != env:
             raise invalid(Reason.INVALID_ARGUMENT, "request_id",
                           f"request_id {request_id!r} was already used to deploy {skill}@{version} with other "
                           f"env values (deployment {record.id})")
@@ -184,11 +220,14 @@ class Releaser:
                                args: Sequence[str] = (), bundle_digest: str = "",
                                capabilities: Sequence[str] = (),
                                examples: Sequence[skill_pb2.SmokeExample] = (),
-                               dependencies: Sequence[skill_pb2.ResolvedDependency] = ()) -> DeploymentRecord:
+                               dependencies: Sequence[skill_pb2.ResolvedDependency] = (),
+                               declared_env: Sequence[str] = (), allow_unset_env: bool = False) -> DeploymentRecord:
         """Create a deployment in state Deploying and start its rollout in the background.
 
         `env` holds the values for the skill's `env:NAME` capabilities (checked by the caller); they are
-        persisted with the deployment and go out with its route, and are never logged.
+        persisted with the deployment and go out with its route, and are never logged. A name in
+        `declared_env` that `env` leaves out keeps the value of the deployment serving now (so a new version
+        does not lose its secrets); one that still has none is refused (ENV_NOT_SET) unless `allow_unset_env`.
         With a `request_id` seen before, returns that deployment instead (an idempotent retry).
         Refused while another operation on the skill runs, or while its circuit breaker is open.
         """
@@ -200,17 +239,28 @@ class Releaser:
                     return existing
             if skill in self._in_flight:
                 raise in_progress(skill, self._in_flight[skill])
+            owner = self._hub.owner(skill)
+            previous = await self._store.get_deployment(owner) if owner else None
+            requested = sorted(env)
+            inherited = sorted(n for n in set(declared_env) - set(env) if previous is not None and n in previous.env)
+            if previous is not None:
+                env.update({name: previous.env[name] for name in inherited})
+            unset = sorted(set(declared_env) - set(env))
+            if unset and not allow_unset_env:
+                raise env_not_set(skill, version, unset, previous)
             now = self._clock()
             outcomes = await self._store.deploy_outcomes(skill, now - int(self._breaker.window_seconds * 1e9))
             refusal = breaker.check(skill, outcomes, now, self._breaker)
             if refusal is not None:
                 raise refusal
-            owner = self._hub.owner(skill)
-            previous = await self._store.get_deployment(owner) if owner else None
             check_transition(READY, DEPLOYING)
             replacing = f", replacing {previous.version}" if previous else ""
             # Names only: the values may be secrets.
-            with_env = f" with env {', '.join(sorted(env))}" if env else ""
+            with_env = f" with env {', '.join(requested)}" if requested else ""
+            if inherited and previous is not None:
+                with_env += f" (env {', '.join(inherited)} kept from {previous.version})"
+            if unset:
+                with_env += f", env {', '.join(unset)} left unset (allowed)"
             record = DeploymentRecord(
                 id=new_deployment_id(), skill=skill, version=version, digest=digest, limits=limits,
                 state=DEPLOYING, history=[Transition(READY, DEPLOYING, now, f"deploy of {version} requested"
@@ -219,7 +269,7 @@ class Releaser:
                 previous_version=previous.version if previous else "",
                 create_ns=now, update_ns=now, env=env, args=list(args), bundle_digest=bundle_digest,
                 capabilities=list(capabilities), examples=list(examples), plan=plan,
-                dependencies=list(dependencies))
+                dependencies=list(dependencies), inherited_env=inherited)
             await self._store.create_deployment(record, request_id)
             self._in_flight[skill] = record.id
             release = Release(record, previous, plan)
@@ -319,6 +369,11 @@ class Releaser:
                     owner = self._hub.owner(record.skill)
                     if owner and owner != record.id:
                         serving = f"route kept: deployment {owner} serves"
+                        # The rollback's route had been persisted: it took place.
+                        target = await self._store.get_deployment(owner)
+                        if record.rolled_back is None and target is not None:
+                            record.rolled_back = RolledBack(target.id, target.version, 0, self._clock())
+                            await self._store.save_rolled_back(record)
                     await self._transition(record, ACTIVE, f"deployer restarted mid-rollback; {serving}",
                                            final=True)
                     continue
@@ -357,21 +412,42 @@ class Releaser:
                 del self._releases[record.skill]
         log.info("deployment %s (%s@%s): %s → %s: %s", record.id, record.skill, record.version,
                  state_name(transition.from_state), state_name(to_state), reason)
-        self._emit(record, f"{state_name(transition.from_state)} → {state_name(to_state)}: {reason}",
-                   pb.DEPLOYMENT_EVENT_KIND_STATE_CHANGED, transition=transition.to_proto())
+        await self._emit(record, f"{state_name(transition.from_state)} → {state_name(to_state)}: {reason}",
+                         pb.DEPLOYMENT_EVENT_KIND_STATE_CHANGED, transition=transition.to_proto())
 
-    def _emit(self, record: DeploymentRecord, message: str, kind: Kind, **fields: Any) -> None:
-        event = pb.DeploymentEvent(kind=kind, time=timestamp(self._clock()), **fields)
-        self._events.publish(pb.WatchDeploymentResponse(deployment=self.to_proto(record), message=message,
-                                                        event=event))
+    async def _emit(self, record: DeploymentRecord, message: str, kind: Kind, **fields: Any) -> None:
+        """Number the event, add it to the deployment's log, then tell the watchers.
 
-    def _pushed(self, record: DeploymentRecord, generation: int, weight: int, note: str = "") -> None:
-        self._emit(record, f"route generation {generation} pushed{note}", pb.DEPLOYMENT_EVENT_KIND_ROUTE_PUSHED,
-                   generation=generation, weight=weight)
+        Logged before it is published, and under one lock so that numbers are published in order: a watcher
+        subscribes before it reads the log, so every event is in the log it reads or in its queue (or both:
+        it drops what it already replayed by sequence number)."""
+        async with self._emit_lock:
+            sequence = self._sequences.get(record.id)
+            if sequence is None:
+                # A deployment this process has not numbered yet (one from before a restart): carry on after
+                # its log.
+                sequence = await self._store.last_event_sequence(record.id)
+            sequence += 1
+            self._sequences[record.id] = sequence
+            event = pb.DeploymentEvent(kind=kind, time=timestamp(self._clock()), **fields)
+            response = pb.WatchDeploymentResponse(deployment=self.to_proto(record), message=message, event=event,
+                                                  sequence=sequence)
+            # Progress samples come several times a second and say nothing a later event does not: live only.
+            if kind != pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_PROGRESS:
+                try:
+                    await self._store.append_event(record.id, response, limit=MAX_LOGGED_EVENTS,
+                                                   keep=kind == pb.DEPLOYMENT_EVENT_KIND_STATE_CHANGED)
+                except Exception as exc:  # noqa: BLE001 - the log is for people: a release must not fail over it
+                    log.warning("event %d of deployment %s could not be logged: %s", sequence, record.id, exc)
+            self._events.publish(response)
 
-    def _acked(self, record: DeploymentRecord, acks: Acks) -> None:
-        self._emit(record, acks.describe(), pb.DEPLOYMENT_EVENT_KIND_ACKED, generation=acks.generation,
-                   acknowledged=len(acks.acknowledged), dispatchers=len(acks.acknowledged) + len(acks.pending))
+    async def _pushed(self, record: DeploymentRecord, generation: int, weight: int, note: str = "") -> None:
+        await self._emit(record, f"route generation {generation} pushed{note}", pb.DEPLOYMENT_EVENT_KIND_ROUTE_PUSHED,
+                         generation=generation, weight=weight)
+
+    async def _acked(self, record: DeploymentRecord, acks: Acks) -> None:
+        await self._emit(record, acks.describe(), pb.DEPLOYMENT_EVENT_KIND_ACKED, generation=acks.generation,
+                         acknowledged=len(acks.acknowledged), dispatchers=len(acks.acknowledged) + len(acks.pending))
 
     @staticmethod
     def _set_verdict(record: DeploymentRecord, verdict: Verdict, reason: str) -> None:
@@ -390,7 +466,6 @@ class Releaser:
                 await self._fail(record, problem, previous)
                 return
             windows = release.plan.windows()
-            analysed = ""
             if windows:
                 stop = await self._analyse(release, windows)
                 if self._hub.closed:
@@ -399,22 +474,17 @@ class Releaser:
                 if stop is not None:
                     await self._abort(release, stop)
                     return
-                stats = record.stats or Tally()
-                analysed = f"{release.plan.describe()} passed ({stats.describe()}); "
-                self._set_verdict(record, pb.ANALYSIS_VERDICT_PASSED, analysed[:-2])
-                self._emit(record, f"analysis passed: {stats.describe()}", pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_PASSED,
-                           stats=stats.to_proto())
-                await self._store.save_analysis(record)
+            analysed = await self._judge(release, bool(windows))
             generation = await self._hub.publish(record.skill, StoredRoute(record.id, record.route()))
             release.weight = 100
-            self._pushed(record, generation, 100)
+            await self._pushed(record, generation, 100)
             acks = await self._hub.wait_acked(generation, self._ack_timeout)
             if self._hub.closed:
                 # Shutting down: the watch streams ended, so the acknowledgements mean nothing. The next
                 # start settles this deployment (Failed, previous route restored).
                 log.info("deployment %s left in flight by the shutdown", record.id)
                 return
-            self._acked(record, acks)
+            await self._acked(record, acks)
             if not acks.complete and not windows:
                 await self._fail(record, f"route generation {generation} not acknowledged within "
                                          f"{self._ack_timeout:g}s by {', '.join(acks.pending)}", previous)
@@ -445,6 +515,28 @@ class Releaser:
             if self._releases.get(record.skill) is release:
                 del self._releases[record.skill]
 
+    async def _judge(self, release: Release, analysed: bool) -> str:
+        """The verdict of a release whose windows ended without a breach, for its Active transition's reason.
+
+        Passed only with at least `min_requests` calls of the new version: with fewer, no threshold was ever
+        checked (see `breach`), so saying "passed" would claim a judgement that never happened."""
+        record, plan = release.record, release.plan
+        stats = record.stats or Tally()
+        minimum = max(1, plan.thresholds.min_requests)
+        if analysed and stats.requests >= minimum:
+            reason = f"{plan.describe()} passed ({stats.describe()})"
+            self._set_verdict(record, pb.ANALYSIS_VERDICT_PASSED, reason)
+            await self._emit(record, f"analysis passed: {stats.describe()}", pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_PASSED,
+                             stats=stats.to_proto())
+        else:
+            why = not_analysed(stats.requests, minimum) if analysed else "not analysed: no bake window"
+            reason = f"{why} ({plan.describe()})"
+            self._set_verdict(record, pb.ANALYSIS_VERDICT_NOT_ANALYSED, reason)
+            await self._emit(record, reason, pb.DEPLOYMENT_EVENT_KIND_NOT_ANALYSED, reason=reason,
+                             stats=stats.to_proto())
+        await self._store.save_analysis(record)
+        return f"{reason}; "
+
     async def _preload(self, record: DeploymentRecord) -> tuple[str | None, bool]:
         """LoadSkill on every executor at once; the problems (None when every one loaded it), and whether a
         smoke example failed."""
@@ -458,15 +550,15 @@ class Releaser:
             except grpc.aio.AioRpcError as err:
                 problem = f"LoadSkill on {address} failed: {describe_error(err)}"
                 smoke_failed = smoke_failed or Reason.SMOKE_TEST_FAILED in problem
-                self._emit(record, problem, pb.DEPLOYMENT_EVENT_KIND_PRELOAD_FAILED, executor=address,
-                           reason=problem)
+                await self._emit(record, problem, pb.DEPLOYMENT_EVENT_KIND_PRELOAD_FAILED, executor=address,
+                                 reason=problem)
                 return problem
-            self._emit(record, f"preloaded on {address}{' (already loaded)' if already else ''}",
-                       pb.DEPLOYMENT_EVENT_KIND_PRELOADED, executor=address)
+            await self._emit(record, f"preloaded on {address}{' (already loaded)' if already else ''}",
+                             pb.DEPLOYMENT_EVENT_KIND_PRELOADED, executor=address)
             if record.examples:
                 count = len(record.examples)
-                self._emit(record, f"{count} smoke example{'s' if count != 1 else ''} passed on {address}",
-                           pb.DEPLOYMENT_EVENT_KIND_SMOKE_PASSED, executor=address, smoke_examples=count)
+                await self._emit(record, f"{count} smoke example{'s' if count != 1 else ''} passed on {address}",
+                                 pb.DEPLOYMENT_EVENT_KIND_SMOKE_PASSED, executor=address, smoke_examples=count)
             return None
 
         problems = [p for p in await asyncio.gather(*(load(a) for a in self._fleet.addresses)) if p]
@@ -487,25 +579,25 @@ class Releaser:
                 generation = await self._hub.publish(
                     record.skill, StoredRoute(record.id, record.release_route(weight, stable)))
                 release.weight = weight
-                self._pushed(record, generation, weight,
-                             f" ({record.version} at {weight}%" + (f", {stable.version} stable)" if stable else ")"))
+                split = f", {stable.version} stable)" if stable else ")"
+                await self._pushed(record, generation, weight, f" ({record.version} at {weight}%{split}")
                 acks = await self._wait_acked(release, generation)
                 if release.stop.done():
                     return release.stop.result()
                 if self._hub.closed or acks is None:
                     return None
-                self._acked(record, acks)
+                await self._acked(record, acks)
                 if not acks.complete:
                     return Stop(pb.ANALYSIS_VERDICT_ABORTED, pb.DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED,
                                 f"route generation {generation} not acknowledged within {self._ack_timeout:g}s by "
                                 f"{', '.join(acks.pending)}")
                 if release.plan.strategy == CANARY:
-                    self._emit(record, f"canary step {step}/{len(windows)}: {record.version} at {weight}% for "
+                    await self._emit(record, f"canary step {step}/{len(windows)}: {record.version} at {weight}% for "
                                        f"{window:g}s", pb.DEPLOYMENT_EVENT_KIND_CANARY_STEP, weight=weight, step=step,
                                steps=len(windows), window=duration(window))
                 else:
-                    self._emit(record, f"bake window of {window:g}s started", pb.DEPLOYMENT_EVENT_KIND_BAKE_STARTED,
-                               window=duration(window), weight=weight)
+                    await self._emit(record, f"bake window of {window:g}s started",
+                                     pb.DEPLOYMENT_EVENT_KIND_BAKE_STARTED, window=duration(window), weight=weight)
                 stop = await self._watch_window(release, weight, window)
                 if stop is not None:
                     return stop
@@ -538,9 +630,9 @@ class Releaser:
             if now >= end:
                 return None
             stats = record.stats or Tally()
-            self._emit(record, f"{weight}% for {now - started:.1f}s/{window:g}s: {stats.describe()}",
-                       pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_PROGRESS, weight=weight, window=duration(window),
-                       elapsed=duration(now - started), stats=stats.to_proto())
+            await self._emit(record, f"{weight}% for {now - started:.1f}s/{window:g}s: {stats.describe()}",
+                             pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_PROGRESS, weight=weight, window=duration(window),
+                             elapsed=duration(now - started), stats=stats.to_proto())
             await asyncio.wait({release.stop}, timeout=min(end - now, self._progress_interval))
         return release.stop.result()
 
@@ -574,11 +666,11 @@ class Releaser:
         self._set_verdict(record, stop.verdict, stop.reason)
         stats = record.stats.to_proto() if record.stats is not None else None
         if stop.kind == pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH:
-            self._emit(record, stop.reason, stop.kind, reason=stop.reason, stats=stats)
+            await self._emit(record, stop.reason, stop.kind, reason=stop.reason, stats=stats)
         elif stop.kind == pb.DEPLOYMENT_EVENT_KIND_HEALTH_NOT_SERVING:
-            self._emit(record, stop.reason, stop.kind, reason=stop.reason, executor=stop.executor)
-        self._emit(record, f"rolling back: {stop.reason}", pb.DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED,
-                   reason=stop.reason)
+            await self._emit(record, stop.reason, stop.kind, reason=stop.reason, executor=stop.executor)
+        await self._emit(record, f"rolling back: {stop.reason}", pb.DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED,
+                         reason=stop.reason)
         release.restored_generation = await self._fail(record, stop.reason, release.previous)
 
     async def _fail(self, record: DeploymentRecord, problem: str,
@@ -615,12 +707,12 @@ class Releaser:
             return f"route table unchanged (deployment {owner} serves)", 0
         if previous is None or previous.state != ACTIVE:
             generation = await self._hub.publish(record.skill, None)
-            self._pushed(record, generation, 0, " (route removed: no previous version)")
+            await self._pushed(record, generation, 0, " (route removed: no previous version)")
             return f"no previous version: route removed at generation {generation}", generation
         generation = await self._hub.publish(record.skill, StoredRoute(previous.id, previous.route()))
-        self._pushed(record, generation, 0, f" (restoring {previous.version})")
+        await self._pushed(record, generation, 0, f" (restoring {previous.version})")
         acks = await self._hub.wait_acked(generation, self._ack_timeout)
-        self._acked(record, acks)
+        await self._acked(record, acks)
         return (f"previous version {previous.version} restored at route generation {generation}, "
                 f"{acks.describe()}", generation)
 
@@ -649,8 +741,8 @@ class Releaser:
             return
         self._unloaded.add(previous.digest)
         for address in await self._unload(previous.digest):
-            self._emit(record, f"unloaded {previous.version} from {address}", pb.DEPLOYMENT_EVENT_KIND_UNLOADED,
-                       executor=address)
+            await self._emit(record, f"unloaded {previous.version} from {address}", pb.DEPLOYMENT_EVENT_KIND_UNLOADED,
+                             executor=address)
 
     async def _reload(self, record: DeploymentRecord) -> None:
         """Best effort: load a rollback target again on every executor unless a route still sends it traffic
@@ -676,9 +768,12 @@ class Releaser:
             await self._transition(current, ROLLING_BACK, f"manual rollback to {target.version}")
             await self._reload(target)
             generation = await self._hub.publish(current.skill, StoredRoute(target.id, target.route()))
-            self._pushed(current, generation, 0, f" (serving {target.version})")
+            # The rollback counts from here (the route is persisted), whatever happens to the acknowledgements.
+            current.rolled_back = RolledBack(target.id, target.version, generation, self._clock())
+            await self._store.save_rolled_back(current)
+            await self._pushed(current, generation, 0, f" (serving {target.version})")
             acks = await self._hub.wait_acked(generation, self._ack_timeout)
-            self._acked(current, acks)
+            await self._acked(current, acks)
             if request_id:
                 await self._store.save_request("rollback", request_id, target.id, generation)
             await self._transition(

@@ -18,6 +18,7 @@ from services.deployer.routes import RouteHub
 from services.deployer.servicer import DeployerServicer
 from services.deployer.settings import Settings
 from services.deployer.store import SqliteDeploymentStore
+from services.runtime.datadir import lock_data_dir
 from services.runtime.server import Closer, ServiceHost, create_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeployerService"].full_name
@@ -50,8 +51,14 @@ async def build_server(settings: Settings, *, registry: VersionSource | None = N
     `registry` and `fleet` default to gRPC clients of `settings.registry_address` and
     `settings.executor_addresses`; other implementations may be passed instead (the host closes them).
     `clock` (nanoseconds since the epoch) times transitions and the circuit breaker; tests move it.
+    The data directory is locked first (DataDirInUse when another live process holds it), released last.
     """
-    store = await SqliteDeploymentStore.open(settings.data_dir / DB_FILE)
+    lock = lock_data_dir(settings.data_dir, owner="deployer", variable="CLAWHUB_DEPLOYER_DATA_DIR")
+    try:
+        store = await SqliteDeploymentStore.open(settings.data_dir / DB_FILE)
+    except BaseException:
+        lock.release()
+        raise
     registry = registry or GrpcRegistry(settings.registry_address)
     fleet = fleet or GrpcExecutorFleet(settings.executor_addresses, load_timeout=settings.load_timeout)
     try:
@@ -73,6 +80,7 @@ async def build_server(settings: Settings, *, registry: VersionSource | None = N
         await registry.close()
         await fleet.close()
         await store.close()
+        lock.release()
         raise
     host = DeployerHost(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ServiceHost)})
 
@@ -81,5 +89,5 @@ async def build_server(settings: Settings, *, registry: VersionSource | None = N
         events.close()
 
     host.before_drain.append(end_streams)
-    host.closers.extend([releaser.close, registry.close, fleet.close, store.close])
+    host.closers.extend([releaser.close, registry.close, fleet.close, store.close, lock.close])
     return host

@@ -32,7 +32,8 @@ from services.runtime.wasm import env_names
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Applied with fullmatch: `$` would accept a trailing "\n".
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _check_skill(skill: str, field_name: str = "skill") -> None:
@@ -42,7 +43,7 @@ def _check_skill(skill: str, field_name: str = "skill") -> None:
 
 
 def _check_id(deployment_id: str) -> None:
-    if not _ID_RE.match(deployment_id):
+    if not _ID_RE.fullmatch(deployment_id):
         problem = ("a deployment id is required" if not deployment_id
                    else f"{deployment_id[:80]!r} is not a deployment id")
         raise invalid(Reason.INVALID_ARGUMENT, "id", problem)
@@ -131,7 +132,7 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
         plan = resolve(request, self._defaults)
         if request.request_id:
             found = await self._releaser.find_request("create", request.request_id)
-            if found is not None and (found[0].skill, found[0].version, found[0].env) == (
+            if found is not None and (found[0].skill, found[0].version, found[0].requested_env()) == (
                     request.skill, request.version, dict(request.env)):
                 return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(found[0]))
         remaining = context.time_remaining()
@@ -153,24 +154,32 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                 metadata={"skill": request.skill, "version": request.version})
         _check_env(request.skill, request.version, dict(request.env), manifest.capabilities)
         if request.WhichOneof("strategy") == "canary":
-            await self._check_canary_possible(request.skill, version.digest)
+            await self._check_canary_possible(request.skill, request.version, version.digest)
         dependencies = await self._pin_dependencies(request.skill, request.version, manifest, timeout)
         record = await self._releaser.start_deployment(
             request.skill, request.version, version.digest, manifest.limits, request.request_id, plan=plan,
             env=dict(request.env), args=list(manifest.args), bundle_digest=version.bundle_digest,
             capabilities=list(manifest.capabilities), examples=list(manifest.examples),
-            dependencies=dependencies)
+            dependencies=dependencies, declared_env=env_names(manifest.capabilities),
+            allow_unset_env=request.allow_unset_env)
         return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record))
 
-    async def _check_canary_possible(self, skill: str, digest: str) -> None:
+    async def _check_canary_possible(self, skill: str, version: str, digest: str) -> None:
         """A canary splits traffic and stats by module digest: a redeploy of the module that serves now
         (new env or limits) cannot be told apart from it, so it has to go blue-green."""
         owner = self._hub.owner(skill)
         serving = await self._store.get_deployment(owner) if owner else None
         if serving is not None and serving.digest == digest:
-            raise invalid(Reason.INVALID_ARGUMENT, "canary",
-                          f"{skill} already serves module {digest[:19]}…: a canary of the same module (a new env "
-                          "or limits) cannot be split from it; deploy it blue-green (leave out canary)")
+            same = ("is the version serving now" if serving.version == version
+                    else f"has the same module as {serving.version}, which serves now")
+            problem = (f"{skill}@{version} {same} ({digest[:19]}…); a canary splits traffic and stats by module, so "
+                       "it cannot compare a module with itself. To roll out new env values or limits of this module, "
+                       "deploy it blue-green (leave out --canary / the canary field); to canary a change, publish a "
+                       "new version with a changed module and canary that")
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENT, problem,
+                               metadata={"field": "canary", "skill": skill, "version": version,
+                                         "serving_version": serving.version},
+                               field_violations=[("canary", "a canary needs a module other than the one serving")])
 
     async def _pin_dependencies(self, skill: str, version: str, manifest: skill_pb2.Manifest,
                                 timeout: float) -> list[skill_pb2.ResolvedDependency]:
@@ -215,15 +224,23 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
     async def WatchDeployment(self, request: pb.WatchDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],
                               ) -> AsyncIterator[pb.WatchDeploymentResponse]:
         _check_id(request.id)
-        # Subscribe before reading, so no event between the read and the subscription is lost.
+        # Subscribe before reading the log: the releaser logs an event before it publishes it, so each event is
+        # in the log read below or in the queue (or both: the sequence numbers drop what was already sent).
         queue = self._events.subscribe(request.id)
         try:
             record = await self._get(request.id)
+            logged = await self._store.list_events(request.id)
             yield pb.WatchDeploymentResponse(deployment=self._releaser.to_proto(record),
                                              message=f"currently {state_name(record.state)}")
-            if record.state in SETTLED:
+            sent = 0
+            for response in logged:
+                yield response
+                sent = response.sequence
+            # The log was read after the record: its last event is at least as new (a deployment from before
+            # the log existed has none, and its record says).
+            state = logged[-1].deployment.state if logged else record.state
+            if state in SETTLED:
                 return
-            seen = len(record.history)
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=WATCH_RECHECK_SECONDS)
@@ -240,10 +257,10 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                     raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.SHUTTING_DOWN,
                                        "the deployer is shutting down; watch the deployment again",
                                        metadata={"id": request.id}, retry_after_seconds=0.5)
-                # Events queued before the read can be older than what was already sent.
-                if len(event.deployment.history) < seen:
+                # Events queued before the log was read were replayed from it already.
+                if event.sequence <= sent:
                     continue
-                seen = len(event.deployment.history)
+                sent = event.sequence
                 yield event
                 if event.deployment.state in SETTLED:
                     return

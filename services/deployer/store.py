@@ -8,20 +8,39 @@ number, so a restarted deployer serves the same table at the same generation. Sc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiosqlite
 from clawhub.common.v1 import routing_pb2, skill_pb2
+from clawhub.deployer.v1 import deployer_service_pb2 as pb
 from google.protobuf import json_format
 
 from services.deployer.analysis import Tally
-from services.deployer.model import DeploymentRecord, Transition, Verdict
+from services.deployer.model import DeploymentRecord, RolledBack, Transition, Verdict
 from services.deployer.plan import Plan
 from services.deployer.statemachine import ACTIVE, DEPLOYING, FAILED, IN_FLIGHT, State
+
+
+@asynccontextmanager
+async def _transaction(db: aiosqlite.Connection) -> AsyncIterator[None]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception. BEGIN is inside the try: aiosqlite runs a queued
+    statement even when the awaiting task is cancelled (a caller gone, a deadline), and a transaction left open
+    there would make every later one fail ("cannot start a transaction within a transaction") until a restart."""
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.OperationalError):  # BEGIN itself failed: nothing to roll back
+            await db.execute("ROLLBACK")
+        raise
+    await db.execute("COMMIT")
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,24 @@ class DeploymentStore(Protocol):
         ...
 
     async def save_request(self, method: str, request_id: str, deployment_id: str, generation: int) -> None: ...
+
+    async def save_rolled_back(self, record: DeploymentRecord) -> None:
+        """Persist the record's `rolled_back`."""
+        ...
+
+    async def append_event(self, deployment_id: str, event: pb.WatchDeploymentResponse, *, keep: bool,
+                           limit: int) -> bool:
+        """Add an event (its `sequence` set) to the deployment's log, unless the log already holds `limit`
+        events and `keep` is false; whether it was added."""
+        ...
+
+    async def list_events(self, deployment_id: str) -> list[pb.WatchDeploymentResponse]:
+        """The deployment's event log, in sequence order."""
+        ...
+
+    async def last_event_sequence(self, deployment_id: str) -> int:
+        """The highest sequence number in the deployment's log; 0 when it is empty."""
+        ...
 
     async def load_routes(self) -> RouteSnapshot: ...
 
@@ -153,11 +190,25 @@ MIGRATIONS: Sequence[str] = (
     """
     ALTER TABLE deployments ADD COLUMN dependencies TEXT NOT NULL DEFAULT '[]';
     """,
+    # 5: each deployment's event log (issue 10), so a watcher that joins late (or after the end, or after a
+    # restart) is shown what already happened: serialized WatchDeploymentResponses by sequence number. The env
+    # names kept from the previous deployment (JSON array) and the manual rollback that took the deployment's
+    # traffic (JSON object; '' when none).
+    """
+    CREATE TABLE deployment_events (
+        deployment_id TEXT NOT NULL REFERENCES deployments (id),
+        seq INTEGER NOT NULL,
+        response BLOB NOT NULL,
+        PRIMARY KEY (deployment_id, seq)
+    );
+    ALTER TABLE deployments ADD COLUMN inherited_env TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE deployments ADD COLUMN rolled_back TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 _COLUMNS = ("seq, id, skill, version, digest, limits, state, previous_id, previous_version, "
             "create_ns, update_ns, env, args, bundle_digest, capabilities, plan, verdict, verdict_reason, stats, "
-            "dependencies")
+            "dependencies, inherited_env, rolled_back")
 
 
 def dependencies_to_json(dependencies: Sequence[skill_pb2.ResolvedDependency]) -> str:
@@ -202,34 +253,28 @@ class SqliteDeploymentStore:
                                f"({len(MIGRATIONS)}); upgrade the deployer")
         for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
             statements = [s.strip() for s in script.split(";") if s.strip()]
-            await db.execute("BEGIN IMMEDIATE")
-            try:
+            async with _transaction(db):
                 for statement in statements:
                     await db.execute(statement)
                 await db.execute("DELETE FROM schema_version")
                 await db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
 
     async def close(self) -> None:
         await self._db.close()
 
     async def create_deployment(self, record: DeploymentRecord, request_id: str = "") -> None:
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
+            async with _transaction(self._db):
                 cursor = await self._db.execute(
                     "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
                     "previous_version, create_ns, update_ns, env, args, bundle_digest, capabilities, plan, "
-                    "dependencies) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "dependencies, inherited_env) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.id, record.skill, record.version, record.digest,
                      record.limits.SerializeToString(), int(record.state), record.previous_id,
                      record.previous_version, record.create_ns, record.update_ns,
                      json.dumps(record.env, sort_keys=True), json.dumps(record.args), record.bundle_digest,
                      json.dumps(record.capabilities), record.plan.to_json() if record.plan else "",
-                     dependencies_to_json(record.dependencies)))
+                     dependencies_to_json(record.dependencies), json.dumps(sorted(record.inherited_env))))
                 record.seq = int(cursor.lastrowid or 0)
                 for step, transition in enumerate(record.history):
                     await self._insert_transition(record.id, step, transition)
@@ -237,10 +282,6 @@ class SqliteDeploymentStore:
                     await self._db.execute(
                         "INSERT INTO requests (method, request_id, deployment_id) VALUES ('create', ?, ?)",
                         (request_id, record.id))
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
 
     async def _insert_transition(self, deployment_id: str, step: int, transition: Transition) -> None:
         await self._db.execute(
@@ -296,13 +337,13 @@ class SqliteDeploymentStore:
                 create_ns=int(row[9]), update_ns=int(row[10]), env=dict(json.loads(row[11])),
                 args=list(json.loads(row[12])), bundle_digest=str(row[13]), capabilities=list(json.loads(row[14])),
                 plan=Plan.from_json(str(row[15])), verdict=Verdict(int(row[16])), verdict_reason=str(row[17]),
-                stats=Tally.from_json(str(row[18])), dependencies=dependencies_from_json(str(row[19]))))
+                stats=Tally.from_json(str(row[18])), dependencies=dependencies_from_json(str(row[19])),
+                inherited_env=list(json.loads(row[20])), rolled_back=RolledBack.from_json(str(row[21]))))
         return records
 
     async def add_transition(self, deployment_id: str, transition: Transition) -> None:
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
+            async with _transaction(self._db):
                 cursor = await self._db.execute(
                     "UPDATE deployments SET state = ?, update_ns = ? WHERE id = ? AND state = ?",
                     (int(transition.to_state), transition.time_ns, deployment_id, int(transition.from_state)))
@@ -312,10 +353,6 @@ class SqliteDeploymentStore:
                 rows = list(await self._db.execute_fetchall(
                     "SELECT COUNT(*) FROM transitions WHERE deployment_id = ?", (deployment_id,)))
                 await self._insert_transition(deployment_id, int(rows[0][0]), transition)
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
 
     async def save_analysis(self, record: DeploymentRecord) -> None:
         async with self._lock:
@@ -323,6 +360,37 @@ class SqliteDeploymentStore:
                 "UPDATE deployments SET verdict = ?, verdict_reason = ?, stats = ? WHERE id = ?",
                 (int(record.verdict), record.verdict_reason, record.stats.to_json() if record.stats else "",
                  record.id))
+
+    async def save_rolled_back(self, record: DeploymentRecord) -> None:
+        async with self._lock:
+            await self._db.execute(
+                "UPDATE deployments SET rolled_back = ? WHERE id = ?",
+                (record.rolled_back.to_json() if record.rolled_back else "", record.id))
+
+    async def append_event(self, deployment_id: str, event: pb.WatchDeploymentResponse, *, keep: bool,
+                           limit: int) -> bool:
+        async with self._lock:
+            if not keep:
+                rows = list(await self._db.execute_fetchall(
+                    "SELECT COUNT(*) FROM deployment_events WHERE deployment_id = ?", (deployment_id,)))
+                if int(rows[0][0]) >= limit:
+                    return False
+            await self._db.execute(
+                "INSERT INTO deployment_events (deployment_id, seq, response) VALUES (?, ?, ?)",
+                (deployment_id, event.sequence, event.SerializeToString()))
+            return True
+
+    async def list_events(self, deployment_id: str) -> list[pb.WatchDeploymentResponse]:
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(
+                "SELECT response FROM deployment_events WHERE deployment_id = ? ORDER BY seq", (deployment_id,)))
+        return [pb.WatchDeploymentResponse.FromString(bytes(row[0])) for row in rows]
+
+    async def last_event_sequence(self, deployment_id: str) -> int:
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(
+                "SELECT COALESCE(MAX(seq), 0) FROM deployment_events WHERE deployment_id = ?", (deployment_id,)))
+        return int(rows[0][0])
 
     async def deploy_outcomes(self, skill: str, since_ns: int) -> list[tuple[int, bool]]:
         # A rollout ends Deploying → Active (success) or RollingBack → Failed (failure); a manual rollback
@@ -362,8 +430,7 @@ class SqliteDeploymentStore:
 
     async def save_route(self, generation: int, skill: str, entry: StoredRoute | None) -> None:
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
+            async with _transaction(self._db):
                 if entry is None:
                     await self._db.execute("DELETE FROM routes WHERE skill = ?", (skill,))
                 else:
@@ -371,7 +438,3 @@ class SqliteDeploymentStore:
                         "INSERT OR REPLACE INTO routes (skill, deployment_id, route) VALUES (?, ?, ?)",
                         (skill, entry.deployment_id, entry.route.SerializeToString()))
                 await self._db.execute("UPDATE route_table SET generation = ? WHERE id = 1", (generation,))
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise

@@ -95,10 +95,14 @@ class FakeDeployer(pb_grpc.DeployerServiceServicer):
     watches: int = 0
     created: list[pb.CreateDeploymentRequest] = field(default_factory=list)
     listed: list[pb.Deployment] = field(default_factory=list)
+    # Served beside it on the same port, as the gateway serves both.
+    registry: FakeRegistry = field(default_factory=lambda: FakeRegistry())
 
     def CreateDeployment(self, request: pb.CreateDeploymentRequest, context: Any) -> pb.CreateDeploymentResponse:
         self.created.append(request)
         created = deployment(DEPLOYING)
+        if request.allow_unset_env:
+            created.unset_env.append("API_TOKEN")
         if request.HasField("canary"):
             created.canary.CopyFrom(request.canary)
         else:
@@ -119,9 +123,21 @@ class FakeDeployer(pb_grpc.DeployerServiceServicer):
         yield from self.script
 
 
+@dataclass
 class FakeRegistry(registry_grpc.RegistryServiceServicer):
+    skills: list[registry_pb.Skill] = field(
+        default_factory=lambda: [registry_pb.Skill(name="com.example.x", latest_version="2.0.0")])
+    versions: list[registry_pb.SkillVersion] = field(default_factory=list)
+
     def ListSkills(self, request: registry_pb.ListSkillsRequest, context: Any) -> registry_pb.ListSkillsResponse:
-        return registry_pb.ListSkillsResponse(skills=[registry_pb.Skill(name="com.example.x", latest_version="2.0.0")])
+        return registry_pb.ListSkillsResponse(skills=self.skills)
+
+    def GetSkill(self, request: registry_pb.GetSkillRequest, context: Any) -> registry_pb.GetSkillResponse:
+        return registry_pb.GetSkillResponse(skill=next(s for s in self.skills if s.name == request.name))
+
+    def ListSkillVersions(self, request: registry_pb.ListSkillVersionsRequest, context: Any,
+                          ) -> registry_pb.ListSkillVersionsResponse:
+        return registry_pb.ListSkillVersionsResponse(skill_versions=self.versions[:request.page_size or 50])
 
 
 @pytest.fixture
@@ -129,7 +145,7 @@ def fake() -> Iterator[tuple[FakeDeployer, str]]:
     servicer = FakeDeployer(script=[])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_DeployerServiceServicer_to_server(servicer, server)
-    registry_grpc.add_RegistryServiceServicer_to_server(FakeRegistry(), server)
+    registry_grpc.add_RegistryServiceServicer_to_server(servicer.registry, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, f"127.0.0.1:{port}"
@@ -420,3 +436,119 @@ def test_a_silent_stream_falls_back_to_asking_for_the_deployment(monkeypatch: py
     assert last.state == release_pb2.RELEASE_STATE_ACTIVE
     assert asked == ["d1", "d1"]
     assert "ACTIVE: route acknowledged" in out.getvalue()
+
+
+# The deployment's event log (issue 10): a watch that joins late is shown what already happened.
+
+def sequenced(responses: list[pb.WatchDeploymentResponse]) -> list[pb.WatchDeploymentResponse]:
+    """The responses numbered as the deployer numbers its events (the first, the current state, has none)."""
+    numbered = [pb.WatchDeploymentResponse() for _ in responses]
+    for number, (response, copy) in enumerate(zip(responses, numbered, strict=True)):
+        copy.CopyFrom(response)
+        copy.sequence = number if response.HasField("event") else 0
+    return numbered
+
+
+def test_watching_a_finished_release_shows_its_whole_log(fake: tuple[FakeDeployer, str],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    servicer, address = fake
+    # What the deployer sends for a release that ended before the watch: its state (Active), then its log.
+    servicer.script = [response(ACTIVE, message="currently Active"), *sequenced(CANARY_OK)[1:]]
+    assert main(["watch", "d1", "--plain", "--gateway", address]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "com.example.x@2.0.0 is active"
+    for line in ("preloaded on 127.0.0.1:1", "2 smoke example(s) passed on 127.0.0.1:1",
+                 "route generation 7 pushed: 10% of traffic to 2.0.0", "route generation 7 acknowledged by 1/1",
+                 "canary step 1/2", "canary step 2/2", "analysis passed: 200 calls",
+                 "DEPLOYING → ACTIVE: canary passed"):
+        assert line in err, err
+
+
+def test_a_reconnected_watch_shows_each_event_once(fake: tuple[FakeDeployer, str], capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "WATCH_BACKOFF", (0.0, 0.0))
+    monkeypatch.setattr(watch, "PLAIN_PROGRESS_SECONDS", 0.0)
+    servicer, address = fake
+    # Every new stream replays the log from the start: what the broken one showed is skipped.
+    servicer.script, servicer.abort, servicer.aborts = sequenced(CANARY_OK), grpc.StatusCode.UNAVAILABLE, 2
+    assert main(["deploy", "com.example.x@2.0.0", "--gateway", address]) == 0
+    err = capsys.readouterr().err
+    assert servicer.watches == 3
+    for line in ("preloaded on 127.0.0.1:1", "2 smoke example(s) passed", "route generation 7 pushed",
+                 "canary step 1/2", "DEPLOYING → ACTIVE"):
+        assert err.count(line) == 1, err
+
+
+def test_a_release_that_was_not_analysed_says_so(fake: tuple[FakeDeployer, str],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    reason = "not analysed: no traffic (blue-green, bake 10s)"
+    event = response(DEPLOYING, K.DEPLOYMENT_EVENT_KIND_NOT_ANALYSED, reason=reason, stats=stats(0, 1.0, 0))
+    status = watch.Status()
+    assert watch.describe(event, status, 0.0) == (reason, False)
+    assert status.detail == "not analysed" and status.until is None
+
+    servicer, address = fake
+    servicer.listed = [deployment(ACTIVE, "baked", serving=True, traffic_weight=100,
+                                  verdict=pb.ANALYSIS_VERDICT_NOT_ANALYSED, verdict_reason=reason)]
+    assert main(["status", "com.example.x", "--gateway", address]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["com.example.x", "2.0.0", "2.0.0", "2.0.0", "ACTIVE", "NOT_ANALYSED"]
+    assert "  verdict   NOT_ANALYSED: no traffic (blue-green, bake 10s)" in out
+
+
+def test_status_after_a_manual_rollback_shows_the_rollback_and_what_serves(
+        fake: tuple[FakeDeployer, str], capsys: pytest.CaptureFixture[str]) -> None:
+    servicer, address = fake
+    rolled = deployment(ACTIVE, "rolled back: 1.0.0 (deployment d0) serves from route generation 4",
+                        verdict=pb.ANALYSIS_VERDICT_PASSED, verdict_reason="blue-green, bake 10s passed")
+    rolled.rolled_back.CopyFrom(pb.RolledBack(deployment_id="d0", version="1.0.0", generation=4))
+    rolled.rolled_back.time.FromSeconds(1_700_000_000)
+    previous = pb.Deployment(id="d0", skill="com.example.x", version="1.0.0", state=ACTIVE, serving=True,
+                             traffic_weight=100)
+    servicer.listed = [rolled, previous]
+    assert main(["status", "--gateway", address]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["com.example.x", "2.0.0", "1.0.0", "2.0.0", "ROLLED_BACK", "PASSED"]
+    assert out[2] == ("com.example.x: 2.0.0 rolled back to 1.0.0 (deployment d0, route generation 4) at "
+                      "2023-11-14 22:13:20 UTC")
+
+    assert main(["status", "com.example.x", "--gateway", address]) == 0
+    details = capsys.readouterr().out.splitlines()[2:]
+    assert details[0] == "last deployment 2.0.0 (d1): ROLLED_BACK"
+    assert details[1].startswith("  rollback  rolled back to 1.0.0 (deployment d0, route generation 4) at ")
+    assert details[1].endswith("2.0.0 stays Active (its release passed) but serves no more")
+
+
+def test_status_of_a_skill_with_no_ready_version_says_why(fake: tuple[FakeDeployer, str],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    servicer, address = fake
+    servicer.registry.skills = [registry_pb.Skill(name="com.example.x")]
+    failed = registry_pb.SkillVersion(name="com.example.x", version="1.0.0", state=FAILED,
+                                      verification_errors=["imports fd_write without a capability"])
+    failed.history.add(to_state=FAILED, reason="verification failed: imports fd_write without a capability")
+    servicer.registry.versions = [failed]
+    assert main(["status", "--gateway", address]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["com.example.x", "-", "-", "-", "-"]
+    assert out[2] == ("com.example.x: no Ready version: 1.0.0 FAILED: verification failed: imports fd_write "
+                      "without a capability")
+    # And `clawhub deploy NAME` says the same instead of only "no Ready version".
+    assert main(["deploy", "com.example.x", "--gateway", address]) == 1
+    assert "com.example.x has nothing to deploy: no Ready version: 1.0.0 FAILED" in capsys.readouterr().err
+
+    servicer.registry.versions = [registry_pb.SkillVersion(name="com.example.x", version="1.1.0",
+                                                           state=release_pb2.RELEASE_STATE_VERIFYING)]
+    assert main(["status", "--gateway", address]) == 0
+    assert "no Ready version: 1.1.0 VERIFYING: verification has not finished yet" in capsys.readouterr().out
+
+
+def test_allow_unset_env_reaches_the_request_and_warns(fake: tuple[FakeDeployer, str],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    servicer, address = fake
+    servicer.script = [transition(DEPLOYING, ACTIVE, "baked")]
+    assert main(["deploy", "com.example.x@2.0.0", "--allow-unset-env", "--gateway", address]) == 0
+    assert servicer.created[0].allow_unset_env
+    assert ("warning: com.example.x@2.0.0 runs with API_TOKEN unset (--allow-unset-env): the skill declares it but "
+            "gets no value") in capsys.readouterr().err
+    assert main(["deploy", "com.example.x@2.0.0", "--gateway", address]) == 0
+    assert not servicer.created[1].allow_unset_env and "warning" not in capsys.readouterr().err

@@ -24,10 +24,10 @@ SECRET = "tok-9f8e7d6c5b4a"
 
 
 async def deploy(environment: Env, stub, version: str, env: dict[str, str], request_id: str = "",
-                 ) -> tuple[pb.Deployment, list[str]]:
+                 allow_unset_env: bool = False) -> tuple[pb.Deployment, list[str]]:
     """Deploy with env values and watch the deployment to its end (`deploy` of test_deployer takes no env)."""
     created = await stub.CreateDeployment(pb.CreateDeploymentRequest(
-        skill=SKILL, version=version, env=env, request_id=request_id), timeout=5)
+        skill=SKILL, version=version, env=env, request_id=request_id, allow_unset_env=allow_unset_env), timeout=5)
     events = await watch_to_end(stub, created.deployment.id)
     return events[-1].deployment, [e.message for e in events]
 
@@ -87,11 +87,51 @@ def test_sql_parameters_are_never_logged(monkeypatch: pytest.MonkeyPatch) -> Non
         logger.setLevel(before)
 
 
-async def test_a_declared_name_left_out_is_simply_unset(granted: Env) -> None:
+async def test_a_declared_name_left_without_a_value_is_refused_unless_allowed(granted: Env) -> None:
     stub = granted.deployer_stub(await granted.deployer())
-    deployment, _ = await deploy(granted, stub, "1.0.0", env={"GREETING": "Hi"})
-    assert deployment.state == ACTIVE
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await deploy(granted, stub, "1.0.0", env={"GREETING": "Hi"})
+    assert_status(caught.value, grpc.StatusCode.INVALID_ARGUMENT, Reason.ENV_NOT_SET, "deployer.clawhub")
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["env[API_TOKEN]"]
+    details = caught.value.details() or ""
+    # It says how to set it, and how to deploy without it.
+    assert f"`clawhub deploy {SKILL}@1.0.0 --env API_TOKEN=value`" in details and "--allow-unset-env" in details
+    assert error_info(caught.value).metadata["unset"] == "API_TOKEN"
+    assert (await stub.ListDeployments(pb.ListDeploymentsRequest())).deployments == []
+
+    # Explicitly allowed: it goes through, and the deployment says what it left unset.
+    deployment, _ = await deploy(granted, stub, "1.0.0", env={"GREETING": "Hi"}, allow_unset_env=True)
+    assert deployment.state == ACTIVE and list(deployment.unset_env) == ["API_TOKEN"]
+    assert "env API_TOKEN left unset (allowed)" in deployment.history[0].reason
     assert dict((await first_table(stub)).routes[0].targets[0].env) == {"GREETING": "Hi"}
+
+    # The next deploy cannot keep a value the serving deployment does not have either.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await deploy(granted, stub, "2.0.0", env={"GREETING": "Hi"})
+    assert_status(caught.value, grpc.StatusCode.INVALID_ARGUMENT, Reason.ENV_NOT_SET)
+    assert "nor does 1.0.0, serving now" in (caught.value.details() or "")
+
+
+async def test_a_new_deploy_keeps_the_values_the_serving_deployment_has(granted: Env) -> None:
+    """A new version need not be given its secrets again: names left out keep the serving deployment's values
+    (a rollback still goes back to each deployment's own)."""
+    deployer = await granted.deployer()
+    stub = granted.deployer_stub(deployer)
+    first, _ = await deploy(granted, stub, "1.0.0", env={"GREETING": "one", "API_TOKEN": SECRET})
+    second, messages = await deploy(granted, stub, "2.0.0", env={"GREETING": "two"}, request_id="req-2")
+    assert second.state == ACTIVE and list(second.inherited_env) == ["API_TOKEN"] and not second.unset_env
+    assert "with env GREETING (env API_TOKEN kept from 1.0.0)" in second.history[0].reason
+    assert SECRET.encode() not in second.SerializeToString() and not any(SECRET in m for m in messages)
+    assert dict((await first_table(stub)).routes[0].targets[0].env) == {"GREETING": "two", "API_TOKEN": SECRET}
+    # A retry of the same request (without the kept value) is the same deployment, also after a restart.
+    await deployer.stop(grace=0.2)
+    stub = granted.deployer_stub(await granted.deployer(port=deployer.port))
+    again = await stub.CreateDeployment(pb.CreateDeploymentRequest(
+        skill=SKILL, version="2.0.0", env={"GREETING": "two"}, request_id="req-2"), timeout=5)
+    assert again.deployment.id == second.id and list(again.deployment.inherited_env) == ["API_TOKEN"]
+    await stub.Rollback(pb.RollbackRequest(skill=SKILL), timeout=10)
+    assert dict((await first_table(stub)).routes[0].targets[0].env) == {"GREETING": "one", "API_TOKEN": SECRET}
+    assert list((await stub.GetDeployment(pb.GetDeploymentRequest(id=first.id))).deployment.inherited_env) == []
 
 
 async def test_undeclared_or_bad_env_is_refused_naming_each_key(granted: Env) -> None:
@@ -121,7 +161,7 @@ async def test_undeclared_or_bad_env_is_refused_naming_each_key(granted: Env) ->
 
 async def test_a_retry_with_other_env_values_is_not_the_same_request(granted: Env) -> None:
     stub = granted.deployer_stub(await granted.deployer())
-    first, _ = await deploy(granted, stub, "1.0.0", env={"GREETING": "a"}, request_id="req-1")
+    first, _ = await deploy(granted, stub, "1.0.0", env={"GREETING": "a"}, request_id="req-1", allow_unset_env=True)
     again = await stub.CreateDeployment(pb.CreateDeploymentRequest(
         skill=SKILL, version="1.0.0", env={"GREETING": "a"}, request_id="req-1"))
     assert again.deployment.id == first.id
@@ -135,8 +175,8 @@ async def test_a_retry_with_other_env_values_is_not_the_same_request(granted: En
 async def test_env_is_persisted_and_rollback_restores_the_previous_deployments_env(granted: Env) -> None:
     deployer = await granted.deployer()
     stub = granted.deployer_stub(deployer)
-    await deploy(granted, stub, "1.0.0", env={"GREETING": "one"})
-    await deploy(granted, stub, "2.0.0", env={"GREETING": "two"})
+    await deploy(granted, stub, "1.0.0", env={"GREETING": "one"}, allow_unset_env=True)
+    await deploy(granted, stub, "2.0.0", env={"GREETING": "two"}, allow_unset_env=True)
     assert dict((await first_table(stub)).routes[0].targets[0].env) == {"GREETING": "two"}
 
     # Across a restart: the previous deployment's grants come back from the store.

@@ -344,9 +344,10 @@ async def test_watch_deployment_streams_every_step_to_the_end(env: Env) -> None:
     assert "acknowledged by 0/0 dispatchers" in messages
     assert messages[-1].startswith("Deploying → Active: ")
 
-    # Watching a settled deployment yields it once and ends.
+    # Watching a settled deployment yields it, then replays what a live watcher saw, and ends.
     after = await watch_to_end(stub, created.id)
-    assert len(after) == 1 and after[0].deployment.state == ACTIVE
+    assert after[0].deployment.state == ACTIVE and not after[0].HasField("event")
+    assert after[1:] == events[1:]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await watch_to_end(stub, "0123456789abcdef")
     assert_status(caught.value, grpc.StatusCode.NOT_FOUND, Reason.DEPLOYMENT_NOT_FOUND)

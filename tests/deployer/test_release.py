@@ -535,6 +535,37 @@ async def test_a_canary_of_the_module_already_serving_is_refused(env: Env) -> No
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     violations = bad_request(caught.value)
     assert violations is not None and [v.field for v in violations.field_violations] == ["canary"]
+    # The refusal says what to do instead.
+    details = caught.value.details() or ""
+    assert f"{SKILL}@1.0.0 is the version serving now" in details
+    assert "deploy it blue-green (leave out --canary" in details
+    assert "publish a new version with a changed module and canary that" in details
     # Blue-green, the same redeploy goes through.
     done, _ = await release(env, stub, "1.0.0", **bake(0))
     assert done.state == ACTIVE
+
+
+async def test_a_bake_with_too_few_calls_is_not_analysed_and_still_goes_active(env: Env) -> None:
+    _, stub, dispatch = await platform(env, bake_seconds=0.2)
+    quiet, events = await release(env, stub, "2.0.0")
+    assert quiet.state == ACTIVE and quiet.serving
+    assert quiet.verdict == pb.ANALYSIS_VERDICT_NOT_ANALYSED
+    assert quiet.verdict_reason == "not analysed: no traffic (blue-green, bake 0.2s)"
+    assert K.DEPLOYMENT_EVENT_KIND_ANALYSIS_PASSED not in kinds(events)
+    [not_analysed] = of_kind(events, K.DEPLOYMENT_EVENT_KIND_NOT_ANALYSED)
+    assert not_analysed.reason == quiet.verdict_reason and not_analysed.stats.requests == 0
+    assert "; not analysed: no traffic (blue-green, bake 0.2s); route generation" in quiet.history[-1].reason
+    assert "passed" not in quiet.history[-1].reason
+
+    # Some calls, but fewer than min_requests: nothing was judged either.
+    async with Traffic(dispatch):
+        few, _ = await release(env, stub, "3.0.0", analysis=pb.Analysis(min_requests=1_000_000))
+    assert few.state == ACTIVE and few.verdict == pb.ANALYSIS_VERDICT_NOT_ANALYSED
+    assert few.stats.requests > 0
+    assert few.verdict_reason == (f"not analysed: {few.stats.requests} call{'s' if few.stats.requests > 1 else ''}, "
+                                  "fewer than min_requests 1000000 (blue-green, bake 0.2s)")
+
+    # No bake window at all.
+    unbaked, _ = await release(env, stub, "2.0.0", **bake(0))
+    assert unbaked.verdict == pb.ANALYSIS_VERDICT_NOT_ANALYSED
+    assert unbaked.verdict_reason == "not analysed: no bake window (blue-green, bake 0s)"

@@ -35,11 +35,16 @@ class _AnalysisVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Analy
     ANALYSIS_VERDICT_RUNNING: _AnalysisVerdict.ValueType  # 1
     """The bake window or a canary step is being analysed."""
     ANALYSIS_VERDICT_PASSED: _AnalysisVerdict.ValueType  # 2
-    """Every window passed: the release is Active."""
+    """Every window passed with at least `min_requests` calls of the new version: the release is Active."""
     ANALYSIS_VERDICT_FAILED: _AnalysisVerdict.ValueType  # 3
     """A threshold was breached, an executor reported the version NOT_SERVING, or its smoke examples failed."""
     ANALYSIS_VERDICT_ABORTED: _AnalysisVerdict.ValueType  # 4
     """Stopped before a verdict: a manual rollback, a route acknowledgement timeout, or a deployer restart."""
+    ANALYSIS_VERDICT_NOT_ANALYSED: _AnalysisVerdict.ValueType  # 5
+    """The release is Active but was not judged: its windows saw fewer than `min_requests` calls of the new
+    version (none at all, or a bake window of 0s), so no threshold could be checked. `verdict_reason` says
+    which, such as `not analysed: no traffic` or `not analysed: 7 calls, fewer than min_requests 20`.
+    """
 
 class AnalysisVerdict(_AnalysisVerdict, metaclass=_AnalysisVerdictEnumTypeWrapper):
     """Outcome of a release's analysis."""
@@ -49,11 +54,16 @@ ANALYSIS_VERDICT_UNSPECIFIED: AnalysisVerdict.ValueType  # 0
 ANALYSIS_VERDICT_RUNNING: AnalysisVerdict.ValueType  # 1
 """The bake window or a canary step is being analysed."""
 ANALYSIS_VERDICT_PASSED: AnalysisVerdict.ValueType  # 2
-"""Every window passed: the release is Active."""
+"""Every window passed with at least `min_requests` calls of the new version: the release is Active."""
 ANALYSIS_VERDICT_FAILED: AnalysisVerdict.ValueType  # 3
 """A threshold was breached, an executor reported the version NOT_SERVING, or its smoke examples failed."""
 ANALYSIS_VERDICT_ABORTED: AnalysisVerdict.ValueType  # 4
 """Stopped before a verdict: a manual rollback, a route acknowledgement timeout, or a deployer restart."""
+ANALYSIS_VERDICT_NOT_ANALYSED: AnalysisVerdict.ValueType  # 5
+"""The release is Active but was not judged: its windows saw fewer than `min_requests` calls of the new
+version (none at all, or a bake window of 0s), so no threshold could be checked. `verdict_reason` says
+which, such as `not analysed: no traffic` or `not analysed: 7 calls, fewer than min_requests 20`.
+"""
 Global___AnalysisVerdict: _TypeAlias = AnalysisVerdict  # noqa: Y015
 
 class _DeploymentEventKind:
@@ -94,6 +104,10 @@ class _DeploymentEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_D
     """The release is being rolled back: `reason`."""
     DEPLOYMENT_EVENT_KIND_UNLOADED: _DeploymentEventKind.ValueType  # 14
     """The previous version's module was unloaded from `executor` after the release became Active."""
+    DEPLOYMENT_EVENT_KIND_NOT_ANALYSED: _DeploymentEventKind.ValueType  # 15
+    """The windows ended with fewer than `min_requests` calls of the new version (`reason`, `stats`): nothing
+    was judged, and the release goes on to Active.
+    """
 
 class DeploymentEventKind(_DeploymentEventKind, metaclass=_DeploymentEventKindEnumTypeWrapper):
     """Kinds of deployment events. Which DeploymentEvent fields are set depends on the kind."""
@@ -130,6 +144,10 @@ DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED: DeploymentEventKind.ValueType  # 13
 """The release is being rolled back: `reason`."""
 DEPLOYMENT_EVENT_KIND_UNLOADED: DeploymentEventKind.ValueType  # 14
 """The previous version's module was unloaded from `executor` after the release became Active."""
+DEPLOYMENT_EVENT_KIND_NOT_ANALYSED: DeploymentEventKind.ValueType  # 15
+"""The windows ended with fewer than `min_requests` calls of the new version (`reason`, `stats`): nothing
+was judged, and the release goes on to Active.
+"""
 Global___DeploymentEventKind: _TypeAlias = DeploymentEventKind  # noqa: Y015
 
 @_typing.final
@@ -156,6 +174,9 @@ class Deployment(_message.Message):
     VERDICT_REASON_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    UNSET_ENV_FIELD_NUMBER: _builtins.int
+    INHERITED_ENV_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     skill: _builtins.str
@@ -210,6 +231,24 @@ class Deployment(_message.Message):
         (`(root)` in `required_by` is this skill).
         """
 
+    @_builtins.property
+    def unset_env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The `env:NAME` variables the skill declares that this deployment leaves unset (possible only with
+        `allow_unset_env`), sorted.
+        """
+
+    @_builtins.property
+    def inherited_env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The `env:NAME` variables whose values this deployment kept from the deployment that served when it was
+        created, because the request left them out (names only: values are never returned), sorted.
+        """
+
+    @_builtins.property
+    def rolled_back(self) -> Global___RolledBack:
+        """Set once a manual Rollback moved the skill's traffic from this deployment back to the one before it. The
+        deployment stays Active (its release succeeded) but no longer serves.
+        """
+
     def __init__(
         self,
         *,
@@ -231,16 +270,55 @@ class Deployment(_message.Message):
         verdict_reason: _builtins.str = ...,
         stats: Global___VersionStats | None = ...,
         dependencies: _abc.Iterable[_skill_pb2.ResolvedDependency] | None = ...,
+        unset_env: _abc.Iterable[_builtins.str] | None = ...,
+        inherited_env: _abc.Iterable[_builtins.str] | None = ...,
+        rolled_back: Global___RolledBack | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "create_time", b"create_time", "stats", b"stats", "strategy", b"strategy", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "create_time", b"create_time", "rolled_back", b"rolled_back", "stats", b"stats", "strategy", b"strategy", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "create_time", b"create_time", "dependencies", b"dependencies", "digest", b"digest", "history", b"history", "id", b"id", "previous_version", b"previous_version", "serving", b"serving", "skill", b"skill", "state", b"state", "stats", b"stats", "strategy", b"strategy", "traffic_weight", b"traffic_weight", "update_time", b"update_time", "verdict", b"verdict", "verdict_reason", b"verdict_reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "create_time", b"create_time", "dependencies", b"dependencies", "digest", b"digest", "history", b"history", "id", b"id", "inherited_env", b"inherited_env", "previous_version", b"previous_version", "rolled_back", b"rolled_back", "serving", b"serving", "skill", b"skill", "state", b"state", "stats", b"stats", "strategy", b"strategy", "traffic_weight", b"traffic_weight", "unset_env", b"unset_env", "update_time", b"update_time", "verdict", b"verdict", "verdict_reason", b"verdict_reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["blue_green", "canary"]  # noqa: Y015
     _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_strategy) -> _WhichOneofReturnType_strategy | None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class RolledBack(_message.Message):
+    """A manual rollback that took a deployment's traffic back to the deployment that served before it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    """The deployment that serves instead."""
+    version: _builtins.str
+    """Its version."""
+    generation: _builtins.int
+    """The route-table generation that carried the rollback (0 when unknown: a deployer restarted mid-rollback)."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the rollback's route went out."""
+
+    def __init__(
+        self,
+        *,
+        deployment_id: _builtins.str = ...,
+        version: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "generation", b"generation", "time", b"time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolledBack: _TypeAlias = RolledBack  # noqa: Y015
 
 @_typing.final
 class BlueGreenStrategy(_message.Message):
@@ -413,16 +491,22 @@ class CreateDeploymentRequest(_message.Message):
     BLUE_GREEN_FIELD_NUMBER: _builtins.int
     CANARY_FIELD_NUMBER: _builtins.int
     ANALYSIS_FIELD_NUMBER: _builtins.int
+    ALLOW_UNSET_ENV_FIELD_NUMBER: _builtins.int
     skill: _builtins.str
     """Skill name."""
     version: _builtins.str
     """Version to deploy; must be Ready in the registry."""
     request_id: _builtins.str
     """Optional idempotency key: a retry with the same key returns the same deployment."""
+    allow_unset_env: _builtins.bool
+    """Deploy even though some declared `env:NAME` variables have no value: the skill then runs with them unset
+    (the deployment lists them in `unset_env`). Without it such a deploy is refused with ENV_NOT_SET.
+    """
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Values of the environment variables the skill declares (`env:NAME` capabilities). A name the
-        manifest does not declare is refused; a declared name left out is unset in the sandbox.
+        manifest does not declare is refused. A declared name left out keeps the value the deployment serving
+        now has for it; one that still has no value is refused (ENV_NOT_SET) unless `allow_unset_env`.
         """
 
     @_builtins.property
@@ -447,10 +531,11 @@ class CreateDeploymentRequest(_message.Message):
         blue_green: Global___BlueGreenStrategy | None = ...,
         canary: Global___CanaryStrategy | None = ...,
         analysis: Global___Analysis | None = ...,
+        allow_unset_env: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "strategy", b"strategy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "env", b"env", "request_id", b"request_id", "skill", b"skill", "strategy", b"strategy", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unset_env", b"allow_unset_env", "analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "env", b"env", "request_id", b"request_id", "skill", b"skill", "strategy", b"strategy", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["blue_green", "canary"]  # noqa: Y015
     _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
@@ -671,8 +756,14 @@ class WatchDeploymentResponse(_message.Message):
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     message: _builtins.str
     """What happened, for people, such as `preloaded on 127.0.0.1:50055`."""
+    sequence: _builtins.int
+    """The event's position in the deployment's event log: from 1, increasing, never reused. Analysis progress
+    samples take numbers too but are not kept in the log, so a replay skips theirs. 0 on responses that are
+    not events (the first one, the current state).
+    """
     @_builtins.property
     def deployment(self) -> Global___Deployment:
         """The deployment after the event."""
@@ -687,10 +778,11 @@ class WatchDeploymentResponse(_message.Message):
         deployment: Global___Deployment | None = ...,
         message: _builtins.str = ...,
         event: Global___DeploymentEvent | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "event", b"event", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "event", b"event", "message", b"message", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -736,7 +828,7 @@ class DeploymentEvent(_message.Message):
     steps: _builtins.int
     """CANARY_STEP: how many steps there are."""
     reason: _builtins.str
-    """PRELOAD_FAILED, ANALYSIS_BREACH, HEALTH_NOT_SERVING, ROLLBACK_STARTED: why, for people."""
+    """PRELOAD_FAILED, ANALYSIS_BREACH, HEALTH_NOT_SERVING, ROLLBACK_STARTED, NOT_ANALYSED: why, for people."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -755,8 +847,8 @@ class DeploymentEvent(_message.Message):
 
     @_builtins.property
     def stats(self) -> Global___VersionStats:
-        """ANALYSIS_PROGRESS, ANALYSIS_PASSED, ANALYSIS_BREACH: the new version's stats since the release's first
-        route push.
+        """ANALYSIS_PROGRESS, ANALYSIS_PASSED, ANALYSIS_BREACH, NOT_ANALYSED: the new version's stats since the
+        release's first route push.
         """
 
     def __init__(

@@ -84,8 +84,9 @@ class DeployerServiceServicer:
     def CreateDeployment(self, request, context):
         """Starts deploying a Ready version. The deployment runs in the background (preload, route push, then a
         bake window or canary steps under analysis); watch it with WatchDeployment.
-        Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field),
-        NOT_FOUND (no such version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
+        Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field;
+        ENV_NOT_SET: a declared `env:NAME` has no value and `allow_unset_env` is false), NOT_FOUND (no such
+        version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
         deployment of the skill is in flight; DEPLOYMENT_CIRCUIT_OPEN: too many recent failed deployments of
         the skill, with RetryInfo giving the time until the breaker lets a deployment through),
         UNAVAILABLE (registry unreachable).
@@ -123,8 +124,9 @@ class DeployerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchDeployment(self, request, context):
-        """Streams the deployment's current state, then every state change and progress event until it ends
-        (Active or Failed).
+        """Streams the deployment's current state, then its event log (every event so far, oldest first, as it was
+        sent), then every new event until it ends (Active or Failed), each event once, in `sequence` order. A
+        deployment that has already ended gets its state and its log, then the stream ends.
         Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

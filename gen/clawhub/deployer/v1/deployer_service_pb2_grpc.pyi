@@ -36,8 +36,9 @@ class DeployerServiceStub:
     CreateDeployment: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.CreateDeploymentRequest, _deployer_service_pb2.CreateDeploymentResponse]
     """Starts deploying a Ready version. The deployment runs in the background (preload, route push, then a
     bake window or canary steps under analysis); watch it with WatchDeployment.
-    Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field),
-    NOT_FOUND (no such version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
+    Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field;
+    ENV_NOT_SET: a declared `env:NAME` has no value and `allow_unset_env` is false), NOT_FOUND (no such
+    version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
     deployment of the skill is in flight; DEPLOYMENT_CIRCUIT_OPEN: too many recent failed deployments of
     the skill, with RetryInfo giving the time until the breaker lets a deployment through),
     UNAVAILABLE (registry unreachable).
@@ -59,8 +60,9 @@ class DeployerServiceStub:
     INTERNAL (an aborted release could not restore the previous route; its history says why).
     """
     WatchDeployment: _grpc.UnaryStreamMultiCallable[_deployer_service_pb2.WatchDeploymentRequest, _deployer_service_pb2.WatchDeploymentResponse]
-    """Streams the deployment's current state, then every state change and progress event until it ends
-    (Active or Failed).
+    """Streams the deployment's current state, then its event log (every event so far, oldest first, as it was
+    sent), then every new event until it ends (Active or Failed), each event once, in `sequence` order. A
+    deployment that has already ended gets its state and its log, then the stream ends.
     Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
     """
     WatchRoutes: _grpc.UnaryStreamMultiCallable[_deployer_service_pb2.WatchRoutesRequest, _deployer_service_pb2.WatchRoutesResponse]
@@ -85,8 +87,9 @@ class DeployerServiceAsyncStub(DeployerServiceStub):
     CreateDeployment: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.CreateDeploymentRequest, _deployer_service_pb2.CreateDeploymentResponse]  # type: ignore[assignment]
     """Starts deploying a Ready version. The deployment runs in the background (preload, route push, then a
     bake window or canary steps under analysis); watch it with WatchDeployment.
-    Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field),
-    NOT_FOUND (no such version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
+    Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field;
+    ENV_NOT_SET: a declared `env:NAME` has no value and `allow_unset_env` is false), NOT_FOUND (no such
+    version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
     deployment of the skill is in flight; DEPLOYMENT_CIRCUIT_OPEN: too many recent failed deployments of
     the skill, with RetryInfo giving the time until the breaker lets a deployment through),
     UNAVAILABLE (registry unreachable).
@@ -108,8 +111,9 @@ class DeployerServiceAsyncStub(DeployerServiceStub):
     INTERNAL (an aborted release could not restore the previous route; its history says why).
     """
     WatchDeployment: _aio.UnaryStreamMultiCallable[_deployer_service_pb2.WatchDeploymentRequest, _deployer_service_pb2.WatchDeploymentResponse]  # type: ignore[assignment]
-    """Streams the deployment's current state, then every state change and progress event until it ends
-    (Active or Failed).
+    """Streams the deployment's current state, then its event log (every event so far, oldest first, as it was
+    sent), then every new event until it ends (Active or Failed), each event once, in `sequence` order. A
+    deployment that has already ended gets its state and its log, then the stream ends.
     Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
     """
     WatchRoutes: _aio.UnaryStreamMultiCallable[_deployer_service_pb2.WatchRoutesRequest, _deployer_service_pb2.WatchRoutesResponse]  # type: ignore[assignment]
@@ -137,8 +141,9 @@ class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_deployer_service_pb2.CreateDeploymentResponse, _abc.Awaitable[_deployer_service_pb2.CreateDeploymentResponse]]:
         """Starts deploying a Ready version. The deployment runs in the background (preload, route push, then a
         bake window or canary steps under analysis); watch it with WatchDeployment.
-        Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field),
-        NOT_FOUND (no such version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
+        Returns INVALID_ARGUMENT (bad name, version, env, strategy or analysis; a BadRequest names the field;
+        ENV_NOT_SET: a declared `env:NAME` has no value and `allow_unset_env` is false), NOT_FOUND (no such
+        version), FAILED_PRECONDITION (VERSION_NOT_READY; DEPLOYMENT_IN_PROGRESS: a
         deployment of the skill is in flight; DEPLOYMENT_CIRCUIT_OPEN: too many recent failed deployments of
         the skill, with RetryInfo giving the time until the breaker lets a deployment through),
         UNAVAILABLE (registry unreachable).
@@ -184,8 +189,9 @@ class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _deployer_service_pb2.WatchDeploymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_deployer_service_pb2.WatchDeploymentResponse], _abc.AsyncIterator[_deployer_service_pb2.WatchDeploymentResponse]]:
-        """Streams the deployment's current state, then every state change and progress event until it ends
-        (Active or Failed).
+        """Streams the deployment's current state, then its event log (every event so far, oldest first, as it was
+        sent), then every new event until it ends (Active or Failed), each event once, in `sequence` order. A
+        deployment that has already ended gets its state and its log, then the stream ends.
         Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
         """
 
