@@ -20,9 +20,9 @@ from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
 from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
-from services.cli import manifest, trust, watch
+from services.cli import admin, manifest, trust, watch
 from services.cli.up import run_up
 from services.runtime.errors import bad_request, error_info
 from services.runtime.jsonvalue import value_to_json
@@ -74,7 +74,9 @@ class Client:
     def __init__(self, gateway: str, timeout: float, token: str = "") -> None:
         self.gateway = gateway
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(gateway)
+        # No receive limit of its own: the gateway bounds what it sends (CLAWHUB_EXECUTOR_MAX_OUTPUT), and
+        # gRPC's default 4 MiB would refuse a skill's full-size output.
+        self.channel = grpc.insecure_channel(gateway, options=[("grpc.max_receive_message_length", -1)])
         # The token goes to the registry only: the deployer and invocations need none.
         self.registry = trust.authorized(registry_grpc.RegistryServiceStub(self.channel), token)
         self.deployer = deployer_grpc.DeployerServiceStub(self.channel)
@@ -125,7 +127,8 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
 
     response = client.registry.PublishSkill(requests(), timeout=args.timeout)
     version = response.skill_version
-    verb = "published" if response.created else "already published (identical bytes)"
+    verb = ("published" if response.created else "repaired (a stored blob was missing or corrupt)" if response.repaired
+            else "already published (identical bytes)")
     print(f"{verb}: {version.name}@{version.version}  {version.digest}  state {state_name(version.state)}")
     if version.bundle_digest:
         print(f"  file bundle {version.bundle_digest}")
@@ -168,7 +171,8 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
     if args.no_wait and (args.watch or args.plain):
         raise CliError("error: --no-wait returns at once, so there is nothing to --watch", 2)
     env = parse_env(args.env)
-    request = deployer_pb.CreateDeploymentRequest(skill=name, request_id=str(uuid.uuid4()), env=env)
+    request = deployer_pb.CreateDeploymentRequest(skill=name, request_id=str(uuid.uuid4()), env=env,
+                                                  allow_unset_env=args.allow_unset_env)
     try:
         watch.rollout_fields(request, args)
     except argparse.ArgumentTypeError as exc:
@@ -176,13 +180,21 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
     if not version:
         skill = client.registry.GetSkill(registry_pb.GetSkillRequest(name=name), timeout=args.timeout).skill
         if not skill.latest_version:
-            raise CliError(f"error: {name} has no Ready version to deploy")
+            raise CliError(printable(f"error: {name} has nothing to deploy: {_no_ready_version(client, name, args)}"))
         version = skill.latest_version
     request.version = version
     deployment = client.deployer.CreateDeployment(request, timeout=args.timeout).deployment
     strategy = watch.describe_strategy(deployment)
     print(f"deploying {name}@{version} (deployment {deployment.id}{', ' + strategy if strategy else ''})",
           file=sys.stderr)
+    if deployment.inherited_env:
+        print(f"  env {', '.join(deployment.inherited_env)} kept from {deployment.previous_version} (the deployment "
+              "serving now); --env NAME=value sets another value", file=sys.stderr)
+    if deployment.unset_env:
+        unset = ", ".join(deployment.unset_env)
+        print(f"warning: {name}@{version} runs with {unset} unset (--allow-unset-env): the skill declares "
+              f"{'it' if len(deployment.unset_env) == 1 else 'them'} but gets no value; set with --env NAME=value",
+              file=sys.stderr)
     if args.no_wait:
         print(deployment.id)
         return 0
@@ -248,11 +260,44 @@ def _invoke_request(args: argparse.Namespace) -> gateway_pb.InvokeSkillRequest:
     return request
 
 
+def _loose(value: struct_pb2.Value) -> Any:
+    """A Value as Python objects, NaN and infinities included (value_to_json refuses them)."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {k: _loose(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_loose(v) for v in value.list_value.values]
+    return None if kind in (None, "null_value") else getattr(value, kind)
+
+
+def render_output(output: struct_pb2.Value, pretty: bool) -> str:
+    """The JSON `output` of an invocation as text. What is not JSON (a NaN from an older gateway) is printed
+    as close to the skill's text as can be, never raised: the skill ran, its answer must reach the user."""
+    try:
+        text = value_to_json(output).decode()
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False) if pretty else text
+    except (ValueError, RecursionError):
+        try:
+            return json.dumps(_loose(output), indent=2 if pretty else None, ensure_ascii=False)
+        except (ValueError, RecursionError):
+            return str(output)
+
+
 def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
-    response = client.invoker.InvokeSkill(_invoke_request(args), timeout=args.timeout)
+    request = _invoke_request(args)
+    try:
+        response = client.invoker.InvokeSkill(request, timeout=args.timeout)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(err) is None:
+            # gRPC's own refusal of a message over the gateway's limit: no details, so say what to do.
+            raise CliError(printable(
+                f"error: the gateway refused the request as too large ({err.details()})\n"
+                f"  it is {request.ByteSize():,} bytes encoded; the gateway takes CLAWHUB_GATEWAY_MAX_INPUT plus "
+                "64 KiB per message. A JSON --input of many small numbers encodes larger than its text: send it "
+                "as bytes with --input-file")) from None
+        raise
     if response.HasField("output"):
-        text = value_to_json(response.output).decode()
-        print(json.dumps(json.loads(text), indent=2, ensure_ascii=False) if args.pretty else text)
+        print(render_output(response.output, args.pretty))
     else:
         sys.stdout.buffer.write(response.raw_output)
         sys.stdout.flush()
@@ -283,22 +328,73 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         print("no skills published yet; try: clawhub publish examples/skills/uppercase")
         return 0
     rows = [("SKILL", "LATEST", "SERVING", "LAST DEPLOYMENT", "VERDICT")]
-    details: list[str] = []
+    # Under the table: what the columns cannot say (why nothing is Ready, a manual rollback).
+    notes: list[str] = []
     for skill in skills:
         deployments = client.deployer.ListDeployments(
             deployer_pb.ListDeploymentsRequest(skill=skill.name, page_size=20), timeout=args.timeout).deployments
-        last = (f"{deployments[0].version} {state_name(deployments[0].state)}" if deployments else "-")
+        # A manual rollback leaves the rolled-back deployment Active (its release passed) but not serving:
+        # its state reads ROLLED_BACK, and SERVING (from the route's weights) names what serves instead.
+        last = (f"{deployments[0].version} {watch.release_state(deployments[0])}" if deployments else "-")
         verdict = watch.verdict_name(deployments[0].verdict) if deployments else ""
-        rows.append((skill.name, skill.latest_version or "-", watch.describe_serving(deployments), last,
-                     verdict or "-"))
+        serving = watch.describe_serving(deployments)
+        # Routed is not runnable: a key revoked or a corrupt blob since the deploy stops every call.
+        broken = _serving_problems(client, skill.name, deployments, args)
+        if broken:
+            serving += " NOT RUNNABLE"
+            notes += [f"{skill.name}: {version} cannot run: {problem}" for version, problem in broken]
+        rows.append((skill.name, skill.latest_version or "-", serving, last, verdict or "-"))
+        if not skill.latest_version:
+            notes.append(f"{skill.name}: {_no_ready_version(client, skill.name, args)}")
         if args.name and deployments:
-            details = watch.describe_deployment(deployments[0])
+            notes += watch.describe_deployment(deployments[0])
+        elif deployments and deployments[0].HasField("rolled_back"):
+            notes.append(f"{skill.name}: {deployments[0].version} {watch.describe_rollback(deployments[0])}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    for line in details:
+    for line in notes:
         print(printable(line))
     return 0
+
+
+def _serving_problems(client: Client, name: str, deployments: Any, args: argparse.Namespace,
+                      ) -> list[tuple[str, str]]:
+    """(version, problem) for each version taking traffic that the registry says cannot run now."""
+    versions = dict.fromkeys(d.version for d in deployments if d.traffic_weight > 0 or d.serving)
+    found = []
+    for version in versions:
+        try:
+            record = client.registry.GetSkillVersion(registry_pb.GetSkillVersionRequest(
+                name=name, version=version), timeout=args.timeout).skill_version
+        except grpc.RpcError:
+            continue  # unknown is not "cannot run": the columns above come from the registry anyway
+        found += [(version, problem) for problem in record.problems]
+    return found
+
+
+def _no_ready_version(client: Client, name: str, args: argparse.Namespace) -> str:
+    """Why a skill has no version to deploy, from its newest version: `no Ready version: 1.0.0 FAILED:
+    verification failed: …`."""
+    try:
+        versions = client.registry.ListSkillVersions(registry_pb.ListSkillVersionsRequest(
+            name=name, page_size=1), timeout=args.timeout).skill_versions
+    except grpc.RpcError as err:
+        return f"no Ready version (its versions could not be listed: {err.code().name})"
+    if not versions:
+        return "no Ready version: no version is published"
+    version = versions[0]
+    state = state_name(version.state)
+    last = version.history[-1].reason if version.history else ""
+    if version.state == release_pb2.RELEASE_STATE_FAILED:
+        why = last or "; ".join(version.verification_errors)
+    elif version.state == release_pb2.RELEASE_STATE_READY and version.yanked:
+        state, why = "yanked", version.yank_reason or "no reason given"
+    elif version.state in (release_pb2.RELEASE_STATE_PENDING, release_pb2.RELEASE_STATE_VERIFYING):
+        why = "verification has not finished yet"
+    else:
+        why = last
+    return f"no Ready version: {version.version} {state}" + (f": {why}" if why else "")
 
 
 def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
@@ -379,19 +475,36 @@ def cmd_resolve(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """grpc.health.v1 check of one service (for probes: exit 0 only when SERVING)."""
+    """grpc.health.v1 check of a service (for probes: exit 0 only when SERVING); with --all, of the overall
+    status and every service name the server lists through reflection (exit 0 only when all are SERVING)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if args.all and args.service:
+        raise CliError("error: --all checks every service name; give no SERVICE with it", 2)
     with grpc.insecure_channel(args.address) as channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            names = ["", *_listed_services(channel, args.timeout)] if args.all else [args.service]
+            stub = health_pb2_grpc.HealthStub(channel)
+            statuses = [(name, stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=args.timeout).status)
+                        for name in names]
         except grpc.RpcError as err:
             print(f"{args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    print(f"{args.address}{'/' + args.service if args.service else ''}: {status}")
-    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+    for name, status in statuses:
+        label = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        print(f"{args.address}{'/' + name if name else ''}: {label}")
+    return 0 if all(status == health_pb2.HealthCheckResponse.SERVING for _, status in statuses) else 1
+
+
+def _listed_services(channel: grpc.Channel, timeout: float) -> list[str]:
+    """The service names a server lists through reflection, but for health and reflection themselves."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = stub.ServerReflectionInfo(iter([request]), timeout=timeout)
+    names = [service.name for response in responses for service in response.list_services_response.service]
+    return sorted(n for n in names if not n.startswith(("grpc.health.", "grpc.reflection.")))
 
 
 def positive_seconds(text: str) -> float:
@@ -431,9 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the public port (default: $CLAWHUB_GATEWAY_PORT or 50051; 0 picks a free port)")
 
     p = sub.add_parser("health", help="check a service's grpc.health.v1 status (exit 0 when SERVING)",
-                       description="Check a service's grpc.health.v1 status; exit 0 only when SERVING.")
-    p.add_argument("address", help="service address, such as 127.0.0.1:50052")
+                       description="Check a service's grpc.health.v1 status; exit 0 only when SERVING. The "
+                                   "gateway's status for the registry and deployer names follows the real ones.")
+    p.add_argument("address", nargs="?", default=os.environ.get("CLAWHUB_GATEWAY", DEFAULT_GATEWAY),
+                   help="service address, such as 127.0.0.1:50052 (default: the gateway, $CLAWHUB_GATEWAY or "
+                        f"{DEFAULT_GATEWAY})")
     p.add_argument("service", nargs="?", default="", help="service name or skill digest (default: overall)")
+    p.add_argument("--all", action="store_true",
+                   help="check the overall status and every service name the server lists, one line each "
+                        "(exit 0 only when all are SERVING)")
     p.add_argument("--timeout", type=positive_seconds, default=3.0, help="deadline in seconds (default: %(default)s)")
 
     p = client_command("publish", "publish the skill in a directory (reads skill.toml)", timeout=300)
@@ -453,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="one plain line per event, even on a terminal")
     p.add_argument("--env", action="append", metavar="KEY=VALUE",
                    help="value of an environment variable the skill declares (capability env:KEY); repeat for "
-                        "several; KEY alone passes on this shell's $KEY")
+                        "several; KEY alone passes on this shell's $KEY. A declared KEY left out keeps the value "
+                        "of the deployment serving now")
+    p.add_argument("--allow-unset-env", action="store_true",
+                   help="deploy even if a declared env:KEY gets no value (refused otherwise); the skill runs with it "
+                        "unset, and a warning names it")
     watch.add_rollout_flags(p)
     p = client_command("watch", "follow a deployment until it ends (exit 0 active, 1 failed)", timeout=300)
     p.add_argument("id", help="deployment id, as printed by `clawhub deploy`")
@@ -487,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_command("resolve", "print the flattened dependency set of a published version")
     p.add_argument("ref", metavar="NAME@VERSION", help="skill and exact version")
     trust.add_commands(sub, DEFAULT_GATEWAY, positive_seconds)
+    admin.add_commands(sub, DEFAULT_GATEWAY, positive_seconds)
     return parser
 
 
@@ -501,12 +625,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         return run_up(Path(args.data_dir), args.executors, args.host, args.gateway_port)
     if args.command == "health":
-        return cmd_health(args)
+        try:
+            return cmd_health(args)
+        except CliError as exc:
+            print(exc, file=sys.stderr)
+            return exc.exit_code
     if args.command == "keygen":
         return trust.cmd_keygen(args)
     client = Client(args.gateway, args.timeout, token=trust.credential(args))
     try:
-        command = COMMANDS.get(args.command) or trust.COMMANDS[args.command]
+        command = COMMANDS.get(args.command) or trust.COMMANDS.get(args.command) or admin.COMMANDS[args.command]
         return command(client, args)
     except grpc.RpcError as err:
         failure = describe_rpc_error(err, args.gateway)
@@ -514,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
         failure = exc
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug or an answer we did not expect: one line, not a traceback
+        problem = " ".join(printable(str(exc)).split())[:500]
+        failure = CliError(f"error: clawhub {args.command} failed unexpectedly: {type(exc).__name__}: {problem}")
     finally:
         client.close()
     print(failure, file=sys.stderr)

@@ -2,7 +2,6 @@
 
 from services.dispatcher.server import build_server
 from services.dispatcher.settings import Settings
-from services.runtime.server import run
+from services.runtime.server import main
 
-settings = Settings.from_env()
-run(lambda: build_server(settings), host=settings.host)
+main("dispatcher", Settings.from_env, build_server)

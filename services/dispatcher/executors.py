@@ -9,7 +9,7 @@ from typing import Protocol, cast
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
 
-from services.runtime.channels import channel
+from services.runtime.channels import InvocationLimits, channel
 
 
 class ExecutorClient(Protocol):
@@ -29,9 +29,12 @@ class ExecutorClient(Protocol):
 class GrpcExecutorClient:
     """One channel per executor address."""
 
-    def __init__(self, addresses: Iterable[str]) -> None:
+    def __init__(self, addresses: Iterable[str], sizes: InvocationLimits | None = None) -> None:
         self._addresses = tuple(addresses)
-        self._channels = {address: channel(address) for address in self._addresses}
+        sizes = sizes or InvocationLimits()
+        self._channels = {address: channel(address, max_send_bytes=sizes.execute_request,
+                                           max_receive_bytes=sizes.execute_response)
+                          for address in self._addresses}
         self._stubs = {
             address: cast("executor_grpc.ExecutorServiceAsyncStub", executor_grpc.ExecutorServiceStub(ch))
             for address, ch in self._channels.items()}

@@ -14,7 +14,7 @@ from services.dispatcher.routes import GrpcRouteFeed, RouteFeed, RouteState, Rou
 from services.dispatcher.servicer import DispatcherServicer
 from services.dispatcher.settings import Settings
 from services.dispatcher.stats import GrpcStatsSink, StatsReporter, StatsSink, VersionStats
-from services.runtime.channels import channel
+from services.runtime.channels import CONTROL_MESSAGE_BYTES, InvocationLimits, channel
 from services.runtime.server import ServiceHost, create_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatcherService"].full_name
@@ -33,7 +33,9 @@ async def build_server(settings: Settings, *, feed: RouteFeed | None = None,
     deployer_channel = channel(settings.deployer_address) if feed is None or stats_sink is None else None
     feed = feed or GrpcRouteFeed(cast(grpc.aio.Channel, deployer_channel))
     stats_sink = stats_sink or GrpcStatsSink(cast(grpc.aio.Channel, deployer_channel))
-    executors = executors or GrpcExecutorClient(settings.executor_addresses)
+    # Dispatch carries the skill's input and output: bounded by the executors' limits.
+    sizes = InvocationLimits.from_env()
+    executors = executors or GrpcExecutorClient(settings.executor_addresses, sizes)
     routes = RouteState()
     watcher = RouteWatcher(feed, routes, settings.dispatcher_id)
     stats = VersionStats()
@@ -47,7 +49,9 @@ async def build_server(settings: Settings, *, feed: RouteFeed | None = None,
 
     try:
         host = create_server("dispatcher", [SERVICE_NAME], host=settings.host, port=settings.port,
-                             grace_seconds=settings.grace, register=register)
+                             grace_seconds=settings.grace, register=register,
+                             max_receive_bytes=sizes.dispatch_request,
+                             max_send_bytes=max(sizes.dispatch_response, CONTROL_MESSAGE_BYTES))
     except BaseException:
         await executors.close()
         if deployer_channel is not None:

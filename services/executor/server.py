@@ -16,7 +16,7 @@ from services.executor.sandbox import DEFAULT_POOL_SLOTS, Sandbox
 from services.executor.servicer import ExecutorServicer, WorkerPool
 from services.executor.settings import Settings
 from services.executor.source import ModuleSource, RegistryModuleSource
-from services.runtime.channels import channel
+from services.runtime.channels import CONTROL_MESSAGE_BYTES, InvocationLimits, channel
 from services.runtime.linking import MAX_INSTANCES
 from services.runtime.server import ServiceHost, create_server
 
@@ -41,6 +41,8 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
     sandbox = Sandbox(pool_slots=max(DEFAULT_POOL_SLOTS, MAX_INSTANCES * settings.threads))
     loader = ModuleLoader(module_source, sandbox, settings.cache_bytes,
                           artifacts_dir=settings.data_dir / "artifacts")
+    # No data-directory lock, unlike the registry and deployer: executors may share this cache (`up --executors
+    # N` does), as every entry is content-addressed and renamed into place whole (docs/supervision.md).
     bundles = BundleCache(module_source, settings.data_dir / "bundles")
     pool = WorkerPool(settings.threads, settings.queue)
     provenance = Provenance(provenance_source, recheck_seconds=settings.trust_recheck_seconds)
@@ -51,10 +53,14 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
 
+    sizes = InvocationLimits(max_input=settings.max_input, max_output=settings.max_output,
+                             max_stderr=settings.max_stderr)
     try:
         host = create_server(
             "executor", (EXECUTOR_SERVICE.full_name,), host=settings.host, port=settings.port,
             grace_seconds=settings.grace_seconds, register=register,
+            max_receive_bytes=sizes.execute_request,
+            max_send_bytes=max(sizes.execute_response, CONTROL_MESSAGE_BYTES),
         )
     except BaseException:
         sandbox.close()

@@ -1,6 +1,5 @@
 from services.gateway.server import build_server
 from services.gateway.settings import Settings
-from services.runtime.server import run
+from services.runtime.server import main
 
-settings = Settings.from_env()
-run(lambda: build_server(settings), host=settings.host)
+main("gateway", Settings.from_env, build_server)

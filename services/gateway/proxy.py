@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
+from services.runtime.channels import PEER_METADATA, peer_host
 from services.runtime.errors import Reason, ServiceError, upstream_error
 
 # Metadata the transport owns; everything else (traceparent, request ids, credentials) is forwarded.
@@ -20,8 +21,11 @@ _HOP_BY_HOP = {"content-type", "te", "user-agent", "grpc-accept-encoding", "grpc
 
 
 def forwarded_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple((k, v) for k, v in context.invocation_metadata() or ()
-                 if not k.startswith(":") and k not in _HOP_BY_HOP)
+    """The caller's metadata for the next hop, and `x-clawhub-peer` naming the caller (never the caller's own
+    claim of it)."""
+    return (*((k, v) for k, v in context.invocation_metadata() or ()
+              if not k.startswith(":") and k not in _HOP_BY_HOP and k != PEER_METADATA),
+            (PEER_METADATA, peer_host(str(context.peer() or ""))))
 
 
 def _timeout(context: grpc.aio.ServicerContext[Any, Any], default: float) -> float:

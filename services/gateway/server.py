@@ -10,19 +10,23 @@ from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from services.gateway.proxy import proxy_handler
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import Settings
-from services.runtime.channels import channel
+from services.gateway.upstreams import UpstreamHealth
+from services.runtime.channels import ENVELOPE_BYTES, PUBLISH_MESSAGE_BYTES, channel
 from services.runtime.server import ServiceHost, create_server
 
 GATEWAY_SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"]
 REGISTRY_SERVICE = registry_pb.DESCRIPTOR.services_by_name["RegistryService"]
 DEPLOYER_SERVICE = deployer_pb.DESCRIPTOR.services_by_name["DeployerService"]
+DISPATCHER_SERVICE = "clawhub.dispatcher.v1.DispatcherService"
 # The route-table feed and the stats feed are for dispatchers only.
 INTERNAL_DEPLOYER_METHODS = ("WatchRoutes", "AcknowledgeRoutes", "ReportStats")
 
 
 async def build_server(settings: Settings) -> ServiceHost:
-    dispatcher = channel(settings.dispatcher_address)
-    registry = channel(settings.registry_address)
+    dispatcher = channel(settings.dispatcher_address, max_send_bytes=settings.max_input_bytes + ENVELOPE_BYTES,
+                         max_receive_bytes=settings.max_output_bytes + ENVELOPE_BYTES)
+    # A publish message the registry would refuse is refused here, before it crosses another hop.
+    registry = channel(settings.registry_address, max_send_bytes=PUBLISH_MESSAGE_BYTES)
     deployer = channel(settings.deployer_address)
     servicer = GatewayServicer(settings, dispatcher, registry)
 
@@ -39,11 +43,24 @@ async def build_server(settings: Settings) -> ServiceHost:
         "gateway",
         (GATEWAY_SERVICE.full_name, REGISTRY_SERVICE.full_name, DEPLOYER_SERVICE.full_name),
         host=settings.host, port=settings.port, grace_seconds=settings.grace_seconds, register=register,
+        max_receive_bytes=settings.max_request_bytes, max_send_bytes=settings.max_response_bytes, public=True,
     )
 
+    # The relayed names report the real registry's and deployer's health, GatewayService the dispatcher's
+    # (services/gateway/upstreams.py).
+    mirrors = [UpstreamHealth(host.health, dispatcher, GATEWAY_SERVICE.full_name, upstream="dispatcher",
+                              address=settings.dispatcher_address, upstream_service=DISPATCHER_SERVICE),
+               UpstreamHealth(host.health, registry, REGISTRY_SERVICE.full_name, upstream="registry",
+                              address=settings.registry_address),
+               UpstreamHealth(host.health, deployer, DEPLOYER_SERVICE.full_name, upstream="deployer",
+                              address=settings.deployer_address)]
+
     async def close_channels() -> None:
+        for mirror in mirrors:
+            await mirror.stop()
         for ch in (dispatcher, registry, deployer):
             await ch.close()
 
+    host.on_start.extend(mirror.start for mirror in mirrors)
     host.closers.append(close_channels)
     return host

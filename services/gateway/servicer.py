@@ -14,22 +14,30 @@ from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 from services.gateway.proxy import forwarded_metadata
 from services.gateway.settings import Settings
-from services.runtime.errors import Reason, ServiceError, error_info, invalid
+from services.runtime.channels import ENVELOPE_BYTES, VALUE_INFLATION
+from services.runtime.errors import Reason, ServiceError, error_info, invalid, upstream_error
 from services.runtime.jsonvalue import json_to_value, value_to_json
 from services.runtime.names import skill_name_problem
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type information
+# request_id travels to every hop and into their logs: an id, not a payload (a UUID is 36 characters).
+MAX_REQUEST_ID_CHARS = 128
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def __init__(self, settings: Settings, dispatcher: grpc.aio.Channel, registry: grpc.aio.Channel) -> None:
         self._settings = settings
         self._dispatcher = dispatcher_grpc.DispatcherServiceStub(dispatcher)
         self._registry = registry_grpc.RegistryServiceStub(registry)
+        # Largest `output` Value a response can carry within the port's send limit.
+        self._max_value_bytes = settings.max_response_bytes - ENVELOPE_BYTES
 
     async def InvokeSkill(self, request: pb.InvokeSkillRequest, context: Context) -> pb.InvokeSkillResponse:
         problem = skill_name_problem(request.name)
         if problem:
             raise invalid(Reason.INVALID_NAME, "name", problem)
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise invalid(Reason.INVALID_ARGUMENT, "request_id",
+                          f"request_id is {len(request.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
         payload = request.WhichOneof("payload")
         data = self._input_bytes(request, payload)
         limit = self._settings.max_input_bytes
@@ -48,10 +56,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             info = error_info(err)
             if info is not None and info.reason == Reason.SKILL_NOT_DEPLOYED:
                 raise await self._explain_not_deployed(request.name, err) from None
-            raise
+            raise upstream_error(err, "dispatcher", self._settings.dispatcher_address) from None
         response = pb.InvokeSkillResponse(version=result.version, usage=result.usage)
         value = json_to_value(result.output)
-        if value is None:
+        # JSON can grow as a Value (see VALUE_INFLATION); only an output big enough to is measured, so the
+        # usual call pays nothing for the check.
+        if value is None or (len(result.output) * VALUE_INFLATION > self._max_value_bytes
+                             and value.ByteSize() > self._max_value_bytes):
             response.raw_output = result.output
         else:
             response.output.CopyFrom(value)
@@ -62,6 +73,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         if payload == "raw_input":
             return request.raw_input
         if payload != "input":
+            # No input at all: the skill gets empty stdin, so one that needs none is called with just a name.
             return b""
         try:
             return value_to_json(request.input)

@@ -1,14 +1,88 @@
-"""Client channels between services: keepalive, message size, sensible timeouts."""
+"""Client channels between services, and the message size limits of servers and channels.
+
+gRPC buffers a whole message before a handler sees it, so the receive limit is what bounds the memory a
+caller can make a service spend per call: each limit below is what its methods need, no more. An oversized
+message is refused by gRPC itself (`RESOURCE_EXHAUSTED`, "Received message larger than max") as soon as
+its length prefix arrives, before it is buffered.
+
+- Skill input and output: the executors' `CLAWHUB_EXECUTOR_MAX_INPUT`, `_MAX_OUTPUT` and `_MAX_STDERR`
+  bound every message that carries them (`InvocationLimits`); the gateway's own `CLAWHUB_GATEWAY_MAX_INPUT`
+  bounds what its public port accepts. Each adds `ENVELOPE_BYTES` for the rest of the message.
+- Uploads: one `PublishSkill` message carries at most `MAX_CHUNK_BYTES` of module or bundle (the CLI sends
+  256 KiB); the registry accepts messages of `PUBLISH_MESSAGE_BYTES`, which also bounds a manifest.
+- Everything else (catalogue pages, deployments, route tables, stats): `CONTROL_MESSAGE_BYTES`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+from services.runtime.settings import env_size
 
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+KiB = 1024
+MiB = 1024 * KiB
+
+# What a message carries besides its payload: names, ids, digests, usage, the status of a call.
+ENVELOPE_BYTES = 64 * KiB
+# Messages that carry no skill payload, either way. gRPC's own default receive limit; a route table of
+# thousands of skills fits.
+CONTROL_MESSAGE_BYTES = 4 * MiB
+# Largest `chunk` / `bundle_chunk` of one PublishSkill message.
+MAX_CHUNK_BYTES = 1 * MiB
+# What the registry accepts per message: a chunk, or the metadata with its manifest.
+PUBLISH_MESSAGE_BYTES = MAX_CHUNK_BYTES + ENVELOPE_BYTES
+# A JSON value encoded as google.protobuf.Value can be larger than its JSON text: `[0,0,…]` takes 2 bytes
+# per element as text and 11 as protobuf (a ListValue entry holding a double). Used to tell, without
+# encoding, whether a JSON output can exceed a limit once it is a Value.
+VALUE_INFLATION = 6
+
+
+@dataclass(frozen=True)
+class InvocationLimits:
+    """The sizes that bound an invocation's messages, from the executors' settings.
+
+    The executor reads them as its own settings; the dispatcher and the gateway read the same variables to
+    size the messages that carry the same input and output (so set them alike on every service).
+    """
+
+    max_input: int = 4 * MiB
+    """CLAWHUB_EXECUTOR_MAX_INPUT: largest input of a call."""
+    max_output: int = 4 * MiB
+    """CLAWHUB_EXECUTOR_MAX_OUTPUT: largest stdout of a call."""
+    max_stderr: int = 64 * KiB
+    """CLAWHUB_EXECUTOR_MAX_STDERR: largest stderr kept per call."""
+
+    @classmethod
+    def from_env(cls) -> InvocationLimits:
+        d = cls()
+        return cls(
+            max_input=env_size("CLAWHUB_EXECUTOR_MAX_INPUT", str(d.max_input)),
+            max_output=env_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output)),
+            max_stderr=env_size("CLAWHUB_EXECUTOR_MAX_STDERR", str(d.max_stderr)),
+        )
+
+    @property
+    def execute_request(self) -> int:
+        """ExecuteRequest: the input plus its route's env, args and dependencies (bounded as a route table is)."""
+        return self.max_input + CONTROL_MESSAGE_BYTES
+
+    @property
+    def execute_response(self) -> int:
+        """ExecuteResponse: output and stderr."""
+        return self.max_output + self.max_stderr + ENVELOPE_BYTES
+
+    @property
+    def dispatch_request(self) -> int:
+        return self.max_input + ENVELOPE_BYTES
+
+    @property
+    def dispatch_response(self) -> int:
+        return self.max_output + ENVELOPE_BYTES
+
+
+_KEEPALIVE_CHANNEL: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -18,14 +92,39 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
 )
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    """An insecure aio channel to another clawhub service (loopback or a private network)."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def size_options(max_receive_bytes: int, max_send_bytes: int) -> tuple[tuple[str, int], ...]:
+    return (("grpc.max_receive_message_length", max_receive_bytes),
+            ("grpc.max_send_message_length", max_send_bytes))
+
+
+def channel(address: str, *, max_receive_bytes: int = CONTROL_MESSAGE_BYTES,
+            max_send_bytes: int = CONTROL_MESSAGE_BYTES) -> grpc.aio.Channel:
+    """An insecure aio channel to another clawhub service (loopback or a private network).
+
+    The limits default to the control-plane cap; channels that carry skill input or output pass theirs."""
+    return grpc.aio.insecure_channel(
+        address, options=(*_KEEPALIVE_CHANNEL, *size_options(max_receive_bytes, max_send_bytes)))
+
+
+# Metadata the gateway sets, on every call it relays, to the address of the client it relays for (any value the
+# client sent is dropped): behind the gateway the services' own peer is the gateway, and per-caller bounds
+# (the registry's uploads) need the real client. A direct caller of an internal port can set it; that only
+# moves it to another per-caller bucket, never past a total bound.
+PEER_METADATA = "x-clawhub-peer"
+
+
+def peer_host(peer: str) -> str:
+    """A gRPC peer without its port: `ipv4:10.0.0.7:5123` → `ipv4:10.0.0.7`, `ipv6:[::1]:5123` → `ipv6:[::1]`;
+    anything else unchanged (a client must not get a fresh identity per connection)."""
+    scheme, _, rest = peer.partition(":")
+    if scheme == "ipv4":
+        return f"{scheme}:{rest.rpartition(':')[0] or rest}"
+    if scheme == "ipv6" and rest.startswith("["):
+        return f"{scheme}:{rest.partition(']')[0]}]"
+    return peer

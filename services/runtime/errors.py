@@ -3,6 +3,11 @@
 All reasons live in `Reason` below (documented in docs/errors.md). A servicer raises `ServiceError`; the
 `ErrorInterceptor` installed by the bootstrap turns it into a status with details, passes statuses from
 downstream services through unchanged, and turns anything unexpected into INTERNAL (logged, never leaked).
+
+The interceptor also decodes requests itself, so bytes that are not the method's message (corrupt wire
+format, invalid UTF-8 in a string, nesting past protobuf's depth limit) get INVALID_ARGUMENT /
+MALFORMED_REQUEST and one rate-limited log line, instead of gRPC's UNKNOWN and a traceback per request. On the
+public port (`public=True`, the gateway) every outgoing status has internal addresses removed.
 """
 
 from __future__ import annotations
@@ -10,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 
 log = logging.getLogger("clawhub.errors")
@@ -27,6 +34,9 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 MAX_MESSAGE_CHARS = 2048
 MAX_DETAIL_CHARS = 512
 MAX_VIOLATIONS = 20
+# How deep protobuf (upb) decodes nested messages; deeper is a DecodeError. A google.protobuf.Value takes two
+# levels per nested list and three per nested struct, inside the levels of the request around it.
+PROTOBUF_MAX_DEPTH = 100
 
 
 def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
@@ -45,16 +55,23 @@ class Reason(StrEnum):
     INVALID_MANIFEST = "INVALID_MANIFEST"
     INVALID_INPUT = "INVALID_INPUT"
     INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    ENV_NOT_SET = "ENV_NOT_SET"
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
     # Uploads.
     CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
     SIZE_MISMATCH = "SIZE_MISMATCH"
     UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"
     VERIFICATION_FAILED = "VERIFICATION_FAILED"
     VERSION_EXISTS = "VERSION_EXISTS"
+    TOO_MANY_UPLOADS = "TOO_MANY_UPLOADS"
+    DESCRIPTOR_BUDGET_EXHAUSTED = "DESCRIPTOR_BUDGET_EXHAUSTED"
+    UPLOAD_TIMEOUT = "UPLOAD_TIMEOUT"
     # Lookups.
     SKILL_NOT_FOUND = "SKILL_NOT_FOUND"
     VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
     BLOB_NOT_FOUND = "BLOB_NOT_FOUND"
+    BLOB_CORRUPT = "BLOB_CORRUPT"
     TAG_NOT_FOUND = "TAG_NOT_FOUND"
     DEPLOYMENT_NOT_FOUND = "DEPLOYMENT_NOT_FOUND"
     # Release state.
@@ -169,17 +186,100 @@ def upstream_error(err: grpc.aio.AioRpcError, upstream: str, address: str = "") 
     """What to raise for a failed call to another service.
 
     A status that carries structured details comes from a clawhub service and passes through unchanged;
-    a bare transport failure (peer down, our own deadline) gets an ErrorInfo naming the upstream.
+    a bare transport failure (peer down, our own deadline) gets an ErrorInfo naming the upstream. Its address
+    goes to the log only (rate-limited): callers must not learn the platform's internal addresses, and gRPC's
+    own text ("ipv4:10.0.0.7:50052: Connection refused") has them removed.
     """
     if status_of(err) is not None:
         passthrough: Exception = err
         return passthrough
     code = err.code()
     reason = {grpc.StatusCode.UNAVAILABLE: Reason.UPSTREAM_UNAVAILABLE,
-              grpc.StatusCode.DEADLINE_EXCEEDED: Reason.DEADLINE_EXCEEDED}.get(code, Reason.INTERNAL)
-    where = f"{upstream} at {address}" if address else upstream
-    return ServiceError(code, reason, f"{where}: {err.details() or code.name}",
-                        metadata={"upstream": upstream, "address": address})
+              grpc.StatusCode.DEADLINE_EXCEEDED: Reason.DEADLINE_EXCEEDED,
+              # gRPC's own refusal of a message over a size limit, on either side of the call.
+              grpc.StatusCode.RESOURCE_EXHAUSTED: Reason.MESSAGE_TOO_LARGE}.get(code, Reason.INTERNAL)
+    details = err.details() or code.name
+    level = logging.INFO if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) else logging.WARNING
+    _upstream_log.log(level, "call to %s%s failed: %s: %s", upstream, f" at {address}" if address else "",
+                      code.name, details)
+    return ServiceError(code, reason, f"{upstream}: {redact_addresses(details)}", metadata={"upstream": upstream})
+
+
+# Internal addresses in text: `127.0.0.1:50052`, `[::1]:50052`, `executor-2.svc:50055`, with gRPC's `ipv4:`,
+# `ipv6:`, `dns:///` prefixes. A host is an IPv4 quad, a bracketed IPv6 or starts with a letter, so times
+# ("10:30") and digests ("sha256:<64 hex>") are left alone.
+_ADDRESS = re.compile(
+    r"(?:\b(?:ipv4|ipv6|dns):(?:///)?)?"
+    r"(?:\[[0-9A-Fa-f:.%]+\]|\b\d{1,3}(?:\.\d{1,3}){3}|\b[A-Za-z][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)*)"
+    r":\d{1,5}(?![\w.])")
+HIDDEN_ADDRESS = "[internal address]"
+# ErrorInfo metadata keys whose values are internal addresses: dropped from public statuses.
+_ADDRESS_KEYS = frozenset({"address", "executor", "executors"})
+
+
+def redact_addresses(text: str) -> str:
+    """`text` with every host:port replaced by HIDDEN_ADDRESS."""
+    return _ADDRESS.sub(HIDDEN_ADDRESS, text) if ":" in text else text
+
+
+def redact_status(status: status_pb2.Status) -> status_pb2.Status:
+    """A public copy of `status`: no internal address in its message, ErrorInfo metadata or BadRequest."""
+    public = status_pb2.Status(code=status.code, message=redact_addresses(status.message))
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            for key in list(info.metadata):
+                if key in _ADDRESS_KEYS:
+                    del info.metadata[key]
+                else:
+                    info.metadata[key] = redact_addresses(info.metadata[key])
+            public.details.add().Pack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            for violation in request.field_violations:
+                violation.description = redact_addresses(violation.description)
+            public.details.add().Pack(request)
+        else:
+            public.details.append(detail)
+    return public
+
+
+class RateLimitedLog:
+    """At most `burst` lines per `window` seconds; the first line after a quiet spell says how many were
+    dropped. A flood of bad requests must cost the log a few lines, not one per request."""
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 5, window: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._window = window
+        self._clock = clock
+        self._started = -window
+        self._count = 0
+        self._dropped = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._started >= self._window:
+            if self._dropped:
+                self._logger.log(level, "(%d similar lines dropped in the last %.0fs)", self._dropped,
+                                 now - self._started)
+            self._started, self._count, self._dropped = now, 0, 0
+        if self._count < self._burst:
+            self._count += 1
+            self._logger.log(level, msg, *args)
+        else:
+            self._dropped += 1
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+
+# Failures of calls to other services, with their addresses. Module-level like the logger it wraps: it holds
+# no state a test or a caller depends on.
+_upstream_log = RateLimitedLog(logging.getLogger("clawhub.upstream"))
 
 
 def status_of(err: grpc.RpcError) -> status_pb2.Status | None:
@@ -214,11 +314,75 @@ def bad_request(err: grpc.RpcError) -> error_details_pb2.BadRequest | None:
     return None
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Turns exceptions raised by servicers into structured statuses."""
+class MalformedRequest(ServiceError):
+    """Request bytes that do not decode as the method's message."""
 
-    def __init__(self, domain: str) -> None:
+
+# upb's reasons for a failed decode, in words a caller can act on.
+_DECODE_PROBLEMS = (
+    ("UTF-8", "invalid_utf8", "a string field is not valid UTF-8 (send binary data in a bytes field)"),
+    ("MaxDepth", "too_deep", f"messages are nested deeper than the {PROTOBUF_MAX_DEPTH} levels protobuf decodes "
+                             "(a google.protobuf.Value takes 2 levels per nested list and 3 per nested struct)"),
+    ("corrupt", "corrupt_wire_format", "the bytes are not a valid protobuf encoding (corrupt wire format)"),
+)
+
+
+def malformed_request(type_name: str, exc: BaseException) -> MalformedRequest:
+    """INVALID_ARGUMENT / MALFORMED_REQUEST for request bytes that `type_name` cannot be decoded from."""
+    text = str(exc)
+    # Another implementation's wording (or a RecursionError): say what it said, without the traceback.
+    problem, words = "undecodable", clip(f"{type(exc).__name__}: {text}", 200)
+    for marker, known, described in _DECODE_PROBLEMS:
+        if marker in text:
+            problem, words = known, described
+            break
+    metadata = {"message_type": type_name, "problem": problem}
+    if problem == "too_deep":
+        metadata["max_depth"] = str(PROTOBUF_MAX_DEPTH)
+    return MalformedRequest(grpc.StatusCode.INVALID_ARGUMENT, Reason.MALFORMED_REQUEST,
+                            f"the request cannot be decoded as {type_name}: {words}", metadata=metadata)
+
+
+Decode = Callable[[bytes], Any]
+
+
+def _decoder(deserialize: Decode) -> Decode:
+    """`deserialize`, raising MalformedRequest (naming the message type) for bytes it cannot decode."""
+    owner = getattr(deserialize, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    type_name = descriptor.full_name if descriptor is not None else getattr(deserialize, "__qualname__", "the request")
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except (message.DecodeError, RecursionError, ValueError, TypeError) as exc:
+            raise malformed_request(type_name, exc) from None
+
+    return decode
+
+
+async def _decoded(requests: AsyncIterator[bytes], decode: Decode) -> AsyncIterator[Any]:
+    async for raw in requests:
+        yield decode(raw)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Decodes requests and turns exceptions raised by servicers into structured statuses.
+
+    It takes over each handler's request_deserializer (gRPC then hands the handler raw bytes) and decodes
+    inside the wrapper, so a decode failure is a status of ours rather than gRPC's UNKNOWN + traceback. This
+    costs nothing extra per call: gRPC would call the same deserializer from its own code. Wrapped handlers
+    are cached per method, so a call pays one dict lookup here.
+
+    `public` (the gateway): statuses that leave have internal addresses removed (`redact_status`), both the
+    service's own and those passed through from the services behind it.
+    """
+
+    def __init__(self, domain: str, *, public: bool = False) -> None:
         self._domain = domain
+        self._public = public
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._malformed_log = RateLimitedLog(log)
 
     async def intercept_service(
         self,
@@ -229,45 +393,68 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        decode = _decoder(handler.request_deserializer) if handler.request_deserializer else None
+        raw = handler._replace(request_deserializer=None)
         if handler.unary_unary:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
+            return raw._replace(unary_unary=self._wrap_unary(handler.unary_unary, method, decode))
         if handler.stream_unary:
-            return handler._replace(stream_unary=self._wrap_client_stream(handler.stream_unary, method))
+            return raw._replace(stream_unary=self._wrap_client_stream(handler.stream_unary, method, decode))
         if handler.unary_stream:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))
+            return raw._replace(unary_stream=self._wrap_stream(handler.unary_stream, method, decode, False))
         if handler.stream_stream:
-            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, method))
+            return raw._replace(stream_stream=self._wrap_stream(handler.stream_stream, method, decode, True))
         return handler
+
+    async def _abort(self, context: Any, code: grpc.StatusCode, status: status_pb2.Status) -> None:
+        if self._public:
+            status = redact_status(status)
+        await context.abort(code, status.message,
+                            trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),))
 
     async def _handle(self, exc: Exception, context: Any, method: str) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
+        if isinstance(exc, MalformedRequest):
+            self._malformed_log.warning("malformed request to %s from %s: %s", method, context.peer(), exc.message)
         if isinstance(exc, ServiceError):
-            await abort_with(context, exc, self._domain)
+            await self._abort(context, exc.code, exc.to_status(self._domain))
         if isinstance(exc, grpc.aio.AioRpcError):
             translated = upstream_error(exc, "a service this one calls")
             if isinstance(translated, ServiceError):
                 # A bare transport failure of a call this service made: still a structured error.
-                await abort_with(context, translated, self._domain)
+                await self._abort(context, translated.code, translated.to_status(self._domain))
+            status = status_of(exc)
+            if status is not None and self._public:
+                await self._abort(context, exc.code(), status)
             await abort_passthrough(context, exc)
         log.exception("unexpected error in %s", method, exc_info=exc)
         await abort_with(context, ServiceError(grpc.StatusCode.INTERNAL, Reason.INTERNAL,
                                                f"internal error in {method}; see the service log"),
                          self._domain)
 
-    def _wrap_unary(self, fn: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    def _wrap_unary(self, fn: Callable[..., Awaitable[Any]], method: str,
+                    decode: Decode | None) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: Any) -> Any:
             try:
-                return await fn(request, context)
+                return await fn(request if decode is None else decode(request), context)
             except Exception as exc:  # noqa: BLE001 - translated into a status
                 await self._handle(exc, context, method)
 
         return wrapper
 
-    def _wrap_client_stream(self, fn: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    def _wrap_client_stream(self, fn: Callable[..., Awaitable[Any]], method: str,
+                            decode: Decode | None) -> Callable[..., Awaitable[Any]]:
         async def wrapper(requests: Any, context: Any) -> Any:
             try:
-                return await fn(requests, context)
+                return await fn(requests if decode is None else _decoded(requests, decode), context)
             except Exception as exc:  # noqa: BLE001 - translated into a status
                 if not isinstance(exc, grpc.aio.AbortError):
                     await _drain(requests)
@@ -275,13 +462,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return wrapper
 
-    def _wrap_stream(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _wrap_stream(self, fn: Callable[..., Any], method: str, decode: Decode | None,
+                     client_streaming: bool) -> Callable[..., Any]:
         if not inspect.isasyncgenfunction(fn):
             # A handler that writes with context.write (grpc_health's Watch) is a plain coroutine.
-            return self._wrap_unary(fn, method)
+            if client_streaming:
+                return self._wrap_client_stream(fn, method, decode)
+            return self._wrap_unary(fn, method, decode)
 
         async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
+                if decode is not None:
+                    request = _decoded(request, decode) if client_streaming else decode(request)
                 async for item in fn(request, context):
                     yield item
             except Exception as exc:  # noqa: BLE001 - translated into a status
@@ -303,8 +495,9 @@ async def _drain(requests: Any) -> None:
     """
     async def consume() -> None:
         received = 0
-        async for message in requests:
-            received += message.ByteSize() if hasattr(message, "ByteSize") else len(message)
+        async for request in requests:
+            # Raw bytes: the interceptor decodes, gRPC does not.
+            received += len(request) if isinstance(request, bytes) else request.ByteSize()
             if received > DRAIN_BYTES:
                 return
 

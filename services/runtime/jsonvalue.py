@@ -30,13 +30,33 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _not_json(token: str) -> float:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} does not fit a double")
+    return number
+
+
+# One decoder for every call: json.loads with hooks would build a new one (and its scanner) each time.
+_DECODER = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+
+
 def json_to_value(output: bytes) -> struct_pb2.Value | None:
-    """The output as a protobuf Value when it is one valid JSON document, else None."""
+    """The output as a protobuf Value when it is one valid JSON document a Value can hold, else None.
+
+    Python's json module accepts `NaN`, `Infinity` and `-Infinity`, which are not JSON, and reads `1e999` as
+    infinity: all are refused here (a Value holding them could not be written back as JSON), as are integers
+    too large for a double."""
     try:
-        obj = json.loads(output)
+        # As json.loads reads bytes (UTF-8, or UTF-16/32 when the text says so).
+        obj = _DECODER.decode(output.decode(json.detect_encoding(output), "surrogatepass"))
         value = struct_pb2.Value()
         json_format.ParseDict(obj, value)
     # Too deep for protobuf (or for Python) is still a valid output: it travels as raw bytes.
-    except (UnicodeDecodeError, ValueError, TypeError, RecursionError, json_format.ParseError):
+    except (UnicodeDecodeError, ValueError, TypeError, RecursionError, OverflowError, json_format.ParseError):
         return None
     return value

@@ -4,24 +4,40 @@ graceful shutdown (NOT_SERVING first, then drain, then close backends)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime.channels import SERVER_OPTIONS
+from services.runtime.channels import CONTROL_MESSAGE_BYTES, SERVER_OPTIONS, size_options
 from services.runtime.errors import ErrorInterceptor
+from services.runtime.lifeline import follow_supervisor
+from services.runtime.settings import SettingsError
 
 log = logging.getLogger("clawhub")
 
 Closer = Callable[[], Awaitable[None]]
+
+
+class StartupError(Exception):
+    """A service cannot start for a reason its operator can fix (a port taken, a data directory held).
+
+    `run` prints its message as one line on stderr and exits 1, without a traceback, so `clawhub up` and
+    process supervisors show the reason itself."""
+
+
+class PortInUse(StartupError, OSError):
+    """The port a service is configured for is held by another process."""
 
 
 @dataclass
@@ -75,12 +91,30 @@ def create_server(
     grace_seconds: float = 5.0,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     register: Callable[[grpc.aio.Server], None],
+    max_receive_bytes: int = CONTROL_MESSAGE_BYTES,
+    max_send_bytes: int = CONTROL_MESSAGE_BYTES,
+    public: bool = False,
+    share_port: bool = False,
+    port_variable: str | None = None,
 ) -> ServiceHost:
-    """Build a server serving `register`'s services plus health and reflection, bound to host:port."""
+    """Build a server serving `register`'s services plus health and reflection, bound to host:port.
+
+    `max_receive_bytes` / `max_send_bytes` bound every message (gRPC refuses a larger one before buffering
+    it; see services/runtime/channels.py). `public` marks the port callers outside the platform reach: its
+    statuses never name internal addresses. The port is bound exclusively unless `share_port` (a deliberate
+    multi-worker mode): gRPC's default SO_REUSEPORT would let a second suite start on a port the first holds
+    and silently split its traffic. A taken port raises PortInUse naming host:port and `port_variable`
+    (default `CLAWHUB_<NAME>_PORT`).
+    """
     names = tuple(service_names)
+    if port and not share_port:
+        # Checked before gRPC binds (which would also log a line of its own from C), and before there is a
+        # server to clean up.
+        _refuse_taken_port(name, host, port, port_variable or f"CLAWHUB_{name.upper()}_PORT")
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(f"{name}.clawhub"), *interceptors],
-        options=SERVER_OPTIONS,
+        interceptors=[ErrorInterceptor(f"{name}.clawhub", public=public), *interceptors],
+        options=(*SERVER_OPTIONS, *size_options(max_receive_bytes, max_send_bytes),
+                 ("grpc.so_reuseport", 1 if share_port else 0)),
     )
     register(server)
     health = HealthServicer()
@@ -89,11 +123,33 @@ def create_server(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise StartupError(f"{name}: cannot listen on {host}:{port}: {exc}") from None
     if bound == 0:
-        raise OSError(f"{name}: cannot listen on {host}:{port}")
+        raise StartupError(f"{name}: cannot listen on {host}:{port}")
     return ServiceHost(name=name, server=server, port=bound, health=health, service_names=names,
                        grace_seconds=grace_seconds)
+
+
+def _refuse_taken_port(name: str, host: str, port: int, variable: str) -> None:
+    """Raise PortInUse when a listening socket holds host:port (on any of the addresses host resolves to)."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # gRPC reports a host it cannot resolve
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does: a port left in TIME_WAIT by a stopped server is free to reuse.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"{name}: {host}:{port} is already in use (another clawhub suite or another program "
+                        f"holds it); stop it, or set {variable} to another port (0 picks a free one)") from None
 
 
 def configure_logging() -> None:
@@ -110,17 +166,22 @@ def configure_logging() -> None:
 
 def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str) -> None:
     """Entry point of `python -m services.<name>`: build, start, serve until SIGTERM/SIGINT, stop."""
+    # First: a service `clawhub up` started stops when `up` is gone, even while it is still building.
+    lifeline = follow_supervisor()
     configure_logging()
 
     async def main() -> None:
         service = await build()
-        await service.start()
-        # The line `clawhub up` waits for; keep its shape stable.
-        print(f"clawhub {service.name} listening on {host}:{service.port}", flush=True)
+        if lifeline is not None:
+            lifeline.shutdown_budget = service.grace_seconds + 10.0
+        # Before the server starts: a SIGTERM just after the `listening` line must still stop it gracefully.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await service.start()
+        # The line `clawhub up` waits for; keep its shape stable.
+        print(f"clawhub {service.name} listening on {host}:{service.port}", flush=True)
         await stop.wait()
         log.info("%s: shutting down (grace %.1fs)", service.name, service.grace_seconds)
         await service.stop()
@@ -130,3 +191,25 @@ def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str) -> None:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+    except StartupError as exc:
+        print(f"clawhub: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+class _Settings(Protocol):
+    @property
+    def host(self) -> str: ...
+
+
+SettingsT = TypeVar("SettingsT", bound=_Settings)
+
+
+def main(name: str, load: Callable[[], SettingsT], build: Callable[[SettingsT], Awaitable[ServiceHost]]) -> None:
+    """`python -m services.<name>`: read the settings (a bad `CLAWHUB_*` value is one line on stderr and exit
+    code 1, not a traceback), then `run`."""
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(f"clawhub: {name}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    run(lambda: build(settings), host=settings.host)

@@ -40,7 +40,8 @@ import wasmtime
 WASI_P1 = "wasi_snapshot_preview1"
 WASM_MAGIC = b"\0asm"
 FILES_CAPABILITY = "files"
-ENV_CAPABILITY_RE = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]{0,127})$")
+# Applied with fullmatch: `$` would accept a trailing "\n".
+ENV_CAPABILITY_RE = re.compile(r"env:([A-Za-z_][A-Za-z0-9_]{0,127})")
 # Where the bundle is preopened inside the sandbox.
 BUNDLE_GUEST_DIR = "/skill"
 
@@ -60,13 +61,13 @@ FILES_IMPORTS = frozenset({
 
 def env_names(capabilities: Sequence[str]) -> list[str]:
     """The environment variable names `env:NAME` capabilities declare."""
-    return [m[1] for c in capabilities if (m := ENV_CAPABILITY_RE.match(c))]
+    return [m[1] for c in capabilities if (m := ENV_CAPABILITY_RE.fullmatch(c))]
 
 
 def capability_problems(capabilities: Sequence[str]) -> list[str]:
     """Why some capability strings are not understood; empty when all are."""
     return [f"unknown capability {c[:80]!r} (known: env:NAME, {FILES_CAPABILITY})" for c in capabilities
-            if c != FILES_CAPABILITY and not ENV_CAPABILITY_RE.match(c)]
+            if c != FILES_CAPABILITY and not ENV_CAPABILITY_RE.fullmatch(c)]
 
 
 def allowed_imports(capabilities: Sequence[str]) -> frozenset[str]:

@@ -1,8 +1,19 @@
 from __future__ import annotations
 
-import pytest
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 
-from services.cli.main import main, printable
+import pytest
+from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
+from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc
+from google.protobuf import struct_pb2
+
+from services.cli.main import main, printable, render_output
+from services.runtime.server import ServiceHost, create_server
+from tests.conftest import Starter
+from tests.gateway.support import ECHO_SKILL, Chain, start_chain
 
 
 def test_server_text_cannot_drive_the_terminal() -> None:
@@ -33,3 +44,86 @@ def test_too_deep_json_input_is_explained(capsys: pytest.CaptureFixture[str]) ->
     deep = "[" * 200 + "]" * 200
     assert main(["invoke", "com.example.x", "--input", deep, "--gateway", "127.0.0.1:9"]) == 1
     assert "nested too deeply" in capsys.readouterr().err
+
+
+# Answers from a server: whatever comes back, the CLI prints something sensible and never a traceback.
+
+
+@pytest.fixture
+async def chain(start_service: Starter, tmp_path: Path) -> AsyncIterator[Chain]:
+    chain = await start_chain(start_service, tmp_path)
+    yield chain
+    await chain.channel.close()
+
+
+async def invoke(capsys: pytest.CaptureFixture[str], chain: Chain, *argv: str) -> tuple[int, str, str]:
+    """`clawhub invoke` off the event loop (the servers run on it): (exit code, stdout, stderr)."""
+    code = await asyncio.to_thread(main, ["invoke", ECHO_SKILL, "--gateway", chain.address, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_output_that_is_not_json_is_printed_raw(chain: Chain, capsys: pytest.CaptureFixture[str]) -> None:
+    for printed in ("NaN", "1e999", "-Infinity"):
+        code, out, err = await invoke(capsys, chain, f"--raw={printed}")
+        assert (code, out) == (0, printed), err
+        assert "Traceback" not in err
+
+
+async def test_invoke_without_input(chain: Chain, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = await invoke(capsys, chain)
+    assert (code, out) == (0, ""), err
+
+
+async def test_a_request_over_the_gateways_limit_is_explained(chain: Chain, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (5 * 1024 * 1024))
+    code, _, err = await invoke(capsys, chain, "--input-file", str(big))
+    assert code == 1
+    assert "refused the request as too large" in err and "CLAWHUB_GATEWAY_MAX_INPUT" in err
+
+
+def test_a_json_output_no_json_printer_can_write_is_still_printed() -> None:
+    """An older gateway sends NaN as `output` (a Value holding a NaN double)."""
+    value = struct_pb2.Value()
+    value.list_value.values.add().number_value = float("nan")
+    value.list_value.values.add().string_value = "ok"
+    assert render_output(value, pretty=False) == '[NaN, "ok"]'
+    assert json.loads(render_output(struct_pb2.Value(number_value=2.0), pretty=True)) == 2
+
+
+class _NaNGateway(gateway_grpc.GatewayServiceServicer):
+    async def InvokeSkill(self, request: gateway_pb.InvokeSkillRequest,
+                          context: object) -> gateway_pb.InvokeSkillResponse:
+        return gateway_pb.InvokeSkillResponse(output=struct_pb2.Value(number_value=float("nan")), version="1.0.0")
+
+
+async def test_an_older_gateways_nan_output_does_not_crash_the_cli(start_service: Starter,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    async def build() -> ServiceHost:
+        return create_server("gateway", ["clawhub.gateway.v1.GatewayService"], host="127.0.0.1", port=0,
+                             register=lambda s: gateway_grpc.add_GatewayServiceServicer_to_server(_NaNGateway(), s))
+
+    host = await start_service(build())
+    code = await asyncio.to_thread(main, ["invoke", "com.example.x", "--gateway", f"127.0.0.1:{host.port}"])
+    out, err = capsys.readouterr()
+    assert (code, out.strip()) == (0, "NaN"), err
+
+
+async def test_an_unexpected_failure_is_one_line(start_service: Starter, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (here: rendering raising what it never should) ends the command with one line and exit 1."""
+    async def build() -> ServiceHost:
+        return create_server("gateway", ["clawhub.gateway.v1.GatewayService"], host="127.0.0.1", port=0,
+                             register=lambda s: gateway_grpc.add_GatewayServiceServicer_to_server(_NaNGateway(), s))
+
+    def broken(output: struct_pb2.Value, pretty: bool) -> str:
+        raise KeyError("kind\nsecond line")
+
+    monkeypatch.setattr("services.cli.main.render_output", broken)
+    host = await start_service(build())
+    code = await asyncio.to_thread(main, ["invoke", "com.example.x", "--gateway", f"127.0.0.1:{host.port}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "KeyError" in err and "Traceback" not in err

@@ -33,10 +33,13 @@ class InvokeSkillRequest(_message.Message):
     raw_input: _builtins.bytes
     """Raw bytes given to the skill on stdin."""
     request_id: _builtins.str
-    """Optional id of the invocation, echoed in logs."""
+    """Optional id of the invocation, echoed in logs; at most 128 characters."""
     @_builtins.property
     def input(self) -> _struct_pb2.Value:
-        """A JSON value, given to the skill as JSON text on stdin."""
+        """A JSON value, given to the skill as JSON text on stdin. Its JSON text counts against
+        CLAWHUB_GATEWAY_MAX_INPUT; its protobuf encoding (larger than the text for arrays of small numbers)
+        counts against the message limit. Send large or deeply nested input as `raw_input`.
+        """
 
     def __init__(
         self,
@@ -67,12 +70,14 @@ class InvokeSkillResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     raw_output: _builtins.bytes
-    """The output as bytes, when it is not valid JSON."""
+    """The output as bytes otherwise: not JSON (including `NaN`, `Infinity` and numbers beyond a double, such
+    as `1e999`), nested too deeply, or too large once encoded as a Value.
+    """
     version: _builtins.str
     """The version that ran."""
     @_builtins.property
     def output(self) -> _struct_pb2.Value:
-        """The output parsed as JSON, when the skill wrote valid JSON."""
+        """The output parsed as JSON, when the skill wrote one valid JSON document a Value can hold."""
 
     @_builtins.property
     def usage(self) -> _skill_pb2.Usage:

@@ -49,11 +49,14 @@ class GatewayServiceServicer:
     """
 
     def InvokeSkill(self, request, context):
-        """Invokes the active version of a skill.
-        Returns INVALID_ARGUMENT (bad name, no input, input too large), NOT_FOUND (no such skill),
+        """Invokes the active version of a skill. A request with neither `input` nor `raw_input` runs the skill
+        with empty stdin (a skill that needs no input is called with just its name).
+        Returns INVALID_ARGUMENT (bad name, input too large, input that is not JSON, request bytes that do not
+        decode: MALFORMED_REQUEST), NOT_FOUND (no such skill),
         FAILED_PRECONDITION (skill published but not deployed), DEADLINE_EXCEEDED (skill timed out),
         RESOURCE_EXHAUSTED (a limit of the skill or of the platform), ABORTED (the skill trapped or exited non-zero),
-        UNAVAILABLE (no executor reachable).
+        UNAVAILABLE (no executor reachable). A request message over the gateway's limit (CLAWHUB_GATEWAY_MAX_INPUT
+        plus 64 KiB, encoded) is refused by gRPC with RESOURCE_EXHAUSTED before it is read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,11 +36,14 @@ class GatewayServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
     InvokeSkill: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.InvokeSkillRequest, _gateway_service_pb2.InvokeSkillResponse]
-    """Invokes the active version of a skill.
-    Returns INVALID_ARGUMENT (bad name, no input, input too large), NOT_FOUND (no such skill),
+    """Invokes the active version of a skill. A request with neither `input` nor `raw_input` runs the skill
+    with empty stdin (a skill that needs no input is called with just its name).
+    Returns INVALID_ARGUMENT (bad name, input too large, input that is not JSON, request bytes that do not
+    decode: MALFORMED_REQUEST), NOT_FOUND (no such skill),
     FAILED_PRECONDITION (skill published but not deployed), DEADLINE_EXCEEDED (skill timed out),
     RESOURCE_EXHAUSTED (a limit of the skill or of the platform), ABORTED (the skill trapped or exited non-zero),
-    UNAVAILABLE (no executor reachable).
+    UNAVAILABLE (no executor reachable). A request message over the gateway's limit (CLAWHUB_GATEWAY_MAX_INPUT
+    plus 64 KiB, encoded) is refused by gRPC with RESOURCE_EXHAUSTED before it is read.
     """
 
 @_typing.type_check_only
@@ -51,11 +54,14 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     InvokeSkill: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.InvokeSkillRequest, _gateway_service_pb2.InvokeSkillResponse]  # type: ignore[assignment]
-    """Invokes the active version of a skill.
-    Returns INVALID_ARGUMENT (bad name, no input, input too large), NOT_FOUND (no such skill),
+    """Invokes the active version of a skill. A request with neither `input` nor `raw_input` runs the skill
+    with empty stdin (a skill that needs no input is called with just its name).
+    Returns INVALID_ARGUMENT (bad name, input too large, input that is not JSON, request bytes that do not
+    decode: MALFORMED_REQUEST), NOT_FOUND (no such skill),
     FAILED_PRECONDITION (skill published but not deployed), DEADLINE_EXCEEDED (skill timed out),
     RESOURCE_EXHAUSTED (a limit of the skill or of the platform), ABORTED (the skill trapped or exited non-zero),
-    UNAVAILABLE (no executor reachable).
+    UNAVAILABLE (no executor reachable). A request message over the gateway's limit (CLAWHUB_GATEWAY_MAX_INPUT
+    plus 64 KiB, encoded) is refused by gRPC with RESOURCE_EXHAUSTED before it is read.
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -69,11 +75,14 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_service_pb2.InvokeSkillRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_service_pb2.InvokeSkillResponse, _abc.Awaitable[_gateway_service_pb2.InvokeSkillResponse]]:
-        """Invokes the active version of a skill.
-        Returns INVALID_ARGUMENT (bad name, no input, input too large), NOT_FOUND (no such skill),
+        """Invokes the active version of a skill. A request with neither `input` nor `raw_input` runs the skill
+        with empty stdin (a skill that needs no input is called with just its name).
+        Returns INVALID_ARGUMENT (bad name, input too large, input that is not JSON, request bytes that do not
+        decode: MALFORMED_REQUEST), NOT_FOUND (no such skill),
         FAILED_PRECONDITION (skill published but not deployed), DEADLINE_EXCEEDED (skill timed out),
         RESOURCE_EXHAUSTED (a limit of the skill or of the platform), ABORTED (the skill trapped or exited non-zero),
-        UNAVAILABLE (no executor reachable).
+        UNAVAILABLE (no executor reachable). A request message over the gateway's limit (CLAWHUB_GATEWAY_MAX_INPUT
+        plus 64 KiB, encoded) is refused by gRPC with RESOURCE_EXHAUSTED before it is read.
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
