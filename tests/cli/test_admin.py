@@ -3,28 +3,20 @@ exits 1; a `clawhub publish` of the same skill repairs it; then it exits 0."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 
 import pytest
 
-from services.cli.main import main
 from services.gateway.server import build_server as build_gateway
 from services.gateway.settings import Settings as GatewaySettings
 from services.registry.server import build_server as build_registry
 from services.registry.settings import Settings as RegistrySettings
+from tests.cli.test_trust import clawhub
 from tests.conftest import Starter
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin-token-for-cli-admin-tests-0123456789"
-
-
-async def clawhub(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run the CLI off the event loop (the servers run on it); returns (exit code, stdout, stderr)."""
-    code = await asyncio.to_thread(main, list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 async def test_verify_blobs_reports_quarantines_and_a_republish_repairs(
