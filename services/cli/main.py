@@ -338,11 +338,12 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         last = (f"{deployments[0].version} {watch.release_state(deployments[0])}" if deployments else "-")
         verdict = watch.verdict_name(deployments[0].verdict) if deployments else ""
         serving = watch.describe_serving(deployments)
-        # Routed is not runnable: a key revoked or a corrupt blob since the deploy stops every call.
+        # Routed is not always runnable: a signing key revoked since the deploy stops every call, a corrupt or
+        # missing blob stops every executor that does not hold the module yet.
         broken = _serving_problems(client, skill.name, deployments, args)
         if broken:
-            serving += " NOT RUNNABLE"
-            notes += [f"{skill.name}: {version} cannot run: {problem}" for version, problem in broken]
+            serving += " PROBLEM"
+            notes += [f"{skill.name}: {version}: {problem}" for version, problem in broken]
         rows.append((skill.name, skill.latest_version or "-", serving, last, verdict or "-"))
         if not skill.latest_version:
             notes.append(f"{skill.name}: {_no_ready_version(client, skill.name, args)}")

@@ -14,13 +14,15 @@ Requests without `skill` skip the check: they come from inside the executor (smo
 LoadSkill was checked) or from older callers; the route's own requests always name the skill.
 
 What verified does not stay verified forever: a key removed from a namespace revokes what it signed. A
-background re-check (`Provenance.run_rechecks`, every `recheck_seconds`) asks the registry again about every
-entry used since the previous round; an entry that no longer verifies is kept as *revoked* — its calls are
-refused with the reason at once, it is logged, and `on_change` reports its digest not runnable (the executor
-turns its per-digest health NOT_SERVING) — and one that verifies again is restored. An entry idle for a round
-is not asked about (the re-check costs registry calls only for what runs); its next call, finding its last
-check older than the bound, checks again first. A registry that cannot be reached changes nothing: skills keep
-running on what was verified, so invoking does not depend on the registry being up.
+background re-check (`Provenance.run_rechecks`, every `recheck_seconds`) judges every entry a call used within
+`active_seconds` again against its namespace as the registry has it now (one question per skill: the version's
+own record is immutable once Ready). An entry that no longer verifies is kept as *revoked* — its calls are
+refused with the reason at once, it is logged, and `on_change` reports the digest not runnable once no name it
+runs as may run it (the executor turns its per-digest health NOT_SERVING) — and one that verifies again is
+restored. So a revocation reaches running calls within about `recheck_seconds`. An entry idle for longer than
+`active_seconds` is asked about before its next call. A registry that cannot be reached, or does not answer
+within `refresh_timeout`, changes nothing: skills keep running on what was verified, so invoking does not
+depend on the registry being up (only a first-ever check of a version needs it).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ DEFAULT_CACHE_ENTRIES = 4096
 DEFAULT_RECHECK_SECONDS = 5.0
 # Registry questions of one re-check round in flight at once.
 RECHECK_CONCURRENCY = 8
+# Entries a call used within this many seconds are re-checked every round; one idle for longer is asked about
+# before its next call runs.
+ACTIVE_SECONDS = 600.0
+# How long a re-check waits for the registry before it keeps what was verified.
+REFRESH_TIMEOUT = 2.0
 
 Key = tuple[str, str, str, str]
 # Told when an entry's digest stops (False, with the reason) or starts again (True) being runnable.
@@ -123,28 +130,35 @@ class _Entry:
     """What the last check of one entry found: Verified, or the error that now refuses it (revoked)."""
 
     found: Verified | ServiceError
-    # When the registry last answered about it (time.monotonic()).
+    # The registry's record of the version (immutable once Ready: digest, manifest, signature), kept so a
+    # re-check asks only for the namespace, whose keys are what revocation changes.
+    published: registry_pb.SkillVersion
+    # When the registry last answered about it, and when a call last used it (time.monotonic()).
     checked: float
-    # Whether a call used it since the last re-check round.
-    used: bool = True
+    used: float
 
 
 class Provenance:
     """Checks digests against the registry's record of them, caching what verified and re-checking it."""
 
     def __init__(self, source: ProvenanceSource, *, cache_entries: int = DEFAULT_CACHE_ENTRIES,
-                 recheck_seconds: float = DEFAULT_RECHECK_SECONDS, on_change: OnChange | None = None) -> None:
+                 recheck_seconds: float = DEFAULT_RECHECK_SECONDS, on_change: OnChange | None = None,
+                 active_seconds: float = ACTIVE_SECONDS, refresh_timeout: float = REFRESH_TIMEOUT) -> None:
         self._source = source
         # Entry → what it was last found to be.
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._cache_entries = cache_entries
         self.recheck_seconds = recheck_seconds
+        self.active_seconds = active_seconds
+        self.refresh_timeout = refresh_timeout
         self.on_change = on_change
         # Concurrent first calls for one entry (a restarted executor taking traffic) ask the registry once.
-        self._flight: SingleFlight[Key, Verified] = SingleFlight()
+        self._flight: SingleFlight[Key, tuple[Verified, registry_pb.SkillVersion]] = SingleFlight()
+        self._namespaces: SingleFlight[str, registry_pb.Namespace | None] = SingleFlight()
 
     async def close(self) -> None:
         await self._flight.close()
+        await self._namespaces.close()
 
     async def run_rechecks(self) -> None:
         """Re-check the entries in use every `recheck_seconds`, until cancelled."""
@@ -159,40 +173,66 @@ class Provenance:
                       (time.monotonic() - started) * 1e3)
 
     async def recheck(self) -> None:
-        """One round: the entries used since the last round are asked about again, and revoked or restored
-        by what the registry says now."""
+        """One round: every entry a call used within `active_seconds` is judged again against its namespace as
+        the registry has it now (one question per skill), and revoked or restored accordingly."""
+        now = time.monotonic()
+        active = [(k, e) for k, e in self._entries.items() if now - e.used <= self.active_seconds]
         limit = asyncio.Semaphore(RECHECK_CONCURRENCY)
+        asked: dict[str, asyncio.Future[registry_pb.Namespace | None]] = {}
+
+        async def namespace_of(skill: str) -> registry_pb.Namespace | None:
+            if skill not in asked:
+                asked[skill] = asyncio.ensure_future(self._namespace(skill))
+            return await asked[skill]
 
         async def one(key: Key, entry: _Entry) -> None:
-            entry.used = False
             async with limit:
-                await self._refresh(key, entry)
+                await self._refresh(key, entry, namespace_of)
 
-        await asyncio.gather(*(one(k, e) for k, e in list(self._entries.items()) if e.used))
+        await asyncio.gather(*(one(k, e) for k, e in active))
 
-    async def _refresh(self, key: Key, entry: _Entry) -> None:
+    async def _namespace(self, skill: str) -> registry_pb.Namespace | None:
+        """The namespace governing `skill` now; raises ProvenanceUnavailable (also when the registry takes longer
+        than `refresh_timeout`: a hung registry must not hold calls)."""
+        try:
+            return await asyncio.wait_for(self._namespaces.do(skill, lambda: self._source.namespace(skill)),
+                                          self.refresh_timeout)
+        except TimeoutError:
+            raise ProvenanceUnavailable(f"the registry did not answer within {self.refresh_timeout:g}s") from None
+
+    async def _refresh(self, key: Key, entry: _Entry,
+                       namespace_of: Callable[[str], Awaitable[registry_pb.Namespace | None]] | None = None) -> None:
         skill, version, digest, bundle = key
         try:
-            found: Verified | ServiceError = await self._flight.do(
-                key, lambda: self._verify(skill, version, digest, None if bundle == "*" else bundle))
+            namespace = await (namespace_of or self._namespace)(skill)
+        except ProvenanceUnavailable as exc:
+            # Cannot tell now: keep serving on what was verified; the next round asks again.
+            log.debug("cannot re-check %s@%s now: %s", skill, version, exc)
+            entry.checked = time.monotonic()
+            return
+        try:
+            found: Verified | ServiceError = self._judge(entry.published, namespace, digest,
+                                                         None if bundle == "*" else bundle)
         except ServiceError as exc:
-            if exc.code == grpc.StatusCode.UNAVAILABLE:
-                return  # cannot tell now: keep serving on what was verified
             found = exc
         await self._settle(key, entry, found)
 
+    def _runnable(self, digest: str) -> bool:
+        return any(isinstance(e.found, Verified) for k, e in self._entries.items() if k[2] == digest)
+
     async def _settle(self, key: Key, entry: _Entry, found: Verified | ServiceError) -> None:
-        was_runnable = isinstance(entry.found, Verified)
+        was_runnable, digest_was_runnable = isinstance(entry.found, Verified), self._runnable(key[2])
         entry.found, entry.checked = found, time.monotonic()
         skill, version, digest, _ = key
         if isinstance(found, ServiceError) and was_runnable:
             log.warning("%s@%s (%s) is no longer runnable: %s", skill, version, digest[:19], found.message)
-            if self.on_change is not None:
-                await self.on_change(digest, False, found.message)
         elif isinstance(found, Verified) and not was_runnable:
             log.info("%s@%s (%s) verifies again and is runnable", skill, version, digest[:19])
-            if self.on_change is not None:
-                await self.on_change(digest, True, "")
+        # Health is per digest, and the same module may be published under several names: it turns
+        # NOT_SERVING only when no name it runs as may run it any more.
+        runnable = self._runnable(digest)
+        if runnable != digest_was_runnable and self.on_change is not None:
+            await self.on_change(digest, runnable, "" if runnable or isinstance(found, Verified) else found.message)
 
     async def check(self, skill: str, version: str, digest: str, bundle_digest: str, capabilities: Sequence[str],
                     dependencies: Sequence[skill_pb2.ResolvedDependency] = ()) -> None:
@@ -228,19 +268,22 @@ class Provenance:
                          capabilities: Sequence[str]) -> Verified:
         key = (skill, version, digest, bundle_digest if bundle_digest is not None else "*")
         entry = self._entries.get(key)
+        now = time.monotonic()
         if entry is None:
             # Refusals are not cached here (a fixed registry answer is picked up by the next call); only a
             # re-check keeps one, for a version that verified before and was revoked since.
-            entry = _Entry(await self._flight.do(key, lambda: self._verify(skill, version, digest, bundle_digest)),
-                           time.monotonic())
+            verified, published = await self._flight.do(
+                key, lambda: self._verify(skill, version, digest, bundle_digest))
+            entry = _Entry(verified, published, checked=now, used=now)
             self._entries[key] = entry
             while len(self._entries) > self._cache_entries:
                 self._entries.popitem(last=False)
         else:
-            entry.used = True
-            if time.monotonic() - entry.checked > 2 * self.recheck_seconds:
-                # Idle past the re-check bound: the rounds did not cover it, so ask before running it.
+            if now - entry.used > self.active_seconds and now - entry.checked > self.recheck_seconds:
+                # Idle for longer than the rounds cover: ask before running it again, within refresh_timeout
+                # (an unreachable or hung registry keeps what was verified).
                 await self._refresh(key, entry)
+            entry.used = now
         self._entries.move_to_end(key)
         declared = entry.found
         if isinstance(declared, ServiceError):
@@ -251,8 +294,9 @@ class Provenance:
                             {"skill": skill, "version": version, "digest": digest, "undeclared": ", ".join(extra)})
         return declared
 
-    async def _verify(self, skill: str, version: str, digest: str, bundle_digest: str | None) -> Verified:
-        """Ask the registry and check everything but the requested capabilities."""
+    async def _verify(self, skill: str, version: str, digest: str, bundle_digest: str | None,
+                      ) -> tuple[Verified, registry_pb.SkillVersion]:
+        """Ask the registry and check everything but the requested capabilities; the verdict and the record."""
         meta = {"skill": skill, "version": version, "digest": digest}
         namespace: registry_pb.Namespace | None = None
         try:
@@ -266,6 +310,14 @@ class Provenance:
         if published is None:
             raise _mismatch(f"the registry has no version {version} of {skill}, so {digest} cannot run as it",
                             {**meta, "registry_digest": ""})
+        return self._judge(published, namespace, digest, bundle_digest), published
+
+    @staticmethod
+    def _judge(published: registry_pb.SkillVersion, namespace: registry_pb.Namespace | None, digest: str,
+               bundle_digest: str | None) -> Verified:
+        """The verdict on running `digest` as the registry's record `published`, under `namespace`."""
+        skill, version = published.name, published.version
+        meta = {"skill": skill, "version": version, "digest": digest}
         if published.digest != digest:
             raise _mismatch(f"the registry lists {skill}@{version} as {published.digest}, not {digest}: refusing "
                             "to run bytes that were not published under that name",

@@ -1,6 +1,6 @@
 """Revoking a signing key on a running suite (issue 9): after `clawhub namespace remove-key`, what the key
 signed stops running within the executors' re-check bound (not only after a restart), and `clawhub status`
-shows the serving version as not runnable, saying why; adding the key back restores both."""
+shows the serving version's problem, saying why; adding the key back restores both."""
 
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ def test_a_removed_key_stops_what_it_signed_and_status_says_so(signed_suite: Sui
         status = suite.cli("status")
         assert status.returncode == 0, status.stderr
         row = next(line for line in status.stdout.splitlines() if line.startswith(NAME))
-        assert "1.0.0 NOT RUNNABLE" in row, status.stdout
-        assert f"{NAME}: 1.0.0 cannot run: signed by {key_id}, a key namespace com.acme no longer trusts" \
+        assert "1.0.0 PROBLEM" in row, status.stdout
+        assert f"{NAME}: 1.0.0: signed by {key_id}, a key namespace com.acme no longer trusts, so executors refuse" \
             in status.stdout
         assert any("no longer runnable" in line and NAME in line for line in suite.log)
 
@@ -87,4 +87,4 @@ def test_a_removed_key_stops_what_it_signed_and_status_says_so(signed_suite: Sui
         assert suite.cli("namespace", "add-key", "com.acme", f"{key}.pub", "--token", token).returncode == 0
         _until_reason(channel, "", timeout=RECHECK * 30)
         status = suite.cli("status")
-        assert "NOT RUNNABLE" not in status.stdout and "cannot run" not in status.stdout, status.stdout
+        assert "PROBLEM" not in status.stdout and "no longer trusts" not in status.stdout, status.stdout

@@ -25,7 +25,7 @@ from services.executor.server import build_server
 from services.registry.server import build_server as build_registry
 from services.registry.settings import Settings as RegistrySettings
 from services.runtime import signing
-from services.runtime.errors import error_info
+from services.runtime.errors import ServiceError, error_info
 from services.runtime.wasm import sha256_digest
 from tests.conftest import Starter
 from tests.executor.conftest import TEST_SETTINGS, MemorySource
@@ -43,7 +43,9 @@ class FakeRegistry:
         self.versions: dict[tuple[str, str], registry_pb.SkillVersion] = {}
         self.namespaces: dict[str, registry_pb.Namespace] = {}
         self.asked = 0
+        self.namespaces_asked = 0
         self.unavailable = False
+        self.hang = False
         self.delay = 0.0
 
     async def version(self, skill: str, version: str) -> registry_pb.SkillVersion | None:
@@ -54,6 +56,9 @@ class FakeRegistry:
         return self.versions.get((skill, version))
 
     async def namespace(self, skill: str) -> registry_pb.Namespace | None:
+        self.namespaces_asked += 1
+        if self.hang:
+            await asyncio.Event().wait()
         if self.unavailable:
             raise ProvenanceUnavailable("the test registry is down")
         matches = [n for prefix, n in self.namespaces.items() if skill == prefix or skill.startswith(prefix + ".")]
@@ -341,25 +346,74 @@ async def test_a_removed_key_stops_what_it_signed_on_a_running_executor(
         assert await _digest_health(channel, digest) == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_rechecks_ask_only_about_entries_in_use(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An entry no call used since the last round is not asked about; its next call checks it first if its
-    last check is older than the bound, and a registry that cannot answer then does not stop it."""
-    provenance = Provenance(setup.registry, recheck_seconds=3600)
-    setup.registry.publish(ECHO)
+async def test_rechecks_ask_once_per_skill_about_entries_in_use(setup: Setup) -> None:
+    """A round asks only for the namespaces (the version record is immutable), once per skill, and only about
+    entries used within `active_seconds`; an entry idle for longer is asked about before its next call, and a
+    registry that cannot answer then does not stop it."""
+    registry = setup.registry
+    provenance = Provenance(registry, recheck_seconds=3600, active_seconds=3600)
+    for version in ("1.0.0", "1.0.1"):
+        registry.publish(ECHO, version=version)
+        await provenance.check(SKILL, version, sha256_digest(ECHO), "", ())
+    assert (registry.asked, registry.namespaces_asked) == (2, 2)
+    await provenance.recheck()
+    assert (registry.asked, registry.namespaces_asked) == (2, 3)  # two entries, one skill: one question
+    provenance.active_seconds = 0.0  # now nothing counts as in use
+    await provenance.recheck()
+    assert registry.namespaces_asked == 3
+    provenance.recheck_seconds = 0.0
+    await provenance.check(SKILL, "1.0.0", sha256_digest(ECHO), "", ())  # idle: asked first
+    assert registry.namespaces_asked == 4
+    registry.unavailable = True
+    await provenance.check(SKILL, "1.0.0", sha256_digest(ECHO), "", ())  # idle, registry down: still runs
+
+
+async def test_a_hung_registry_never_holds_a_call_longer_than_the_refresh_timeout(setup: Setup) -> None:
+    """A registry that accepts the question and never answers (SIGSTOPped) costs a call at most refresh_timeout,
+    once; afterwards calls run on what was verified without waiting."""
+    registry = setup.registry
+    provenance = Provenance(registry, recheck_seconds=0.0, active_seconds=0.0, refresh_timeout=0.2)
+    registry.publish(ECHO)
+    await provenance.check(SKILL, "1.0.0", sha256_digest(ECHO), "", ())
+    registry.hang = True
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await provenance.check(SKILL, "1.0.0", sha256_digest(ECHO), "", ())
+    assert loop.time() - started < 1.0
+    provenance.recheck_seconds = 3600  # checked just now (the attempt counts): no more waiting
+    started = loop.time()
+    for _ in range(20):
+        await provenance.check(SKILL, "1.0.0", sha256_digest(ECHO), "", ())
+    assert loop.time() - started < 0.2
+    await asyncio.wait_for(provenance.recheck(), 1.0)  # a round does not hang either
+
+
+async def test_revoking_one_name_of_a_module_keeps_the_digest_serving_for_another(setup: Setup) -> None:
+    """Health is per digest: the same module published under a revoked name and an unsigned one stays SERVING
+    for the one that may still run it."""
+    changes: list[tuple[str, bool]] = []
+
+    async def on_change(digest: str, runnable: bool, why: str) -> None:
+        changes.append((digest, runnable))
+
+    registry = setup.registry
+    key = signing.generate()
+    namespace = registry.claim("com.acme", key, require_signatures=False)
+    registry.publish(ECHO, key=key)
+    registry.publish(ECHO, skill="org.free.echo")
+    provenance = Provenance(registry, on_change=on_change)
     digest = sha256_digest(ECHO)
     await provenance.check(SKILL, "1.0.0", digest, "", ())
-    assert setup.registry.asked == 1
-    await provenance.recheck()  # used since: asked again
-    assert setup.registry.asked == 2
-    await provenance.recheck()  # unused since: not asked
-    assert setup.registry.asked == 2
-    await provenance.check(SKILL, "1.0.0", digest, "", ())  # checked recently: not asked
-    assert setup.registry.asked == 2
-    provenance.recheck_seconds = 0.0  # now every check is older than the bound
-    await provenance.check(SKILL, "1.0.0", digest, "", ())
-    assert setup.registry.asked == 3
-    setup.registry.unavailable = True
-    await provenance.check(SKILL, "1.0.0", digest, "", ())  # stale, registry down: still runs
+    await provenance.check("org.free.echo", "1.0.0", digest, "", ())
+    namespace.keys.pop()
+    await provenance.recheck()
+    with pytest.raises(ServiceError, match="no longer trusts"):
+        await provenance.check(SKILL, "1.0.0", digest, "", ())
+    await provenance.check("org.free.echo", "1.0.0", digest, "", ())
+    assert changes == []  # the digest still runs as org.free.echo
+    registry.claim("org.free")  # now its namespace requires signatures, which that version lacks
+    await provenance.recheck()
+    assert changes == [(digest, False)]
 
 
 async def test_namespace_remove_key_revokes_on_a_running_executor_against_the_real_registry(
