@@ -621,7 +621,25 @@ COMMANDS = {"publish": cmd_publish, "deploy": cmd_deploy, "watch": cmd_watch, "i
             "resolve": cmd_resolve}
 
 
+# Exit status when the reader of our output went away (`clawhub status | head`): what a shell reports for a Unix
+# tool ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader has what it wanted and is gone: stop quietly, like any Unix tool. Later writes (the
+        # interpreter's final flush of stdout included) go to /dev/null instead of raising again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass  # stdout is not a file descriptor (captured); nothing will flush to a closed pipe
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         return run_up(Path(args.data_dir), args.executors, args.host, args.gateway_port)
@@ -643,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         failure = exc
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise  # not a failure of the command: see main()
     except Exception as exc:  # noqa: BLE001 - a bug or an answer we did not expect: one line, not a traceback
         problem = " ".join(printable(str(exc)).split())[:500]
         failure = CliError(f"error: clawhub {args.command} failed unexpectedly: {type(exc).__name__}: {problem}")

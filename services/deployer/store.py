@@ -8,11 +8,8 @@ number, so a restarted deployer serves the same table at the same generation. Sc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,21 +23,7 @@ from services.deployer.analysis import Tally
 from services.deployer.model import DeploymentRecord, RolledBack, Transition, Verdict
 from services.deployer.plan import Plan
 from services.deployer.statemachine import ACTIVE, DEPLOYING, FAILED, IN_FLIGHT, State
-
-
-@asynccontextmanager
-async def _transaction(db: aiosqlite.Connection) -> AsyncIterator[None]:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception. BEGIN is inside the try: aiosqlite runs a queued
-    statement even when the awaiting task is cancelled (a caller gone, a deadline), and a transaction left open
-    there would make every later one fail ("cannot start a transaction within a transaction") until a restart."""
-    try:
-        await db.execute("BEGIN IMMEDIATE")
-        yield
-    except BaseException:
-        with contextlib.suppress(sqlite3.OperationalError):  # BEGIN itself failed: nothing to roll back
-            await db.execute("ROLLBACK")
-        raise
-    await db.execute("COMMIT")
+from services.runtime.sqlite import write_transaction
 
 
 @dataclass(frozen=True)
@@ -253,7 +236,7 @@ class SqliteDeploymentStore:
                                f"({len(MIGRATIONS)}); upgrade the deployer")
         for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
             statements = [s.strip() for s in script.split(";") if s.strip()]
-            async with _transaction(db):
+            async with write_transaction(db):
                 for statement in statements:
                     await db.execute(statement)
                 await db.execute("DELETE FROM schema_version")
@@ -264,7 +247,7 @@ class SqliteDeploymentStore:
 
     async def create_deployment(self, record: DeploymentRecord, request_id: str = "") -> None:
         async with self._lock:
-            async with _transaction(self._db):
+            async with write_transaction(self._db):
                 cursor = await self._db.execute(
                     "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
                     "previous_version, create_ns, update_ns, env, args, bundle_digest, capabilities, plan, "
@@ -343,7 +326,7 @@ class SqliteDeploymentStore:
 
     async def add_transition(self, deployment_id: str, transition: Transition) -> None:
         async with self._lock:
-            async with _transaction(self._db):
+            async with write_transaction(self._db):
                 cursor = await self._db.execute(
                     "UPDATE deployments SET state = ?, update_ns = ? WHERE id = ? AND state = ?",
                     (int(transition.to_state), transition.time_ns, deployment_id, int(transition.from_state)))
@@ -430,7 +413,7 @@ class SqliteDeploymentStore:
 
     async def save_route(self, generation: int, skill: str, entry: StoredRoute | None) -> None:
         async with self._lock:
-            async with _transaction(self._db):
+            async with write_transaction(self._db):
                 if entry is None:
                     await self._db.execute("DELETE FROM routes WHERE skill = ?", (skill,))
                 else:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.runtime.channels import env_payload_size
 from services.runtime.settings import data_dir, env_float, env_int, env_size, env_str
 
 MiB = 1024 * 1024
@@ -72,9 +73,9 @@ class Settings:
             max_timeout=env_float("CLAWHUB_EXECUTOR_MAX_TIMEOUT", d.max_timeout, minimum=0.001),
             default_memory=env_size("CLAWHUB_EXECUTOR_DEFAULT_MEMORY", str(d.default_memory)),
             max_memory=env_size("CLAWHUB_EXECUTOR_MAX_MEMORY", str(d.max_memory)),
-            max_output=env_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output)),
-            max_stderr=env_size("CLAWHUB_EXECUTOR_MAX_STDERR", str(d.max_stderr)),
-            max_input=env_size("CLAWHUB_EXECUTOR_MAX_INPUT", str(d.max_input)),
+            max_output=env_payload_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output)),
+            max_stderr=env_payload_size("CLAWHUB_EXECUTOR_MAX_STDERR", str(d.max_stderr)),
+            max_input=env_payload_size("CLAWHUB_EXECUTOR_MAX_INPUT", str(d.max_input)),
             cache_bytes=env_size("CLAWHUB_EXECUTOR_CACHE_BYTES", str(d.cache_bytes)),
             fetch_timeout=env_float("CLAWHUB_EXECUTOR_FETCH_TIMEOUT", d.fetch_timeout, minimum=0.001),
             trust_recheck_seconds=env_float("CLAWHUB_EXECUTOR_TRUST_RECHECK", d.trust_recheck_seconds,

@@ -6,20 +6,29 @@ compiling them, whatever the source.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from typing import Protocol
 
 import grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from google.rpc import error_details_pb2
 
-from services.runtime.errors import Reason, ServiceError
+from services.runtime.errors import Reason, ServiceError, status_of
 from services.runtime.wasm import sha256_digest
 
 log = logging.getLogger("clawhub.executor.source")
 
 # No skill module is this big; a larger download is refused rather than buffered.
 MAX_MODULE_BYTES = 128 * 1024 * 1024
+# Refusals a fetch waits out, within its deadline, for as long as their RetryInfo says (with jitter, so the
+# executors refused together do not come back together): the registry's download slots are taken
+# (TOO_MANY_DOWNLOADS), it is near its descriptor limit (DESCRIPTOR_BUDGET_EXHAUSTED), the blob was repaired
+# while it was sent (BLOB_CHANGED). A status without a RetryInfo is not retried.
+_RETRIED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+MAX_RETRY_DELAY_SECONDS = 5.0
 
 
 class BlobNotFound(Exception):
@@ -27,7 +36,12 @@ class BlobNotFound(Exception):
 
 
 class SourceUnavailable(Exception):
-    """The source could not be reached or failed; trying again later may work."""
+    """The source could not be reached or failed; trying again later may work (after `retry_after` seconds,
+    when the source said so)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ModuleTooLarge(Exception):
@@ -52,7 +66,21 @@ class RegistryModuleSource:
         self._max_bytes = max_bytes
 
     async def fetch(self, digest: str) -> bytes:
-        call = self._stub.DownloadBlob(registry_pb.DownloadBlobRequest(digest=digest), timeout=self._timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        while True:
+            try:
+                return await self._fetch_once(digest, max(deadline - loop.time(), 0.001))
+            except SourceUnavailable as exc:
+                delay = exc.retry_after
+                if delay is None or loop.time() + delay >= deadline:
+                    raise
+                log.info("the registry refused the download of %s for now (%s); retrying in %.1f s", digest,
+                         exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _fetch_once(self, digest: str, timeout: float) -> bytes:
+        call = self._stub.DownloadBlob(registry_pb.DownloadBlobRequest(digest=digest), timeout=timeout)
         chunks: list[bytes] = []
         total = 0
         try:
@@ -66,9 +94,24 @@ class RegistryModuleSource:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 raise BlobNotFound(f"the registry has no blob {digest}") from None
             raise SourceUnavailable(
-                f"downloading {digest} from the registry failed: {err.code().name}: {err.details()}"
-            ) from None
+                f"downloading {digest} from the registry failed: {err.code().name}: {err.details()}",
+                retry_after=_retry_after(err)) from None
         return b"".join(chunks)
+
+
+def _retry_after(err: grpc.aio.AioRpcError) -> float | None:
+    """How long to wait before asking again, when the registry said to retry (`_RETRIED_CODES` with a
+    RetryInfo); None otherwise."""
+    if err.code() not in _RETRIED_CODES:
+        return None
+    status = status_of(err)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            delay = min(max(float(info.retry_delay.ToNanoseconds()) / 1e9, 0.0), MAX_RETRY_DELAY_SECONDS)
+            return delay * random.uniform(1.0, 1.5)
+    return None
 
 
 async def fetch_verified(source: ModuleSource, digest: str, *, what: str = "module",

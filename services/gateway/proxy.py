@@ -1,8 +1,13 @@
 """Forwarding of whole gRPC services (registry, deployer) through the gateway, as raw bytes.
 
 The gateway does not decode forwarded messages: it relays bytes, so it never drifts from the contracts and
-costs one hop. Methods that are internal to the platform (the route-table feed) are refused here, so the
-public port exposes only what callers need.
+costs one hop. Methods that are internal to the platform (the route-table feed, blob downloads) are refused
+here, so the public port exposes only what callers need.
+
+A relayed response stream holds at most one message in the relay: the error interceptor writes each with
+backpressure (services/runtime/errors.py), so a caller that stops reading stops the relay, and the relay
+stops reading its upstream, once the HTTP/2 windows are full. A caller that goes away cancels the upstream
+call at once (the relay's `finally`), instead of leaving it to garbage collection or its deadline.
 """
 
 from __future__ import annotations
@@ -121,9 +126,12 @@ def _relay(channel: grpc.aio.Channel, path: str, client_streaming: bool, server_
         async def relay_unary_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
             call = unary_stream(request, timeout=_timeout(context, default_timeout),
                                 metadata=forwarded_metadata(context))
-            with upstream:
-                async for response in call:
-                    yield response
+            try:
+                with upstream:
+                    async for response in call:
+                        yield response
+            finally:
+                call.cancel()  # a no-op once the call is over; stops the upstream when our caller went away
 
         return grpc.unary_stream_rpc_method_handler(relay_unary_stream)
     stream_stream = channel.stream_stream(path)
@@ -131,8 +139,11 @@ def _relay(channel: grpc.aio.Channel, path: str, client_streaming: bool, server_
     async def relay_stream_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         call = stream_stream(requests, timeout=_timeout(context, default_timeout),
                              metadata=forwarded_metadata(context))
-        with upstream:
-            async for response in call:
-                yield response
+        try:
+            with upstream:
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
 
     return grpc.stream_stream_rpc_method_handler(relay_stream_stream)

@@ -20,6 +20,14 @@ DEPLOYER_SERVICE = deployer_pb.DESCRIPTOR.services_by_name["DeployerService"]
 DISPATCHER_SERVICE = "clawhub.dispatcher.v1.DispatcherService"
 # The route-table feed and the stats feed are for dispatchers only.
 INTERNAL_DEPLOYER_METHODS = ("WatchRoutes", "AcknowledgeRoutes", "ReportStats")
+# Blob downloads are for executors, which fetch modules from the registry directly. On the public port they
+# would only let strangers stream every blob (each stream holding a registry descriptor and relay buffers).
+# The remaining relayed response streams are small, and a caller that stops reading holds at most what the
+# HTTP/2 windows take (the relay writes with backpressure, services/runtime/errors.py): WatchDeployment sends
+# one deployment's events (each the deployment record and a line, as many as the release has steps and
+# executors; the stream ends when the release settles), VerifyBlobs is for admins (the registry refuses
+# anyone else before it streams anything) and sends progress counts.
+INTERNAL_REGISTRY_METHODS = ("DownloadBlob",)
 
 
 async def build_server(settings: Settings) -> ServiceHost:
@@ -34,7 +42,7 @@ async def build_server(settings: Settings) -> ServiceHost:
         pb_grpc.add_GatewayServiceServicer_to_server(servicer, server)
         server.add_generic_rpc_handlers((  # type: ignore[attr-defined]
             proxy_handler(REGISTRY_SERVICE, registry, upstream="registry", address=settings.registry_address,
-                          default_timeout=settings.forward_timeout),
+                          default_timeout=settings.forward_timeout, hidden=INTERNAL_REGISTRY_METHODS),
             proxy_handler(DEPLOYER_SERVICE, deployer, upstream="deployer", address=settings.deployer_address,
                           default_timeout=settings.forward_timeout, hidden=INTERNAL_DEPLOYER_METHODS),
         ))
@@ -44,6 +52,7 @@ async def build_server(settings: Settings) -> ServiceHost:
         (GATEWAY_SERVICE.full_name, REGISTRY_SERVICE.full_name, DEPLOYER_SERVICE.full_name),
         host=settings.host, port=settings.port, grace_seconds=settings.grace_seconds, register=register,
         max_receive_bytes=settings.max_request_bytes, max_send_bytes=settings.max_response_bytes, public=True,
+        internal_addresses=(settings.dispatcher_address, settings.registry_address, settings.deployer_address),
     )
 
     # The relayed names report the real registry's and deployer's health, GatewayService the dispatcher's

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.runtime.channels import CONTROL_MESSAGE_BYTES, ENVELOPE_BYTES
-from services.runtime.settings import env_float, env_int, env_size, env_str
+from services.runtime.channels import CONTROL_MESSAGE_BYTES, ENVELOPE_BYTES, env_payload_size
+from services.runtime.settings import env_float, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class Settings:
             dispatcher_address=env_str("CLAWHUB_DISPATCHER_ADDRESS", d.dispatcher_address),
             registry_address=env_str("CLAWHUB_REGISTRY_ADDRESS", d.registry_address),
             deployer_address=env_str("CLAWHUB_DEPLOYER_ADDRESS", d.deployer_address),
-            max_input_bytes=env_size("CLAWHUB_GATEWAY_MAX_INPUT", str(d.max_input_bytes)),
-            max_output_bytes=env_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output_bytes)),
+            max_input_bytes=env_payload_size("CLAWHUB_GATEWAY_MAX_INPUT", str(d.max_input_bytes)),
+            max_output_bytes=env_payload_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output_bytes)),
             invoke_timeout=env_float("CLAWHUB_GATEWAY_INVOKE_TIMEOUT", d.invoke_timeout, minimum=0.001),
             forward_timeout=env_float("CLAWHUB_GATEWAY_FORWARD_TIMEOUT", d.forward_timeout, minimum=0.001),
             grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", d.grace_seconds, minimum=0),

@@ -11,6 +11,13 @@ Bytes on disk can still rot, be truncated or be edited. Every read of a whole bl
 (`BlobReader.chunks` holds its last chunk back until the digest is confirmed), and a blob that fails is moved
 to `blobs/quarantine/` (kept as evidence, never deleted) by `quarantine`; a publish of the same bytes puts
 verified bytes back with `Upload.commit`.
+
+A reader holds no file descriptor between chunks: each chunk is read with its own open, pread and close, so a
+download whose client stops reading costs no descriptor however long it stalls (hundreds of stalled downloads
+once ran the registry out of them). At most `MAX_CONCURRENT_READS` chunks are read at once, so readers never
+hold more descriptors than that together (they come out of the reserve that limits.DescriptorBudget keeps).
+Each open checks that the file is still the one `read` found; when a repair or a quarantine has
+replaced it between two chunks, the read fails with BlobChanged rather than mix bytes of two files.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -35,7 +42,12 @@ log = logging.getLogger("clawhub.registry.blobs")
 
 T = TypeVar("T")
 
-DOWNLOAD_CHUNK_BYTES = 256 * 1024
+# Small, so that a download whose client stopped reading holds little: the chunk being written is held in
+# several copies (the chunk, the message, its encoding, gRPC's buffers). Measured per stalled download: about
+# 320 KB at this size, 1.3 MB at 256 KiB; a 32 MiB blob still streams in a quarter of a second.
+DOWNLOAD_CHUNK_BYTES = 64 * 1024
+# Chunks read at once by every reader together: each holds a file descriptor while it reads.
+MAX_CONCURRENT_READS = 8
 # Small client chunks are gathered before a disk write so one upload costs a few thread hops, not thousands;
 # an upload no larger than this never touches the disk before `finish`.
 WRITE_BUFFER_BYTES = 1024 * 1024
@@ -52,6 +64,14 @@ class BlobNotFound(LookupError):
 
 FileIdentity = tuple[int, int]
 """(device, inode) of a file that was read: tells whether the file at a path is still that one."""
+
+
+class BlobChanged(Exception):
+    """The file of a blob was replaced or moved away (repaired, quarantined) while it was being read."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(f"blob {digest} was replaced while it was being read")
+        self.digest = digest
 
 
 class BlobCorrupt(Exception):
@@ -114,6 +134,7 @@ class BlobStore:
         self._tmp = root / "tmp"
         self._quarantine = root / "quarantine"
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+        self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         # File work that must finish even when the task that started it is cancelled (removing a temporary
         # file, a rename under a lock): strong references until done, awaited by `close`.
         self._background: set[asyncio.Task[Any]] = set()
@@ -171,18 +192,13 @@ class BlobStore:
         return Upload(self, self._tmp / f"{expected_hex}.{secrets.token_hex(8)}{_TMP_SUFFIX}")
 
     async def read(self, digest: str) -> BlobReader:
-        """Open a blob for streaming; raises BlobNotFound before any byte is sent."""
+        """A reader of a stored blob; raises BlobNotFound before any byte is sent. It holds no open file."""
         path = self.path_of(digest)
-
-        def open_() -> tuple[IO[bytes], FileIdentity]:
-            handle = path.open("rb")
-            return handle, _identity(os.fstat(handle.fileno()))
-
         try:
-            handle, identity = await asyncio.to_thread(open_)
+            identity = await asyncio.to_thread(lambda: _identity(os.stat(path)))
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
-        return BlobReader(handle, digest, identity)
+        return BlobReader(path, digest, identity, self._reads)
 
     async def check(self, digest: str) -> BlobCheck:
         """Hash the blob stored under `digest`: OK, MISSING or CORRUPT (with what it hashes to)."""
@@ -217,10 +233,14 @@ class BlobStore:
 
         return await asyncio.to_thread(scan)
 
-    async def quarantine(self, digest: str, identity: FileIdentity | None) -> Path | None:
+    async def quarantine(self, digest: str, identity: FileIdentity | None,
+                         moved: Callable[[Path], Awaitable[None]] | None = None) -> Path | None:
         """Move the blob stored under `digest` to the quarantine directory, kept as evidence; returns where it
         went. None when there is nothing to move: the file is gone, or it is no longer the file that was found
-        corrupt (`identity`), because a publish has put verified bytes in its place meanwhile."""
+        corrupt (`identity`), because a publish has put verified bytes in its place meanwhile.
+
+        `moved` (recording the quarantine) runs after the move under the same lock: a repair, which takes the
+        lock to put verified bytes back, then always comes after the record it closes."""
         path = self.path_of(digest)
         target = self._quarantine / f"{hex_of(digest)}.{time.time_ns()}"
 
@@ -236,63 +256,87 @@ class BlobStore:
             _fsync_dir(target.parent)
             return target
 
-        return await self._locked(digest, move)
+        async def then(target: Path | None) -> None:
+            if target is not None and moved is not None:
+                await moved(target)
 
-    async def _locked(self, digest: str, fn: Callable[[], T]) -> T:
-        """Run `fn` in a thread under the digest's lock. It runs to its end even when the caller is cancelled,
-        and the lock is held until then: a move is never half-known to the next one."""
+        return await self._locked(digest, move, then)
+
+    async def _locked(self, digest: str, fn: Callable[[], T],
+                      then: Callable[[T], Awaitable[None]] | None = None) -> T:
+        """Run `fn` in a thread under the digest's lock, then `then` with its result under the same lock. Both
+        run to their end even when the caller is cancelled, and the lock is held until then: a move is never
+        half-known to the next one."""
         lock = self._lock(digest)
 
         async def work() -> T:
             async with lock:
-                return await asyncio.to_thread(fn)
+                result = await asyncio.to_thread(fn)
+                if then is not None:
+                    await then(result)
+                return result
 
         return await asyncio.shield(self._in_background(work))
 
 
 class BlobReader:
-    """An open blob, read in chunks off the event loop and checked against its digest on the way."""
+    """A stored blob, read in chunks off the event loop and checked against its digest on the way. It holds
+    no open file: each chunk is read with its own open, pread and close (see the module docstring)."""
 
-    def __init__(self, handle: IO[bytes], digest: str, identity: FileIdentity | None = None) -> None:
-        self._handle = handle
+    def __init__(self, path: Path, digest: str, identity: FileIdentity,
+                 reads: asyncio.Semaphore | None = None) -> None:
+        self._path = path
         self.digest = digest
         self.identity = identity
+        self._reads = reads or asyncio.Semaphore(MAX_CONCURRENT_READS)
+
+    def _read_at(self, offset: int, size: int) -> tuple[bytes, int]:
+        """Up to `size` bytes at `offset`, and the size of the file now."""
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BlobChanged(self.digest) from None
+        try:
+            stat = os.fstat(fd)
+            if _identity(stat) != self.identity:
+                raise BlobChanged(self.digest)
+            return os.pread(fd, size, offset), stat.st_size
+        finally:
+            os.close(fd)
 
     async def chunks(self, chunk_size: int = DOWNLOAD_CHUNK_BYTES) -> AsyncIterator[bytes]:
-        """The blob's bytes. The last chunk is held back until the whole blob has hashed to its digest, so a
-        reader never gets a complete corrupt blob: on a mismatch it gets BlobCorrupt instead (having received
-        strictly fewer bytes than the blob holds; none for a blob of one chunk)."""
+        """The blob's bytes. The last chunk (the one that reaches the end of the file) is held back until the
+        whole blob has hashed to its digest, so a reader never gets a complete corrupt blob: on a mismatch it
+        gets BlobCorrupt instead (having received strictly fewer bytes than the blob holds; none for a blob of
+        one chunk). BlobChanged when the file is replaced or moved away meanwhile (a repair or a quarantine:
+        reading again gives the answer). Nothing is read ahead: a reader whose consumer stalls holds no chunk
+        besides the one it handed over."""
         hasher = hashlib.sha256()
+        offset = 0
 
-        def read() -> bytes:
-            data = self._handle.read(chunk_size)
-            hasher.update(data)
-            return data
+        def read_and_hash() -> tuple[bytes, int]:
+            data, file_size = self._read_at(offset, chunk_size)
+            hasher.update(data)  # in the thread too: hashlib releases the GIL on large inputs
+            return data, file_size
 
-        try:
-            held = await asyncio.to_thread(read)
-            size = len(held)
-            while True:
-                following = await asyncio.to_thread(read)
-                if not following:
-                    break
-                yield held
-                held = following
-                size += len(following)
+        while True:
+            async with self._reads:
+                data, file_size = await asyncio.to_thread(read_and_hash)
+            offset += len(data)
+            if data and offset < file_size:
+                yield data
+                continue
+            # The end of the file: a blob edited in place (longer, shorter or other bytes) fails here.
             actual = "sha256:" + hasher.hexdigest()
-            if actual != self.digest:
-                raise BlobCorrupt(self.digest, actual, size, self.identity)
-            if held:
-                yield held
-        finally:
-            self._handle.close()
+            if actual != self.digest or offset != file_size:
+                raise BlobCorrupt(self.digest, actual, offset, self.identity)
+            if data:
+                yield data
+            return
 
     async def read_all(self) -> bytes:
-        """Every byte, checked (raises BlobCorrupt like `chunks`)."""
+        """Every byte, checked (raises BlobCorrupt and BlobChanged like `chunks`)."""
         return b"".join([chunk async for chunk in self.chunks()])
-
-    def close(self) -> None:
-        self._handle.close()
 
 
 class Upload:
@@ -396,8 +440,13 @@ class Upload:
         final = self._store.path_of(digest)
 
         def move() -> None:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.path, final)
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.path, final)
+            except BaseException:
+                # The exit handler leaves the file to this move (see below): a move that fails removes it.
+                self.path.unlink(missing_ok=True)
+                raise
             _fsync_dir(final.parent)
 
         # Set first: once the move is under way (it finishes even if this task is cancelled), the exit handler

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 
@@ -153,13 +154,24 @@ class Integrity:
 
     async def quarantine(self, corrupt: BlobCorrupt, detected_by: str) -> QuarantineRecord | None:
         """Move a blob found corrupt aside, record it and log it; None when another check got there first or
-        a publish has replaced the file meanwhile."""
-        path = await self._blobs.quarantine(corrupt.digest, corrupt.identity)
+        a publish has replaced the file meanwhile.
+
+        The record is written under the digest's lock, with the move: a repair (`restore`, a publish placing
+        verified bytes), which takes that lock to put the bytes back, then always closes it. Written after the
+        lock, it could land after the repair had closed nothing, leaving a quarantine on record for a blob that
+        is back (NOT RUNNABLE until the next scrub)."""
+        recorded: list[QuarantineRecord] = []
+
+        async def record_it(path: Path) -> None:
+            record = QuarantineRecord(corrupt.digest, corrupt.actual, corrupt.size, str(path), detected_by,
+                                      time.time_ns())
+            await self._store.record_quarantine(record)
+            recorded.append(record)
+
+        path = await self._blobs.quarantine(corrupt.digest, corrupt.identity, record_it)
         if path is None:
             return None
-        record = QuarantineRecord(corrupt.digest, corrupt.actual, corrupt.size, str(path), detected_by,
-                                  time.time_ns())
-        await self._store.record_quarantine(record)
+        record = recorded[0]
         log.error("blob %s failed its digest check (found by %s: %d bytes hashing to %s); quarantined as %s; "
                   "publish the same bytes again to repair it", corrupt.digest, detected_by, corrupt.size,
                   corrupt.actual, path)

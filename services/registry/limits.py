@@ -1,11 +1,25 @@
-"""What one publish stream may hold, so strangers cannot exhaust the registry: upload slots per caller and in
-all, a file-descriptor budget, and an idle timeout and a cap on the duration of each upload.
+"""What one publish or download stream may hold, so strangers cannot exhaust the registry: upload and download
+slots per caller and in all, a file-descriptor budget, and an idle timeout and a cap on the duration of each
+upload.
 
 Before these, 500 streams that sent their metadata and stalled held 1,000 descriptors and temporary files for
 ever; at a 1,024-descriptor limit every other publish then failed INTERNAL "Too many open files". Now a stream
 holds no descriptor until its bytes outgrow a buffer (see blobs.Upload), at most one after that, a caller
 holds at most `max_per_caller` upload slots and everyone together `max_total`, a slot is refused while the
 process is near its descriptor limit, and a stream that sends nothing for `idle_timeout` seconds is dropped.
+
+Downloads: 260 `DownloadBlob` streams that read one chunk and stopped held 234 descriptors (each kept its file
+open until the client had read it all) and ran a 256-descriptor registry out of them, so publishes failed and
+other downloads hit EMFILE. Now a download holds no descriptor between chunks (blobs.BlobReader), the chunks
+being read at any moment hold a few (blobs.MAX_CONCURRENT_READS, inside the reserve), and a caller holds at
+most `max_per_caller` download slots and everyone together `max_total`.
+
+A stalled download keeps its slot until its client reads on, goes away or reaches its deadline; there is no
+idle timeout, on purpose. gRPC's Python server cannot end a call whose response write is still pending: a
+handler that gives up returns, but the call and the message it was writing stay in gRPC's core until the
+client acts, so a timeout would free the slot and not the memory, and a client stalling stream after stream
+would grow the registry without bound. Kept, the slot bounds it: a stalled download holds the one chunk being
+written (blobs.DOWNLOAD_CHUNK_BYTES; nothing is read ahead), about 320 KB of memory in all, and no descriptor.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.registry.blobs import MAX_CONCURRENT_READS
 from services.registry.trust import Caller, Context
 from services.runtime.channels import PEER_METADATA, peer_host
 from services.runtime.errors import RateLimitedLog, Reason, ServiceError
@@ -28,8 +43,8 @@ from services.runtime.errors import RateLimitedLog, Reason, ServiceError
 log = logging.getLogger("clawhub.registry")
 
 MAX_CALLER_CHARS = 256
-# Descriptors kept out of the uploads' reach, for connections, reads, sqlite and the runtime: an eighth of the
-# limit, at least 32.
+# Descriptors kept out of the uploads' reach, for connections, reads (downloads among them: at most
+# blobs.MAX_CONCURRENT_READS at once), sqlite and the runtime: an eighth of the limit, at least 32.
 MIN_DESCRIPTOR_RESERVE = 32
 RETRY_AFTER_SECONDS = 2.0
 DESCRIPTOR_RETRY_AFTER_SECONDS = 5.0
@@ -37,7 +52,7 @@ _FD_DIRS = ("/proc/self/fd", "/dev/fd")
 
 
 def caller_key(context: Context, caller: Caller) -> str:
-    """Who an upload is counted against: the publisher (or the admin) whose token authenticated the call;
+    """Who an upload or a download is counted against: the publisher (or the admin) whose token authenticated the call;
     without a token, the client the gateway relays for (`x-clawhub-peer`), else the connection's peer address
     without its port (a client must not get a fresh bucket per connection)."""
     if caller.admin:
@@ -101,6 +116,11 @@ class DescriptorBudget:
         count = self.count_open()
         return None if count is None else self.limit - self.reserve - count
 
+    def free(self) -> int | None:
+        """Descriptors left before the limit itself (the reserve included); None when unbounded."""
+        headroom = self.headroom()
+        return None if headroom is None else headroom + self.reserve
+
 
 @dataclass(frozen=True)
 class UploadLimits:
@@ -112,6 +132,27 @@ class UploadLimits:
     max_duration_seconds: float = 600.0
 
 
+class _Slots:
+    """Slots held per caller and in all, checked and taken without awaiting (two streams cannot both take the
+    last one)."""
+
+    def __init__(self) -> None:
+        self.by_caller: collections.Counter[str] = collections.Counter()
+        self.total = 0
+
+    @contextlib.contextmanager
+    def held(self, caller: str) -> Iterator[None]:
+        self.by_caller[caller] += 1
+        self.total += 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            self.by_caller[caller] -= 1
+            if not self.by_caller[caller]:
+                del self.by_caller[caller]
+
+
 class UploadGate:
     """Admission of publish streams: a slot per stream, at most `max_per_caller` per caller and `max_total`
     in all, and only while the descriptor budget has room for one descriptor per admitted upload."""
@@ -119,48 +160,103 @@ class UploadGate:
     def __init__(self, limits: UploadLimits, budget: DescriptorBudget | None = None) -> None:
         self.limits = limits
         self._budget = budget or DescriptorBudget(None, 0)
-        self._by_caller: collections.Counter[str] = collections.Counter()
-        self._total = 0
+        self._slots = _Slots()
         # Under a flood of refused streams the log gets a few lines, not one per stream.
         self._refusals_log = RateLimitedLog(log)
 
     @property
     def active(self) -> int:
-        return self._total
+        return self._slots.total
 
     @contextlib.contextmanager
     def admit(self, caller: str) -> Iterator[None]:
         """Hold an upload slot for `caller` for the block; RESOURCE_EXHAUSTED with a RetryInfo when none is
         free (checked and taken without awaiting, so two streams cannot both take the last slot)."""
-        if self._by_caller[caller] >= self.limits.max_per_caller:
+        if self._slots.by_caller[caller] >= self.limits.max_per_caller:
             raise _too_many("per_caller", self.limits.max_per_caller,
                             f"this caller already has {self.limits.max_per_caller} uploads in flight, the most "
                             "the registry allows one caller (CLAWHUB_REGISTRY_MAX_UPLOADS_PER_CALLER)")
-        if self._total >= self.limits.max_total:
+        if self._slots.total >= self.limits.max_total:
             raise _too_many("total", self.limits.max_total,
                             f"the registry has {self.limits.max_total} uploads in flight, the most it allows "
                             "(CLAWHUB_REGISTRY_MAX_UPLOADS)")
         # Every admitted upload may come to hold one descriptor (those that do are counted twice: on the safe
         # side), and this one is about to.
         headroom = self._budget.headroom()
-        if headroom is not None and headroom < self._total + 1:
+        if headroom is not None and headroom < self._slots.total + 1:
             self._refusals_log.warning("refusing an upload: %d uploads in flight and %s file descriptors left "
-                                       "before the reserve (limit %s)", self._total, headroom, self._budget.limit)
+                                       "before the reserve (limit %s)", self._slots.total, headroom,
+                                       self._budget.limit)
             raise out_of_descriptors(self._budget.limit)
-        self._by_caller[caller] += 1
-        self._total += 1
-        try:
+        with self._slots.held(caller):
             yield
-        finally:
-            self._total -= 1
-            self._by_caller[caller] -= 1
-            if not self._by_caller[caller]:
-                del self._by_caller[caller]
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    """The bounds on downloads (see Settings for their variables). Generous: the executors of one host (one
+    caller) fetching the modules, dependencies and bundles of many skills at once stay far below them (and
+    their fetches retry a refusal after its RetryInfo), while a stranger stalling streams holds at most
+    `max_per_caller` of them."""
+
+    max_total: int = 512
+    max_per_caller: int = 256
+
+
+class DownloadGate:
+    """Admission of DownloadBlob streams: a slot per stream, at most `max_per_caller` per caller and
+    `max_total` in all. A download holds no descriptor of its own between chunks (the chunks read at any
+    moment come out of the descriptor reserve), so it is refused for descriptors only when the process is
+    within blobs.MAX_CONCURRENT_READS descriptors of its very limit."""
+
+    def __init__(self, limits: DownloadLimits, budget: DescriptorBudget | None = None,
+                 read_descriptors: int = MAX_CONCURRENT_READS) -> None:
+        self.limits = limits
+        self._budget = budget or DescriptorBudget(None, 0)
+        self._read_descriptors = read_descriptors
+        self._slots = _Slots()
+        self._refusals_log = RateLimitedLog(log)
+
+    @property
+    def active(self) -> int:
+        return self._slots.total
+
+    @contextlib.contextmanager
+    def admit(self, caller: str) -> Iterator[None]:
+        """Hold a download slot for `caller` for the block; RESOURCE_EXHAUSTED with a RetryInfo when none is
+        free."""
+        if self._slots.by_caller[caller] >= self.limits.max_per_caller:
+            self._refusals_log.warning("refusing a download of %s: it has %d in flight", caller,
+                                       self.limits.max_per_caller)
+            raise _too_many_downloads(
+                "per_caller", self.limits.max_per_caller,
+                f"this caller already has {self.limits.max_per_caller} downloads in flight, the most the registry "
+                "allows one caller (CLAWHUB_REGISTRY_MAX_DOWNLOADS_PER_CALLER)")
+        if self._slots.total >= self.limits.max_total:
+            self._refusals_log.warning("refusing a download of %s: %d in flight in all", caller,
+                                       self.limits.max_total)
+            raise _too_many_downloads(
+                "total", self.limits.max_total,
+                f"the registry has {self.limits.max_total} downloads in flight, the most it allows "
+                "(CLAWHUB_REGISTRY_MAX_DOWNLOADS)")
+        free = self._budget.free()
+        if free is not None and free < self._read_descriptors:
+            self._refusals_log.warning("refusing a download: %s file descriptors left (limit %s)", free,
+                                       self._budget.limit)
+            raise out_of_descriptors(self._budget.limit)
+        with self._slots.held(caller):
+            yield
 
 
 def _too_many(scope: str, limit: int, message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_UPLOADS, f"{message}; retry later",
                         metadata={"scope": scope, "max_uploads": str(limit)}, retry_after_seconds=RETRY_AFTER_SECONDS)
+
+
+def _too_many_downloads(scope: str, limit: int, message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_DOWNLOADS, f"{message}; retry later",
+                        metadata={"scope": scope, "max_downloads": str(limit)},
+                        retry_after_seconds=RETRY_AFTER_SECONDS)
 
 
 class UploadTimeout(ServiceError):

@@ -15,10 +15,14 @@ from functools import lru_cache
 
 from services.runtime.names import SEMVER_RE, semver_key
 
-_XR = r"(?:[xX*]|0|[1-9]\d*)"
+# ASCII only (see services/runtime/names.py): `[0-9]`, not the digit class, and `re.ASCII` for the space class,
+# which would otherwise match the digits and spaces of every script (`^1.0.` + an Arabic-Indic one read as 1.0.1).
+_XR = r"(?:[xX*]|0|[1-9][0-9]*)"
 _PARTIAL = re.compile(
-    rf"v?({_XR})(?:\.({_XR})(?:\.({_XR})(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?)?)?")
-_COMPARATOR = re.compile(r"(<=|>=|<|>|=|\^|~>?|)\s*(.+)")
+    rf"v?({_XR})(?:\.({_XR})(?:\.({_XR})(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?)?)?", re.ASCII)
+_COMPARATOR = re.compile(r"(<=|>=|<|>|=|\^|~>?|)\s*(.+)", re.ASCII)
+_HYPHEN = re.compile(r"(\S+)\s+-\s+(\S+)", re.ASCII)
+_SPACED_OPERATOR = re.compile(r"(<=|>=|<|>|=|\^|~>?)\s+", re.ASCII)
 MAX_RANGE_LENGTH = 256
 
 
@@ -162,6 +166,9 @@ def parse_range(text: str) -> Range:
     """Parse an npm-style range; raises RangeError with a message naming the bad part."""
     if len(text) > MAX_RANGE_LENGTH:
         raise RangeError(f"a version range is at most {MAX_RANGE_LENGTH} characters")
+    if not text.isascii():
+        # Before any stripping or splitting: str.strip() and str.split() also take the spaces of every script.
+        raise RangeError(f"{text[:80]!r} is not a version range: a range is written in ASCII, such as ^1.2.3")
     stripped = text.strip()
     if not stripped:
         raise RangeError("a version range is required, such as ^1.2.3")
@@ -170,12 +177,12 @@ def parse_range(text: str) -> Range:
         alternative = alternative.strip()
         if not alternative:
             raise RangeError(f"{text!r} has an empty alternative around `||`")
-        hyphen = re.fullmatch(r"(\S+)\s+-\s+(\S+)", alternative)
+        hyphen = _HYPHEN.fullmatch(alternative)
         if hyphen:
             sets.append(tuple(_hyphen(hyphen[1], hyphen[2])))
             continue
         # Allow `>= 1.2.3` (operator separated from its version by spaces).
-        tokens = re.sub(r"(<=|>=|<|>|=|\^|~>?)\s+", r"\1", alternative).split()
+        tokens = _SPACED_OPERATOR.sub(r"\1", alternative).split()
         comparators: list[Comparator] = []
         for token in tokens:
             match = _COMPARATOR.fullmatch(token)

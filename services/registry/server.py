@@ -6,7 +6,7 @@ from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from services.registry.blobs import BlobStore
 from services.registry.integrity import Integrity, PeriodicScrub
-from services.registry.limits import DescriptorBudget, UploadGate, UploadLimits
+from services.registry.limits import DescriptorBudget, DownloadGate, DownloadLimits, UploadGate, UploadLimits
 from services.registry.servicer import RegistryServicer, settle_unfinished
 from services.registry.settings import Settings
 from services.registry.store import SqliteMetadataStore
@@ -36,12 +36,15 @@ async def build_server(settings: Settings) -> ServiceHost:
         verifier = Verifier()
         await settle_unfinished(store, blobs, verifier)
         trust = Trust(store, admin_token=settings.admin_token, require_namespace=settings.require_namespace)
+        budget = DescriptorBudget.from_process()
         uploads = UploadGate(UploadLimits(
             max_total=settings.max_uploads, max_per_caller=settings.max_uploads_per_caller,
             idle_timeout_seconds=settings.upload_idle_timeout_seconds,
-            max_duration_seconds=settings.upload_max_seconds), DescriptorBudget.from_process())
+            max_duration_seconds=settings.upload_max_seconds), budget)
+        downloads = DownloadGate(DownloadLimits(
+            max_total=settings.max_downloads, max_per_caller=settings.max_downloads_per_caller), budget)
         servicer = RegistryServicer(store, blobs, verifier, max_upload_bytes=settings.max_upload_bytes, trust=trust,
-                                    uploads=uploads)
+                                    uploads=uploads, downloads=downloads)
         host = create_server(
             name="registry",
             service_names=[SERVICE_NAME],

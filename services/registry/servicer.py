@@ -20,7 +20,7 @@ from clawhub.common.v1 import release_pb2, skill_pb2
 from clawhub.registry.v1 import registry_service_pb2 as pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
-from services.registry.blobs import BlobCorrupt, BlobNotFound, BlobStore
+from services.registry.blobs import BlobChanged, BlobCorrupt, BlobNotFound, BlobStore
 from services.registry.integrity import (
     BUNDLE,
     MODULE,
@@ -30,6 +30,8 @@ from services.registry.integrity import (
     blob_corrupt_error,
 )
 from services.registry.limits import (
+    DownloadGate,
+    DownloadLimits,
     UploadGate,
     UploadLimits,
     UploadTimeout,
@@ -69,11 +71,13 @@ _SKILLS_TOKEN = "skills/"
 _VERSIONS_TOKEN = "versions/"
 
 # Tag names: lowercase, starting with a letter, so a tag can never be mistaken for a SemVer version.
-TAG_RE = re.compile(r"[a-z][a-z0-9-]{0,63}")  # fullmatch: `$` would accept a final "\n"
+TAG_RE = re.compile(r"[a-z][a-z0-9-]{0,63}", re.ASCII)  # fullmatch: `$` would accept a final "\n"
 LATEST = "latest"
 MAX_YANK_REASON = 1024
 MAX_FILTER_LENGTH = 256
 MAX_REQUIREMENTS = 1000
+# A download that met a repair or a quarantine mid-way can start again at once.
+BLOB_CHANGED_RETRY_SECONDS = 0.1
 
 
 class _KeyedLocks:
@@ -293,10 +297,12 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
     """clawhub.registry.v1.RegistryService (the publisher and namespace RPCs are in trust.NamespaceRpcs)."""
 
     def __init__(self, store: MetadataStore, blobs: BlobStore, verifier: Verifier, *,
-                 max_upload_bytes: int, trust: Trust | None = None, uploads: UploadGate | None = None) -> None:
+                 max_upload_bytes: int, trust: Trust | None = None, uploads: UploadGate | None = None,
+                 downloads: DownloadGate | None = None) -> None:
         self._store = store
         self._integrity = Integrity(store, blobs)
         self._uploads = uploads or UploadGate(UploadLimits())
+        self._downloads = downloads or DownloadGate(DownloadLimits())
         # A flood of stalled streams costs the log a few lines, not one per stream.
         self._drops_log = RateLimitedLog(log)
         # Without a Trust: no admin token, names under no namespace open (what tests of other parts need).
@@ -749,7 +755,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                 return [f"the dependency graph the module imports from has more than {MAX_MODULES} modules"]
             if copy.digest not in modules:
                 try:
-                    modules[copy.digest] = await (await self._blobs.read(copy.digest)).read_all()
+                    modules[copy.digest] = await self._read_blob(copy.digest)
                 except BlobNotFound:
                     return [f"the module of dependency {copy.package}@{copy.version} ({copy.digest}) is missing "
                             "from the registry's blob store; publish it again to restore it"]
@@ -763,6 +769,18 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                             f"{MAX_LINKED_BYTES} bytes"]
             pending += [(p, copy.label) for p in await self._verifier.dependency_packages(modules[copy.digest])]
         return await self._verifier.verify_links(data, manifest, copies, modules)
+
+    async def _read_blob(self, digest: str) -> bytes:
+        """A whole stored blob, checked; read again if a repair or a quarantine replaced it meanwhile (the next
+        read finds the repaired bytes, or the blob gone: BlobNotFound)."""
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            try:
+                return await (await self._blobs.read(digest)).read_all()
+            except BlobChanged:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("not reached")
 
     async def _resolver_catalog(self) -> Catalog:
         generation = self._generation
@@ -826,29 +844,34 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadBlobResponse]:
         if problem := digest_problem(request.digest):
             raise invalid(Reason.INVALID_DIGEST, "digest", problem)
-        try:
-            reader = await self._blobs.read(request.digest)
-        except OSError as exc:
-            if is_out_of_descriptors(exc):
-                log.warning("a download failed for want of file descriptors: %s", exc)
-                raise out_of_descriptors() from None
-            raise
-        except BlobNotFound:
-            if record := await self._integrity.quarantine_record(request.digest):
-                raise blob_corrupt_error(request.digest, record) from None
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND,
-                               f"no blob with digest {request.digest}", metadata={"digest": request.digest}
-                               ) from None
-        try:
-            # Checked on the way; the last chunk waits for the verdict (see BlobReader.chunks).
-            async for chunk in reader.chunks():
-                yield pb.DownloadBlobResponse(chunk=chunk)
-        except BlobCorrupt as exc:
-            record = await self._integrity.quarantine(exc, "download")
-            raise blob_corrupt_error(request.digest, record or await self._integrity.quarantine_record(
-                request.digest)) from None
-        finally:
-            reader.close()
+        # Counted against the same caller as its uploads; an unknown token is refused before it takes a slot.
+        with self._downloads.admit(caller_key(context, await self._trust.caller(context))):
+            try:
+                reader = await self._blobs.read(request.digest)
+                # Checked on the way; the last chunk waits for the verdict. No descriptor is held between
+                # chunks, so a client that stops reading holds only its slot (see BlobReader.chunks).
+                async for chunk in reader.chunks():
+                    yield pb.DownloadBlobResponse(chunk=chunk)
+            except OSError as exc:
+                if is_out_of_descriptors(exc):
+                    log.warning("a download failed for want of file descriptors: %s", exc)
+                    raise out_of_descriptors() from None
+                raise
+            except BlobNotFound:
+                if record := await self._integrity.quarantine_record(request.digest):
+                    raise blob_corrupt_error(request.digest, record) from None
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.BLOB_NOT_FOUND,
+                                   f"no blob with digest {request.digest}", metadata={"digest": request.digest}
+                                   ) from None
+            except BlobChanged:
+                raise ServiceError(grpc.StatusCode.ABORTED, Reason.BLOB_CHANGED,
+                                   f"blob {request.digest} was repaired or quarantined while it was being sent; "
+                                   "download it again", metadata={"digest": request.digest},
+                                   retry_after_seconds=BLOB_CHANGED_RETRY_SECONDS) from None
+            except BlobCorrupt as exc:
+                record = await self._integrity.quarantine(exc, "download")
+                raise blob_corrupt_error(request.digest, record or await self._integrity.quarantine_record(
+                    request.digest)) from None
 
     async def VerifyBlobs(self, request: pb.VerifyBlobsRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VerifyBlobsResponse]:
@@ -893,6 +916,7 @@ async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Ve
         if record.state is State.VERIFYING and bundle_ok and await blobs.exists(record.digest):
             # The registry stopped between placing the blobs and recording READY: verify again.
             try:
+                # No BlobChanged here: nothing else runs yet, so nothing replaces the file meanwhile.
                 data = await (await blobs.read(record.digest)).read_all()
             except BlobCorrupt as exc:
                 await Integrity(store, blobs).quarantine(exc, "restart")

@@ -62,6 +62,18 @@ class Settings:
     """The longest one upload may take to arrive, however steadily it trickles in:
     `CLAWHUB_REGISTRY_UPLOAD_MAX_DURATION`, seconds, default 600 (64 MiB at under 1 Mbit/s)."""
 
+    max_downloads: int = 512
+    """`DownloadBlob` streams in flight at once, from everyone: `CLAWHUB_REGISTRY_MAX_DOWNLOADS`, default 512.
+    More are refused with RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS) and a RetryInfo. A download holds no file
+    descriptor between chunks; one whose client stops reading holds its slot and about 320 KB (the chunk being
+    sent) until the client reads on, goes away or reaches its deadline: at most about 160 MB for all of them."""
+
+    max_downloads_per_caller: int = 256
+    """`DownloadBlob` streams in flight at once from one caller (a publisher token; without one, the client
+    address, so all the executors of one host count as one): `CLAWHUB_REGISTRY_MAX_DOWNLOADS_PER_CALLER`,
+    default 256 (far more than executors preloading many skills at once fetch; a stranger still leaves half of
+    `max_downloads` to the others)."""
+
     scrub_interval_seconds: float = 86400.0
     """How often the registry hashes every stored blob, quarantining and logging corrupt or missing ones
     (as `clawhub admin verify-blobs` does): `CLAWHUB_REGISTRY_SCRUB_INTERVAL`, seconds, default 86400 (daily,
@@ -84,6 +96,8 @@ class Settings:
             max_uploads_per_caller=env_int("CLAWHUB_REGISTRY_MAX_UPLOADS_PER_CALLER", 32, minimum=1),
             upload_idle_timeout_seconds=_env_seconds("CLAWHUB_REGISTRY_UPLOAD_IDLE_TIMEOUT", 30.0),
             upload_max_seconds=_env_seconds("CLAWHUB_REGISTRY_UPLOAD_MAX_DURATION", 600.0),
+            max_downloads=env_int("CLAWHUB_REGISTRY_MAX_DOWNLOADS", 512, minimum=1),
+            max_downloads_per_caller=env_int("CLAWHUB_REGISTRY_MAX_DOWNLOADS_PER_CALLER", 256, minimum=1),
             scrub_interval_seconds=_env_seconds("CLAWHUB_REGISTRY_SCRUB_INTERVAL", 86400.0, zero_ok=True),
         )
 

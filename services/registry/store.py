@@ -10,9 +10,7 @@ change it, never edit a released one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +23,7 @@ import aiosqlite
 from clawhub.common.v1 import skill_pb2
 
 from services.runtime.names import is_prerelease, semver_key
+from services.runtime.sqlite import read_transaction, write_transaction
 
 T = TypeVar("T")
 
@@ -454,8 +453,7 @@ async def _configure(conn: aiosqlite.Connection) -> None:
 async def migrate(conn: aiosqlite.Connection) -> int:
     """Apply pending migrations; returns the schema version. Refuses a database newer than this code."""
     await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
+    async with write_transaction(conn):
         async with conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cursor:
             row = await cursor.fetchone()
         current = int(row[0]) if row else 0
@@ -466,10 +464,6 @@ async def migrate(conn: aiosqlite.Connection) -> int:
             for statement in statements:
                 await conn.execute(statement)
             await conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
     return len(MIGRATIONS)
 
 
@@ -511,32 +505,17 @@ class SqliteMetadataStore:
             await self._reader.close()
             await self._writer.close()
 
-    # BEGIN is inside the try in both: aiosqlite queues a statement as soon as it is awaited and runs it even
-    # if the awaiting task is cancelled (a caller cancelling its call, gRPC refusing an oversized message), so
-    # the transaction must be ended on that path too, or the connection stays in it and every later
-    # transaction fails ("cannot start a transaction within a transaction") until a restart.
+    # Cancel-safe transactions (services/runtime/sqlite.py), one user of each connection at a time.
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._write_lock:
-            try:
-                await self._writer.execute("BEGIN IMMEDIATE")
-                yield self._writer
-            except BaseException:
-                with contextlib.suppress(sqlite3.OperationalError):  # BEGIN itself failed: nothing to roll back
-                    await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
+        async with self._write_lock, write_transaction(self._writer) as db:
+            yield db
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
         # One read transaction, so a version and its history come from the same snapshot.
-        async with self._read_lock:
-            try:
-                await self._reader.execute("BEGIN")
-                yield self._reader
-            finally:
-                with contextlib.suppress(sqlite3.OperationalError):
-                    await self._reader.execute("COMMIT")
+        async with self._read_lock, read_transaction(self._reader) as db:
+            yield db
 
     # Writes.
 

@@ -39,7 +39,7 @@ log = logging.getLogger("clawhub.registry")
 
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
-PUBLISHER_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,62}")  # fullmatch: `$` would accept a final "\n"
+PUBLISHER_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,62}", re.ASCII)  # fullmatch: `$` would accept a final "\n"
 TOKEN_PREFIX = "clawhub_"
 # What a version's `publisher` says when the admin token published it: not a valid publisher name.
 ADMIN_PUBLISHER = "(admin)"

@@ -11,10 +11,15 @@ its length prefix arrives, before it is buffered.
 - Uploads: one `PublishSkill` message carries at most `MAX_CHUNK_BYTES` of module or bundle (the CLI sends
   256 KiB); the registry accepts messages of `PUBLISH_MESSAGE_BYTES`, which also bounds a manifest.
 - Everything else (catalogue pages, deployments, route tables, stats): `CONTROL_MESSAGE_BYTES`.
+
+gRPC takes its limits as C ints, so no message can be 2 GiB or more: the settings that size payloads are read
+with `env_payload_size` (at most `MAX_PAYLOAD_SETTING_BYTES`, else a SettingsError naming the variable), and
+`size_options` caps what reaches gRPC (output and stderr together could still add up past it).
 """
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +28,7 @@ from services.runtime.settings import env_size
 
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 
 # What a message carries besides its payload: names, ids, digests, usage, the status of a call.
 ENVELOPE_BYTES = 64 * KiB
@@ -37,6 +43,17 @@ PUBLISH_MESSAGE_BYTES = MAX_CHUNK_BYTES + ENVELOPE_BYTES
 # per element as text and 11 as protobuf (a ListValue entry holding a double). Used to tell, without
 # encoding, whether a JSON output can exceed a limit once it is a Value.
 VALUE_INFLATION = 6
+# gRPC's largest message size limit (a C int); a larger one is an OverflowError in the channel arguments.
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+# Largest value of a setting that sizes a payload: its message adds up to CONTROL_MESSAGE_BYTES +
+# ENVELOPE_BYTES around it and must stay below 2 GiB.
+MAX_PAYLOAD_SETTING_BYTES = 2 * GiB - 8 * MiB
+
+
+def env_payload_size(name: str, default: str) -> int:
+    """A size setting that bounds a gRPC message (skill input, output, stderr): below 2 GiB."""
+    return env_size(name, default, maximum=MAX_PAYLOAD_SETTING_BYTES,
+                    why="it sizes gRPC messages, which cannot reach 2 GiB")
 
 
 @dataclass(frozen=True)
@@ -58,9 +75,9 @@ class InvocationLimits:
     def from_env(cls) -> InvocationLimits:
         d = cls()
         return cls(
-            max_input=env_size("CLAWHUB_EXECUTOR_MAX_INPUT", str(d.max_input)),
-            max_output=env_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output)),
-            max_stderr=env_size("CLAWHUB_EXECUTOR_MAX_STDERR", str(d.max_stderr)),
+            max_input=env_payload_size("CLAWHUB_EXECUTOR_MAX_INPUT", str(d.max_input)),
+            max_output=env_payload_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output)),
+            max_stderr=env_payload_size("CLAWHUB_EXECUTOR_MAX_STDERR", str(d.max_stderr)),
         )
 
     @property
@@ -99,8 +116,8 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 
 
 def size_options(max_receive_bytes: int, max_send_bytes: int) -> tuple[tuple[str, int], ...]:
-    return (("grpc.max_receive_message_length", max_receive_bytes),
-            ("grpc.max_send_message_length", max_send_bytes))
+    return (("grpc.max_receive_message_length", min(max_receive_bytes, GRPC_MAX_MESSAGE_BYTES)),
+            ("grpc.max_send_message_length", min(max_send_bytes, GRPC_MAX_MESSAGE_BYTES)))
 
 
 def channel(address: str, *, max_receive_bytes: int = CONTROL_MESSAGE_BYTES,
@@ -121,10 +138,18 @@ PEER_METADATA = "x-clawhub-peer"
 
 def peer_host(peer: str) -> str:
     """A gRPC peer without its port: `ipv4:10.0.0.7:5123` → `ipv4:10.0.0.7`, `ipv6:[::1]:5123` → `ipv6:[::1]`;
-    anything else unchanged (a client must not get a fresh identity per connection)."""
+    anything else unchanged. Each connection has its own port: with it, a client would get a fresh identity (and
+    a fresh per-caller bound) per connection.
+
+    gRPC writes IPv6 peers URL-encoded (`ipv6:%5B::1%5D:5123` since about 1.6x); both spellings give the same
+    host."""
     scheme, _, rest = peer.partition(":")
     if scheme == "ipv4":
         return f"{scheme}:{rest.rpartition(':')[0] or rest}"
-    if scheme == "ipv6" and rest.startswith("["):
-        return f"{scheme}:{rest.partition(']')[0]}]"
+    if scheme == "ipv6":
+        rest = urllib.parse.unquote(rest)
+        if rest.startswith("["):
+            return f"{scheme}:{rest.partition(']')[0]}]"
+        # Unbracketed (not what gRPC writes today): the port is after the last colon.
+        return f"{scheme}:[{rest.rpartition(':')[0] or rest}]"
     return peer

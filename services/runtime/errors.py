@@ -7,12 +7,14 @@ downstream services through unchanged, and turns anything unexpected into INTERN
 The interceptor also decodes requests itself, so bytes that are not the method's message (corrupt wire
 format, invalid UTF-8 in a string, nesting past protobuf's depth limit) get INVALID_ARGUMENT /
 MALFORMED_REQUEST and one rate-limited log line, instead of gRPC's UNKNOWN and a traceback per request. On the
-public port (`public=True`, the gateway) every outgoing status has internal addresses removed.
+public port (`public=True`, the gateway) every outgoing status has internal addresses removed. Streaming
+handlers write with backpressure, and a caller that goes away mid-stream ends the stream quietly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import re
@@ -20,11 +22,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import error_details_pb2, status_pb2
+from grpc._cython import cygrpc
 
 log = logging.getLogger("clawhub.errors")
 
@@ -67,11 +70,13 @@ class Reason(StrEnum):
     TOO_MANY_UPLOADS = "TOO_MANY_UPLOADS"
     DESCRIPTOR_BUDGET_EXHAUSTED = "DESCRIPTOR_BUDGET_EXHAUSTED"
     UPLOAD_TIMEOUT = "UPLOAD_TIMEOUT"
+    TOO_MANY_DOWNLOADS = "TOO_MANY_DOWNLOADS"
     # Lookups.
     SKILL_NOT_FOUND = "SKILL_NOT_FOUND"
     VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
     BLOB_NOT_FOUND = "BLOB_NOT_FOUND"
     BLOB_CORRUPT = "BLOB_CORRUPT"
+    BLOB_CHANGED = "BLOB_CHANGED"
     TAG_NOT_FOUND = "TAG_NOT_FOUND"
     DEPLOYMENT_NOT_FOUND = "DEPLOYMENT_NOT_FOUND"
     # Release state.
@@ -202,44 +207,88 @@ def upstream_error(err: grpc.aio.AioRpcError, upstream: str, address: str = "") 
     level = logging.INFO if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) else logging.WARNING
     _upstream_log.log(level, "call to %s%s failed: %s: %s", upstream, f" at {address}" if address else "",
                       code.name, details)
-    return ServiceError(code, reason, f"{upstream}: {redact_addresses(details)}", metadata={"upstream": upstream})
+    # The address is known here even when it is a host name ("DNS resolution failed for registry.internal:50052").
+    return ServiceError(code, reason, f"{upstream}: {redact_addresses(details, (address,) if address else ())}",
+                        metadata={"upstream": upstream})
 
 
-# Internal addresses in text: `127.0.0.1:50052`, `[::1]:50052`, `executor-2.svc:50055`, with gRPC's `ipv4:`,
-# `ipv6:`, `dns:///` prefixes. A host is an IPv4 quad, a bracketed IPv6 or starts with a letter, so times
-# ("10:30") and digests ("sha256:<64 hex>") are left alone.
+# What is an internal address in text, without knowing the platform's host names: an IP literal with a port
+# (`10.0.0.7:50052`, `[::1]:50052`, gRPC's URL-encoded `%5B::1%5D:50052`), `localhost:PORT`, and any host:port
+# that gRPC marks as a target (`dns:///registry:50052`), with gRPC's `ipv4:` / `ipv6:` prefixes. Not every
+# `word:digits`: a file position (`main.c:42`, `src/main.rs:10:5`), `Error:404`, a time or a digest is not an
+# address. Host names are redacted where they are known: the addresses a service is configured with, and the
+# values of the address metadata keys below.
+_PORT = r":\d{1,5}(?!\w)"
 _ADDRESS = re.compile(
-    r"(?:\b(?:ipv4|ipv6|dns):(?:///)?)?"
-    r"(?:\[[0-9A-Fa-f:.%]+\]|\b\d{1,3}(?:\.\d{1,3}){3}|\b[A-Za-z][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)*)"
-    r":\d{1,5}(?![\w.])")
+    r"(?:\b(?:ipv4|ipv6):)?"
+    r"(?:\[[0-9A-Fa-f:.]+(?:%[\w.~-]+)?\]|%5B[0-9A-Fa-f:.]+(?:%25[\w.~-]+)?%5D"
+    r"|(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}|\blocalhost)" + _PORT
+    + r"|\bdns:(?://[^/\s]*/)?[\w.-]+" + _PORT,
+    re.IGNORECASE)
 HIDDEN_ADDRESS = "[internal address]"
-# ErrorInfo metadata keys whose values are internal addresses: dropped from public statuses.
+# ErrorInfo metadata keys whose values are internal addresses: dropped from public statuses, and their values
+# (comma-separated) removed from the rest of the status.
 _ADDRESS_KEYS = frozenset({"address", "executor", "executors"})
+# ErrorInfo metadata that is the skill's own text (the end of its stderr, its trap message): passed on verbatim.
+# It is what the skill's author debugs with, and it holds nothing of the platform's configuration.
+_SKILL_TEXT_KEYS = frozenset({"stderr_tail", "trap"})
+# Reasons whose status message quotes the skill's own text (SKILL_TRAPPED quotes the trap); the executor writes
+# the rest of those messages, without addresses. Their message is passed on verbatim.
+_SKILL_REASONS = frozenset({Reason.SKILL_TRAPPED, Reason.SKILL_EXIT_NONZERO, Reason.SKILL_TIMEOUT,
+                            Reason.MEMORY_LIMIT_EXCEEDED, Reason.STDERR_LIMIT_EXCEEDED})
 
 
-def redact_addresses(text: str) -> str:
-    """`text` with every host:port replaced by HIDDEN_ADDRESS."""
-    return _ADDRESS.sub(HIDDEN_ADDRESS, text) if ":" in text else text
+@functools.lru_cache(maxsize=64)
+def _known_pattern(known: frozenset[str]) -> re.Pattern[str] | None:
+    """The exact addresses in `known`, not inside a longer word or number; longest first."""
+    alternatives = sorted((a for a in known if a), key=len, reverse=True)
+    if not alternatives:
+        return None
+    return re.compile(r"(?<![\w.-])(?:" + "|".join(map(re.escape, alternatives)) + r")(?!\w)")
 
 
-def redact_status(status: status_pb2.Status) -> status_pb2.Status:
-    """A public copy of `status`: no internal address in its message, ErrorInfo metadata or BadRequest."""
-    public = status_pb2.Status(code=status.code, message=redact_addresses(status.message))
-    for detail in status.details:
+def redact_addresses(text: str, known: Iterable[str] = ()) -> str:
+    """`text` with every internal address (see `_ADDRESS`) and every address in `known` replaced by
+    HIDDEN_ADDRESS."""
+    if ":" not in text and "%5B" not in text:
+        return text
+    text = _ADDRESS.sub(HIDDEN_ADDRESS, text)
+    pattern = _known_pattern(frozenset(known))
+    return pattern.sub(HIDDEN_ADDRESS, text) if pattern is not None else text
+
+
+def redact_status(status: status_pb2.Status, known: Iterable[str] = ()) -> status_pb2.Status:
+    """A public copy of `status`: no internal address in its message, ErrorInfo metadata or BadRequest.
+
+    `known`: host:port strings to remove besides those `redact_addresses` recognises by their form (the
+    caller's configured upstreams). The skill's own text (`_SKILL_TEXT_KEYS`, the message of `_SKILL_REASONS`)
+    is left as the skill wrote it."""
+    infos: dict[int, error_details_pb2.ErrorInfo] = {}
+    for index, detail in enumerate(status.details):
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+            infos[index] = error_details_pb2.ErrorInfo()
+            detail.Unpack(infos[index])
+    addresses = set(known)
+    for info in infos.values():
+        for key in _ADDRESS_KEYS & set(info.metadata):
+            addresses.update(a.strip() for a in info.metadata[key].split(","))
+    skill_message = any(info.reason in _SKILL_REASONS for info in infos.values())
+    public = status_pb2.Status(
+        code=status.code, message=status.message if skill_message else redact_addresses(status.message, addresses))
+    for index, detail in enumerate(status.details):
+        if index in infos:
+            info = infos[index]
             for key in list(info.metadata):
                 if key in _ADDRESS_KEYS:
                     del info.metadata[key]
-                else:
-                    info.metadata[key] = redact_addresses(info.metadata[key])
+                elif key not in _SKILL_TEXT_KEYS:
+                    info.metadata[key] = redact_addresses(info.metadata[key], addresses)
             public.details.add().Pack(info)
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             request = error_details_pb2.BadRequest()
             detail.Unpack(request)
             for violation in request.field_violations:
-                violation.description = redact_addresses(violation.description)
+                violation.description = redact_addresses(violation.description, addresses)
             public.details.add().Pack(request)
         else:
             public.details.append(detail)
@@ -374,15 +423,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     costs nothing extra per call: gRPC would call the same deserializer from its own code. Wrapped handlers
     are cached per method, so a call pays one dict lookup here.
 
-    `public` (the gateway): statuses that leave have internal addresses removed (`redact_status`), both the
-    service's own and those passed through from the services behind it.
+    `public` (the gateway): statuses that leave have internal addresses removed (`redact_status`, also removing
+    the exact `internal_addresses` the service is configured with), both the service's own and those passed
+    through from the services behind it.
+
+    A response stream (an async generator handler) is written here with `context.write`, one message at a
+    time: each write waits for the transport, so a caller that stops reading stops the handler (and whatever
+    it relays) once HTTP/2's flow-control windows are full. A caller that goes away (cancels, disconnects,
+    its deadline passes) ends the handler: its generator is closed (a relay's `finally` cancels its upstream
+    call) and the RPC ends as cancelled, with at most one rate-limited log line, never a traceback.
     """
 
-    def __init__(self, domain: str, *, public: bool = False) -> None:
+    def __init__(self, domain: str, *, public: bool = False, internal_addresses: Iterable[str] = ()) -> None:
         self._domain = domain
         self._public = public
+        self._internal_addresses = frozenset(internal_addresses)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._malformed_log = RateLimitedLog(log)
+        self._gone_log = RateLimitedLog(log)
 
     async def intercept_service(
         self,
@@ -415,11 +473,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _abort(self, context: Any, code: grpc.StatusCode, status: status_pb2.Status) -> None:
         if self._public:
-            status = redact_status(status)
+            status = redact_status(status, self._internal_addresses)
         await context.abort(code, status.message,
                             trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),))
 
     async def _handle(self, exc: Exception, context: Any, method: str) -> None:
+        """Send the status `exc` stands for (this always raises: gRPC's AbortError once the status is sent)."""
+        if isinstance(exc, _CALL_OVER):
+            self._caller_gone(method)
+        try:
+            await self._send_status(exc, context, method)
+        except _CALL_OVER:
+            self._caller_gone(method)
+
+    def _caller_gone(self, method: str) -> NoReturn:
+        """A write (or the status itself) failed because the call is over: the caller cancelled, went away or ran
+        out of time, and gRPC has not told the handler yet. gRPC would log the failure with a traceback, one per
+        call; a CancelledError is what gRPC ends a cancelled handler with, quietly."""
+        self._gone_log.log(logging.INFO, "the caller of %s went away; stopped answering it", method)
+        raise asyncio.CancelledError from None
+
+    async def _send_status(self, exc: Exception, context: Any, method: str) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
         if isinstance(exc, MalformedRequest):
@@ -456,7 +530,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 return await fn(requests if decode is None else _decoded(requests, decode), context)
             except Exception as exc:  # noqa: BLE001 - translated into a status
-                if not isinstance(exc, grpc.aio.AbortError):
+                if not isinstance(exc, (grpc.aio.AbortError, *_CALL_OVER)):
                     await _drain(requests)
                 await self._handle(exc, context, method)
 
@@ -470,17 +544,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return self._wrap_client_stream(fn, method, decode)
             return self._wrap_unary(fn, method, decode)
 
-        async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+        async def wrapper(request: Any, context: Any) -> None:
             try:
                 if decode is not None:
                     request = _decoded(request, decode) if client_streaming else decode(request)
-                async for item in fn(request, context):
-                    yield item
+                responses = fn(request, context)
+                try:
+                    async for item in responses:
+                        await self._write(context, item)
+                finally:
+                    await responses.aclose()
             except Exception as exc:  # noqa: BLE001 - translated into a status
                 await self._handle(exc, context, method)
 
         return wrapper
 
+    @staticmethod
+    async def _write(context: Any, item: Any) -> None:
+        """Send one response message, as gRPC would for an async generator handler. A write to a caller that
+        is gone fails with gRPC's ExecuteBatchError, which `_handle` turns into a quiet cancellation."""
+        if context.done():  # the handler aborted the call and went on yielding
+            raise asyncio.CancelledError
+        await context.write(item)
+
+
+# What a write raises when the call is already over in gRPC's core (the caller cancelled or disconnected).
+_CALL_OVER: tuple[type[BaseException], ...] = (cygrpc.ExecuteBatchError,)
 
 # Bounds on reading what a client still sends after its stream was refused.
 DRAIN_BYTES = 8 * 1024 * 1024

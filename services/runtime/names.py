@@ -2,7 +2,12 @@
 
 Every pattern here is applied with `fullmatch`: `re.match` with a pattern ending in `$` accepts a final
 "\n" (`$` matches before a trailing newline), which once let `1.0.0\n` be published as a second version
-that sorted as `latest` while every listing showed `1.0.0`."""
+that sorted as `latest` while every listing showed `1.0.0`.
+
+Every pattern is ASCII-only too. Digits are written `[0-9]`, never as the digit class, which in a `str`
+pattern also matches the digits of other scripts (and `int()` reads them): `1.0.1` followed by an Arabic-Indic
+zero (U+0660) once passed as a version, sorting as 1.0.10 and becoming `latest`. Each pattern is compiled with
+`re.ASCII` as well, so a class added later stays ASCII."""
 
 from __future__ import annotations
 
@@ -11,17 +16,18 @@ from functools import lru_cache
 
 # Reverse-DNS: at least two dot-separated labels, lowercase letters, digits and inner hyphens.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-SKILL_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+SKILL_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})+", re.ASCII)
 # SemVer 2.0.0, from semver.org.
 SEMVER_RE = re.compile(
-    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
+    r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(?:-((?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?",
+    re.ASCII,
 )
-DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
+SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 # `ed25519:` and 16 hex digits (services/runtime/signing.py makes them).
-KEY_ID_RE = re.compile(r"ed25519:[0-9a-f]{16}")
+KEY_ID_RE = re.compile(r"ed25519:[0-9a-f]{16}", re.ASCII)
 MAX_NAME_LENGTH = 200
 
 
@@ -70,7 +76,7 @@ def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int |
     if pre is None:
         return (major, minor, patch, 1, ())
     # Numeric identifiers sort before alphanumeric ones, and numerically among themselves.
-    parts = tuple((0, int(p)) if p.isdigit() else (1, p) for p in pre.split("."))
+    parts = tuple((0, int(p)) if p.isascii() and p.isdigit() else (1, p) for p in pre.split("."))
     return (major, minor, patch, 0, parts)
 
 

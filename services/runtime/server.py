@@ -40,6 +40,14 @@ class PortInUse(StartupError, OSError):
     """The port a service is configured for is held by another process."""
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC and every client read it: an IPv6 literal is bracketed (`::1` → `[::1]:50051`);
+    without brackets its colons would be taken for the port separator."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 @dataclass
 class ServiceHost:
     """A started-or-startable service: the grpc server plus what must happen around it."""
@@ -94,6 +102,7 @@ def create_server(
     max_receive_bytes: int = CONTROL_MESSAGE_BYTES,
     max_send_bytes: int = CONTROL_MESSAGE_BYTES,
     public: bool = False,
+    internal_addresses: Iterable[str] = (),
     share_port: bool = False,
     port_variable: str | None = None,
 ) -> ServiceHost:
@@ -101,10 +110,12 @@ def create_server(
 
     `max_receive_bytes` / `max_send_bytes` bound every message (gRPC refuses a larger one before buffering
     it; see services/runtime/channels.py). `public` marks the port callers outside the platform reach: its
-    statuses never name internal addresses. The port is bound exclusively unless `share_port` (a deliberate
-    multi-worker mode): gRPC's default SO_REUSEPORT would let a second suite start on a port the first holds
-    and silently split its traffic. A taken port raises PortInUse naming host:port and `port_variable`
-    (default `CLAWHUB_<NAME>_PORT`).
+    statuses never name internal addresses (IP literals with a port, `localhost:PORT`, and the exact
+    `internal_addresses` the service is configured with; see errors.redact_addresses). The port is bound
+    exclusively unless `share_port` (a deliberate multi-worker mode): gRPC's default SO_REUSEPORT would let
+    a second suite start on a port the first holds and silently split its traffic. A taken port raises
+    PortInUse naming host:port and `port_variable` (default `CLAWHUB_<NAME>_PORT`). An IPv6 literal `host`
+    may come with or without brackets.
     """
     names = tuple(service_names)
     if port and not share_port:
@@ -112,7 +123,8 @@ def create_server(
         # server to clean up.
         _refuse_taken_port(name, host, port, port_variable or f"CLAWHUB_{name.upper()}_PORT")
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(f"{name}.clawhub", public=public), *interceptors],
+        interceptors=[ErrorInterceptor(f"{name}.clawhub", public=public, internal_addresses=internal_addresses),
+                      *interceptors],
         options=(*SERVER_OPTIONS, *size_options(max_receive_bytes, max_send_bytes),
                  ("grpc.so_reuseport", 1 if share_port else 0)),
     )
@@ -123,12 +135,13 @@ def create_server(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
+    address = host_port(host, port)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise StartupError(f"{name}: cannot listen on {host}:{port}: {exc}") from None
+        raise StartupError(f"{name}: cannot listen on {address}: {exc}") from None
     if bound == 0:
-        raise StartupError(f"{name}: cannot listen on {host}:{port}")
+        raise StartupError(f"{name}: cannot listen on {address}")
     return ServiceHost(name=name, server=server, port=bound, health=health, service_names=names,
                        grace_seconds=grace_seconds)
 
@@ -148,7 +161,7 @@ def _refuse_taken_port(name: str, host: str, port: int, variable: str) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise PortInUse(
-                        f"{name}: {host}:{port} is already in use (another clawhub suite or another program "
+                        f"{name}: {host_port(host, port)} is already in use (another clawhub suite or another program "
                         f"holds it); stop it, or set {variable} to another port (0 picks a free one)") from None
 
 
@@ -164,7 +177,7 @@ def configure_logging() -> None:
     logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))
 
 
-def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str) -> None:
+def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str, name: str = "") -> None:
     """Entry point of `python -m services.<name>`: build, start, serve until SIGTERM/SIGINT, stop."""
     # First: a service `clawhub up` started stops when `up` is gone, even while it is still building.
     lifeline = follow_supervisor()
@@ -181,7 +194,7 @@ def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str) -> None:
             loop.add_signal_handler(sig, stop.set)
         await service.start()
         # The line `clawhub up` waits for; keep its shape stable.
-        print(f"clawhub {service.name} listening on {host}:{service.port}", flush=True)
+        print(f"clawhub {service.name} listening on {host_port(host, service.port)}", flush=True)
         await stop.wait()
         log.info("%s: shutting down (grace %.1fs)", service.name, service.grace_seconds)
         await service.stop()
@@ -193,6 +206,10 @@ def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str) -> None:
         pass
     except StartupError as exc:
         print(f"clawhub: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except SettingsError as exc:
+        # A setting read while building (the dispatcher reads the executors' size settings there).
+        print(f"clawhub: {name + ': ' if name else ''}{exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 
@@ -212,4 +229,4 @@ def main(name: str, load: Callable[[], SettingsT], build: Callable[[SettingsT], 
     except SettingsError as exc:
         print(f"clawhub: {name}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    run(lambda: build(settings), host=settings.host)
+    run(lambda: build(settings), host=settings.host, name=name)

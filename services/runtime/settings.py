@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -41,21 +42,40 @@ def env_float(name: str, default: float, *, minimum: float | None = None) -> flo
 
 
 def parse_size(text: str) -> int:
-    """Parse `64MiB`, `512k`, `1048576` into bytes."""
+    """Parse `64MiB`, `512k`, `1048576` into bytes (never negative)."""
     raw = text.strip().lower().replace(" ", "")
     digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = raw[len(digits):]
     if not digits or unit not in _UNITS:
         raise ValueError(f"{text!r} is not a size such as 64MiB, 512KiB or 1048576")
-    return int(float(digits) * _UNITS[unit])
+    number = float(digits)
+    # float() takes "inf", "nan" and "1e999" (inf); none is a size.
+    if not math.isfinite(number):
+        raise ValueError(f"{text!r} is not a size such as 64MiB, 512KiB or 1048576")
+    if number < 0:
+        raise ValueError(f"{text!r} is negative; a size is 0 or more bytes")
+    return int(number * _UNITS[unit])
 
 
-def env_size(name: str, default: str) -> int:
+def format_size(size: int) -> str:
+    """`size` bytes the way parse_size reads them, in the largest unit that divides it: `2040MiB`, `4KiB`."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def env_size(name: str, default: str, *, maximum: int | None = None, why: str = "") -> int:
+    """A size from `name`; above `maximum` is a SettingsError naming the variable, the bound and `why`."""
     raw = env_str(name, default)
     try:
-        return parse_size(raw)
+        value = parse_size(raw)
     except ValueError as exc:
         raise SettingsError(f"{name}: {exc}") from None
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}={raw!r} is too large: at most {format_size(maximum)}"
+                            + (f" ({why})" if why else ""))
+    return value
 
 
 def env_list(name: str, default: str = "") -> tuple[str, ...]:

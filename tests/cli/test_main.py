@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,7 +12,11 @@ from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
 from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc
 from google.protobuf import struct_pb2
 
-from services.cli.main import main, printable, render_output
+from services.cli.main import EXIT_BROKEN_PIPE, main, printable, render_output
+from services.gateway.server import build_server as build_gateway
+from services.gateway.settings import Settings as GatewaySettings
+from services.registry.server import build_server as build_registry
+from services.registry.settings import Settings as RegistrySettings
 from services.runtime.server import ServiceHost, create_server
 from tests.conftest import Starter
 from tests.gateway.support import ECHO_SKILL, Chain, start_chain
@@ -127,3 +133,24 @@ async def test_an_unexpected_failure_is_one_line(start_service: Starter, capsys:
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and "KeyError" in err and "Traceback" not in err
+
+
+async def test_a_reader_that_goes_away_ends_the_command_quietly(start_service: Starter, tmp_path: Path) -> None:
+    """`clawhub status | head`: the pipe closes before the CLI has written everything. Like any Unix tool it
+    stops without a word (no "failed unexpectedly: BrokenPipeError", no "Exception ignored" at exit)."""
+    registry = await start_service(build_registry(RegistrySettings(
+        host="127.0.0.1", port=0, data_dir=tmp_path / "registry", shutdown_grace_seconds=0.5)))
+    gateway = await start_service(build_gateway(GatewaySettings(
+        host="127.0.0.1", port=0, dispatcher_address="127.0.0.1:1", registry_address=f"127.0.0.1:{registry.port}",
+        deployer_address="127.0.0.1:1", grace_seconds=0.2)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: the first write fails with EPIPE
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli.main", "status", "--gateway", f"127.0.0.1:{gateway.port}",
+            stdout=write_end, stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+    finally:
+        os.close(write_end)
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert stderr.decode() == ""
+    assert process.returncode == EXIT_BROKEN_PIPE

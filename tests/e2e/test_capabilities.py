@@ -45,8 +45,13 @@ def test_the_bundle_is_published_and_downloadable(published: Suite, channel: grp
     assert list(version.manifest.args) == ["!"]
     assert [f.path for f in version.manifest.files] == ["data/name.txt"]
     assert version.bundle_digest.startswith("sha256:")
-    tar = b"".join(r.chunk for r in registry.DownloadBlob(
-        registry_pb.DownloadBlobRequest(digest=version.bundle_digest), timeout=10))
+    # Blobs are downloaded from the registry itself (as executors do): the public port does not serve them.
+    with pytest.raises(grpc.RpcError) as caught:
+        next(iter(registry.DownloadBlob(registry_pb.DownloadBlobRequest(digest=version.bundle_digest), timeout=10)))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with grpc.insecure_channel(published.addresses["registry"]) as direct:
+        tar = b"".join(r.chunk for r in registry_grpc.RegistryServiceStub(direct).DownloadBlob(
+            registry_pb.DownloadBlobRequest(digest=version.bundle_digest), timeout=10))
     with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
         member = archive.getmember("data/name.txt")
         assert archive.extractfile(member).read() == (GREETER / "data" / "name.txt").read_bytes()  # type: ignore[union-attr]

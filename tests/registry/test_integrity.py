@@ -8,6 +8,7 @@ unnoticed: the registry said READY, served the bad bytes, and a republish of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -125,6 +126,55 @@ async def test_a_version_with_a_trailing_newline_is_never_published_nor_latest(r
     assert (await version_of(registry, "latest")).digest == digest(original)
     listed = await stub.ListSkillVersions(pb.ListSkillVersionsRequest(name="com.acme.echo"), timeout=5)
     assert [v.version for v in listed.skill_versions] == ["1.0.0"]
+
+
+# Digits of other scripts: `\d` in a `str` pattern matches them and int() reads them, so `1.0.1` followed by an
+# Arabic-Indic zero passed as a version (sorting as 1.0.10, so it became `latest`) and `^1.0.` followed by an
+# Arabic-Indic one as a range. Every validator is ASCII-only now.
+ARABIC_INDIC_ZERO, ARABIC_INDIC_ONE = "\u0660", "\u0661"
+
+
+async def test_a_version_with_a_non_ascii_digit_is_never_published_nor_latest(registry: Client) -> None:
+    stub = registry.stub
+    original, impostor = module("original"), module("impostor")
+    await publish(stub, original, version="1.0.1")
+    for version in ("1.0.1" + ARABIC_INDIC_ZERO, "1.0." + ARABIC_INDIC_ONE, ARABIC_INDIC_ONE + ".0.0",
+                    "1.0.0-rc.1" + ARABIC_INDIC_ZERO, "1.0.0+build" + ARABIC_INDIC_ZERO):
+        await refused(publish(stub, impostor, version=version), grpc.StatusCode.INVALID_ARGUMENT,
+                      "INVALID_VERSION")
+        await refused(stub.GetSkillVersion(pb.GetSkillVersionRequest(name="com.acme.echo", version=version),
+                                           timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VERSION")
+    assert (await version_of(registry, "latest")).digest == digest(original)
+    listed = await stub.ListSkillVersions(pb.ListSkillVersionsRequest(name="com.acme.echo"), timeout=5)
+    assert [v.version for v in listed.skill_versions] == ["1.0.1"]
+
+
+async def test_non_ascii_digits_and_spaces_are_refused_in_names_ranges_and_tags(registry: Client) -> None:
+    stub = registry.stub
+    data = module("dependent")
+    await publish(stub, module("base"), name="com.acme.base")
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    await refused(publish(stub, data, name="com.acme.echo" + ARABIC_INDIC_ZERO), invalid, "INVALID_NAME")
+    await refused(publish(stub, data, name="com.acme" + ARABIC_INDIC_ONE + ".echo"), invalid, "INVALID_NAME")
+    for text in ("^1.0." + ARABIC_INDIC_ONE, ">=1.0.0 <" + ARABIC_INDIC_ONE + ".0.0", "1.x ||" + "\u3000" + "2.x",
+                 "1.0.0" + "\u2003" + "-" + "\u2003" + "2.0.0", "^1.0.0" + "\u00a0"):
+        request = metadata(data, name="com.acme.dependent")
+        request.metadata.manifest.dependencies.add(package="com.acme.base", version_range=text)
+        err = await refused(publish_raw(stub, [request, pb.PublishSkillRequest(chunk=data)]), invalid,
+                            "INVALID_MANIFEST")
+        assert err["field"] == "metadata.manifest.dependencies[0].version_range"
+        await refused(stub.ResolveDependencies(pb.ResolveDependenciesRequest(requirements=[
+            skill_pb2.Dependency(package="com.acme.base", version_range=text)]), timeout=5), invalid,
+            "INVALID_ARGUMENT")
+    await refused(stub.SetSkillTag(pb.SetSkillTagRequest(name="com.acme.base", tag="stable" + ARABIC_INDIC_ZERO,
+                                                         version="1.0.0"), timeout=5), invalid, "INVALID_ARGUMENT")
+    await refused(stub.GetSkillVersion(pb.GetSkillVersionRequest(name="com.acme.base",
+                                                                 version="stable" + ARABIC_INDIC_ZERO), timeout=5),
+                  invalid, "INVALID_VERSION")
+    # The ASCII spellings still work.
+    request = metadata(data, name="com.acme.dependent")
+    request.metadata.manifest.dependencies.add(package="com.acme.base", version_range="^1.0.0")
+    assert (await publish_raw(stub, [request, pb.PublishSkillRequest(chunk=data)])).created
 
 
 @pytest.mark.parametrize("suffix", ["\n", " "], ids=repr)
@@ -322,3 +372,79 @@ def test_scrub_interval_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("CLAWHUB_REGISTRY_SCRUB_INTERVAL", bad)
         with pytest.raises(SettingsError, match="CLAWHUB_REGISTRY_SCRUB_INTERVAL"):
             Settings.from_env()
+
+
+# Races between the moves of one blob.
+
+async def test_a_repair_racing_a_quarantine_closes_its_record(tmp_path: Path) -> None:
+    """A download moves a corrupt blob to quarantine and, while its record is being written (a busy writer),
+    a republish repairs the blob. The record used to be written after the lock, so it could land after the
+    repair had closed nothing: the blob was back but its quarantine stayed open (NOT RUNNABLE until the next
+    scrub). Now the record is written under the lock the repair waits for."""
+    from services.registry.blobs import BlobCorrupt, BlobStore
+    from services.registry.integrity import Integrity
+    from services.registry.store import QuarantineRecord, SqliteMetadataStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    await blobs.open()
+    store = await SqliteMetadataStore.open(tmp_path / "registry.sqlite3")
+    try:
+        integrity = Integrity(store, blobs)
+        data = module("raced")
+        blob = digest(data)
+        async with blobs.upload(blob.removeprefix("sha256:")) as upload:
+            await upload.write(data)
+            await upload.finish()
+            await upload.commit(blob)
+        flip_byte(blobs.path_of(blob), 10)
+        with pytest.raises(BlobCorrupt) as caught:
+            await (await blobs.read(blob)).read_all()
+
+        recording, repair_closed = asyncio.Event(), asyncio.Event()
+        record_quarantine, mark_repaired = store.record_quarantine, store.mark_repaired
+
+        async def slow_record(record: QuarantineRecord) -> None:
+            recording.set()
+            # Before the fix, the repair runs to its end meanwhile; after it, the repair waits for this record
+            # (so this wait runs out).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(repair_closed.wait(), 0.5)
+            await record_quarantine(record)
+
+        async def mark(digest_: str) -> int:
+            repair_closed.set()
+            return await mark_repaired(digest_)
+
+        store.record_quarantine = slow_record  # type: ignore[method-assign]
+        store.mark_repaired = mark  # type: ignore[method-assign]
+        quarantine = asyncio.ensure_future(integrity.quarantine(caught.value, "download"))
+        await asyncio.wait_for(recording.wait(), 5)  # the file is moved, its record on the way
+        async with blobs.upload(blob.removeprefix("sha256:")) as upload:
+            await upload.write(data)
+            await upload.finish()
+            assert await integrity.restore(upload, blob, "com.acme.echo@1.0.0")
+        assert await quarantine is not None
+        assert await store.quarantined([blob]) == {}
+        assert blobs.path_of(blob).read_bytes() == data
+    finally:
+        await blobs.close()
+        await store.close()
+
+
+async def test_a_commit_that_cannot_move_its_file_removes_it(tmp_path: Path) -> None:
+    """The exit handler leaves the temporary file to the move once a commit starts; a move that failed used to
+    leave it there until the next start."""
+    from services.registry.blobs import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    await blobs.open()
+    data = module("blocked")
+    blob = digest(data)
+    blobs.path_of(blob).mkdir(parents=True)  # a directory where the blob goes: the rename fails
+    with pytest.raises(IsADirectoryError):
+        async with blobs.upload(blob.removeprefix("sha256:")) as upload:
+            await upload.write(data)
+            await upload.finish()
+            await upload.commit(blob)
+    await blobs.close()
+    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []

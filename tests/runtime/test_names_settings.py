@@ -104,3 +104,46 @@ def test_a_bad_setting_stops_a_service_with_one_line_not_a_traceback(service: st
                           timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 1
     assert done.stderr.strip() == f"clawhub: {service}: CLAWHUB_{service.upper()}_PORT='fifty' is not an integer"
+
+
+# Issue 9 review: `\d` (and `\s`, `\w`) in a `str` pattern match the digits (spaces, letters) of every script,
+# and int() reads those digits: `1.0.1` + an Arabic-Indic zero passed as a version sorting as 1.0.10. Every
+# validator is ASCII-only; each is checked here with digits of other scripts in every position.
+
+@pytest.mark.parametrize("digit", ["\u0660", "\u0661", "\u06f1", "\u0967", "\uff11", "\U0001d7cf"], ids=ascii)
+def test_no_validator_accepts_a_digit_of_another_script(digit: str) -> None:
+    from services.deployer.servicer import _check_id
+    from services.registry.ranges import range_problem
+    from services.registry.servicer import TAG_RE
+    from services.registry.trust import PUBLISHER_NAME_RE, namespace_problem
+    from services.runtime.errors import ServiceError
+    from services.runtime.names import DIGEST_RE, SHA256_HEX_RE, is_prerelease, key_id_problem
+
+    for version in ("1.0.1" + digit, f"1.0.{digit}", f"{digit}.0.0", f"1.{digit}.0", f"1.0.0-rc.{digit}",
+                    f"1.0.0-rc.1{digit}", f"1.0.0+b{digit}"):
+        assert version_problem(version), version
+        with pytest.raises(ValueError):
+            semver_key(version)
+        assert not is_prerelease(version)
+    for name in (f"com.acme.echo{digit}", f"com.acme{digit}.echo", f"com{digit}.acme"):
+        assert skill_name_problem(name) and namespace_problem(name)
+    for text in (f"^1.0.{digit}", f"~{digit}.2", f">=1.0.0 <{digit}.0.0", f"1.0.0 - {digit}.0.0", f"{digit}.x",
+                 f"1.0.0 || {digit}", f"=1.0.0-rc.{digit}"):
+        assert range_problem(text), text
+    hexdigest = "a" * 63
+    assert digest_problem(f"sha256:{hexdigest}{digit}") and not DIGEST_RE.fullmatch(f"sha256:{hexdigest}{digit}")
+    assert not SHA256_HEX_RE.fullmatch(hexdigest + digit)
+    assert key_id_problem(f"ed25519:0123456789abcde{digit}")
+    assert not TAG_RE.fullmatch(f"stable{digit}") and not PUBLISHER_NAME_RE.fullmatch(f"acme{digit}")
+    with pytest.raises(ServiceError):
+        _check_id(f"d-012345678{digit}")
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u2003", "\u3000", "\u1680", "\x85"], ids=ascii)
+def test_no_range_accepts_a_space_of_another_script(space: str) -> None:
+    from services.registry.ranges import range_problem
+
+    for text in (f"^1.2.3{space}", f"{space}^1.2.3", f">=1.0.0{space}<2.0.0", f"1.0.0{space}-{space}2.0.0",
+                 f"1.x{space}||{space}2.x", f">={space}1.0.0"):
+        assert range_problem(text), repr(text)
+    assert range_problem(">=1.0.0 <2.0.0") is None and range_problem("1.0.0 - 2.0.0") is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.runtime.server import PortInUse, ServiceHost, create_server
+from services.runtime.server import PortInUse, ServiceHost, create_server, host_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,3 +102,53 @@ def test_startup_errors_are_one_line_in_run() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["clawhub: registry: the data directory is held by pid 42"]
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+async def test_an_ipv6_literal_host_binds_and_prints_a_usable_address(host: str) -> None:
+    """`CLAWHUB_GATEWAY_HOST=::1` (no brackets) listens, and its `listening` line is an address a client can use
+    (`clawhub up` hands it on as is)."""
+    env = {**os.environ, "CLAWHUB_GATEWAY_HOST": host, "CLAWHUB_GATEWAY_PORT": "0",
+           "CLAWHUB_REGISTRY_ADDRESS": "127.0.0.1:9", "CLAWHUB_DEPLOYER_ADDRESS": "127.0.0.1:9",
+           "CLAWHUB_DISPATCHER_ADDRESS": "127.0.0.1:9"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.gateway", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
+        match = re.fullmatch(r"clawhub gateway listening on (\[::1\]:\d+)", line)
+        assert match, (line, await _rest(process))
+        async with grpc.aio.insecure_channel(match[1]) as channel:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+
+
+async def _rest(process: asyncio.subprocess.Process) -> str:
+    """What a service that did not start wrote to stderr."""
+    assert process.stderr is not None
+    try:
+        return (await asyncio.wait_for(process.stderr.read(), 10)).decode()
+    except TimeoutError:
+        return "(still running)"
+
+
+def test_host_port_brackets_ipv6_literals() -> None:
+    assert host_port("::1", 50051) == "[::1]:50051"
+    assert host_port("[::1]", 50051) == "[::1]:50051"
+    assert host_port("127.0.0.1", 50051) == "127.0.0.1:50051"
+    assert host_port("gateway.internal", 50051) == "gateway.internal:50051"

@@ -176,7 +176,9 @@ class RegistryServiceServicer:
         held back until the digest is confirmed, so a client never receives a complete corrupt blob.
         Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
         bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
-        RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED, with a RetryInfo).
+        RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS: the caller's or everyone's download slots are taken;
+        DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), ABORTED (BLOB_CHANGED: the blob was repaired or
+        quarantined while it was sent, with a RetryInfo), UNAUTHENTICATED (INVALID_TOKEN: a token no one holds).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,7 +68,9 @@ class RegistryServiceStub:
     held back until the digest is confirmed, so a client never receives a complete corrupt blob.
     Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
     bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
-    RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED, with a RetryInfo).
+    RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS: the caller's or everyone's download slots are taken;
+    DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), ABORTED (BLOB_CHANGED: the blob was repaired or
+    quarantined while it was sent, with a RetryInfo), UNAUTHENTICATED (INVALID_TOKEN: a token no one holds).
     """
     YankSkillVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]
     """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
@@ -169,7 +171,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     held back until the digest is confirmed, so a client never receives a complete corrupt blob.
     Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
     bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
-    RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED, with a RetryInfo).
+    RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS: the caller's or everyone's download slots are taken;
+    DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), ABORTED (BLOB_CHANGED: the blob was repaired or
+    quarantined while it was sent, with a RetryInfo), UNAUTHENTICATED (INVALID_TOKEN: a token no one holds).
     """
     YankSkillVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]  # type: ignore[assignment]
     """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
@@ -303,7 +307,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         held back until the digest is confirmed, so a client never receives a complete corrupt blob.
         Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
         bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
-        RESOURCE_EXHAUSTED (DESCRIPTOR_BUDGET_EXHAUSTED, with a RetryInfo).
+        RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS: the caller's or everyone's download slots are taken;
+        DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), ABORTED (BLOB_CHANGED: the blob was repaired or
+        quarantined while it was sent, with a RetryInfo), UNAUTHENTICATED (INVALID_TOKEN: a token no one holds).
         """
 
     @_abc_1.abstractmethod
