@@ -162,7 +162,8 @@ def test_durations_take_a_unit(text: str, expected: float) -> None:
 
 @pytest.mark.parametrize(("text", "problem"), [("10", "add a unit"), ("ten s", "not a duration"),
                                                ("-1s", "not a duration"), ("0s", "more than 0"),
-                                               ("5 parsecs", "not a duration")])
+                                               ("5 parsecs", "not a duration"),
+                                               ("\u0665s", "not a duration")])
 def test_bad_durations_are_explained(text: str, problem: str) -> None:
     with pytest.raises(Exception, match=problem):
         watch.parse_duration(text)
