@@ -32,6 +32,7 @@ import os
 import resource
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 
@@ -153,11 +154,27 @@ class _Slots:
                 del self.by_caller[caller]
 
 
-class UploadGate:
-    """Admission of publish streams: a slot per stream, at most `max_per_caller` per caller and `max_total`
-    in all, and only while the descriptor budget has room for one descriptor per admitted upload."""
+class _Bounds(Protocol):
+    @property
+    def max_total(self) -> int: ...
 
-    def __init__(self, limits: UploadLimits, budget: DescriptorBudget | None = None) -> None:
+    @property
+    def max_per_caller(self) -> int: ...
+
+
+LimitsT = TypeVar("LimitsT", bound=_Bounds)
+
+
+class _Gate(Generic[LimitsT]):
+    """Admission of one kind of stream: a slot per stream, at most `max_per_caller` per caller and `max_total`
+    in all (`limits` has both), and only while `_descriptors_short` finds the descriptor budget has room.
+    Checked and taken without awaiting, so two streams cannot both take the last slot."""
+
+    kind = "stream"
+    reason = Reason.INTERNAL
+    total_variable = per_caller_variable = ""
+
+    def __init__(self, limits: LimitsT, budget: DescriptorBudget | None = None) -> None:
         self.limits = limits
         self._budget = budget or DescriptorBudget(None, 0)
         self._slots = _Slots()
@@ -168,28 +185,52 @@ class UploadGate:
     def active(self) -> int:
         return self._slots.total
 
+    def _descriptors_short(self) -> str | None:
+        """Why the budget cannot take this stream (a log line), or None."""
+        return None
+
     @contextlib.contextmanager
     def admit(self, caller: str) -> Iterator[None]:
-        """Hold an upload slot for `caller` for the block; RESOURCE_EXHAUSTED with a RetryInfo when none is
-        free (checked and taken without awaiting, so two streams cannot both take the last slot)."""
-        if self._slots.by_caller[caller] >= self.limits.max_per_caller:
-            raise _too_many("per_caller", self.limits.max_per_caller,
-                            f"this caller already has {self.limits.max_per_caller} uploads in flight, the most "
-                            "the registry allows one caller (CLAWHUB_REGISTRY_MAX_UPLOADS_PER_CALLER)")
-        if self._slots.total >= self.limits.max_total:
-            raise _too_many("total", self.limits.max_total,
-                            f"the registry has {self.limits.max_total} uploads in flight, the most it allows "
-                            "(CLAWHUB_REGISTRY_MAX_UPLOADS)")
+        """Hold a slot for `caller` for the block; RESOURCE_EXHAUSTED with a RetryInfo when none is free."""
+        kind, limits = self.kind, self.limits
+        if self._slots.by_caller[caller] >= limits.max_per_caller:
+            self._refusals_log.warning("refusing a %s of %s: it has %d in flight", kind, caller, limits.max_per_caller)
+            raise self._too_many("per_caller", limits.max_per_caller,
+                                 f"this caller already has {limits.max_per_caller} {kind}s in flight, the most the "
+                                 f"registry allows one caller ({self.per_caller_variable})")
+        if self._slots.total >= limits.max_total:
+            self._refusals_log.warning("refusing a %s of %s: %d in flight in all", kind, caller, limits.max_total)
+            raise self._too_many("total", limits.max_total,
+                                 f"the registry has {limits.max_total} {kind}s in flight, the most it allows "
+                                 f"({self.total_variable})")
+        if (short := self._descriptors_short()) is not None:
+            self._refusals_log.warning("refusing a %s: %s (limit %s)", kind, short, self._budget.limit)
+            raise out_of_descriptors(self._budget.limit)
+        with self._slots.held(caller):
+            yield
+
+    def _too_many(self, scope: str, limit: int, message: str) -> ServiceError:
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, self.reason, f"{message}; retry later",
+                            metadata={"scope": scope, f"max_{self.kind}s": str(limit)},
+                            retry_after_seconds=RETRY_AFTER_SECONDS)
+
+
+class UploadGate(_Gate[UploadLimits]):
+    """Publish streams; admitted only while the descriptor budget has room for one descriptor per admitted
+    upload."""
+
+    kind = "upload"
+    reason = Reason.TOO_MANY_UPLOADS
+    total_variable = "CLAWHUB_REGISTRY_MAX_UPLOADS"
+    per_caller_variable = "CLAWHUB_REGISTRY_MAX_UPLOADS_PER_CALLER"
+
+    def _descriptors_short(self) -> str | None:
         # Every admitted upload may come to hold one descriptor (those that do are counted twice: on the safe
         # side), and this one is about to.
         headroom = self._budget.headroom()
         if headroom is not None and headroom < self._slots.total + 1:
-            self._refusals_log.warning("refusing an upload: %d uploads in flight and %s file descriptors left "
-                                       "before the reserve (limit %s)", self._slots.total, headroom,
-                                       self._budget.limit)
-            raise out_of_descriptors(self._budget.limit)
-        with self._slots.held(caller):
-            yield
+            return f"{self._slots.total} uploads in flight and {headroom} file descriptors left before the reserve"
+        return None
 
 
 @dataclass(frozen=True)
@@ -203,60 +244,26 @@ class DownloadLimits:
     max_per_caller: int = 256
 
 
-class DownloadGate:
-    """Admission of DownloadBlob streams: a slot per stream, at most `max_per_caller` per caller and
-    `max_total` in all. A download holds no descriptor of its own between chunks (the chunks read at any
+class DownloadGate(_Gate[DownloadLimits]):
+    """DownloadBlob streams. A download holds no descriptor of its own between chunks (the chunks read at any
     moment come out of the descriptor reserve), so it is refused for descriptors only when the process is
     within blobs.MAX_CONCURRENT_READS descriptors of its very limit."""
 
+    kind = "download"
+    reason = Reason.TOO_MANY_DOWNLOADS
+    total_variable = "CLAWHUB_REGISTRY_MAX_DOWNLOADS"
+    per_caller_variable = "CLAWHUB_REGISTRY_MAX_DOWNLOADS_PER_CALLER"
+
     def __init__(self, limits: DownloadLimits, budget: DescriptorBudget | None = None,
                  read_descriptors: int = MAX_CONCURRENT_READS) -> None:
-        self.limits = limits
-        self._budget = budget or DescriptorBudget(None, 0)
+        super().__init__(limits, budget)
         self._read_descriptors = read_descriptors
-        self._slots = _Slots()
-        self._refusals_log = RateLimitedLog(log)
 
-    @property
-    def active(self) -> int:
-        return self._slots.total
-
-    @contextlib.contextmanager
-    def admit(self, caller: str) -> Iterator[None]:
-        """Hold a download slot for `caller` for the block; RESOURCE_EXHAUSTED with a RetryInfo when none is
-        free."""
-        if self._slots.by_caller[caller] >= self.limits.max_per_caller:
-            self._refusals_log.warning("refusing a download of %s: it has %d in flight", caller,
-                                       self.limits.max_per_caller)
-            raise _too_many_downloads(
-                "per_caller", self.limits.max_per_caller,
-                f"this caller already has {self.limits.max_per_caller} downloads in flight, the most the registry "
-                "allows one caller (CLAWHUB_REGISTRY_MAX_DOWNLOADS_PER_CALLER)")
-        if self._slots.total >= self.limits.max_total:
-            self._refusals_log.warning("refusing a download of %s: %d in flight in all", caller,
-                                       self.limits.max_total)
-            raise _too_many_downloads(
-                "total", self.limits.max_total,
-                f"the registry has {self.limits.max_total} downloads in flight, the most it allows "
-                "(CLAWHUB_REGISTRY_MAX_DOWNLOADS)")
+    def _descriptors_short(self) -> str | None:
         free = self._budget.free()
         if free is not None and free < self._read_descriptors:
-            self._refusals_log.warning("refusing a download: %s file descriptors left (limit %s)", free,
-                                       self._budget.limit)
-            raise out_of_descriptors(self._budget.limit)
-        with self._slots.held(caller):
-            yield
-
-
-def _too_many(scope: str, limit: int, message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_UPLOADS, f"{message}; retry later",
-                        metadata={"scope": scope, "max_uploads": str(limit)}, retry_after_seconds=RETRY_AFTER_SECONDS)
-
-
-def _too_many_downloads(scope: str, limit: int, message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_DOWNLOADS, f"{message}; retry later",
-                        metadata={"scope": scope, "max_downloads": str(limit)},
-                        retry_after_seconds=RETRY_AFTER_SECONDS)
+            return f"{free} file descriptors left"
+        return None
 
 
 class UploadTimeout(ServiceError):
