@@ -353,7 +353,8 @@ def describe(response: deployer_pb.WatchDeploymentResponse, status: Status, now:
     if not response.HasField("event"):
         # The first response, the current state; the deployment's event log follows it. A release already
         # under analysis says so first, as the headline of what the log is about to show.
-        if deployment.verdict == deployer_pb.ANALYSIS_VERDICT_RUNNING:
+        # (Not before the first route is out: the analysis starts just before it, at weight 0.)
+        if deployment.verdict == deployer_pb.ANALYSIS_VERDICT_RUNNING and deployment.traffic_weight > 0:
             weight = deployment.traffic_weight
             status.detail = (f"canary {weight}%" if deployment.WhichOneof("strategy") == "canary"
                              else f"baking {version} at {weight}%")

@@ -15,9 +15,11 @@ _MAX_SAFE_INT = 2**53
 def value_to_json(value: struct_pb2.Value) -> bytes:
     """JSON text for a protobuf Value, keeping whole numbers whole (`3`, not `3.0`).
 
-    Raises ValueError for what JSON cannot express (NaN, Infinity)."""
+    Object keys are sorted: a Struct is a protobuf map, whose order is not kept on the wire and differs
+    between processes, so sorting is what makes a skill's stdin (and anything keyed by it) the same for the
+    same input. Raises ValueError for what JSON cannot express (NaN, Infinity)."""
     return json.dumps(_plain(json_format.MessageToDict(value)), ensure_ascii=False, allow_nan=False,
-                      separators=(",", ":")).encode()
+                      separators=(",", ":"), sort_keys=True).encode()
 
 
 def _plain(obj: Any) -> Any:

@@ -20,7 +20,7 @@ from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from google.protobuf import duration_pb2
 
 from services.cli import watch
-from services.cli.main import RELEASE_FAILED_EXIT, main, printable
+from services.cli.main import EXIT_UNREACHABLE, RELEASE_FAILED_EXIT, main, printable
 
 K = pb.DeploymentEventKind
 DEPLOYING, ACTIVE, ROLLING_BACK, FAILED = (release_pb2.RELEASE_STATE_DEPLOYING, release_pb2.RELEASE_STATE_ACTIVE,
@@ -296,10 +296,12 @@ def test_a_watch_that_stays_broken_says_how_to_follow_again(fake: tuple[FakeDepl
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(watch, "WATCH_BACKOFF", (0.0, 0.0))
     servicer, address = fake
+    monkeypatch.delenv("CLAWHUB_GATEWAY", raising=False)
     servicer.script, servicer.abort = CANARY_OK, grpc.StatusCode.UNAVAILABLE
-    assert main(["deploy", "com.example.x@2.0.0", "--gateway", address]) == 2
+    assert main(["deploy", "com.example.x@2.0.0", "--gateway", address]) == EXIT_UNREACHABLE
     err = capsys.readouterr().err
-    assert "follow the release again with: clawhub watch d1" in err
+    # The command to run next reaches the same gateway as this one did.
+    assert f"follow the release again with: clawhub watch d1 --gateway {address}\n" in err
     assert servicer.watches == watch.WATCH_RETRIES + 1
 
 
@@ -393,6 +395,16 @@ def test_joining_a_release_under_analysis_says_where_it_is() -> None:
     text, routine = watch.describe(first, status, 0.0)
     assert (text, routine) == ("2.0.0 takes 25% of traffic, under analysis", False)
     assert status.detail == "canary 25%" and status.stats == "12 calls, 100.0% ok, p99 3ms"
+
+
+def test_joining_just_before_the_first_route_is_out_says_no_zero_percent_headline() -> None:
+    # The analysis is marked running just before the first route generation goes out (at weight 0): a
+    # watcher that joins in that gap is shown the current state, not "takes 0% of traffic, under analysis".
+    first = pb.WatchDeploymentResponse(deployment=deployment(
+        DEPLOYING, verdict=pb.ANALYSIS_VERDICT_RUNNING, traffic_weight=0, canary=pb.CanaryStrategy(weights=[25, 100])),
+        message="currently Deploying")
+    text, routine = watch.describe(first, watch.Status(), 0.0)
+    assert "0%" not in text and text == "currently Deploying"
 
 
 def test_untrusted_text_cannot_drive_the_terminal() -> None:

@@ -22,3 +22,18 @@ def test_output_that_is_not_json_stays_bytes() -> None:
     assert json_to_value(b"HELLO") is None
     assert json_to_value(b"\xff\xfe") is None
     assert json_to_value(b'{"a": 1} trailing') is None
+
+
+def test_object_keys_come_out_sorted_whatever_order_the_map_holds() -> None:
+    # A Struct is a protobuf map: its order is not kept on the wire and differs between processes, so the
+    # JSON a skill reads (and the CLI prints) must not depend on it.
+    from google.protobuf import struct_pb2
+
+    from services.runtime.jsonvalue import value_to_json
+    value = struct_pb2.Value()
+    for key in ("words", "bytes", "lines"):
+        value.struct_value.fields[key].number_value = 1
+    nested = value.struct_value.fields["a"].struct_value.fields
+    nested["z"].bool_value = True
+    nested["m"].null_value = struct_pb2.NULL_VALUE
+    assert value_to_json(value) == b'{"a":{"m":null,"z":true},"bytes":1,"lines":1,"words":1}'
