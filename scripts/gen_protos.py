@@ -1,4 +1,8 @@
-"""Regenerate gen/ from protos/: protoc (grpcio-tools) + mypy-protobuf stubs.
+"""Regenerate gen/ from protos/: protoc (grpcio-tools) + mypy-protobuf stubs, and the descriptor set.
+
+The descriptor set (gen/clawhub/descriptor_set.binpb: every proto file and its imports, with source info)
+keeps the proto comments, which protoc's Python output strips; services/runtime/reflection.py serves server
+reflection from it, so `grpcurl describe` shows them.
 
 Usage: python scripts/gen_protos.py [OUT_DIR]   (default: gen/)
 
@@ -17,12 +21,14 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
+# Relative to the output directory; services/runtime/reflection.py reads it as a resource of `clawhub`.
+DESCRIPTOR_SET = Path("clawhub") / "descriptor_set.binpb"
 
 
 def generate(out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    (out / DESCRIPTOR_SET).parent.mkdir(parents=True)
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     well_known = str(Path(grpc_tools.__file__).parent / "_proto")
     # The mypy-protobuf plugins are console scripts installed next to this interpreter.
@@ -37,6 +43,9 @@ def generate(out: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
+        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
+        "--include_imports",
+        "--include_source_info",
         *files,
     ]
     code = protoc.main(args)

@@ -1,15 +1,30 @@
-"""Shared fixtures: real servers on 127.0.0.1:0, wasm modules built from WAT."""
+"""Shared fixtures: real servers on 127.0.0.1:0, wasm modules built from WAT, Redis."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+import redis
 import wasmtime
 
 from services.runtime.server import ServiceHost
 
 Starter = Callable[[Awaitable[ServiceHost]], Awaitable[ServiceHost]]
+
+# Services a test starts from its environment (`python -m services.<name>`, `Settings.from_env()`) run without
+# users' authentication unless the test turns it on, as the Settings dataclasses default; suites started with
+# `clawhub up` (tests/e2e/conftest.py) get the real default, on. The CLI's credentials file (and `up`'s copy of
+# the admin key) goes to a directory of this test session, never the user's ~/.config.
+os.environ.setdefault("CLAWHUB_USER_AUTH", "off")
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="clawhub-test-config-")
 
 
 @pytest.fixture
@@ -31,3 +46,104 @@ async def start_service() -> AsyncIterator[Starter]:
 def wat(text: str) -> bytes:
     """Compile WebAssembly text to a binary module."""
     return bytes(wasmtime.wat2wasm(text))
+
+
+# Redis, for the tests of what shares state through it (rate-limit buckets). A test that needs Redis takes
+# `redis_url` (CLAWHUB_TEST_REDIS_URL when set, else a throwaway redis-server for the session, else the test is
+# skipped) and keeps its keys under `redis_prefix`, unique to the test and deleted after it: a shared database
+# is never flushed. A test that stops Redis takes `throwaway_redis`, its own server, never the shared one.
+REDIS_URL_VARIABLE = "CLAWHUB_TEST_REDIS_URL"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway `redis-server` on 127.0.0.1 (no persistence) that a test may kill and start again on the
+    same port."""
+
+    def __init__(self, binary: str, port: int | None = None) -> None:
+        self.binary = binary
+        self.port = port or _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.exceptions.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """Stop it at once (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def redis_server_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get(REDIS_URL_VARIABLE, "").strip()
+    if url:
+        yield url
+        return
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip(f"needs Redis: set {REDIS_URL_VARIABLE} or install redis-server")
+    server = RedisServer(binary)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHDB: the database may be shared)."""
+    prefix = f"clawhub-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def throwaway_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone, which it may kill and start again."""
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("needs the redis-server binary (a test that kills Redis never uses a shared server)")
+    server = RedisServer(binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

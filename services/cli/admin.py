@@ -27,7 +27,8 @@ def _mb(size: int) -> str:
 
 
 def cmd_verify_blobs(client: Any, args: argparse.Namespace) -> int:
-    registry = trust.authorized(registry_grpc.RegistryServiceStub(client.channel), args.admin_token)
+    # The admin token when given, else the CLI's credential (an admin key: the one `clawhub up` created).
+    registry = trust.authorized(registry_grpc.RegistryServiceStub(client.channel), args.admin_token or client.token)
     tty = sys.stderr.isatty()
     last_line = 0.0
     counts: dict[int, int] = {}

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -18,30 +19,51 @@ from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
 from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc
+from clawhub.registry.v1 import access_pb2_grpc as access_grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from google.protobuf import json_format, struct_pb2
 
-from services.cli import admin, manifest, trust, watch
-from services.cli.up import run_up
+from services.cli import admin, credentials, keys, manifest, trust, watch
+from services.cli.up import DEFAULT_GATEWAY, DEFAULT_PORTS, run_up
 from services.runtime.errors import bad_request, error_info
 from services.runtime.jsonvalue import value_to_json
+from services.runtime.names import version_problem
 from services.runtime.signing import SigningError
 
-DEFAULT_GATEWAY = "127.0.0.1:50051"
 CHUNK_BYTES = 256 * 1024
 TERMINAL = {release_pb2.RELEASE_STATE_ACTIVE, release_pb2.RELEASE_STATE_FAILED}
+# Exit codes (listed in `clawhub --help`): 1 a command that failed (the server refused, a release failed and
+# was rolled back, a service is not SERVING), 2 a usage error (argparse's own code: a bad flag, argument or
+# reference), 3 the gateway (or the address `health` checks) could not be reached.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
 # Exit code of `deploy`/`watch` when the release ends Failed (rolled back): the same 1 as any failed command,
-# as scripts already expect; the reason is printed. 2 stays "gateway unreachable".
-RELEASE_FAILED_EXIT = 1
+# as scripts already expect; the reason is printed.
+RELEASE_FAILED_EXIT = EXIT_FAILED
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success
+  1    the command failed: the server refused it (the reason is printed), a release failed and was
+       rolled back, a service is not SERVING (health), a verify-blobs scrub found a problem
+  2    usage error: a bad command, flag, argument or NAME@VERSION reference (nothing was sent)
+  3    the gateway (or the address given to health) could not be reached
+  130  interrupted (Ctrl-C); a release goes on in the deployer
+  141  the reader of the output went away (`clawhub status | head`)"""
 
 
 class CliError(Exception):
-    """A failure to report in one clear paragraph; exit code 1 (2 when the gateway is unreachable)."""
+    """A failure to report in one clear paragraph; exit code EXIT_FAILED unless told otherwise (EXIT_USAGE for
+    a bad flag or argument, EXIT_UNREACHABLE when the gateway cannot be reached)."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def usage_error(message: str) -> CliError:
+    return CliError(message, EXIT_USAGE)
 
 
 def state_name(state: int) -> str:
@@ -54,36 +76,84 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
+def _names_field(message: str, field: str) -> bool:
+    """Whether a message says which field it is about (`env[X]: …`, `… field `name` …`), not merely uses the
+    word (`… not a reverse-DNS skill name`)."""
+    return message.startswith(f"{field}:") or f"`{field}`" in message or f"field {field}" in message
+
+
+def _says(message: str, value: str) -> bool:
+    """Whether the message states a metadata value already: the value (each part of a comma-separated list) as a
+    whole word of it, so `version: 1.0.0` is not repeated under "no version 1.0.0 of …"."""
+    parts = [part.strip() for part in value.split(",")]
+    return all(part and re.search(rf"(?<![\w.\-]){re.escape(part)}(?![\w\-]|\.\w)", message) for part in parts)
+
+
 def describe_rpc_error(err: grpc.RpcError, gateway: str) -> CliError:
+    """One paragraph saying each fact once: the message (prefixed with the field it is about, unless it names
+    it already), status and reason, the metadata the message does not state, and the field violations it does
+    not already say. Empty metadata values are left out."""
     code = err.code()
     info = error_info(err)
     if code == grpc.StatusCode.UNAVAILABLE and info is None:
         return CliError(f"cannot reach the gateway at {gateway}: {err.details()}\n"
-                        "  Is `clawhub up` running? Point elsewhere with --gateway or CLAWHUB_GATEWAY.", 2)
-    lines = [f"error: {err.details()}", f"  status: {code.name}"
-             + (f"  reason: {info.reason}  ({info.domain})" if info else "")]
-    if info:
-        lines += [f"  {k}: {v}" for k, v in sorted(info.metadata.items())]
+                        "  Is `clawhub up` running? Point elsewhere with --gateway or CLAWHUB_GATEWAY.",
+                        EXIT_UNREACHABLE)
+    message = (err.details() or "").strip() or code.name
     request = bad_request(err)
-    for violation in request.field_violations if request else ():
-        lines.append(f"  field {violation.field}: {violation.description}")
+    violations = [(v.field, v.description.strip()) for v in request.field_violations] if request else []
+    # A violation whose description the message already says is said once, by the message; the field it names
+    # leads the message unless the message names it itself.
+    said = [(field, text) for field, text in violations if text and text in message]
+    unnamed = [field for field, _ in said if field and not _names_field(message, field)]
+    if unnamed:
+        message = f"field{'s' if len(unnamed) > 1 else ''} {', '.join(unnamed)}: {message}"
+    lines = [f"error: {message}", f"  status: {code.name}"
+             + (f"  reason: {info.reason}  ({info.domain})" if info and info.reason else "")]
+    fields = {field for field, _ in violations}
+    if info:
+        lines += [f"  {key}: {value}" for key, value in sorted(info.metadata.items())
+                  if value.strip() and not (key == "field" and value in fields) and not _says(message, value)]
+    lines += [f"  field {field}" + (f": {text}" if text else "") for field, text in violations
+              if (field, text) not in said]
     return CliError(printable("\n".join(lines)))
 
 
+def open_channel(address: str, tls_ca: str = "", options: list[tuple[str, int]] | None = None) -> grpc.Channel:
+    """A channel to `address`: TLS verified with the CA file `tls_ca` (--tls-ca, $CLAWHUB_TLS_CA_FILE), else
+    plaintext."""
+    if not tls_ca:
+        return grpc.insecure_channel(address, options=options)
+    try:
+        ca = Path(tls_ca).expanduser().read_bytes()
+    except OSError as exc:
+        raise CliError(f"error: --tls-ca {tls_ca}: cannot read it ({exc.strerror})") from None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options=options)
+
+
 class Client:
-    def __init__(self, gateway: str, timeout: float, token: str = "") -> None:
+    def __init__(self, gateway: str, timeout: float, token: str = "", tls_ca: str = "") -> None:
         self.gateway = gateway
         self.timeout = timeout
         # No receive limit of its own: the gateway bounds what it sends (CLAWHUB_EXECUTOR_MAX_OUTPUT), and
         # gRPC's default 4 MiB would refuse a skill's full-size output.
-        self.channel = grpc.insecure_channel(gateway, options=[("grpc.max_receive_message_length", -1)])
-        # The token goes to the registry only: the deployer and invocations need none.
+        self.channel = open_channel(gateway, tls_ca, options=[("grpc.max_receive_message_length", -1)])
+        # Every call carries the credential (services/cli/credentials.py): the gateway checks each one.
+        self.token = token
         self.registry = trust.authorized(registry_grpc.RegistryServiceStub(self.channel), token)
-        self.deployer = deployer_grpc.DeployerServiceStub(self.channel)
-        self.invoker = gateway_grpc.GatewayServiceStub(self.channel)
+        self.deployer = trust.authorized(deployer_grpc.DeployerServiceStub(self.channel), token)
+        self.invoker = trust.authorized(gateway_grpc.GatewayServiceStub(self.channel), token)
+        self.access = trust.authorized(access_grpc.AccessServiceStub(self.channel), token)
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _at(args: argparse.Namespace) -> str:
+    """` --gateway ADDRESS` for a command the user is told to run next, when this one was pointed at a gateway
+    that command would not find by itself (neither $CLAWHUB_GATEWAY nor the default)."""
+    default = os.environ.get("CLAWHUB_GATEWAY", DEFAULT_GATEWAY)
+    return f" --gateway {args.gateway}" if args.gateway != default else ""
 
 
 def _progress(message: str) -> None:
@@ -139,13 +209,28 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
         print(f"next: publish a skill that depends on {version.name} (a library is linked into its dependents, "
               "not deployed)", file=sys.stderr)
     else:
-        print(f"next: clawhub deploy {version.name}@{version.version}", file=sys.stderr)
+        print(f"next: clawhub deploy {version.name}@{version.version}{_at(args)}", file=sys.stderr)
     return 0
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
-    name, _, version = ref.partition("@")
+    """NAME[@VERSION|@TAG] as (name, version or tag, empty when not given); a usage error when a part is empty."""
+    name, at, version = ref.partition("@")
+    if not name or (at and not version):
+        raise usage_error(f"error: {ref!r}: expected NAME, NAME@VERSION or NAME@TAG, such as "
+                          "com.acme.image-process@1.2.3 or com.acme.image-process@stable")
     return name, version
+
+
+def _exact_version(client: Client, name: str, version: str, args: argparse.Namespace) -> str:
+    """`version` itself when it is an exact version; for a tag (`latest`, `stable`, …) the version the registry
+    says it points at, told on stderr."""
+    if not version_problem(version):
+        return version
+    exact: str = client.registry.GetSkillVersion(registry_pb.GetSkillVersionRequest(
+        name=name, version=version), timeout=args.timeout).skill_version.version
+    print(f"{name}@{version} is {exact}", file=sys.stderr)
+    return exact
 
 
 def parse_env(pairs: list[str] | None) -> dict[str, str]:
@@ -155,13 +240,13 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not key:
-            raise CliError(f"error: --env {pair!r}: expected KEY=VALUE (or KEY to pass on $KEY)")
+            raise usage_error(f"error: --env {pair!r}: expected KEY=VALUE (or KEY to pass on $KEY)")
         if not sep:
             if key not in os.environ:
-                raise CliError(f"error: --env {key}: no value given and ${key} is not set here")
+                raise usage_error(f"error: --env {key}: no value given and ${key} is not set here")
             value = os.environ[key]
         if key in env:
-            raise CliError(f"error: --env {key} is given more than once")
+            raise usage_error(f"error: --env {key} is given more than once")
         env[key] = value
     return env
 
@@ -169,20 +254,21 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
 def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
     name, version = _split_ref(args.ref)
     if args.no_wait and (args.watch or args.plain):
-        raise CliError("error: --no-wait returns at once, so there is nothing to --watch", 2)
+        raise usage_error("error: --no-wait returns at once, so there is nothing to --watch")
     env = parse_env(args.env)
     request = deployer_pb.CreateDeploymentRequest(skill=name, request_id=str(uuid.uuid4()), env=env,
                                                   allow_unset_env=args.allow_unset_env)
     try:
         watch.rollout_fields(request, args)
     except argparse.ArgumentTypeError as exc:
-        raise CliError(f"error: {exc}", 2) from None
+        raise usage_error(f"error: {exc}") from None
     if not version:
         skill = client.registry.GetSkill(registry_pb.GetSkillRequest(name=name), timeout=args.timeout).skill
         if not skill.latest_version:
             raise CliError(printable(f"error: {name} has nothing to deploy: {_no_ready_version(client, name, args)}"))
         version = skill.latest_version
-    request.version = version
+    request.version = _exact_version(client, name, version, args)
+    version = request.version
     deployment = client.deployer.CreateDeployment(request, timeout=args.timeout).deployment
     strategy = watch.describe_strategy(deployment)
     print(f"deploying {name}@{version} (deployment {deployment.id}{', ' + strategy if strategy else ''})",
@@ -213,20 +299,20 @@ def _follow(client: Client, args: argparse.Namespace, deployment: deployer_pb.De
                                          get=lambda id_: client.deployer.GetDeployment(
                                              deployer_pb.GetDeploymentRequest(id=id_), timeout=args.timeout).deployment)
     except KeyboardInterrupt:
-        print(f"\nstopped watching; the release goes on. Follow it again with: clawhub watch {deployment.id}",
-              file=sys.stderr)
+        print("\nstopped watching; the release goes on. Follow it again with: clawhub watch "
+              f"{deployment.id}{_at(args)}", file=sys.stderr)
         return 130
     except grpc.RpcError as err:
         # The release goes on in the deployer whatever happened to this stream.
         failure = describe_rpc_error(err, args.gateway)
         raise CliError(f"{failure}\n  the watch broke; follow the release again with: clawhub watch "
-                       f"{deployment.id}", failure.exit_code) from None
+                       f"{deployment.id}{_at(args)}", failure.exit_code) from None
     if last.state == release_pb2.RELEASE_STATE_ACTIVE:
         print(f"{ref} is active")
         return 0
     if last.state not in TERMINAL:
         raise CliError(f"error: the deployer ended the watch while {ref} was {state_name(last.state)}; "
-                       f"follow it again with: clawhub watch {deployment.id}")
+                       f"follow it again with: clawhub watch {deployment.id}{_at(args)}")
     print(f"error: deployment of {ref} ended {state_name(last.state)}: {printable(watch.last_reason(last))}",
           file=sys.stderr)
     return RELEASE_FAILED_EXIT
@@ -247,8 +333,8 @@ def _invoke_request(args: argparse.Namespace) -> gateway_pb.InvokeSkillRequest:
         except json_format.ParseError as exc:
             problem = ("is nested too deeply for the gateway (send it as bytes with --input-file)"
                        if "too deep" in str(exc) else f"is not valid JSON: {exc}")
-            raise CliError(f"error: --input {problem}\n"
-                           "  (pass raw text with --raw, or a file with --input-file)") from None
+            raise usage_error(f"error: --input {problem}\n"
+                              "  (pass raw text with --raw, or a file with --input-file)") from None
     elif args.raw is not None:
         request.raw_input = args.raw.encode()
     elif args.input_file is not None:
@@ -325,7 +411,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         if not skills:
             raise CliError(f"error: no skill named {args.name!r} is published")
     if not skills:
-        print("no skills published yet; try: clawhub publish examples/skills/uppercase")
+        print(f"no skills published yet; try: clawhub publish examples/skills/uppercase{_at(args)}")
         return 0
     rows = [("SKILL", "LATEST", "SERVING", "LAST DEPLOYMENT", "VERDICT")]
     # Under the table: what the columns cannot say (why nothing is Ready, a manual rollback).
@@ -408,7 +494,7 @@ def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
 def _versioned_ref(ref: str) -> tuple[str, str]:
     name, version = _split_ref(ref)
     if not name or not version:
-        raise CliError(f"error: {ref!r}: expected NAME@VERSION, such as com.acme.image-process@1.2.3")
+        raise usage_error(f"error: {ref!r}: expected NAME@VERSION, such as com.acme.image-process@1.2.3")
     return name, version
 
 
@@ -428,13 +514,13 @@ def cmd_yank(client: Client, args: argparse.Namespace) -> int:
 def cmd_tag(client: Client, args: argparse.Namespace) -> int:
     if args.delete:
         if args.version:
-            raise CliError("error: --delete takes no VERSION")
+            raise usage_error("error: --delete takes no VERSION")
         skill = client.registry.DeleteSkillTag(registry_pb.DeleteSkillTagRequest(
             name=args.name, tag=args.tag, request_id=str(uuid.uuid4())), timeout=args.timeout).skill
         print(f"{args.name}: tag {args.tag} removed")
     else:
         if not args.version:
-            raise CliError("error: expected NAME TAG VERSION (or NAME TAG --delete)")
+            raise usage_error("error: expected NAME TAG VERSION (or NAME TAG --delete)")
         skill = client.registry.SetSkillTag(registry_pb.SetSkillTagRequest(
             name=args.name, tag=args.tag, version=args.version, request_id=str(uuid.uuid4())),
             timeout=args.timeout).skill
@@ -459,7 +545,8 @@ def cmd_search(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(client: Client, args: argparse.Namespace) -> int:
-    name, version = _versioned_ref(args.ref)
+    name, version = _split_ref(args.ref)
+    version = _exact_version(client, name, version or "latest", args)
     response = client.registry.ResolveDependencies(registry_pb.ResolveDependenciesRequest(
         name=name, version=version), timeout=args.timeout)
     if not response.dependencies:
@@ -475,14 +562,20 @@ def cmd_resolve(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_ca_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default=os.environ.get("CLAWHUB_TLS_CA_FILE", ""), metavar="FILE",
+                   help="connect over TLS, verifying the server's certificate with this CA file (PEM; default: "
+                        "$CLAWHUB_TLS_CA_FILE; unset: plaintext)")
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """grpc.health.v1 check of a service (for probes: exit 0 only when SERVING); with --all, of the overall
     status and every service name the server lists through reflection (exit 0 only when all are SERVING)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     if args.all and args.service:
-        raise CliError("error: --all checks every service name; give no SERVICE with it", 2)
-    with grpc.insecure_channel(args.address) as channel:
+        raise usage_error("error: --all checks every service name; give no SERVICE with it")
+    with open_channel(args.address, args.tls_ca) as channel:
         try:
             names = ["", *_listed_services(channel, args.timeout)] if args.all else [args.service]
             stub = health_pb2_grpc.HealthStub(channel)
@@ -490,7 +583,8 @@ def cmd_health(args: argparse.Namespace) -> int:
                         for name in names]
         except grpc.RpcError as err:
             print(f"{args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
+            unreachable = err.code() == grpc.StatusCode.UNAVAILABLE and error_info(err) is None
+            return EXIT_UNREACHABLE if unreachable else EXIT_FAILED
     for name, status in statuses:
         label = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
         print(f"{args.address}{'/' + name if name else ''}: {label}")
@@ -518,11 +612,46 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def _port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}: a port is from 1 to 65535 (0 picks a free port)")
+    return value
+
+
+def _executor_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value}: run from 1 to 64 executors")
+    return value
+
+
+UP_PORTS_HELP = f"""\
+ports (each moved with its environment variable; 0 picks a free port):
+  gateway     --gateway-port or CLAWHUB_GATEWAY_PORT  default {DEFAULT_PORTS['gateway']}, the public one
+  registry    CLAWHUB_REGISTRY_PORT                   default {DEFAULT_PORTS['registry']}
+  deployer    CLAWHUB_DEPLOYER_PORT                   default {DEFAULT_PORTS['deployer']}
+  dispatcher  CLAWHUB_DISPATCHER_PORT                 default {DEFAULT_PORTS['dispatcher']}
+  executor    CLAWHUB_EXECUTOR_PORT                   default {DEFAULT_PORTS['executor']}; executor N takes port + N - 1
+The other services find each other by themselves. When the gateway is not on {DEFAULT_GATEWAY}, the clients
+need its address: `export CLAWHUB_GATEWAY=ADDRESS` (or --gateway ADDRESS on each command); the banner says
+so. When stdout is not a terminal, `up` also prints one `LABEL ADDRESS` line per service there once all
+serve, the gateway last, for scripts."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clawhub",
         description="Publish, deploy and serve WebAssembly skills over gRPC.",
-        epilog="Start with `clawhub up` in one terminal, then publish, deploy and invoke in another.",
+        epilog="Start with `clawhub up` in one terminal, then publish, deploy and invoke in another.\n\n"
+               + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -532,20 +661,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gateway address (default: $CLAWHUB_GATEWAY or %(default)s)")
         p.add_argument("--timeout", type=positive_seconds, default=timeout,
                        help="deadline in seconds for the call (default: %(default)s)")
+        _tls_ca_argument(p)
         return p
 
     up = sub.add_parser("up", help="run all five services on this machine until Ctrl-C",
                         description="Run registry, executor(s), deployer, dispatcher and gateway, each in "
-                                    "its own process, with embedded storage (sqlite and files; no Redis).")
+                                    "its own process, with embedded storage (sqlite and files; no Redis).",
+                        epilog=UP_PORTS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--data-dir", default=os.environ.get("CLAWHUB_DATA_DIR", ".clawhub"),
                     help="where sqlite files and blobs live (default: $CLAWHUB_DATA_DIR or %(default)s)")
-    up.add_argument("--executors", type=int, default=1, help="executor processes to run (default: 1)")
+    up.add_argument("--executors", type=_executor_count, default=1,
+                    help="executor processes to run (default: %(default)s)")
     up.add_argument("--host", default="127.0.0.1", help="interface every service binds (default: %(default)s)")
-    up.add_argument("--gateway-port", type=int, default=None,
+    up.add_argument("--gateway-port", type=_port_number, default=None,
                     help="the public port (default: $CLAWHUB_GATEWAY_PORT or 50051; 0 picks a free port)")
 
     p = sub.add_parser("health", help="check a service's grpc.health.v1 status (exit 0 when SERVING)",
-                       description="Check a service's grpc.health.v1 status; exit 0 only when SERVING. The "
+                       description="Check a service's grpc.health.v1 status; exit 0 only when SERVING, 1 when "
+                                   "not (or the check failed), 3 when the address cannot be reached. The "
                                    "gateway's status for the registry and deployer names follows the real ones.")
     p.add_argument("address", nargs="?", default=os.environ.get("CLAWHUB_GATEWAY", DEFAULT_GATEWAY),
                    help="service address, such as 127.0.0.1:50052 (default: the gateway, $CLAWHUB_GATEWAY or "
@@ -555,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the overall status and every service name the server lists, one line each "
                         "(exit 0 only when all are SERVING)")
     p.add_argument("--timeout", type=positive_seconds, default=3.0, help="deadline in seconds (default: %(default)s)")
+    _tls_ca_argument(p)
 
     p = client_command("publish", "publish the skill in a directory (reads skill.toml)", timeout=300)
     p.add_argument("dir", help="skill directory holding skill.toml")
@@ -566,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "release until it is active (exit 0) or has failed and been rolled back (exit 1, with the "
                      "reason). On a terminal the progress is a live display (--watch, the default there); "
                      "otherwise, or with --plain, one line per event.")
-    p.add_argument("ref", metavar="NAME[@VERSION]", help="skill and version (default: the latest version)")
+    p.add_argument("ref", metavar="NAME[@VERSION|@TAG]",
+                   help="skill and exact version or tag, such as stable (default: the latest version)")
     p.add_argument("--no-wait", action="store_true", help="print the deployment id and return at once")
     p.add_argument("--watch", action="store_true",
                    help="live progress display (the default when stderr is a terminal; plain lines otherwise)")
@@ -609,9 +744,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="?", help="keyword, case-insensitive (default: every skill)")
     p.add_argument("--prefix", help="only names starting with this, such as com.acme.")
     p = client_command("resolve", "print the flattened dependency set of a published version")
-    p.add_argument("ref", metavar="NAME@VERSION", help="skill and exact version")
+    p.add_argument("ref", metavar="NAME[@VERSION|@TAG]",
+                   help="skill and exact version or tag, such as stable (default: the latest version)")
     trust.add_commands(sub, DEFAULT_GATEWAY, positive_seconds)
     admin.add_commands(sub, DEFAULT_GATEWAY, positive_seconds)
+    keys.add_commands(sub, DEFAULT_GATEWAY, positive_seconds, _tls_ca_argument)
     return parser
 
 
@@ -651,12 +788,24 @@ def _main(argv: list[str] | None) -> int:
             return exc.exit_code
     if args.command == "keygen":
         return trust.cmd_keygen(args)
-    client = Client(args.gateway, args.timeout, token=trust.credential(args))
     try:
-        command = COMMANDS.get(args.command) or trust.COMMANDS.get(args.command) or admin.COMMANDS[args.command]
+        # An explicit credential (the command's --token / --admin-token, $CLAWHUB_TOKEN) wins over the key
+        # `clawhub up` recorded for this gateway in the credentials file.
+        token = trust.credential(args) or os.environ.get("CLAWHUB_TOKEN", "") or credentials.lookup(args.gateway)
+        client = Client(args.gateway, args.timeout, token=token,
+                        tls_ca=getattr(args, "tls_ca", None) or os.environ.get("CLAWHUB_TLS_CA_FILE", ""))
+    except CliError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    try:
+        command = (COMMANDS.get(args.command) or trust.COMMANDS.get(args.command) or keys.COMMANDS.get(args.command)
+                   or admin.COMMANDS[args.command])
         return command(client, args)
     except grpc.RpcError as err:
         failure = describe_rpc_error(err, args.gateway)
+        info = error_info(err)
+        if hint := trust.credential_hint(info.reason if info else "", args):
+            failure = CliError(f"{failure}\n  {hint}", failure.exit_code)
     except CliError as exc:
         failure = exc
     except KeyboardInterrupt:

@@ -12,8 +12,10 @@ import wasmtime
 from clawhub.common.v1 import skill_pb2
 
 from services.runtime import bundle
+from services.runtime.inputschema import schema_problem
 from services.runtime.names import skill_name_problem, version_problem
 from services.runtime.settings import parse_size
+from services.runtime.wasm import WASM_MAGIC, capability_problem, looks_like_wat, wat_error
 
 MANIFEST_FILE = "skill.toml"
 ABIS = {"wasi-command-v1": skill_pb2.ABI_WASI_COMMAND_V1, "memory-v1": skill_pb2.ABI_MEMORY_V1,
@@ -84,6 +86,9 @@ def load(directory: Path) -> SkillPackage:
     capabilities = doc.get("capabilities", [])
     if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
         raise ManifestError(f"{where}: capabilities must be a list of strings")
+    for i, capability in enumerate(capabilities):
+        if problem := capability_problem(capability):
+            raise ManifestError(f"{where}: capabilities[{i}]: {problem}")
     manifest.capabilities.extend(capabilities)
     args = doc.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
@@ -125,13 +130,18 @@ def load(directory: Path) -> SkillPackage:
     if schema is not None:
         # A string names a JSON file beside the manifest; a table is the schema inline.
         if isinstance(schema, str):
-            text = (directory / schema).read_text(encoding="utf-8")
-        else:
+            path = confined_path(directory, schema, f"{where}: input_schema")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ManifestError(f"{where}: input_schema: cannot read {schema!r}: {exc}") from None
+        elif isinstance(schema, (dict, bool)):
             text = json.dumps(schema)
-        try:
-            json.loads(text)
-        except ValueError as exc:
-            raise ManifestError(f"{where}: input_schema is not valid JSON: {exc}") from None
+        else:
+            raise ManifestError(f"{where}: input_schema must be a table (the schema) or the name of a JSON file")
+        # The registry refuses what this refuses, in the same words (services/runtime/inputschema.py).
+        if problem := schema_problem(text):
+            raise ManifestError(f"{where}: input_schema: {problem}")
         manifest.input_schema = text
     for i, example in enumerate(doc.get("examples", [])):
         ewhere = f"{where}: examples[{i}]"
@@ -189,7 +199,17 @@ def build_module(path: Path) -> bytes:
         raise ManifestError(f"{path}: the module file named in {MANIFEST_FILE} does not exist")
     if path.suffix == ".wat":
         try:
-            return bytes(wasmtime.wat2wasm(path.read_text(encoding="utf-8")))
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{path}: a .wat file must be UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        try:
+            return bytes(wasmtime.wat2wasm(text))
         except wasmtime.WasmtimeError as exc:
-            raise ManifestError(f"{path}: cannot compile WAT: {str(exc).strip().splitlines()[0]}") from None
-    return path.read_bytes()
+            # FILE:LINE:COLUMN, as compilers say it, then the source line.
+            raise ManifestError(wat_error(str(exc), str(path), "cannot compile WAT: ")) from None
+    data = path.read_bytes()
+    if not data.startswith(WASM_MAGIC) and looks_like_wat(data):
+        raise ManifestError(f"{path}: the file is WebAssembly text (WAT), not a binary module: rename it to "
+                            f"{path.with_suffix('.wat').name} (and name that in {MANIFEST_FILE}) so that "
+                            "`clawhub publish` compiles it")
+    return data

@@ -63,6 +63,46 @@ def credential(args: argparse.Namespace) -> str:
     return str(token)
 
 
+def _command(args: argparse.Namespace) -> str:
+    action = getattr(args, "action", None)
+    return f"clawhub {args.command}" + (f" {action}" if action else "")
+
+
+def _source(args: argparse.Namespace, attribute: str, flag: str, variable: str) -> str:
+    """Where the token a command sent came from: its flag or the environment variable that is its default."""
+    value = getattr(args, attribute, "")
+    return f"${variable}" if value and value == os.environ.get(variable) else flag
+
+
+def credential_hint(reason: str, args: argparse.Namespace) -> str:
+    """What to do about a refusal for want of the right token, said for the command being run (the registry's
+    message cannot know it): its flag and environment variable. Empty when there is nothing to add."""
+    command = _command(args)
+    has_admin = hasattr(args, "admin_token")
+    has_token = hasattr(args, "token")
+    admin_sent = has_admin and bool(args.admin_token)
+    if reason in ("ADMIN_REQUIRED", "ADMIN_TOKEN_NOT_CONFIGURED") and has_admin:
+        if reason == "ADMIN_REQUIRED" and admin_sent:
+            where = _source(args, "admin_token", "--admin-token", "CLAWHUB_ADMIN_TOKEN")
+            return f"the admin token sent (from {where}) is not the registry's"
+        once = ", once it is set" if reason == "ADMIN_TOKEN_NOT_CONFIGURED" else ""
+        return f"with clawhub{once}: add --admin-token TOKEN to `{command}`, or export CLAWHUB_ADMIN_TOKEN=TOKEN"
+    if reason == "NAMESPACE_NOT_OWNED" and has_token:
+        also = " (or the admin's: --admin-token, or CLAWHUB_ADMIN_TOKEN)" if has_admin else ""
+        return f"with clawhub: add --token TOKEN to `{command}`, or export CLAWHUB_TOKEN=TOKEN{also}"
+    if reason == "INVALID_TOKEN":
+        # `clawhub admin` sends its admin token itself, not through credential().
+        sent = credential(args) or (args.admin_token if has_admin else "")
+        if admin_sent and sent == args.admin_token:
+            where = _source(args, "admin_token", "--admin-token", "CLAWHUB_ADMIN_TOKEN")
+        elif has_token and sent and sent == args.token:
+            where = _source(args, "token", "--token", "CLAWHUB_TOKEN")
+        else:
+            return ""
+        return f"the token sent came from {where}"
+    return ""
+
+
 def add_token_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=os.environ.get("CLAWHUB_TOKEN", ""),
                         help="publisher token, needed for names in a namespace (default: $CLAWHUB_TOKEN)")

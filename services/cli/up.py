@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from services.cli import credentials
 from services.runtime.datadir import DataDirInUse, lock_data_dir
+from services.runtime.identity import (
+    AUTH_VARIABLE,
+    IDENTITIES_FILE,
+    IDENTITIES_VARIABLE,
+    TOKEN_FILE_VARIABLE,
+    write_credentials,
+)
 from services.runtime.lifeline import LIFELINE_VARIABLE
 from services.runtime.settings import SettingsError, env_float
 
@@ -40,12 +48,20 @@ LISTENING = re.compile(r"^clawhub (\S+) listening on (\S+):(\d+)$")
 DEFAULT_PORTS = {
     "gateway": 50051, "registry": 50052, "deployer": 50053, "dispatcher": 50054, "executor": 50055,
 }
+DEFAULT_GATEWAY = f"127.0.0.1:{DEFAULT_PORTS['gateway']}"
+# Hosts at which a client looking at 127.0.0.1 (the CLI's default) reaches a service bound there.
+_LOOPBACK_REACHABLE = {"127.0.0.1", "localhost", "0.0.0.0", "[::]", "::"}
 START_TIMEOUT = 30.0
 # A service that served this long before it died starts its restart backoff afresh.
 STABLE_SECONDS = 60.0
 # This many deaths within the window are reported as a crash loop (retrying goes on).
 CRASH_LOOP = (6, 60.0)
 TICK_SECONDS = 0.1
+# Where `up` keeps the suite's secrets: one token file per service, the identities file, the registry's admin
+# token (docs/security.md).
+SECRETS_DIR = "secrets"
+ADMIN_TOKEN_FILE = "registry-admin.token"
+ADMIN_TOKEN_VARIABLES = ("CLAWHUB_REGISTRY_ADMIN_TOKEN", "CLAWHUB_REGISTRY_ADMIN_TOKEN_FILE")
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,48 @@ class Suite:
         self.env.pop(LIFELINE_VARIABLE, None)
         self.env["CLAWHUB_DATA_DIR"] = str(data_dir)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        # Secrets go to the one service that needs each, as file paths (`_secrets_of`), never to every child's
+        # environment: the admin token only to the registry, each service token only to its service.
+        self._admin_token = {name: self.env.pop(name) for name in ADMIN_TOKEN_VARIABLES if name in self.env}
+        for name in (TOKEN_FILE_VARIABLE, IDENTITIES_VARIABLE):
+            self.env.pop(name, None)
+        self.internal_auth = self.env.get(AUTH_VARIABLE, "").strip().lower() != "off"
+        self._secret_env: dict[str, dict[str, str]] = {}
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / SECRETS_DIR
+
+    def prepare_secrets(self) -> None:
+        """Create `<data-dir>/secrets/` (0700) on first start: a token per service (0600) and the identities
+        file; later starts reuse them. The admin token given to `up` is written there too (0600), for the
+        registry to read."""
+        secrets = self.secrets_dir
+        if self.internal_auth:
+            write_credentials(secrets)
+            for service in DEFAULT_PORTS:
+                self._secret_env[service] = {TOKEN_FILE_VARIABLE: str(secrets / f"{service}.token"),
+                                             IDENTITIES_VARIABLE: str(secrets / IDENTITIES_FILE)}
+        admin_file = self._admin_token.get("CLAWHUB_REGISTRY_ADMIN_TOKEN_FILE", "")
+        admin_token = self._admin_token.get("CLAWHUB_REGISTRY_ADMIN_TOKEN", "").strip()
+        if admin_token and not admin_file:
+            secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = secrets / ADMIN_TOKEN_FILE
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, admin_token.encode() + b"\n")
+            finally:
+                os.close(fd)
+            os.chmod(path, 0o600)
+            admin_file = str(path)
+        elif admin_token:
+            # Both given: the registry refuses to start, naming them.
+            self._secret_env.setdefault("registry", {})["CLAWHUB_REGISTRY_ADMIN_TOKEN"] = admin_token
+        if admin_file:
+            self._secret_env.setdefault("registry", {})["CLAWHUB_REGISTRY_ADMIN_TOKEN_FILE"] = admin_file
+
+    def _secrets_of(self, service: str) -> dict[str, str]:
+        return self._secret_env.get(service, {})
 
     def say(self, message: str) -> None:
         try:
@@ -175,7 +233,7 @@ class Suite:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{service}"],
-                env={**self.env, **extra, LIFELINE_VARIABLE: str(read_end)},
+                env={**self.env, **extra, **self._secrets_of(service), LIFELINE_VARIABLE: str(read_end)},
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 pass_fds=(read_end,),
                 # Own session: Ctrl-C reaches only `up`, which then stops the services in order.
@@ -222,6 +280,9 @@ class Suite:
         """Start every service, each once the ones it needs serve; returns label → address."""
         stopping = stopping or threading.Event()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_secrets()
+        # Users: an admin API key on the first start, which the registry adopts (services/cli/credentials.py).
+        self._secret_env.setdefault("registry", {}).update(credentials.bootstrap_admin_key(self.secrets_dir))
         host = {f"CLAWHUB_{s.upper()}_HOST": self.host for s in DEFAULT_PORTS}
         registry = self._start("registry", "registry",
                                {**host, "CLAWHUB_REGISTRY_PORT": str(_port(self.env, "registry"))}, stopping)
@@ -247,7 +308,10 @@ class Suite:
             **host, "CLAWHUB_GATEWAY_PORT": str(gateway_port),
             "CLAWHUB_DISPATCHER_ADDRESS": dispatcher.address, "CLAWHUB_REGISTRY_ADDRESS": registry.address,
             "CLAWHUB_DEPLOYER_ADDRESS": deployer.address}, stopping)
-        return {s.label: s.address for s in self.services}
+        addresses = {s.label: s.address for s in self.services}
+        # The CLI on this machine finds the admin key by the gateway's address (like a kubeconfig).
+        credentials.remember_admin_key(addresses["gateway"], self.secrets_dir, self.data_dir)
+        return addresses
 
     def supervise(self, now: float, stopping: threading.Event) -> None:
         """One round of supervision: report deaths, restart the services whose backoff is over, and report
@@ -325,6 +389,33 @@ class Suite:
             self._close_lifeline(child)
 
 
+def clients_find(gateway: str) -> bool:
+    """Whether a client with no --gateway and no CLAWHUB_GATEWAY reaches the gateway at this address."""
+    host, _, port = gateway.rpartition(":")
+    return port == str(DEFAULT_PORTS["gateway"]) and host in _LOOPBACK_REACHABLE
+
+
+def banner(addresses: Mapping[str, str], data_dir: Path) -> str:
+    """What `up` prints once every service serves: each address with its service and role, then commands to
+    try, which tell the clients where the gateway is when they would not find it by default."""
+    gateway = addresses["gateway"]
+    rows = [(label, address, "public: clients talk to this one" if label == "gateway" else "internal")
+            for label, address in addresses.items()]
+    rows.append(("data dir", str(data_dir), ""))
+    width = max(len(label) for label, _, _ in rows)
+    column = max(len(address) for _, address, role in rows if role)
+    lines = [f"  {label:<{width}}  {address:<{column}}  {role}".rstrip() for label, address, role in rows]
+    tries = []
+    if not clients_find(gateway):
+        tries.append(f"  export CLAWHUB_GATEWAY={gateway}   # clients look at {DEFAULT_GATEWAY} otherwise "
+                     "(or give --gateway)")
+    tries += ["  clawhub publish examples/skills/uppercase",
+              "  clawhub deploy com.example.uppercase@1.0.0",
+              "  clawhub invoke com.example.uppercase --input '\"hello\"'"]
+    return ("\nclawhub is up. Services (to move a port: clawhub up --help):\n" + "\n".join(lines)
+            + "\n\nTry it in another terminal:\n" + "\n".join(tries) + "\nPress Ctrl-C to stop.\n")
+
+
 def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) -> int:
     log = sys.stderr
     data_dir = data_dir.resolve()
@@ -349,18 +440,12 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
             suite.say(f"{exc}; stopping")
             suite.stop()
             return 1
-        rows = {**addresses, "data dir": str(suite.data_dir)}
-        width = max(len(label) for label in rows)
-        lines = [f"  {label:<{width}}  {value}" for label, value in rows.items()]
-        print("\nclawhub is up. Services:\n" + "\n".join(lines) + "\n\n"
-              f"Clients talk to the gateway: {addresses['gateway']}\n"
-              f"  clawhub publish examples/skills/uppercase\n"
-              f"  clawhub deploy com.example.uppercase@1.0.0\n"
-              f"  clawhub invoke com.example.uppercase --input '\"hello\"'\n"
-              "Press Ctrl-C to stop.\n", file=log, flush=True)
-        # Machine-readable lines for scripts and tests, `LABEL ADDRESS`, the gateway last.
-        for label, address in sorted(addresses.items(), key=lambda item: item[0] == "gateway"):
-            print(f"{label} {address}", flush=True)
+        print(banner(addresses, suite.data_dir), file=log, flush=True)
+        # For scripts and tests, `LABEL ADDRESS` lines on stdout, the gateway last (`up --help` says so). Not on
+        # a terminal, where they would only repeat the banner.
+        if not sys.stdout.isatty():
+            for label, address in sorted(addresses.items(), key=lambda item: item[0] == "gateway"):
+                print(f"{label} {address}", flush=True)
         while not stopping.wait(TICK_SECONDS):
             suite.supervise(time.monotonic(), stopping)
         print("\nclawhub up: stopping (gateway first)…", file=log, flush=True)

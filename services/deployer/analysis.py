@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from clawhub.deployer.v1 import deployer_internal_pb2 as internal_pb
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
 
 from services.deployer.plan import Thresholds, duration
@@ -26,7 +27,7 @@ class Tally:
     retried: int = 0
     latency: Histogram = field(default_factory=Histogram)
 
-    def add(self, report: pb.VersionStatsReport) -> None:
+    def add(self, report: internal_pb.VersionStatsReport) -> None:
         self.requests += report.requests
         self.failures += min(report.failures, report.requests)
         self.retried += report.retried
@@ -84,7 +85,7 @@ def breach(tally: Tally, thresholds: Thresholds) -> str | None:
 MAX_REPORTS = 1000
 
 
-def report_problem(request: pb.ReportStatsRequest) -> tuple[str, str] | None:
+def report_problem(request: internal_pb.ReportStatsRequest) -> tuple[str, str] | None:
     """(field, problem) of a malformed stats report, or None."""
     if not request.dispatcher_id:
         return "dispatcher_id", "dispatcher_id is required: the id the dispatcher gave to WatchRoutes"

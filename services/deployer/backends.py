@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.deployer.model import DeploymentRecord
 from services.runtime.channels import channel
-from services.runtime.errors import error_info, upstream_error
+from services.runtime.errors import upstream_error
 
 
 class VersionSource(Protocol):
@@ -59,13 +59,6 @@ class ExecutorFleet(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def describe_error(err: grpc.aio.AioRpcError) -> str:
-    """`CODE REASON: message` of a failed call, for transition reasons and progress messages."""
-    info = error_info(err)
-    reason = f" {info.reason}" if info is not None else ""
-    return f"{err.code().name}{reason}: {err.details() or 'no details'}"
 
 
 class GrpcRegistry:

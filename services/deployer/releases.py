@@ -32,12 +32,13 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from clawhub.common.v1 import skill_pb2
+from clawhub.deployer.v1 import deployer_internal_pb2 as internal_pb
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
 from grpc_health.v1 import health_pb2
 
 from services.deployer import breaker
 from services.deployer.analysis import Tally, breach
-from services.deployer.backends import ExecutorFleet, describe_error
+from services.deployer.backends import ExecutorFleet
 from services.deployer.breaker import BreakerSettings
 from services.deployer.events import EventBus
 from services.deployer.model import (
@@ -61,7 +62,7 @@ from services.deployer.statemachine import (
     state_name,
 )
 from services.deployer.store import DeploymentStore, StoredRoute
-from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.errors import Reason, ServiceError, describe_error, invalid
 
 log = logging.getLogger("clawhub.deployer")
 
@@ -338,7 +339,7 @@ class Releaser:
             await self._store.save_request("rollback", request_id, target.id, release.restored_generation)
         return target, release.restored_generation
 
-    async def report_stats(self, request: pb.ReportStatsRequest) -> None:
+    async def report_stats(self, request: internal_pb.ReportStatsRequest) -> None:
         """Add a dispatcher's report to the running releases it concerns, and trip any breach at once."""
         for report in request.reports:
             release = self._releases.get(report.skill)
@@ -438,7 +439,8 @@ class Releaser:
                     await self._store.append_event(record.id, response, limit=MAX_LOGGED_EVENTS,
                                                    keep=kind == pb.DEPLOYMENT_EVENT_KIND_STATE_CHANGED)
                 except Exception as exc:  # noqa: BLE001 - the log is for people: a release must not fail over it
-                    log.warning("event %d of deployment %s could not be logged: %s", sequence, record.id, exc)
+                    log.warning("event %d of deployment %s could not be logged: %s", sequence, record.id,
+                                describe_error(exc))
             self._events.publish(response)
 
     async def _pushed(self, record: DeploymentRecord, generation: int, weight: int, note: str = "") -> None:
@@ -505,7 +507,7 @@ class Releaser:
         except Exception as exc:  # noqa: BLE001 - a rollout must end in a settled state
             log.exception("deployment %s failed unexpectedly", record.id)
             try:
-                await self._fail(record, f"internal error: {exc}", previous)
+                await self._fail(record, f"internal error: {describe_error(exc)}", previous)
             except Exception:  # noqa: BLE001
                 log.exception("deployment %s could not be marked failed; a restart settles it", record.id)
         finally:
@@ -686,7 +688,7 @@ class Releaser:
             outcome, generation = await self._restore(record, previous)
         except Exception as exc:  # noqa: BLE001 - recorded as the reason the rollback failed
             log.exception("rollback of deployment %s failed", record.id)
-            outcome = f"rollback failed: {exc}"
+            outcome = f"rollback failed: {describe_error(exc)}"
         if record.plan is not None or record.verdict != pb.ANALYSIS_VERDICT_UNSPECIFIED:
             await self._store.save_analysis(record)
         # Before the final transition: once the skill is free again, a new deploy may load the same digest.
@@ -783,8 +785,8 @@ class Releaser:
         except Exception as exc:
             if current.state == ROLLING_BACK:
                 try:
-                    await self._transition(current, ACTIVE, f"rollback to {target.version} failed: {exc}",
-                                           final=True)
+                    await self._transition(current, ACTIVE,
+                                           f"rollback to {target.version} failed: {describe_error(exc)}", final=True)
                 except Exception:  # noqa: BLE001
                     log.exception("deployment %s could not be settled; a restart settles it", current.id)
             raise

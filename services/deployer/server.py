@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from clawhub.deployer.v1 import deployer_internal_pb2 as internal_pb
+from clawhub.deployer.v1 import deployer_internal_pb2_grpc as internal_grpc
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as pb_grpc
 
@@ -18,10 +20,16 @@ from services.deployer.routes import RouteHub
 from services.deployer.servicer import DeployerServicer
 from services.deployer.settings import Settings
 from services.deployer.store import SqliteDeploymentStore
+from services.runtime.auth import Authenticator, RegistryResolver, UserAuthInterceptor
+from services.runtime.channels import channel, outgoing
 from services.runtime.datadir import lock_data_dir
+from services.runtime.identity import outgoing_security
+from services.runtime.policy import PUBLIC_RULES
 from services.runtime.server import Closer, ServiceHost, create_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeployerService"].full_name
+# The route-table and stats feeds of dispatchers; served here, never relayed by the gateway.
+INTERNAL_SERVICE_NAME = internal_pb.DESCRIPTOR.services_by_name["DeployerInternalService"].full_name
 DB_FILE = "deployer.sqlite3"
 
 
@@ -52,10 +60,17 @@ async def build_server(settings: Settings, *, registry: VersionSource | None = N
     `settings.executor_addresses`; other implementations may be passed instead (the host closes them).
     `clock` (nanoseconds since the epoch) times transitions and the circuit breaker; tests move it.
     The data directory is locked first (DataDirInUse when another live process holds it), released last.
+    Its calls carry its platform token.
     """
+    with outgoing(outgoing_security(settings.identity, settings.tls)):
+        return await _build(settings, registry=registry, fleet=fleet, clock=clock)
+
+
+async def _build(settings: Settings, *, registry: VersionSource | None, fleet: ExecutorFleet | None,
+                 clock: Callable[[], int]) -> DeployerHost:
     lock = lock_data_dir(settings.data_dir, owner="deployer", variable="CLAWHUB_DEPLOYER_DATA_DIR")
     try:
-        store = await SqliteDeploymentStore.open(settings.data_dir / DB_FILE)
+        store = await SqliteDeploymentStore.open(settings.data_dir / DB_FILE, key_file=settings.key_file)
     except BaseException:
         lock.release()
         raise
@@ -71,11 +86,22 @@ async def build_server(settings: Settings, *, registry: VersionSource | None = N
         servicer = DeployerServicer(store, hub, events, releaser, registry,
                                     registry_timeout=settings.registry_timeout, defaults=settings.release)
 
+        # Users' permissions, checked again here (the gateway checked them first; keys are resolved by the
+        # registry, each answer cached for at most a second), and the audit log of deploys and rollbacks.
+        keys = channel(settings.registry_address)
+        users = UserAuthInterceptor(
+            Authenticator(settings.auth, RegistryResolver(keys)),
+            {m: r for m, r in PUBLIC_RULES.items() if m.startswith(f"/{SERVICE_NAME}/")},
+            audit=servicer.record_audit, platform_exempt=True, enforce=settings.auth.enabled)
+
         def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_DeployerServiceServicer_to_server(servicer, server)
+            internal_grpc.add_DeployerInternalServiceServicer_to_server(servicer, server)
 
-        base = create_server("deployer", [SERVICE_NAME], host=settings.host, port=settings.port,
-                             grace_seconds=settings.grace, register=register)
+        base = create_server("deployer", [SERVICE_NAME, INTERNAL_SERVICE_NAME], host=settings.host, port=settings.port,
+                             grace_seconds=settings.grace, register=register, identity=settings.identity,
+                             interceptors=[users],
+                             tls=settings.tls.server, rate_limits=settings.rate_limits)
     except BaseException:
         await registry.close()
         await fleet.close()
@@ -89,5 +115,5 @@ async def build_server(settings: Settings, *, registry: VersionSource | None = N
         events.close()
 
     host.before_drain.append(end_streams)
-    host.closers.extend([releaser.close, registry.close, fleet.close, store.close, lock.close])
+    host.closers.extend([releaser.close, registry.close, fleet.close, store.close, lock.close, keys.close])
     return host

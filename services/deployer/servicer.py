@@ -9,12 +9,15 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from clawhub.common.v1 import skill_pb2
+from clawhub.common.v1 import audit_pb2, skill_pb2
+from clawhub.deployer.v1 import deployer_internal_pb2 as internal_pb
+from clawhub.deployer.v1 import deployer_internal_pb2_grpc as internal_grpc
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as pb_grpc
+from google.protobuf.message import Message
 
 from services.deployer.analysis import report_problem
 from services.deployer.backends import VersionSource
@@ -23,8 +26,10 @@ from services.deployer.model import DeploymentRecord
 from services.deployer.plan import Defaults, resolve
 from services.deployer.releases import Releaser
 from services.deployer.routes import RouteHub
+from services.deployer.secrets import REDACTOR
 from services.deployer.statemachine import READY, SETTLED, state_name
 from services.deployer.store import DeploymentStore
+from services.runtime.auth import AuditRecord, authorize, current_principal
 from services.runtime.errors import Reason, ServiceError, invalid
 from services.runtime.linking import ROOT
 from services.runtime.names import skill_name_problem, version_problem
@@ -101,11 +106,21 @@ def decode_page_token(token: str, skill: str) -> int:
     return before
 
 
+_M = TypeVar("_M", bound=Message)
+
+
+def _masked(response: _M) -> _M:
+    """`response` with every known env value replaced by `[redacted]` in its text (reasons, messages): a
+    Deployment carries env names only, but a failure's text may quote a value (a smoke example that printed
+    it). The deployer's public responses all pass through here; only the internal route feed carries values."""
+    return REDACTOR.redact_message(response)
+
+
 # How long a WatchDeployment stream waits for an event before it re-reads the deployment.
 WATCH_RECHECK_SECONDS = 1.0
 
 
-class DeployerServicer(pb_grpc.DeployerServiceServicer):
+class DeployerServicer(pb_grpc.DeployerServiceServicer, internal_grpc.DeployerInternalServiceServicer):
     def __init__(self, store: DeploymentStore, hub: RouteHub, events: EventBus, releaser: Releaser,
                  registry: VersionSource, *, registry_timeout: float, defaults: Defaults | None = None) -> None:
         self._store = store
@@ -134,7 +149,7 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
             found = await self._releaser.find_request("create", request.request_id)
             if found is not None and (found[0].skill, found[0].version, found[0].requested_env()) == (
                     request.skill, request.version, dict(request.env)):
-                return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(found[0]))
+                return _masked(pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(found[0])))
         remaining = context.time_remaining()
         timeout = min(self._registry_timeout, remaining if remaining is not None else math.inf)
         version = await self._registry.get_skill_version(request.skill, request.version, timeout=timeout)
@@ -162,7 +177,7 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
             capabilities=list(manifest.capabilities), examples=list(manifest.examples),
             dependencies=dependencies, declared_env=env_names(manifest.capabilities),
             allow_unset_env=request.allow_unset_env)
-        return pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record))
+        return _masked(pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record)))
 
     async def _check_canary_possible(self, skill: str, version: str, digest: str) -> None:
         """A canary splits traffic and stats by module digest: a redeploy of the module that serves now
@@ -195,10 +210,19 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
             dependency.required_by.extend(required_by)
         return resolved
 
+    @staticmethod
+    def _check_scope(record: DeploymentRecord, permission: str) -> None:
+        """A deployment read by id: the caller's scopes must cover its skill (the gateway could not tell which
+        skill an id is for)."""
+        principal = current_principal()
+        if principal is not None and principal.scopes is not None:
+            authorize(principal, permission, record.skill)
+
     async def GetDeployment(self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],
                             ) -> pb.GetDeploymentResponse:
         record = await self._get(request.id)
-        return pb.GetDeploymentResponse(deployment=self._releaser.to_proto(record))
+        self._check_scope(record, "deployments.read")
+        return _masked(pb.GetDeploymentResponse(deployment=self._releaser.to_proto(record)))
 
     async def ListDeployments(self, request: pb.ListDeploymentsRequest, context: grpc.aio.ServicerContext[Any, Any],
                               ) -> pb.ListDeploymentsResponse:
@@ -211,15 +235,15 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
         # One extra row tells whether another page follows.
         records = await self._store.list_deployments(request.skill, before, size + 1)
         token = encode_page_token(request.skill, records[size - 1].seq) if len(records) > size else ""
-        return pb.ListDeploymentsResponse(
-            deployments=[self._releaser.to_proto(r) for r in records[:size]], next_page_token=token)
+        return _masked(pb.ListDeploymentsResponse(
+            deployments=[self._releaser.to_proto(r) for r in records[:size]], next_page_token=token))
 
     async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext[Any, Any],
                        ) -> pb.RollbackResponse:
         _check_skill(request.skill)
         record, generation = await self._releaser.rollback(request.skill, request.request_id)
         fresh = await self._store.get_deployment(record.id) or record
-        return pb.RollbackResponse(deployment=self._releaser.to_proto(fresh), generation=generation)
+        return _masked(pb.RollbackResponse(deployment=self._releaser.to_proto(fresh), generation=generation))
 
     async def WatchDeployment(self, request: pb.WatchDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],
                               ) -> AsyncIterator[pb.WatchDeploymentResponse]:
@@ -229,12 +253,13 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
         queue = self._events.subscribe(request.id)
         try:
             record = await self._get(request.id)
+            self._check_scope(record, "deployments.watch")
             logged = await self._store.list_events(request.id)
-            yield pb.WatchDeploymentResponse(deployment=self._releaser.to_proto(record),
-                                             message=f"currently {state_name(record.state)}")
+            yield _masked(pb.WatchDeploymentResponse(deployment=self._releaser.to_proto(record),
+                                                     message=f"currently {state_name(record.state)}"))
             sent = 0
             for response in logged:
-                yield response
+                yield _masked(response)
                 sent = response.sequence
             # The log was read after the record: its last event is at least as new (a deployment from before
             # the log existed has none, and its record says).
@@ -249,8 +274,8 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                     # watcher still learns that the release ended instead of waiting for its deadline.
                     record = await self._get(request.id)
                     if record.state in SETTLED:
-                        yield pb.WatchDeploymentResponse(deployment=self._releaser.to_proto(record),
-                                                         message=f"ended {state_name(record.state)}")
+                        yield _masked(pb.WatchDeploymentResponse(deployment=self._releaser.to_proto(record),
+                                                                 message=f"ended {state_name(record.state)}"))
                         return
                     continue
                 if event is None:
@@ -261,29 +286,55 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer):
                 if event.sequence <= sent:
                     continue
                 sent = event.sequence
-                yield event
+                yield _masked(event)
                 if event.deployment.state in SETTLED:
                     return
         finally:
             self._events.unsubscribe(request.id, queue)
 
-    async def WatchRoutes(self, request: pb.WatchRoutesRequest, context: grpc.aio.ServicerContext[Any, Any],
-                          ) -> AsyncIterator[pb.WatchRoutesResponse]:
-        async for table in self._hub.watch(request.dispatcher_id):
-            yield pb.WatchRoutesResponse(route_table=table)
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext[Any, Any],
+                              ) -> pb.ListAuditEventsResponse:
+        if request.page_size < 0:
+            raise invalid(Reason.INVALID_ARGUMENT, "page_size", "page_size must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        before = None
+        if request.page_token:
+            try:
+                before = int(base64.urlsafe_b64decode(request.page_token.encode()).decode().removeprefix("audit/"))
+            except (ValueError, binascii.Error, UnicodeError):
+                raise invalid(Reason.INVALID_PAGE_TOKEN, "page_token",
+                              "the page token is not one this deployer issued; start without one") from None
+        rows = await self._store.list_audit(before, size + 1)
+        events = []
+        for seq, time_ns, principal, method, target, request_id, outcome in rows[:size]:
+            event = audit_pb2.AuditEvent(sequence=seq, principal=principal, method=method, target=target,
+                                         request_id=request_id, outcome=outcome, service="deployer")
+            event.time.FromNanoseconds(time_ns)
+            events.append(event)
+        token = base64.urlsafe_b64encode(f"audit/{rows[size - 1][0]}".encode()).decode() if len(rows) > size else ""
+        return pb.ListAuditEventsResponse(events=events, next_page_token=token)
 
-    async def AcknowledgeRoutes(self, request: pb.AcknowledgeRoutesRequest, context: grpc.aio.ServicerContext[Any, Any],
-                                ) -> pb.AcknowledgeRoutesResponse:
+    async def record_audit(self, event: AuditRecord) -> None:
+        await self._store.append_audit(event.time_ns, event.principal, event.method, event.target,
+                                       event.request_id, event.outcome)
+
+    async def WatchRoutes(self, request: internal_pb.WatchRoutesRequest, context: grpc.aio.ServicerContext[Any, Any],
+                          ) -> AsyncIterator[internal_pb.WatchRoutesResponse]:
+        async for table in self._hub.watch(request.dispatcher_id):
+            yield internal_pb.WatchRoutesResponse(route_table=table)
+
+    async def AcknowledgeRoutes(self, request: internal_pb.AcknowledgeRoutesRequest,
+                                context: grpc.aio.ServicerContext[Any, Any]) -> internal_pb.AcknowledgeRoutesResponse:
         if not request.dispatcher_id:
             raise invalid(Reason.INVALID_ARGUMENT, "dispatcher_id",
                           "dispatcher_id is required: the id the dispatcher gave to WatchRoutes")
         self._hub.acknowledge(request.dispatcher_id, request.generation)
-        return pb.AcknowledgeRoutesResponse()
+        return internal_pb.AcknowledgeRoutesResponse()
 
-    async def ReportStats(self, request: pb.ReportStatsRequest, context: grpc.aio.ServicerContext[Any, Any],
-                          ) -> pb.ReportStatsResponse:
+    async def ReportStats(self, request: internal_pb.ReportStatsRequest, context: grpc.aio.ServicerContext[Any, Any],
+                          ) -> internal_pb.ReportStatsResponse:
         problem = report_problem(request)
         if problem is not None:
             raise invalid(Reason.INVALID_ARGUMENT, *problem)
         await self._releaser.report_stats(request)
-        return pb.ReportStatsResponse()
+        return internal_pb.ReportStatsResponse()

@@ -7,7 +7,12 @@ from pathlib import Path
 
 from services.deployer.breaker import BreakerSettings
 from services.deployer.plan import Defaults, Thresholds, weights_problem
+from services.deployer.secrets import KEY_FILE
+from services.runtime.auth import AuthSettings
+from services.runtime.identity import PlatformIdentity, identity_from_env
+from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_list, env_str
+from services.runtime.tls import TlsSettings
 
 
 def _default_data_dir() -> Path:
@@ -24,6 +29,9 @@ class Settings:
     """Port to listen on; 0 picks a free one (`CLAWHUB_DEPLOYER_PORT`, default 50053)."""
     data_dir: Path = field(default_factory=_default_data_dir)
     """Where `deployer.sqlite3` lives (`CLAWHUB_DEPLOYER_DATA_DIR`, default `$CLAWHUB_DATA_DIR/deployer`)."""
+    secrets_key_file: Path | None = None
+    """The key file that encrypts deploy-time env values at rest (`CLAWHUB_DEPLOYER_SECRETS_KEY_FILE`, default
+    `secrets.key` in the data directory; created with mode 0600 on first start; see docs/security.md)."""
     registry_address: str = "127.0.0.1:50052"
     """The registry, asked whether a version is Ready (`CLAWHUB_REGISTRY_ADDRESS`, default 127.0.0.1:50052)."""
     executor_addresses: tuple[str, ...] = ("127.0.0.1:50055",)
@@ -49,8 +57,25 @@ class Settings:
     """The deployment circuit breaker: `CLAWHUB_DEPLOYER_BREAKER_FAILURES` failed deployments of a skill
     (default 3; 0 turns it off) within `CLAWHUB_DEPLOYER_BREAKER_WINDOW` seconds (default 600) refuse its
     next deployments until `CLAWHUB_DEPLOYER_BREAKER_RESET` seconds (default 300) after the last failure."""
+    identity: PlatformIdentity | None = None
+    """Its platform token and the platform's identities (`CLAWHUB_SERVICE_TOKEN_FILE`,
+    `CLAWHUB_PLATFORM_IDENTITIES_FILE`; docs/security.md). None: internal auth off (`CLAWHUB_INTERNAL_AUTH=off`;
+    the default here, so that tests can build servers directly; from_env requires one or the other)."""
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    """Users' credentials and roles (`CLAWHUB_USER_AUTH`, `CLAWHUB_ANONYMOUS_ROLES`, `CLAWHUB_JWT_*`;
+    services/runtime/auth.py). Default here: off, so that tests can build servers directly; from_env: on."""
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    """TLS of its port and of its calls (`CLAWHUB_TLS_*`; services/runtime/tls.py); default plaintext."""
+    rate_limits: RateLimitSettings | None = None
+    """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
+    servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
     progress_interval: float = 0.25
     """Seconds between two analysis progress events of a running release (not configurable by env)."""
+
+    @property
+    def key_file(self) -> Path:
+        """Where the secrets keys are: `secrets_key_file`, or `secrets.key` in the data directory."""
+        return self.secrets_key_file or self.data_dir / KEY_FILE
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -59,12 +84,17 @@ class Settings:
             host=env_str("CLAWHUB_DEPLOYER_HOST", defaults.host),
             port=env_int("CLAWHUB_DEPLOYER_PORT", defaults.port, minimum=0),
             data_dir=Path(env_str("CLAWHUB_DEPLOYER_DATA_DIR", str(defaults.data_dir))).expanduser(),
+            secrets_key_file=_optional_path("CLAWHUB_DEPLOYER_SECRETS_KEY_FILE"),
             registry_address=env_str("CLAWHUB_REGISTRY_ADDRESS", defaults.registry_address),
             executor_addresses=env_list("CLAWHUB_EXECUTOR_ADDRESSES", ",".join(defaults.executor_addresses)),
             ack_timeout=env_float("CLAWHUB_DEPLOY_ACK_TIMEOUT", defaults.ack_timeout, minimum=0.0),
             load_timeout=env_float("CLAWHUB_DEPLOY_LOAD_TIMEOUT", defaults.load_timeout, minimum=0.1),
             registry_timeout=env_float("CLAWHUB_DEPLOYER_REGISTRY_TIMEOUT", defaults.registry_timeout, minimum=0.1),
             grace=env_float("CLAWHUB_SHUTDOWN_GRACE", defaults.grace, minimum=0.0),
+            identity=identity_from_env("deployer"),
+            auth=AuthSettings.from_env(),
+            tls=TlsSettings.from_env(),
+            rate_limits=RateLimitSettings.from_env(),
             release=_release_defaults(defaults.release),
             breaker=BreakerSettings(
                 failures=env_int("CLAWHUB_DEPLOYER_BREAKER_FAILURES", defaults.breaker.failures, minimum=0),
@@ -73,6 +103,11 @@ class Settings:
                 reset_seconds=env_float("CLAWHUB_DEPLOYER_BREAKER_RESET", defaults.breaker.reset_seconds,
                                         minimum=0.0)),
         )
+
+
+def _optional_path(variable: str) -> Path | None:
+    raw = env_str(variable, "")
+    return Path(raw).expanduser() if raw else None
 
 
 def _release_defaults(base: Defaults) -> Defaults:

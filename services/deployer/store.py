@@ -3,13 +3,21 @@
 The route table is stored per skill (which deployment serves it and its `Route`) plus one global generation
 number, so a restarted deployer serves the same table at the same generation. Schema changes are appended to
 `MIGRATIONS`; `schema_version` records how many have been applied.
+
+Deploy-time env values are secrets (services/deployer/secrets.py): a deployment's `env` column and a route's
+`route` blob (its targets carry the values) are Fernet tokens, each with the id of the key that sealed it
+(`env_key`, `route_key`); reasons and logged events are redacted before they are written. The directory is
+0700 and the database files 0600 whatever the umask; deleted content is zeroed (`secure_delete`), and a
+database that held plain or old-key values is vacuumed and its WAL truncated once they are re-sealed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,8 +30,12 @@ from google.protobuf import json_format
 from services.deployer.analysis import Tally
 from services.deployer.model import DeploymentRecord, RolledBack, Transition, Verdict
 from services.deployer.plan import Plan
+from services.deployer.secrets import KEY_FILE, REDACTOR, Keyring, SecretsKeyError, install_log_redaction, load_keyring
 from services.deployer.statemachine import ACTIVE, DEPLOYING, FAILED, IN_FLIGHT, State
+from services.runtime.datadir import private_dir, private_files
 from services.runtime.sqlite import write_transaction
+
+log = logging.getLogger("clawhub.deployer")
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,11 @@ class DeploymentStore(Protocol):
         ...
 
     async def load_routes(self) -> RouteSnapshot: ...
+
+    async def append_audit(self, time_ns: int, principal: str, method: str, target: str, request_id: str,
+                           outcome: str) -> None: ...
+
+    async def list_audit(self, before: int | None, limit: int) -> list[tuple[int, int, str, str, str, str, str]]: ...
 
     async def save_route(self, generation: int, skill: str, entry: StoredRoute | None) -> None:
         """Set (or with None, remove) one skill's route and the table's generation, atomically."""
@@ -187,11 +204,57 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE deployments ADD COLUMN inherited_env TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE deployments ADD COLUMN rolled_back TEXT NOT NULL DEFAULT '';
     """,
+    # 6: env values encrypted at rest (issue 11): the id of the key that sealed a deployment's `env` (a Fernet
+    # token from now on) and a route's `route` blob; '' marks a row still in plain text, which the store seals
+    # when it opens (`_seal`). The Python step redacts the plain values from the text already written.
+    """
+    ALTER TABLE deployments ADD COLUMN env_key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE routes ADD COLUMN route_key TEXT NOT NULL DEFAULT '';
+    """,
+    # 7: the audit log of deploys and rollbacks (issue 11): who, what, when, request id, outcome.
+    """
+    CREATE TABLE audit_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        time_ns INTEGER NOT NULL,
+        principal TEXT NOT NULL,
+        method TEXT NOT NULL,
+        target TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        outcome TEXT NOT NULL
+    );
+    """,
 )
 
 _COLUMNS = ("seq, id, skill, version, digest, limits, state, previous_id, previous_version, "
             "create_ns, update_ns, env, args, bundle_digest, capabilities, plan, verdict, verdict_reason, stats, "
-            "dependencies, inherited_env, rolled_back")
+            "dependencies, inherited_env, rolled_back, env_key")
+
+
+async def _redact_plain_text(db: aiosqlite.Connection) -> None:
+    """Migration 6's data step: env values in plain text may have reached reasons and logged events (a smoke
+    example printing its secret); replace them there before the values themselves are sealed."""
+    values: set[str] = set()
+    for (env,) in await db.execute_fetchall("SELECT env FROM deployments WHERE env_key = ''"):
+        values.update(str(v) for v in json.loads(env or "{}").values())
+    REDACTOR.add(values)
+    if not values:
+        return
+    for rowid, reason in list(await db.execute_fetchall("SELECT rowid, reason FROM transitions")):
+        if REDACTOR.redact(reason) != reason:
+            await db.execute("UPDATE transitions SET reason = ? WHERE rowid = ?", (REDACTOR.redact(reason), rowid))
+    for rowid, reason in list(await db.execute_fetchall("SELECT rowid, verdict_reason FROM deployments")):
+        if REDACTOR.redact(reason) != reason:
+            await db.execute("UPDATE deployments SET verdict_reason = ? WHERE rowid = ?",
+                             (REDACTOR.redact(reason), rowid))
+    for rowid, blob in list(await db.execute_fetchall("SELECT rowid, response FROM deployment_events")):
+        event = pb.WatchDeploymentResponse.FromString(bytes(blob))
+        cleaned = REDACTOR.redact_message(event).SerializeToString()
+        if cleaned != bytes(blob):
+            await db.execute("UPDATE deployment_events SET response = ? WHERE rowid = ?", (cleaned, rowid))
+
+
+# Steps in Python run after a migration's SQL, in its transaction.
+_DATA_STEPS: dict[int, Callable[[aiosqlite.Connection], Awaitable[None]]] = {6: _redact_plain_text}
 
 
 def dependencies_to_json(dependencies: Sequence[skill_pb2.ResolvedDependency]) -> str:
@@ -205,13 +268,22 @@ def dependencies_from_json(text: str) -> list[skill_pb2.ResolvedDependency]:
 class SqliteDeploymentStore:
     """aiosqlite (WAL) backend. One connection; a lock keeps each operation's statements together."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, keyring: Keyring) -> None:
         self._db = db
+        self._keyring = keyring
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteDeploymentStore:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    async def open(cls, path: Path, key_file: Path | None = None) -> SqliteDeploymentStore:
+        """Open (creating, migrating) the database at `path`, with env values sealed by the keys of `key_file`
+        (default: `secrets.key` next to the database; created when missing and nothing is sealed yet).
+        SecretsKeyError (one line) when the key file is unusable or lacks a key the database needs."""
+        private_dir(path.parent)
+        files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+        # sqlite gives the -wal and -shm files the mode of the database file: create it 0600 first.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        private_files(*files)
+        install_log_redaction()
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) where several writes
         # must land together.
         db = await aiosqlite.connect(path, isolation_level=None)
@@ -220,11 +292,92 @@ class SqliteDeploymentStore:
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=5000")
+            # Deleted and overwritten content is zeroed, not left in free pages; temporary tables and
+            # VACUUM's copy stay in memory, not in a file outside this directory.
+            await db.execute("PRAGMA secure_delete=ON")
+            await db.execute("PRAGMA temp_store=MEMORY")
             await cls._migrate(db)
+            sealed = list(await db.execute_fetchall(
+                "SELECT 1 FROM deployments WHERE env_key != '' UNION ALL "
+                "SELECT 1 FROM routes WHERE route_key != '' LIMIT 1"))
+            keyring = load_keyring(key_file or path.parent / KEY_FILE, create=not sealed)
+            store = cls(db, keyring)
+            if await store._seal():
+                # Plain or old-key values are gone from the tables; rewrite the file and empty the WAL so
+                # that no copy of them stays behind in free pages or old frames.
+                await db.execute("VACUUM")
+            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            private_files(*files)
         except BaseException:
             await db.close()
             raise
-        return cls(db)
+        return store
+
+    async def _seal(self) -> bool:
+        """Check that every sealed row decrypts, learn its values (for redaction), and re-seal under the
+        newest key the rows that are plain (from before migration 6) or sealed with an older key; whether any
+        was. Runs before the store serves, so needs no lock."""
+        db, keyring = self._db, self._keyring
+        kids = {str(r[0]) for r in await db.execute_fetchall(
+            "SELECT DISTINCT env_key FROM deployments UNION SELECT DISTINCT route_key FROM routes")}
+        for kid in sorted(kids - {"", *keyring.ids}):
+            rows = list(await db.execute_fetchall(
+                "SELECT (SELECT COUNT(*) FROM deployments WHERE env_key = ?) + "
+                "(SELECT COUNT(*) FROM routes WHERE route_key = ?)", (kid, kid)))
+            raise SecretsKeyError(
+                f"deployer: the secrets key file {keyring.path} does not hold key {kid}, which encrypted the env "
+                f"values of {int(rows[0][0])} stored deployments and routes; restore the key file that was in "
+                f"use (or add that key back as a line of it), or point CLAWHUB_DEPLOYER_SECRETS_KEY_FILE at it "
+                "(docs/security.md)")
+        resealed = 0
+        async with write_transaction(db):
+            for deployment_id, env_text, kid in list(await db.execute_fetchall(
+                    "SELECT id, env, env_key FROM deployments")):
+                env = self._open_env(str(deployment_id), env_text, str(kid))
+                REDACTOR.add(env.values())
+                if kid != keyring.primary:
+                    new_kid, token = self._seal_env(str(deployment_id), env)
+                    await db.execute("UPDATE deployments SET env = ?, env_key = ? WHERE id = ?",
+                                     (token, new_kid, deployment_id))
+                    resealed += 1
+            for skill, blob, kid in list(await db.execute_fetchall("SELECT skill, route, route_key FROM routes")):
+                route = self._open_route(str(skill), bytes(blob), str(kid))
+                if kid != keyring.primary:
+                    new_kid, sealed = self._seal_route(route)
+                    await db.execute("UPDATE routes SET route = ?, route_key = ? WHERE skill = ?",
+                                     (sealed, new_kid, skill))
+                    resealed += 1
+        if resealed:
+            log.info("sealed the env values of %d stored deployments and routes with key %s of %s", resealed,
+                     keyring.primary, keyring.path)
+        return resealed > 0
+
+    def _seal_env(self, deployment_id: str, env: dict[str, str]) -> tuple[str, str]:
+        # The deployment id is sealed with the values: a token copied onto another row does not decrypt there.
+        plaintext = json.dumps({"deployment": deployment_id, "env": env}, sort_keys=True).encode()
+        kid, token = self._keyring.encrypt(plaintext)
+        return kid, token.decode("ascii")
+
+    def _open_env(self, deployment_id: str, text: str, kid: str) -> dict[str, str]:
+        if not kid:  # plain, from before migration 6: sealed by `_seal` on open
+            return {str(k): str(v) for k, v in json.loads(text or "{}").items()}
+        what = f"deployment {deployment_id}"
+        data = json.loads(self._keyring.decrypt(kid, text.encode("ascii"), what=what))
+        if data.get("deployment") != deployment_id:
+            raise SecretsKeyError(f"deployer: the sealed env values stored with {what} belong to another deployment "
+                                  "(the database was altered); restore it from a backup")
+        return {str(k): str(v) for k, v in data["env"].items()}
+
+    def _seal_route(self, route: routing_pb2.Route) -> tuple[str, bytes]:
+        return self._keyring.encrypt(route.SerializeToString())
+
+    def _open_route(self, skill: str, blob: bytes, kid: str) -> routing_pb2.Route:
+        route = routing_pb2.Route()
+        route.ParseFromString(self._keyring.decrypt(kid, blob, what=f"the route of {skill}") if kid else blob)
+        if route.skill and route.skill != skill:
+            raise SecretsKeyError(f"deployer: the sealed route stored for {skill} belongs to {route.skill} "
+                                  "(the database was altered); restore it from a backup")
+        return route
 
     @staticmethod
     async def _migrate(db: aiosqlite.Connection) -> None:
@@ -239,23 +392,44 @@ class SqliteDeploymentStore:
             async with write_transaction(db):
                 for statement in statements:
                     await db.execute(statement)
+                step = _DATA_STEPS.get(number)
+                if step is not None:
+                    await step(db)
                 await db.execute("DELETE FROM schema_version")
                 await db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
 
     async def close(self) -> None:
         await self._db.close()
 
+    async def append_audit(self, time_ns: int, principal: str, method: str, target: str, request_id: str,
+                           outcome: str) -> None:
+        async with self._lock, write_transaction(self._db):
+            await self._db.execute(
+                "INSERT INTO audit_events (time_ns, principal, method, target, request_id, outcome) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (time_ns, principal, method, target, request_id, outcome))
+
+    async def list_audit(self, before: int | None, limit: int) -> list[tuple[int, int, str, str, str, str, str]]:
+        """Audit events, newest first, below sequence number `before`: (seq, time_ns, principal, method, target,
+        request_id, outcome)."""
+        async with self._lock:
+            rows = await self._db.execute_fetchall(
+                "SELECT seq, time_ns, principal, method, target, request_id, outcome FROM audit_events "
+                "WHERE seq < ? ORDER BY seq DESC LIMIT ?", (before if before is not None else 2**62, limit))
+        return [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6])) for r in rows]
+
     async def create_deployment(self, record: DeploymentRecord, request_id: str = "") -> None:
+        REDACTOR.add(record.env.values())
+        kid, sealed_env = self._seal_env(record.id, record.env)
         async with self._lock:
             async with write_transaction(self._db):
                 cursor = await self._db.execute(
                     "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
-                    "previous_version, create_ns, update_ns, env, args, bundle_digest, capabilities, plan, "
-                    "dependencies, inherited_env) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "previous_version, create_ns, update_ns, env, env_key, args, bundle_digest, capabilities, plan, "
+                    "dependencies, inherited_env) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.id, record.skill, record.version, record.digest,
                      record.limits.SerializeToString(), int(record.state), record.previous_id,
                      record.previous_version, record.create_ns, record.update_ns,
-                     json.dumps(record.env, sort_keys=True), json.dumps(record.args), record.bundle_digest,
+                     sealed_env, kid, json.dumps(record.args), record.bundle_digest,
                      json.dumps(record.capabilities), record.plan.to_json() if record.plan else "",
                      dependencies_to_json(record.dependencies), json.dumps(sorted(record.inherited_env))))
                 record.seq = int(cursor.lastrowid or 0)
@@ -271,7 +445,7 @@ class SqliteDeploymentStore:
             "INSERT INTO transitions (deployment_id, step, from_state, to_state, time_ns, reason) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (deployment_id, step, int(transition.from_state), int(transition.to_state), transition.time_ns,
-             transition.reason))
+             REDACTOR.redact(transition.reason)))
 
     async def get_deployment(self, deployment_id: str) -> DeploymentRecord | None:
         async with self._lock:
@@ -317,7 +491,7 @@ class SqliteDeploymentStore:
             records.append(DeploymentRecord(
                 seq=int(row[0]), id=row[1], skill=row[2], version=row[3], digest=row[4], limits=limits,
                 state=State(int(row[6])), history=history, previous_id=row[7], previous_version=row[8],
-                create_ns=int(row[9]), update_ns=int(row[10]), env=dict(json.loads(row[11])),
+                create_ns=int(row[9]), update_ns=int(row[10]), env=self._open_env(row[1], row[11], str(row[22])),
                 args=list(json.loads(row[12])), bundle_digest=str(row[13]), capabilities=list(json.loads(row[14])),
                 plan=Plan.from_json(str(row[15])), verdict=Verdict(int(row[16])), verdict_reason=str(row[17]),
                 stats=Tally.from_json(str(row[18])), dependencies=dependencies_from_json(str(row[19])),
@@ -341,8 +515,8 @@ class SqliteDeploymentStore:
         async with self._lock:
             await self._db.execute(
                 "UPDATE deployments SET verdict = ?, verdict_reason = ?, stats = ? WHERE id = ?",
-                (int(record.verdict), record.verdict_reason, record.stats.to_json() if record.stats else "",
-                 record.id))
+                (int(record.verdict), REDACTOR.redact(record.verdict_reason),
+                 record.stats.to_json() if record.stats else "", record.id))
 
     async def save_rolled_back(self, record: DeploymentRecord) -> None:
         async with self._lock:
@@ -352,6 +526,9 @@ class SqliteDeploymentStore:
 
     async def append_event(self, deployment_id: str, event: pb.WatchDeploymentResponse, *, keep: bool,
                            limit: int) -> bool:
+        copy = pb.WatchDeploymentResponse()
+        copy.CopyFrom(event)
+        blob = REDACTOR.redact_message(copy).SerializeToString()
         async with self._lock:
             if not keep:
                 rows = list(await self._db.execute_fetchall(
@@ -360,7 +537,7 @@ class SqliteDeploymentStore:
                     return False
             await self._db.execute(
                 "INSERT INTO deployment_events (deployment_id, seq, response) VALUES (?, ?, ?)",
-                (deployment_id, event.sequence, event.SerializeToString()))
+                (deployment_id, event.sequence, blob))
             return True
 
     async def list_events(self, deployment_id: str) -> list[pb.WatchDeploymentResponse]:
@@ -403,12 +580,10 @@ class SqliteDeploymentStore:
         async with self._lock:
             generation_rows = list(await self._db.execute_fetchall(
                 "SELECT generation FROM route_table WHERE id = 1"))
-            rows = list(await self._db.execute_fetchall("SELECT skill, deployment_id, route FROM routes"))
+            rows = list(await self._db.execute_fetchall("SELECT skill, deployment_id, route, route_key FROM routes"))
         routes = {}
-        for skill, deployment_id, blob in rows:
-            route = routing_pb2.Route()
-            route.ParseFromString(blob)
-            routes[str(skill)] = StoredRoute(str(deployment_id), route)
+        for skill, deployment_id, blob, kid in rows:
+            routes[str(skill)] = StoredRoute(str(deployment_id), self._open_route(str(skill), bytes(blob), str(kid)))
         return RouteSnapshot(int(generation_rows[0][0]) if generation_rows else 0, routes)
 
     async def save_route(self, generation: int, skill: str, entry: StoredRoute | None) -> None:
@@ -417,7 +592,8 @@ class SqliteDeploymentStore:
                 if entry is None:
                     await self._db.execute("DELETE FROM routes WHERE skill = ?", (skill,))
                 else:
+                    kid, sealed = self._seal_route(entry.route)
                     await self._db.execute(
-                        "INSERT OR REPLACE INTO routes (skill, deployment_id, route) VALUES (?, ?, ?)",
-                        (skill, entry.deployment_id, entry.route.SerializeToString()))
+                        "INSERT OR REPLACE INTO routes (skill, deployment_id, route, route_key) VALUES (?, ?, ?, ?)",
+                        (skill, entry.deployment_id, sealed, kid))
                 await self._db.execute("UPDATE route_table SET generation = ? WHERE id = 1", (generation,))

@@ -9,9 +9,10 @@ from typing import Protocol, cast
 
 import grpc
 from clawhub.common.v1 import routing_pb2
-from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
-from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
+from clawhub.deployer.v1 import deployer_internal_pb2 as deployer_pb
+from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_grpc
 
+from services.runtime.errors import describe_error
 from services.runtime.tasks import BackgroundLoop
 
 log = logging.getLogger("clawhub.dispatcher")
@@ -32,14 +33,15 @@ class RouteFeed(Protocol):
 
 
 class GrpcRouteFeed:
-    """DeployerService.WatchRoutes / AcknowledgeRoutes over one channel.
+    """DeployerInternalService.WatchRoutes / AcknowledgeRoutes over one channel.
 
     The watch stream has no deadline (it lives as long as the deployer); the channel's keepalive detects a
     dead peer, and the watcher reconnects.
     """
 
     def __init__(self, channel: grpc.aio.Channel, *, ack_timeout: float = ACK_TIMEOUT) -> None:
-        self._stub = cast("deployer_grpc.DeployerServiceAsyncStub", deployer_grpc.DeployerServiceStub(channel))
+        self._stub = cast("deployer_grpc.DeployerInternalServiceAsyncStub",
+                          deployer_grpc.DeployerInternalServiceStub(channel))
         self._ack_timeout = ack_timeout
 
     async def watch(self, dispatcher_id: str) -> AsyncIterator[routing_pb2.RouteTable]:
@@ -103,8 +105,8 @@ class RouteWatcher(BackgroundLoop):
                     await self._acknowledge(table.generation)
                 log.info("the deployer ended the route stream; reconnecting")
             except grpc.aio.AioRpcError as err:
-                log.info("route stream from the deployer broke (%s: %s); reconnecting in %.1fs",
-                         err.code().name, err.details(), backoff)
+                log.info("route stream from the deployer broke (%s); reconnecting in %.1fs",
+                         describe_error(err), backoff)
             except Exception:  # noqa: BLE001 - the watcher must outlive any single failure
                 log.exception("route watcher failed; reconnecting in %.1fs", backoff)
             await asyncio.sleep(backoff)
@@ -115,5 +117,4 @@ class RouteWatcher(BackgroundLoop):
             await self._feed.acknowledge(self._dispatcher_id, generation)
         except grpc.aio.AioRpcError as err:
             # The stream most likely broke too; the next stream's first table is acknowledged again.
-            log.warning("acknowledging route generation %d failed: %s: %s", generation, err.code().name,
-                        err.details())
+            log.warning("acknowledging route generation %d failed: %s", generation, describe_error(err))

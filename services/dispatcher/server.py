@@ -14,7 +14,8 @@ from services.dispatcher.routes import GrpcRouteFeed, RouteFeed, RouteState, Rou
 from services.dispatcher.servicer import DispatcherServicer
 from services.dispatcher.settings import Settings
 from services.dispatcher.stats import GrpcStatsSink, StatsReporter, StatsSink, VersionStats
-from services.runtime.channels import CONTROL_MESSAGE_BYTES, InvocationLimits, channel
+from services.runtime.channels import CONTROL_MESSAGE_BYTES, InvocationLimits, channel, outgoing
+from services.runtime.identity import outgoing_security
 from services.runtime.server import ServiceHost, create_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatcherService"].full_name
@@ -28,8 +29,14 @@ async def build_server(settings: Settings, *, feed: RouteFeed | None = None,
 
     `feed`, `stats_sink` and `executors` default to gRPC clients of `settings.deployer_address` and
     `settings.executor_addresses`; other implementations may be passed instead (the host closes
-    `executors`). `rng` (seeded in tests) picks targets by weight.
+    `executors`). `rng` (seeded in tests) picks targets by weight. Its calls carry its platform token.
     """
+    with outgoing(outgoing_security(settings.identity, settings.tls)):
+        return await _build(settings, feed=feed, executors=executors, stats_sink=stats_sink, rng=rng)
+
+
+async def _build(settings: Settings, *, feed: RouteFeed | None, executors: ExecutorClient | None,
+                 stats_sink: StatsSink | None, rng: random.Random | None) -> ServiceHost:
     deployer_channel = channel(settings.deployer_address) if feed is None or stats_sink is None else None
     feed = feed or GrpcRouteFeed(cast(grpc.aio.Channel, deployer_channel))
     stats_sink = stats_sink or GrpcStatsSink(cast(grpc.aio.Channel, deployer_channel))
@@ -50,6 +57,7 @@ async def build_server(settings: Settings, *, feed: RouteFeed | None = None,
     try:
         host = create_server("dispatcher", [SERVICE_NAME], host=settings.host, port=settings.port,
                              grace_seconds=settings.grace, register=register,
+                             identity=settings.identity, tls=settings.tls.server, rate_limits=settings.rate_limits,
                              max_receive_bytes=sizes.dispatch_request,
                              max_send_bytes=max(sizes.dispatch_response, CONTROL_MESSAGE_BYTES))
     except BaseException:

@@ -18,10 +18,23 @@ from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 from services.dispatcher.executors import ExecutorClient, ExecutorPicker
 from services.dispatcher.routes import RouteState
 from services.dispatcher.stats import VersionStats
-from services.runtime.errors import Reason, ServiceError, error_info, invalid, upstream_error
+from services.runtime.errors import (
+    DID_YOU_MEAN,
+    Reason,
+    ServiceError,
+    close_names,
+    describe_error,
+    did_you_mean,
+    error_info,
+    invalid,
+    one_line,
+    upstream_error,
+)
 from services.runtime.names import skill_name_problem
 
 log = logging.getLogger("clawhub.dispatcher")
+# What GetRouteTable shows instead of an env value.
+MASKED = "(hidden)"
 
 RETRY_BACKOFF_INITIAL = 0.02
 RETRY_BACKOFF_MAX = 0.2
@@ -104,10 +117,14 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         route = self._routes.route(request.skill)
         targets = [t for t in route.targets if t.weight > 0] if route else []
         if route is None or not targets:
+            # A name with no route at all may be a typo of a routed one (the table is in memory: cheap).
+            routed = (r.skill for r in self._routes.table.routes)
+            suggestions = close_names(request.skill, routed) if route is None else []
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION, Reason.SKILL_NOT_DEPLOYED,
-                f"skill {request.skill} is not deployed; deploy a version first "
-                f"(clawhub deploy {request.skill}@VERSION)", metadata={"skill": request.skill})
+                f"skill {request.skill} is not deployed{did_you_mean(suggestions)}; deploy a version first "
+                f"(clawhub deploy {request.skill}@VERSION)",
+                metadata={"skill": request.skill, DID_YOU_MEAN: ",".join(suggestions)})
         target = pick_target(targets, self._rng)
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
@@ -129,7 +146,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             # A release under analysis: the failure is counted against the new version (it was recorded
             # above) and the caller gets the stable version's answer instead.
             self._stats.retried(VersionStats.key(request.skill, target))
-            log.info("%s@%s failed (%s); retrying on stable %s", request.skill, target.version, exc,
+            log.info("%s@%s failed (%s); retrying on stable %s", request.skill, target.version, describe_error(exc),
                      stable.version)
             return await self._call_version(request, stable, deadline, metadata)
 
@@ -185,7 +202,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                 tried.append(address)
                 last_problem = f"{address}: {err.details() or 'unavailable'}"
                 log.info("executor %s unavailable for %s (attempt %d): %s", address, request.skill,
-                         attempt + 1, err.details())
+                         attempt + 1, one_line(err.details() or "no details"))
                 if attempt < self._retries:
                     pause = min(RETRY_BACKOFF_INITIAL * 2**attempt, RETRY_BACKOFF_MAX)
                     await asyncio.sleep(max(0.0, min(pause, (deadline - loop.time()) / 2)))
@@ -209,4 +226,12 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
 
     async def GetRouteTable(self, request: pb.GetRouteTableRequest, context: grpc.aio.ServicerContext[Any, Any],
                             ) -> pb.GetRouteTableResponse:
-        return pb.GetRouteTableResponse(route_table=self._routes.table)
+        """The table routed with now, for operators: env values are deploy-time secrets, so each is replaced by
+        MASKED (the keys show what is set)."""
+        table = type(self._routes.table)()
+        table.CopyFrom(self._routes.table)
+        for route in table.routes:
+            for target in route.targets:
+                for key in target.env:
+                    target.env[key] = MASKED
+        return pb.GetRouteTableResponse(route_table=table)

@@ -6,7 +6,10 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from services.runtime.identity import PlatformIdentity, identity_from_env
+from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import env_float, env_int, env_list, env_str
+from services.runtime.tls import TlsSettings
 
 
 def default_dispatcher_id() -> str:
@@ -38,6 +41,15 @@ class Settings:
     default 30)."""
     grace: float = 5.0
     """Seconds in-flight calls get to finish on shutdown (`CLAWHUB_SHUTDOWN_GRACE`, default 5)."""
+    identity: PlatformIdentity | None = None
+    """Its platform token and the platform's identities (`CLAWHUB_SERVICE_TOKEN_FILE`,
+    `CLAWHUB_PLATFORM_IDENTITIES_FILE`; docs/security.md). None: internal auth off (`CLAWHUB_INTERNAL_AUTH=off`;
+    the default here, so that tests can build servers directly; from_env requires one or the other)."""
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    """TLS of its port and of its calls (`CLAWHUB_TLS_*`; services/runtime/tls.py); default plaintext."""
+    rate_limits: RateLimitSettings | None = None
+    """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
+    servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
     stats_interval: float = 0.1
     """Seconds between two per-version stats reports to the deployer while there is traffic; the first one
     after a quiet spell goes at once (`CLAWHUB_DISPATCHER_STATS_INTERVAL`, default 0.1). A release's
@@ -55,5 +67,8 @@ class Settings:
             retries=env_int("CLAWHUB_DISPATCH_RETRIES", defaults.retries, minimum=0),
             dispatch_timeout=env_float("CLAWHUB_DISPATCH_TIMEOUT", defaults.dispatch_timeout, minimum=0.001),
             grace=env_float("CLAWHUB_SHUTDOWN_GRACE", defaults.grace, minimum=0.0),
+            identity=identity_from_env("dispatcher"),
+            tls=TlsSettings.from_env(),
+            rate_limits=RateLimitSettings.from_env(),
             stats_interval=env_float("CLAWHUB_DISPATCHER_STATS_INTERVAL", defaults.stats_interval, minimum=0.01),
         )

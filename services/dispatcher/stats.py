@@ -19,10 +19,11 @@ from typing import Protocol, cast
 
 import grpc
 from clawhub.common.v1 import routing_pb2
-from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
-from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
+from clawhub.deployer.v1 import deployer_internal_pb2 as deployer_pb
+from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_grpc
 from google.protobuf import duration_pb2
 
+from services.runtime.errors import describe_error
 from services.runtime.latency import Histogram
 from services.runtime.tasks import BackgroundLoop
 
@@ -132,10 +133,11 @@ class StatsSink(Protocol):
 
 
 class GrpcStatsSink:
-    """DeployerService.ReportStats over the dispatcher's channel to the deployer."""
+    """DeployerInternalService.ReportStats over the dispatcher's channel to the deployer."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float = REPORT_TIMEOUT) -> None:
-        self._stub = cast("deployer_grpc.DeployerServiceAsyncStub", deployer_grpc.DeployerServiceStub(channel))
+        self._stub = cast("deployer_grpc.DeployerInternalServiceAsyncStub",
+                          deployer_grpc.DeployerInternalServiceStub(channel))
         self._timeout = timeout
 
     async def report(self, request: deployer_pb.ReportStatsRequest) -> None:
@@ -163,7 +165,7 @@ class StatsReporter(BackgroundLoop):
                     await self._sink.report(deployer_pb.ReportStatsRequest(
                         dispatcher_id=self._dispatcher_id, reports=reports))
                 except grpc.aio.AioRpcError as err:
-                    log.debug("stats report dropped: %s: %s", err.code().name, err.details())
+                    log.debug("stats report dropped: %s", describe_error(err))
                 except Exception:  # noqa: BLE001 - the reporter must outlive any single failure
                     log.exception("stats report failed")
             # Batches the calls of the next `interval` into one report.

@@ -10,8 +10,11 @@ namespace requires signatures (else a publisher of an in-range dependency versio
 inside a signed skill). Failures refuse the call before any
 byte of the module runs, and are not cached (a fixed registry answer is picked up by the next call).
 
-Requests without `skill` skip the check: they come from inside the executor (smoke examples, after their
-LoadSkill was checked) or from older callers; the route's own requests always name the skill.
+Every request must name its `skill` and `version` (INVALID_ARGUMENT otherwise): the executor runs only
+published versions the platform deployed, never a bare digest, and the smoke examples LoadSkill runs pass the
+same check (a cache hit). What a call may do comes from the deployment too: its capabilities must be declared by
+the manifest, its env keys by those capabilities, and its limits are capped at the executor's own maximums
+(servicer.py `_limits`): no caller can widen them.
 
 What verified does not stay verified forever: a key removed from a namespace revokes what it signed. A
 background re-check (`Provenance.run_rechecks`, every `recheck_seconds`) judges every entry a call used within
@@ -43,7 +46,7 @@ from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 from services.executor.singleflight import SingleFlight
 from services.runtime import signing
-from services.runtime.errors import Reason, ServiceError, invalid
+from services.runtime.errors import Reason, ServiceError, describe_error, invalid
 from services.runtime.names import skill_name_problem, version_problem
 
 log = logging.getLogger("clawhub.executor.provenance")
@@ -96,7 +99,7 @@ class RegistryProvenanceSource:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise ProvenanceUnavailable(f"asking the registry for {skill}@{version} failed: "
-                                        f"{err.code().name}: {err.details()}") from None
+                                        f"{describe_error(err)}") from None
         result: registry_pb.SkillVersion = response.skill_version
         return result
 
@@ -108,7 +111,7 @@ class RegistryProvenanceSource:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise ProvenanceUnavailable(f"asking the registry for the namespace of {skill} failed: "
-                                        f"{err.code().name}: {err.details()}") from None
+                                        f"{describe_error(err)}") from None
         result: registry_pb.Namespace = response.namespace
         return result
 
@@ -238,11 +241,12 @@ class Provenance:
                     dependencies: Sequence[skill_pb2.ResolvedDependency] = ()) -> None:
         """Refuse (ServiceError) unless `digest` (and `bundle_digest`) is what the registry lists as the Ready
         `skill@version`, its capabilities cover `capabilities`, its signature verifies where one is present or
-        required, and every dependency passes the same check. No-op when `skill` is empty."""
+        required, and every dependency passes the same check. A request that names no skill is refused: the
+        executor runs only what the platform deployed, never a bare digest."""
         if not skill:
-            if version:
-                raise invalid(Reason.INVALID_ARGUMENT, "skill", "version is set but skill is not: send both")
-            return
+            raise invalid(Reason.INVALID_ARGUMENT, "skill",
+                          "name the skill and version to run (the executor runs only published, deployed versions, "
+                          "never a bare digest)")
         if problem := skill_name_problem(skill):
             raise invalid(Reason.INVALID_NAME, "skill", problem)
         if problem := version_problem(version):
@@ -382,5 +386,5 @@ class _NoRegistry:
 
 
 def unchecked() -> Provenance:
-    """A Provenance that refuses every request naming a skill (requests without one still run)."""
+    """A Provenance without a registry to ask: it refuses every request."""
     return Provenance(_NoRegistry())

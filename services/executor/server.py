@@ -16,7 +16,8 @@ from services.executor.sandbox import DEFAULT_POOL_SLOTS, Sandbox
 from services.executor.servicer import ExecutorServicer, WorkerPool
 from services.executor.settings import Settings
 from services.executor.source import ModuleSource, RegistryModuleSource
-from services.runtime.channels import CONTROL_MESSAGE_BYTES, InvocationLimits, channel
+from services.runtime.channels import CONTROL_MESSAGE_BYTES, InvocationLimits, channel, outgoing
+from services.runtime.identity import outgoing_security
 from services.runtime.linking import MAX_INSTANCES
 from services.runtime.server import ServiceHost, create_server
 
@@ -27,7 +28,13 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
                        provenance_source: ProvenanceSource | None = None) -> ServiceHost:
     """The executor's ServiceHost. Modules come from `module_source`, and what the registry says about a
     published version (to re-verify digests and signatures) from `provenance_source`; both default to the
-    registry at `settings.registry_address`."""
+    registry at `settings.registry_address`. Its calls carry its platform token."""
+    with outgoing(outgoing_security(settings.identity, settings.tls)):
+        return await _build(settings, module_source, provenance_source)
+
+
+async def _build(settings: Settings, module_source: ModuleSource | None,
+                 provenance_source: ProvenanceSource | None) -> ServiceHost:
     registry: grpc.aio.Channel | None = None
     if module_source is None or provenance_source is None:
         registry = channel(settings.registry_address)
@@ -59,6 +66,7 @@ async def build_server(settings: Settings, module_source: ModuleSource | None = 
         host = create_server(
             "executor", (EXECUTOR_SERVICE.full_name,), host=settings.host, port=settings.port,
             grace_seconds=settings.grace_seconds, register=register,
+            identity=settings.identity, tls=settings.tls.server, rate_limits=settings.rate_limits,
             max_receive_bytes=sizes.execute_request,
             max_send_bytes=max(sizes.execute_response, CONTROL_MESSAGE_BYTES),
         )

@@ -22,7 +22,7 @@ from services.executor.modules import ModuleLoader
 from services.executor.provenance import Provenance, unchecked
 from services.executor.sandbox import Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
 from services.executor.settings import Settings
-from services.runtime.errors import MAX_DETAIL_CHARS, Reason, ServiceError, invalid
+from services.runtime.errors import MAX_DETAIL_CHARS, Reason, ServiceError, invalid, show_bytes
 from services.runtime.names import digest_problem
 from services.runtime.wasm import FILES_CAPABILITY
 
@@ -113,7 +113,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         self._settings = settings
         # Links modules that import from dependency packages with the resolution their call carries.
         self._links = links or DependencyLinker(loader.source, sandbox)
-        # Without a registry to ask, a request that names its skill is refused, never run unchecked.
+        # Without a registry to ask, every request is refused, never run unchecked.
         self._provenance = provenance or unchecked()
         self._loader = loader
         self._sandbox = sandbox
@@ -288,7 +288,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             call = pb.ExecuteRequest(digest=request.digest, input=example.input, limits=request.limits,
                                      env=request.env, args=request.args, bundle_digest=request.bundle_digest,
                                      capabilities=request.capabilities, request_id=f"smoke-{index}",
-                                     dependencies=request.dependencies)
+                                     dependencies=request.dependencies, skill=request.skill,
+                                     version=request.version)
             meta = {"digest": request.digest, "example": str(index)}
             try:
                 output = (await self.Execute(call, context)).output
@@ -317,5 +318,4 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
 
 
 def _show(data: bytes, limit: int = 200) -> str:
-    text = repr(data[:limit])
-    return text + (f"… ({len(data) - limit} more bytes)" if len(data) > limit else "")
+    return show_bytes(data, limit)  # text in quotes, not a Python bytes repr

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.runtime.channels import env_payload_size
+from services.runtime.identity import PlatformIdentity, identity_from_env
+from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import data_dir, env_float, env_int, env_size, env_str
+from services.runtime.tls import TlsSettings
 
 MiB = 1024 * 1024
 
@@ -56,6 +59,15 @@ class Settings:
     (a signing key removed from a namespace stops what it signed within this bound)."""
     grace_seconds: float = 5.0
     """CLAWHUB_SHUTDOWN_GRACE: seconds to drain in-flight calls on SIGTERM."""
+    identity: PlatformIdentity | None = None
+    """Its platform token and the platform's identities (`CLAWHUB_SERVICE_TOKEN_FILE`,
+    `CLAWHUB_PLATFORM_IDENTITIES_FILE`; docs/security.md). None: internal auth off (`CLAWHUB_INTERNAL_AUTH=off`;
+    the default here, so that tests can build servers directly; from_env requires one or the other)."""
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    """TLS of its port and of its calls (`CLAWHUB_TLS_*`; services/runtime/tls.py); default plaintext."""
+    rate_limits: RateLimitSettings | None = None
+    """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
+    servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
     data_dir: Path = field(default_factory=_default_data_dir)
     """CLAWHUB_EXECUTOR_DATA_DIR: private disk cache: precompiled modules (warm tier) and unpacked file
     bundles; default `$CLAWHUB_DATA_DIR/executor`."""
@@ -81,5 +93,8 @@ class Settings:
             trust_recheck_seconds=env_float("CLAWHUB_EXECUTOR_TRUST_RECHECK", d.trust_recheck_seconds,
                                             minimum=0.1),
             grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", d.grace_seconds, minimum=0),
+            identity=identity_from_env("executor"),
+            tls=TlsSettings.from_env(),
+            rate_limits=RateLimitSettings.from_env(),
             data_dir=Path(env_str("CLAWHUB_EXECUTOR_DATA_DIR", str(d.data_dir))).expanduser(),
         )

@@ -12,11 +12,11 @@ import random
 from typing import Protocol
 
 import grpc
-from clawhub.registry.v1 import registry_service_pb2 as registry_pb
-from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from clawhub.registry.v1 import registry_internal_pb2 as registry_pb
+from clawhub.registry.v1 import registry_internal_pb2_grpc as registry_grpc
 from google.rpc import error_details_pb2
 
-from services.runtime.errors import Reason, ServiceError, status_of
+from services.runtime.errors import Reason, ServiceError, describe_error, status_of
 from services.runtime.wasm import sha256_digest
 
 log = logging.getLogger("clawhub.executor.source")
@@ -57,11 +57,11 @@ class ModuleSource(Protocol):
 
 
 class RegistryModuleSource:
-    """Streams `RegistryService.DownloadBlob`, with a deadline on the whole download."""
+    """Streams `RegistryInternalService.DownloadBlob`, with a deadline on the whole download."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float,
                  max_bytes: int = MAX_MODULE_BYTES) -> None:
-        self._stub = registry_grpc.RegistryServiceStub(channel)
+        self._stub = registry_grpc.RegistryInternalServiceStub(channel)
         self._timeout = timeout
         self._max_bytes = max_bytes
 
@@ -94,7 +94,7 @@ class RegistryModuleSource:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 raise BlobNotFound(f"the registry has no blob {digest}") from None
             raise SourceUnavailable(
-                f"downloading {digest} from the registry failed: {err.code().name}: {err.details()}",
+                f"downloading {digest} from the registry failed: {describe_error(err)}",
                 retry_after=_retry_after(err)) from None
         return b"".join(chunks)
 

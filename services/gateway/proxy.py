@@ -1,8 +1,9 @@
 """Forwarding of whole gRPC services (registry, deployer) through the gateway, as raw bytes.
 
 The gateway does not decode forwarded messages: it relays bytes, so it never drifts from the contracts and
-costs one hop. Methods that are internal to the platform (the route-table feed, blob downloads) are refused
-here, so the public port exposes only what callers need.
+costs one hop. It relays only the public services: the calls internal to the platform (the route-table and
+stats feeds, blob downloads) are separate services (DeployerInternalService, RegistryInternalService) that
+the gateway neither relays nor describes; it refuses them UNIMPLEMENTED / METHOD_NOT_EXPOSED.
 
 A relayed response stream holds at most one message in the relay: the error interceptor writes each with
 backpressure (services/runtime/errors.py), so a caller that stops reading stops the relay, and the relay
@@ -12,7 +13,7 @@ call at once (the relay's `finally`), instead of leaving it to garbage collectio
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -45,23 +46,27 @@ def proxy_handler(
     upstream: str,
     address: str,
     default_timeout: float,
-    hidden: Iterable[str] = (),
 ) -> grpc.GenericRpcHandler:
     """A generic handler serving every method of `service` by relaying it over `channel`."""
-    hidden_set = set(hidden)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         path = f"/{service.full_name}/{method.name}"
-        if method.name in hidden_set:
-            handlers[method.name] = _refusing(method.client_streaming, method.server_streaming, path)
-        else:
-            handlers[method.name] = _relay(channel, path, method.client_streaming, method.server_streaming,
-                                           default_timeout, _Upstream(upstream, address))
+        handlers[method.name] = _relay(channel, path, method.client_streaming, method.server_streaming,
+                                       default_timeout, _Upstream(upstream, address))
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+def refusing_handler(service: ServiceDescriptor) -> grpc.GenericRpcHandler:
+    """A generic handler answering every method of `service`, a service internal to the platform, with
+    UNIMPLEMENTED / METHOD_NOT_EXPOSED: the port does not serve it, and says why rather than `Method not found`."""
+    return grpc.method_handlers_generic_handler(service.full_name, {
+        method.name: _refusing(method.client_streaming, method.server_streaming,
+                               f"/{service.full_name}/{method.name}")
+        for method in service.methods})
+
+
 def _refusing(client_streaming: bool, server_streaming: bool, path: str) -> grpc.RpcMethodHandler:
-    error = ServiceError(grpc.StatusCode.PERMISSION_DENIED, Reason.METHOD_NOT_EXPOSED,
+    error = ServiceError(grpc.StatusCode.UNIMPLEMENTED, Reason.METHOD_NOT_EXPOSED,
                          f"{path} is internal to the platform and not served on the public port",
                          metadata={"method": path})
 

@@ -2,56 +2,82 @@
 
 from __future__ import annotations
 
+from clawhub.deployer.v1 import deployer_internal_pb2 as deployer_internal_pb
 from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
 from clawhub.gateway.v1 import gateway_service_pb2 as pb
 from clawhub.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from clawhub.registry.v1 import access_pb2 as access_pb
+from clawhub.registry.v1 import registry_internal_pb2 as registry_internal_pb
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 
-from services.gateway.proxy import proxy_handler
+from services.gateway.proxy import proxy_handler, refusing_handler
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import Settings
 from services.gateway.upstreams import UpstreamHealth
-from services.runtime.channels import ENVELOPE_BYTES, PUBLISH_MESSAGE_BYTES, channel
+from services.runtime.auth import Authenticator, RegistryResolver, UserAuthInterceptor, method_descriptors
+from services.runtime.channels import ENVELOPE_BYTES, PUBLISH_MESSAGE_BYTES, channel, outgoing
+from services.runtime.identity import outgoing_security
+from services.runtime.policy import PUBLIC_RULES
 from services.runtime.server import ServiceHost, create_server
 
 GATEWAY_SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"]
 REGISTRY_SERVICE = registry_pb.DESCRIPTOR.services_by_name["RegistryService"]
 DEPLOYER_SERVICE = deployer_pb.DESCRIPTOR.services_by_name["DeployerService"]
+ACCESS_SERVICE = access_pb.DESCRIPTOR.services_by_name["AccessService"]
+# Every service the public port serves: each of their methods has a rule in the policy table.
+PUBLIC_SERVICES = (GATEWAY_SERVICE, REGISTRY_SERVICE, ACCESS_SERVICE, DEPLOYER_SERVICE)
 DISPATCHER_SERVICE = "clawhub.dispatcher.v1.DispatcherService"
-# The route-table feed and the stats feed are for dispatchers only.
-INTERNAL_DEPLOYER_METHODS = ("WatchRoutes", "AcknowledgeRoutes", "ReportStats")
-# Blob downloads are for executors, which fetch modules from the registry directly. On the public port they
-# would only let strangers stream every blob (each stream holding a registry descriptor and relay buffers).
-# The remaining relayed response streams are small, and a caller that stops reading holds at most what the
+# The public port relays only the public services, and its reflection lists and describes only them. The
+# internal services are refused (UNIMPLEMENTED / METHOD_NOT_EXPOSED): the route-table and stats feeds are for
+# dispatchers, and blob downloads for executors, which fetch modules from the registry directly (on the public
+# port they would only let strangers stream every blob, each stream holding a registry descriptor and relay
+# buffers). The relayed response streams are small, and a caller that stops reading holds at most what the
 # HTTP/2 windows take (the relay writes with backpressure, services/runtime/errors.py): WatchDeployment sends
 # one deployment's events (each the deployment record and a line, as many as the release has steps and
 # executors; the stream ends when the release settles), VerifyBlobs is for admins (the registry refuses
 # anyone else before it streams anything) and sends progress counts.
-INTERNAL_REGISTRY_METHODS = ("DownloadBlob",)
+INTERNAL_SERVICES = (deployer_internal_pb.DESCRIPTOR.services_by_name["DeployerInternalService"],
+                     registry_internal_pb.DESCRIPTOR.services_by_name["RegistryInternalService"])
 
 
 async def build_server(settings: Settings) -> ServiceHost:
+    """The gateway; its calls to the services behind it carry its platform token (its own port is public:
+    callers are users, not services)."""
+    with outgoing(outgoing_security(settings.identity, settings.tls)):
+        return await _build(settings)
+
+
+async def _build(settings: Settings) -> ServiceHost:
     dispatcher = channel(settings.dispatcher_address, max_send_bytes=settings.max_input_bytes + ENVELOPE_BYTES,
                          max_receive_bytes=settings.max_output_bytes + ENVELOPE_BYTES)
     # A publish message the registry would refuse is refused here, before it crosses another hop.
     registry = channel(settings.registry_address, max_send_bytes=PUBLISH_MESSAGE_BYTES)
     deployer = channel(settings.deployer_address)
     servicer = GatewayServicer(settings, dispatcher, registry)
+    # Users: every public method is checked here, before it is invoked or relayed (and again by the registry or
+    # deployer that owns it). Keys are resolved by the registry, each answer cached for at most a second.
+    users = UserAuthInterceptor(Authenticator(settings.auth, RegistryResolver(registry)), PUBLIC_RULES,
+                                descriptors=method_descriptors(*PUBLIC_SERVICES), enforce=settings.auth.enabled)
 
     def register(server: object) -> None:
         pb_grpc.add_GatewayServiceServicer_to_server(servicer, server)
         server.add_generic_rpc_handlers((  # type: ignore[attr-defined]
             proxy_handler(REGISTRY_SERVICE, registry, upstream="registry", address=settings.registry_address,
-                          default_timeout=settings.forward_timeout, hidden=INTERNAL_REGISTRY_METHODS),
+                          default_timeout=settings.forward_timeout),
+            proxy_handler(ACCESS_SERVICE, registry, upstream="registry", address=settings.registry_address,
+                          default_timeout=settings.forward_timeout),
             proxy_handler(DEPLOYER_SERVICE, deployer, upstream="deployer", address=settings.deployer_address,
-                          default_timeout=settings.forward_timeout, hidden=INTERNAL_DEPLOYER_METHODS),
+                          default_timeout=settings.forward_timeout),
+            *(refusing_handler(service) for service in INTERNAL_SERVICES),
         ))
 
     host = create_server(
         "gateway",
-        (GATEWAY_SERVICE.full_name, REGISTRY_SERVICE.full_name, DEPLOYER_SERVICE.full_name),
+        tuple(service.full_name for service in PUBLIC_SERVICES),
         host=settings.host, port=settings.port, grace_seconds=settings.grace_seconds, register=register,
         max_receive_bytes=settings.max_request_bytes, max_send_bytes=settings.max_response_bytes, public=True,
+        interceptors=[users] if settings.auth.enabled else [],
+        identity=settings.identity, check_callers=False, tls=settings.tls.server, rate_limits=settings.rate_limits,
         internal_addresses=(settings.dispatcher_address, settings.registry_address, settings.deployer_address),
     )
 
@@ -60,6 +86,8 @@ async def build_server(settings: Settings) -> ServiceHost:
     mirrors = [UpstreamHealth(host.health, dispatcher, GATEWAY_SERVICE.full_name, upstream="dispatcher",
                               address=settings.dispatcher_address, upstream_service=DISPATCHER_SERVICE),
                UpstreamHealth(host.health, registry, REGISTRY_SERVICE.full_name, upstream="registry",
+                              address=settings.registry_address),
+               UpstreamHealth(host.health, registry, ACCESS_SERVICE.full_name, upstream="registry",
                               address=settings.registry_address),
                UpstreamHealth(host.health, deployer, DEPLOYER_SERVICE.full_name, upstream="deployer",
                               address=settings.deployer_address)]

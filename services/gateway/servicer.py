@@ -13,9 +13,19 @@ from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 from services.gateway.proxy import forwarded_metadata
+from services.gateway.schemas import InputSchemas
 from services.gateway.settings import Settings
 from services.runtime.channels import ENVELOPE_BYTES, VALUE_INFLATION
-from services.runtime.errors import Reason, ServiceError, error_info, invalid, upstream_error
+from services.runtime.errors import (
+    DID_YOU_MEAN,
+    MAX_SUGGESTIONS,
+    Reason,
+    ServiceError,
+    did_you_mean,
+    error_info,
+    invalid,
+    upstream_error,
+)
 from services.runtime.jsonvalue import json_to_value, value_to_json
 from services.runtime.names import skill_name_problem
 
@@ -28,6 +38,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self._settings = settings
         self._dispatcher = dispatcher_grpc.DispatcherServiceStub(dispatcher)
         self._registry = registry_grpc.RegistryServiceStub(registry)
+        # Inputs are validated against the input_schema of every version the skill's route could run them on.
+        self.schemas = InputSchemas(self._dispatcher, self._registry, dispatcher_address=settings.dispatcher_address)
         # Largest `output` Value a response can carry within the port's send limit.
         self._max_value_bytes = settings.max_response_bytes - ENVELOPE_BYTES
 
@@ -46,6 +58,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, Reason.INPUT_TOO_LARGE,
                 f"the input is {len(data)} bytes; the gateway accepts at most {limit} bytes",
                 metadata={"limit_bytes": str(limit)}, field_violations=[(payload or "input", "too large")])
+        await self.schemas.check(request.name, data, payload)
         remaining = context.time_remaining()
         timeout = self._settings.invoke_timeout if remaining is None else max(remaining, 0.0)
         try:
@@ -55,7 +68,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         except grpc.aio.AioRpcError as err:
             info = error_info(err)
             if info is not None and info.reason == Reason.SKILL_NOT_DEPLOYED:
-                raise await self._explain_not_deployed(request.name, err) from None
+                raise await self._explain_not_deployed(request.name, err, context) from None
             raise upstream_error(err, "dispatcher", self._settings.dispatcher_address) from None
         response = pb.InvokeSkillResponse(version=result.version, usage=result.usage)
         value = json_to_value(result.output)
@@ -80,17 +93,30 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         except (ValueError, RecursionError) as exc:
             raise invalid(Reason.INVALID_INPUT, "input", f"the input cannot be written as JSON: {exc}") from None
 
-    async def _explain_not_deployed(self, name: str, err: grpc.aio.AioRpcError) -> Exception:
-        """Tell "no such skill" from "published but not deployed" (only on this error path)."""
+    async def _explain_not_deployed(self, name: str, err: grpc.aio.AioRpcError, context: Context) -> Exception:
+        """Tell "no such skill" from "published but not deployed" (only on this error path). An unknown name
+        gets the close names the dispatcher (deployed skills) and the registry (published ones) suggest."""
         try:
-            found = await self._registry.GetSkill(registry_pb.GetSkillRequest(name=name), timeout=5)
+            # With the caller's credentials: the registry checks them too (an invoker may read the catalogue).
+            found = await self._registry.GetSkill(registry_pb.GetSkillRequest(name=name), timeout=5,
+                                                  metadata=forwarded_metadata(context))
         except grpc.aio.AioRpcError as lookup:
             if lookup.code() == grpc.StatusCode.NOT_FOUND:
+                suggestions = list(dict.fromkeys(_suggested(err) + _suggested(lookup)))[:MAX_SUGGESTIONS]
                 return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.SKILL_NOT_FOUND,
-                                    f"no skill named {name!r} is published", metadata={"skill": name})
+                                    f"no skill named {name!r} is published{did_you_mean(suggestions)}",
+                                    metadata={"skill": name, DID_YOU_MEAN: ",".join(suggestions)})
             return cast(Exception, err)
         latest = found.skill.latest_version
-        hint = f"; deploy it with `clawhub deploy {name}@{latest}`" if latest else ""
+        hint = (f"; deploy it with `clawhub deploy {name}@{latest}`" if latest
+                else "; it has no Ready version to deploy yet (publish one that passes verification)")
         return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.SKILL_NOT_DEPLOYED,
                             f"skill {name!r} is published but not deployed{hint}",
                             metadata={"skill": name, "latest_version": latest}, domain="dispatcher.clawhub")
+
+
+def _suggested(err: grpc.aio.AioRpcError) -> list[str]:
+    """The close names an error's ErrorInfo suggests (`did_you_mean`)."""
+    info = error_info(err)
+    listed = info.metadata.get(DID_YOU_MEAN, "") if info is not None else ""
+    return [name for name in listed.split(",") if name]

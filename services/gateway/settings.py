@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.runtime.auth import AuthSettings
 from services.runtime.channels import CONTROL_MESSAGE_BYTES, ENVELOPE_BYTES, env_payload_size
+from services.runtime.identity import PlatformIdentity, identity_from_env
+from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import env_float, env_int, env_str
+from services.runtime.tls import TlsSettings
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,18 @@ class Settings:
     """CLAWHUB_GATEWAY_INVOKE_TIMEOUT: deadline in seconds when the caller sets none."""
     forward_timeout: float = 300.0
     """CLAWHUB_GATEWAY_FORWARD_TIMEOUT: deadline for forwarded admin calls when the caller sets none."""
+    identity: PlatformIdentity | None = None
+    """Its platform token and the platform's identities (`CLAWHUB_SERVICE_TOKEN_FILE`,
+    `CLAWHUB_PLATFORM_IDENTITIES_FILE`; docs/security.md). None: internal auth off (`CLAWHUB_INTERNAL_AUTH=off`;
+    the default here, so that tests can build servers directly; from_env requires one or the other)."""
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    """Users' credentials and roles (`CLAWHUB_USER_AUTH`, `CLAWHUB_ANONYMOUS_ROLES`, `CLAWHUB_JWT_*`;
+    services/runtime/auth.py). Default here: off, so that tests can build servers directly; from_env: on."""
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    """TLS of its port and of its calls (`CLAWHUB_TLS_*`; services/runtime/tls.py); default plaintext."""
+    rate_limits: RateLimitSettings | None = None
+    """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
+    servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
     grace_seconds: float = 5.0
     """CLAWHUB_SHUTDOWN_GRACE: seconds to drain in-flight calls on SIGTERM."""
 
@@ -63,5 +79,9 @@ class Settings:
             max_output_bytes=env_payload_size("CLAWHUB_EXECUTOR_MAX_OUTPUT", str(d.max_output_bytes)),
             invoke_timeout=env_float("CLAWHUB_GATEWAY_INVOKE_TIMEOUT", d.invoke_timeout, minimum=0.001),
             forward_timeout=env_float("CLAWHUB_GATEWAY_FORWARD_TIMEOUT", d.forward_timeout, minimum=0.001),
+            identity=identity_from_env("gateway", checks_callers=False),
+            auth=AuthSettings.from_env(),
+            tls=TlsSettings.from_env(),
+            rate_limits=RateLimitSettings.from_env(),
             grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", d.grace_seconds, minimum=0),
         )

@@ -17,9 +17,13 @@ from typing import TypeVar
 
 import grpc
 from clawhub.common.v1 import release_pb2, skill_pb2
+from clawhub.registry.v1 import access_pb2_grpc as access_grpc
+from clawhub.registry.v1 import registry_internal_pb2 as internal_pb
+from clawhub.registry.v1 import registry_internal_pb2_grpc as internal_grpc
 from clawhub.registry.v1 import registry_service_pb2 as pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
+from services.registry.access import AccessRpcs
 from services.registry.blobs import BlobChanged, BlobCorrupt, BlobNotFound, BlobStore
 from services.registry.integrity import (
     BUNDLE,
@@ -46,9 +50,20 @@ from services.registry.trust import Caller, NamespaceRpcs, Trust
 from services.registry.verify import ABIS as SUPPORTED_ABIS
 from services.registry.verify import MAX_LINKED_BYTES, Verifier
 from services.runtime import bundle as bundles
-from services.runtime.errors import RateLimitedLog, Reason, ServiceError, abort_with, invalid
+from services.runtime.errors import (
+    DID_YOU_MEAN,
+    RateLimitedLog,
+    Reason,
+    ServiceError,
+    abort_with,
+    close_names,
+    did_you_mean,
+    invalid,
+)
+from services.runtime.inputschema import schema_problem
 from services.runtime.linking import MAX_MODULES, ROOT, Copy, provider_for
 from services.runtime.names import SHA256_HEX_RE, digest_problem, skill_name_problem, version_problem
+from services.runtime.wasm import capability_problem
 
 log = logging.getLogger("clawhub.registry")
 
@@ -78,6 +93,10 @@ MAX_FILTER_LENGTH = 256
 MAX_REQUIREMENTS = 1000
 # A download that met a repair or a quarantine mid-way can start again at once.
 BLOB_CHANGED_RETRY_SECONDS = 0.1
+# An unknown skill name is compared with at most this many published names (close ones are suggested), read
+# again at most every SUGGESTION_NAMES_SECONDS (and after a publish adds a name).
+SUGGESTION_NAMES = 100_000
+SUGGESTION_NAMES_SECONDS = 10.0
 
 
 class _KeyedLocks:
@@ -181,7 +200,8 @@ MAX_ARG_LENGTH = 4096
 
 
 def _manifest_problems(manifest: skill_pb2.Manifest) -> list[tuple[Reason, str, str]]:
-    """What makes the manifest's `args` and `files` unusable, before any byte is uploaded."""
+    """What makes the manifest's `args`, `files`, capabilities, dependencies or `input_schema` unusable, before
+    any byte is uploaded."""
     problems: list[tuple[Reason, str, str]] = []
     if len(manifest.args) > MAX_ARGS:
         problems.append((Reason.INVALID_MANIFEST, "metadata.manifest.args",
@@ -204,6 +224,11 @@ def _manifest_problems(manifest: skill_pb2.Manifest) -> list[tuple[Reason, str, 
                              f"{manifest.name} cannot depend on itself"))
         if problem := range_problem(dependency.version_range):
             problems.append((Reason.INVALID_MANIFEST, f"{where}.version_range", problem))
+    for i, capability in enumerate(manifest.capabilities):
+        if problem := capability_problem(capability):
+            problems.append((Reason.INVALID_MANIFEST, f"metadata.manifest.capabilities[{i}]", problem))
+    if problem := schema_problem(manifest.input_schema):
+        problems.append((Reason.INVALID_MANIFEST, "metadata.manifest.input_schema", problem))
     seen: set[str] = set()
     for i, declared in enumerate(manifest.files):
         where = f"metadata.manifest.files[{i}]"
@@ -241,9 +266,6 @@ def _version_exists(name: str, version: str, record: VersionRecord, digest: str,
                   "existing_bundle_digest": record.bundle_digest, "bundle_digest": bundle_digest})
 
 
-def _skill_not_found(name: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.SKILL_NOT_FOUND, f"no skill named {name!r}",
-                        metadata={"name": name})
 
 
 def _check_name(name: str, field_name: str = "name") -> None:
@@ -268,9 +290,6 @@ def _check_tag(tag: str, field_name: str = "tag") -> None:
                       "`latest` is reserved: it always follows the highest Ready non-yanked release")
 
 
-def _version_not_found(name: str, version: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
-                        f"no version {version} of skill {name!r}", metadata={"name": name, "version": version})
 
 
 def _filter_key(prefix: str, query: str) -> str:
@@ -293,7 +312,8 @@ def _requirements(dependencies: list[skill_pb2.Dependency]) -> tuple[Requirement
     return tuple(Requirement(d.package, d.version_range, d.is_shared) for d in dependencies)
 
 
-class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
+class RegistryServicer(NamespaceRpcs, AccessRpcs, pb_grpc.RegistryServiceServicer,
+                       internal_grpc.RegistryInternalServiceServicer, access_grpc.AccessServiceServicer):
     """clawhub.registry.v1.RegistryService (the publisher and namespace RPCs are in trust.NamespaceRpcs)."""
 
     def __init__(self, store: MetadataStore, blobs: BlobStore, verifier: Verifier, *,
@@ -317,6 +337,34 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         # (generation it was built at, catalogue). Manifests are parsed once per build, not per request.
         self._generation = 0
         self._catalog: tuple[int, Catalog] | None = None
+        # (when read, names) of published skills, for suggestions on an unknown name; see `_close_names`.
+        self._names: tuple[float, list[str]] | None = None
+
+    async def _close_names(self, name: str) -> list[str]:
+        """Published names close to the unknown `name` (a typo of one of them, say), best first."""
+        loop = asyncio.get_running_loop()
+        if self._names is None or loop.time() - self._names[0] > SUGGESTION_NAMES_SECONDS:
+            self._names = (loop.time(), await self._store.skill_names(limit=SUGGESTION_NAMES))
+        names = self._names[1]
+        # difflib is Python: a large catalogue is compared off the event loop.
+        return close_names(name, names) if len(names) < 1000 else await asyncio.to_thread(close_names, name, names)
+
+    async def _skill_not_found(self, name: str) -> ServiceError:
+        suggestions = await self._close_names(name)
+        return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.SKILL_NOT_FOUND,
+                            f"no skill named {name!r}{did_you_mean(suggestions)}",
+                            metadata={"name": name, DID_YOU_MEAN: ",".join(suggestions)})
+
+    async def _version_not_found(self, name: str, version: str) -> ServiceError:
+        """VERSION_NOT_FOUND; when no skill has that name at all, the message says so and suggests close names."""
+        metadata = {"name": name, "version": version}
+        if await self._store.get_skill(name) is not None:
+            return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
+                                f"no version {version} of skill {name!r}", metadata=metadata)
+        suggestions = await self._close_names(name)
+        return ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
+                            f"no skill named {name!r}{did_you_mean(suggestions)}, so no version {version} of it",
+                            metadata={**metadata, DID_YOU_MEAN: ",".join(suggestions)})
 
     async def _version_pb(self, record: VersionRecord) -> pb.SkillVersion:
         return version_to_pb(record, (await self._integrity.problems([record]))[0])
@@ -483,6 +531,8 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                     bundle_digest=bundle_digest,
                     signature_key_id=grant.key_id, signature=grant.signature, publisher=grant.publisher,
                 ))
+                if created and self._names is not None and name not in self._names[1]:
+                    self._names = None  # a new name: suggestions read the names again
                 if not created:
                     if (record.digest, record.bundle_digest) != (actual, bundle_digest):
                         raise _version_exists(name, version, record, actual, bundle_digest)
@@ -602,7 +652,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         _check_name(request.name)
         record = await self._store.get_skill(request.name)
         if record is None:
-            raise _skill_not_found(request.name)
+            raise await self._skill_not_found(request.name)
         return pb.GetSkillResponse(skill=skill_to_pb(record))
 
     async def ListSkills(self, request: pb.ListSkillsRequest,
@@ -639,7 +689,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         if version_problem(version) and TAG_RE.fullmatch(version):
             skill = await self._store.get_skill(request.name)
             if skill is None:
-                raise _skill_not_found(request.name)
+                raise await self._skill_not_found(request.name)
             tagged = skill.latest_version if version == LATEST else skill.tags.get(version, "")
             if not tagged:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND,
@@ -651,7 +701,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
             _check_version(version)
         record = await self._store.get_version(request.name, version)
         if record is None:
-            raise _version_not_found(request.name, version)
+            raise await self._version_not_found(request.name, version)
         return pb.GetSkillVersionResponse(skill_version=await self._version_pb(record))
 
     async def ListSkillVersions(self, request: pb.ListSkillVersionsRequest,
@@ -667,7 +717,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                               "page_token belongs to another listing; start again without it")
         page = await self._store.list_versions(request.name, after=after, limit=size)
         if page is None:
-            raise _skill_not_found(request.name)
+            raise await self._skill_not_found(request.name)
         token = ""
         if page.more and page.items:
             token = _encode_token(f"{_VERSIONS_TOKEN}{request.name}@{page.items[-1].version}")
@@ -684,12 +734,13 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         _check_version(request.version)
         if len(request.reason) > MAX_YANK_REASON:
             raise invalid(Reason.INVALID_ARGUMENT, "reason", f"a yank reason is at most {MAX_YANK_REASON} characters")
-        await self._trust.authorize_change(context, request.name, "yank" if request.yanked else "un-yank")
+        await self._trust.authorize_change(context, request.name, "yank" if request.yanked else "un-yank",
+                                          "skills.yank")
         self._generation += 1
         try:
             record = await self._store.set_yanked(request.name, request.version, request.yanked, request.reason)
         except VersionNotFound:
-            raise _version_not_found(request.name, request.version) from None
+            raise await self._version_not_found(request.name, request.version) from None
         finally:
             self._generation += 1
         log.info("%s %s@%s%s", "yanked" if request.yanked else "un-yanked", request.name, request.version,
@@ -701,10 +752,10 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
         _check_name(request.name)
         _check_tag(request.tag)
         _check_version(request.version)
-        await self._trust.authorize_change(context, request.name, "tag")
+        await self._trust.authorize_change(context, request.name, "tag", "skills.tag")
         record = await self._store.get_version(request.name, request.version)
         if record is None:
-            raise _version_not_found(request.name, request.version)
+            raise await self._version_not_found(request.name, request.version)
         if record.state is not State.READY:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_NOT_READY,
                                f"{request.name}@{request.version} is {record.state}, not READY: only a verified "
@@ -718,11 +769,11 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                              context: grpc.aio.ServicerContext) -> pb.DeleteSkillTagResponse:
         _check_name(request.name)
         _check_tag(request.tag)
-        await self._trust.authorize_change(context, request.name, "untag")
+        await self._trust.authorize_change(context, request.name, "untag", "skills.tag")
         skill = await self._store.delete_tag(request.name, request.tag)
         if skill is None:
             if await self._store.get_skill(request.name) is None:
-                raise _skill_not_found(request.name)
+                raise await self._skill_not_found(request.name)
             raise ServiceError(grpc.StatusCode.NOT_FOUND, Reason.TAG_NOT_FOUND,
                                f"skill {request.name!r} has no tag {request.tag!r}",
                                metadata={"name": request.name, "tag": request.tag})
@@ -818,7 +869,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
             _check_version(request.version)
             record = await self._store.get_version(request.name, request.version)
             if record is None:
-                raise _version_not_found(request.name, request.version)
+                raise await self._version_not_found(request.name, request.version)
             if record.state is not State.READY:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_NOT_READY,
                                    f"{request.name}@{request.version} is {record.state}, not READY",
@@ -840,8 +891,8 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
             resolved = [r for r in resolved if (r.package, r.version) != (request.name, request.version)]
         return pb.ResolveDependenciesResponse(dependencies=[_resolved_to_pb(r) for r in resolved])
 
-    async def DownloadBlob(self, request: pb.DownloadBlobRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadBlobResponse]:
+    async def DownloadBlob(self, request: internal_pb.DownloadBlobRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[internal_pb.DownloadBlobResponse]:
         if problem := digest_problem(request.digest):
             raise invalid(Reason.INVALID_DIGEST, "digest", problem)
         # Counted against the same caller as its uploads; an unknown token is refused before it takes a slot.
@@ -851,7 +902,7 @@ class RegistryServicer(NamespaceRpcs, pb_grpc.RegistryServiceServicer):
                 # Checked on the way; the last chunk waits for the verdict. No descriptor is held between
                 # chunks, so a client that stops reading holds only its slot (see BlobReader.chunks).
                 async for chunk in reader.chunks():
-                    yield pb.DownloadBlobResponse(chunk=chunk)
+                    yield internal_pb.DownloadBlobResponse(chunk=chunk)
             except OSError as exc:
                 if is_out_of_descriptors(exc):
                     log.warning("a download failed for want of file descriptors: %s", exc)

@@ -6,7 +6,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.runtime.auth import AuthSettings
+from services.runtime.identity import PlatformIdentity, identity_from_env, read_token_file
+from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_size, env_str
+from services.runtime.tls import TlsSettings
 
 DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
 
@@ -37,8 +41,10 @@ class Settings:
     """How long in-flight calls may finish after SIGTERM: `CLAWHUB_SHUTDOWN_GRACE`, default 5 seconds."""
 
     admin_token: str = field(default="", repr=False)
-    """The operator's token for admin calls (creating publishers and namespaces):
-    `CLAWHUB_REGISTRY_ADMIN_TOKEN`, default empty, which refuses every admin call."""
+    """The operator's token for admin calls (creating publishers and namespaces): read from the file
+    `CLAWHUB_REGISTRY_ADMIN_TOKEN_FILE` (mode 0600; what `clawhub up` passes), or `CLAWHUB_REGISTRY_ADMIN_TOKEN`
+    (kept for compatibility: an environment variable is visible to more than the file); default empty, which
+    refuses every admin call."""
 
     require_namespace: bool = False
     """Whether every skill name must be in a namespace (else names under none are open to anyone):
@@ -74,6 +80,22 @@ class Settings:
     default 256 (far more than executors preloading many skills at once fetch; a stranger still leaves half of
     `max_downloads` to the others)."""
 
+    identity: PlatformIdentity | None = None
+    """Its platform token and the platform's identities (`CLAWHUB_SERVICE_TOKEN_FILE`,
+    `CLAWHUB_PLATFORM_IDENTITIES_FILE`; docs/security.md). None: internal auth off (`CLAWHUB_INTERNAL_AUTH=off`;
+    the default here, so that tests can build servers directly; from_env requires one or the other)."""
+    bootstrap_key_file: Path | None = None
+    """A file (mode 0600) holding an API key (`chk_…`) the registry adopts at start as key `admin`, role admin,
+    unless it knows it already (a revoked one stays revoked): `CLAWHUB_REGISTRY_BOOTSTRAP_KEY_FILE`, default
+    none. `clawhub up` creates one on the first start (`<data-dir>/secrets/admin.key`)."""
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    """Users' credentials and roles (`CLAWHUB_USER_AUTH`, `CLAWHUB_ANONYMOUS_ROLES`, `CLAWHUB_JWT_*`;
+    services/runtime/auth.py). Default here: off, so that tests can build servers directly; from_env: on."""
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    """TLS of its port and of its calls (`CLAWHUB_TLS_*`; services/runtime/tls.py); default plaintext."""
+    rate_limits: RateLimitSettings | None = None
+    """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
+    servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
     scrub_interval_seconds: float = 86400.0
     """How often the registry hashes every stored blob, quarantining and logging corrupt or missing ones
     (as `clawhub admin verify-blobs` does): `CLAWHUB_REGISTRY_SCRUB_INTERVAL`, seconds, default 86400 (daily,
@@ -90,7 +112,7 @@ class Settings:
             data_dir=Path(env_str("CLAWHUB_REGISTRY_DATA_DIR", str(_default_data_dir()))).expanduser(),
             max_upload_bytes=max_upload,
             shutdown_grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", 5.0, minimum=0.0),
-            admin_token=env_str("CLAWHUB_REGISTRY_ADMIN_TOKEN", ""),
+            admin_token=_admin_token(),
             require_namespace=_env_bool("CLAWHUB_REGISTRY_REQUIRE_NAMESPACE", False),
             max_uploads=env_int("CLAWHUB_REGISTRY_MAX_UPLOADS", 64, minimum=1),
             max_uploads_per_caller=env_int("CLAWHUB_REGISTRY_MAX_UPLOADS_PER_CALLER", 32, minimum=1),
@@ -98,8 +120,24 @@ class Settings:
             upload_max_seconds=_env_seconds("CLAWHUB_REGISTRY_UPLOAD_MAX_DURATION", 600.0),
             max_downloads=env_int("CLAWHUB_REGISTRY_MAX_DOWNLOADS", 512, minimum=1),
             max_downloads_per_caller=env_int("CLAWHUB_REGISTRY_MAX_DOWNLOADS_PER_CALLER", 256, minimum=1),
+            identity=identity_from_env("registry"),
+            auth=AuthSettings.from_env(),
+            bootstrap_key_file=(Path(env_str("CLAWHUB_REGISTRY_BOOTSTRAP_KEY_FILE", "")).expanduser()
+                                if env_str("CLAWHUB_REGISTRY_BOOTSTRAP_KEY_FILE", "") else None),
+            tls=TlsSettings.from_env(),
+            rate_limits=RateLimitSettings.from_env(),
             scrub_interval_seconds=_env_seconds("CLAWHUB_REGISTRY_SCRUB_INTERVAL", 86400.0, zero_ok=True),
         )
+
+
+def _admin_token() -> str:
+    path = env_str("CLAWHUB_REGISTRY_ADMIN_TOKEN_FILE", "")
+    if path and env_str("CLAWHUB_REGISTRY_ADMIN_TOKEN", ""):
+        raise SettingsError("CLAWHUB_REGISTRY_ADMIN_TOKEN_FILE and CLAWHUB_REGISTRY_ADMIN_TOKEN are both set: "
+                            "keep one (the file)")
+    if path:
+        return read_token_file(Path(path).expanduser(), "CLAWHUB_REGISTRY_ADMIN_TOKEN_FILE")
+    return env_str("CLAWHUB_REGISTRY_ADMIN_TOKEN", "")
 
 
 def _env_bool(name: str, default: bool) -> bool:

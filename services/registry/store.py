@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import aiosqlite
 from clawhub.common.v1 import skill_pb2
@@ -141,6 +141,32 @@ class PublisherRecord:
 
     name: str
     create_time_ns: int
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key; the key itself is stored only as a sha256."""
+
+    id: str
+    name: str
+    role: str
+    scopes: tuple[str, ...]
+    created_by: str
+    create_time_ns: int
+    revoke_time_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditEventRecord:
+    """One mutating call, as the audit log keeps it."""
+
+    seq: int
+    time_ns: int
+    principal: str
+    method: str
+    target: str
+    request_id: str
+    outcome: str
 
 
 @dataclass(frozen=True)
@@ -275,6 +301,10 @@ class MetadataStore(Protocol):
         """Skills in name order, starting after the name `after`."""
         ...
 
+    async def skill_names(self, *, limit: int) -> list[str]:
+        """The names of up to `limit` skills, in name order (what an unknown name is compared with)."""
+        ...
+
     async def unsettled_versions(self) -> list[VersionRecord]:
         """Versions left PENDING or VERIFYING (the registry stopped mid-publish)."""
         ...
@@ -329,6 +359,29 @@ class MetadataStore(Protocol):
                                ) -> NamespaceRecord:
         """Add keys, then remove key ids, then set the flag (None leaves it), in one transaction; raises
         NotFound for an unknown namespace or a key id it does not have (and changes nothing)."""
+        ...
+
+    async def create_api_key(self, record: ApiKeyRecord, key_sha256: str) -> None:
+        """Store a new API key (its id is fresh: 48 random bits)."""
+        ...
+
+    async def api_key_by_sha256(self, key_sha256: str) -> ApiKeyRecord | None:
+        """The key with this sha256, revoked or not."""
+        ...
+
+    async def list_api_keys(self, *, before: str | None, limit: int) -> Page[ApiKeyRecord]:
+        """Keys, newest first (`before`: the id the previous page ended with)."""
+        ...
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """Mark the key revoked (once: a second revocation keeps the first time); None when no key has the id."""
+        ...
+
+    async def append_audit(self, time_ns: int, principal: str, method: str, target: str, request_id: str,
+                           outcome: str) -> None: ...
+
+    async def list_audit(self, *, before: int | None, limit: int) -> Page[AuditEventRecord]:
+        """Audit events, newest first (`before`: the sequence number the previous page ended with)."""
         ...
 
     async def record_quarantine(self, record: QuarantineRecord) -> None:
@@ -435,6 +488,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             repair_time_ns INTEGER
         )""",
         "CREATE INDEX blob_quarantine_by_digest ON blob_quarantine(digest, repair_time_ns)",
+    ),
+    (
+        # 6: API keys (only the sha256 of each key) and the audit log of mutating calls (issue 11).
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            key_sha256 TEXT NOT NULL UNIQUE,
+            created_by TEXT NOT NULL,
+            create_time_ns INTEGER NOT NULL,
+            revoke_time_ns INTEGER
+        )""",
+        """CREATE TABLE audit_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            time_ns INTEGER NOT NULL,
+            principal TEXT NOT NULL,
+            method TEXT NOT NULL,
+            target TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            outcome TEXT NOT NULL
+        )""",
     ),
 )
 
@@ -594,6 +669,11 @@ class SqliteMetadataStore:
             skills = await _fetch_skills(db, "WHERE name > ? ORDER BY name LIMIT ?", (after or "", limit + 1))
         return Page(skills[:limit], more=len(skills) > limit)
 
+    async def skill_names(self, *, limit: int) -> list[str]:
+        async with self._read() as db:
+            async with db.execute("SELECT name FROM skills ORDER BY name LIMIT ?", (limit,)) as cursor:
+                return [row[0] for row in await cursor.fetchall()]
+
     async def unsettled_versions(self) -> list[VersionRecord]:
         async with self._read() as db:
             async with db.execute("SELECT name, version FROM versions WHERE state IN (?, ?) ORDER BY name",
@@ -675,6 +755,58 @@ class SqliteMetadataStore:
             async with db.execute("SELECT name FROM publishers WHERE token_sha256 = ?", (token_sha256,)) as cursor:
                 row = await cursor.fetchone()
         return str(row[0]) if row else None
+
+    # API keys and the audit log.
+
+    async def create_api_key(self, record: ApiKeyRecord, key_sha256: str) -> None:
+        async with self._write() as db:
+            await db.execute("INSERT INTO api_keys (id, name, role, scopes, key_sha256, created_by, create_time_ns) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (record.id, record.name, record.role, json.dumps(list(record.scopes)), key_sha256,
+                              record.created_by, record.create_time_ns))
+
+    async def api_key_by_sha256(self, key_sha256: str) -> ApiKeyRecord | None:
+        async with self._read() as db:
+            async with db.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_sha256 = ?", (key_sha256,)) as cur:
+                row = await cur.fetchone()
+        return _api_key(row) if row else None
+
+    async def list_api_keys(self, *, before: str | None, limit: int) -> Page[ApiKeyRecord]:
+        async with self._read() as db:
+            params: tuple[str, ...] = ()
+            if before is None:
+                query = f"SELECT {_KEY_COLUMNS} FROM api_keys"
+            else:
+                query = (f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE (create_time_ns, id) < "
+                         "(SELECT create_time_ns, id FROM api_keys WHERE id = ?)")
+                params = (before,)
+            async with db.execute(query + " ORDER BY create_time_ns DESC, id DESC LIMIT ?",
+                                  (*params, limit + 1)) as cur:
+                rows = [_api_key(r) async for r in cur]
+        return Page(rows[:limit], len(rows) > limit)
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        async with self._write() as db:
+            await db.execute("UPDATE api_keys SET revoke_time_ns = ? WHERE id = ? AND revoke_time_ns IS NULL",
+                             (time.time_ns(), key_id))
+            async with db.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)) as cur:
+                row = await cur.fetchone()
+        return _api_key(row) if row else None
+
+    async def append_audit(self, time_ns: int, principal: str, method: str, target: str, request_id: str,
+                           outcome: str) -> None:
+        async with self._write() as db:
+            await db.execute("INSERT INTO audit_events (time_ns, principal, method, target, request_id, outcome) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (time_ns, principal, method, target, request_id, outcome))
+
+    async def list_audit(self, *, before: int | None, limit: int) -> Page[AuditEventRecord]:
+        async with self._read() as db:
+            async with db.execute("SELECT seq, time_ns, principal, method, target, request_id, outcome "
+                                  "FROM audit_events WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                                  (before if before is not None else 2**62, limit + 1)) as cur:
+                rows = [AuditEventRecord(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]),
+                                         str(r[6])) async for r in cur]
+        return Page(rows[:limit], len(rows) > limit)
 
     async def create_namespace(self, name: str, owner: str, require_signatures: bool,
                                keys: Sequence[tuple[str, bytes]]) -> NamespaceRecord:
@@ -786,6 +918,14 @@ class SqliteMetadataStore:
             async with db.execute("SELECT name, version, digest, bundle_digest FROM versions WHERE state = ? "
                                   "ORDER BY name, version", (State.READY.value,)) as cursor:
                 return [BlobReference(str(r[0]), str(r[1]), str(r[2]), str(r[3])) async for r in cursor]
+
+
+_KEY_COLUMNS = "id, name, role, scopes, created_by, create_time_ns, revoke_time_ns"
+
+
+def _api_key(row: Any) -> ApiKeyRecord:
+    return ApiKeyRecord(str(row[0]), str(row[1]), str(row[2]), tuple(json.loads(row[3])), str(row[4]), int(row[5]),
+                        int(row[6]) if row[6] is not None else None)
 
 
 async def _fetch_namespace(db: aiosqlite.Connection, name: str) -> NamespaceRecord | None:

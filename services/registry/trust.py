@@ -32,6 +32,15 @@ from services.registry.store import (
     PublisherRecord,
 )
 from services.runtime import signing
+from services.runtime.auth import ADMIN as ADMIN_PRINCIPAL
+from services.runtime.auth import (
+    ANONYMOUS,
+    Authenticator,
+    AuthSettings,
+    Principal,
+    key_principal,
+    publisher_principal,
+)
 from services.runtime.errors import Reason, ServiceError, invalid
 from services.runtime.names import key_id_problem, skill_name_problem
 
@@ -47,7 +56,9 @@ MAX_KEYS_PER_REQUEST = 64
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _NAMESPACES_TOKEN = "namespaces/"
-HOW_TO_PUBLISH = "send the owner's token (`clawhub publish --token`, or CLAWHUB_TOKEN)"
+# Neutral: the registry does not know which client (or CLI command) called; the clawhub CLI adds the flag and
+# variable of the command being run.
+HOW_TO_PUBLISH = "send the owner's token as the bearer token (`authorization: Bearer <token>` metadata)"
 
 
 def token_sha256(token: str) -> str:
@@ -61,15 +72,24 @@ def new_token() -> str:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: nobody (no token), the admin, or a publisher."""
+    """Who is calling: nobody (no token), the admin (the admin token, or a key or JWT with the admin role), a
+    publisher (its token), or another principal (an API key or a JWT; services/runtime/auth.py)."""
 
     publisher: str = ""
     admin: bool = False
+    principal: Principal = ANONYMOUS
 
     def describe(self) -> str:
-        if self.admin:
+        if self.admin and self.principal.kind in ("admin", "anonymous"):
             return "the admin token"
+        if self.principal.kind in ("key", "jwt"):
+            return self.principal.name
         return f"publisher {self.publisher}'s token" if self.publisher else "no token"
+
+    def may(self, permission: str, skill: str) -> bool:
+        """Whether a key or JWT grants `permission` on `skill` by its role and scopes (publisher tokens are
+        governed by namespace ownership instead)."""
+        return self.principal.kind in ("key", "jwt") and self.principal.allows(permission, skill)
 
 
 @dataclass(frozen=True)
@@ -151,41 +171,62 @@ def _namespace_not_found(what: str, metadata: dict[str, str]) -> ServiceError:
 class Trust:
     """Authentication and namespace policy, shared by the publish path and the namespace RPCs."""
 
-    def __init__(self, store: MetadataStore, *, admin_token: str, require_namespace: bool) -> None:
+    def __init__(self, store: MetadataStore, *, admin_token: str, require_namespace: bool,
+                 auth: AuthSettings | None = None) -> None:
         self._store = store
         # Only the hash is kept in memory too, and compared in constant time.
         self._admin_sha256 = token_sha256(admin_token) if admin_token else ""
         self._require_namespace = require_namespace
+        # The registry is where keys live: its answers are never cached (a revocation holds at once here).
+        self.authenticator = Authenticator(auth or AuthSettings(), self.resolve, cache_seconds=0.0)
+
+    async def resolve(self, digest: str) -> Principal | None:
+        """The principal of the bearer token whose sha256 is `digest`: the admin token, an API key (not
+        revoked), a publisher's token; None for anything else."""
+        if self._admin_sha256 and hmac.compare_digest(digest, self._admin_sha256):
+            return ADMIN_PRINCIPAL
+        key = await self._store.api_key_by_sha256(digest)
+        if key is not None:
+            return key_principal(key.id, key.name, key.role, key.scopes) if key.revoke_time_ns is None else None
+        publisher = await self._store.publisher_by_token(digest)
+        return publisher_principal(publisher) if publisher is not None else None
 
     async def caller(self, context: Context) -> Caller:
         """Who calls. A token that is presented but unknown is refused even where none is needed: a typo
         should not silently turn into an anonymous publish."""
-        token = _bearer(context)
-        if token is None:
+        # No context: called in-process (tests drive the servicer directly), which carries no credentials.
+        metadata = context.invocation_metadata() if context is not None else None
+        principal = await self.authenticator.principal(metadata)
+        if principal.anonymous:
             return Caller()
-        digest = token_sha256(token)
-        if self._admin_sha256 and hmac.compare_digest(digest, self._admin_sha256):
-            return Caller(admin=True)
-        publisher = await self._store.publisher_by_token(digest)
-        if publisher is None:
-            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, Reason.INVALID_TOKEN,
-                               "the bearer token is not the admin token and no publisher holds it")
-        return Caller(publisher=publisher)
+        return Caller(publisher=principal.subject if principal.kind == "publisher" else "",
+                      admin="admin" in principal.roles, principal=principal)
 
     async def require_admin(self, context: Context) -> None:
+        token = _bearer(context)
+        try:
+            caller = await self.caller(context) if token is not None else Caller()
+        except ServiceError:
+            caller = Caller()  # an unknown token: "another token", as below
+        if caller.admin:
+            return
         if not self._admin_sha256:
             raise ServiceError(
                 grpc.StatusCode.PERMISSION_DENIED, Reason.ADMIN_TOKEN_NOT_CONFIGURED,
-                "this registry has no admin token, so admin calls are refused: start it with "
-                "CLAWHUB_REGISTRY_ADMIN_TOKEN set to a long random secret, then send that token "
-                "(`clawhub --admin-token`, or CLAWHUB_ADMIN_TOKEN)")
-        token = _bearer(context)
-        if token is None or not hmac.compare_digest(token_sha256(token), self._admin_sha256):
-            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, Reason.ADMIN_REQUIRED,
-                               "this call needs the registry's admin token (CLAWHUB_REGISTRY_ADMIN_TOKEN)")
+                "this registry has no admin token, so admin calls are refused: its operator starts it with "
+                "CLAWHUB_REGISTRY_ADMIN_TOKEN set to a long random secret, and admin calls send that secret as "
+                "the bearer token (`authorization: Bearer <token>` metadata); or send a key with the admin role "
+                "(the one `clawhub up` created)")
+        raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, Reason.ADMIN_REQUIRED,
+                           "this call needs the registry's admin token (or a key with the admin role) as the bearer "
+                           "token (`authorization: Bearer <token>` metadata), and the call carries "
+                           + ("no token" if token is None else "another token" if caller.principal.anonymous
+                              else caller.describe()))
 
-    def _check_owner(self, caller: Caller, skill: str, namespace: NamespaceRecord | None, action: str) -> None:
-        if caller.admin:
+    def _check_owner(self, caller: Caller, skill: str, namespace: NamespaceRecord | None, action: str,
+                     permission: str = "skills.publish") -> None:
+        if caller.admin or caller.may(permission, skill):
+            # A key or JWT whose role grants the change on this name (its scopes cover it): an admin gave it.
             return
         if namespace is None:
             if self._require_namespace:
@@ -202,10 +243,11 @@ class Trust:
                 f"{namespace.owner}, and the call carries {caller.describe()}; {HOW_TO_PUBLISH}",
                 metadata={"skill": skill, "namespace": namespace.name, "owner": namespace.owner})
 
-    async def authorize_change(self, context: Context, skill: str, action: str) -> None:
-        """Yank and tag changes: the governing namespace's owner (or the admin)."""
+    async def authorize_change(self, context: Context, skill: str, action: str, permission: str) -> None:
+        """Yank and tag changes: the governing namespace's owner, a key or JWT granted `permission` on the
+        name, or the admin."""
         caller = await self.caller(context)
-        self._check_owner(caller, skill, await self._store.governing_namespace(skill), action)
+        self._check_owner(caller, skill, await self._store.governing_namespace(skill), action, permission)
 
     async def authorize_publish(self, context: Context, meta: pb.PublishSkillMetadata,
                                 caller: Caller | None = None) -> PublishGrant:
@@ -217,7 +259,8 @@ class Trust:
             caller = await self.caller(context)
         namespace = await self._store.governing_namespace(name)
         self._check_owner(caller, name, namespace, "publish")
-        publisher = ADMIN_PUBLISHER if caller.admin else caller.publisher
+        publisher = (caller.principal.name if caller.principal.kind in ("key", "jwt")
+                     else ADMIN_PUBLISHER if caller.admin else caller.publisher)
         ns_name = namespace.name if namespace else ""
         signature = meta.signature
         if not meta.HasField("signature") or (not signature.key_id and not signature.signature):
@@ -364,7 +407,8 @@ class NamespaceRpcs:
         current = await self._store.get_namespace(request.name)
         if current is None:
             raise _namespace_not_found(f"no namespace {request.name!r}", {"namespace": request.name})
-        if not caller.admin and caller.publisher != current.owner:
+        if not caller.admin and caller.publisher != current.owner and not caller.may("namespaces.update",
+                                                                                       current.name):
             raise ServiceError(
                 grpc.StatusCode.PERMISSION_DENIED, Reason.NAMESPACE_NOT_OWNED,
                 f"namespace {current.name} is owned by publisher {current.owner}, and the call carries "

@@ -20,11 +20,16 @@ with `env_payload_size` (at most `MAX_PAYLOAD_SETTING_BYTES`, else a SettingsErr
 from __future__ import annotations
 
 import urllib.parse
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from services.runtime.settings import env_size
+from services.runtime.tls import ClientTls
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -120,13 +125,103 @@ def size_options(max_receive_bytes: int, max_send_bytes: int) -> tuple[tuple[str
             ("grpc.max_send_message_length", min(max_send_bytes, GRPC_MAX_MESSAGE_BYTES)))
 
 
-def channel(address: str, *, max_receive_bytes: int = CONTROL_MESSAGE_BYTES,
-            max_send_bytes: int = CONTROL_MESSAGE_BYTES) -> grpc.aio.Channel:
-    """An insecure aio channel to another clawhub service (loopback or a private network).
+@dataclass(frozen=True)
+class Outgoing:
+    """How a service's calls to other services identify and protect themselves: its platform token (sent as
+    `x-clawhub-service` on every call; services/runtime/identity.py) and the TLS of its channels."""
 
-    The limits default to the control-plane cap; channels that carry skill input or output pass theirs."""
-    return grpc.aio.insecure_channel(
-        address, options=(*_KEEPALIVE_CHANNEL, *size_options(max_receive_bytes, max_send_bytes)))
+    token: str | None = field(default=None, repr=False)
+    tls: ClientTls | None = None
+
+
+_PLAINTEXT = Outgoing()
+_OUTGOING: ContextVar[Outgoing | None] = ContextVar("clawhub_outgoing", default=None)
+
+
+@contextmanager
+def outgoing(security: Outgoing) -> Iterator[None]:
+    """Channels created inside (by `channel()`) use `security`. Each service's build_server wraps its body in
+    it, so every client it builds (deployer backends, dispatcher executor clients, ...) carries its token."""
+    reset = _OUTGOING.set(security)
+    try:
+        yield
+    finally:
+        _OUTGOING.reset(reset)
+
+
+def channel(address: str, *, max_receive_bytes: int = CONTROL_MESSAGE_BYTES,
+            max_send_bytes: int = CONTROL_MESSAGE_BYTES, security: Outgoing | None = None) -> grpc.aio.Channel:
+    """An aio channel to another clawhub service.
+
+    `security` (default: the one `outgoing` set, else none) adds the service's token to every call and TLS to
+    the connection; without either, a plaintext channel (loopback, a private network or a mesh). The limits
+    default to the control-plane cap; channels that carry skill input or output pass theirs."""
+    security = security or _OUTGOING.get() or _PLAINTEXT
+    options = (*_KEEPALIVE_CHANNEL, *size_options(max_receive_bytes, max_send_bytes))
+    if security.tls is not None:
+        opened = grpc.aio.secure_channel(address, security.tls.credentials(), options=options)
+    else:
+        opened = grpc.aio.insecure_channel(address, options=options)
+    return TokenChannel(opened, security.token) if security.token else opened
+
+
+SERVICE_METADATA = "x-clawhub-service"
+
+
+class _WithToken:
+    """A multi-callable that adds the token to the metadata of every call it makes."""
+
+    __slots__ = ("_inner", "_entry")
+
+    def __init__(self, inner: Any, entry: tuple[str, str]) -> None:
+        self._inner = inner
+        self._entry = entry
+
+    def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
+        # A relayed call's metadata is its caller's: any token entry in it is replaced, never passed on.
+        own = (*(e for e in metadata if e[0] != SERVICE_METADATA), self._entry) if metadata else (self._entry,)
+        return self._inner(*args, metadata=own, **kwargs)
+
+
+class TokenChannel(grpc.aio.Channel):  # type: ignore[misc]
+    """An aio channel whose every call carries `x-clawhub-service: <token>`: each multi-callable a stub takes
+    from it adds the entry to the call's metadata. Not a client interceptor: grpc.aio runs interceptors through
+    an extra task per call, which cost about 5% of invoke throughput where this costs one function call
+    (docs/security.md, bench/edge_cost.py)."""
+
+    def __init__(self, inner: grpc.aio.Channel, token: str) -> None:
+        self._inner = inner
+        self._entry = (SERVICE_METADATA, token)
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._inner.unary_unary(*args, **kwargs), self._entry)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._inner.unary_stream(*args, **kwargs), self._entry)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._inner.stream_unary(*args, **kwargs), self._entry)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._inner.stream_stream(*args, **kwargs), self._entry)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._inner.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._inner.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._inner.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._inner.channel_ready()
+
+    async def __aenter__(self) -> TokenChannel:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        await self.close(None)
 
 
 # Metadata the gateway sets, on every call it relays, to the address of the client it relays for (any value the

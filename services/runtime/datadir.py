@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import shlex
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -83,14 +84,16 @@ class DataDirLock:
 
 
 def lock_data_dir(directory: Path, *, owner: str, variable: str) -> DataDirLock:
-    """Lock `directory` (created if missing) for this process, or raise DataDirInUse naming the holder.
+    """Lock `directory` (created if missing; mode 0700 either way, see `private_dir`) for this process, or
+    raise DataDirInUse naming the holder.
 
     `owner` names the refused service in the message (`registry`), `variable` the setting that moves it
     to another directory."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     path = directory / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # a lock file from an older version was 0644
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _read_holder(fd)
@@ -108,6 +111,26 @@ def lock_data_dir(directory: Path, *, owner: str, variable: str) -> DataDirLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, record.encode() + b"\n", 0)
     return DataDirLock(path, fd)
+
+
+def private_dir(directory: Path) -> None:
+    """Create `directory` with mode 0700, or take group and other access away from an existing one (the
+    services' databases hold what other local users must not read: deploy-time secrets, tokens)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        directory.chmod(mode & 0o700)
+
+
+def private_files(*paths: Path) -> None:
+    """Mode 0600 (at most) for those of `paths` that exist, whatever the umask made them."""
+    for path in paths:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            path.chmod(mode & 0o600)
 
 
 def holder_of(directory: Path) -> Holder | None:

@@ -6,7 +6,8 @@ downstream services through unchanged, and turns anything unexpected into INTERN
 
 The interceptor also decodes requests itself, so bytes that are not the method's message (corrupt wire
 format, invalid UTF-8 in a string, nesting past protobuf's depth limit) get INVALID_ARGUMENT /
-MALFORMED_REQUEST and one rate-limited log line, instead of gRPC's UNKNOWN and a traceback per request. On the
+MALFORMED_REQUEST and one rate-limited log line, instead of gRPC's UNKNOWN and a traceback per request; and it
+checks every decoded request's enum values and string sizes (services/runtime/fieldcheck.py). On the
 public port (`public=True`, the gateway) every outgoing status has internal addresses removed. Streaming
 handlers write with backpressure, and a caller that goes away mid-stream ends the stream quietly.
 """
@@ -14,12 +15,13 @@ handlers write with backpressure, and a caller that goes away mid-stream ends th
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NoReturn
@@ -47,6 +49,74 @@ def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
+# Control characters as they would be escaped in a string literal; the rest as \xNN or \uNNNN.
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: newlines, tabs and other control characters escaped (`\\n`, `\\x1b`), so that a
+    log record or a message quoting someone else's text stays one line and cannot forge another."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m[0]) or m[0].encode("unicode_escape").decode("ascii"), text)
+
+
+def show_bytes(data: bytes, limit: int = 200) -> str:
+    """Bytes as a person reads them: decoded as UTF-8 (an invalid sequence shows as U+FFFD), double-quoted,
+    with quotes, backslashes and control characters escaped (`"hello\\n"`); cut after `limit` bytes,
+    saying how many more there were. Never a Python bytes repr (`b'...'`), never empty (`""`)."""
+    text = data[:limit].decode("utf-8", errors="replace")
+    shown = '"' + one_line(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+    return shown + (f"… ({len(data) - limit} more bytes)" if len(data) > limit else "")
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line saying what failed, for logs and progress messages: `CODE REASON: details` for a failed gRPC
+    call (never the multi-line repr of an AioRpcError) or a ServiceError, `Type: text` for anything else."""
+    if isinstance(exc, ServiceError):
+        return f"{exc.code.name} {exc.reason}: {one_line(exc.message)}"
+    code = getattr(exc, "code", None)
+    if isinstance(exc, grpc.RpcError) and callable(code):
+        status = code()
+        info = error_info(exc)
+        reason = f" {info.reason}" if info is not None else ""
+        details = exc.details() if callable(getattr(exc, "details", None)) else ""
+        name = status.name if isinstance(status, grpc.StatusCode) else str(status)
+        return f"{name}{reason}: {one_line(details or 'no details')}"
+    text = one_line(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# How alike two names must be (difflib's ratio over the whole name) to be suggested for each other.
+SUGGEST_CUTOFF = 0.8
+MAX_SUGGESTIONS = 3
+
+
+def close_names(name: str, candidates: Iterable[str], limit: int = MAX_SUGGESTIONS) -> list[str]:
+    """The names among `candidates` most like `name` (a typo of one of them, say), best first; at most `limit`.
+
+    Skill names share long prefixes (`com.example.`), so the whole name must be very alike (SUGGEST_CUTOFF)
+    and so must its last label: `com.example.foo` is not suggested for `com.example.bar`. Names whose length
+    is too different to pass are skipped before difflib looks at them."""
+    longest = len(name) / SUGGEST_CUTOFF
+    shortest = len(name) * SUGGEST_CUTOFF / (2 - SUGGEST_CUTOFF)
+    pool = [c for c in candidates if c != name and shortest <= len(c) <= longest]
+    last = name.rpartition(".")[2]
+    return [match for match in difflib.get_close_matches(name, pool, n=limit * 4, cutoff=SUGGEST_CUTOFF)
+            if difflib.SequenceMatcher(None, last, match.rpartition(".")[2]).ratio() >= 0.5][:limit]
+
+
+def did_you_mean(suggestions: Sequence[str]) -> str:
+    """` (did you mean a?)` / ` (did you mean a, b or c?)`; empty without suggestions."""
+    if not suggestions:
+        return ""
+    listed = suggestions[0] if len(suggestions) == 1 else f"{', '.join(suggestions[:-1])} or {suggestions[-1]}"
+    return f" (did you mean {listed}?)"
+
+
+# ErrorInfo metadata key of the close names an unknown name's NOT_FOUND suggests (comma-separated).
+DID_YOU_MEAN = "did_you_mean"
+
+
 class Reason(StrEnum):
     """Every ErrorInfo reason clawhub returns. Stable: clients may branch on them."""
 
@@ -57,6 +127,10 @@ class Reason(StrEnum):
     INVALID_DIGEST = "INVALID_DIGEST"
     INVALID_MANIFEST = "INVALID_MANIFEST"
     INVALID_INPUT = "INVALID_INPUT"
+    INPUT_SCHEMA_VIOLATION = "INPUT_SCHEMA_VIOLATION"
+    INPUT_SCHEMA_INVALID = "INPUT_SCHEMA_INVALID"
+    FIELD_TOO_LONG = "FIELD_TOO_LONG"
+    INVALID_ENUM_VALUE = "INVALID_ENUM_VALUE"
     INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
     ENV_NOT_SET = "ENV_NOT_SET"
     MALFORMED_REQUEST = "MALFORMED_REQUEST"
@@ -103,6 +177,10 @@ class Reason(StrEnum):
     FUEL_EXHAUSTED = "FUEL_EXHAUSTED"
     # Trust: publishers, namespaces, signatures (registry) and provenance re-checks (executor).
     INVALID_TOKEN = "INVALID_TOKEN"
+    # Users: credentials and roles (services/runtime/auth.py).
+    CREDENTIALS_REQUIRED = "CREDENTIALS_REQUIRED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    API_KEY_NOT_FOUND = "API_KEY_NOT_FOUND"
     ADMIN_REQUIRED = "ADMIN_REQUIRED"
     ADMIN_TOKEN_NOT_CONFIGURED = "ADMIN_TOKEN_NOT_CONFIGURED"
     PUBLISHER_EXISTS = "PUBLISHER_EXISTS"
@@ -118,8 +196,11 @@ class Reason(StrEnum):
     SIGNER_NOT_TRUSTED = "SIGNER_NOT_TRUSTED"
     PROVENANCE_MISMATCH = "PROVENANCE_MISMATCH"
     # Platform.
+    PLATFORM_CREDENTIALS_REQUIRED = "PLATFORM_CREDENTIALS_REQUIRED"
+    SERVICE_NOT_ALLOWED = "SERVICE_NOT_ALLOWED"
     METHOD_NOT_EXPOSED = "METHOD_NOT_EXPOSED"
     NO_EXECUTOR_AVAILABLE = "NO_EXECUTOR_AVAILABLE"
+    RATE_LIMITED = "RATE_LIMITED"
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     SHUTTING_DOWN = "SHUTTING_DOWN"
@@ -147,7 +228,9 @@ class ServiceError(Exception):
             error_details_pb2.ErrorInfo(
                 reason=str(self.reason),
                 domain=self.domain or default_domain,
-                metadata={clip(k, 128): clip(str(v)) for k, v in list(self.metadata.items())[:MAX_VIOLATIONS]},
+                # An empty value says nothing and reads as a bug (`latest_version: `): left out.
+                metadata={clip(k, 128): clip(str(v))
+                          for k, v in [(k, v) for k, v in self.metadata.items() if str(v) != ""][:MAX_VIOLATIONS]},
             )
         ]
         violations = list(self.field_violations)[:MAX_VIOLATIONS]
@@ -206,7 +289,7 @@ def upstream_error(err: grpc.aio.AioRpcError, upstream: str, address: str = "") 
     details = err.details() or code.name
     level = logging.INFO if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) else logging.WARNING
     _upstream_log.log(level, "call to %s%s failed: %s: %s", upstream, f" at {address}" if address else "",
-                      code.name, details)
+                      code.name, one_line(details))
     # The address is known here even when it is a host name ("DNS resolution failed for registry.internal:50052").
     return ServiceError(code, reason, f"{upstream}: {redact_addresses(details, (address,) if address else ())}",
                         metadata={"upstream": upstream})
@@ -396,16 +479,24 @@ Decode = Callable[[bytes], Any]
 
 
 def _decoder(deserialize: Decode) -> Decode:
-    """`deserialize`, raising MalformedRequest (naming the message type) for bytes it cannot decode."""
+    """`deserialize`, raising MalformedRequest (naming the message type) for bytes it cannot decode, then the
+    generic field checks (unknown enum values, unset required enums, oversize strings:
+    services/runtime/fieldcheck.py)."""
+    from services.runtime import fieldcheck  # it builds on this module
+
     owner = getattr(deserialize, "__self__", None)
     descriptor = getattr(owner, "DESCRIPTOR", None)
     type_name = descriptor.full_name if descriptor is not None else getattr(deserialize, "__qualname__", "the request")
+    check = fieldcheck.checker(descriptor)
 
     def decode(raw: bytes) -> Any:
         try:
-            return deserialize(raw)
+            request = deserialize(raw)
         except (message.DecodeError, RecursionError, ValueError, TypeError) as exc:
             raise malformed_request(type_name, exc) from None
+        if check is not None:
+            check(request)
+        return request
 
     return decode
 

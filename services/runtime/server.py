@@ -17,12 +17,17 @@ from typing import Protocol, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from services.runtime.channels import CONTROL_MESSAGE_BYTES, SERVER_OPTIONS, size_options
 from services.runtime.errors import ErrorInterceptor
+from services.runtime.identity import PlatformAuthInterceptor, PlatformIdentity
 from services.runtime.lifeline import follow_supervisor
+from services.runtime.policy import INTERNAL_CALLERS
+from services.runtime.ratelimit.interceptor import PrincipalIdentity, rate_limit_interceptor
+from services.runtime.ratelimit.policy import RateLimitSettings
+from services.runtime.reflection import enable_reflection
 from services.runtime.settings import SettingsError
+from services.runtime.tls import ServerTls
 
 log = logging.getLogger("clawhub")
 
@@ -105,6 +110,10 @@ def create_server(
     internal_addresses: Iterable[str] = (),
     share_port: bool = False,
     port_variable: str | None = None,
+    identity: PlatformIdentity | None = None,
+    check_callers: bool = True,
+    tls: ServerTls | None = None,
+    rate_limits: RateLimitSettings | None = None,
 ) -> ServiceHost:
     """Build a server serving `register`'s services plus health and reflection, bound to host:port.
 
@@ -116,34 +125,52 @@ def create_server(
     a second suite start on a port the first holds and silently split its traffic. A taken port raises
     PortInUse naming host:port and `port_variable` (default `CLAWHUB_<NAME>_PORT`). An IPv6 literal `host`
     may come with or without brackets.
+
+    `identity` (internal auth on) with `check_callers` (every internal service; not the public gateway): every
+    call but health checks and reflection must carry the token of a platform service that the policy table
+    (services/runtime/policy.py) allows for its method (services/runtime/identity.py). `tls`: the port serves
+    TLS (mTLS when it names a client CA) instead of plaintext.
+
+    `rate_limits` (None or `CLAWHUB_RATE_LIMITS=off`: none): token buckets checked after authentication, keyed
+    by the principal or calling service it established (services/runtime/ratelimit/; docs/ratelimits.md).
     """
     names = tuple(service_names)
     if port and not share_port:
         # Checked before gRPC binds (which would also log a line of its own from C), and before there is a
         # server to clean up.
         _refuse_taken_port(name, host, port, port_variable or f"CLAWHUB_{name.upper()}_PORT")
+    # After the interceptors that authenticate (platform identity here, users' credentials among `interceptors`),
+    # so a call's bucket is its principal's.
+    limiter = (rate_limit_interceptor(rate_limits, domain=f"{name}.clawhub",
+                                      identify=PrincipalIdentity(trust_forwarded_peer=not public))
+               if rate_limits is not None else None)
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(f"{name}.clawhub", public=public, internal_addresses=internal_addresses),
-                      *interceptors],
+                      *([PlatformAuthInterceptor(identity, INTERNAL_CALLERS)]
+                        if identity is not None and check_callers else []),
+                      *interceptors,
+                      *([limiter] if limiter is not None else [])],
         options=(*SERVER_OPTIONS, *size_options(max_receive_bytes, max_send_bytes),
                  ("grpc.so_reuseport", 1 if share_port else 0)),
     )
     register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    # Describes only what this port serves, with the proto comments (services/runtime/reflection.py).
+    enable_reflection(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = host_port(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, tls.credentials()) if tls is not None
+                 else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise StartupError(f"{name}: cannot listen on {address}: {exc}") from None
     if bound == 0:
         raise StartupError(f"{name}: cannot listen on {address}")
-    return ServiceHost(name=name, server=server, port=bound, health=health, service_names=names,
-                       grace_seconds=grace_seconds)
+    service_host = ServiceHost(name=name, server=server, port=bound, health=health, service_names=names,
+                               grace_seconds=grace_seconds)
+    if limiter is not None:
+        service_host.closers.append(limiter.close)
+    return service_host
 
 
 def _refuse_taken_port(name: str, host: str, port: int, variable: str) -> None:

@@ -64,10 +64,25 @@ def env_names(capabilities: Sequence[str]) -> list[str]:
     return [m[1] for c in capabilities if (m := ENV_CAPABILITY_RE.fullmatch(c))]
 
 
+# What a capability may be, for messages about one that is not.
+CAPABILITY_FORMS = (f"`{FILES_CAPABILITY}` (the skill's bundled files, read-only) or `env:NAME` (one environment "
+                    "variable; NAME is a letter or `_`, then up to 127 letters, digits or `_`)")
+
+
+def capability_problem(capability: str) -> str | None:
+    """Why one capability string is not understood, naming it and the accepted forms; None when it is."""
+    if capability == FILES_CAPABILITY or ENV_CAPABILITY_RE.fullmatch(capability):
+        return None
+    shown = repr(capability[:80]) + ("…" if len(capability) > 80 else "")
+    if capability.startswith("env:"):
+        return f"{shown} is not a valid `env:NAME` capability; a capability is {CAPABILITY_FORMS}"
+    hint = " (did you mean `files`?)" if capability.strip().lower() in {"file", "files", "fs"} else ""
+    return f"unknown capability {shown}{hint}; a capability is {CAPABILITY_FORMS}"
+
+
 def capability_problems(capabilities: Sequence[str]) -> list[str]:
     """Why some capability strings are not understood; empty when all are."""
-    return [f"unknown capability {c[:80]!r} (known: env:NAME, {FILES_CAPABILITY})" for c in capabilities
-            if c != FILES_CAPABILITY and not ENV_CAPABILITY_RE.fullmatch(c)]
+    return [p for c in capabilities if (p := capability_problem(c)) is not None]
 
 
 def allowed_imports(capabilities: Sequence[str]) -> frozenset[str]:
@@ -234,6 +249,34 @@ def imports_wasi(module: wasmtime.Module) -> bool:
     return any(imp.module == WASI_P1 for imp in module.imports)
 
 
+# Where WAT text may begin: after whitespace, `;;` line comments and `(; ;)` block comments (and a BOM).
+_WAT_START = re.compile(rb"\A(?:\xef\xbb\xbf)?(?:\s|;;[^\n]*(?:\n|\Z)|\(;(?:[^;]|;(?!\)))*;\))*"
+                        rb"\((?:module|component)\b", re.DOTALL)
+
+
+def looks_like_wat(data: bytes) -> bool:
+    """Whether `data` is WebAssembly text (`(module ...)` or `(component ...)`) rather than a binary."""
+    return bool(_WAT_START.match(data[:4096]))
+
+
+WAT_NOT_BINARY = ("the module is WebAssembly text (WAT), not a binary: compile it with wat2wasm, or give the "
+                  "file the .wat extension so that `clawhub publish` compiles it")
+
+_WAT_LOCATION = re.compile(r"^\s*--> [^\n]*?:(\d+):(\d+)\s*$", re.MULTILINE)
+
+
+def wat_error(text: str, filename: str, lead: str = "") -> str:
+    """wasmtime's error for WAT that does not compile, as `FILE:LINE:COLUMN: {lead}what`, then wasmtime's
+    excerpt of the source line (with a caret under the column) when it has one."""
+    text = text.strip()
+    what = text.splitlines()[0].strip() if text else "unknown error"
+    location = _WAT_LOCATION.search(text)
+    if location is None:
+        return f"{filename}: {lead}{what}"
+    excerpt = [line.rstrip() for line in text[location.end():].splitlines() if line.strip()]
+    return "\n".join([f"{filename}:{location[1]}:{location[2]}: {lead}{what}", *excerpt])
+
+
 def compile_and_check(engine: wasmtime.Engine, data: bytes, abi: Abi | None = WASI_COMMAND_V1,
                       capabilities: Sequence[str] = (), dependencies: Collection[str] = (),
                       ) -> tuple[wasmtime.Module | None, list[str]]:
@@ -242,6 +285,8 @@ def compile_and_check(engine: wasmtime.Engine, data: bytes, abi: Abi | None = WA
     if not data:
         return None, ["the module is empty (0 bytes)"]
     if not data.startswith(WASM_MAGIC):
+        if looks_like_wat(data):
+            return None, [WAT_NOT_BINARY]
         return None, ["the file is not a WebAssembly binary (missing the \\0asm magic number)"]
     try:
         module = wasmtime.Module(engine, data)

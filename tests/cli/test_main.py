@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,16 @@ from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
 from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc
 from google.protobuf import struct_pb2
 
-from services.cli.main import EXIT_BROKEN_PIPE, main, printable, render_output
+from services.cli.main import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    RELEASE_FAILED_EXIT,
+    main,
+    printable,
+    render_output,
+)
 from services.gateway.server import build_server as build_gateway
 from services.gateway.settings import Settings as GatewaySettings
 from services.registry.server import build_server as build_registry
@@ -42,14 +52,62 @@ def test_timeouts_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_unreachable_gateway_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["status", "--gateway", "127.0.0.1:9", "--timeout", "2"])
-    assert code == 2
+    assert code == EXIT_UNREACHABLE == 3
     assert "Is `clawhub up` running?" in capsys.readouterr().err
+    # health too: unreachable is not "not SERVING" (1)
+    assert main(["health", "127.0.0.1:9", "--timeout", "2"]) == EXIT_UNREACHABLE
 
 
 def test_too_deep_json_input_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
     deep = "[" * 200 + "]" * 200
-    assert main(["invoke", "com.example.x", "--input", deep, "--gateway", "127.0.0.1:9"]) == 1
+    assert main(["invoke", "com.example.x", "--input", deep, "--gateway", "127.0.0.1:9"]) == EXIT_USAGE
     assert "nested too deeply" in capsys.readouterr().err
+
+
+# Exit codes: a usage error (2) is never taken for an unreachable gateway (3), and `--help` lists them all.
+
+@pytest.mark.parametrize("argv", [
+    ["yank", "com.example.x"],                        # no @VERSION
+    ["resolve", "com.example.x@"],                    # empty version
+    ["deploy", "@1.0.0"],                             # empty name
+    ["deploy", "com.example.x@1.0.0", "--env", "=v"],
+    ["deploy", "com.example.x@1.0.0", "--env", "A=1", "--env", "A=2"],
+    ["deploy", "com.example.x@1.0.0", "--env", "CLAWHUB_TEST_SURELY_UNSET_VARIABLE"],
+    ["tag", "com.example.x", "stable"],               # no VERSION
+    ["tag", "com.example.x", "stable", "1.0.0", "--delete"],
+    ["invoke", "com.example.x", "--input", "{not json"],
+    ["health", "127.0.0.1:9", "grpc.health.v1.Health", "--all"],
+])
+def test_usage_errors_exit_2_before_anything_is_sent(argv: list[str], capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLAWHUB_TEST_SURELY_UNSET_VARIABLE", raising=False)
+    # The gateway address is unreachable: were anything sent, the exit code would be 3.
+    extra = [] if argv[0] == "health" else ["--gateway", "127.0.0.1:9"]
+    assert main([*argv, *extra]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot reach" not in err
+
+
+@pytest.mark.parametrize("argv", [["up", "--executors", "0"], ["up", "--gateway-port", "70000"],
+                                  ["status", "--timeout", "soon"], ["no-such-command"]])
+def test_argparse_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == EXIT_USAGE
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    codes = out[out.index("exit codes:"):]
+    for code, meaning in ((0, "success"), (EXIT_FAILED, "failed"), (EXIT_USAGE, "usage error"),
+                          (EXIT_UNREACHABLE, "could not be reached"), (130, "interrupted"),
+                          (EXIT_BROKEN_PIPE, "went away")):
+        assert re.search(rf"^  {code} +.*{meaning}", codes, re.MULTILINE), (code, codes)
+    assert RELEASE_FAILED_EXIT == EXIT_FAILED and len({EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE}) == 3
 
 
 # Answers from a server: whatever comes back, the CLI prints something sensible and never a traceback.

@@ -79,6 +79,43 @@ def test_bad_wat_is_reported(tmp_path: Path) -> None:
         manifest.load(write(tmp_path, 'name = "com.a.b"\nversion = "1.0.0"\nmodule = "m.wat"', "(module (oops"))
 
 
+def test_a_wat_compile_error_keeps_its_line_and_column(tmp_path: Path) -> None:
+    source = "(module\n  (func\n    (i32.bogus)))\n"
+    with pytest.raises(manifest.ManifestError) as caught:
+        manifest.load(write(tmp_path, 'name = "com.a.b"\nversion = "1.0.0"\nmodule = "m.wat"', source))
+    first, *excerpt = str(caught.value).splitlines()
+    assert first == f"{tmp_path / 'm.wat'}:3:6: cannot compile WAT: unknown operator or unexpected token"
+    # Then the source line, with a caret under the column.
+    assert any(line.endswith("3 |     (i32.bogus)))") for line in excerpt)
+    assert excerpt[-1].endswith("|      ^")
+    assert "<anon>" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text", [MINIMAL, "\n;; a comment\n(; another ;)\n" + MINIMAL, "(component)"])
+def test_a_wasm_file_that_is_wat_text_is_told_to_be_renamed(tmp_path: Path, text: str) -> None:
+    (tmp_path / "skill.toml").write_text('name = "com.a.b"\nversion = "1.0.0"\nmodule = "m.wasm"')
+    (tmp_path / "m.wasm").write_text(text)
+    with pytest.raises(manifest.ManifestError, match=r"is WebAssembly text \(WAT\), not a binary module: "
+                                                     r"rename it to m\.wat"):
+        manifest.load(tmp_path)
+
+
+def test_a_wasm_file_that_is_neither_is_uploaded_for_the_registry_to_judge(tmp_path: Path) -> None:
+    (tmp_path / "skill.toml").write_text('name = "com.a.b"\nversion = "1.0.0"\nmodule = "m.wasm"')
+    (tmp_path / "m.wasm").write_bytes(b"#!/bin/sh\n")
+    assert manifest.load(tmp_path).module == b"#!/bin/sh\n"
+
+
+def test_an_unknown_capability_names_its_index_and_the_accepted_forms(tmp_path: Path) -> None:
+    toml = 'name = "com.a.b"\nversion = "1.0.0"\nmodule = "m.wat"\ncapabilities = ["files", "network"]'
+    with pytest.raises(manifest.ManifestError) as caught:
+        manifest.load(write(tmp_path, toml))
+    assert str(caught.value) == (
+        f"{tmp_path / 'skill.toml'}: capabilities[1]: unknown capability 'network'; a capability is `files` (the "
+        "skill's bundled files, read-only) or `env:NAME` (one environment variable; NAME is a letter or `_`, then "
+        "up to 127 letters, digits or `_`)")
+
+
 def test_no_manifest(tmp_path: Path) -> None:
     with pytest.raises(manifest.ManifestError, match="no skill.toml"):
         manifest.load(tmp_path)

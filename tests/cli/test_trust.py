@@ -67,7 +67,7 @@ async def test_sign_and_publish_through_the_gateway(start_service: Starter, tmp_
     # Admin commands without the admin token: the server's reason, a non-zero exit.
     monkeypatch.delenv("CLAWHUB_ADMIN_TOKEN", raising=False)
     code, _, err = await clawhub(capsys, "publisher", "create", "acme", *at)
-    assert code == 1 and "ADMIN_REQUIRED" in err and "CLAWHUB_REGISTRY_ADMIN_TOKEN" in err
+    assert code == 1 and "ADMIN_REQUIRED" in err and "export CLAWHUB_ADMIN_TOKEN" in err
     monkeypatch.setenv("CLAWHUB_ADMIN_TOKEN", ADMIN)
     code, out, _ = await clawhub(capsys, "publisher", "create", "acme", *at)
     assert code == 0

@@ -1,4 +1,5 @@
-"""`clawhub up`'s restart policy and `clawhub health` (the suite itself runs in tests/e2e/test_supervision.py)."""
+"""`clawhub up`'s banner and restart policy, and `clawhub health` (the suite itself runs in
+tests/e2e/test_supervision.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,42 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli.main import main
-from services.cli.up import RestartPolicy
+from services.cli.up import RestartPolicy, banner, clients_find
 from services.gateway.server import build_server as build_gateway
 from services.gateway.settings import Settings as GatewaySettings
 from services.registry.server import build_server as build_registry
 from services.registry.settings import Settings as RegistrySettings
 from services.runtime.settings import SettingsError
 from tests.conftest import Starter
+
+DEFAULT_ADDRESSES = {"registry": "127.0.0.1:50052", "executor": "127.0.0.1:50055", "deployer": "127.0.0.1:50053",
+                     "dispatcher": "127.0.0.1:50054", "gateway": "127.0.0.1:50051"}
+
+
+def test_the_banner_labels_every_address_with_its_service_and_role() -> None:
+    text = banner(DEFAULT_ADDRESSES, Path("/data"))
+    for label, address in DEFAULT_ADDRESSES.items():
+        [line] = [line for line in text.splitlines() if address in line]
+        role = "public: clients talk to this one" if label == "gateway" else "internal"
+        assert line.split() == [label, address, *role.split()]
+    assert "  data dir    /data" in text.splitlines()
+    assert "clawhub up --help" in text  # how to move a port
+    # On the default address the clients find the gateway by themselves: the commands to try need nothing more.
+    assert "CLAWHUB_GATEWAY" not in text and "--gateway" not in text
+    assert "  clawhub publish examples/skills/uppercase" in text.splitlines()
+
+
+def test_the_banner_tells_the_clients_where_a_moved_gateway_is() -> None:
+    for gateway in ("127.0.0.1:41901", "10.0.0.7:50051"):
+        text = banner({**DEFAULT_ADDRESSES, "gateway": gateway}, Path("/data"))
+        lines = text.splitlines()
+        tries = lines[lines.index("Try it in another terminal:") + 1:]
+        # Before the commands that need it.
+        assert tries[0].startswith(f"  export CLAWHUB_GATEWAY={gateway}   # clients look at 127.0.0.1:50051 "
+                                   "otherwise (or give --gateway)"), text
+        assert tries[1] == "  clawhub publish examples/skills/uppercase"
+    assert clients_find("0.0.0.0:50051") and clients_find("127.0.0.1:50051")
+    assert not clients_find("127.0.0.1:50061") and not clients_find("192.168.1.2:50051")
 
 
 def test_the_restart_backoff_doubles_up_to_its_cap() -> None:
@@ -74,6 +104,7 @@ async def test_health_checks_the_gateway_by_default_and_every_name_with_all(
         f"{address}: SERVING",
         f"{address}/clawhub.deployer.v1.DeployerService: NOT_SERVING",
         f"{address}/clawhub.gateway.v1.GatewayService: NOT_SERVING",
+        f"{address}/clawhub.registry.v1.AccessService: SERVING",
         f"{address}/clawhub.registry.v1.RegistryService: SERVING",
     ]
 

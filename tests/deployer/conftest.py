@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from clawhub.common.v1 import release_pb2
+from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_internal_grpc
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 
@@ -22,6 +23,14 @@ from services.dispatcher.settings import Settings as DispatcherSettings
 from services.runtime.server import ServiceHost
 from tests.deployer.fakes import SKILL, FakeExecutor, FakeRegistry, Fakes, Starter
 
+
+class DeployerStub(deployer_grpc.DeployerServiceStub, deployer_internal_grpc.DeployerInternalServiceStub):
+    """Both of the deployer's services over one channel: its public calls, and its internal route and stats
+    feeds (DeployerInternalService), which the tests call as a dispatcher would."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        deployer_grpc.DeployerServiceStub.__init__(self, channel)
+        deployer_internal_grpc.DeployerInternalServiceStub.__init__(self, channel)
 
 @dataclass
 class Env:
@@ -61,8 +70,8 @@ class Env:
         self.channels.append(ch)
         return ch
 
-    def deployer_stub(self, host: ServiceHost) -> deployer_grpc.DeployerServiceStub:
-        return deployer_grpc.DeployerServiceStub(self._channel(host))
+    def deployer_stub(self, host: ServiceHost) -> DeployerStub:
+        return DeployerStub(self._channel(host))
 
     def dispatcher_stub(self, host: ServiceHost) -> dispatcher_grpc.DispatcherServiceStub:
         return dispatcher_grpc.DispatcherServiceStub(self._channel(host))

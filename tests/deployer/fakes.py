@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 from clawhub.common.v1 import release_pb2, routing_pb2, skill_pb2
-from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
-from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
+from clawhub.deployer.v1 import deployer_internal_pb2 as deployer_pb
+from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_grpc
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
@@ -130,8 +130,9 @@ class FakeExecutor(executor_grpc.ExecutorServiceServicer):
             usage=skill_pb2.Usage(wall_time=duration_pb2.Duration(nanos=1500), peak_memory_bytes=65536))
 
 
-class FakeDeployer(deployer_grpc.DeployerServiceServicer):
-    """WatchRoutes serves `table` and every later one; AcknowledgeRoutes records (dispatcher id, generation)."""
+class FakeDeployer(deployer_grpc.DeployerInternalServiceServicer):
+    """The deployer's internal service as dispatchers see it: WatchRoutes serves `table` and every later one;
+    AcknowledgeRoutes records (dispatcher id, generation); ReportStats records the reports."""
 
     def __init__(self, table: routing_pb2.RouteTable | None = None) -> None:
         self.table = table or routing_pb2.RouteTable()
@@ -197,7 +198,7 @@ class Fakes:
 
     async def deployer(self, fake: FakeDeployer, port: int = 0) -> ServiceHost:
         return await self._start("deployer", "clawhub.deployer.v1.DeployerService",
-                                 lambda s: deployer_grpc.add_DeployerServiceServicer_to_server(fake, s), port)
+                                 lambda s: deployer_grpc.add_DeployerInternalServiceServicer_to_server(fake, s), port)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.02) -> None:

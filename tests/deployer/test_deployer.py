@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 from clawhub.common.v1 import release_pb2
+from clawhub.deployer.v1 import deployer_internal_pb2 as internal_pb
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
 from clawhub.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb
 
@@ -64,7 +65,7 @@ async def read_rest(call) -> list:
 
 async def first_table(stub):
     """The route table a watcher gets first (the current one), read without being counted as a dispatcher."""
-    call = stub.WatchRoutes(pb.WatchRoutesRequest())
+    call = stub.WatchRoutes(internal_pb.WatchRoutesRequest())
     try:
         async with asyncio.timeout(5):
             response = await call.read()
@@ -213,7 +214,7 @@ async def test_unacknowledged_generation_rolls_back_to_the_previous_routes(env: 
     stub = env.deployer_stub(await env.deployer(ack_timeout=0.3))
     # Play a dispatcher by hand: read the stream, acknowledge only what the test says.
     tables: asyncio.Queue = asyncio.Queue()
-    call = stub.WatchRoutes(pb.WatchRoutesRequest(dispatcher_id="manual"))
+    call = stub.WatchRoutes(internal_pb.WatchRoutesRequest(dispatcher_id="manual"))
 
     async def read() -> None:
         async for response in call:
@@ -225,7 +226,7 @@ async def test_unacknowledged_generation_rolls_back_to_the_previous_routes(env: 
         created = (await stub.CreateDeployment(pb.CreateDeploymentRequest(skill=SKILL, version="1.0.0")))
         table = await asyncio.wait_for(tables.get(), 5)
         assert table.generation == 1
-        await stub.AcknowledgeRoutes(pb.AcknowledgeRoutesRequest(dispatcher_id="manual", generation=1))
+        await stub.AcknowledgeRoutes(internal_pb.AcknowledgeRoutesRequest(dispatcher_id="manual", generation=1))
         first = (await watch_to_end(stub, created.deployment.id))[-1].deployment
         assert first.state == ACTIVE and "acknowledged by 1/1 dispatchers" in first.history[-1].reason
 
@@ -445,7 +446,7 @@ async def test_list_and_get_deployments(env: Env) -> None:
 async def test_acknowledge_requires_a_dispatcher_id(env: Env) -> None:
     stub = env.deployer_stub(await env.deployer())
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.AcknowledgeRoutes(pb.AcknowledgeRoutesRequest(generation=1))
+        await stub.AcknowledgeRoutes(internal_pb.AcknowledgeRoutesRequest(generation=1))
     assert_status(caught.value, grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENT)
 
 
@@ -454,7 +455,7 @@ async def test_restart_restores_the_previous_route_of_a_deployment_killed_after_
     stub = env.deployer_stub(deployer)
     first, _ = await deploy(env, stub, "1.0.0")  # no dispatcher yet: nothing to wait for
     # A dispatcher that never acknowledges keeps the next deployment waiting after its push.
-    call = stub.WatchRoutes(pb.WatchRoutesRequest(dispatcher_id="silent"))
+    call = stub.WatchRoutes(internal_pb.WatchRoutesRequest(dispatcher_id="silent"))
     assert (await call.read()).route_table.generation == 1
     created = (await stub.CreateDeployment(pb.CreateDeploymentRequest(skill=SKILL, version="2.0.0"))).deployment
     assert (await call.read()).route_table.generation == 2

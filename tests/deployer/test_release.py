@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 from clawhub.common.v1 import release_pb2, routing_pb2
+from clawhub.deployer.v1 import deployer_internal_pb2 as internal_pb
+from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_internal_grpc
 from clawhub.deployer.v1 import deployer_service_pb2 as pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from clawhub.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb
@@ -30,7 +32,7 @@ from services.gateway.server import build_server as build_gateway
 from services.gateway.settings import Settings as GatewaySettings
 from services.runtime.errors import Reason, ServiceError, bad_request, error_info, status_of
 from services.runtime.server import ServiceHost
-from tests.deployer.conftest import Env
+from tests.deployer.conftest import DeployerStub, Env
 from tests.deployer.fakes import SKILL, digest_of, eventually
 from tests.deployer.test_deployer import assert_status, first_table, steps
 
@@ -435,24 +437,26 @@ async def test_strategy_and_analysis_are_validated(env: Env) -> None:
 
 async def test_report_stats_is_validated(env: Env) -> None:
     stub = env.deployer_stub(await env.deployer())
-    good = pb.VersionStatsReport(skill=SKILL, version="1.0.0", digest=digest_of(SKILL, "1.0.0"), requests=3,
-                                 failures=1, latency=pb.LatencyHistogram(upper_bounds_seconds=[0.1], counts=[3, 0]))
+    good = internal_pb.VersionStatsReport(
+        skill=SKILL, version="1.0.0", digest=digest_of(SKILL, "1.0.0"), requests=3, failures=1,
+        latency=internal_pb.LatencyHistogram(upper_bounds_seconds=[0.1], counts=[3, 0]))
     for request, field_name in [
-        (pb.ReportStatsRequest(reports=[good]), "dispatcher_id"),
-        (pb.ReportStatsRequest(dispatcher_id="d", reports=[pb.VersionStatsReport(requests=1, failures=2)]),
+        (internal_pb.ReportStatsRequest(reports=[good]), "dispatcher_id"),
+        (internal_pb.ReportStatsRequest(dispatcher_id="d",
+                                        reports=[internal_pb.VersionStatsReport(requests=1, failures=2)]),
          "reports[0].failures"),
-        (pb.ReportStatsRequest(dispatcher_id="d", reports=[pb.VersionStatsReport(
-            requests=1, latency=pb.LatencyHistogram(upper_bounds_seconds=[0.2, 0.1], counts=[1, 0, 0]))]),
+        (internal_pb.ReportStatsRequest(dispatcher_id="d", reports=[internal_pb.VersionStatsReport(
+            requests=1, latency=internal_pb.LatencyHistogram(upper_bounds_seconds=[0.2, 0.1], counts=[1, 0, 0]))]),
          "reports[0].latency.upper_bounds_seconds"),
-        (pb.ReportStatsRequest(dispatcher_id="d", reports=[pb.VersionStatsReport(
-            requests=1, latency=pb.LatencyHistogram(upper_bounds_seconds=[0.1], counts=[1]))]),
+        (internal_pb.ReportStatsRequest(dispatcher_id="d", reports=[internal_pb.VersionStatsReport(
+            requests=1, latency=internal_pb.LatencyHistogram(upper_bounds_seconds=[0.1], counts=[1]))]),
          "reports[0].latency.counts"),
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ReportStats(request, timeout=5)
         assert_status(caught.value, grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENT)
         assert [v.field for v in bad_request(caught.value).field_violations] == [field_name]
-    await stub.ReportStats(pb.ReportStatsRequest(dispatcher_id="d", reports=[good]), timeout=5)
+    await stub.ReportStats(internal_pb.ReportStatsRequest(dispatcher_id="d", reports=[good]), timeout=5)
 
 
 async def test_the_gateway_refuses_report_stats(env: Env, start_service) -> None:
@@ -464,8 +468,9 @@ async def test_the_gateway_refuses_report_stats(env: Env, start_service) -> None
     env.channels.append(ch)
     through_gateway = deployer_grpc.DeployerServiceStub(ch)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await through_gateway.ReportStats(pb.ReportStatsRequest(dispatcher_id="intruder"), timeout=5)
-    assert_status(caught.value, grpc.StatusCode.PERMISSION_DENIED, Reason.METHOD_NOT_EXPOSED)
+        await deployer_internal_grpc.DeployerInternalServiceStub(ch).ReportStats(
+            internal_pb.ReportStatsRequest(dispatcher_id="intruder"), timeout=5)
+    assert_status(caught.value, grpc.StatusCode.UNIMPLEMENTED, Reason.METHOD_NOT_EXPOSED)
     # Still relays the public methods.
     listed = await through_gateway.ListDeployments(pb.ListDeploymentsRequest(), timeout=5)
     assert list(listed.deployments) == []
@@ -481,14 +486,15 @@ async def test_a_deployer_killed_mid_bake_settles_on_restart(env: Env, tmp_path:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "services.deployer"], cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "CLAWHUB_DEPLOYER_PORT": str(port), "CLAWHUB_DEPLOYER_DATA_DIR": str(env.data_dir),
+        env={**os.environ, "CLAWHUB_INTERNAL_AUTH": "off",
+             "CLAWHUB_DEPLOYER_PORT": str(port), "CLAWHUB_DEPLOYER_DATA_DIR": str(env.data_dir),
              "CLAWHUB_REGISTRY_ADDRESS": env.registry_address, "CLAWHUB_DEPLOYER_BAKE": "30",
              "CLAWHUB_EXECUTOR_ADDRESSES": ",".join(e.address for e in env.executors)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         env.channels.append(ch)
-        stub = deployer_grpc.DeployerServiceStub(ch)
+        stub = DeployerStub(ch)
 
         async def up() -> bool:
             try:

@@ -10,6 +10,13 @@ from services.deployer.settings import Settings
 from services.runtime.settings import SettingsError
 
 
+@pytest.fixture(autouse=True)
+def _internal_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about other settings: the services' from_env needs service credentials or auth off."""
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
+
+
+
 def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("CLAWHUB_DEPLOYER_HOST", "CLAWHUB_DEPLOYER_PORT", "CLAWHUB_DEPLOYER_DATA_DIR",
                  "CLAWHUB_REGISTRY_ADDRESS", "CLAWHUB_EXECUTOR_ADDRESSES", "CLAWHUB_DEPLOY_ACK_TIMEOUT",

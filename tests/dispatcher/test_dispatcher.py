@@ -124,7 +124,14 @@ async def test_undeployed_skill_is_failed_precondition(env: Env) -> None:
         await stub.Dispatch(pb.DispatchRequest(skill="com.acme.not-deployed", input=b"x"), timeout=5)
     assert_status(caught.value, grpc.StatusCode.FAILED_PRECONDITION, Reason.SKILL_NOT_DEPLOYED,
                   "dispatcher.clawhub")
-    assert error_info(caught.value).metadata["skill"] == "com.acme.not-deployed"
+    # Nothing routed is close: no suggestion, and no empty `did_you_mean`.
+    assert dict(error_info(caught.value).metadata) == {"skill": "com.acme.not-deployed"}
+    # A typo of a routed name: the close routed names are suggested, in the message and the metadata.
+    typo = SKILL[:-2] + SKILL[-1] + SKILL[-2]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Dispatch(pb.DispatchRequest(skill=typo, input=b"x"), timeout=5)
+    assert error_info(caught.value).metadata["did_you_mean"] == SKILL
+    assert f"(did you mean {SKILL}?)" in (caught.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Dispatch(pb.DispatchRequest(skill="Bad Name", input=b"x"), timeout=5)
     assert_status(caught.value, grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_NAME, "dispatcher.clawhub")

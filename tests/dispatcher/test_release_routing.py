@@ -4,6 +4,7 @@ version, and per-version stats reported to the deployer."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -109,6 +110,20 @@ async def test_a_failing_candidate_is_retried_on_the_stable_version_and_counted(
     await eventually(reported)
     assert env.totals(NEW) == Counter(requests=10, failures=10, retried=10, histogram=10)
     assert env.totals(OLD) == Counter(requests=10, histogram=10)
+
+
+async def test_a_failed_candidate_call_is_logged_on_one_line_with_code_and_details(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    for executor in env.executors:
+        executor.modes[digest_of(SKILL, NEW)] = "trap"
+    stub = await env.dispatcher()
+    with caplog.at_level(logging.INFO, logger="clawhub.dispatcher"):
+        response = await stub.Dispatch(pb.DispatchRequest(skill=SKILL, input=b"x"), timeout=5)
+    assert response.version == OLD
+    [line] = [r.getMessage() for r in caplog.records if "retrying on stable" in r.getMessage()]
+    # Not the multi-line repr of the AioRpcError: its code, reason and details, on one line.
+    assert line == (f"{SKILL}@{NEW} failed (ABORTED SKILL_TRAPPED: the skill trapped: wasm `unreachable` executed); "
+                    f"retrying on stable {OLD}")
 
 
 async def test_only_skill_and_executor_failures_are_retried(env: Env) -> None:

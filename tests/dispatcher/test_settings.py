@@ -11,6 +11,13 @@ from services.dispatcher.settings import Settings
 from services.runtime.settings import SettingsError
 
 
+@pytest.fixture(autouse=True)
+def _internal_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about other settings: the services' from_env needs service credentials or auth off."""
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
+
+
+
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("CLAWHUB_DISPATCHER_HOST", "CLAWHUB_DISPATCHER_PORT", "CLAWHUB_DEPLOYER_ADDRESS",
                  "CLAWHUB_EXECUTOR_ADDRESSES", "CLAWHUB_DISPATCHER_ID", "CLAWHUB_DISPATCH_RETRIES",

@@ -11,7 +11,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,13 +42,45 @@ class Suite:
                 f"clawhub {' '.join(args)} did not finish in {timeout} s\n--- its output:\n{exc.stdout!r}\n"
                 f"{exc.stderr!r}\n--- the suite's last log lines:\n" + "".join(self.log[-60:])) from None
 
+    @property
+    def admin_key(self) -> str:
+        """The admin API key `clawhub up` created, as the CLI finds it (the credentials file)."""
+        from services.cli import credentials
+
+        return credentials.lookup(self.gateway)
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the gateway whose every call carries the admin key (as the CLI's do)."""
+        return grpc.intercept_channel(grpc.insecure_channel(self.gateway), Bearer(self.admin_key))
+
     def grpcurl(self, *args: str, address: str | None = None, data: object = None,
-                timeout: float = 30) -> subprocess.CompletedProcess[str]:
+                timeout: float = 30, anonymous: bool = False) -> subprocess.CompletedProcess[str]:
         cmd = [str(BIN / "grpcurl"), "-plaintext", "-max-time", "20"]
+        if address is None and not anonymous:
+            # Calls to the gateway carry the admin key, as the CLI's do.
+            cmd += ["-H", f"authorization: Bearer {self.admin_key}"]
         if data is not None:
             cmd += ["-d", json.dumps(data)]
         cmd += [address or self.gateway, *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+             grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), self._entry))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+    intercept_stream_unary = intercept_unary_unary
+    intercept_stream_stream = intercept_unary_unary
 
 
 def suite_env(**overrides: str) -> dict[str, str]:
@@ -59,6 +93,9 @@ def suite_env(**overrides: str) -> dict[str, str]:
     # No bake window by default, so a deploy goes Active as soon as its route is acknowledged; the release
     # tests ask for bakes and canaries explicitly.
     env["CLAWHUB_DEPLOYER_BAKE"] = "0"
+    # Users' authentication as `clawhub up` runs by default: on (tests/conftest.py turns it off for services
+    # that tests start from the environment by themselves).
+    env.pop("CLAWHUB_USER_AUTH", None)
     env.update(overrides)
     return env
 

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -112,6 +113,11 @@ async def generate(args: argparse.Namespace, stop: asyncio.Event) -> Run:
     counter = 0
     next_slot = 0.0
 
+    # The credential the CLI would send to this gateway (the key `clawhub up` created).
+    from services.cli import credentials
+
+    token = os.environ.get("CLAWHUB_TOKEN", "") or credentials.lookup(args.gateway)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     async with grpc.aio.insecure_channel(args.gateway) as channel:
         stub = gateway_grpc.GatewayServiceStub(channel)
         # Wait for the channel so the first second is not spent connecting.
@@ -135,7 +141,7 @@ async def generate(args: argparse.Namespace, stop: asyncio.Event) -> Run:
                     run.late_slots += 1
                 sent = time.monotonic()
                 try:
-                    response = await stub.InvokeSkill(request, timeout=args.timeout)
+                    response = await stub.InvokeSkill(request, timeout=args.timeout, metadata=metadata)
                 except grpc.aio.AioRpcError as err:
                     info = error_info(err)
                     run.records.append(Record(sent, time.monotonic(), False, "", err.code().name,

@@ -20,7 +20,7 @@ NAME = "com.example.cipher"
 
 @pytest.fixture(scope="module")
 def channel(suite: Suite) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(suite.gateway) as ch:
+    with suite.channel() as ch:
         yield ch
 
 

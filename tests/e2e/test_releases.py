@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from clawhub.common.v1 import release_pb2
 from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
@@ -38,7 +37,7 @@ SETTLE = 1.0  # seconds of load before and after each change
 
 @pytest.fixture(scope="module")
 def deployer(suite: Suite) -> Iterator[deployer_grpc.DeployerServiceStub]:
-    with grpc.insecure_channel(suite.gateway) as channel:
+    with suite.channel() as channel:
         yield deployer_grpc.DeployerServiceStub(channel)
 
 

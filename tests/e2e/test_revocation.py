@@ -68,7 +68,7 @@ def test_a_removed_key_stops_what_it_signed_and_status_says_so(signed_suite: Sui
     assert published.returncode == 0, published.stderr
     deployed = suite.cli("deploy", f"{NAME}@1.0.0")
     assert deployed.returncode == 0, deployed.stderr
-    with grpc.insecure_channel(suite.gateway) as channel:
+    with suite.channel() as channel:
         assert invoke(channel, NAME, "hi").output.string_value == "HI"
 
         removed = suite.cli("namespace", "remove-key", "com.acme", key_id, "--token", token)

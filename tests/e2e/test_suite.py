@@ -10,6 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 from clawhub.common.v1 import release_pb2, skill_pb2
+from clawhub.deployer.v1 import deployer_internal_pb2 as deployer_internal_pb
+from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_internal_grpc
 from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
 from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
@@ -28,7 +30,7 @@ WORDCOUNT = ROOT / "examples" / "skills" / "wordcount"
 
 @pytest.fixture(scope="module")
 def channel(suite: Suite) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(suite.gateway) as ch:
+    with suite.channel() as ch:
         yield ch
 
 
@@ -264,10 +266,10 @@ def test_skill_that_loops_forever(deployed: Suite, channel: grpc.Channel) -> Non
 
 
 def test_internal_methods_are_not_exposed(deployed: Suite, channel: grpc.Channel) -> None:
-    stub = deployer_grpc.DeployerServiceStub(channel)
+    stub = deployer_internal_grpc.DeployerInternalServiceStub(channel)
     with pytest.raises(grpc.RpcError) as caught:
-        next(iter(stub.WatchRoutes(deployer_pb.WatchRoutesRequest(dispatcher_id="intruder"), timeout=5)))
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        next(iter(stub.WatchRoutes(deployer_internal_pb.WatchRoutesRequest(dispatcher_id="intruder"), timeout=5)))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert reason_of(caught.value) == "METHOD_NOT_EXPOSED"
 
 
@@ -291,7 +293,8 @@ def test_huge_fields_still_get_a_structured_error(deployed: Suite, channel: grpc
         stub.GetSkillVersion(registry_pb.GetSkillVersionRequest(name="com.example.uppercase",
                                                                 version="1.0.0-" + "a" * 20000), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reason_of(caught.value) == "INVALID_VERSION"
+    # Over every string's bound (docs/validation.md): refused before the registry's own version check.
+    assert reason_of(caught.value) == "FIELD_TOO_LONG"
     assert len(caught.value.details() or "") < 4096
 
 
@@ -373,5 +376,8 @@ def test_a_version_failing_its_smoke_example_never_takes_traffic(deployed: Suite
     result = deployed.cli("deploy", "com.example.smoky@2.0.0")
     assert result.returncode == 1
     assert "SMOKE_TEST_FAILED" in result.stderr and "FAILED" in result.stderr
+    # What it printed and what was expected, as text (here JSON strings), not Python byte reprs.
+    assert 'smoke example 0 printed "\\"A\\"" instead of "\\"a\\""' in result.stderr, result.stderr
+    assert "b'" not in result.stderr
     response = invoke(channel, "com.example.smoky", "still one")
     assert (response.version, response.output.string_value) == ("1.0.0", "STILL ONE")

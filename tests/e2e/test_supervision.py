@@ -148,7 +148,7 @@ def test_a_second_up_on_the_same_data_dir_is_refused_naming_the_first(data_dir: 
 
 def test_up_refuses_a_data_dir_a_leftover_service_holds(data_dir: Path, started: list[Suite]) -> None:
     # A registry left running on this data directory by an earlier suite (or started by hand).
-    env = suite_env(CLAWHUB_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    env = suite_env(CLAWHUB_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", CLAWHUB_INTERNAL_AUTH="off")
     leftover = subprocess.Popen([sys.executable, "-m", "services.registry"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     try:
@@ -203,7 +203,7 @@ def test_a_crash_looping_registry_takes_nothing_else_down(data_dir: Path, starte
 
     lock: DataDirLock | None = None
     killed: set[int] = set()
-    with grpc.insecure_channel(suite.gateway) as channel:
+    with suite.channel() as channel:
         try:
             # Six deaths within a minute: the registry is killed each time it serves again (five times), then
             # once more, and then its data directory is held so that it cannot come back.

@@ -186,7 +186,18 @@ async def test_smoke_examples_gate_serving(executor: Executor) -> None:
     info = error_info(caught.value)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert info is not None and info.reason == "SMOKE_TEST_FAILED"
-    assert (info.metadata["example"], info.metadata["expected"], info.metadata["actual"]) == ("0", "b'HI'", "b''")
+    # Text in quotes, never a Python bytes repr (b'HI'), never an empty value.
+    assert (info.metadata["example"], info.metadata["expected"], info.metadata["actual"]) == ("0", '"HI"', '""')
+    assert caught.value.details() == 'smoke example 0 printed "" instead of "HI"'
+
+    # Output that is not plain text: decoded (an invalid byte shows as U+FFFD), control characters escaped.
+    echo = executor.source.add(f.ECHO)
+    odd = [skill_pb2.SmokeExample(input="été\n\x1b".encode() + b"\xff", expected_output=b"x")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await executor.stub.LoadSkill(pb.LoadSkillRequest(digest=echo, examples=odd), timeout=5)
+    info = error_info(caught.value)
+    assert info is not None and info.metadata["actual"] == '"ok:été\\n\\x1b\ufffd"'
+    assert "b'" not in (caught.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError):
         await health_of(executor, wrong_digest)  # never reported SERVING
 

@@ -103,7 +103,8 @@ async def setup(start_service: Starter, tmp_path: Path) -> AsyncIterator[Setup]:
 
 
 def execute(digest: str, *, skill: str = SKILL, version: str = "1.0.0", **fields: Any) -> pb.ExecuteRequest:
-    return pb.ExecuteRequest(digest=digest, input=b"hi", skill=skill, version=version, **fields)
+    fields.setdefault("input", b"hi")
+    return pb.ExecuteRequest(digest=digest, skill=skill, version=version, **fields)
 
 
 async def refused(call: Any, code: grpc.StatusCode, reason: str) -> dict[str, str]:
@@ -204,10 +205,35 @@ async def test_an_unreachable_registry_is_unavailable_and_not_cached(setup: Setu
     setup.registry.unavailable = True
     await refused(setup.stub.Execute(execute(digest), timeout=10), grpc.StatusCode.UNAVAILABLE,
                   "UPSTREAM_UNAVAILABLE")
-    # Requests that name no skill (internal, older callers) are not checked.
-    assert (await setup.stub.Execute(pb.ExecuteRequest(digest=digest, input=b"x"), timeout=10)).output == b"ok:x"
     setup.registry.unavailable = False
     assert (await setup.stub.Execute(execute(digest), timeout=10)).output == b"ok:hi"
+
+
+async def test_a_bare_digest_is_never_run(setup: Setup) -> None:
+    """The executor runs only what the platform assigned: a request naming no skill@version is refused, even
+    for a digest it has loaded and verified, before any byte runs."""
+    digest = setup.source.add(ECHO)
+    setup.registry.publish(ECHO)
+    assert (await setup.stub.Execute(execute(digest), timeout=10)).output == b"ok:hi"
+    for request in (pb.ExecuteRequest(digest=digest, input=b"x"),
+                    pb.ExecuteRequest(digest=sha256_digest(b"anything"), input=b"x")):
+        meta = await refused(setup.stub.Execute(request, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
+                             "INVALID_ARGUMENT")
+        assert meta["field"] == "skill"
+    await refused(setup.stub.LoadSkill(pb.LoadSkillRequest(digest=digest), timeout=10),
+                  grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+
+async def test_limits_are_capped_at_the_executors_own(setup: Setup) -> None:
+    """A caller cannot widen what the executor allows: limits above its maximums are capped."""
+    digest = setup.source.add(ECHO)
+    setup.registry.publish(ECHO)
+    huge = skill_pb2.Limits(memory_bytes=2**40, max_output_bytes=2**40, max_stderr_bytes=2**40,
+                            max_input_bytes=2**40)
+    huge.timeout.FromSeconds(10**6)
+    big_input = b"x" * (TEST_SETTINGS.max_input + 1)
+    await refused(setup.stub.Execute(execute(digest, limits=huge, input=big_input), timeout=10),
+                  grpc.StatusCode.INVALID_ARGUMENT, "INPUT_TOO_LARGE")
 
 
 # Against the real registry: tampering with its stored data is caught by the executor.

@@ -11,10 +11,18 @@ from services.executor.settings import Settings
 from services.runtime.settings import SettingsError
 
 
+@pytest.fixture(autouse=True)
+def _internal_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about other settings: the services' from_env needs service credentials or auth off."""
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
+
+
+
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("CLAWHUB_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
     s = Settings.from_env()
     assert (s.host, s.port, s.registry_address) == ("127.0.0.1", 50055, "127.0.0.1:50052")
     assert s.threads == (os.cpu_count() or 1)

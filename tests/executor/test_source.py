@@ -1,4 +1,4 @@
-"""RegistryModuleSource against a stand-in RegistryService speaking the real contract over gRPC."""
+"""RegistryModuleSource against a stand-in RegistryInternalService speaking the real contract over gRPC."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import grpc
 import pytest
 from clawhub.executor.v1 import executor_service_pb2 as pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
-from clawhub.registry.v1 import registry_service_pb2 as registry_pb
-from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from clawhub.registry.v1 import registry_internal_pb2 as registry_pb
+from clawhub.registry.v1 import registry_internal_pb2_grpc as registry_grpc
 
 from services.executor.server import build_server
 from services.executor.source import BlobNotFound, ModuleTooLarge, RegistryModuleSource, SourceUnavailable
@@ -20,10 +20,10 @@ from services.runtime.errors import error_info
 from services.runtime.wasm import sha256_digest
 from tests.conftest import Starter
 from tests.executor import fixtures as f
-from tests.executor.conftest import TEST_SETTINGS
+from tests.executor.conftest import TEST_SETTINGS, AsAssigned, NameTheSkill
 
 
-class BlobServer(registry_grpc.RegistryServiceServicer):
+class BlobServer(registry_grpc.RegistryInternalServiceServicer):
     """Only DownloadBlob, streamed in small chunks; the real registry has its own tests."""
 
     def __init__(self) -> None:
@@ -44,7 +44,7 @@ class BlobServer(registry_grpc.RegistryServiceServicer):
 async def registry() -> AsyncIterator[tuple[BlobServer, str]]:
     blobs = BlobServer()
     server = grpc.aio.server()
-    registry_grpc.add_RegistryServiceServicer_to_server(blobs, server)
+    registry_grpc.add_RegistryInternalServiceServicer_to_server(blobs, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield blobs, f"127.0.0.1:{port}"
@@ -85,8 +85,10 @@ async def test_executor_runs_modules_from_the_registry(registry, start_service: 
     blobs.blobs[echo] = f.ECHO
     lying = sha256_digest(f.GARBAGE)
     blobs.blobs[lying] = f.ECHO  # the registry serves other bytes than the digest names
-    host = await start_service(build_server(replace(TEST_SETTINGS, registry_address=address, data_dir=tmp_path)))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as ch:
+    assigned = AsAssigned()
+    host = await start_service(build_server(replace(TEST_SETTINGS, registry_address=address, data_dir=tmp_path),
+                                            provenance_source=assigned))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}", interceptors=[NameTheSkill(assigned)]) as ch:
         stub = pb_grpc.ExecutorServiceStub(ch)
         response = await stub.Execute(pb.ExecuteRequest(digest=echo, input=b"via registry"), timeout=5)
         assert response.output == b"ok:via registry"
@@ -102,8 +104,9 @@ async def test_executor_runs_modules_from_the_registry(registry, start_service: 
 
 async def test_executor_with_registry_down(start_service: Starter, tmp_path) -> None:
     settings = replace(TEST_SETTINGS, registry_address=f"127.0.0.1:{free_port()}", data_dir=tmp_path)
-    host = await start_service(build_server(settings))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as ch:
+    assigned = AsAssigned()
+    host = await start_service(build_server(settings, provenance_source=assigned))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}", interceptors=[NameTheSkill(assigned)]) as ch:
         stub = pb_grpc.ExecutorServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Execute(pb.ExecuteRequest(digest=sha256_digest(f.ECHO)), timeout=5)

@@ -46,6 +46,8 @@ class Chain:
     gateway: ServiceHost
     channel: grpc.aio.Channel
     stub: gateway_grpc.GatewayServiceStub
+    # The stand-in deployer's feed: set_table changes the dispatcher's routes.
+    routes: FakeDeployer | None = None
 
     @property
     def address(self) -> str:
@@ -82,7 +84,8 @@ async def start_chain(start_service: Starter, tmp_path: Path, *, skill_dir: Path
         routing_pb2.RouteTarget(version=version.version, digest=version.digest, weight=100,
                                 limits=version.manifest.limits, capabilities=version.manifest.capabilities,
                                 role=routing_pb2.ROUTE_TARGET_ROLE_STABLE)])])
-    deployer = await Fakes(start_service).deployer(FakeDeployer(table))
+    routes = FakeDeployer(table)
+    deployer = await Fakes(start_service).deployer(routes)
     dispatcher = await start_service(build_dispatcher(DispatcherSettings(
         host="127.0.0.1", port=0, deployer_address=f"127.0.0.1:{deployer.port}",
         executor_addresses=(f"127.0.0.1:{executor.port}",), dispatcher_id="gateway-tests", retries=1,
@@ -102,7 +105,7 @@ async def start_chain(start_service: Starter, tmp_path: Path, *, skill_dir: Path
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}",
                                         options=[("grpc.max_receive_message_length", -1)])
     return Chain(registry, executor, dispatcher, deployer, gateway, channel,
-                 gateway_grpc.GatewayServiceStub(channel))
+                 gateway_grpc.GatewayServiceStub(channel), routes)
 
 
 def assert_no_address(err: grpc.aio.AioRpcError, addresses: list[str]) -> None:

@@ -3,15 +3,19 @@ input."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from clawhub.common.v1 import skill_pb2
 from clawhub.gateway.v1 import gateway_service_pb2 as pb
+from clawhub.registry.v1 import registry_service_pb2 as registry_pb
+from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
-from services.runtime.errors import bad_request
+from services.runtime.errors import bad_request, error_info
 from tests.conftest import Starter
 from tests.gateway.support import ECHO_SKILL, ROOT, Chain, start_chain
 
@@ -66,3 +70,44 @@ async def test_request_id_is_an_id_not_a_payload(chain: Chain) -> None:
     assert request is not None and request.field_violations[0].field == "request_id"
     response = await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name=ECHO_SKILL, request_id="r" * 128), timeout=10)
     assert response.version == "1.0.0"
+
+
+async def test_an_unknown_skill_name_suggests_close_names(chain: Chain) -> None:
+    # A typo of the deployed skill: the dispatcher (routed names) and the registry (published names) suggest it.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name="com.example.echo-memroy"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    info = error_info(caught.value)
+    assert info is not None and info.reason == "SKILL_NOT_FOUND"
+    assert dict(info.metadata) == {"skill": "com.example.echo-memroy", "did_you_mean": ECHO_SKILL}
+    assert caught.value.details() == (
+        f"no skill named 'com.example.echo-memroy' is published (did you mean {ECHO_SKILL}?)")
+    # Nothing close: no suggestion and no empty `did_you_mean`.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name="org.unrelated.thing"), timeout=10)
+    info = error_info(caught.value)
+    assert info is not None and dict(info.metadata) == {"skill": "org.unrelated.thing"}
+    assert "did you mean" not in (caught.value.details() or "")
+
+
+async def test_a_published_skill_without_a_ready_version_shows_no_empty_value(chain: Chain) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{chain.registry.port}") as channel:
+        registry = registry_grpc.RegistryServiceStub(channel)
+        garbage = b"not a module"
+        manifest = skill_pb2.Manifest(name="com.example.broken", version="1.0.0", abi=skill_pb2.ABI_WASI_COMMAND_V1)
+
+        async def stream() -> AsyncIterator[registry_pb.PublishSkillRequest]:
+            yield registry_pb.PublishSkillRequest(metadata=registry_pb.PublishSkillMetadata(
+                manifest=manifest, sha256=hashlib.sha256(garbage).hexdigest(), size_bytes=len(garbage)))
+            yield registry_pb.PublishSkillRequest(chunk=garbage)
+
+        with pytest.raises(grpc.aio.AioRpcError):  # fails verification: published, but never Ready
+            await registry.PublishSkill(stream(), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name="com.example.broken"), timeout=10)
+    info = error_info(caught.value)
+    assert info is not None and info.reason == "SKILL_NOT_DEPLOYED"
+    # No `latest_version: ` with nothing after it, in the metadata or the message.
+    assert dict(info.metadata) == {"skill": "com.example.broken"}
+    assert caught.value.details() == ("skill 'com.example.broken' is published but not deployed; it has no Ready "
+                                      "version to deploy yet (publish one that passes verification)")

@@ -39,7 +39,8 @@ def peak_rss_mib(pid: int) -> float:
 @pytest.fixture
 def gateway_process() -> AsyncIterator[tuple[str, int]]:
     """`python -m services.gateway` on a free port (nothing behind it: the refusal happens before any call)."""
-    env = {**os.environ, "CLAWHUB_GATEWAY_HOST": "127.0.0.1", "CLAWHUB_GATEWAY_PORT": "0",
+    env = {**os.environ, "CLAWHUB_INTERNAL_AUTH": "off",
+           "CLAWHUB_GATEWAY_HOST": "127.0.0.1", "CLAWHUB_GATEWAY_PORT": "0",
            "CLAWHUB_SHUTDOWN_GRACE": "0.2", "CLAWHUB_LOG_LEVEL": "WARNING"}
     process = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

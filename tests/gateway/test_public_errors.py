@@ -22,8 +22,10 @@ from services.dispatcher.server import build_server as build_dispatcher
 from services.dispatcher.settings import Settings as DispatcherSettings
 from services.gateway.server import build_server as build_gateway
 from services.gateway.settings import Settings as GatewaySettings
+from services.runtime import errors
 from services.runtime.errors import (
     HIDDEN_ADDRESS,
+    RateLimitedLog,
     Reason,
     ServiceError,
     error_info,
@@ -44,6 +46,11 @@ def dead_address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+async def no_routes(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    """GetRouteTable of a dispatcher stand-in: an empty GetRouteTableResponse."""
+    return b""
 
 
 GatewayTo = Callable[..., Awaitable[tuple[ServiceHost, grpc.aio.Channel]]]
@@ -92,17 +99,59 @@ async def test_a_dispatcher_that_is_down(gateway_to: GatewayTo, caplog: pytest.L
     assert any(dispatcher in r.getMessage() for r in caplog.records)
 
 
+async def test_a_failed_upstream_call_is_logged_on_one_line_with_code_and_details(
+        gateway_to: GatewayTo, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The log is rate-limited per process: earlier tests must not have used up this test's lines.
+    monkeypatch.setattr(errors, "_upstream_log", RateLimitedLog(logging.getLogger("clawhub.upstream")))
+    # A dispatcher that is down: the gateway's log says which call failed, with gRPC's code and details.
+    dispatcher = dead_address()
+    _, channel = await gateway_to(dispatcher_address=dispatcher)
+    with caplog.at_level(logging.INFO), pytest.raises(grpc.aio.AioRpcError):
+        await pb_grpc.GatewayServiceStub(channel).InvokeSkill(pb.InvokeSkillRequest(name=SKILL), timeout=5)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "clawhub.upstream"]
+    assert line.startswith(f"call to dispatcher at {dispatcher} failed: UNAVAILABLE: ") and "\n" not in line
+    assert len(line) > len(f"call to dispatcher at {dispatcher} failed: UNAVAILABLE: ") + 10, "details missing"
+
+    # Something in between (a proxy) answering with details over several lines: still one line, escaped.
+    server = grpc.aio.server()
+
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "upstream connect error\nreset reason: overflow")
+
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "clawhub.dispatcher.v1.DispatcherService",
+        {"Dispatch": grpc.unary_unary_rpc_method_handler(refuse),
+         # An empty route table (the gateway reads it for input schemas).
+         "GetRouteTable": grpc.unary_unary_rpc_method_handler(no_routes)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        _, channel = await gateway_to(dispatcher_address=f"127.0.0.1:{port}")
+        caplog.clear()
+        with caplog.at_level(logging.INFO), pytest.raises(grpc.aio.AioRpcError):
+            await pb_grpc.GatewayServiceStub(channel).InvokeSkill(pb.InvokeSkillRequest(name=SKILL), timeout=5)
+    finally:
+        await server.stop(None)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "clawhub.upstream"]
+    assert line == (f"call to dispatcher at 127.0.0.1:{port} failed: UNAVAILABLE: upstream connect error\\n"
+                    "reset reason: overflow")
+
+
 async def test_a_dispatcher_status_naming_executors(gateway_to: GatewayTo, start_service: Starter) -> None:
     """The dispatcher's NO_EXECUTOR_AVAILABLE names the executors it tried (for its operators); the gateway
     passes the status on without them."""
     executor = dead_address()
     table = routing_pb2.RouteTable(generation=1, routes=[routing_pb2.Route(skill=SKILL, targets=[
         routing_pb2.RouteTarget(version="1.0.0", digest="sha256:" + "ab" * 32, weight=100)])])
-    deployer = await Fakes(start_service).deployer(FakeDeployer(table))
+    fakes = Fakes(start_service)
+    deployer = await fakes.deployer(FakeDeployer(table))
+    # The gateway reads the version's manifest (its input_schema: none) before it dispatches.
+    registry, registry_address = await fakes.registry()
+    registry.add(SKILL, "1.0.0")
     dispatcher = await start_service(build_dispatcher(DispatcherSettings(
         host="127.0.0.1", port=0, deployer_address=f"127.0.0.1:{deployer.port}", executor_addresses=(executor,),
         dispatcher_id="public-errors", retries=1, dispatch_timeout=5.0, grace=0.2)))
-    _, channel = await gateway_to(dispatcher_address=f"127.0.0.1:{dispatcher.port}")
+    _, channel = await gateway_to(dispatcher_address=f"127.0.0.1:{dispatcher.port}", registry_address=registry_address)
     stub = pb_grpc.GatewayServiceStub(channel)
     err: grpc.aio.AioRpcError | None = None
     for _ in range(100):  # until the dispatcher has its route table
@@ -235,7 +284,9 @@ async def test_configured_host_names_are_redacted(gateway_to: GatewayTo, start_s
 
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "clawhub.dispatcher.v1.DispatcherService", {"Dispatch": grpc.unary_unary_rpc_method_handler(dispatch)}),))
+            "clawhub.dispatcher.v1.DispatcherService",
+            {"Dispatch": grpc.unary_unary_rpc_method_handler(dispatch),
+             "GetRouteTable": grpc.unary_unary_rpc_method_handler(no_routes)}),))
 
     async def build() -> ServiceHost:
         return create_server("dispatcher", [], host="127.0.0.1", port=0, register=register)

@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
+from clawhub.registry.v1 import registry_internal_pb2 as registry_internal_pb
+from clawhub.registry.v1 import registry_internal_pb2_grpc as registry_internal_grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
@@ -75,23 +77,23 @@ async def test_blob_downloads_are_not_served_on_the_public_port(start_service: S
     gateway = await start_service(build_gateway(GatewaySettings(
         host="127.0.0.1", port=0, dispatcher_address="127.0.0.1:1", registry_address=f"127.0.0.1:{registry.port}",
         deployer_address="127.0.0.1:1", grace_seconds=0.2)))
-    request = registry_pb.DownloadBlobRequest(digest="sha256:" + "0" * 64)
+    request = registry_internal_pb.DownloadBlobRequest(digest="sha256:" + "0" * 64)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        stub = registry_grpc.RegistryServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.DownloadBlob(request, timeout=5).read()
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            await registry_internal_grpc.RegistryInternalServiceStub(channel).DownloadBlob(request, timeout=5).read()
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         info = error_info(caught.value)
         assert info is not None and info.reason == Reason.METHOD_NOT_EXPOSED
-        assert info.metadata["method"] == "/clawhub.registry.v1.RegistryService/DownloadBlob"
-        # The rest of the registry is still relayed.
+        assert info.metadata["method"] == "/clawhub.registry.v1.RegistryInternalService/DownloadBlob"
+        # The public registry is still relayed.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.GetSkill(registry_pb.GetSkillRequest(name="com.example.none"), timeout=5)
+            await registry_grpc.RegistryServiceStub(channel).GetSkill(
+                registry_pb.GetSkillRequest(name="com.example.none"), timeout=5)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     # Executors still download from the registry itself.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{registry.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await registry_grpc.RegistryServiceStub(channel).DownloadBlob(request, timeout=5).read()
+            await registry_internal_grpc.RegistryInternalServiceStub(channel).DownloadBlob(request, timeout=5).read()
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 

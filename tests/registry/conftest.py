@@ -7,12 +7,11 @@ from typing import Any
 
 import grpc
 import pytest
-from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from services.registry.server import build_server
 from services.registry.settings import Settings
 from tests.conftest import Starter
-from tests.registry.support import Client
+from tests.registry.support import Client, RegistryStub
 
 Opener = Callable[..., Awaitable[Client]]
 
@@ -28,7 +27,7 @@ async def open_registry(start_service: Starter, tmp_path: Any) -> AsyncIterator[
         host = await start_service(build_server(settings))
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
         channels.append(channel)
-        return Client(host=host, stub=pb_grpc.RegistryServiceStub(channel), settings=settings)
+        return Client(host=host, stub=RegistryStub(channel), settings=settings)
 
     yield open_
     for channel in channels:

@@ -9,7 +9,10 @@ from typing import Any
 
 import grpc
 from clawhub.common.v1 import skill_pb2
+from clawhub.registry.v1 import registry_internal_pb2 as internal_pb
+from clawhub.registry.v1 import registry_internal_pb2_grpc as internal_grpc
 from clawhub.registry.v1 import registry_service_pb2 as pb
+from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from services.registry.settings import Settings
 from services.runtime.errors import bad_request, error_info
@@ -36,6 +39,15 @@ def module(tag: str = "", *, pages: int = 1) -> bytes:
 
 def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class RegistryStub(pb_grpc.RegistryServiceStub, internal_grpc.RegistryInternalServiceStub):
+    """Both of the registry's services over one channel: its public calls, and DownloadBlob
+    (RegistryInternalService), which the tests call as an executor would."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        pb_grpc.RegistryServiceStub.__init__(self, channel)
+        internal_grpc.RegistryInternalServiceStub.__init__(self, channel)
 
 
 @dataclass
@@ -73,7 +85,7 @@ async def publish_raw(stub: Any, requests: list[pb.PublishSkillRequest]) -> pb.P
 
 
 async def download(stub: Any, blob_digest: str) -> list[bytes]:
-    return [r.chunk async for r in stub.DownloadBlob(pb.DownloadBlobRequest(digest=blob_digest), timeout=10)]
+    return [r.chunk async for r in stub.DownloadBlob(internal_pb.DownloadBlobRequest(digest=blob_digest), timeout=10)]
 
 
 def check_error(err: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str) -> dict[str, str]:

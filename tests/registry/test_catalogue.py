@@ -337,4 +337,4 @@ async def test_cli_yank_tag_search_resolve(registry: Client, capsys: pytest.Capt
     code, _, err = await cli("tag", "com.acme.base", "latest", "1.0.0")
     assert code == 1 and "reserved" in err
     code, _, err = await cli("yank", "com.acme.base")
-    assert code == 1 and "NAME@VERSION" in err
+    assert code == 2 and "NAME@VERSION" in err  # a usage error

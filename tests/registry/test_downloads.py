@@ -21,17 +21,24 @@ from typing import Any
 
 import grpc
 import pytest
+from clawhub.registry.v1 import registry_internal_pb2 as internal_pb
 from clawhub.registry.v1 import registry_service_pb2 as pb
-from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from services.executor.source import RegistryModuleSource
 from services.registry.blobs import DOWNLOAD_CHUNK_BYTES, BlobChanged, BlobStore
 from services.registry.limits import DescriptorBudget, DownloadGate, DownloadLimits
 from services.runtime.errors import ServiceError, error_info
 from tests.registry.conftest import Opener
-from tests.registry.support import check_error, digest, download, module, publish
+from tests.registry.support import RegistryStub, check_error, digest, download, module, publish
 from tests.registry.test_integrity import big_module, blob_path
 from tests.registry.test_uploads import ROOT, peer, reason, retry_after
+
+
+@pytest.fixture(autouse=True)
+def _internal_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about other settings: the services' from_env needs service credentials or auth off."""
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
+
 
 MIB = 1024 * 1024
 # A client that stops reading: no BDP probing, so gRPC's receive window stays at its 64 KiB start and the
@@ -43,7 +50,7 @@ class StalledDownload:
     """A DownloadBlob stream that reads its first chunk (or its refusal) and then nothing more."""
 
     def __init__(self, stub: Any, blob: str, who: str | None = None) -> None:
-        self.call = stub.DownloadBlob(pb.DownloadBlobRequest(digest=blob), timeout=60,
+        self.call = stub.DownloadBlob(internal_pb.DownloadBlobRequest(digest=blob), timeout=60,
                                       metadata=peer(who) if who else None)
 
     async def first(self) -> grpc.aio.AioRpcError | None:
@@ -96,7 +103,7 @@ async def test_a_blob_replaced_mid_download_is_aborted_not_mixed(open_registry: 
     await publish(client.stub, data)
     path = blob_path(client, blob)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{client.host.port}", options=STALLING_CLIENT) as channel:
-        stalled = StalledDownload(pb_grpc.RegistryServiceStub(channel), blob)
+        stalled = StalledDownload(RegistryStub(channel), blob)
         assert await stalled.first() is None
         # Identical bytes, another file (as a repair puts them): the reader notices the swap.
         shutil.copyfile(path, path.with_suffix(".copy"))
@@ -132,7 +139,7 @@ async def test_download_slots_are_bounded_per_caller_and_in_all(open_registry: O
     blob = digest(data)
     await publish(client.stub, data)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{client.host.port}", options=STALLING_CLIENT) as channel:
-        stub = pb_grpc.RegistryServiceStub(channel)
+        stub = RegistryStub(channel)
         streams = [StalledDownload(stub, blob, "stranger") for _ in range(4)]
         outcomes_first = [await s.first() for s in streams]
         assert Counter(reason(e) for e in outcomes_first) == {("OK", ""): 3,
@@ -204,7 +211,7 @@ async def test_an_executor_waits_out_a_refused_download(open_registry: Opener) -
         address = f"127.0.0.1:{client.host.port}"
         async with grpc.aio.insecure_channel(address, options=STALLING_CLIENT) as stalling, \
                 grpc.aio.insecure_channel(address) as channel:
-            holder = StalledDownload(pb_grpc.RegistryServiceStub(stalling), blob)  # the same caller: no peer
+            holder = StalledDownload(RegistryStub(stalling), blob)  # the same caller: no peer
             assert await holder.first() is None
             fetch = asyncio.ensure_future(RegistryModuleSource(channel, timeout=20).fetch(blob))
             await asyncio.wait_for(refused.wait(), 10)
@@ -238,13 +245,13 @@ async def test_at_a_128_descriptor_limit_300_stalled_downloads_leave_publishes_a
         big = big_module(4 * MIB, "big")
         kept = module("kept")
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.RegistryServiceStub(channel)
+            stub = RegistryStub(channel)
             await publish(stub, big, name="com.acme.big", chunk_size=MIB)
             await publish(stub, kept, name="com.acme.kept")
             # 300 streams over four connections, each reading one chunk of the 4 MiB module and no more.
             stalling = [grpc.aio.insecure_channel(address, options=STALLING_CLIENT) for _ in range(4)]
             try:
-                stalled = [StalledDownload(pb_grpc.RegistryServiceStub(stalling[i % 4]), digest(big), "stranger")
+                stalled = [StalledDownload(RegistryStub(stalling[i % 4]), digest(big), "stranger")
                            for i in range(300)]
                 outcomes = Counter(reason(e) for e in await asyncio.gather(*(s.first() for s in stalled)))
                 assert outcomes == {("OK", ""): 256, ("RESOURCE_EXHAUSTED", "TOO_MANY_DOWNLOADS"): 44}, outcomes

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from clawhub.common.v1 import release_pb2, skill_pb2
+from clawhub.registry.v1 import registry_internal_pb2 as internal_pb
 from clawhub.registry.v1 import registry_service_pb2 as pb
 
 from services.registry.blobs import DOWNLOAD_CHUNK_BYTES
@@ -26,6 +27,13 @@ from tests.registry.conftest import Opener
 from tests.registry.support import Client, check_error, digest, download, metadata, module, publish, publish_raw
 from tests.registry.test_bundles import BUNDLE, READER, stream
 from tests.registry.test_bundles import manifest as bundle_manifest
+
+
+@pytest.fixture(autouse=True)
+def _internal_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about other settings: the services' from_env needs service credentials or auth off."""
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
+
 
 ADMIN = "admin-token-for-integrity-tests-0123456789"
 AUTH = (("authorization", f"Bearer {ADMIN}"),)
@@ -67,7 +75,7 @@ async def download_until_error(client: Client, blob_digest: str) -> tuple[int, g
     """Bytes received before the stream failed, and the failure."""
     received = 0
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for response in client.stub.DownloadBlob(pb.DownloadBlobRequest(digest=blob_digest), timeout=10):
+        async for response in client.stub.DownloadBlob(internal_pb.DownloadBlobRequest(digest=blob_digest), timeout=10):
             received += len(response.chunk)
     return received, caught.value
 
@@ -109,7 +117,7 @@ async def test_trailing_whitespace_is_refused_in_every_name_version_tag_and_dige
          "INVALID_VERSION"),
         (stub.ResolveDependencies(pb.ResolveDependenciesRequest(requirements=[
             skill_pb2.Dependency(package=name + suffix, version_range="^1.0.0")]), timeout=5), "INVALID_NAME"),
-        (stub.DownloadBlob(pb.DownloadBlobRequest(digest=digest(data) + suffix), timeout=5).read(),
+        (stub.DownloadBlob(internal_pb.DownloadBlobRequest(digest=digest(data) + suffix), timeout=5).read(),
          "INVALID_DIGEST"),
     ]
     for call, reason in calls:
@@ -277,7 +285,7 @@ async def test_a_missing_module_or_bundle_blob_is_a_problem_until_a_republish(re
         "to restore it",
         f"file bundle blob {version.bundle_digest} is missing from the registry's blob store; publish the same "
         "bytes again to restore it"]
-    await refused(registry.stub.DownloadBlob(pb.DownloadBlobRequest(digest=version.digest), timeout=5).read(),
+    await refused(registry.stub.DownloadBlob(internal_pb.DownloadBlobRequest(digest=version.digest), timeout=5).read(),
                   grpc.StatusCode.NOT_FOUND, "BLOB_NOT_FOUND")
     response = await publish_raw(registry.stub, requests)
     assert response.repaired and list(response.skill_version.problems) == []

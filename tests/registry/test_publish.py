@@ -171,7 +171,10 @@ async def test_garbage_fails_verification_and_is_recorded(registry: Client) -> N
      "env.steal_keys"),
     (wasm('(module (memory (export "memory") 1))'), "_start"),
     (b"\0asm\x01\0\0\0\x99", "does not compile"),
-], ids=["zero-bytes", "unknown-import", "no-start", "truncated"])
+    # WAT text sent as the module (a `.wasm` file that is text, uploaded with grpcurl): said so.
+    (b";; uppercase\n(module (func (export \"_start\")))\n", "the module is WebAssembly text (WAT), not a binary: "
+                                                            "compile it with wat2wasm, or give the file the .wat"),
+], ids=["zero-bytes", "unknown-import", "no-start", "truncated", "wat-text"])
 async def test_modules_that_fail_verification(registry: Client, data: bytes, problem: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await publish(registry.stub, data)

@@ -6,6 +6,7 @@ import base64
 
 import grpc
 import pytest
+from clawhub.registry.v1 import registry_internal_pb2 as internal_pb
 from clawhub.registry.v1 import registry_service_pb2 as pb
 
 from tests.registry.support import MODULE, Client, check_error, module, publish, still_serving, violations
@@ -30,11 +31,47 @@ async def test_lookups_of_missing_things(registry: Client) -> None:
         assert check_error(caught.value, grpc.StatusCode.NOT_FOUND, reason) == expected
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in stub.DownloadBlob(pb.DownloadBlobRequest(digest="sha256:" + "0" * 64), timeout=5):
+        async for _ in stub.DownloadBlob(internal_pb.DownloadBlobRequest(digest="sha256:" + "0" * 64), timeout=5):
             pass
     assert check_error(caught.value, grpc.StatusCode.NOT_FOUND, "BLOB_NOT_FOUND") == {
         "digest": "sha256:" + "0" * 64}
     await still_serving(stub)
+
+
+async def test_an_unknown_skill_name_suggests_close_published_names(registry: Client) -> None:
+    stub = registry.stub
+    for name in ("com.example.uppercase", "com.example.reverse", "com.example.foo"):
+        await publish(stub, MODULE, name=name, version="1.0.0")
+    calls = [
+        (stub.GetSkill(pb.GetSkillRequest(name="com.example.uppercas"), timeout=5), "SKILL_NOT_FOUND"),
+        (stub.ListSkillVersions(pb.ListSkillVersionsRequest(name="com.example.uppercas"), timeout=5),
+         "SKILL_NOT_FOUND"),
+        (stub.GetSkillVersion(pb.GetSkillVersionRequest(name="com.example.uppercas", version="latest"), timeout=5),
+         "SKILL_NOT_FOUND"),
+        # A version of an unknown skill (what a deploy asks the registry) keeps its reason, and says why.
+        (stub.GetSkillVersion(pb.GetSkillVersionRequest(name="com.example.uppercas", version="1.0.0"), timeout=5),
+         "VERSION_NOT_FOUND"),
+        (stub.ResolveDependencies(pb.ResolveDependenciesRequest(name="com.example.uppercas", version="1.0.0"),
+                                  timeout=5), "VERSION_NOT_FOUND"),
+    ]
+    for call, reason in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        meta = check_error(caught.value, grpc.StatusCode.NOT_FOUND, reason)
+        assert meta["did_you_mean"] == "com.example.uppercase"
+        assert "no skill named 'com.example.uppercas' (did you mean com.example.uppercase?)" in (
+            caught.value.details() or "")
+    # Nothing close: no suggestion, and no empty `did_you_mean`.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetSkill(pb.GetSkillRequest(name="org.other.thing"), timeout=5)
+    assert check_error(caught.value, grpc.StatusCode.NOT_FOUND, "SKILL_NOT_FOUND") == {"name": "org.other.thing"}
+    assert "did you mean" not in (caught.value.details() or "")
+    # A name published after an earlier lookup is suggested too.
+    await publish(stub, MODULE, name="org.other.things", version="1.0.0")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetSkill(pb.GetSkillRequest(name="org.other.thing"), timeout=5)
+    assert check_error(caught.value, grpc.StatusCode.NOT_FOUND, "SKILL_NOT_FOUND")["did_you_mean"] == (
+        "org.other.things")
 
 
 @pytest.mark.parametrize(("call", "reason", "field"), [
@@ -60,7 +97,7 @@ async def test_malformed_lookups(registry: Client, call: str, reason: str, field
             await stub.ListSkillVersions(pb.ListSkillVersionsRequest(name="COM.ACME"), timeout=5)
         else:
             bad = "sha256:abc" if call == "DownloadBlob" else "sha256:" + "A" * 64
-            async for _ in stub.DownloadBlob(pb.DownloadBlobRequest(digest=bad), timeout=5):
+            async for _ in stub.DownloadBlob(internal_pb.DownloadBlobRequest(digest=bad), timeout=5):
                 pass
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:

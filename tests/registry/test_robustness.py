@@ -17,9 +17,8 @@ import grpc
 import pytest
 from clawhub.common.v1 import release_pb2, skill_pb2
 from clawhub.registry.v1 import registry_service_pb2 as pb
-from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
-from tests.registry.support import Client, digest, download, metadata, module, publish
+from tests.registry.support import Client, RegistryStub, digest, download, metadata, module, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
@@ -34,7 +33,8 @@ class Registry:
     """`python -m services.registry` in a subprocess over `data_dir`."""
 
     def __init__(self, data_dir: Path) -> None:
-        env = {**os.environ, "CLAWHUB_REGISTRY_PORT": "0", "CLAWHUB_REGISTRY_HOST": "127.0.0.1",
+        env = {**os.environ, "CLAWHUB_INTERNAL_AUTH": "off",
+               "CLAWHUB_REGISTRY_PORT": "0", "CLAWHUB_REGISTRY_HOST": "127.0.0.1",
                "CLAWHUB_REGISTRY_DATA_DIR": str(data_dir), "CLAWHUB_SHUTDOWN_GRACE": "0.5"}
         self.process = subprocess.Popen([sys.executable, "-m", "services.registry"], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -94,7 +94,7 @@ async def test_a_registry_killed_mid_upload_leaves_nothing_behind(tmp_path: Path
             await asyncio.sleep(3600)  # the rest never comes: the registry dies first
 
         async with grpc.aio.insecure_channel(address) as channel:
-            call = pb_grpc.RegistryServiceStub(channel).PublishSkill(slow_stream(), timeout=60)
+            call = RegistryStub(channel).PublishSkill(slow_stream(), timeout=60)
             waiter = asyncio.ensure_future(call)
             await asyncio.wait_for(half_sent.wait(), 30)
             # The registry has the upload half-written on disk when it dies.
@@ -117,7 +117,7 @@ async def test_a_registry_killed_mid_upload_leaves_nothing_behind(tmp_path: Path
         assert blob_files(data_dir) == []
         assert rows(data_dir) == (0, 0, 0)
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.RegistryServiceStub(channel)
+            stub = RegistryStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.GetSkill(pb.GetSkillRequest(name="com.acme.big"), timeout=5)
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND

@@ -27,9 +27,18 @@ from services.registry.store import (
     latest_version,
 )
 from services.registry.verify import Verifier
+from services.runtime.auth import AuthSettings
+from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import SettingsError
 from tests.registry.conftest import Opener
 from tests.registry.support import MODULE, check_error, digest, download, metadata, module, publish, wasm
+
+
+@pytest.fixture(autouse=True)
+def _internal_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about other settings: the services' from_env needs service credentials or auth off."""
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
+
 
 S = release_pb2
 
@@ -176,19 +185,22 @@ async def test_cancelled_upload_leaves_nothing(tmp_path: Path) -> None:
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("CLAWHUB_REGISTRY_HOST", "CLAWHUB_REGISTRY_PORT", "CLAWHUB_REGISTRY_DATA_DIR",
-                 "CLAWHUB_REGISTRY_MAX_UPLOAD", "CLAWHUB_SHUTDOWN_GRACE"):
+                 "CLAWHUB_REGISTRY_MAX_UPLOAD", "CLAWHUB_SHUTDOWN_GRACE", "CLAWHUB_USER_AUTH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CLAWHUB_DATA_DIR", str(tmp_path))
     defaults = Settings.from_env()
     assert defaults == Settings(host="127.0.0.1", port=50052, data_dir=tmp_path / "registry",
-                                max_upload_bytes=64 * 1024 * 1024, shutdown_grace_seconds=5.0)
+                                max_upload_bytes=64 * 1024 * 1024, shutdown_grace_seconds=5.0,
+                                auth=AuthSettings(enabled=True), rate_limits=RateLimitSettings.from_env({}))
     monkeypatch.setenv("CLAWHUB_REGISTRY_HOST", "0.0.0.0")
     monkeypatch.setenv("CLAWHUB_REGISTRY_PORT", "6000")
     monkeypatch.setenv("CLAWHUB_REGISTRY_DATA_DIR", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("CLAWHUB_REGISTRY_MAX_UPLOAD", "512KiB")
     monkeypatch.setenv("CLAWHUB_SHUTDOWN_GRACE", "1.5")
     assert Settings.from_env() == Settings(host="0.0.0.0", port=6000, data_dir=tmp_path / "elsewhere",
-                                           max_upload_bytes=512 * 1024, shutdown_grace_seconds=1.5)
+                                           max_upload_bytes=512 * 1024, shutdown_grace_seconds=1.5,
+                                           auth=AuthSettings(enabled=True),
+                                           rate_limits=RateLimitSettings.from_env({}))
     monkeypatch.setenv("CLAWHUB_REGISTRY_MAX_UPLOAD", "lots")
     with pytest.raises(SettingsError):
         Settings.from_env()

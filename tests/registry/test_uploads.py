@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 import pytest
 from clawhub.registry.v1 import registry_service_pb2 as pb
-from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 
 from services.registry.blobs import BlobStore
@@ -31,7 +30,14 @@ from services.registry.limits import DescriptorBudget, UploadGate, UploadLimits,
 from services.registry.trust import Caller
 from services.runtime.errors import ServiceError, error_info, status_of
 from tests.registry.conftest import Opener
-from tests.registry.support import digest, download, metadata, module, publish
+from tests.registry.support import RegistryStub, digest, download, metadata, module, publish
+
+
+@pytest.fixture(autouse=True)
+def _internal_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about other settings: the services' from_env needs service credentials or auth off."""
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
+
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
@@ -340,7 +346,7 @@ async def test_at_a_128_descriptor_limit_300_stalled_streams_never_exhaust_the_r
         assert line.startswith("clawhub registry listening on "), line
         address = line.rsplit(" ", 1)[1].strip()
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.RegistryServiceStub(channel)
+            stub = RegistryStub(channel)
             kept = module("kept")
             await publish(stub, kept, name="com.acme.kept")
             # The first twenty spill a megabyte each to disk (a descriptor each), the rest send only metadata.
@@ -417,7 +423,7 @@ async def test_through_the_gateway_a_client_cannot_choose_its_own_caller_bucket(
     gateway = await start_service(build_gateway(GatewaySettings(
         host="127.0.0.1", port=0, registry_address=f"127.0.0.1:{client.host.port}", grace_seconds=0.5)))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        stub = pb_grpc.RegistryServiceStub(channel)
+        stub = RegistryStub(channel)
         stalled = [Stalled(stub, f"forged-{i}", bundle=False) for i in range(6)]
         tasks = [asyncio.ensure_future(s.outcome()) for s in stalled]
         try:

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_registry(data_dir: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "CLAWHUB_REGISTRY_DATA_DIR": str(data_dir), "CLAWHUB_REGISTRY_PORT": "0",
+    env = {**os.environ, "CLAWHUB_INTERNAL_AUTH": "off",
+           "CLAWHUB_REGISTRY_DATA_DIR": str(data_dir), "CLAWHUB_REGISTRY_PORT": "0",
            "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "services.registry"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def registry_env(tmp_path: Path, lifeline: int) -> dict[str, str]:
-    return {**os.environ, "CLAWHUB_REGISTRY_DATA_DIR": str(tmp_path), "CLAWHUB_REGISTRY_PORT": "0",
+    return {**os.environ, "CLAWHUB_INTERNAL_AUTH": "off",
+            "CLAWHUB_REGISTRY_DATA_DIR": str(tmp_path), "CLAWHUB_REGISTRY_PORT": "0",
             "CLAWHUB_SHUTDOWN_GRACE": "1", "PYTHONUNBUFFERED": "1", LIFELINE_VARIABLE: str(lifeline)}
 
 
@@ -73,7 +74,7 @@ def test_the_parent_death_signal_stops_a_service_whose_lifeline_someone_else_kee
         import os, subprocess, sys
         read_end, write_end = os.pipe()
         holder = subprocess.Popen(["sleep", "60"], pass_fds=(write_end,))
-        env = dict(os.environ, {LIFELINE_VARIABLE}=str(read_end))
+        env = dict(os.environ, {LIFELINE_VARIABLE}=str(read_end), CLAWHUB_INTERNAL_AUTH="off")
         child = subprocess.Popen([sys.executable, "-m", "services.registry"], env=env, pass_fds=(read_end,),
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
         line = child.stdout.readline().decode()

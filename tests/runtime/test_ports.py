@@ -75,7 +75,8 @@ async def test_port_sharing_only_when_asked() -> None:
 
 async def test_a_service_on_a_taken_port_exits_with_one_line(grpc_holder: int) -> None:
     """What `clawhub up` shows: the service's exit status and its stderr."""
-    env = {**os.environ, "CLAWHUB_DISPATCHER_HOST": "127.0.0.1", "CLAWHUB_DISPATCHER_PORT": str(grpc_holder),
+    env = {**os.environ, "CLAWHUB_INTERNAL_AUTH": "off",
+           "CLAWHUB_DISPATCHER_HOST": "127.0.0.1", "CLAWHUB_DISPATCHER_PORT": str(grpc_holder),
            "CLAWHUB_DEPLOYER_ADDRESS": "127.0.0.1:9", "CLAWHUB_EXECUTOR_ADDRESSES": "127.0.0.1:9"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.dispatcher", cwd=ROOT, env=env,
@@ -118,7 +119,7 @@ def _has_ipv6_loopback() -> bool:
 async def test_an_ipv6_literal_host_binds_and_prints_a_usable_address(host: str) -> None:
     """`CLAWHUB_GATEWAY_HOST=::1` (no brackets) listens, and its `listening` line is an address a client can use
     (`clawhub up` hands it on as is)."""
-    env = {**os.environ, "CLAWHUB_GATEWAY_HOST": host, "CLAWHUB_GATEWAY_PORT": "0",
+    env = {**os.environ, "CLAWHUB_INTERNAL_AUTH": "off", "CLAWHUB_GATEWAY_HOST": host, "CLAWHUB_GATEWAY_PORT": "0",
            "CLAWHUB_REGISTRY_ADDRESS": "127.0.0.1:9", "CLAWHUB_DEPLOYER_ADDRESS": "127.0.0.1:9",
            "CLAWHUB_DISPATCHER_ADDRESS": "127.0.0.1:9"}
     process = await asyncio.create_subprocess_exec(

@@ -22,6 +22,13 @@ from services.runtime.channels import (
 from services.runtime.server import create_server
 from services.runtime.settings import SettingsError, env_size, parse_size
 
+
+@pytest.fixture(autouse=True)
+def _internal_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about other settings: the services' from_env needs service credentials or auth off."""
+    monkeypatch.setenv("CLAWHUB_INTERNAL_AUTH", "off")
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

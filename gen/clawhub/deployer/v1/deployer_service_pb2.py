@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clawhub.common.v1 import audit_pb2 as clawhub_dot_common_dot_v1_dot_audit__pb2
 from clawhub.common.v1 import release_pb2 as clawhub_dot_common_dot_v1_dot_release__pb2
-from clawhub.common.v1 import routing_pb2 as clawhub_dot_common_dot_v1_dot_routing__pb2
 from clawhub.common.v1 import skill_pb2 as clawhub_dot_common_dot_v1_dot_skill__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*clawhub/deployer/v1/deployer_service.proto\x12\x13\x63lawhub.deployer.v1\x1a\x1f\x63lawhub/common/v1/release.proto\x1a\x1f\x63lawhub/common/v1/routing.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x06\n\nDeployment\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05skill\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.clawhub.common.v1.ReleaseState\x12\x33\n\x07history\x18\x06 \x03(\x0b\x32\".clawhub.common.v1.StateTransition\x12\x18\n\x10previous_version\x18\x07 \x01(\t\x12\x0f\n\x07serving\x18\x08 \x01(\x08\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\nblue_green\x18\x0b \x01(\x0b\x32&.clawhub.deployer.v1.BlueGreenStrategyH\x00\x12\x35\n\x06\x63\x61nary\x18\x0c \x01(\x0b\x32#.clawhub.deployer.v1.CanaryStrategyH\x00\x12/\n\x08\x61nalysis\x18\r \x01(\x0b\x32\x1d.clawhub.deployer.v1.Analysis\x12\x16\n\x0etraffic_weight\x18\x0e \x01(\r\x12\x35\n\x07verdict\x18\x0f \x01(\x0e\x32$.clawhub.deployer.v1.AnalysisVerdict\x12\x16\n\x0everdict_reason\x18\x10 \x01(\t\x12\x30\n\x05stats\x18\x11 \x01(\x0b\x32!.clawhub.deployer.v1.VersionStats\x12;\n\x0c\x64\x65pendencies\x18\x12 \x03(\x0b\x32%.clawhub.common.v1.ResolvedDependency\x12\x11\n\tunset_env\x18\x13 \x03(\t\x12\x15\n\rinherited_env\x18\x14 \x03(\t\x12\x34\n\x0brolled_back\x18\x15 \x01(\x0b\x32\x1f.clawhub.deployer.v1.RolledBackB\n\n\x08strategy\"r\n\nRolledBack\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x11\x42lueGreenStrategy\x12\'\n\x04\x62\x61ke\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x0e\x43\x61naryStrategy\x12\x0f\n\x07weights\x18\x01 \x03(\r\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"n\n\x08\x41nalysis\x12\x18\n\x10min_success_rate\x18\x01 \x01(\x01\x12\x32\n\x0fmax_p99_latency\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmin_requests\x18\x03 \x01(\r\"x\n\x0cVersionStats\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x02 \x01(\x04\x12\x14\n\x0csuccess_rate\x18\x03 \x01(\x01\x12.\n\x0bp99_latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x88\x03\n\x17\x43reateDeploymentRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x42\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x35.clawhub.deployer.v1.CreateDeploymentRequest.EnvEntry\x12<\n\nblue_green\x18\x05 \x01(\x0b\x32&.clawhub.deployer.v1.BlueGreenStrategyH\x00\x12\x35\n\x06\x63\x61nary\x18\x06 \x01(\x0b\x32#.clawhub.deployer.v1.CanaryStrategyH\x00\x12/\n\x08\x61nalysis\x18\x07 \x01(\x0b\x32\x1d.clawhub.deployer.v1.Analysis\x12\x17\n\x0f\x61llow_unset_env\x18\x08 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08strategy\"O\n\x18\x43reateDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\"\"\n\x14GetDeploymentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"L\n\x15GetDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\"N\n\x16ListDeploymentsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"h\n\x17ListDeploymentsResponse\x12\x34\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x0fRollbackRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"[\n\x10RollbackResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"$\n\x16WatchDeploymentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xa6\x01\n\x17WatchDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x33\n\x05\x65vent\x18\x03 \x01(\x0b\x32$.clawhub.deployer.v1.DeploymentEvent\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"\xda\x03\n\x0f\x44\x65ploymentEvent\x12\x36\n\x04kind\x18\x01 \x01(\x0e\x32(.clawhub.deployer.v1.DeploymentEventKind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\ntransition\x18\x03 \x01(\x0b\x32\".clawhub.common.v1.StateTransition\x12\x10\n\x08\x65xecutor\x18\x04 \x01(\t\x12\x16\n\x0esmoke_examples\x18\x05 \x01(\r\x12\x12\n\ngeneration\x18\x06 \x01(\x04\x12\x14\n\x0c\x61\x63knowledged\x18\x07 \x01(\r\x12\x13\n\x0b\x64ispatchers\x18\x08 \x01(\r\x12\x0e\n\x06weight\x18\t \x01(\r\x12\x0c\n\x04step\x18\n \x01(\r\x12\r\n\x05steps\x18\x0b \x01(\r\x12)\n\x06window\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x65lapsed\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\x05stats\x18\x0e \x01(\x0b\x32!.clawhub.deployer.v1.VersionStats\x12\x0e\n\x06reason\x18\x0f \x01(\t\"+\n\x12WatchRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\"I\n\x13WatchRoutesResponse\x12\x32\n\x0broute_table\x18\x01 \x01(\x0b\x32\x1d.clawhub.common.v1.RouteTable\"E\n\x18\x41\x63knowledgeRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"\x1b\n\x19\x41\x63knowledgeRoutesResponse\"e\n\x12ReportStatsRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x38\n\x07reports\x18\x02 \x03(\x0b\x32\'.clawhub.deployer.v1.VersionStatsReport\"\xe1\x01\n\x12VersionStatsReport\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\x04\x12\x0f\n\x07retried\x18\x06 \x01(\x04\x12\x36\n\x07latency\x18\x07 \x01(\x0b\x32%.clawhub.deployer.v1.LatencyHistogram\x12.\n\x0bp99_latency\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x10LatencyHistogram\x12\x1c\n\x14upper_bounds_seconds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\x15\n\x13ReportStatsResponse*\xcc\x01\n\x0f\x41nalysisVerdict\x12 \n\x1c\x41NALYSIS_VERDICT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41NALYSIS_VERDICT_RUNNING\x10\x01\x12\x1b\n\x17\x41NALYSIS_VERDICT_PASSED\x10\x02\x12\x1b\n\x17\x41NALYSIS_VERDICT_FAILED\x10\x03\x12\x1c\n\x18\x41NALYSIS_VERDICT_ABORTED\x10\x04\x12!\n\x1d\x41NALYSIS_VERDICT_NOT_ANALYSED\x10\x05*\x9d\x05\n\x13\x44\x65ploymentEventKind\x12%\n!DEPLOYMENT_EVENT_KIND_UNSPECIFIED\x10\x00\x12\'\n#DEPLOYMENT_EVENT_KIND_STATE_CHANGED\x10\x01\x12#\n\x1f\x44\x45PLOYMENT_EVENT_KIND_PRELOADED\x10\x02\x12&\n\"DEPLOYMENT_EVENT_KIND_SMOKE_PASSED\x10\x03\x12(\n$DEPLOYMENT_EVENT_KIND_PRELOAD_FAILED\x10\x04\x12&\n\"DEPLOYMENT_EVENT_KIND_ROUTE_PUSHED\x10\x05\x12\x1f\n\x1b\x44\x45PLOYMENT_EVENT_KIND_ACKED\x10\x06\x12&\n\"DEPLOYMENT_EVENT_KIND_BAKE_STARTED\x10\x07\x12%\n!DEPLOYMENT_EVENT_KIND_CANARY_STEP\x10\x08\x12+\n\'DEPLOYMENT_EVENT_KIND_ANALYSIS_PROGRESS\x10\t\x12)\n%DEPLOYMENT_EVENT_KIND_ANALYSIS_PASSED\x10\n\x12)\n%DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH\x10\x0b\x12,\n(DEPLOYMENT_EVENT_KIND_HEALTH_NOT_SERVING\x10\x0c\x12*\n&DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED\x10\r\x12\"\n\x1e\x44\x45PLOYMENT_EVENT_KIND_UNLOADED\x10\x0e\x12&\n\"DEPLOYMENT_EVENT_KIND_NOT_ANALYSED\x10\x0f\x32\xdb\x06\n\x0f\x44\x65ployerService\x12o\n\x10\x43reateDeployment\x12,.clawhub.deployer.v1.CreateDeploymentRequest\x1a-.clawhub.deployer.v1.CreateDeploymentResponse\x12\x66\n\rGetDeployment\x12).clawhub.deployer.v1.GetDeploymentRequest\x1a*.clawhub.deployer.v1.GetDeploymentResponse\x12l\n\x0fListDeployments\x12+.clawhub.deployer.v1.ListDeploymentsRequest\x1a,.clawhub.deployer.v1.ListDeploymentsResponse\x12W\n\x08Rollback\x12$.clawhub.deployer.v1.RollbackRequest\x1a%.clawhub.deployer.v1.RollbackResponse\x12n\n\x0fWatchDeployment\x12+.clawhub.deployer.v1.WatchDeploymentRequest\x1a,.clawhub.deployer.v1.WatchDeploymentResponse0\x01\x12\x62\n\x0bWatchRoutes\x12\'.clawhub.deployer.v1.WatchRoutesRequest\x1a(.clawhub.deployer.v1.WatchRoutesResponse0\x01\x12r\n\x11\x41\x63knowledgeRoutes\x12-.clawhub.deployer.v1.AcknowledgeRoutesRequest\x1a..clawhub.deployer.v1.AcknowledgeRoutesResponse\x12`\n\x0bReportStats\x12\'.clawhub.deployer.v1.ReportStatsRequest\x1a(.clawhub.deployer.v1.ReportStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*clawhub/deployer/v1/deployer_service.proto\x12\x13\x63lawhub.deployer.v1\x1a\x1d\x63lawhub/common/v1/audit.proto\x1a\x1f\x63lawhub/common/v1/release.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x06\n\nDeployment\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05skill\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.clawhub.common.v1.ReleaseState\x12\x33\n\x07history\x18\x06 \x03(\x0b\x32\".clawhub.common.v1.StateTransition\x12\x18\n\x10previous_version\x18\x07 \x01(\t\x12\x0f\n\x07serving\x18\x08 \x01(\x08\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\nblue_green\x18\x0b \x01(\x0b\x32&.clawhub.deployer.v1.BlueGreenStrategyH\x00\x12\x35\n\x06\x63\x61nary\x18\x0c \x01(\x0b\x32#.clawhub.deployer.v1.CanaryStrategyH\x00\x12/\n\x08\x61nalysis\x18\r \x01(\x0b\x32\x1d.clawhub.deployer.v1.Analysis\x12\x16\n\x0etraffic_weight\x18\x0e \x01(\r\x12\x35\n\x07verdict\x18\x0f \x01(\x0e\x32$.clawhub.deployer.v1.AnalysisVerdict\x12\x16\n\x0everdict_reason\x18\x10 \x01(\t\x12\x30\n\x05stats\x18\x11 \x01(\x0b\x32!.clawhub.deployer.v1.VersionStats\x12;\n\x0c\x64\x65pendencies\x18\x12 \x03(\x0b\x32%.clawhub.common.v1.ResolvedDependency\x12\x11\n\tunset_env\x18\x13 \x03(\t\x12\x15\n\rinherited_env\x18\x14 \x03(\t\x12\x34\n\x0brolled_back\x18\x15 \x01(\x0b\x32\x1f.clawhub.deployer.v1.RolledBackB\n\n\x08strategy\"r\n\nRolledBack\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x11\x42lueGreenStrategy\x12\'\n\x04\x62\x61ke\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x0e\x43\x61naryStrategy\x12\x0f\n\x07weights\x18\x01 \x03(\r\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"n\n\x08\x41nalysis\x12\x18\n\x10min_success_rate\x18\x01 \x01(\x01\x12\x32\n\x0fmax_p99_latency\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmin_requests\x18\x03 \x01(\r\"x\n\x0cVersionStats\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x02 \x01(\x04\x12\x14\n\x0csuccess_rate\x18\x03 \x01(\x01\x12.\n\x0bp99_latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x88\x03\n\x17\x43reateDeploymentRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x42\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x35.clawhub.deployer.v1.CreateDeploymentRequest.EnvEntry\x12<\n\nblue_green\x18\x05 \x01(\x0b\x32&.clawhub.deployer.v1.BlueGreenStrategyH\x00\x12\x35\n\x06\x63\x61nary\x18\x06 \x01(\x0b\x32#.clawhub.deployer.v1.CanaryStrategyH\x00\x12/\n\x08\x61nalysis\x18\x07 \x01(\x0b\x32\x1d.clawhub.deployer.v1.Analysis\x12\x17\n\x0f\x61llow_unset_env\x18\x08 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08strategy\"O\n\x18\x43reateDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\"\"\n\x14GetDeploymentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"L\n\x15GetDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\"N\n\x16ListDeploymentsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"h\n\x17ListDeploymentsResponse\x12\x34\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x0fRollbackRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"[\n\x10RollbackResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"$\n\x16WatchDeploymentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xa6\x01\n\x17WatchDeploymentResponse\x12\x33\n\ndeployment\x18\x01 \x01(\x0b\x32\x1f.clawhub.deployer.v1.Deployment\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x33\n\x05\x65vent\x18\x03 \x01(\x0b\x32$.clawhub.deployer.v1.DeploymentEvent\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"\xda\x03\n\x0f\x44\x65ploymentEvent\x12\x36\n\x04kind\x18\x01 \x01(\x0e\x32(.clawhub.deployer.v1.DeploymentEventKind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\ntransition\x18\x03 \x01(\x0b\x32\".clawhub.common.v1.StateTransition\x12\x10\n\x08\x65xecutor\x18\x04 \x01(\t\x12\x16\n\x0esmoke_examples\x18\x05 \x01(\r\x12\x12\n\ngeneration\x18\x06 \x01(\x04\x12\x14\n\x0c\x61\x63knowledged\x18\x07 \x01(\r\x12\x13\n\x0b\x64ispatchers\x18\x08 \x01(\r\x12\x0e\n\x06weight\x18\t \x01(\r\x12\x0c\n\x04step\x18\n \x01(\r\x12\r\n\x05steps\x18\x0b \x01(\r\x12)\n\x06window\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x65lapsed\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\x05stats\x18\x0e \x01(\x0b\x32!.clawhub.deployer.v1.VersionStats\x12\x0e\n\x06reason\x18\x0f \x01(\t\"?\n\x16ListAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x17ListAuditEventsResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.clawhub.common.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xcc\x01\n\x0f\x41nalysisVerdict\x12 \n\x1c\x41NALYSIS_VERDICT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41NALYSIS_VERDICT_RUNNING\x10\x01\x12\x1b\n\x17\x41NALYSIS_VERDICT_PASSED\x10\x02\x12\x1b\n\x17\x41NALYSIS_VERDICT_FAILED\x10\x03\x12\x1c\n\x18\x41NALYSIS_VERDICT_ABORTED\x10\x04\x12!\n\x1d\x41NALYSIS_VERDICT_NOT_ANALYSED\x10\x05*\x9d\x05\n\x13\x44\x65ploymentEventKind\x12%\n!DEPLOYMENT_EVENT_KIND_UNSPECIFIED\x10\x00\x12\'\n#DEPLOYMENT_EVENT_KIND_STATE_CHANGED\x10\x01\x12#\n\x1f\x44\x45PLOYMENT_EVENT_KIND_PRELOADED\x10\x02\x12&\n\"DEPLOYMENT_EVENT_KIND_SMOKE_PASSED\x10\x03\x12(\n$DEPLOYMENT_EVENT_KIND_PRELOAD_FAILED\x10\x04\x12&\n\"DEPLOYMENT_EVENT_KIND_ROUTE_PUSHED\x10\x05\x12\x1f\n\x1b\x44\x45PLOYMENT_EVENT_KIND_ACKED\x10\x06\x12&\n\"DEPLOYMENT_EVENT_KIND_BAKE_STARTED\x10\x07\x12%\n!DEPLOYMENT_EVENT_KIND_CANARY_STEP\x10\x08\x12+\n\'DEPLOYMENT_EVENT_KIND_ANALYSIS_PROGRESS\x10\t\x12)\n%DEPLOYMENT_EVENT_KIND_ANALYSIS_PASSED\x10\n\x12)\n%DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH\x10\x0b\x12,\n(DEPLOYMENT_EVENT_KIND_HEALTH_NOT_SERVING\x10\x0c\x12*\n&DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED\x10\r\x12\"\n\x1e\x44\x45PLOYMENT_EVENT_KIND_UNLOADED\x10\x0e\x12&\n\"DEPLOYMENT_EVENT_KIND_NOT_ANALYSED\x10\x0f\x32\x8f\x05\n\x0f\x44\x65ployerService\x12o\n\x10\x43reateDeployment\x12,.clawhub.deployer.v1.CreateDeploymentRequest\x1a-.clawhub.deployer.v1.CreateDeploymentResponse\x12\x66\n\rGetDeployment\x12).clawhub.deployer.v1.GetDeploymentRequest\x1a*.clawhub.deployer.v1.GetDeploymentResponse\x12l\n\x0fListDeployments\x12+.clawhub.deployer.v1.ListDeploymentsRequest\x1a,.clawhub.deployer.v1.ListDeploymentsResponse\x12W\n\x08Rollback\x12$.clawhub.deployer.v1.RollbackRequest\x1a%.clawhub.deployer.v1.RollbackResponse\x12n\n\x0fWatchDeployment\x12+.clawhub.deployer.v1.WatchDeploymentRequest\x1a,.clawhub.deployer.v1.WatchDeploymentResponse0\x01\x12l\n\x0fListAuditEvents\x12+.clawhub.deployer.v1.ListAuditEventsRequest\x1a,.clawhub.deployer.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,62 +38,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._loaded_options = None
   _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_ANALYSISVERDICT']._serialized_start=3770
-  _globals['_ANALYSISVERDICT']._serialized_end=3974
-  _globals['_DEPLOYMENTEVENTKIND']._serialized_start=3977
-  _globals['_DEPLOYMENTEVENTKIND']._serialized_end=4646
-  _globals['_DEPLOYMENT']._serialized_start=230
-  _globals['_DEPLOYMENT']._serialized_end=1032
-  _globals['_ROLLEDBACK']._serialized_start=1034
-  _globals['_ROLLEDBACK']._serialized_end=1148
-  _globals['_BLUEGREENSTRATEGY']._serialized_start=1150
-  _globals['_BLUEGREENSTRATEGY']._serialized_end=1210
-  _globals['_CANARYSTRATEGY']._serialized_start=1212
-  _globals['_CANARYSTRATEGY']._serialized_end=1286
-  _globals['_ANALYSIS']._serialized_start=1288
-  _globals['_ANALYSIS']._serialized_end=1398
-  _globals['_VERSIONSTATS']._serialized_start=1400
-  _globals['_VERSIONSTATS']._serialized_end=1520
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1523
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1915
-  _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._serialized_start=1861
-  _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._serialized_end=1903
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=1917
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=1996
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1998
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=2032
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=2034
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=2110
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=2112
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=2190
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=2192
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=2296
-  _globals['_ROLLBACKREQUEST']._serialized_start=2298
-  _globals['_ROLLBACKREQUEST']._serialized_end=2350
-  _globals['_ROLLBACKRESPONSE']._serialized_start=2352
-  _globals['_ROLLBACKRESPONSE']._serialized_end=2443
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=2445
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=2481
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=2484
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=2650
-  _globals['_DEPLOYMENTEVENT']._serialized_start=2653
-  _globals['_DEPLOYMENTEVENT']._serialized_end=3127
-  _globals['_WATCHROUTESREQUEST']._serialized_start=3129
-  _globals['_WATCHROUTESREQUEST']._serialized_end=3172
-  _globals['_WATCHROUTESRESPONSE']._serialized_start=3174
-  _globals['_WATCHROUTESRESPONSE']._serialized_end=3247
-  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_start=3249
-  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_end=3318
-  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_start=3320
-  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_end=3347
-  _globals['_REPORTSTATSREQUEST']._serialized_start=3349
-  _globals['_REPORTSTATSREQUEST']._serialized_end=3450
-  _globals['_VERSIONSTATSREPORT']._serialized_start=3453
-  _globals['_VERSIONSTATSREPORT']._serialized_end=3678
-  _globals['_LATENCYHISTOGRAM']._serialized_start=3680
-  _globals['_LATENCYHISTOGRAM']._serialized_end=3744
-  _globals['_REPORTSTATSRESPONSE']._serialized_start=3746
-  _globals['_REPORTSTATSRESPONSE']._serialized_end=3767
-  _globals['_DEPLOYERSERVICE']._serialized_start=4649
-  _globals['_DEPLOYERSERVICE']._serialized_end=5508
+  _globals['_ANALYSISVERDICT']._serialized_start=3292
+  _globals['_ANALYSISVERDICT']._serialized_end=3496
+  _globals['_DEPLOYMENTEVENTKIND']._serialized_start=3499
+  _globals['_DEPLOYMENTEVENTKIND']._serialized_end=4168
+  _globals['_DEPLOYMENT']._serialized_start=228
+  _globals['_DEPLOYMENT']._serialized_end=1030
+  _globals['_ROLLEDBACK']._serialized_start=1032
+  _globals['_ROLLEDBACK']._serialized_end=1146
+  _globals['_BLUEGREENSTRATEGY']._serialized_start=1148
+  _globals['_BLUEGREENSTRATEGY']._serialized_end=1208
+  _globals['_CANARYSTRATEGY']._serialized_start=1210
+  _globals['_CANARYSTRATEGY']._serialized_end=1284
+  _globals['_ANALYSIS']._serialized_start=1286
+  _globals['_ANALYSIS']._serialized_end=1396
+  _globals['_VERSIONSTATS']._serialized_start=1398
+  _globals['_VERSIONSTATS']._serialized_end=1518
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1521
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1913
+  _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._serialized_start=1859
+  _globals['_CREATEDEPLOYMENTREQUEST_ENVENTRY']._serialized_end=1901
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=1915
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=1994
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1996
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=2030
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=2032
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=2108
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=2110
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=2188
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=2190
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=2294
+  _globals['_ROLLBACKREQUEST']._serialized_start=2296
+  _globals['_ROLLBACKREQUEST']._serialized_end=2348
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2350
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2441
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=2443
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=2479
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=2482
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=2648
+  _globals['_DEPLOYMENTEVENT']._serialized_start=2651
+  _globals['_DEPLOYMENTEVENT']._serialized_end=3125
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=3127
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=3190
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=3192
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=3289
+  _globals['_DEPLOYERSERVICE']._serialized_start=4171
+  _globals['_DEPLOYERSERVICE']._serialized_end=4826
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,8 @@
 isort:skip_file
 """
 
+from clawhub.common.v1 import audit_pb2 as _audit_pb2
 from clawhub.common.v1 import release_pb2 as _release_pb2
-from clawhub.common.v1 import routing_pb2 as _routing_pb2
 from clawhub.common.v1 import skill_pb2 as _skill_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -879,221 +879,55 @@ class DeploymentEvent(_message.Message):
 Global___DeploymentEvent: _TypeAlias = DeploymentEvent  # noqa: Y015
 
 @_typing.final
-class WatchRoutesRequest(_message.Message):
-    """Request of WatchRoutes."""
+class ListAuditEventsRequest(_message.Message):
+    """Request of ListAuditEvents."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    DISPATCHER_ID_FIELD_NUMBER: _builtins.int
-    dispatcher_id: _builtins.str
-    """Stable id of the watching dispatcher, used for acknowledgements."""
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of events to return (default 50, maximum 1000)."""
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token."""
     def __init__(
         self,
         *,
-        dispatcher_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatcher_id", b"dispatcher_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchRoutesRequest: _TypeAlias = WatchRoutesRequest  # noqa: Y015
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
 
 @_typing.final
-class WatchRoutesResponse(_message.Message):
-    """One route-table generation."""
+class ListAuditEventsResponse(_message.Message):
+    """Response of ListAuditEvents."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ROUTE_TABLE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
     @_builtins.property
-    def route_table(self) -> _routing_pb2.RouteTable:
-        """The whole table."""
-
-    def __init__(
-        self,
-        *,
-        route_table: _routing_pb2.RouteTable | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["route_table", b"route_table"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["route_table", b"route_table"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___WatchRoutesResponse: _TypeAlias = WatchRoutesResponse  # noqa: Y015
-
-@_typing.final
-class AcknowledgeRoutesRequest(_message.Message):
-    """Request of AcknowledgeRoutes."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DISPATCHER_ID_FIELD_NUMBER: _builtins.int
-    GENERATION_FIELD_NUMBER: _builtins.int
-    dispatcher_id: _builtins.str
-    """Id of the dispatcher, as given to WatchRoutes."""
-    generation: _builtins.int
-    """The generation the dispatcher now routes with."""
-    def __init__(
-        self,
-        *,
-        dispatcher_id: _builtins.str = ...,
-        generation: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatcher_id", b"dispatcher_id", "generation", b"generation"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AcknowledgeRoutesRequest: _TypeAlias = AcknowledgeRoutesRequest  # noqa: Y015
-
-@_typing.final
-class AcknowledgeRoutesResponse(_message.Message):
-    """Response of AcknowledgeRoutes."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AcknowledgeRoutesResponse: _TypeAlias = AcknowledgeRoutesResponse  # noqa: Y015
-
-@_typing.final
-class ReportStatsRequest(_message.Message):
-    """Request of ReportStats."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DISPATCHER_ID_FIELD_NUMBER: _builtins.int
-    REPORTS_FIELD_NUMBER: _builtins.int
-    dispatcher_id: _builtins.str
-    """Id of the reporting dispatcher, as given to WatchRoutes."""
-    @_builtins.property
-    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStatsReport]:
-        """One entry per version that had calls since the previous report (at most 1,000)."""
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_audit_pb2.AuditEvent]:
+        """Events of this page, newest first."""
 
     def __init__(
         self,
         *,
-        dispatcher_id: _builtins.str = ...,
-        reports: _abc.Iterable[Global___VersionStatsReport] | None = ...,
+        events: _abc.Iterable[_audit_pb2.AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatcher_id", b"dispatcher_id", "reports", b"reports"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ReportStatsRequest: _TypeAlias = ReportStatsRequest  # noqa: Y015
-
-@_typing.final
-class VersionStatsReport(_message.Message):
-    """One version's calls on one dispatcher since its previous report (counts are deltas, not totals)."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SKILL_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
-    DIGEST_FIELD_NUMBER: _builtins.int
-    REQUESTS_FIELD_NUMBER: _builtins.int
-    FAILURES_FIELD_NUMBER: _builtins.int
-    RETRIED_FIELD_NUMBER: _builtins.int
-    LATENCY_FIELD_NUMBER: _builtins.int
-    P99_LATENCY_FIELD_NUMBER: _builtins.int
-    skill: _builtins.str
-    """Skill name."""
-    version: _builtins.str
-    """The version."""
-    digest: _builtins.str
-    """Content digest of the version's module."""
-    requests: _builtins.int
-    """Calls that ran on the version, including failed ones."""
-    failures: _builtins.int
-    """Calls that failed because of the skill (trap, non-zero exit, timeout, limits) or the executor; caller
-    errors (bad input) are not counted.
-    """
-    retried: _builtins.int
-    """Failed calls that were retried on the stable version (so the caller did not see them)."""
-    @_builtins.property
-    def latency(self) -> Global___LatencyHistogram:
-        """Latency of these calls."""
-
-    @_builtins.property
-    def p99_latency(self) -> _duration_pb2.Duration:
-        """p99 latency over the dispatcher's short sliding window, for display."""
-
-    def __init__(
-        self,
-        *,
-        skill: _builtins.str = ...,
-        version: _builtins.str = ...,
-        digest: _builtins.str = ...,
-        requests: _builtins.int = ...,
-        failures: _builtins.int = ...,
-        retried: _builtins.int = ...,
-        latency: Global___LatencyHistogram | None = ...,
-        p99_latency: _duration_pb2.Duration | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "p99_latency", b"p99_latency"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "failures", b"failures", "latency", b"latency", "p99_latency", b"p99_latency", "requests", b"requests", "retried", b"retried", "skill", b"skill", "version", b"version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___VersionStatsReport: _TypeAlias = VersionStatsReport  # noqa: Y015
-
-@_typing.final
-class LatencyHistogram(_message.Message):
-    """Counts of calls by latency bucket."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    UPPER_BOUNDS_SECONDS_FIELD_NUMBER: _builtins.int
-    COUNTS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def upper_bounds_seconds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Upper bound (inclusive, seconds) of each bucket, increasing; at most 64."""
-
-    @_builtins.property
-    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Calls per bucket: one count per bound, then one for the calls slower than the last bound."""
-
-    def __init__(
-        self,
-        *,
-        upper_bounds_seconds: _abc.Iterable[_builtins.float] | None = ...,
-        counts: _abc.Iterable[_builtins.int] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "upper_bounds_seconds", b"upper_bounds_seconds"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___LatencyHistogram: _TypeAlias = LatencyHistogram  # noqa: Y015
-
-@_typing.final
-class ReportStatsResponse(_message.Message):
-    """Response of ReportStats."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ReportStatsResponse: _TypeAlias = ReportStatsResponse  # noqa: Y015
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015

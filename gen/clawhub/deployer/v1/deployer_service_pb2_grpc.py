@@ -60,20 +60,10 @@ class DeployerServiceStub:
                 request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchDeploymentRequest.SerializeToString,
                 response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchDeploymentResponse.FromString,
                 _registered_method=True)
-        self.WatchRoutes = channel.unary_stream(
-                '/clawhub.deployer.v1.DeployerService/WatchRoutes',
-                request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchRoutesRequest.SerializeToString,
-                response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchRoutesResponse.FromString,
-                _registered_method=True)
-        self.AcknowledgeRoutes = channel.unary_unary(
-                '/clawhub.deployer.v1.DeployerService/AcknowledgeRoutes',
-                request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesRequest.SerializeToString,
-                response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesResponse.FromString,
-                _registered_method=True)
-        self.ReportStats = channel.unary_unary(
-                '/clawhub.deployer.v1.DeployerService/ReportStats',
-                request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsRequest.SerializeToString,
-                response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsResponse.FromString,
+        self.ListAuditEvents = channel.unary_unary(
+                '/clawhub.deployer.v1.DeployerService/ListAuditEvents',
+                request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
 
 
@@ -133,26 +123,11 @@ class DeployerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchRoutes(self, request, context):
-        """Streams the current route table, then every new generation. Used by dispatchers; internal.
-        Returns UNAVAILABLE (shutting down).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def AcknowledgeRoutes(self, request, context):
-        """Acknowledges that a dispatcher applied a route-table generation. Used by dispatchers; internal.
-        Returns INVALID_ARGUMENT (missing dispatcher id).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReportStats(self, request, context):
-        """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
-        releases with them. Used by dispatchers; internal (the gateway refuses it).
-        Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
+    def ListAuditEvents(self, request, context):
+        """Lists the deployer's audit log, newest first: every deploy and rollback, with who, what, when, the
+        request id and the outcome. Admin only (`audit.read`).
+        Returns INVALID_ARGUMENT (bad page size or token), UNAUTHENTICATED (CREDENTIALS_REQUIRED, INVALID_TOKEN),
+        PERMISSION_DENIED (PERMISSION_DENIED: the caller lacks `audit.read`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,20 +161,10 @@ def add_DeployerServiceServicer_to_server(servicer, server):
                     request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchDeploymentRequest.FromString,
                     response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchDeploymentResponse.SerializeToString,
             ),
-            'WatchRoutes': grpc.unary_stream_rpc_method_handler(
-                    servicer.WatchRoutes,
-                    request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchRoutesRequest.FromString,
-                    response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchRoutesResponse.SerializeToString,
-            ),
-            'AcknowledgeRoutes': grpc.unary_unary_rpc_method_handler(
-                    servicer.AcknowledgeRoutes,
-                    request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesRequest.FromString,
-                    response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesResponse.SerializeToString,
-            ),
-            'ReportStats': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportStats,
-                    request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsRequest.FromString,
-                    response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsResponse.SerializeToString,
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,34 +314,7 @@ class DeployerService:
             _registered_method=True)
 
     @staticmethod
-    def WatchRoutes(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/clawhub.deployer.v1.DeployerService/WatchRoutes',
-            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchRoutesRequest.SerializeToString,
-            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.WatchRoutesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def AcknowledgeRoutes(request,
+    def ListAuditEvents(request,
             target,
             options=(),
             channel_credentials=None,
@@ -389,36 +327,9 @@ class DeployerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/clawhub.deployer.v1.DeployerService/AcknowledgeRoutes',
-            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesRequest.SerializeToString,
-            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.AcknowledgeRoutesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportStats(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/clawhub.deployer.v1.DeployerService/ReportStats',
-            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsRequest.SerializeToString,
-            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ReportStatsResponse.FromString,
+            '/clawhub.deployer.v1.DeployerService/ListAuditEvents',
+            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ListAuditEventsRequest.SerializeToString,
+            clawhub_dot_deployer_dot_v1_dot_deployer__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

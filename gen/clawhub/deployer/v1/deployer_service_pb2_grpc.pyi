@@ -65,18 +65,11 @@ class DeployerServiceStub:
     deployment that has already ended gets its state and its log, then the stream ends.
     Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
     """
-    WatchRoutes: _grpc.UnaryStreamMultiCallable[_deployer_service_pb2.WatchRoutesRequest, _deployer_service_pb2.WatchRoutesResponse]
-    """Streams the current route table, then every new generation. Used by dispatchers; internal.
-    Returns UNAVAILABLE (shutting down).
-    """
-    AcknowledgeRoutes: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.AcknowledgeRoutesRequest, _deployer_service_pb2.AcknowledgeRoutesResponse]
-    """Acknowledges that a dispatcher applied a route-table generation. Used by dispatchers; internal.
-    Returns INVALID_ARGUMENT (missing dispatcher id).
-    """
-    ReportStats: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.ReportStatsRequest, _deployer_service_pb2.ReportStatsResponse]
-    """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
-    releases with them. Used by dispatchers; internal (the gateway refuses it).
-    Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.ListAuditEventsRequest, _deployer_service_pb2.ListAuditEventsResponse]
+    """Lists the deployer's audit log, newest first: every deploy and rollback, with who, what, when, the
+    request id and the outcome. Admin only (`audit.read`).
+    Returns INVALID_ARGUMENT (bad page size or token), UNAUTHENTICATED (CREDENTIALS_REQUIRED, INVALID_TOKEN),
+    PERMISSION_DENIED (PERMISSION_DENIED: the caller lacks `audit.read`).
     """
 
 @_typing.type_check_only
@@ -116,18 +109,11 @@ class DeployerServiceAsyncStub(DeployerServiceStub):
     deployment that has already ended gets its state and its log, then the stream ends.
     Returns INVALID_ARGUMENT (bad id), NOT_FOUND (no such deployment), UNAVAILABLE (shutting down).
     """
-    WatchRoutes: _aio.UnaryStreamMultiCallable[_deployer_service_pb2.WatchRoutesRequest, _deployer_service_pb2.WatchRoutesResponse]  # type: ignore[assignment]
-    """Streams the current route table, then every new generation. Used by dispatchers; internal.
-    Returns UNAVAILABLE (shutting down).
-    """
-    AcknowledgeRoutes: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.AcknowledgeRoutesRequest, _deployer_service_pb2.AcknowledgeRoutesResponse]  # type: ignore[assignment]
-    """Acknowledges that a dispatcher applied a route-table generation. Used by dispatchers; internal.
-    Returns INVALID_ARGUMENT (missing dispatcher id).
-    """
-    ReportStats: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.ReportStatsRequest, _deployer_service_pb2.ReportStatsResponse]  # type: ignore[assignment]
-    """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
-    releases with them. Used by dispatchers; internal (the gateway refuses it).
-    Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.ListAuditEventsRequest, _deployer_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Lists the deployer's audit log, newest first: every deploy and rollback, with who, what, when, the
+    request id and the outcome. Admin only (`audit.read`).
+    Returns INVALID_ARGUMENT (bad page size or token), UNAUTHENTICATED (CREDENTIALS_REQUIRED, INVALID_TOKEN),
+    PERMISSION_DENIED (PERMISSION_DENIED: the caller lacks `audit.read`).
     """
 
 class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -196,34 +182,15 @@ class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
-    def WatchRoutes(
+    def ListAuditEvents(
         self,
-        request: _deployer_service_pb2.WatchRoutesRequest,
+        request: _deployer_service_pb2.ListAuditEventsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_deployer_service_pb2.WatchRoutesResponse], _abc.AsyncIterator[_deployer_service_pb2.WatchRoutesResponse]]:
-        """Streams the current route table, then every new generation. Used by dispatchers; internal.
-        Returns UNAVAILABLE (shutting down).
-        """
-
-    @_abc_1.abstractmethod
-    def AcknowledgeRoutes(
-        self,
-        request: _deployer_service_pb2.AcknowledgeRoutesRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_deployer_service_pb2.AcknowledgeRoutesResponse, _abc.Awaitable[_deployer_service_pb2.AcknowledgeRoutesResponse]]:
-        """Acknowledges that a dispatcher applied a route-table generation. Used by dispatchers; internal.
-        Returns INVALID_ARGUMENT (missing dispatcher id).
-        """
-
-    @_abc_1.abstractmethod
-    def ReportStats(
-        self,
-        request: _deployer_service_pb2.ReportStatsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_deployer_service_pb2.ReportStatsResponse, _abc.Awaitable[_deployer_service_pb2.ReportStatsResponse]]:
-        """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
-        releases with them. Used by dispatchers; internal (the gateway refuses it).
-        Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
+    ) -> _typing.Union[_deployer_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_deployer_service_pb2.ListAuditEventsResponse]]:
+        """Lists the deployer's audit log, newest first: every deploy and rollback, with who, what, when, the
+        request id and the outcome. Admin only (`audit.read`).
+        Returns INVALID_ARGUMENT (bad page size or token), UNAUTHENTICATED (CREDENTIALS_REQUIRED, INVALID_TOKEN),
+        PERMISSION_DENIED (PERMISSION_DENIED: the caller lacks `audit.read`).
         """
 
 def add_DeployerServiceServicer_to_server(servicer: DeployerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

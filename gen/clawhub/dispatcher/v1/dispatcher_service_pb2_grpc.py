@@ -61,7 +61,8 @@ class DispatcherServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRouteTable(self, request, context):
-        """Gets the route table the dispatcher routes with now.
+        """Gets the route table the dispatcher routes with now, for operators: env values are replaced by
+        `(hidden)` (the keys show what is set; the values are deploy-time secrets).
         Returns OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

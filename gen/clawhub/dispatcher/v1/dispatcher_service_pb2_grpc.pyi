@@ -39,7 +39,8 @@ class DispatcherServiceStub:
     UNAVAILABLE (no executor reachable after retries), and any status of ExecutorService.Execute.
     """
     GetRouteTable: _grpc.UnaryUnaryMultiCallable[_dispatcher_service_pb2.GetRouteTableRequest, _dispatcher_service_pb2.GetRouteTableResponse]
-    """Gets the route table the dispatcher routes with now.
+    """Gets the route table the dispatcher routes with now, for operators: env values are replaced by
+    `(hidden)` (the keys show what is set; the values are deploy-time secrets).
     Returns OK.
     """
 
@@ -54,7 +55,8 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     UNAVAILABLE (no executor reachable after retries), and any status of ExecutorService.Execute.
     """
     GetRouteTable: _aio.UnaryUnaryMultiCallable[_dispatcher_service_pb2.GetRouteTableRequest, _dispatcher_service_pb2.GetRouteTableResponse]  # type: ignore[assignment]
-    """Gets the route table the dispatcher routes with now.
+    """Gets the route table the dispatcher routes with now, for operators: env values are replaced by
+    `(hidden)` (the keys show what is set; the values are deploy-time secrets).
     Returns OK.
     """
 
@@ -78,7 +80,8 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dispatcher_service_pb2.GetRouteTableRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dispatcher_service_pb2.GetRouteTableResponse, _abc.Awaitable[_dispatcher_service_pb2.GetRouteTableResponse]]:
-        """Gets the route table the dispatcher routes with now.
+        """Gets the route table the dispatcher routes with now, for operators: env values are replaced by
+        `(hidden)` (the keys show what is set; the values are deploy-time secrets).
         Returns OK.
         """
 

@@ -715,50 +715,6 @@ class ListSkillVersionsResponse(_message.Message):
 Global___ListSkillVersionsResponse: _TypeAlias = ListSkillVersionsResponse  # noqa: Y015
 
 @_typing.final
-class DownloadBlobRequest(_message.Message):
-    """Request of DownloadBlob."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DIGEST_FIELD_NUMBER: _builtins.int
-    digest: _builtins.str
-    """Content digest, `sha256:<hex>`."""
-    def __init__(
-        self,
-        *,
-        digest: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DownloadBlobRequest: _TypeAlias = DownloadBlobRequest  # noqa: Y015
-
-@_typing.final
-class DownloadBlobResponse(_message.Message):
-    """One chunk of a downloaded blob."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CHUNK_FIELD_NUMBER: _builtins.int
-    chunk: _builtins.bytes
-    """Bytes of the blob, in order."""
-    def __init__(
-        self,
-        *,
-        chunk: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DownloadBlobResponse: _TypeAlias = DownloadBlobResponse  # noqa: Y015
-
-@_typing.final
 class YankSkillVersionRequest(_message.Message):
     """Request of YankSkillVersion."""
 

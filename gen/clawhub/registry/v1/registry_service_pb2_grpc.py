@@ -60,11 +60,6 @@ class RegistryServiceStub:
                 request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListSkillVersionsRequest.SerializeToString,
                 response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListSkillVersionsResponse.FromString,
                 _registered_method=True)
-        self.DownloadBlob = channel.unary_stream(
-                '/clawhub.registry.v1.RegistryService/DownloadBlob',
-                request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobRequest.SerializeToString,
-                response_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobResponse.FromString,
-                _registered_method=True)
         self.YankSkillVersion = channel.unary_unary(
                 '/clawhub.registry.v1.RegistryService/YankSkillVersion',
                 request_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.YankSkillVersionRequest.SerializeToString,
@@ -166,19 +161,6 @@ class RegistryServiceServicer:
     def ListSkillVersions(self, request, context):
         """Lists the versions of a skill, newest first.
         Returns INVALID_ARGUMENT (bad name, page token or size), NOT_FOUND (no such skill).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DownloadBlob(self, request, context):
-        """Streams the module bytes stored under a digest, checking them against it on the way: the last chunk is
-        held back until the digest is confirmed, so a client never receives a complete corrupt blob.
-        Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
-        bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
-        RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS: the caller's or everyone's download slots are taken;
-        DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), ABORTED (BLOB_CHANGED: the blob was repaired or
-        quarantined while it was sent, with a RetryInfo), UNAUTHENTICATED (INVALID_TOKEN: a token no one holds).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -309,11 +291,6 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListSkillVersions,
                     request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListSkillVersionsRequest.FromString,
                     response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListSkillVersionsResponse.SerializeToString,
-            ),
-            'DownloadBlob': grpc.unary_stream_rpc_method_handler(
-                    servicer.DownloadBlob,
-                    request_deserializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobRequest.FromString,
-                    response_serializer=clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobResponse.SerializeToString,
             ),
             'YankSkillVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.YankSkillVersion,
@@ -502,33 +479,6 @@ class RegistryService:
             '/clawhub.registry.v1.RegistryService/ListSkillVersions',
             clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListSkillVersionsRequest.SerializeToString,
             clawhub_dot_registry_dot_v1_dot_registry__service__pb2.ListSkillVersionsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DownloadBlob(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/clawhub.registry.v1.RegistryService/DownloadBlob',
-            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobRequest.SerializeToString,
-            clawhub_dot_registry_dot_v1_dot_registry__service__pb2.DownloadBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,15 +63,6 @@ class RegistryServiceStub:
     """Lists the versions of a skill, newest first.
     Returns INVALID_ARGUMENT (bad name, page token or size), NOT_FOUND (no such skill).
     """
-    DownloadBlob: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.DownloadBlobRequest, _registry_service_pb2.DownloadBlobResponse]
-    """Streams the module bytes stored under a digest, checking them against it on the way: the last chunk is
-    held back until the digest is confirmed, so a client never receives a complete corrupt blob.
-    Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
-    bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
-    RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS: the caller's or everyone's download slots are taken;
-    DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), ABORTED (BLOB_CHANGED: the blob was repaired or
-    quarantined while it was sent, with a RetryInfo), UNAUTHENTICATED (INVALID_TOKEN: a token no one holds).
-    """
     YankSkillVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]
     """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
     unless a requirement pins it exactly.
@@ -165,15 +156,6 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     ListSkillVersions: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListSkillVersionsRequest, _registry_service_pb2.ListSkillVersionsResponse]  # type: ignore[assignment]
     """Lists the versions of a skill, newest first.
     Returns INVALID_ARGUMENT (bad name, page token or size), NOT_FOUND (no such skill).
-    """
-    DownloadBlob: _aio.UnaryStreamMultiCallable[_registry_service_pb2.DownloadBlobRequest, _registry_service_pb2.DownloadBlobResponse]  # type: ignore[assignment]
-    """Streams the module bytes stored under a digest, checking them against it on the way: the last chunk is
-    held back until the digest is confirmed, so a client never receives a complete corrupt blob.
-    Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
-    bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
-    RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS: the caller's or everyone's download slots are taken;
-    DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), ABORTED (BLOB_CHANGED: the blob was repaired or
-    quarantined while it was sent, with a RetryInfo), UNAUTHENTICATED (INVALID_TOKEN: a token no one holds).
     """
     YankSkillVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.YankSkillVersionRequest, _registry_service_pb2.YankSkillVersionResponse]  # type: ignore[assignment]
     """Yanks (or un-yanks) a version: it stays reserved forever but leaves `latest` and dependency resolution
@@ -295,21 +277,6 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.ListSkillVersionsResponse, _abc.Awaitable[_registry_service_pb2.ListSkillVersionsResponse]]:
         """Lists the versions of a skill, newest first.
         Returns INVALID_ARGUMENT (bad name, page token or size), NOT_FOUND (no such skill).
-        """
-
-    @_abc_1.abstractmethod
-    def DownloadBlob(
-        self,
-        request: _registry_service_pb2.DownloadBlobRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.DownloadBlobResponse], _abc.AsyncIterator[_registry_service_pb2.DownloadBlobResponse]]:
-        """Streams the module bytes stored under a digest, checking them against it on the way: the last chunk is
-        held back until the digest is confirmed, so a client never receives a complete corrupt blob.
-        Returns INVALID_ARGUMENT (malformed digest), NOT_FOUND (no such blob), DATA_LOSS (BLOB_CORRUPT: the stored
-        bytes do not match their digest, now or when they were quarantined; publish the same bytes again to repair),
-        RESOURCE_EXHAUSTED (TOO_MANY_DOWNLOADS: the caller's or everyone's download slots are taken;
-        DESCRIPTOR_BUDGET_EXHAUSTED; both with a RetryInfo), ABORTED (BLOB_CHANGED: the blob was repaired or
-        quarantined while it was sent, with a RetryInfo), UNAUTHENTICATED (INVALID_TOKEN: a token no one holds).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,170 @@
+"""A skill's `input_schema` (JSON Schema, as JSON text in its manifest): checked when it is published (the CLI
+before upload, the registry before any byte is stored, with the same words) and compiled by the gateway,
+which validates every input against it (services/gateway/schemas.py, docs/validation.md).
+
+A schema is refused at publish when it is not JSON, is not an object or a boolean, is larger than
+MAX_SCHEMA_BYTES or nested deeper than MAX_SCHEMA_DEPTH, names a `$schema` draft this module does not know, is
+not valid under its draft's metaschema (including a `pattern` that is not a regular expression), or has a
+`$ref` that does not point inside the schema itself: nothing is ever fetched over the network.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import referencing
+import referencing.exceptions
+import referencing.jsonschema
+from jsonschema.protocols import Validator
+from jsonschema_specifications import REGISTRY as METASCHEMAS  # type: ignore[import-untyped]
+
+# The manifest's schema text, in UTF-8 bytes; also the bound on the Manifest.input_schema string field.
+MAX_SCHEMA_BYTES = 64 * 1024
+# Nesting of JSON objects and arrays in the schema.
+MAX_SCHEMA_DEPTH = 32
+# At most this many problems of one schema are reported.
+MAX_SCHEMA_PROBLEMS = 10
+
+DEFAULT_DRAFT: type[Validator] = jsonschema.Draft202012Validator
+DRAFTS: tuple[type[Validator], ...] = (jsonschema.Draft4Validator, jsonschema.Draft6Validator,
+                                      jsonschema.Draft7Validator, jsonschema.Draft201909Validator,
+                                      jsonschema.Draft202012Validator)
+
+
+def _normalised(uri: str) -> str:
+    return uri.rstrip("#")
+
+
+_BY_URI: dict[str, type[Validator]] = {
+    _normalised(str(cls.META_SCHEMA.get("$id") or cls.META_SCHEMA.get("id"))): cls for cls in DRAFTS}
+# Also the `http:` spellings people write for the newer drafts.
+_BY_URI.update({uri.replace("https://", "http://"): cls for uri, cls in list(_BY_URI.items())})
+KNOWN_DRAFTS = ", ".join(sorted({_normalised(str(c.META_SCHEMA.get("$id") or c.META_SCHEMA.get("id")))
+                                 for c in DRAFTS}))
+
+# Only the metaschemas, and no `retrieve`: a reference to anything else is unresolvable, never fetched
+# (jsonschema's default registry would fetch remote references over HTTP).
+_NO_NETWORK: referencing.Registry[Any] = METASCHEMAS
+
+
+class SchemaProblem(ValueError):
+    """Why a schema text cannot be used (one sentence, or several joined with `; `)."""
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """Whether `value` nests objects/arrays deeper than `limit` (iterative: a deep schema cannot overflow)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _refs(value: Any) -> Iterator[str]:
+    """Every `$ref` / `$dynamicRef` string in the schema (also in places that are not subschemas, which only
+    makes the check stricter)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if key in ("$ref", "$dynamicRef", "$recursiveRef") and isinstance(child, str):
+                    yield child
+                else:
+                    stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def draft_of(schema: Any) -> type[Validator]:
+    """The validator class of the draft `$schema` names (Draft 2020-12 when it names none)."""
+    if not isinstance(schema, dict) or "$schema" not in schema:
+        return DEFAULT_DRAFT
+    named = schema["$schema"]
+    cls = _BY_URI.get(_normalised(named)) if isinstance(named, str) else None
+    if cls is None:
+        raise SchemaProblem(f"$schema {str(named)[:120]!r} is not a JSON Schema draft this platform knows "
+                            f"(known: {KNOWN_DRAFTS}; without $schema, Draft 2020-12)")
+    return cls
+
+
+def parse(text: str) -> Any:
+    """The schema document `text` holds, with its size and nesting bounded. Raises SchemaProblem."""
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_SCHEMA_BYTES:
+        raise SchemaProblem(f"the schema is {size} bytes; at most {MAX_SCHEMA_BYTES} bytes")
+    try:
+        schema = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise SchemaProblem(f"the schema is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise SchemaProblem(f"a schema is a JSON object (or true/false), not {type(schema).__name__}")
+    if _depth(schema, MAX_SCHEMA_DEPTH):
+        raise SchemaProblem(f"the schema nests objects and arrays deeper than {MAX_SCHEMA_DEPTH} levels")
+    return schema
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def compile_schema(text: str) -> Validator:
+    """A validator for the schema `text`, after every check above. Raises SchemaProblem."""
+    schema = parse(text)
+    cls = draft_of(schema)
+    problems: list[str] = []
+    try:
+        for error in sorted(cls(cls.META_SCHEMA).iter_errors(schema), key=lambda e: list(e.absolute_path)):
+            problems.append(f"at {pointer(error.absolute_path) or 'the root'}: {error.message[:200]}")
+            if len(problems) >= MAX_SCHEMA_PROBLEMS:
+                break
+        # Also the format checks of the metaschema (a `pattern` must be a regular expression).
+        if not problems:
+            cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        problems.append(f"at {pointer(exc.absolute_path) or 'the root'}: {exc.message[:200]}")
+    except RecursionError:
+        problems.append("the schema is nested too deeply to check")
+    if problems:
+        raise SchemaProblem("; ".join(problems))
+    validator = cls(schema, registry=_NO_NETWORK)
+    resolver = _NO_NETWORK.with_resource("urn:clawhub:input-schema", referencing.Resource.from_contents(
+        schema, default_specification=referencing.jsonschema.specification_with(
+            str(cls.META_SCHEMA.get("$id") or cls.META_SCHEMA.get("id"))))).resolver("urn:clawhub:input-schema")
+    for ref in sorted(set(_refs(schema))):
+        if ref.startswith("#"):
+            try:
+                resolver.lookup(ref)
+            except referencing.exceptions.Unresolvable:
+                problems.append(f"$ref {ref[:120]!r} does not resolve inside the schema")
+        elif _normalised(ref) not in _BY_URI and ref not in _NO_NETWORK:
+            problems.append(f"$ref {ref[:120]!r} points outside the schema; a $ref must point inside it "
+                            "(`#/$defs/NAME`): nothing is fetched over the network")
+        if len(problems) >= MAX_SCHEMA_PROBLEMS:
+            break
+    if problems:
+        raise SchemaProblem("; ".join(problems))
+    return validator
+
+
+def schema_problem(text: str) -> str | None:
+    """Why the manifest's `input_schema` text cannot be published; None when it can (or is empty)."""
+    if not text:
+        return None
+    try:
+        compile_schema(text)
+    except SchemaProblem as exc:
+        return str(exc)
+    return None
+
+
+def pointer(path: Any) -> str:
+    """A JSON Pointer (RFC 6901) for a path of keys and indexes: `/items/0/id`, `` for the root."""
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
