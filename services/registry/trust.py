@@ -38,6 +38,7 @@ from services.runtime.auth import (
     Authenticator,
     AuthSettings,
     Principal,
+    bearer,
     key_principal,
     publisher_principal,
 )
@@ -113,16 +114,7 @@ class PublishGrant:
 def _bearer(context: Context) -> str | None:
     """The bearer token of the call, None without one; INVALID_TOKEN when the header is not `Bearer <token>`."""
     # No context: called in-process (tests drive the servicer directly), which carries no credentials.
-    metadata = context.invocation_metadata() if context is not None else None
-    values = [v for k, v in metadata or () if k == "authorization"]
-    if not values:
-        return None
-    value = values[0] if isinstance(values[0], str) else values[0].decode("utf-8", "replace")
-    scheme, _, token = value.strip().partition(" ")
-    if len(values) > 1 or scheme.lower() != "bearer" or not token.strip():
-        raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, Reason.INVALID_TOKEN,
-                           "the authorization metadata must be one `Bearer <token>` value")
-    return token.strip()
+    return bearer(context.invocation_metadata() if context is not None else None)
 
 
 def namespace_problem(name: str) -> str | None:

@@ -26,7 +26,14 @@ from google.rpc import error_details_pb2
 
 from services.runtime.auth import current_principal
 from services.runtime.channels import PEER_METADATA, peer_host
-from services.runtime.errors import STATUS_DETAILS_KEY, Reason, ServiceError, _drain, one_line
+from services.runtime.errors import (
+    STATUS_DETAILS_KEY,
+    HandlerWrappingInterceptor,
+    Reason,
+    ServiceError,
+    _drain,
+    one_line,
+)
 from services.runtime.identity import calling_service
 from services.runtime.ratelimit.buckets import Backend, Decision, LocalBackend, RateLimitCounters
 from services.runtime.ratelimit.policy import MAX_KEY_CHARS, Limit, RateLimitSettings
@@ -224,14 +231,14 @@ def refusal(call: CallKey, limit: Limit, decision: Decision, domain: str) -> tup
                                         (RETRY_AFTER_METADATA, str(math.ceil(seconds))))
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class RateLimitInterceptor(HandlerWrappingInterceptor):
     """Applies `limiter` to every call; see the module docstring. Wrapped handlers are cached per method."""
 
     def __init__(self, limiter: RateLimiter, *, domain: str, identify: Identify | None = None) -> None:
+        super().__init__()
         self.limiter = limiter
         self._domain = domain
         self._identify: Identify = identify if identify is not None else PeerIdentity()
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     @property
     def counters(self) -> RateLimitCounters:
@@ -239,22 +246,6 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def close(self) -> None:
         await self.limiter.close()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     async def _admit(self, method: str, context: Any, request: Any, requests: Any = None) -> None:
         """Take the call's token, or end the call with the refusal (after reading what a client stream still
