@@ -397,7 +397,8 @@ def authorize(principal: Principal, permission: str, name: str = "", *, method: 
         raise ServiceError(
             grpc.StatusCode.UNAUTHENTICATED, Reason.CREDENTIALS_REQUIRED,
             f"this call needs credentials (permission {permission}{what}): send an API key or a JWT as "
-            "`authorization: Bearer <credential>` (the clawhub CLI sends the key `clawhub up` created)",
+            "`authorization: Bearer <credential>` (the clawhub CLI sends the key `clawhub up` created; "
+            "`clawhub keys token` prints it for other clients)",
             metadata=metadata)
     if permission in principal.permissions:
         scopes = ", ".join(principal.scopes or ())
