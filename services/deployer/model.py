@@ -111,6 +111,9 @@ class DeploymentRecord:
     inherited_env: list[str] = field(default_factory=list)
     # Set once a manual rollback took the traffic from this deployment.
     rolled_back: RolledBack | None = None
+    # The manifest's input_schema ('' for none), carried in the route target for the gateway; None for a
+    # deployment made before targets carried it (the gateway asks the registry).
+    input_schema: str | None = field(default=None, repr=False)
 
     def requested_env(self) -> dict[str, str]:
         """The env values the CreateDeployment request gave (without those kept from the previous deployment)."""
@@ -153,10 +156,13 @@ class DeploymentRecord:
                role: routing_pb2.RouteTargetRole.ValueType = routing_pb2.ROUTE_TARGET_ROLE_UNSPECIFIED,
                ) -> routing_pb2.RouteTarget:
         """This deployment's version as a route target."""
-        return routing_pb2.RouteTarget(
+        target = routing_pb2.RouteTarget(
             version=self.version, digest=self.digest, weight=weight, limits=self.limits, env=self.env,
             args=self.args, bundle_digest=self.bundle_digest, capabilities=self.capabilities, role=role,
             dependencies=self.dependencies)
+        if self.input_schema is not None:
+            target.input_schema = self.input_schema
+        return target
 
     def route(self) -> routing_pb2.Route:
         """The route that sends all of the skill's traffic to this deployment's version."""

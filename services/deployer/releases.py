@@ -222,7 +222,8 @@ class Releaser:
                                capabilities: Sequence[str] = (),
                                examples: Sequence[skill_pb2.SmokeExample] = (),
                                dependencies: Sequence[skill_pb2.ResolvedDependency] = (),
-                               declared_env: Sequence[str] = (), allow_unset_env: bool = False) -> DeploymentRecord:
+                               declared_env: Sequence[str] = (), allow_unset_env: bool = False,
+                               input_schema: str | None = None) -> DeploymentRecord:
         """Create a deployment in state Deploying and start its rollout in the background.
 
         `env` holds the values for the skill's `env:NAME` capabilities (checked by the caller); they are
@@ -270,7 +271,7 @@ class Releaser:
                 previous_version=previous.version if previous else "",
                 create_ns=now, update_ns=now, env=env, args=list(args), bundle_digest=bundle_digest,
                 capabilities=list(capabilities), examples=list(examples), plan=plan,
-                dependencies=list(dependencies), inherited_env=inherited)
+                dependencies=list(dependencies), inherited_env=inherited, input_schema=input_schema)
             await self._store.create_deployment(record, request_id)
             self._in_flight[skill] = record.id
             release = Release(record, previous, plan)

@@ -223,11 +223,16 @@ MIGRATIONS: Sequence[str] = (
         outcome TEXT NOT NULL
     );
     """,
+    # 8: the version's input_schema (issue 11), carried in its route targets so the gateway validates inputs
+    # without the registry; NULL for deployments made before (their targets leave the field unset).
+    """
+    ALTER TABLE deployments ADD COLUMN input_schema TEXT;
+    """,
 )
 
 _COLUMNS = ("seq, id, skill, version, digest, limits, state, previous_id, previous_version, "
             "create_ns, update_ns, env, args, bundle_digest, capabilities, plan, verdict, verdict_reason, stats, "
-            "dependencies, inherited_env, rolled_back, env_key")
+            "dependencies, inherited_env, rolled_back, env_key, input_schema")
 
 
 async def _redact_plain_text(db: aiosqlite.Connection) -> None:
@@ -425,13 +430,15 @@ class SqliteDeploymentStore:
                 cursor = await self._db.execute(
                     "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
                     "previous_version, create_ns, update_ns, env, env_key, args, bundle_digest, capabilities, plan, "
-                    "dependencies, inherited_env) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "dependencies, inherited_env, input_schema) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.id, record.skill, record.version, record.digest,
                      record.limits.SerializeToString(), int(record.state), record.previous_id,
                      record.previous_version, record.create_ns, record.update_ns,
                      sealed_env, kid, json.dumps(record.args), record.bundle_digest,
                      json.dumps(record.capabilities), record.plan.to_json() if record.plan else "",
-                     dependencies_to_json(record.dependencies), json.dumps(sorted(record.inherited_env))))
+                     dependencies_to_json(record.dependencies), json.dumps(sorted(record.inherited_env)),
+                     record.input_schema))
                 record.seq = int(cursor.lastrowid or 0)
                 for step, transition in enumerate(record.history):
                     await self._insert_transition(record.id, step, transition)
@@ -495,7 +502,8 @@ class SqliteDeploymentStore:
                 args=list(json.loads(row[12])), bundle_digest=str(row[13]), capabilities=list(json.loads(row[14])),
                 plan=Plan.from_json(str(row[15])), verdict=Verdict(int(row[16])), verdict_reason=str(row[17]),
                 stats=Tally.from_json(str(row[18])), dependencies=dependencies_from_json(str(row[19])),
-                inherited_env=list(json.loads(row[20])), rolled_back=RolledBack.from_json(str(row[21]))))
+                inherited_env=list(json.loads(row[20])), rolled_back=RolledBack.from_json(str(row[21])),
+                input_schema=None if row[23] is None else str(row[23])))
         return records
 
     async def add_transition(self, deployment_id: str, transition: Transition) -> None:

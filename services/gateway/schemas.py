@@ -8,15 +8,17 @@ and before any call once it is ROUTES_MAX_AGE_SECONDS old, so a route change (a 
 rollback) reaches the check within ROUTES_MAX_AGE_SECONDS. When every target has the same schema (the usual
 case) the input is validated once.
 
-Schemas: a version's manifest is read from the registry (`GetSkillVersion`) the first time a call needs it and
-kept (versions are immutable), including "this version has no schema", so an unreachable registry does not
-fail calls of versions seen before. A version whose schema cannot be read (the registry down before the
-gateway ever saw it) is let through unchecked, with one WARNING line per version, and read again after
-UNREADABLE_RETRY_SECONDS: a registry outage costs no call (the platform's guarantee; the sandbox bounds what any
-input can do), and the check resumes as soon as the registry answers. (Carrying the schema in the route
-target would close that window; see docs/validation.md.) Compiled validators are kept by the sha256 of the
-schema text; both caches are bounded LRUs. Once a skill's versions are known, a call costs a dict lookup
-plus the validation itself (none for a skill without a schema): no registry or dispatcher call.
+Schemas: a route target carries its version's `input_schema` (the deployer copies it from the manifest when
+the version is deployed), so the gateway needs no other service to check an input, whichever version is new
+to it and whether or not the registry answers. Only a target of a route stored before targets carried the
+schema (field unset) sends the gateway to the registry (`GetSkillVersion`), once per version, the answer kept
+(versions are immutable), including "this version has no schema". Such a version whose schema cannot be read
+(the registry down before the gateway ever saw it) is let through unchecked, with one WARNING line per
+version, and read again after UNREADABLE_RETRY_SECONDS; redeploying the version closes that window for good.
+Compiled validators are kept by the sha256 of the schema text; both caches are bounded LRUs. Once a skill's
+versions are known, a call costs a dict lookup plus the validation itself (none for a skill without a
+schema): no registry or dispatcher call. Validation takes time linear in the input (RE2 patterns; see
+services/runtime/inputschema.py).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ MAX_INPUT_VIOLATIONS = 10
 # Schemas of newly routed versions read at once in the background.
 PREFETCH_PARALLEL = 4
 
-Target = tuple[str, str]  # (version, module digest)
+Target = tuple[str, str, str | None]  # (version, module digest, input_schema: '' none, None not carried)
 
 
 # How long a version whose schema could not be read goes unchecked before the registry is asked again.
@@ -185,9 +187,11 @@ class InputSchemas:
         targets = self._routes.get(skill, ())
         generation = self._generation
         distinct: dict[str, tuple[str, Compiled]] = {}
-        for version, digest in targets:
+        for version, digest, schema in targets:
             key = (skill, version, digest)
-            if key in self._versions:
+            if schema is not None:
+                compiled = self.compile(schema) if schema else None
+            elif key in self._versions:
                 compiled = self._versions.get(key)
             else:
                 compiled = await self._lookup(key)
@@ -226,8 +230,9 @@ class InputSchemas:
             raise  # logged by the caller that needed it (upstream_error)
         table = response.route_table
         if table.generation != self._generation:
-            self._routes = {route.skill: tuple(dict.fromkeys((t.version, t.digest) for t in route.targets))
-                            for route in table.routes}
+            self._routes = {route.skill: tuple(dict.fromkeys(
+                (t.version, t.digest, t.input_schema if t.HasField("input_schema") else None) for t in route.targets))
+                for route in table.routes}
             self._generation = table.generation
             self._resolved = {}
             self._prefetch()
@@ -236,7 +241,8 @@ class InputSchemas:
     def _prefetch(self) -> None:
         """Read the schemas of routed versions not known yet, in the background: the calls that follow find
         them cached, and a registry outage later does not fail them."""
-        wanted = [(skill, version, digest) for skill, targets in self._routes.items() for version, digest in targets]
+        wanted = [(skill, version, digest) for skill, targets in self._routes.items()
+                  for version, digest, schema in targets if schema is None]
         for key in wanted[:MAX_VERSIONS]:
             if key not in self._versions and key not in self._lookups:
                 task = asyncio.ensure_future(self._prefetch_one(key))

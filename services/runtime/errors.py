@@ -264,9 +264,13 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: Service
                         trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),))
 
 
+_RELAYED_TRAILERS = frozenset({STATUS_DETAILS_KEY, "retry-after"})
+
+
 async def abort_passthrough(context: grpc.aio.ServicerContext[Any, Any], err: grpc.aio.AioRpcError) -> None:
-    """Re-raise a downstream status unchanged: code, message and structured details."""
-    trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == STATUS_DETAILS_KEY)
+    """Re-raise a downstream status unchanged: code, message, structured details and a `retry-after` entry (a
+    rate limit's refusal, relayed); no other trailer of the downstream service passes."""
+    trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k in _RELAYED_TRAILERS)
     await context.abort(err.code(), err.details() or "", trailing_metadata=trailing)
 
 

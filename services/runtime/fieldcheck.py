@@ -51,6 +51,7 @@ ENUM_REASONS: Mapping[str, Reason] = {
 STRING_LIMITS: Mapping[str, int] = {
     # The JSON Schema text (the registry bounds it to MAX_SCHEMA_BYTES of UTF-8).
     "clawhub.common.v1.Manifest.input_schema": MAX_SCHEMA_BYTES,
+    "clawhub.common.v1.RouteTarget.input_schema": MAX_SCHEMA_BYTES,
     "clawhub.common.v1.Manifest.description": 16 * 1024,
     # Deploy-time env values: certificates, JSON configuration (the deployer bounds them to 32 KiB of UTF-8).
     "clawhub.deployer.v1.CreateDeploymentRequest.EnvEntry.value": 32 * 1024,

@@ -6,15 +6,25 @@ A schema is refused at publish when it is not JSON, is not an object or a boolea
 MAX_SCHEMA_BYTES or nested deeper than MAX_SCHEMA_DEPTH, names a `$schema` draft this module does not know, is
 not valid under its draft's metaschema (including a `pattern` that is not a regular expression), or has a
 `$ref` that does not point inside the schema itself: nothing is ever fetched over the network.
+
+Validation runs on the gateway's event loop, on inputs a stranger sends, so no keyword may take more than
+linear time in the input: `pattern` and `patternProperties` run on RE2 (google-re2: no backtracking, so no
+catastrophic patterns such as `^(a+)+$`), and a pattern RE2 cannot run (lookaround, backreferences) is refused
+at publish; `uniqueItems` compares items by a canonical key in one pass instead of jsonschema's pairwise
+comparison (quadratic for arrays of objects). What is left grows with the schema's size times the input's,
+both bounded (MAX_SCHEMA_BYTES; the gateway's message size limit).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
+import jsonschema.validators
+import re2  # type: ignore[import-untyped]
 import referencing
 import referencing.exceptions
 import referencing.jsonschema
@@ -52,6 +62,87 @@ _NO_NETWORK: referencing.Registry[Any] = METASCHEMAS
 
 class SchemaProblem(ValueError):
     """Why a schema text cannot be used (one sentence, or several joined with `; `)."""
+
+
+# Linear-time keywords (see the module docstring).
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is reported to the publisher, not printed by absl
+
+
+@functools.lru_cache(maxsize=1024)
+def regex(pattern: str) -> Any:
+    """`pattern` compiled by RE2. Raises re2.error for what RE2 cannot run."""
+    return re2.compile(pattern, options=_RE2_OPTIONS)
+
+
+def _pattern(validator: Validator, pattern: str, instance: Any, schema: Any) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{_short(instance)} does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Validator, patterns: dict[str, Any], instance: Any,
+                        schema: Any) -> Iterator[jsonschema.ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        compiled = regex(pattern)
+        for key, child in instance.items():
+            if compiled.search(key):
+                yield from validator.descend(child, subschema, path=key, schema_path=pattern)
+
+
+def _key(value: Any) -> Any:
+    """A hashable key equal for JSON values JSON Schema calls equal (1 and 1.0 are; true and 1 are not)."""
+    if isinstance(value, bool) or value is None:
+        return ("c", value)
+    if isinstance(value, (int, float)):
+        return ("n", value)
+    if isinstance(value, str):
+        return ("s", value)
+    if isinstance(value, list):
+        return ("a", tuple(_key(item) for item in value))
+    if isinstance(value, dict):
+        return ("o", frozenset((name, _key(item)) for name, item in value.items()))
+    return ("?", repr(value))
+
+
+def _unique_items(validator: Validator, unique: bool, instance: Any,
+                  schema: Any) -> Iterator[jsonschema.ValidationError]:
+    if unique and validator.is_type(instance, "array"):
+        seen: set[Any] = set()
+        for index, item in enumerate(instance):
+            key = _key(item)
+            if key in seen:
+                yield jsonschema.ValidationError(f"item {index} repeats an earlier item; the items must be unique")
+                return
+            seen.add(key)
+
+
+def _short(value: str) -> str:
+    return repr(value) if len(value) <= 60 else repr(value[:57]) + "…"
+
+
+_SAFE_KEYWORDS = {"pattern": _pattern, "patternProperties": _pattern_properties, "uniqueItems": _unique_items}
+_SAFE: dict[type[Validator], type[Validator]] = {
+    cls: jsonschema.validators.extend(cls, _SAFE_KEYWORDS) for cls in DRAFTS}
+
+
+def _patterns(value: Any) -> Iterator[str]:
+    """Every `pattern` string and `patternProperties` key in the schema (also in places that are not
+    subschemas, which only makes the check stricter)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if key == "pattern" and isinstance(child, str):
+                    yield child
+                elif key == "patternProperties" and isinstance(child, dict):
+                    yield from (name for name in child if isinstance(name, str))
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _depth(value: Any, limit: int) -> bool:
@@ -134,7 +225,19 @@ def compile_schema(text: str) -> Validator:
         problems.append("the schema is nested too deeply to check")
     if problems:
         raise SchemaProblem("; ".join(problems))
-    validator = cls(schema, registry=_NO_NETWORK)
+    for pattern in sorted(set(_patterns(schema))):
+        try:
+            regex(pattern)
+        except re2.error as exc:
+            why = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            problems.append(f"pattern {pattern[:120]!r} cannot be used ({why[:120]}): patterns run on RE2, which "
+                            "guarantees linear time and so has no lookaround (`(?=`, `(?!`) or backreferences "
+                            "(`\\1`)")
+        if len(problems) >= MAX_SCHEMA_PROBLEMS:
+            break
+    if problems:
+        raise SchemaProblem("; ".join(problems))
+    validator = _SAFE[cls](schema, registry=_NO_NETWORK)
     resolver = _NO_NETWORK.with_resource("urn:clawhub:input-schema", referencing.Resource.from_contents(
         schema, default_specification=referencing.jsonschema.specification_with(
             str(cls.META_SCHEMA.get("$id") or cls.META_SCHEMA.get("id"))))).resolver("urn:clawhub:input-schema")

@@ -42,11 +42,12 @@ class FakeRegistry(registry_grpc.RegistryServiceServicer):
 
     def add(self, name: str, version: str, state: int = release_pb2.RELEASE_STATE_READY,
             memory_bytes: int = 1 << 20, *, capabilities: tuple[str, ...] = (), args: tuple[str, ...] = (),
-            bundle_digest: str = "") -> registry_pb.SkillVersion:
+            bundle_digest: str = "", input_schema: str = "") -> registry_pb.SkillVersion:
         skill_version = registry_pb.SkillVersion(
             name=name, version=version, digest=digest_of(name, version), state=state, bundle_digest=bundle_digest,
             manifest=skill_pb2.Manifest(name=name, version=version, capabilities=capabilities, args=args,
-                                        limits=skill_pb2.Limits(memory_bytes=memory_bytes)))
+                                        limits=skill_pb2.Limits(memory_bytes=memory_bytes),
+                                        input_schema=input_schema))
         self.versions[(name, version)] = skill_version
         return skill_version
 

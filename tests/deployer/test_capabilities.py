@@ -35,8 +35,14 @@ async def deploy(environment: Env, stub, version: str, env: dict[str, str], requ
 @pytest.fixture
 def granted(env: Env) -> Env:
     for version in ("1.0.0", "2.0.0"):
-        env.registry.add(SKILL, version, capabilities=CAPABILITIES, args=("--loud", version), bundle_digest=BUNDLE)
+        env.registry.add(SKILL, version, capabilities=CAPABILITIES, args=("--loud", version), bundle_digest=BUNDLE,
+                         input_schema=schema_of(version))
     return env
+
+
+def schema_of(version: str) -> str:
+    """1.0.0 declares no input_schema, 2.0.0 one."""
+    return "" if version == "1.0.0" else '{"type": "string", "maxLength": 5}'
 
 
 async def test_env_args_bundle_and_capabilities_reach_the_route_the_executors_and_the_dispatch(
@@ -58,6 +64,8 @@ async def test_env_args_bundle_and_capabilities_reach_the_route_the_executors_an
     assert list(target.args) == ["--loud", "1.0.0"]
     assert target.bundle_digest == BUNDLE
     assert list(target.capabilities) == list(CAPABILITIES)
+    # The schema travels with the target, for the gateway: set, and empty for "no schema".
+    assert target.HasField("input_schema") and target.input_schema == ""
     for executor in granted.executors:
         load = executor.load_requests[-1]
         assert (load.digest, load.bundle_digest, list(load.capabilities)) == (
@@ -177,7 +185,8 @@ async def test_env_is_persisted_and_rollback_restores_the_previous_deployments_e
     stub = granted.deployer_stub(deployer)
     await deploy(granted, stub, "1.0.0", env={"GREETING": "one"}, allow_unset_env=True)
     await deploy(granted, stub, "2.0.0", env={"GREETING": "two"}, allow_unset_env=True)
-    assert dict((await first_table(stub)).routes[0].targets[0].env) == {"GREETING": "two"}
+    target = (await first_table(stub)).routes[0].targets[0]
+    assert dict(target.env) == {"GREETING": "two"} and target.input_schema == schema_of("2.0.0")
 
     # Across a restart: the previous deployment's grants come back from the store.
     await deployer.stop(grace=0.2)
@@ -185,6 +194,7 @@ async def test_env_is_persisted_and_rollback_restores_the_previous_deployments_e
     await stub.Rollback(pb.RollbackRequest(skill=SKILL), timeout=10)
     target = (await first_table(stub)).routes[0].targets[0]
     assert target.version == "1.0.0" and dict(target.env) == {"GREETING": "one"}
+    assert target.HasField("input_schema") and target.input_schema == ""
     assert list(target.args) == ["--loud", "1.0.0"] and target.bundle_digest == BUNDLE
     assert list(target.capabilities) == list(CAPABILITIES)
 
@@ -202,5 +212,8 @@ async def test_an_old_database_gains_the_new_columns(tmp_path: Path) -> None:
         record = await store.get_deployment("d1")
         assert record is not None
         assert (record.env, record.args, record.bundle_digest, record.capabilities) == ({}, [], "", [])
+        # Made before targets carried the schema: its target leaves the field unset (the gateway asks the
+        # registry for it).
+        assert record.input_schema is None and not record.target().HasField("input_schema")
     finally:
         await store.close()

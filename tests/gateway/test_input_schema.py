@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,8 @@ async def chain(start_service: Starter, tmp_path: Path) -> AsyncIterator[Chain]:
     await chain.channel.close()
 
 
-async def invoke(chain: Chain, **fields: Any) -> pb.InvokeSkillResponse:
-    return await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name=ECHO_SKILL, **fields), timeout=10)
+async def invoke(chain: Chain, timeout: float = 10, **fields: Any) -> pb.InvokeSkillResponse:
+    return await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name=ECHO_SKILL, **fields), timeout=timeout)
 
 
 async def refused(chain: Chain, **fields: Any) -> grpc.aio.AioRpcError:
@@ -137,6 +138,72 @@ async def test_a_version_first_seen_while_the_registry_is_down_runs_unchecked(
     assert len(warnings) == 1 and "\n" not in warnings[0]
 
 
+async def test_a_schema_carried_in_the_route_is_enforced_without_the_registry(chain: Chain, tmp_path: Path) -> None:
+    """A target that carries its version's input_schema (as the deployer's do) needs no registry: a version the
+    gateway has never seen is checked even while the registry is down."""
+    stricter = json.loads(json.dumps(SCHEMA))
+    stricter["required"] = ["text", "items"]
+    await invoke(chain, input=value({"text": "warm"}))  # the executor loads 1.0.0 while the registry is up
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{chain.registry.port}") as ch:
+        v1 = (await registry_grpc.RegistryServiceStub(ch).GetSkillVersion(
+            registry_pb.GetSkillVersionRequest(name=ECHO_SKILL, version="1.0.0"), timeout=5)).skill_version
+        v2 = await publish_dir(registry_grpc.RegistryServiceStub(ch), skill_dir(tmp_path, "2.0.0", stricter))
+    await chain.registry.stop(grace=0)
+    assert chain.routes is not None
+    chain.routes.set_table(routing_pb2.RouteTable(generation=2, routes=[routing_pb2.Route(skill=ECHO_SKILL, targets=[
+        routing_pb2.RouteTarget(version=v2.version, digest=v2.digest, weight=100, limits=v2.manifest.limits,
+                                input_schema=v2.manifest.input_schema)])]))
+
+    async def checked() -> bool:
+        try:
+            # Short: until the gateway has the new table, a call may reach an executor that cannot load 2.0.0.
+            await invoke(chain, timeout=1, input=value({"text": "no items"}))
+        except grpc.aio.AioRpcError as err:
+            info = error_info(err)
+            return info is not None and info.reason == "INPUT_SCHEMA_VIOLATION" and info.metadata["version"] == "2.0.0"
+        return False
+
+    await eventually(checked, timeout=5)
+    assert set(fields(await refused(chain, input=value({"text": "x"})))) == {""}
+    # An empty schema text means "this version has no schema": anything goes, still without the registry (on
+    # the version the executor has loaded; 1.0.0 has a schema, but the route says otherwise and is believed).
+    chain.routes.set_table(routing_pb2.RouteTable(generation=3, routes=[routing_pb2.Route(skill=ECHO_SKILL, targets=[
+        routing_pb2.RouteTarget(version=v1.version, digest=v1.digest, weight=100, limits=v1.manifest.limits,
+                                input_schema="")])]))
+
+    async def unchecked() -> bool:
+        try:
+            await invoke(chain, timeout=1, raw_input=b"not json")
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    await eventually(unchecked, timeout=5)
+
+
+async def test_hostile_inputs_take_linear_time(start_service: Starter, tmp_path: Path) -> None:
+    """A catastrophic-backtracking pattern and uniqueItems over many objects answer at once: validation runs on
+    the gateway's event loop, where a slow check would stall every caller."""
+    schema = {"type": "object", "properties": {
+        "text": {"type": "string", "pattern": "^(a+)+$"},
+        "items": {"type": "array", "uniqueItems": True},
+        "tags": {"type": "object", "patternProperties": {"^(x+x+)+y$": {"type": "integer"}}}}}
+    chain = await start_chain(start_service, tmp_path, skill_dir=skill_dir(tmp_path, "1.0.0", schema))
+    try:
+        started = time.monotonic()
+        assert set(fields(await refused(chain, input=value({"text": "a" * 30_000 + "!"})))) == {"/text"}
+        items = [{"id": i, "v": [i, str(i)]} for i in range(20_000)]
+        await invoke(chain, raw_input=json.dumps({"items": items}).encode())
+        err = await refused(chain, input=value({"items": [{"a": [1]}, {"b": 2}, {"a": [1.0]}]}))
+        assert fields(err) == {"/items": "item 2 repeats an earlier item; the items must be unique"}
+        # JSON equality: true is not 1.
+        await invoke(chain, input=value({"items": [True, 1, "1", None, 0, False]}))
+        await refused(chain, input=value({"tags": {"x" * 5000 + "y": "not an integer"}}))
+        assert time.monotonic() - started < 10  # a backtracking engine would not finish the first call
+    finally:
+        await chain.channel.close()
+
+
 async def test_a_skill_without_schema_runs_any_input_without_the_registry(start_service: Starter,
                                                                           tmp_path: Path) -> None:
     chain = await start_chain(start_service, tmp_path, skill_dir=skill_dir(tmp_path, "1.0.0", None))
@@ -204,6 +271,9 @@ BAD_SCHEMAS = [
     ({"$ref": "#/$defs/missing"}, "does not resolve inside the schema"),
     ({"$schema": "https://example.com/my-draft", "type": "object"}, "is not a JSON Schema draft"),
     ({"type": "string", "pattern": "(["}, "is not a 'regex'"),
+    # Patterns run on RE2 (linear time): lookaround and backreferences cannot be run.
+    ({"type": "string", "pattern": "^(?=.*[0-9]).+$"}, "patterns run on RE2"),
+    ({"type": "object", "patternProperties": {"^(a)\\1$": {}}}, "patterns run on RE2"),
     ([1, 2], "a schema is a JSON object"),
 ]
 

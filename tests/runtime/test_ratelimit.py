@@ -327,6 +327,33 @@ async def test_a_burst_over_the_bucket_is_refused_with_details_and_admitted_afte
     assert (counters.allowed, counters.refused) == (5, 1)
 
 
+async def test_a_refusal_relayed_by_another_service_keeps_its_details_and_retry_after(limited: Limited) -> None:
+    """A service that relays a call (the gateway to the registry or deployer) passes a downstream refusal on
+    whole: code, message, details and the retry-after trailer, and no other trailer."""
+    async def relay(request: gateway_pb.InvokeSkillRequest, context: object) -> gateway_pb.InvokeSkillResponse:
+        response: gateway_pb.InvokeSkillResponse = await limited.invoke(request.name)
+        return response
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("clawhub.gateway.v1.GatewayService", {
+            "InvokeSkill": grpc.unary_unary_rpc_method_handler(
+                relay, request_deserializer=gateway_pb.InvokeSkillRequest.FromString,
+                response_serializer=gateway_pb.InvokeSkillResponse.SerializeToString)}),))
+
+    front = create_server("front", (), host="127.0.0.1", port=0, register=register)
+    await front.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            for _ in range(3):
+                await invoke(channel, "com.example.a")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await invoke(channel, "com.example.a")
+        metadata, delay, quota, retry_after = refusal_details(caught.value)
+        assert metadata["class"] == "invoke" and 0 < delay <= 0.5 and quota and retry_after == "1"
+    finally:
+        await front.stop(0)
+
+
 async def test_a_relayed_peer_is_the_caller_only_where_it_is_trusted(limited: Limited) -> None:
     """Not trusted by default: a client naming another peer still takes from its own bucket."""
     for i in range(3):

@@ -88,6 +88,7 @@ class RouteTarget(_message.Message):
     ARGS_FIELD_NUMBER: _builtins.int
     BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
@@ -98,6 +99,11 @@ class RouteTarget(_message.Message):
     """Share of traffic, out of the sum of the route's weights."""
     bundle_digest: _builtins.str
     """Digest of the version's file bundle (an uncompressed tar), empty when it has none."""
+    input_schema: _builtins.str
+    """The manifest's `input_schema` (JSON Schema text), empty when the version declares none. The gateway
+    validates inputs against it without asking the registry. Not set on targets of routes stored before the
+    field existed: the gateway then reads the schema from the registry.
+    """
     role: Global___RouteTargetRole.ValueType
     """What this target is in a running release: the version under analysis, or the known-good one that
     takes a retry of each of its failed calls. Unspecified on a route with no release under analysis.
@@ -133,14 +139,17 @@ class RouteTarget(_message.Message):
         args: _abc.Iterable[_builtins.str] | None = ...,
         bundle_digest: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        input_schema: _builtins.str | None = ...,
         dependencies: _abc.Iterable[_skill_pb2.ResolvedDependency] | None = ...,
         role: Global___RouteTargetRole.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_input_schema", b"_input_schema", "input_schema", b"input_schema", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "dependencies", b"dependencies", "digest", b"digest", "env", b"env", "limits", b"limits", "role", b"role", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_input_schema", b"_input_schema", "args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "dependencies", b"dependencies", "digest", b"digest", "env", b"env", "input_schema", b"input_schema", "limits", b"limits", "role", b"role", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__input_schema: _TypeAlias = _typing.Literal["input_schema"]  # noqa: Y015
+    _WhichOneofArgType__input_schema: _TypeAlias = _typing.Literal["_input_schema", b"_input_schema"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__input_schema) -> _WhichOneofReturnType__input_schema | None: ...
 
 Global___RouteTarget: _TypeAlias = RouteTarget  # noqa: Y015
 
