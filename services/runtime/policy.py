@@ -32,11 +32,15 @@ INTERNAL_CALLERS: Mapping[str, frozenset[str]] = {
     # values masked): any platform credential may read it.
     "/clawhub.dispatcher.v1.DispatcherService/Dispatch": _only(GATEWAY),
     "/clawhub.dispatcher.v1.DispatcherService/GetRouteTable": ANY_SERVICE,
+    "/clawhub.dispatcher.v1.DispatcherService/TailSkillLogs": _only(GATEWAY),
+    "/clawhub.dispatcher.v1.DispatcherService/GetSkillStats": _only(GATEWAY),
     # Executor: runs what dispatchers route to it; loads and unloads what the deployer deploys (LoadSkill runs
     # the smoke examples itself).
     "/clawhub.executor.v1.ExecutorService/Execute": _only(DISPATCHER),
     "/clawhub.executor.v1.ExecutorService/LoadSkill": _only(DEPLOYER),
     "/clawhub.executor.v1.ExecutorService/UnloadSkill": _only(DEPLOYER),
+    "/clawhub.executor.v1.ExecutorService/TailSkillLogs": _only(DISPATCHER),
+    "/clawhub.executor.v1.ExecutorService/GetLoad": _only(DISPATCHER),
     # Deployer, public API: relayed by the gateway.
     "/clawhub.deployer.v1.DeployerService/CreateDeployment": _only(GATEWAY),
     "/clawhub.deployer.v1.DeployerService/GetDeployment": _only(GATEWAY),
@@ -120,12 +124,13 @@ KEYS_CREATE = "keys.create"
 KEYS_LIST = "keys.list"
 KEYS_REVOKE = "keys.revoke"
 AUDIT_READ = "audit.read"
+LOGS_READ = "logs.read"
 
 _VIEWER = frozenset({CATALOG_READ, DEPLOYMENTS_READ})
 PERMISSIONS: frozenset[str] = frozenset({
     CATALOG_READ, DEPLOYMENTS_READ, SKILLS_INVOKE, SKILLS_PUBLISH, SKILLS_YANK, SKILLS_TAG, NAMESPACES_UPDATE,
     DEPLOYMENTS_CREATE, DEPLOYMENTS_ROLLBACK, DEPLOYMENTS_WATCH, PUBLISHERS_CREATE, NAMESPACES_CREATE, BLOBS_VERIFY,
-    KEYS_CREATE, KEYS_LIST, KEYS_REVOKE, AUDIT_READ})
+    KEYS_CREATE, KEYS_LIST, KEYS_REVOKE, AUDIT_READ, LOGS_READ})
 
 # Roles → the permissions they grant. Ordered from least to most.
 ROLES: Mapping[str, frozenset[str]] = {
@@ -134,7 +139,8 @@ ROLES: Mapping[str, frozenset[str]] = {
     # The registry also limits publishing, yanking, tagging and namespace changes to the namespaces the
     # publisher owns (an existing publisher's token) or to the key's scopes.
     "publisher": _VIEWER | {SKILLS_PUBLISH, SKILLS_YANK, SKILLS_TAG, NAMESPACES_UPDATE},
-    "operator": _VIEWER | {DEPLOYMENTS_CREATE, DEPLOYMENTS_ROLLBACK, DEPLOYMENTS_WATCH},
+    # Skill logs may hold what a skill printed about its inputs: operators (who run the skill) and admins.
+    "operator": _VIEWER | {DEPLOYMENTS_CREATE, DEPLOYMENTS_ROLLBACK, DEPLOYMENTS_WATCH, LOGS_READ},
     "admin": PERMISSIONS,
 }
 
@@ -144,6 +150,8 @@ _D = "/clawhub.deployer.v1.DeployerService/"
 
 PUBLIC_RULES: Mapping[str, Rule] = {
     "/clawhub.gateway.v1.GatewayService/InvokeSkill": Rule(SKILLS_INVOKE, "name"),
+    "/clawhub.gateway.v1.GatewayService/TailSkillLogs": Rule(LOGS_READ, "skill"),
+    "/clawhub.gateway.v1.GatewayService/GetSkillStats": Rule(DEPLOYMENTS_READ, "skill"),
     # Registry: the catalogue.
     _R + "PublishSkill": Rule(SKILLS_PUBLISH, "metadata.manifest.name", mutating=True,
                               target_fields=("metadata.manifest.version",)),

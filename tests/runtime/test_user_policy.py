@@ -22,12 +22,12 @@ from tests.conftest import Starter
 
 # What each role may call, written out (not derived from ROLES), so a change to the table is a change here too.
 VIEWER = {"GetSkill", "ListSkills", "GetSkillVersion", "ListSkillVersions", "ResolveDependencies", "GetNamespace",
-          "ListNamespaces", "GetDeployment", "ListDeployments"}
+          "ListNamespaces", "GetDeployment", "ListDeployments", "GetSkillStats"}
 EXPECTED: dict[str, set[str]] = {
     "viewer": VIEWER,
     "invoker": VIEWER | {"InvokeSkill"},
     "publisher": VIEWER | {"PublishSkill", "YankSkillVersion", "SetSkillTag", "DeleteSkillTag", "UpdateNamespace"},
-    "operator": VIEWER | {"CreateDeployment", "Rollback", "WatchDeployment"},
+    "operator": VIEWER | {"CreateDeployment", "Rollback", "WatchDeployment", "TailSkillLogs"},
     "admin": {m.name for s in PUBLIC_SERVICES for m in s.methods},
 }
 

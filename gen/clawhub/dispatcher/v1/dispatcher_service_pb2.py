@@ -22,25 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clawhub.common.v1 import observability_pb2 as clawhub_dot_common_dot_v1_dot_observability__pb2
 from clawhub.common.v1 import routing_pb2 as clawhub_dot_common_dot_v1_dot_routing__pb2
 from clawhub.common.v1 import skill_pb2 as clawhub_dot_common_dot_v1_dot_skill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.clawhub/dispatcher/v1/dispatcher_service.proto\x12\x15\x63lawhub.dispatcher.v1\x1a\x1f\x63lawhub/common/v1/routing.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\"C\n\x0f\x44ispatchRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"~\n\x10\x44ispatchResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.clawhub.common.v1.Usage\x12\x10\n\x08\x65xecutor\x18\x05 \x01(\t\"\x16\n\x14GetRouteTableRequest\"K\n\x15GetRouteTableResponse\x12\x32\n\x0broute_table\x18\x01 \x01(\x0b\x32\x1d.clawhub.common.v1.RouteTable2\xdc\x01\n\x11\x44ispatcherService\x12[\n\x08\x44ispatch\x12&.clawhub.dispatcher.v1.DispatchRequest\x1a\'.clawhub.dispatcher.v1.DispatchResponse\x12j\n\rGetRouteTable\x12+.clawhub.dispatcher.v1.GetRouteTableRequest\x1a,.clawhub.dispatcher.v1.GetRouteTableResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.clawhub/dispatcher/v1/dispatcher_service.proto\x12\x15\x63lawhub.dispatcher.v1\x1a%clawhub/common/v1/observability.proto\x1a\x1f\x63lawhub/common/v1/routing.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\"T\n\x14TailSkillLogsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04tail\x18\x03 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"G\n\x15TailSkillLogsResponse\x12.\n\x05lines\x18\x01 \x03(\x0b\x32\x1f.clawhub.common.v1.SkillLogLine\"%\n\x14GetSkillStatsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\"z\n\x15GetSkillStatsResponse\x12-\n\x06skills\x18\x01 \x03(\x0b\x32\x1d.clawhub.common.v1.SkillStats\x12\x32\n\texecutors\x18\x02 \x03(\x0b\x32\x1f.clawhub.common.v1.ExecutorLoad\"C\n\x0f\x44ispatchRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"~\n\x10\x44ispatchResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.clawhub.common.v1.Usage\x12\x10\n\x08\x65xecutor\x18\x05 \x01(\t\"\x16\n\x14GetRouteTableRequest\"K\n\x15GetRouteTableResponse\x12\x32\n\x0broute_table\x18\x01 \x01(\x0b\x32\x1d.clawhub.common.v1.RouteTable2\xb6\x03\n\x11\x44ispatcherService\x12[\n\x08\x44ispatch\x12&.clawhub.dispatcher.v1.DispatchRequest\x1a\'.clawhub.dispatcher.v1.DispatchResponse\x12j\n\rGetRouteTable\x12+.clawhub.dispatcher.v1.GetRouteTableRequest\x1a,.clawhub.dispatcher.v1.GetRouteTableResponse\x12l\n\rTailSkillLogs\x12+.clawhub.dispatcher.v1.TailSkillLogsRequest\x1a,.clawhub.dispatcher.v1.TailSkillLogsResponse0\x01\x12j\n\rGetSkillStats\x12+.clawhub.dispatcher.v1.GetSkillStatsRequest\x1a,.clawhub.dispatcher.v1.GetSkillStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clawhub.dispatcher.v1.dispatcher_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISPATCHREQUEST']._serialized_start=137
-  _globals['_DISPATCHREQUEST']._serialized_end=204
-  _globals['_DISPATCHRESPONSE']._serialized_start=206
-  _globals['_DISPATCHRESPONSE']._serialized_end=332
-  _globals['_GETROUTETABLEREQUEST']._serialized_start=334
-  _globals['_GETROUTETABLEREQUEST']._serialized_end=356
-  _globals['_GETROUTETABLERESPONSE']._serialized_start=358
-  _globals['_GETROUTETABLERESPONSE']._serialized_end=433
-  _globals['_DISPATCHERSERVICE']._serialized_start=436
-  _globals['_DISPATCHERSERVICE']._serialized_end=656
+  _globals['_TAILSKILLLOGSREQUEST']._serialized_start=176
+  _globals['_TAILSKILLLOGSREQUEST']._serialized_end=260
+  _globals['_TAILSKILLLOGSRESPONSE']._serialized_start=262
+  _globals['_TAILSKILLLOGSRESPONSE']._serialized_end=333
+  _globals['_GETSKILLSTATSREQUEST']._serialized_start=335
+  _globals['_GETSKILLSTATSREQUEST']._serialized_end=372
+  _globals['_GETSKILLSTATSRESPONSE']._serialized_start=374
+  _globals['_GETSKILLSTATSRESPONSE']._serialized_end=496
+  _globals['_DISPATCHREQUEST']._serialized_start=498
+  _globals['_DISPATCHREQUEST']._serialized_end=565
+  _globals['_DISPATCHRESPONSE']._serialized_start=567
+  _globals['_DISPATCHRESPONSE']._serialized_end=693
+  _globals['_GETROUTETABLEREQUEST']._serialized_start=695
+  _globals['_GETROUTETABLEREQUEST']._serialized_end=717
+  _globals['_GETROUTETABLERESPONSE']._serialized_start=719
+  _globals['_GETROUTETABLERESPONSE']._serialized_end=794
+  _globals['_DISPATCHERSERVICE']._serialized_start=797
+  _globals['_DISPATCHERSERVICE']._serialized_end=1235
 # @@protoc_insertion_point(module_scope)

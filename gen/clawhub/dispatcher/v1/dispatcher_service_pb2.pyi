@@ -3,10 +3,13 @@
 isort:skip_file
 """
 
+from clawhub.common.v1 import observability_pb2 as _observability_pb2
 from clawhub.common.v1 import routing_pb2 as _routing_pb2
 from clawhub.common.v1 import skill_pb2 as _skill_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +20,116 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class TailSkillLogsRequest(_message.Message):
+    """Request of TailSkillLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKILL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    skill: _builtins.str
+    """Skill name."""
+    version: _builtins.str
+    """Only this version's lines; empty for every version's."""
+    tail: _builtins.int
+    """How many of the newest kept lines each executor sends first."""
+    follow: _builtins.bool
+    """Keep the stream open and send new lines as calls end."""
+    def __init__(
+        self,
+        *,
+        skill: _builtins.str = ...,
+        version: _builtins.str = ...,
+        tail: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "skill", b"skill", "tail", b"tail", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TailSkillLogsRequest: _TypeAlias = TailSkillLogsRequest  # noqa: Y015
+
+@_typing.final
+class TailSkillLogsResponse(_message.Message):
+    """Response of TailSkillLogs: a batch of lines."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[_observability_pb2.SkillLogLine]:
+        """The lines, each naming the executor that ran its call."""
+
+    def __init__(
+        self,
+        *,
+        lines: _abc.Iterable[_observability_pb2.SkillLogLine] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TailSkillLogsResponse: _TypeAlias = TailSkillLogsResponse  # noqa: Y015
+
+@_typing.final
+class GetSkillStatsRequest(_message.Message):
+    """Request of GetSkillStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKILL_FIELD_NUMBER: _builtins.int
+    skill: _builtins.str
+    """Only this skill; empty for every skill with calls in the window or a route."""
+    def __init__(
+        self,
+        *,
+        skill: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["skill", b"skill"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSkillStatsRequest: _TypeAlias = GetSkillStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetSkillStatsResponse(_message.Message):
+    """Response of GetSkillStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKILLS_FIELD_NUMBER: _builtins.int
+    EXECUTORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def skills(self) -> _containers.RepeatedCompositeFieldContainer[_observability_pb2.SkillStats]:
+        """One entry per skill, sorted by name."""
+
+    @_builtins.property
+    def executors(self) -> _containers.RepeatedCompositeFieldContainer[_observability_pb2.ExecutorLoad]:
+        """One entry per executor, in the dispatcher's order."""
+
+    def __init__(
+        self,
+        *,
+        skills: _abc.Iterable[_observability_pb2.SkillStats] | None = ...,
+        executors: _abc.Iterable[_observability_pb2.ExecutorLoad] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "skills", b"skills"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSkillStatsResponse: _TypeAlias = GetSkillStatsResponse  # noqa: Y015
 
 @_typing.final
 class DispatchRequest(_message.Message):

@@ -45,6 +45,16 @@ class DispatcherServiceStub:
                 request_serializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetRouteTableRequest.SerializeToString,
                 response_deserializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetRouteTableResponse.FromString,
                 _registered_method=True)
+        self.TailSkillLogs = channel.unary_stream(
+                '/clawhub.dispatcher.v1.DispatcherService/TailSkillLogs',
+                request_serializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.TailSkillLogsRequest.SerializeToString,
+                response_deserializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.TailSkillLogsResponse.FromString,
+                _registered_method=True)
+        self.GetSkillStats = channel.unary_unary(
+                '/clawhub.dispatcher.v1.DispatcherService/GetSkillStats',
+                request_serializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetSkillStatsRequest.SerializeToString,
+                response_deserializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetSkillStatsResponse.FromString,
+                _registered_method=True)
 
 
 class DispatcherServiceServicer:
@@ -69,6 +79,24 @@ class DispatcherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TailSkillLogs(self, request, context):
+        """Streams the stderr lines of a skill's recent calls from every executor, merged: the last `tail` lines of
+        each, then with `follow` new lines as calls end. An executor that cannot be reached is skipped (and
+        tried again while following).
+        Returns INVALID_ARGUMENT (bad skill name or version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSkillStats(self, request, context):
+        """Gets rolling statistics of every skill's calls (or one skill's) and the load of every executor.
+        Returns INVALID_ARGUMENT (bad skill name).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +109,16 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     servicer.GetRouteTable,
                     request_deserializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetRouteTableRequest.FromString,
                     response_serializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetRouteTableResponse.SerializeToString,
+            ),
+            'TailSkillLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailSkillLogs,
+                    request_deserializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.TailSkillLogsRequest.FromString,
+                    response_serializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.TailSkillLogsResponse.SerializeToString,
+            ),
+            'GetSkillStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSkillStats,
+                    request_deserializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetSkillStatsRequest.FromString,
+                    response_serializer=clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetSkillStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +176,60 @@ class DispatcherService:
             '/clawhub.dispatcher.v1.DispatcherService/GetRouteTable',
             clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetRouteTableRequest.SerializeToString,
             clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetRouteTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailSkillLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clawhub.dispatcher.v1.DispatcherService/TailSkillLogs',
+            clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.TailSkillLogsRequest.SerializeToString,
+            clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.TailSkillLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSkillStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.dispatcher.v1.DispatcherService/GetSkillStats',
+            clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetSkillStatsRequest.SerializeToString,
+            clawhub_dot_dispatcher_dot_v1_dot_dispatcher__service__pb2.GetSkillStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,16 @@ class DispatcherServiceStub:
     `(hidden)` (the keys show what is set; the values are deploy-time secrets).
     Returns OK.
     """
+    TailSkillLogs: _grpc.UnaryStreamMultiCallable[_dispatcher_service_pb2.TailSkillLogsRequest, _dispatcher_service_pb2.TailSkillLogsResponse]
+    """Streams the stderr lines of a skill's recent calls from every executor, merged: the last `tail` lines of
+    each, then with `follow` new lines as calls end. An executor that cannot be reached is skipped (and
+    tried again while following).
+    Returns INVALID_ARGUMENT (bad skill name or version).
+    """
+    GetSkillStats: _grpc.UnaryUnaryMultiCallable[_dispatcher_service_pb2.GetSkillStatsRequest, _dispatcher_service_pb2.GetSkillStatsResponse]
+    """Gets rolling statistics of every skill's calls (or one skill's) and the load of every executor.
+    Returns INVALID_ARGUMENT (bad skill name).
+    """
 
 @_typing.type_check_only
 class DispatcherServiceAsyncStub(DispatcherServiceStub):
@@ -58,6 +68,16 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     """Gets the route table the dispatcher routes with now, for operators: env values are replaced by
     `(hidden)` (the keys show what is set; the values are deploy-time secrets).
     Returns OK.
+    """
+    TailSkillLogs: _aio.UnaryStreamMultiCallable[_dispatcher_service_pb2.TailSkillLogsRequest, _dispatcher_service_pb2.TailSkillLogsResponse]  # type: ignore[assignment]
+    """Streams the stderr lines of a skill's recent calls from every executor, merged: the last `tail` lines of
+    each, then with `follow` new lines as calls end. An executor that cannot be reached is skipped (and
+    tried again while following).
+    Returns INVALID_ARGUMENT (bad skill name or version).
+    """
+    GetSkillStats: _aio.UnaryUnaryMultiCallable[_dispatcher_service_pb2.GetSkillStatsRequest, _dispatcher_service_pb2.GetSkillStatsResponse]  # type: ignore[assignment]
+    """Gets rolling statistics of every skill's calls (or one skill's) and the load of every executor.
+    Returns INVALID_ARGUMENT (bad skill name).
     """
 
 class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,6 +103,28 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         """Gets the route table the dispatcher routes with now, for operators: env values are replaced by
         `(hidden)` (the keys show what is set; the values are deploy-time secrets).
         Returns OK.
+        """
+
+    @_abc_1.abstractmethod
+    def TailSkillLogs(
+        self,
+        request: _dispatcher_service_pb2.TailSkillLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dispatcher_service_pb2.TailSkillLogsResponse], _abc.AsyncIterator[_dispatcher_service_pb2.TailSkillLogsResponse]]:
+        """Streams the stderr lines of a skill's recent calls from every executor, merged: the last `tail` lines of
+        each, then with `follow` new lines as calls end. An executor that cannot be reached is skipped (and
+        tried again while following).
+        Returns INVALID_ARGUMENT (bad skill name or version).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSkillStats(
+        self,
+        request: _dispatcher_service_pb2.GetSkillStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_service_pb2.GetSkillStatsResponse, _abc.Awaitable[_dispatcher_service_pb2.GetSkillStatsResponse]]:
+        """Gets rolling statistics of every skill's calls (or one skill's) and the load of every executor.
+        Returns INVALID_ARGUMENT (bad skill name).
         """
 
 def add_DispatcherServiceServicer_to_server(servicer: DispatcherServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

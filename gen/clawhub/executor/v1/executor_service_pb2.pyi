@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from clawhub.common.v1 import observability_pb2 as _observability_pb2
 from clawhub.common.v1 import skill_pb2 as _skill_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -18,6 +19,105 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class TailSkillLogsRequest(_message.Message):
+    """Request of TailSkillLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKILL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    skill: _builtins.str
+    """Skill name."""
+    version: _builtins.str
+    """Only this version's lines; empty for every version's."""
+    tail: _builtins.int
+    """How many of the kept lines to send first (the newest ones); 0 sends none."""
+    follow: _builtins.bool
+    """Keep the stream open and send new lines as calls end."""
+    def __init__(
+        self,
+        *,
+        skill: _builtins.str = ...,
+        version: _builtins.str = ...,
+        tail: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "skill", b"skill", "tail", b"tail", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TailSkillLogsRequest: _TypeAlias = TailSkillLogsRequest  # noqa: Y015
+
+@_typing.final
+class TailSkillLogsResponse(_message.Message):
+    """Response of TailSkillLogs: a batch of lines, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[_observability_pb2.SkillLogLine]:
+        """The lines; `executor` is left empty (the dispatcher names executors)."""
+
+    def __init__(
+        self,
+        *,
+        lines: _abc.Iterable[_observability_pb2.SkillLogLine] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TailSkillLogsResponse: _TypeAlias = TailSkillLogsResponse  # noqa: Y015
+
+@_typing.final
+class GetLoadRequest(_message.Message):
+    """Request of GetLoad."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLoadRequest: _TypeAlias = GetLoadRequest  # noqa: Y015
+
+@_typing.final
+class GetLoadResponse(_message.Message):
+    """Response of GetLoad."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOAD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def load(self) -> _observability_pb2.ExecutorLoad:
+        """The pool's use now; `executor` is left empty (the dispatcher names executors)."""
+
+    def __init__(
+        self,
+        *,
+        load: _observability_pb2.ExecutorLoad | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLoadResponse: _TypeAlias = GetLoadResponse  # noqa: Y015
 
 @_typing.final
 class ExecuteRequest(_message.Message):

@@ -50,6 +50,16 @@ class ExecutorServiceStub:
                 request_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.UnloadSkillRequest.SerializeToString,
                 response_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.UnloadSkillResponse.FromString,
                 _registered_method=True)
+        self.TailSkillLogs = channel.unary_stream(
+                '/clawhub.executor.v1.ExecutorService/TailSkillLogs',
+                request_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.TailSkillLogsRequest.SerializeToString,
+                response_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.TailSkillLogsResponse.FromString,
+                _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/clawhub.executor.v1.ExecutorService/GetLoad',
+                request_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.GetLoadResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -87,6 +97,23 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TailSkillLogs(self, request, context):
+        """Streams the stderr lines of the skill's recent calls that this executor keeps (a bounded ring per
+        version): the last `tail` lines, then, with `follow`, each new line as calls end.
+        Returns INVALID_ARGUMENT (bad skill name or version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoad(self, request, context):
+        """Gets how busy the worker pool is now.
+        Returns OK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +131,16 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.UnloadSkill,
                     request_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.UnloadSkillRequest.FromString,
                     response_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.UnloadSkillResponse.SerializeToString,
+            ),
+            'TailSkillLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailSkillLogs,
+                    request_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.TailSkillLogsRequest.FromString,
+                    response_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.TailSkillLogsResponse.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.GetLoadRequest.FromString,
+                    response_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.GetLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +225,60 @@ class ExecutorService:
             '/clawhub.executor.v1.ExecutorService/UnloadSkill',
             clawhub_dot_executor_dot_v1_dot_executor__service__pb2.UnloadSkillRequest.SerializeToString,
             clawhub_dot_executor_dot_v1_dot_executor__service__pb2.UnloadSkillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailSkillLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clawhub.executor.v1.ExecutorService/TailSkillLogs',
+            clawhub_dot_executor_dot_v1_dot_executor__service__pb2.TailSkillLogsRequest.SerializeToString,
+            clawhub_dot_executor_dot_v1_dot_executor__service__pb2.TailSkillLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.executor.v1.ExecutorService/GetLoad',
+            clawhub_dot_executor_dot_v1_dot_executor__service__pb2.GetLoadRequest.SerializeToString,
+            clawhub_dot_executor_dot_v1_dot_executor__service__pb2.GetLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

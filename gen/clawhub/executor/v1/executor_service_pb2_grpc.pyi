@@ -52,6 +52,15 @@ class ExecutorServiceStub:
     """Drops a module from memory. Unloading a module that is not loaded succeeds.
     Returns INVALID_ARGUMENT (bad digest).
     """
+    TailSkillLogs: _grpc.UnaryStreamMultiCallable[_executor_service_pb2.TailSkillLogsRequest, _executor_service_pb2.TailSkillLogsResponse]
+    """Streams the stderr lines of the skill's recent calls that this executor keeps (a bounded ring per
+    version): the last `tail` lines, then, with `follow`, each new line as calls end.
+    Returns INVALID_ARGUMENT (bad skill name or version).
+    """
+    GetLoad: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.GetLoadRequest, _executor_service_pb2.GetLoadResponse]
+    """Gets how busy the worker pool is now.
+    Returns OK.
+    """
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -76,6 +85,15 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     UnloadSkill: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.UnloadSkillRequest, _executor_service_pb2.UnloadSkillResponse]  # type: ignore[assignment]
     """Drops a module from memory. Unloading a module that is not loaded succeeds.
     Returns INVALID_ARGUMENT (bad digest).
+    """
+    TailSkillLogs: _aio.UnaryStreamMultiCallable[_executor_service_pb2.TailSkillLogsRequest, _executor_service_pb2.TailSkillLogsResponse]  # type: ignore[assignment]
+    """Streams the stderr lines of the skill's recent calls that this executor keeps (a bounded ring per
+    version): the last `tail` lines, then, with `follow`, each new line as calls end.
+    Returns INVALID_ARGUMENT (bad skill name or version).
+    """
+    GetLoad: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.GetLoadRequest, _executor_service_pb2.GetLoadResponse]  # type: ignore[assignment]
+    """Gets how busy the worker pool is now.
+    Returns OK.
     """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -116,6 +134,27 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_executor_service_pb2.UnloadSkillResponse, _abc.Awaitable[_executor_service_pb2.UnloadSkillResponse]]:
         """Drops a module from memory. Unloading a module that is not loaded succeeds.
         Returns INVALID_ARGUMENT (bad digest).
+        """
+
+    @_abc_1.abstractmethod
+    def TailSkillLogs(
+        self,
+        request: _executor_service_pb2.TailSkillLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_service_pb2.TailSkillLogsResponse], _abc.AsyncIterator[_executor_service_pb2.TailSkillLogsResponse]]:
+        """Streams the stderr lines of the skill's recent calls that this executor keeps (a bounded ring per
+        version): the last `tail` lines, then, with `follow`, each new line as calls end.
+        Returns INVALID_ARGUMENT (bad skill name or version).
+        """
+
+    @_abc_1.abstractmethod
+    def GetLoad(
+        self,
+        request: _executor_service_pb2.GetLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_service_pb2.GetLoadResponse, _abc.Awaitable[_executor_service_pb2.GetLoadResponse]]:
+        """Gets how busy the worker pool is now.
+        Returns OK.
         """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -41,6 +41,16 @@ class GatewayServiceStub:
                 request_serializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.InvokeSkillRequest.SerializeToString,
                 response_deserializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.InvokeSkillResponse.FromString,
                 _registered_method=True)
+        self.TailSkillLogs = channel.unary_stream(
+                '/clawhub.gateway.v1.GatewayService/TailSkillLogs',
+                request_serializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.TailSkillLogsRequest.SerializeToString,
+                response_deserializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.TailSkillLogsResponse.FromString,
+                _registered_method=True)
+        self.GetSkillStats = channel.unary_unary(
+                '/clawhub.gateway.v1.GatewayService/GetSkillStats',
+                request_serializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.GetSkillStatsRequest.SerializeToString,
+                response_deserializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.GetSkillStatsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -62,6 +72,25 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TailSkillLogs(self, request, context):
+        """Streams what a skill wrote to stderr in its recent calls, from every executor (`clawhub logs`): the last
+        `tail` lines, then with `follow` each new line as calls end, each with its time, version, request id and
+        trace id. Needs the `logs.read` permission (operator, admin) for the skill.
+        Returns INVALID_ARGUMENT (bad skill name or version), UNAVAILABLE (dispatcher unreachable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSkillStats(self, request, context):
+        """Gets rolling statistics of every skill (or one), with its serving version and deployment state, and the
+        load of every executor (`clawhub top`). Needs `deployments.read` (viewer and up).
+        Returns INVALID_ARGUMENT (bad skill name), UNAVAILABLE (dispatcher unreachable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -69,6 +98,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.InvokeSkill,
                     request_deserializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.InvokeSkillRequest.FromString,
                     response_serializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.InvokeSkillResponse.SerializeToString,
+            ),
+            'TailSkillLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailSkillLogs,
+                    request_deserializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.TailSkillLogsRequest.FromString,
+                    response_serializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.TailSkillLogsResponse.SerializeToString,
+            ),
+            'GetSkillStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSkillStats,
+                    request_deserializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.GetSkillStatsRequest.FromString,
+                    response_serializer=clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.GetSkillStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,6 +139,60 @@ class GatewayService:
             '/clawhub.gateway.v1.GatewayService/InvokeSkill',
             clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.InvokeSkillRequest.SerializeToString,
             clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.InvokeSkillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailSkillLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clawhub.gateway.v1.GatewayService/TailSkillLogs',
+            clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.TailSkillLogsRequest.SerializeToString,
+            clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.TailSkillLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSkillStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.gateway.v1.GatewayService/GetSkillStats',
+            clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.GetSkillStatsRequest.SerializeToString,
+            clawhub_dot_gateway_dot_v1_dot_gateway__service__pb2.GetSkillStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

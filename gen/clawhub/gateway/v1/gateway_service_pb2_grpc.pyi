@@ -45,6 +45,17 @@ class GatewayServiceStub:
     UNAVAILABLE (no executor reachable). A request message over the gateway's limit (CLAWHUB_GATEWAY_MAX_INPUT
     plus 64 KiB, encoded) is refused by gRPC with RESOURCE_EXHAUSTED before it is read.
     """
+    TailSkillLogs: _grpc.UnaryStreamMultiCallable[_gateway_service_pb2.TailSkillLogsRequest, _gateway_service_pb2.TailSkillLogsResponse]
+    """Streams what a skill wrote to stderr in its recent calls, from every executor (`clawhub logs`): the last
+    `tail` lines, then with `follow` each new line as calls end, each with its time, version, request id and
+    trace id. Needs the `logs.read` permission (operator, admin) for the skill.
+    Returns INVALID_ARGUMENT (bad skill name or version), UNAVAILABLE (dispatcher unreachable).
+    """
+    GetSkillStats: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.GetSkillStatsRequest, _gateway_service_pb2.GetSkillStatsResponse]
+    """Gets rolling statistics of every skill (or one), with its serving version and deployment state, and the
+    load of every executor (`clawhub top`). Needs `deployments.read` (viewer and up).
+    Returns INVALID_ARGUMENT (bad skill name), UNAVAILABLE (dispatcher unreachable).
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -62,6 +73,17 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     RESOURCE_EXHAUSTED (a limit of the skill or of the platform), ABORTED (the skill trapped or exited non-zero),
     UNAVAILABLE (no executor reachable). A request message over the gateway's limit (CLAWHUB_GATEWAY_MAX_INPUT
     plus 64 KiB, encoded) is refused by gRPC with RESOURCE_EXHAUSTED before it is read.
+    """
+    TailSkillLogs: _aio.UnaryStreamMultiCallable[_gateway_service_pb2.TailSkillLogsRequest, _gateway_service_pb2.TailSkillLogsResponse]  # type: ignore[assignment]
+    """Streams what a skill wrote to stderr in its recent calls, from every executor (`clawhub logs`): the last
+    `tail` lines, then with `follow` each new line as calls end, each with its time, version, request id and
+    trace id. Needs the `logs.read` permission (operator, admin) for the skill.
+    Returns INVALID_ARGUMENT (bad skill name or version), UNAVAILABLE (dispatcher unreachable).
+    """
+    GetSkillStats: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.GetSkillStatsRequest, _gateway_service_pb2.GetSkillStatsResponse]  # type: ignore[assignment]
+    """Gets rolling statistics of every skill (or one), with its serving version and deployment state, and the
+    load of every executor (`clawhub top`). Needs `deployments.read` (viewer and up).
+    Returns INVALID_ARGUMENT (bad skill name), UNAVAILABLE (dispatcher unreachable).
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,6 +105,29 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         RESOURCE_EXHAUSTED (a limit of the skill or of the platform), ABORTED (the skill trapped or exited non-zero),
         UNAVAILABLE (no executor reachable). A request message over the gateway's limit (CLAWHUB_GATEWAY_MAX_INPUT
         plus 64 KiB, encoded) is refused by gRPC with RESOURCE_EXHAUSTED before it is read.
+        """
+
+    @_abc_1.abstractmethod
+    def TailSkillLogs(
+        self,
+        request: _gateway_service_pb2.TailSkillLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_service_pb2.TailSkillLogsResponse], _abc.AsyncIterator[_gateway_service_pb2.TailSkillLogsResponse]]:
+        """Streams what a skill wrote to stderr in its recent calls, from every executor (`clawhub logs`): the last
+        `tail` lines, then with `follow` each new line as calls end, each with its time, version, request id and
+        trace id. Needs the `logs.read` permission (operator, admin) for the skill.
+        Returns INVALID_ARGUMENT (bad skill name or version), UNAVAILABLE (dispatcher unreachable).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSkillStats(
+        self,
+        request: _gateway_service_pb2.GetSkillStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.GetSkillStatsResponse, _abc.Awaitable[_gateway_service_pb2.GetSkillStatsResponse]]:
+        """Gets rolling statistics of every skill (or one), with its serving version and deployment state, and the
+        load of every executor (`clawhub top`). Needs `deployments.read` (viewer and up).
+        Returns INVALID_ARGUMENT (bad skill name), UNAVAILABLE (dispatcher unreachable).
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
