@@ -38,7 +38,9 @@ import grpc
 
 from services.registry.blobs import MAX_CONCURRENT_READS
 from services.registry.trust import Caller, Context
+from services.runtime.auth import current_principal
 from services.runtime.channels import PEER_METADATA, peer_host
+from services.runtime.ratelimit.interceptor import principal_key
 from services.runtime.errors import RateLimitedLog, Reason, ServiceError
 
 log = logging.getLogger("clawhub.registry")
@@ -53,13 +55,17 @@ _FD_DIRS = ("/proc/self/fd", "/dev/fd")
 
 
 def caller_key(context: Context, caller: Caller) -> str:
-    """Who an upload or a download is counted against: the publisher (or the admin) whose token authenticated the call;
-    without a token, the client the gateway relays for (`x-clawhub-peer`), else the connection's peer address
-    without its port (a client must not get a fresh bucket per connection)."""
+    """Who an upload or a download is counted against: the publisher (or the admin) whose token authenticated the call,
+    or the principal users' authentication established (an API key by its id, a JWT by its subject: the same
+    names the rate limits use); without credentials, the client the gateway relays for (`x-clawhub-peer`), else
+    the connection's peer address without its port (a client must not get a fresh bucket per connection)."""
     if caller.admin:
         return "admin"
     if caller.publisher:
         return f"publisher:{caller.publisher}"
+    principal = current_principal()
+    if principal is not None and not principal.anonymous:
+        return principal_key(principal.kind, principal.subject or principal.name)[:MAX_CALLER_CHARS]
     if context is None:
         return "in-process"
     for key, value in context.invocation_metadata() or ():

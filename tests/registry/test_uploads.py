@@ -286,6 +286,22 @@ def test_callers_are_told_apart_by_token_relayed_peer_or_address() -> None:
         "peer:ipv4:10.0.0.7"
     assert caller_key(Context((), "ipv6:[::1]:5123"), Caller()) == "peer:ipv6:[::1]"
     assert caller_key(None, Caller()) == "in-process"
+    # A principal users' authentication established (an API key, a JWT) is counted as itself, from any address,
+    # by the names the rate limits use; the anonymous principal falls back to the address.
+    import contextvars
+
+    from services.runtime.auth import _PRINCIPAL, Principal
+
+    def as_principal(principal: Principal, context: Context) -> str:
+        def run() -> str:
+            _PRINCIPAL.set(principal)
+            return caller_key(context, Caller())
+        return contextvars.copy_context().run(run)
+
+    key = Principal("ci (chk_0123456789ab)", "key", frozenset({"publisher"}), subject="0123456789ab")
+    assert as_principal(key, direct) == as_principal(key, Context((), "ipv4:10.9.9.9:1")) == "key:chk_0123456789ab"
+    assert as_principal(Principal("jwt:alice", "jwt", subject="alice"), direct) == "jwt:alice"
+    assert as_principal(Principal("anonymous", "anonymous"), direct) == "peer:ipv4:10.0.0.7"
 
 
 def test_the_gate_counts_slots_and_respects_the_descriptor_budget() -> None:
