@@ -33,8 +33,9 @@ def test_readme_gives_the_two_commands() -> None:
 def test_compose_runs_the_five_services() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == set(SERVICES)
-    for name, service in services.items():
+    # The five services, plus the observability stack (tests/test_observability_config.py checks that part).
+    assert set(services) == set(SERVICES) | {"otel-collector", "jaeger", "prometheus", "grafana"}
+    for name, service in ((n, services[n]) for n in SERVICES):
         assert service["command"] == ["python", "-m", f"services.{name}"]
         env = service["environment"]
         assert env[f"CLAWHUB_{name.upper()}_HOST"] == "0.0.0.0"
@@ -49,7 +50,7 @@ def test_compose_runs_the_five_services() -> None:
                     assert host in services, f"{name}: {key} points at unknown host {host}"
                     assert services[host]["environment"][f"CLAWHUB_{host.upper()}_PORT"] == port
     assert services["gateway"]["ports"] == ["50051:50051"]
-    assert all("ports" not in s for n, s in services.items() if n != "gateway"), "only the gateway is public"
+    assert all("ports" not in services[n] for n in SERVICES if n != "gateway"), "only the gateway is public"
     assert (ROOT / "Dockerfile").is_file()
 
 

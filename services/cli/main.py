@@ -24,12 +24,14 @@ from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from google.protobuf import json_format, struct_pb2
 
-from services.cli import admin, credentials, keys, manifest, trust, watch
+from services.cli import admin, credentials, keys, manifest, top, trust, watch
+from services.cli import logs as skill_logs
 from services.cli.up import DEFAULT_GATEWAY, DEFAULT_PORTS, run_up
 from services.runtime.errors import bad_request, error_info
 from services.runtime.jsonvalue import value_to_json
 from services.runtime.names import version_problem
 from services.runtime.signing import SigningError
+from services.runtime.traceparent import new_traceparent
 
 CHUNK_BYTES = 256 * 1024
 TERMINAL = {release_pb2.RELEASE_STATE_ACTIVE, release_pb2.RELEASE_STATE_FAILED}
@@ -371,9 +373,15 @@ def render_output(output: struct_pb2.Value, pretty: bool) -> str:
 
 def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
     request = _invoke_request(args)
+    # -v starts a trace: a fresh sampled W3C traceparent, so every service that exports traces records this
+    # call whatever its sampler's ratio (docs/tracing.md); its id is printed to look the call up.
+    traceparent, trace_id = new_traceparent() if args.verbose else ("", "")
     try:
-        response = client.invoker.InvokeSkill(request, timeout=args.timeout)
+        response = client.invoker.InvokeSkill(request, timeout=args.timeout,
+                                              metadata=(("traceparent", traceparent),) if traceparent else None)
     except grpc.RpcError as err:
+        if trace_id:
+            print(f"trace id: {trace_id}", file=sys.stderr)
         if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(err) is None:
             # gRPC's own refusal of a message over the gateway's limit: no details, so say what to do.
             raise CliError(printable(
@@ -391,6 +399,7 @@ def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
         usage = response.usage
         print(f"version {response.version}, {usage.wall_time.ToMicroseconds() / 1000:.2f} ms in the sandbox, "
               f"peak memory {usage.peak_memory_bytes:,} bytes", file=sys.stderr)
+        print(f"trace id: {trace_id}", file=sys.stderr)
     return 0
 
 
@@ -642,7 +651,11 @@ ports (each moved with its environment variable; 0 picks a free port):
 The other services find each other by themselves. When the gateway is not on {DEFAULT_GATEWAY}, the clients
 need its address: `export CLAWHUB_GATEWAY=ADDRESS` (or --gateway ADDRESS on each command); the banner says
 so. When stdout is not a terminal, `up` also prints one `LABEL ADDRESS` line per service there once all
-serve, the gateway last, for scripts."""
+serve, the gateway last, for scripts.
+
+Prometheus metrics (docs/metrics.md): every service serves /metrics on its own port, 9151 (gateway) to 9155
+(executor; executor N takes 9155 + N - 1), or a free one when its gRPC port is 0; CLAWHUB_<SERVICE>_METRICS_PORT
+moves one (0 picks a free port, off turns it off), CLAWHUB_METRICS_HOST sets their interface (127.0.0.1)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -743,19 +756,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_command("search", "list skills matching a keyword (name or description) and/or a name prefix")
     p.add_argument("query", nargs="?", help="keyword, case-insensitive (default: every skill)")
     p.add_argument("--prefix", help="only names starting with this, such as com.acme.")
+    p = client_command("logs", skill_logs.HELP)
+    skill_logs.add_arguments(p)
     p = client_command("resolve", "print the flattened dependency set of a published version")
     p.add_argument("ref", metavar="NAME[@VERSION|@TAG]",
                    help="skill and exact version or tag, such as stable (default: the latest version)")
     trust.add_commands(sub, DEFAULT_GATEWAY, positive_seconds)
     admin.add_commands(sub, DEFAULT_GATEWAY, positive_seconds)
     keys.add_commands(sub, DEFAULT_GATEWAY, positive_seconds, _tls_ca_argument)
+    top.add_commands(sub, DEFAULT_GATEWAY, positive_seconds, _tls_ca_argument)
     return parser
 
 
 COMMANDS = {"publish": cmd_publish, "deploy": cmd_deploy, "watch": cmd_watch, "invoke": cmd_invoke,
             "status": cmd_status,
             "rollback": cmd_rollback, "yank": cmd_yank, "tag": cmd_tag, "search": cmd_search,
-            "resolve": cmd_resolve}
+            "resolve": cmd_resolve, "logs": skill_logs.cmd_logs}
 
 
 # Exit status when the reader of our output went away (`clawhub status | head`): what a shell reports for a Unix
@@ -798,7 +814,8 @@ def _main(argv: list[str] | None) -> int:
         print(exc, file=sys.stderr)
         return exc.exit_code
     try:
-        command = (COMMANDS.get(args.command) or trust.COMMANDS.get(args.command) or keys.COMMANDS.get(args.command)
+        command = (COMMANDS.get(args.command) or top.COMMANDS.get(args.command)
+                   or trust.COMMANDS.get(args.command) or keys.COMMANDS.get(args.command)
                    or admin.COMMANDS[args.command])
         return command(client, args)
     except grpc.RpcError as err:

@@ -45,10 +45,17 @@ from services.runtime.lifeline import LIFELINE_VARIABLE
 from services.runtime.settings import SettingsError, env_float
 
 LISTENING = re.compile(r"^clawhub (\S+) listening on (\S+):(\d+)$")
+# The line a service prints before it listens when its metrics port is on (services/runtime/server.py).
+METRICS_LINE = re.compile(r"^clawhub (\S+) metrics on (http://\S+)$")
 DEFAULT_PORTS = {
     "gateway": 50051, "registry": 50052, "deployer": 50053, "dispatcher": 50054, "executor": 50055,
 }
 DEFAULT_GATEWAY = f"127.0.0.1:{DEFAULT_PORTS['gateway']}"
+# Each service's Prometheus metrics port under `up` (docs/metrics.md): 915x as its gRPC port is 5005x;
+# executor i gets 9155 + i - 1. A service on a free gRPC port (0) gets a free metrics port too.
+DEFAULT_METRICS_PORTS = {
+    "gateway": 9151, "registry": 9152, "deployer": 9153, "dispatcher": 9154, "executor": 9155,
+}
 # Hosts at which a client looking at 127.0.0.1 (the CLI's default) reaches a service bound there.
 _LOOPBACK_REACHABLE = {"127.0.0.1", "localhost", "0.0.0.0", "[::]", "::"}
 START_TIMEOUT = 30.0
@@ -102,6 +109,8 @@ class Child:
     pump: threading.Thread | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     address: str = ""
+    # Where Prometheus scrapes it (`http://HOST:PORT/metrics`); empty with its metrics port off.
+    metrics_url: str = ""
     last_line: str = ""
     # Its death has been reported and its restart scheduled.
     handled: bool = False
@@ -117,6 +126,7 @@ class Service:
     extra: dict[str, str]
     child: Child
     address: str = ""
+    metrics_url: str = ""
     # Deaths since it last served for STABLE_SECONDS: they set the backoff.
     failures: int = 0
     deaths: deque[float] = field(default_factory=deque)
@@ -133,6 +143,9 @@ def _pump(child: Child, stream: IO[bytes], out: IO[str]) -> None:
         line = raw.decode(errors="replace").rstrip("\n")
         if line.strip():
             child.last_line = line.strip()
+        metrics = METRICS_LINE.match(line)
+        if metrics and not child.ready.is_set():
+            child.metrics_url = metrics[2]
         match = LISTENING.match(line)
         if match and not child.ready.is_set():
             child.address = f"{match[2]}:{match[3]}"
@@ -149,6 +162,16 @@ def _pump(child: Child, stream: IO[bytes], out: IO[str]) -> None:
 def _port(env: Mapping[str, str], service: str) -> int:
     raw = env.get(f"CLAWHUB_{service.upper()}_PORT", "").strip()
     return int(raw) if raw else DEFAULT_PORTS[service]
+
+
+def _metrics_port(env: Mapping[str, str], service: str, grpc_port: int, index: int = 0) -> str:
+    """`CLAWHUB_<SERVICE>_METRICS_PORT` for the `index`-th process of `service` under `up`: as set (`off`, 0, or
+    a port, + index for the executors), else the default metrics port, or a free one (0) for a service whose
+    gRPC port is free."""
+    raw = env.get(f"CLAWHUB_{service.upper()}_METRICS_PORT", "").strip()
+    if raw:
+        return str(int(raw) + index) if raw.isdigit() and int(raw) else raw
+    return str(DEFAULT_METRICS_PORTS[service] + index) if grpc_port else "0"
 
 
 def _describe_exit(code: int) -> str:
@@ -256,6 +279,7 @@ class Suite:
         self.services.append(service)
         self._wait_ready(service.child, stopping)
         service.address = service.child.address
+        service.metrics_url = service.child.metrics_url
         return service
 
     def _wait_ready(self, child: Child, stopping: threading.Event) -> None:
@@ -284,28 +308,37 @@ class Suite:
         # Users: an admin API key on the first start, which the registry adopts (services/cli/credentials.py).
         self._secret_env.setdefault("registry", {}).update(credentials.bootstrap_admin_key(self.secrets_dir))
         host = {f"CLAWHUB_{s.upper()}_HOST": self.host for s in DEFAULT_PORTS}
+        registry_port = _port(self.env, "registry")
         registry = self._start("registry", "registry",
-                               {**host, "CLAWHUB_REGISTRY_PORT": str(_port(self.env, "registry"))}, stopping)
+                               {**host, "CLAWHUB_REGISTRY_PORT": str(registry_port),
+                                "CLAWHUB_REGISTRY_METRICS_PORT": _metrics_port(self.env, "registry", registry_port)},
+                               stopping)
         executor_base = _port(self.env, "executor")
         executors = []
         for i in range(self.executors):
             port = executor_base + i if executor_base else 0
             executors.append(self._start(
                 f"executor-{i + 1}" if self.executors > 1 else "executor", "executor",
-                {**host, "CLAWHUB_EXECUTOR_PORT": str(port), "CLAWHUB_REGISTRY_ADDRESS": registry.address},
+                {**host, "CLAWHUB_EXECUTOR_PORT": str(port), "CLAWHUB_REGISTRY_ADDRESS": registry.address,
+                 "CLAWHUB_EXECUTOR_METRICS_PORT": _metrics_port(self.env, "executor", port, i)},
                 stopping))
         executor_addresses = ",".join(e.address for e in executors)
+        deployer_port = _port(self.env, "deployer")
         deployer = self._start("deployer", "deployer", {
-            **host, "CLAWHUB_DEPLOYER_PORT": str(_port(self.env, "deployer")),
+            **host, "CLAWHUB_DEPLOYER_PORT": str(deployer_port),
+            "CLAWHUB_DEPLOYER_METRICS_PORT": _metrics_port(self.env, "deployer", deployer_port),
             "CLAWHUB_REGISTRY_ADDRESS": registry.address, "CLAWHUB_EXECUTOR_ADDRESSES": executor_addresses},
             stopping)
+        dispatcher_port = _port(self.env, "dispatcher")
         dispatcher = self._start("dispatcher", "dispatcher", {
-            **host, "CLAWHUB_DISPATCHER_PORT": str(_port(self.env, "dispatcher")),
+            **host, "CLAWHUB_DISPATCHER_PORT": str(dispatcher_port),
+            "CLAWHUB_DISPATCHER_METRICS_PORT": _metrics_port(self.env, "dispatcher", dispatcher_port),
             "CLAWHUB_DEPLOYER_ADDRESS": deployer.address, "CLAWHUB_EXECUTOR_ADDRESSES": executor_addresses},
             stopping)
         gateway_port = self.gateway_port if self.gateway_port is not None else _port(self.env, "gateway")
         self._start("gateway", "gateway", {
             **host, "CLAWHUB_GATEWAY_PORT": str(gateway_port),
+            "CLAWHUB_GATEWAY_METRICS_PORT": _metrics_port(self.env, "gateway", gateway_port),
             "CLAWHUB_DISPATCHER_ADDRESS": dispatcher.address, "CLAWHUB_REGISTRY_ADDRESS": registry.address,
             "CLAWHUB_DEPLOYER_ADDRESS": deployer.address}, stopping)
         addresses = {s.label: s.address for s in self.services}
@@ -365,8 +398,11 @@ class Suite:
         service.attempts += 1
         port = service.address.rpartition(":")[2]
         self.say(f"restarting {service.label} on {service.address} (attempt {service.attempts})")
+        # Its metrics on the same port too, so Prometheus's target stays right.
+        metrics = ({f"CLAWHUB_{service.module.upper()}_METRICS_PORT": service.metrics_url.rpartition(":")[2]
+                    .partition("/")[0]} if service.metrics_url else {})
         service.child = self._spawn(service.label, service.module,
-                                    {**service.extra, f"CLAWHUB_{service.module.upper()}_PORT": port})
+                                    {**service.extra, f"CLAWHUB_{service.module.upper()}_PORT": port, **metrics})
 
     @staticmethod
     def _close_lifeline(child: Child) -> None:
@@ -416,6 +452,15 @@ def banner(addresses: Mapping[str, str], data_dir: Path) -> str:
             + "\n\nTry it in another terminal:\n" + "\n".join(tries) + "\nPress Ctrl-C to stop.\n")
 
 
+def metrics_banner(urls: Mapping[str, str]) -> str:
+    """Where Prometheus scrapes each service (empty when every metrics port is off)."""
+    if not urls:
+        return ""
+    width = max(len(label) for label in urls)
+    return ("Prometheus metrics (docs/metrics.md; CLAWHUB_<SERVICE>_METRICS_PORT moves or turns off one):\n"
+            + "\n".join(f"  {label:<{width}}  {url}" for label, url in urls.items()) + "\n")
+
+
 def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) -> int:
     log = sys.stderr
     data_dir = data_dir.resolve()
@@ -441,6 +486,9 @@ def run_up(data_dir: Path, executors: int, host: str, gateway_port: int | None) 
             suite.stop()
             return 1
         print(banner(addresses, suite.data_dir), file=log, flush=True)
+        metrics = metrics_banner({s.label: s.metrics_url for s in suite.services if s.metrics_url})
+        if metrics:
+            print(metrics, file=log, flush=True)
         # For scripts and tests, `LABEL ADDRESS` lines on stdout, the gateway last (`up --help` says so). Not on
         # a terminal, where they would only repeat the banner.
         if not sys.stdout.isatty():

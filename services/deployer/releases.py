@@ -62,6 +62,7 @@ from services.deployer.statemachine import (
     state_name,
 )
 from services.deployer.store import DeploymentStore, StoredRoute
+from services.runtime import metrics, tracing
 from services.runtime.errors import Reason, ServiceError, describe_error, invalid
 
 log = logging.getLogger("clawhub.deployer")
@@ -276,7 +277,10 @@ class Releaser:
             self._in_flight[skill] = record.id
             release = Release(record, previous, plan)
             self._releases[skill] = release
-        release.task = self._spawn(self._deploy(release))
+        # The release runs on after the call returns, in the call's trace (services/runtime/tracing.py).
+        release.task = self._spawn(tracing.in_span("deployer.release", self._deploy(release), {
+            "clawhub.skill": skill, "clawhub.skill.version": version, "clawhub.deployment": record.id,
+            "clawhub.release.strategy": str(release.plan.strategy)}))
         return record
 
     async def rollback(self, skill: str, request_id: str = "") -> tuple[DeploymentRecord, int]:
@@ -322,7 +326,9 @@ class Releaser:
             return await self._await_abort(aborting, request_id)
         assert current is not None and target is not None
         # Shielded: a caller that gives up (deadline, cancel) must not leave the skill half rolled back.
-        task = self._spawn(self._rollback(current, target, request_id))
+        task = self._spawn(tracing.in_span("deployer.rollback", self._rollback(current, target, request_id), {
+            "clawhub.skill": skill, "clawhub.skill.version": target.version, "clawhub.deployment": current.id,
+            "clawhub.rollback.cause": "manual"}))
         return await asyncio.shield(task)
 
     async def _await_abort(self, release: Release, request_id: str) -> tuple[DeploymentRecord, int]:
@@ -382,7 +388,7 @@ class Releaser:
                 if record.verdict == pb.ANALYSIS_VERDICT_RUNNING:
                     self._set_verdict(record, pb.ANALYSIS_VERDICT_ABORTED, RESTART_REASON)
                 # No unloading here: the deployer's start must not wait for executors.
-                await self._fail(record, RESTART_REASON, unload=False)
+                await self._fail(record, RESTART_REASON, unload=False, cause="deployer_restart")
             except Exception:  # noqa: BLE001 - settle the others; this one stays for the next start
                 log.exception("could not settle deployment %s", record.id)
 
@@ -407,6 +413,10 @@ class Releaser:
         so a watcher that sees the end can start the next deployment at once."""
         transition = record.apply(to_state, reason, self._clock())
         await self._store.add_transition(record.id, transition)
+        if to_state == FAILED or (to_state == ACTIVE and transition.from_state == DEPLOYING):
+            # A release ended (a manual rollback's return to Active is not one).
+            metrics.release_ended(record.plan.strategy if record.plan is not None else "",
+                                  "active" if to_state == ACTIVE else "failed")
         if final and self._in_flight.get(record.skill) == record.id:
             del self._in_flight[record.skill]
             release = self._releases.get(record.skill)
@@ -466,7 +476,8 @@ class Releaser:
             if problem:
                 if smoke_failed:
                     self._set_verdict(record, pb.ANALYSIS_VERDICT_FAILED, problem)
-                await self._fail(record, problem, previous)
+                await self._fail(record, problem, previous,
+                                 cause="smoke_test_failed" if smoke_failed else "preload_failed")
                 return
             windows = release.plan.windows()
             if windows:
@@ -490,7 +501,8 @@ class Releaser:
             await self._acked(record, acks)
             if not acks.complete and not windows:
                 await self._fail(record, f"route generation {generation} not acknowledged within "
-                                         f"{self._ack_timeout:g}s by {', '.join(acks.pending)}", previous)
+                                         f"{self._ack_timeout:g}s by {', '.join(acks.pending)}", previous,
+                                 cause="ack_timeout")
                 return
             loaded = len(self._fleet.addresses)
             keep = ""
@@ -564,7 +576,15 @@ class Releaser:
                                  pb.DEPLOYMENT_EVENT_KIND_SMOKE_PASSED, executor=address, smoke_examples=count)
             return None
 
-        problems = [p for p in await asyncio.gather(*(load(a) for a in self._fleet.addresses)) if p]
+        with tracing.span("deployer.preload") as span:
+            problems = [p for p in await asyncio.gather(*(load(a) for a in self._fleet.addresses)) if p]
+            if span.is_recording():
+                span.set_attributes({"clawhub.skill.digest": record.digest,
+                                     "clawhub.executors": len(self._fleet.addresses),
+                                     "clawhub.preload.failed": len(problems),
+                                     "clawhub.smoke.examples": len(record.examples)})
+                if problems:
+                    tracing.fail(span, problems[0][:200], str(Reason.SMOKE_TEST_FAILED) if smoke_failed else "")
         return "; ".join(problems) or None, smoke_failed
 
     async def _analyse(self, release: Release, windows: list[tuple[int, float]]) -> Stop | None:
@@ -601,7 +621,14 @@ class Releaser:
                 else:
                     await self._emit(record, f"bake window of {window:g}s started",
                                      pb.DEPLOYMENT_EVENT_KIND_BAKE_STARTED, window=duration(window), weight=weight)
-                stop = await self._watch_window(release, weight, window)
+                canary = release.plan.strategy == CANARY
+                with tracing.span("deployer.canary_step" if canary else "deployer.bake") as span:
+                    if span.is_recording():
+                        span.set_attributes({"clawhub.release.weight": weight, "clawhub.release.window_s": window,
+                                             "clawhub.release.step": step, "clawhub.release.steps": len(windows)})
+                    stop = await self._watch_window(release, weight, window)
+                    if stop is not None:
+                        tracing.fail(span, stop.reason[:200])
                 if stop is not None:
                     return stop
             return None
@@ -674,19 +701,27 @@ class Releaser:
             await self._emit(record, stop.reason, stop.kind, reason=stop.reason, executor=stop.executor)
         await self._emit(record, f"rolling back: {stop.reason}", pb.DEPLOYMENT_EVENT_KIND_ROLLBACK_STARTED,
                          reason=stop.reason)
-        release.restored_generation = await self._fail(record, stop.reason, release.previous)
+        cause = {pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH: "analysis_breach",
+                 pb.DEPLOYMENT_EVENT_KIND_HEALTH_NOT_SERVING: "health_not_serving"}.get(
+            stop.kind, "manual" if stop.reason == MANUAL_ABORT_REASON else "ack_timeout")
+        release.restored_generation = await self._fail(record, stop.reason, release.previous, cause=cause)
 
     async def _fail(self, record: DeploymentRecord, problem: str,
-                    previous: DeploymentRecord | None = None, *, unload: bool = True) -> int:
+                    previous: DeploymentRecord | None = None, *, unload: bool = True,
+                    cause: str = "internal_error") -> int:
         """Deploying → RollingBack → Failed, restoring the previous route if the new one went out; the
-        generation that restored it (0 when none did)."""
+        generation that restored it (0 when none did). `cause` labels the rollback (docs/metrics.md)."""
         if record.state == DEPLOYING:
+            metrics.rollback_started(cause)
             await self._transition(record, ROLLING_BACK, f"deploy failed: {problem}")
         if previous is None and record.previous_id:
             previous = await self._store.get_deployment(record.previous_id)
         generation = 0
         try:
-            outcome, generation = await self._restore(record, previous)
+            with tracing.span("deployer.rollback") as span:
+                if span.is_recording():
+                    span.set_attributes({"clawhub.deployment": record.id, "clawhub.rollback.cause": problem[:200]})
+                outcome, generation = await self._restore(record, previous)
         except Exception as exc:  # noqa: BLE001 - recorded as the reason the rollback failed
             log.exception("rollback of deployment %s failed", record.id)
             outcome = f"rollback failed: {describe_error(exc)}"
@@ -769,6 +804,7 @@ class Releaser:
                         ) -> tuple[DeploymentRecord, int]:
         try:
             await self._transition(current, ROLLING_BACK, f"manual rollback to {target.version}")
+            metrics.rollback_started("manual")
             await self._reload(target)
             generation = await self._hub.publish(current.skill, StoredRoute(target.id, target.route()))
             # The rollback counts from here (the route is persisted), whatever happens to the acknowledgements.

@@ -17,6 +17,7 @@ import grpc
 from clawhub.common.v1 import routing_pb2
 
 from services.deployer.store import DeploymentStore, StoredRoute
+from services.runtime import tracing
 from services.runtime.errors import Reason, ServiceError
 
 
@@ -97,16 +98,22 @@ class RouteHub:
 
     async def publish(self, skill: str, entry: StoredRoute | None) -> int:
         """Set (or remove) one skill's route as a new generation: persisted first, then pushed."""
-        async with self._publish_lock:
-            generation = self._generation + 1
-            await self._store.save_route(generation, skill, entry)
-            if entry is None:
-                self._routes.pop(skill, None)
-            else:
-                self._routes[skill] = entry
-            self._generation = generation
-            self._table = self._build_table()
-            self._notify()
+        with tracing.span("deployer.route_push") as span:
+            async with self._publish_lock:
+                generation = self._generation + 1
+                await self._store.save_route(generation, skill, entry)
+                if entry is None:
+                    self._routes.pop(skill, None)
+                else:
+                    self._routes[skill] = entry
+                self._generation = generation
+                self._table = self._build_table()
+                self._notify()
+            if span.is_recording():
+                span.set_attributes({"clawhub.skill": skill, "clawhub.route.generation": generation,
+                                     "clawhub.route.removed": entry is None,
+                                     "clawhub.route.targets": ",".join(
+                                         f"{t.version}:{t.weight}" for t in entry.route.targets) if entry else ""})
             return generation
 
     def _build_table(self) -> routing_pb2.RouteTable:
@@ -184,8 +191,16 @@ class RouteHub:
         A dispatcher that disconnects stops counting; one that connects meanwhile gets the newest table on
         connecting and must acknowledge it too.
         """
-        await self._wait_until(lambda: self._closed or self._acks(generation).complete, timeout)
-        return self._acks(generation)
+        with tracing.span("deployer.acknowledgements") as span:
+            await self._wait_until(lambda: self._closed or self._acks(generation).complete, timeout)
+            acks = self._acks(generation)
+            if span.is_recording():
+                span.set_attributes({"clawhub.route.generation": generation,
+                                     "clawhub.acks.acknowledged": len(acks.acknowledged),
+                                     "clawhub.acks.pending": ",".join(acks.pending)})
+                if acks.pending:
+                    tracing.fail(span, f"not acknowledged within {timeout:g}s by {', '.join(acks.pending)}")
+            return acks
 
     def close(self) -> None:
         """End every watch (with UNAVAILABLE, so dispatchers reconnect to the next deployer)."""

@@ -101,7 +101,7 @@ async def _build(settings: Settings, *, registry: VersionSource | None, fleet: E
         base = create_server("deployer", [SERVICE_NAME, INTERNAL_SERVICE_NAME], host=settings.host, port=settings.port,
                              grace_seconds=settings.grace, register=register, identity=settings.identity,
                              interceptors=[users],
-                             tls=settings.tls.server, rate_limits=settings.rate_limits)
+                             tls=settings.tls.server, rate_limits=settings.rate_limits, metrics=settings.metrics)
     except BaseException:
         await registry.close()
         await fleet.close()

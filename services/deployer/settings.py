@@ -10,6 +10,7 @@ from services.deployer.plan import Defaults, Thresholds, weights_problem
 from services.deployer.secrets import KEY_FILE
 from services.runtime.auth import AuthSettings
 from services.runtime.identity import PlatformIdentity, identity_from_env
+from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_list, env_str
 from services.runtime.tls import TlsSettings
@@ -69,6 +70,9 @@ class Settings:
     rate_limits: RateLimitSettings | None = None
     """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
     servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
+    metrics: MetricsSettings = MetricsSettings()
+    """Its Prometheus metrics endpoint (`CLAWHUB_DEPLOYER_METRICS_PORT`, `CLAWHUB_METRICS_HOST`;
+    docs/metrics.md); default off."""
     progress_interval: float = 0.25
     """Seconds between two analysis progress events of a running release (not configurable by env)."""
 
@@ -95,6 +99,7 @@ class Settings:
             auth=AuthSettings.from_env(),
             tls=TlsSettings.from_env(),
             rate_limits=RateLimitSettings.from_env(),
+            metrics=MetricsSettings.from_env("deployer"),
             release=_release_defaults(defaults.release),
             breaker=BreakerSettings(
                 failures=env_int("CLAWHUB_DEPLOYER_BREAKER_FAILURES", defaults.breaker.failures, minimum=0),

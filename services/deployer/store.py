@@ -32,6 +32,7 @@ from services.deployer.model import DeploymentRecord, RolledBack, Transition, Ve
 from services.deployer.plan import Plan
 from services.deployer.secrets import KEY_FILE, REDACTOR, Keyring, SecretsKeyError, install_log_redaction, load_keyring
 from services.deployer.statemachine import ACTIVE, DEPLOYING, FAILED, IN_FLIGHT, State
+from services.runtime import metrics
 from services.runtime.datadir import private_dir, private_files
 from services.runtime.sqlite import write_transaction
 
@@ -292,6 +293,7 @@ class SqliteDeploymentStore:
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) where several writes
         # must land together.
         db = await aiosqlite.connect(path, isolation_level=None)
+        metrics.observe_queries(db, "deployer")  # clawhub_db_query_duration_seconds
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")

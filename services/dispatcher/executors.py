@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Protocol, cast
 
+from clawhub.common.v1 import observability_pb2
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
 
 from services.runtime.channels import InvocationLimits, channel
+
+
+class LogStream(Protocol):
+    """An open TailSkillLogs call to one executor: its responses, and a way to end it."""
+
+    def __aiter__(self) -> AsyncIterator[executor_pb.TailSkillLogsResponse]: ...
+
+    def cancel(self) -> bool: ...
 
 
 class ExecutorClient(Protocol):
@@ -21,6 +30,15 @@ class ExecutorClient(Protocol):
     async def execute(self, address: str, request: executor_pb.ExecuteRequest, *, timeout: float,
                       metadata: tuple[tuple[str, str], ...] = ()) -> executor_pb.ExecuteResponse:
         """The executor's response; raises its status as grpc.aio.AioRpcError."""
+        ...
+
+    async def get_load(self, address: str, *, timeout: float) -> observability_pb2.ExecutorLoad:
+        """The executor's worker-pool use (for `clawhub top`); raises grpc.aio.AioRpcError."""
+        ...
+
+    def tail_logs(self, address: str, request: executor_pb.TailSkillLogsRequest, *,
+                  metadata: tuple[tuple[str, str], ...] = ()) -> LogStream:
+        """The executor's TailSkillLogs stream (its errors come as grpc.aio.AioRpcError while reading)."""
         ...
 
     async def close(self) -> None: ...
@@ -48,6 +66,16 @@ class GrpcExecutorClient:
         response: executor_pb.ExecuteResponse = await self._stubs[address].Execute(
             request, timeout=timeout, metadata=metadata or None)
         return response
+
+    async def get_load(self, address: str, *, timeout: float) -> observability_pb2.ExecutorLoad:
+        response = await self._stubs[address].GetLoad(executor_pb.GetLoadRequest(), timeout=timeout)
+        load: observability_pb2.ExecutorLoad = response.load
+        return load
+
+    def tail_logs(self, address: str, request: executor_pb.TailSkillLogsRequest, *,
+                  metadata: tuple[tuple[str, str], ...] = ()) -> LogStream:
+        call: LogStream = self._stubs[address].TailSkillLogs(request, metadata=metadata or None)
+        return call
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -58,6 +58,7 @@ async def _build(settings: Settings, *, feed: RouteFeed | None, executors: Execu
         host = create_server("dispatcher", [SERVICE_NAME], host=settings.host, port=settings.port,
                              grace_seconds=settings.grace, register=register,
                              identity=settings.identity, tls=settings.tls.server, rate_limits=settings.rate_limits,
+                             metrics=settings.metrics,
                              max_receive_bytes=sizes.dispatch_request,
                              max_send_bytes=max(sizes.dispatch_response, CONTROL_MESSAGE_BYTES))
     except BaseException:
@@ -65,6 +66,7 @@ async def _build(settings: Settings, *, feed: RouteFeed | None, executors: Execu
         if deployer_channel is not None:
             await deployer_channel.close()
         raise
+    host.end_streams.append(servicer.logs.close)
     host.on_start.append(watcher.start)
     host.on_start.append(reporter.start)
     host.closers.append(watcher.stop)

@@ -6,7 +6,8 @@ import asyncio
 import enum
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -16,8 +17,11 @@ from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as pb_grpc
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 
 from services.dispatcher.executors import ExecutorClient, ExecutorPicker
+from services.dispatcher.logfanin import LogFanIn
 from services.dispatcher.routes import RouteState
+from services.dispatcher.skillstats import SkillStats, active_version, executor_loads, reason_of, to_proto
 from services.dispatcher.stats import VersionStats
+from services.runtime import logtail, metrics, tracing
 from services.runtime.errors import (
     DID_YOU_MEAN,
     Reason,
@@ -93,12 +97,25 @@ def classify(exc: BaseException) -> Outcome:
     return Outcome.VERSION
 
 
+def caller_fault(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether a failed call was its caller's doing (bad input, cancelled while it still had time), which
+    does not count against the skill's availability; a deadline that ran out does."""
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        return remaining is None or remaining > 0
+    return classify(exc) is Outcome.CALLER
+
+
 class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
     def __init__(self, routes: RouteState, executors: ExecutorClient, picker: ExecutorPicker, *,
                  retries: int, default_timeout: float, rng: random.Random | None = None,
-                 stats: VersionStats | None = None) -> None:
+                 stats: VersionStats | None = None, skills: SkillStats | None = None) -> None:
         self._routes = routes
+        # Every ended call by skill, for operators (`clawhub top`, GetSkillStats).
+        self._skills = skills or SkillStats()
         self._executors = executors
+        # TailSkillLogs: every executor's skill logs as one stream (services/dispatcher/logfanin.py).
+        self.logs = LogFanIn(executors)
         self._picker = picker
         self._retries = retries
         self._default_timeout = default_timeout
@@ -111,6 +128,22 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
 
     async def Dispatch(self, request: pb.DispatchRequest, context: grpc.aio.ServicerContext[Any, Any],
                        ) -> pb.DispatchResponse:
+        """`_dispatch`, with the call counted in its skill's rolling stats (services/dispatcher/skillstats.py).
+        A failure is counted only for a routed (or already counted) skill: names callers make up are not kept."""
+        started = time.perf_counter()
+        try:
+            response = await self._dispatch(request, context)
+        except (Exception, asyncio.CancelledError) as exc:
+            if self._routes.route(request.skill) is not None or self._skills.knows(request.skill):
+                self._skills.record(request.skill, time.perf_counter() - started, reason_of(exc))
+                metrics.skill_requested(request.skill, "caller_error" if caller_fault(exc, context) else "failure")
+            raise
+        self._skills.record(request.skill, time.perf_counter() - started)
+        metrics.skill_requested(request.skill, "success")  # availability (docs/metrics.md)
+        return response
+
+    async def _dispatch(self, request: pb.DispatchRequest, context: grpc.aio.ServicerContext[Any, Any],
+                        ) -> pb.DispatchResponse:
         problem = skill_name_problem(request.skill)
         if problem:
             raise invalid(Reason.INVALID_NAME, "skill", problem)
@@ -160,7 +193,13 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         started = loop.time()
         key = VersionStats.key(request.skill, target)
         try:
-            response = await self._call_executors(request, target, deadline, metadata)
+            with tracing.span("dispatcher.route") as span:
+                if span.is_recording():
+                    span.set_attributes({"clawhub.skill": request.skill, "clawhub.skill.version": target.version,
+                                         "clawhub.skill.digest": target.digest, "clawhub.route.weight": target.weight,
+                                         "clawhub.route.role": routing_pb2.RouteTargetRole.Name(target.role),
+                                         "clawhub.route.candidate": candidate})
+                response = await self._call_executors(request, target, deadline, metadata)
         except asyncio.CancelledError:
             if candidate:
                 self._stats.record(key, loop.time() - started, failed=True)
@@ -194,6 +233,7 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             if left <= 0:
                 break
             self._picker.begin(address)
+            tracing.current_span().set_attribute("clawhub.executor", address)  # the route span's; a no-op when off
             try:
                 response = await self._executors.execute(address, execute, timeout=left, metadata=metadata)
             except grpc.aio.AioRpcError as err:
@@ -201,8 +241,9 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
                     raise upstream_error(err, "executor", address) from None
                 tried.append(address)
                 last_problem = f"{address}: {err.details() or 'unavailable'}"
-                log.info("executor %s unavailable for %s (attempt %d): %s", address, request.skill,
-                         attempt + 1, one_line(err.details() or "no details"))
+                # Debug: one per attempt (the caller's status, and the metrics, tell of an executor that stays down).
+                log.debug("executor %s unavailable for %s (attempt %d): %s", address, request.skill,
+                          attempt + 1, one_line(err.details() or "no details"))
                 if attempt < self._retries:
                     pause = min(RETRY_BACKOFF_INITIAL * 2**attempt, RETRY_BACKOFF_MAX)
                     await asyncio.sleep(max(0.0, min(pause, (deadline - loop.time()) / 2)))
@@ -223,6 +264,28 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
             f"last: {last_problem}",
             metadata={"skill": request.skill, "version": target.version, "executors": ",".join(tried)},
             retry_after_seconds=1.0)
+
+    async def GetSkillStats(self, request: pb.GetSkillStatsRequest, context: grpc.aio.ServicerContext[Any, Any],
+                            ) -> pb.GetSkillStatsResponse:
+        """Every skill with calls in the window or a route (or only `request.skill`), by name, and every
+        executor's pool use (asked meanwhile, each with a short timeout)."""
+        loads = asyncio.ensure_future(executor_loads(self._executors))
+        summaries = self._skills.snapshot(request.skill)
+        names = set(summaries)
+        if request.skill:
+            names |= {request.skill} if self._routes.route(request.skill) is not None else set()
+        else:
+            names |= {route.skill for route in self._routes.table.routes}
+        window = self._skills.window
+        skills = [to_proto(name, summaries.get(name), window, active_version(self._routes.route(name)))
+                  for name in sorted(names)]
+        return pb.GetSkillStatsResponse(skills=skills, executors=await loads)
+
+    async def TailSkillLogs(self, request: pb.TailSkillLogsRequest, context: grpc.aio.ServicerContext[Any, Any],
+                            ) -> AsyncIterator[pb.TailSkillLogsResponse]:
+        logtail.check_request(request.skill, request.version)
+        async for response in self.logs.tail(request, trace_metadata(context)):
+            yield response
 
     async def GetRouteTable(self, request: pb.GetRouteTableRequest, context: grpc.aio.ServicerContext[Any, Any],
                             ) -> pb.GetRouteTableResponse:

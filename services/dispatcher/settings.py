@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from services.runtime.identity import PlatformIdentity, identity_from_env
+from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import env_float, env_int, env_list, env_str
 from services.runtime.tls import TlsSettings
@@ -50,6 +51,9 @@ class Settings:
     rate_limits: RateLimitSettings | None = None
     """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
     servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
+    metrics: MetricsSettings = MetricsSettings()
+    """Its Prometheus metrics endpoint (`CLAWHUB_DISPATCHER_METRICS_PORT`, `CLAWHUB_METRICS_HOST`;
+    docs/metrics.md); default off."""
     stats_interval: float = 0.1
     """Seconds between two per-version stats reports to the deployer while there is traffic; the first one
     after a quiet spell goes at once (`CLAWHUB_DISPATCHER_STATS_INTERVAL`, default 0.1). A release's
@@ -70,5 +74,6 @@ class Settings:
             identity=identity_from_env("dispatcher"),
             tls=TlsSettings.from_env(),
             rate_limits=RateLimitSettings.from_env(),
+            metrics=MetricsSettings.from_env("dispatcher"),
             stats_interval=env_float("CLAWHUB_DISPATCHER_STATS_INTERVAL", defaults.stats_interval, minimum=0.01),
         )

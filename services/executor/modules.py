@@ -25,6 +25,7 @@ from services.executor.artifacts import ArtifactCache
 from services.executor.sandbox import CompiledModule, ModuleRejected, Sandbox
 from services.executor.singleflight import SingleFlight
 from services.executor.source import ModuleSource, fetch_verified
+from services.runtime import tracing
 from services.runtime.errors import Reason, ServiceError
 from services.runtime.wasm import FILES_CAPABILITY
 
@@ -119,6 +120,7 @@ class ModuleLoader:
             await asyncio.to_thread(cache.delete, digest)
             return None
         self.tiers["warm"] += 1
+        tracing.current_span().set_attributes({"clawhub.module.tier": "warm", "clawhub.skill.digest": digest})
         log.info("loaded module %s from its precompiled artifact", digest[:19])
         return compiled
 
@@ -137,6 +139,8 @@ class ModuleLoader:
         except ModuleRejected as exc:
             raise _invalid(digest, exc) from None
         self.tiers["cold"] += 1
+        tracing.current_span().set_attributes({"clawhub.module.tier": "cold", "clawhub.skill.digest": digest,
+                                               "clawhub.module.bytes": compiled.size_bytes})
         log.info("loaded module %s (%d bytes)%s", digest[:19], compiled.size_bytes, " metered" if metered else "")
         return compiled
 

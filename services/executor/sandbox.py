@@ -72,6 +72,7 @@ from services.executor.capi import u_store_new as _store_new
 from services.executor.capi import word as _word
 from services.executor.capi import words as _words
 from services.executor.capi import write_bytes as _write_bytes
+from services.runtime import tracing
 from services.runtime.linking import DependencyGraph, dependency_imports
 from services.runtime.wasm import (
     BUNDLE_GUEST_DIR,
@@ -580,7 +581,8 @@ class Sandbox:
         output, message = b"", b""
         started = time.perf_counter()
         try:
-            instance = compiled.instantiate(store)
+            with tracing.child_span("sandbox.instantiate"):
+                instance = compiled.instantiate(store)
             if memory_abi:
                 output, failed, peak = self._call_memory(context_at, instance, stdin, limits)
                 if failed:
@@ -651,7 +653,10 @@ class Sandbox:
             running.ends, running.control, running.stopped = started + budget, control, None
             self._running[run_id] = running
             try:
+                instantiating = tracing.start_span("sandbox.instantiate") if tracing.enabled() else None
                 error = _instantiate_pre(pre, ctx, instance_ref, trap_ref)
+                if instantiating is not None:
+                    instantiating.end()
                 if error or trap.value:
                     capi.raise_failure(error, trap)
                 instantiated = True

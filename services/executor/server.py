@@ -16,6 +16,7 @@ from services.executor.sandbox import DEFAULT_POOL_SLOTS, Sandbox
 from services.executor.servicer import ExecutorServicer, WorkerPool
 from services.executor.settings import Settings
 from services.executor.source import ModuleSource, RegistryModuleSource
+from services.runtime import metrics
 from services.runtime.channels import CONTROL_MESSAGE_BYTES, InvocationLimits, channel, outgoing
 from services.runtime.identity import outgoing_security
 from services.runtime.linking import MAX_INSTANCES
@@ -52,6 +53,9 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
     # N` does), as every entry is content-addressed and renamed into place whole (docs/supervision.md).
     bundles = BundleCache(module_source, settings.data_dir / "bundles")
     pool = WorkerPool(settings.threads, settings.queue)
+    # Read when Prometheus scrapes: busy threads, queue depth, module loads by tier (docs/metrics.md).
+    metrics.watch_worker_pool(pool)
+    metrics.watch_module_loader(loader)
     provenance = Provenance(provenance_source, recheck_seconds=settings.trust_recheck_seconds)
     links = DependencyLinker(module_source, sandbox)
     servicer = ExecutorServicer(settings, loader, sandbox, pool, bundles=bundles, provenance=provenance,
@@ -67,6 +71,7 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
             "executor", (EXECUTOR_SERVICE.full_name,), host=settings.host, port=settings.port,
             grace_seconds=settings.grace_seconds, register=register,
             identity=settings.identity, tls=settings.tls.server, rate_limits=settings.rate_limits,
+            metrics=settings.metrics,
             max_receive_bytes=sizes.execute_request,
             max_send_bytes=max(sizes.execute_response, CONTROL_MESSAGE_BYTES),
         )
@@ -77,6 +82,7 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
             await registry.close()
         raise
     servicer.health = host.health
+    host.end_streams.append(servicer.skill_logs.close)
     provenance.on_change = servicer.trust_changed
     rechecks: list[asyncio.Task[None]] = []
 

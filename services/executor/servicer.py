@@ -6,12 +6,12 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 import grpc
-from clawhub.common.v1 import skill_pb2
+from clawhub.common.v1 import observability_pb2, skill_pb2
 from clawhub.executor.v1 import executor_service_pb2 as pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
@@ -20,8 +20,10 @@ from services.executor.bundles import BundleCache
 from services.executor.dependencies import DependencyLinker
 from services.executor.modules import ModuleLoader
 from services.executor.provenance import Provenance, unchecked
-from services.executor.sandbox import Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
+from services.executor.sandbox import CompiledModule, Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
 from services.executor.settings import Settings
+from services.executor.skilllogs import SkillLogs
+from services.runtime import logs, logtail, metrics, tracing
 from services.runtime.errors import MAX_DETAIL_CHARS, Reason, ServiceError, invalid, show_bytes
 from services.runtime.names import digest_problem
 from services.runtime.wasm import FILES_CAPABILITY
@@ -50,6 +52,8 @@ class WorkerPool:
 
     def __init__(self, threads: int, queue: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasm")
+        self.threads = threads
+        self.queue = queue
         self.capacity = threads + queue
         self._lock = threading.Lock()
         self._admitted = 0
@@ -57,6 +61,13 @@ class WorkerPool:
     @property
     def admitted(self) -> int:
         return self._admitted
+
+    def load(self) -> tuple[int, int]:
+        """(busy threads, queued calls) now. The pool starts a worker for a call whenever none is idle, up to
+        `threads`, so the first `threads` admitted calls run and the rest wait: read from the one counter,
+        nothing is added to a call's path."""
+        admitted = self._admitted
+        return min(admitted, self.threads), max(0, admitted - self.threads)
 
     def try_submit(self, fn: Callable[[], T]) -> asyncio.Future[T] | None:
         """Run `fn` on a worker, or None when the executor is full. The slot is held until `fn` returns
@@ -109,8 +120,11 @@ def _tail(stderr: bytes) -> str:
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     def __init__(self, settings: Settings, loader: ModuleLoader, sandbox: Sandbox, pool: WorkerPool,
                  health: Health | None = None, bundles: BundleCache | None = None,
-                 provenance: Provenance | None = None, links: DependencyLinker | None = None) -> None:
+                 provenance: Provenance | None = None, links: DependencyLinker | None = None,
+                 skill_logs: SkillLogs | None = None) -> None:
         self._settings = settings
+        # Every call's stderr, kept per skill version for TailSkillLogs (services/executor/skilllogs.py).
+        self.skill_logs = skill_logs or SkillLogs()
         # Links modules that import from dependency packages with the resolution their call carries.
         self._links = links or DependencyLinker(loader.source, sandbox)
         # Without a registry to ask, every request is refused, never run unchecked.
@@ -156,6 +170,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             await self.health.set(digest, health_pb2.HealthCheckResponse.SERVING if runnable
                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    @metrics.observe_execute  # per skill version: calls, failures by reason, time, fuel (docs/metrics.md)
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         digest = request.digest
         _check_digest(digest)
@@ -173,13 +188,21 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                 field_violations=[("input", f"at most {max_input} bytes")])
         _check_strings(request)
         capabilities = list(request.capabilities)
-        compiled, _ = await self._loader.get(digest, capabilities, metered=limits.fuel > 0)
+        with tracing.span("executor.module_load") as span:
+            # The tier is set here when hot, by the loader when it loads (warm or cold).
+            compiled, hot = await self._loader.get(digest, capabilities, metered=limits.fuel > 0)
+            if hot and span.is_recording():
+                span.set_attributes({"clawhub.module.tier": "hot", "clawhub.skill.digest": digest})
         compiled = await self._links.link(compiled, request.dependencies)
         bundle_dir = await self._bundle_dir(request.bundle_digest, capabilities)
         grant = Grant.of(capabilities, env=request.env, args=request.args, bundle_dir=bundle_dir)
         stdin = bytes(request.input)
         control = RunControl()
-        running = self._pool.try_submit(lambda: self._sandbox.run(compiled, stdin, limits, grant, control))
+        # The worker thread does not inherit the event loop's context: the trace's is passed along.
+        parent = tracing.current_context()
+        running = self._pool.try_submit(
+            (lambda: self._sandbox.run(compiled, stdin, limits, grant, control)) if parent is None
+            else (lambda: _traced_run(self._sandbox, parent, request, compiled, stdin, limits, grant, control)))
         if running is None:
             log.info("%s: refused, executor full (%d calls)", digest[:19], self._pool.capacity)
             raise ServiceError(
@@ -195,6 +218,10 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             # thread is free again within one epoch slice, instead of at the skill's own timeout.
             control.cancel()
             raise
+        if request.skill and result.stderr:  # nothing to keep (and no metadata to read) for most calls
+            self.skill_logs.record(request.skill, request.version, digest, result.stderr,
+                                   request_id=request.request_id, trace_id=_trace_id(context),
+                                   cut=result.verdict is Verdict.STDERR_LIMIT)
         return self._respond(digest, request.request_id, limits, result)
 
     async def _bundle_dir(self, bundle_digest: str, capabilities: list[str]) -> str | None:
@@ -277,7 +304,12 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         compiled, was_hot = await self._loader.get(request.digest, capabilities)
         await self._links.link(compiled, request.dependencies)
         await self._bundle_dir(request.bundle_digest, capabilities)
-        await self._smoke_test(request, context)
+        if request.examples:
+            with tracing.span("executor.smoke") as span:
+                if span.is_recording():
+                    span.set_attributes({"clawhub.skill": request.skill, "clawhub.skill.version": request.version,
+                                         "clawhub.smoke.examples": len(request.examples)})
+                await self._smoke_test(request, context)
         await self._mark_serving(request.digest)
         return pb.LoadSkillResponse(digest=request.digest, already_loaded=was_hot)
 
@@ -315,6 +347,64 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             await self.health.set(request.digest, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("%s: unloaded (was loaded: %s)", request.digest[:19], was_loaded)
         return pb.UnloadSkillResponse(was_loaded=was_loaded)
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: Context) -> pb.GetLoadResponse:
+        """The worker pool's use now, for `clawhub top` (through the dispatcher, which names executors)."""
+        busy, queued = self._pool.load()
+        return pb.GetLoadResponse(load=observability_pb2.ExecutorLoad(
+            reachable=True, busy_threads=busy, threads=self._pool.threads, queued=queued,
+            queue_capacity=self._pool.queue))
+
+
+    async def TailSkillLogs(self, request: pb.TailSkillLogsRequest,
+                            context: Context) -> AsyncIterator[pb.TailSkillLogsResponse]:
+        """The skill's kept stderr lines (the newest `tail`), then with `follow` an empty response (the kept
+        lines are all sent: the dispatcher waits for it) and each new line as calls end, until the caller
+        cancels or the executor stops (UNAVAILABLE)."""
+        logtail.check_request(request.skill, request.version)
+        lines, follower = self.skill_logs.open(request.skill, request.version,
+                                               min(request.tail, logtail.MAX_TAIL), request.follow)
+        try:
+            for batch in logtail.batches(lines):
+                yield pb.TailSkillLogsResponse(lines=batch)
+            if follower is None:
+                return
+            yield pb.TailSkillLogsResponse()
+            while (new := await follower.next_batch()) is not None:
+                for batch in logtail.batches(new):
+                    yield pb.TailSkillLogsResponse(lines=batch)
+            raise logtail.shutting_down("executor")
+        finally:
+            if follower is not None:
+                self.skill_logs.unfollow(follower)
+
+
+def _trace_id(context: Context) -> str:
+    """The call's trace id: its `traceparent`'s, else the current span's (empty when it is not traced)."""
+    return logtail.trace_id_of(context.invocation_metadata()) or logs.current_ids()[0]
+
+
+def _traced_run(sandbox: Sandbox, parent: Any, request: pb.ExecuteRequest, compiled: CompiledModule,
+                stdin: bytes, limits: RunLimits, grant: Grant, control: RunControl) -> RunResult:
+    """`sandbox.run` inside a `sandbox.run` span, on the worker thread, as a child of `parent` (the Execute
+    call's context); the span says what ran and how it ended."""
+    with tracing.span("sandbox.run", context=parent) as span:
+        result = sandbox.run(compiled, stdin, limits, grant, control)
+        if span.is_recording():
+            span.set_attributes({
+                "clawhub.skill": request.skill, "clawhub.skill.version": request.version,
+                "clawhub.skill.digest": compiled.digest, "clawhub.skill.abi": compiled.abi.name,
+                "clawhub.sandbox.verdict": result.verdict.value, "clawhub.sandbox.exit_code": result.exit_code,
+                "clawhub.sandbox.peak_memory_bytes": result.peak_memory_bytes,
+                "clawhub.sandbox.memory_limit_bytes": limits.memory_bytes,
+                "clawhub.sandbox.fuel": limits.fuel, "clawhub.sandbox.fuel_consumed": result.fuel_consumed,
+                "clawhub.sandbox.wall_ms": round(result.wall_seconds * 1e3, 3),
+                "clawhub.sandbox.input_bytes": len(stdin), "clawhub.sandbox.output_bytes": len(result.output)})
+            if result.detail:
+                span.set_attribute("clawhub.sandbox.detail", result.detail)
+            if result.verdict is not Verdict.OK:
+                tracing.fail(span, result.verdict.value)
+        return result
 
 
 def _show(data: bytes, limit: int = 200) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.runtime.channels import env_payload_size
 from services.runtime.identity import PlatformIdentity, identity_from_env
+from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import data_dir, env_float, env_int, env_size, env_str
 from services.runtime.tls import TlsSettings
@@ -68,6 +69,9 @@ class Settings:
     rate_limits: RateLimitSettings | None = None
     """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
     servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
+    metrics: MetricsSettings = MetricsSettings()
+    """Its Prometheus metrics endpoint (`CLAWHUB_EXECUTOR_METRICS_PORT`, `CLAWHUB_METRICS_HOST`;
+    docs/metrics.md); default off."""
     data_dir: Path = field(default_factory=_default_data_dir)
     """CLAWHUB_EXECUTOR_DATA_DIR: private disk cache: precompiled modules (warm tier) and unpacked file
     bundles; default `$CLAWHUB_DATA_DIR/executor`."""
@@ -96,5 +100,6 @@ class Settings:
             identity=identity_from_env("executor"),
             tls=TlsSettings.from_env(),
             rate_limits=RateLimitSettings.from_env(),
+            metrics=MetricsSettings.from_env("executor"),
             data_dir=Path(env_str("CLAWHUB_EXECUTOR_DATA_DIR", str(d.data_dir))).expanduser(),
         )

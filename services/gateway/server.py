@@ -53,7 +53,7 @@ async def _build(settings: Settings) -> ServiceHost:
     # A publish message the registry would refuse is refused here, before it crosses another hop.
     registry = channel(settings.registry_address, max_send_bytes=PUBLISH_MESSAGE_BYTES)
     deployer = channel(settings.deployer_address)
-    servicer = GatewayServicer(settings, dispatcher, registry)
+    servicer = GatewayServicer(settings, dispatcher, registry, deployer)
     # Users: every public method is checked here, before it is invoked or relayed (and again by the registry or
     # deployer that owns it). Keys are resolved by the registry, each answer cached for at most a second.
     users = UserAuthInterceptor(Authenticator(settings.auth, RegistryResolver(registry)), PUBLIC_RULES,
@@ -78,6 +78,7 @@ async def _build(settings: Settings) -> ServiceHost:
         max_receive_bytes=settings.max_request_bytes, max_send_bytes=settings.max_response_bytes, public=True,
         interceptors=[users] if settings.auth.enabled else [],
         identity=settings.identity, check_callers=False, tls=settings.tls.server, rate_limits=settings.rate_limits,
+        metrics=settings.metrics,
         internal_addresses=(settings.dispatcher_address, settings.registry_address, settings.deployer_address),
     )
 
@@ -98,6 +99,7 @@ async def _build(settings: Settings) -> ServiceHost:
         for ch in (dispatcher, registry, deployer):
             await ch.close()
 
+    host.end_streams.append(servicer.log_follows.close)
     host.on_start.extend(mirror.start for mirror in mirrors)
     host.closers.append(close_channels)
     return host

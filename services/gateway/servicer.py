@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias, cast
 
 import grpc
+from clawhub.common.v1 import release_pb2
+from clawhub.deployer.v1 import deployer_service_pb2 as deployer_pb
+from clawhub.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from clawhub.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb
 from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 from clawhub.gateway.v1 import gateway_service_pb2 as pb
@@ -15,6 +20,8 @@ from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from services.gateway.proxy import forwarded_metadata
 from services.gateway.schemas import InputSchemas
 from services.gateway.settings import Settings
+from services.runtime import logtail
+from services.runtime.auth import REQUEST_ID_METADATA
 from services.runtime.channels import ENVELOPE_BYTES, VALUE_INFLATION
 from services.runtime.errors import (
     DID_YOU_MEAN,
@@ -32,16 +39,26 @@ from services.runtime.names import skill_name_problem
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type information
 # request_id travels to every hop and into their logs: an id, not a payload (a UUID is 36 characters).
 MAX_REQUEST_ID_CHARS = 128
+# GetSkillStats (`clawhub top`, refreshed every second): how long each hop may take, and how many pages of
+# deployments (newest first) are read for the skills' deployment states.
+STATS_TIMEOUT = 5.0
+DEPLOYMENT_PAGE_SIZE = 1000
+MAX_DEPLOYMENT_PAGES = 5
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
-    def __init__(self, settings: Settings, dispatcher: grpc.aio.Channel, registry: grpc.aio.Channel) -> None:
+    def __init__(self, settings: Settings, dispatcher: grpc.aio.Channel, registry: grpc.aio.Channel,
+                 deployer: grpc.aio.Channel | None = None) -> None:
         self._settings = settings
+        # Only for the deployment states GetSkillStats shows (the DeployerService itself is relayed as bytes).
+        self._deployer = deployer_grpc.DeployerServiceStub(deployer) if deployer is not None else None
         self._dispatcher = dispatcher_grpc.DispatcherServiceStub(dispatcher)
         self._registry = registry_grpc.RegistryServiceStub(registry)
         # Inputs are validated against the input_schema of every version the skill's route could run them on.
         self.schemas = InputSchemas(self._dispatcher, self._registry, dispatcher_address=settings.dispatcher_address)
         # Largest `output` Value a response can carry within the port's send limit.
         self._max_value_bytes = settings.max_response_bytes - ENVELOPE_BYTES
+        # Open TailSkillLogs relays, ended when the gateway stops (before its drain).
+        self.log_follows: logtail.Follows[object] = logtail.Follows()
 
     async def InvokeSkill(self, request: pb.InvokeSkillRequest, context: Context) -> pb.InvokeSkillResponse:
         problem = skill_name_problem(request.name)
@@ -63,7 +80,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         timeout = self._settings.invoke_timeout if remaining is None else max(remaining, 0.0)
         try:
             result = await self._dispatcher.Dispatch(
-                dispatcher_pb.DispatchRequest(skill=request.name, input=data, request_id=request.request_id),
+                dispatcher_pb.DispatchRequest(skill=request.name, input=data, request_id=_request_id(request, context)),
                 timeout=timeout, metadata=forwarded_metadata(context))
         except grpc.aio.AioRpcError as err:
             info = error_info(err)
@@ -80,6 +97,60 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         else:
             response.output.CopyFrom(value)
         return response
+
+    async def GetSkillStats(self, request: pb.GetSkillStatsRequest, context: Context) -> pb.GetSkillStatsResponse:
+        """The dispatcher's rolling stats, each skill with the state of its latest deployment (left empty
+        when the deployer cannot say: the numbers matter more than the state)."""
+        metadata = forwarded_metadata(context)
+        remaining = context.time_remaining()
+        timeout = STATS_TIMEOUT if remaining is None else max(min(remaining, STATS_TIMEOUT), 0.0)
+        try:
+            stats = await self._dispatcher.GetSkillStats(
+                dispatcher_pb.GetSkillStatsRequest(skill=request.skill), timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as err:
+            raise upstream_error(err, "dispatcher", self._settings.dispatcher_address) from None
+        states = await self._deployment_states(request.skill, {s.skill for s in stats.skills}, metadata, timeout)
+        for skill in stats.skills:
+            skill.deployment_state = states.get(skill.skill, "")
+        return pb.GetSkillStatsResponse(skills=stats.skills, executors=stats.executors)
+
+    async def _deployment_states(self, only: str, wanted: set[str], metadata: Any, timeout: float) -> dict[str, str]:
+        """The state of each wanted skill's latest deployment, from as few ListDeployments pages as it takes
+        (one, unless there are more than DEPLOYMENT_PAGE_SIZE deployments); what the deployer does not answer
+        is left out. Asked with the caller's credentials, which the deployer checks again."""
+        states: dict[str, str] = {}
+        if self._deployer is None or not wanted:
+            return states
+        token = ""
+        for _ in range(MAX_DEPLOYMENT_PAGES):
+            try:
+                page = await self._deployer.ListDeployments(
+                    deployer_pb.ListDeploymentsRequest(skill=only, page_size=DEPLOYMENT_PAGE_SIZE, page_token=token),
+                    timeout=timeout, metadata=metadata)
+            except grpc.aio.AioRpcError:
+                break
+            for deployment in page.deployments:  # newest first: the first one of a skill is its latest
+                if deployment.skill in wanted and deployment.skill not in states:
+                    states[deployment.skill] = release_pb2.ReleaseState.Name(
+                        deployment.state).removeprefix("RELEASE_STATE_")
+            token = page.next_page_token
+            if not token or wanted <= states.keys():
+                break
+        return states
+
+    async def TailSkillLogs(self, request: pb.TailSkillLogsRequest,
+                            context: Context) -> AsyncIterator[pb.TailSkillLogsResponse]:
+        """The dispatcher's stream of every executor's lines, relayed as is; `tail` 0 asks for the default."""
+        logtail.check_request(request.skill, request.version)
+        upstream = dispatcher_pb.TailSkillLogsRequest(
+            skill=request.skill, version=request.version, follow=request.follow,
+            tail=min(request.tail or logtail.DEFAULT_TAIL, logtail.MAX_TAIL))
+        remaining = context.time_remaining()
+        call = self._dispatcher.TailSkillLogs(upstream, timeout=remaining, metadata=forwarded_metadata(context))
+        address = self._settings.dispatcher_address
+        async for response in logtail.relay(call, self.log_follows, "gateway",
+                                            lambda err: upstream_error(err, "dispatcher", address)):
+            yield pb.TailSkillLogsResponse(lines=response.lines)
 
     @staticmethod
     def _input_bytes(request: pb.InvokeSkillRequest, payload: str | None) -> bytes:
@@ -113,6 +184,15 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.SKILL_NOT_DEPLOYED,
                             f"skill {name!r} is published but not deployed{hint}",
                             metadata={"skill": name, "latest_version": latest}, domain="dispatcher.clawhub")
+
+
+def _request_id(request: pb.InvokeSkillRequest, context: Context) -> str:
+    """The call's id in every hop's logs and in its skill log lines: the caller's `request_id`, else its
+    `x-request-id` metadata (when it is short enough), else one made up here."""
+    if request.request_id:
+        return request.request_id
+    given = next((str(v) for k, v in context.invocation_metadata() or () if k == REQUEST_ID_METADATA), "")
+    return given if 0 < len(given) <= MAX_REQUEST_ID_CHARS else uuid.uuid4().hex
 
 
 def _suggested(err: grpc.aio.AioRpcError) -> list[str]:

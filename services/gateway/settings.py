@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from services.runtime.auth import AuthSettings
 from services.runtime.channels import CONTROL_MESSAGE_BYTES, ENVELOPE_BYTES, env_payload_size
 from services.runtime.identity import PlatformIdentity, identity_from_env
+from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import env_float, env_int, env_str
 from services.runtime.tls import TlsSettings
@@ -45,6 +46,9 @@ class Settings:
     rate_limits: RateLimitSettings | None = None
     """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
     servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
+    metrics: MetricsSettings = MetricsSettings()
+    """Its Prometheus metrics endpoint (`CLAWHUB_GATEWAY_METRICS_PORT`, `CLAWHUB_METRICS_HOST`;
+    docs/metrics.md); default off."""
     grace_seconds: float = 5.0
     """CLAWHUB_SHUTDOWN_GRACE: seconds to drain in-flight calls on SIGTERM."""
 
@@ -83,5 +87,6 @@ class Settings:
             auth=AuthSettings.from_env(),
             tls=TlsSettings.from_env(),
             rate_limits=RateLimitSettings.from_env(),
+            metrics=MetricsSettings.from_env("gateway"),
             grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", d.grace_seconds, minimum=0),
         )

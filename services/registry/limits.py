@@ -40,8 +40,8 @@ from services.registry.blobs import MAX_CONCURRENT_READS
 from services.registry.trust import Caller, Context
 from services.runtime.auth import current_principal
 from services.runtime.channels import PEER_METADATA, peer_host
-from services.runtime.ratelimit.interceptor import principal_key
 from services.runtime.errors import RateLimitedLog, Reason, ServiceError
+from services.runtime.ratelimit.interceptor import principal_key
 
 log = logging.getLogger("clawhub.registry")
 

@@ -83,7 +83,7 @@ async def build_server(settings: Settings) -> ServiceHost:
             register=register,
             interceptors=[users],
             identity=settings.identity,
-            tls=settings.tls.server, rate_limits=settings.rate_limits,
+            tls=settings.tls.server, rate_limits=settings.rate_limits, metrics=settings.metrics,
             # Requests are small but for publish streams, whose messages are chunks (or the manifest).
             max_receive_bytes=PUBLISH_MESSAGE_BYTES,
         )

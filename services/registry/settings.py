@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.runtime.auth import AuthSettings
 from services.runtime.identity import PlatformIdentity, identity_from_env, read_token_file
+from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_size, env_str
 from services.runtime.tls import TlsSettings
@@ -96,6 +97,9 @@ class Settings:
     rate_limits: RateLimitSettings | None = None
     """Token-bucket rate limits (`CLAWHUB_RATE_*`; docs/ratelimits.md). None: none (what tests that build
     servers directly get); from_env: on unless `CLAWHUB_RATE_LIMITS=off`."""
+    metrics: MetricsSettings = MetricsSettings()
+    """Its Prometheus metrics endpoint (`CLAWHUB_REGISTRY_METRICS_PORT`, `CLAWHUB_METRICS_HOST`;
+    docs/metrics.md); default off."""
     scrub_interval_seconds: float = 86400.0
     """How often the registry hashes every stored blob, quarantining and logging corrupt or missing ones
     (as `clawhub admin verify-blobs` does): `CLAWHUB_REGISTRY_SCRUB_INTERVAL`, seconds, default 86400 (daily,
@@ -126,6 +130,7 @@ class Settings:
                                 if env_str("CLAWHUB_REGISTRY_BOOTSTRAP_KEY_FILE", "") else None),
             tls=TlsSettings.from_env(),
             rate_limits=RateLimitSettings.from_env(),
+            metrics=MetricsSettings.from_env("registry"),
             scrub_interval_seconds=_env_seconds("CLAWHUB_REGISTRY_SCRUB_INTERVAL", 86400.0, zero_ok=True),
         )
 

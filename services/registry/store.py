@@ -22,6 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import aiosqlite
 from clawhub.common.v1 import skill_pb2
 
+from services.runtime import metrics
 from services.runtime.names import is_prerelease, semver_key
 from services.runtime.sqlite import read_transaction, write_transaction
 
@@ -562,6 +563,7 @@ class SqliteMetadataStore:
             for _ in range(2):
                 conn = await aiosqlite.connect(path, isolation_level=None)
                 connections.append(conn)
+                metrics.observe_queries(conn, "registry")  # clawhub_db_query_duration_seconds
                 await _configure(conn)
                 conn.row_factory = aiosqlite.Row
             await migrate(connections[0])

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import wasmtime
 from clawhub.common.v1 import skill_pb2
+from opentelemetry.trace import Span
 
-from services.runtime import bundle
+from services.runtime import bundle, tracing
 from services.runtime.linking import Copy, DependencyGraph, LinkError, dependency_imports, undeclared_imports
 from services.runtime.wasm import (
     FILES_CAPABILITY,
@@ -61,10 +62,15 @@ class Verifier:
         if abi is None:
             name = skill_pb2.Abi.Name(manifest.abi) if manifest.abi in skill_pb2.Abi.values() else manifest.abi
             return [f"the manifest declares ABI {name}, which this registry does not support"]
-        async with self._slots:
-            _module, problems = await asyncio.to_thread(compile_and_check, self._engine, data, abi,
-                                                        list(manifest.capabilities),
-                                                        {d.package for d in manifest.dependencies})
+        with tracing.span("registry.verify.module") as span:
+            if span.is_recording():
+                span.set_attributes({**_about(manifest), "clawhub.skill.abi": abi.name,
+                                     "clawhub.module.bytes": len(data)})
+            async with self._slots:
+                _module, problems = await asyncio.to_thread(compile_and_check, self._engine, data, abi,
+                                                            list(manifest.capabilities),
+                                                            {d.package for d in manifest.dependencies})
+            _noted(span, problems)
         return problems
 
     async def verify_bundle(self, path: Path | None, manifest: skill_pb2.Manifest) -> list[str]:
@@ -80,8 +86,12 @@ class Verifier:
                             f"`{FILES_CAPABILITY}` capability, so the skill could never read it")
         if not manifest.files:
             problems.append("a file bundle was uploaded but the manifest lists no files")
-        async with self._slots:
-            problems += await asyncio.to_thread(bundle.problems, path, list(manifest.files))
+        with tracing.span("registry.verify.bundle") as span:
+            if span.is_recording():
+                span.set_attributes({**_about(manifest), "clawhub.bundle.files": len(manifest.files)})
+            async with self._slots:
+                problems += await asyncio.to_thread(bundle.problems, path, list(manifest.files))
+            _noted(span, problems)
         return problems
 
     def _module(self, data: bytes) -> wasmtime.Module:
@@ -137,5 +147,22 @@ class Verifier:
                 return exc.problems
             return []
 
-        async with self._slots:
-            return await asyncio.to_thread(check)
+        with tracing.span("registry.verify.links") as span:
+            if span.is_recording():
+                span.set_attributes({**_about(manifest), "clawhub.dependencies": len(copies)})
+            async with self._slots:
+                problems = await asyncio.to_thread(check)
+            _noted(span, problems)
+        return problems
+
+
+def _about(manifest: skill_pb2.Manifest) -> dict[str, str]:
+    return {"clawhub.skill": manifest.name, "clawhub.skill.version": manifest.version}
+
+
+def _noted(span: Span, problems: list[str]) -> None:
+    """The outcome of a verification step on its span: how many problems, and the first one."""
+    if span.is_recording():
+        span.set_attribute("clawhub.verify.problems", len(problems))
+        if problems:
+            tracing.fail(span, problems[0][:200], "VERIFICATION_FAILED")

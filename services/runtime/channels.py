@@ -162,6 +162,11 @@ def channel(address: str, *, max_receive_bytes: int = CONTROL_MESSAGE_BYTES,
         opened = grpc.aio.secure_channel(address, security.tls.credentials(), options=options)
     else:
         opened = grpc.aio.insecure_channel(address, options=options)
+    # When tracing is on, each call gets a client span and carries its traceparent (services/runtime/tracing.py;
+    # imported here so that the CLI, which imports this module, does not load OpenTelemetry).
+    from services.runtime import tracing
+
+    opened = tracing.traced(opened)
     return TokenChannel(opened, security.token) if security.token else opened
 
 

@@ -557,8 +557,12 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
     call) and the RPC ends as cancelled, with at most one rate-limited log line, never a traceback.
     """
 
-    def __init__(self, domain: str, *, public: bool = False, internal_addresses: Iterable[str] = ()) -> None:
+    def __init__(self, domain: str, *, public: bool = False, internal_addresses: Iterable[str] = (),
+                 observe: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler] | None = None) -> None:
         self._domain = domain
+        # Wraps each method's wrapped handler once more, outside the error handling (RPC metrics:
+        # services/runtime/metrics.py), so it sees the status the caller gets without another interceptor.
+        self._observe = observe
         self._public = public
         self._internal_addresses = frozenset(internal_addresses)
         super().__init__()
@@ -566,6 +570,10 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
         self._gone_log = RateLimitedLog(log)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        wrapped = self._wrap_errors(handler, method)
+        return wrapped if self._observe is None else self._observe(wrapped, method)
+
+    def _wrap_errors(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         decode = _decoder(handler.request_deserializer) if handler.request_deserializer else None
         raw = handler._replace(request_deserializer=None)
         if handler.unary_unary:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import signal
 import socket
 import sys
@@ -18,10 +17,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from services.runtime import logs, tracing
 from services.runtime.channels import CONTROL_MESSAGE_BYTES, SERVER_OPTIONS, size_options
 from services.runtime.errors import ErrorInterceptor
 from services.runtime.identity import PlatformAuthInterceptor, PlatformIdentity
 from services.runtime.lifeline import follow_supervisor
+from services.runtime.metrics import MetricsSettings, RpcMetrics, serve_metrics
 from services.runtime.policy import INTERNAL_CALLERS
 from services.runtime.ratelimit.interceptor import PrincipalIdentity, rate_limit_interceptor
 from services.runtime.ratelimit.policy import RateLimitSettings
@@ -67,6 +68,11 @@ class ServiceHost:
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Run after the server drained, in order (close databases, channels, pools).
     closers: list[Closer] = field(default_factory=list)
+    # Run once the health says NOT_SERVING, before the drain: end the streams that never end by themselves
+    # (`clawhub logs --follow`), which would otherwise hold the drain for the whole grace period.
+    end_streams: list[Closer] = field(default_factory=list)
+    # Where Prometheus scrapes this service (services/runtime/metrics.py); empty when its metrics port is off.
+    metrics_url: str = ""
     _stopped: bool = False
 
     async def start(self) -> None:
@@ -87,6 +93,11 @@ class ServiceHost:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        for end in self.end_streams:
+            try:
+                await end()
+            except Exception:  # noqa: BLE001 - the drain still ends them at its grace
+                log.exception("error while ending the streams of %s", self.name)
         await self.server.stop(self.grace_seconds if grace is None else grace)
         for close in self.closers:
             try:
@@ -114,6 +125,7 @@ def create_server(
     check_callers: bool = True,
     tls: ServerTls | None = None,
     rate_limits: RateLimitSettings | None = None,
+    metrics: MetricsSettings | None = None,
 ) -> ServiceHost:
     """Build a server serving `register`'s services plus health and reflection, bound to host:port.
 
@@ -133,6 +145,9 @@ def create_server(
 
     `rate_limits` (None or `CLAWHUB_RATE_LIMITS=off`: none): token buckets checked after authentication, keyed
     by the principal or calling service it established (services/runtime/ratelimit/; docs/ratelimits.md).
+
+    `metrics` with a port (`CLAWHUB_<NAME>_METRICS_PORT`): every RPC is counted and timed, and the process's
+    Prometheus registry is served on that port (services/runtime/metrics.py; docs/metrics.md).
     """
     names = tuple(service_names)
     if port and not share_port:
@@ -144,8 +159,13 @@ def create_server(
     limiter = (rate_limit_interceptor(rate_limits, domain=f"{name}.clawhub",
                                       identify=PrincipalIdentity(trust_forwarded_peer=not public))
                if rate_limits is not None else None)
+    # Outermost, and only when tracing is on (services/runtime/tracing.py): the span sees the final status.
+    traced = tracing.server_interceptor(name)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(f"{name}.clawhub", public=public, internal_addresses=internal_addresses),
+        interceptors=[*([traced] if traced is not None else []),
+                      ErrorInterceptor(f"{name}.clawhub", public=public, internal_addresses=internal_addresses,
+                                       observe=RpcMetrics().observe if metrics is not None and metrics.enabled
+                                       else None),
                       *([PlatformAuthInterceptor(identity, INTERNAL_CALLERS)]
                         if identity is not None and check_callers else []),
                       *interceptors,
@@ -170,6 +190,11 @@ def create_server(
                                grace_seconds=grace_seconds)
     if limiter is not None:
         service_host.closers.append(limiter.close)
+    if metrics is not None and metrics.enabled:
+        # Bound now, so a taken metrics port stops the service before it serves (like a taken gRPC port).
+        endpoint = serve_metrics(metrics, name)
+        service_host.metrics_url = endpoint.url
+        service_host.closers.append(endpoint.close)
     return service_host
 
 
@@ -192,23 +217,24 @@ def _refuse_taken_port(name: str, host: str, port: int, variable: str) -> None:
                         f"holds it); stop it, or set {variable} to another port (0 picks a free one)") from None
 
 
-def configure_logging() -> None:
-    level = getattr(logging, os.environ.get("CLAWHUB_LOG_LEVEL", "INFO").upper(), logging.INFO)
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiosqlite logs every statement with its parameters at DEBUG, and those include deploy-time env values
-    # (secrets): never below INFO, whatever CLAWHUB_LOG_LEVEL says.
-    logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))
+def configure_logging(service: str = "") -> None:
+    """Logs to stderr as text or JSON lines (`CLAWHUB_LOG_FORMAT`), with trace ids: services/runtime/logs.py.
+    A bad setting raises SettingsError."""
+    logs.configure(service)
 
 
 def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str, name: str = "") -> None:
     """Entry point of `python -m services.<name>`: build, start, serve until SIGTERM/SIGINT, stop."""
     # First: a service `clawhub up` started stops when `up` is gone, even while it is still building.
     lifeline = follow_supervisor()
-    configure_logging()
+    try:
+        configure_logging(name)
+    except SettingsError as exc:
+        print(f"clawhub: {name + ': ' if name else ''}{exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    # From the OTEL_* variables; nothing at all when they configure no exporter. Before `build`: servers and
+    # channels are traced as they are made.
+    tracing.setup(name or "service")
 
     async def main() -> None:
         service = await build()
@@ -220,6 +246,9 @@ def run(build: Callable[[], Awaitable[ServiceHost]], *, host: str, name: str = "
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await service.start()
+        if service.metrics_url:
+            # Before the `listening` line, so `clawhub up` knows it once the service is ready.
+            print(f"clawhub {service.name} metrics on {service.metrics_url}", flush=True)
         # The line `clawhub up` waits for; keep its shape stable.
         print(f"clawhub {service.name} listening on {host_port(host, service.port)}", flush=True)
         await stop.wait()

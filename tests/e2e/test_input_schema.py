@@ -21,7 +21,7 @@ from tests.e2e.conftest import ROOT, Suite
 from tests.e2e.test_suite import _child_pids
 from tests.e2e.test_users import _second_gateway, run
 
-SKILL = "com.example.shout"
+SKILL = "com.example.schema-checked"
 SCHEMA = {"type": "object", "required": ["text"],
           "properties": {"text": {"type": "string", "pattern": "^(a+)+$"}, "n": {"type": "integer"}}}
 

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
+from services.runtime import metrics, tracing
 from services.runtime.auth import current_principal
 from services.runtime.channels import PEER_METADATA, peer_host
 from services.runtime.errors import (
@@ -199,8 +200,10 @@ class RateLimiter:
             self.counters.allowed += 1
         elif decision.unavailable:
             self.counters.unavailable += 1
+            metrics.rate_limit_refused(call.method_class, unavailable=True)
         else:
             self.counters.refused += 1
+            metrics.rate_limit_refused(call.method_class)
         return decision, limit
 
     async def close(self) -> None:
@@ -245,6 +248,9 @@ class RateLimitInterceptor(HandlerWrappingInterceptor):
         self.limiter = limiter
         self._domain = domain
         self._identify: Identify = identify if identify is not None else PeerIdentity()
+        # A `ratelimit` span per call only when tracing is on (chosen once: nothing is added otherwise).
+        if tracing.enabled():
+            self._admit = self._traced_admit  # type: ignore[method-assign]
 
     @property
     def counters(self) -> RateLimitCounters:
@@ -266,6 +272,16 @@ class RateLimitInterceptor(HandlerWrappingInterceptor):
         if requests is not None:
             await _drain(requests)
         await context.abort(code, message, trailing_metadata=trailing)
+
+    async def _traced_admit(self, method: str, context: Any, request: Any, requests: Any = None) -> None:
+        with tracing.span("ratelimit") as span:
+            try:
+                await RateLimitInterceptor._admit(self, method, context, request, requests)
+            except grpc.aio.AbortError:
+                span.set_attribute("clawhub.ratelimit.refused", True)
+                tracing.fail(span, "refused (the status says why)")
+                raise
+            span.set_attribute("clawhub.ratelimit.refused", False)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary:
