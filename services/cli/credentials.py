@@ -10,6 +10,7 @@ an admin key on the suite's first start (`<data-dir>/secrets/admin.key`, 0600; t
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -59,12 +60,20 @@ def lookup(gateway: str) -> str:
 
 
 def remember(gateway: str, token: str, data_dir: Path) -> Path:
-    """Record `token` for `gateway` (0600); returns the file's path."""
-    data = _read()
-    for name in _aliases(gateway):
-        data["gateways"][name] = {"token": token, "data_dir": str(data_dir.resolve())}
+    """Record `token` for `gateway` (0600); returns the file's path. Several `clawhub up` starting at once (one
+    per data dir) each add their entry: the read-modify-write holds an exclusive lock on a lock file beside it,
+    so none loses another's."""
     path = credentials_path()
-    write_private_json(path, data)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _read()
+        for name in _aliases(gateway):
+            data["gateways"][name] = {"token": token, "data_dir": str(data_dir.resolve())}
+        write_private_json(path, data)
+    finally:
+        os.close(lock)  # releases the lock
     return path
 
 

@@ -193,13 +193,13 @@ class DispatcherServicer(pb_grpc.DispatcherServiceServicer):
         started = loop.time()
         key = VersionStats.key(request.skill, target)
         try:
-            with tracing.span("dispatcher.route") as span:
-                if span.is_recording():
-                    span.set_attributes({"clawhub.skill": request.skill, "clawhub.skill.version": target.version,
-                                         "clawhub.skill.digest": target.digest, "clawhub.route.weight": target.weight,
-                                         "clawhub.route.role": routing_pb2.RouteTargetRole.Name(target.role),
-                                         "clawhub.route.candidate": candidate})
-                response = await self._call_executors(request, target, deadline, metadata)
+            # The route choice takes microseconds: attributes on the Dispatch span, not a span of its own.
+            if tracing.enabled():
+                tracing.annotate({"clawhub.skill": request.skill, "clawhub.skill.version": target.version,
+                                  "clawhub.skill.digest": target.digest, "clawhub.route.weight": target.weight,
+                                  "clawhub.route.role": routing_pb2.RouteTargetRole.Name(target.role),
+                                  "clawhub.route.candidate": candidate})
+            response = await self._call_executors(request, target, deadline, metadata)
         except asyncio.CancelledError:
             if candidate:
                 self._stats.record(key, loop.time() - started, failed=True)

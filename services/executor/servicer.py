@@ -188,11 +188,16 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                 field_violations=[("input", f"at most {max_input} bytes")])
         _check_strings(request)
         capabilities = list(request.capabilities)
-        with tracing.span("executor.module_load") as span:
-            # The tier is set here when hot, by the loader when it loads (warm or cold).
-            compiled, hot = await self._loader.get(digest, capabilities, metered=limits.fuel > 0)
-            if hot and span.is_recording():
-                span.set_attributes({"clawhub.module.tier": "hot", "clawhub.skill.digest": digest})
+        if self._loader.is_hot(digest, metered=limits.fuel > 0):
+            # Hot: a dict lookup, an attribute of the Execute span rather than a span of its own.
+            compiled, _ = await self._loader.get(digest, capabilities, metered=limits.fuel > 0)
+            tracing.annotate({"clawhub.module.tier": "hot"})
+        else:
+            with tracing.span("executor.module_load") as span:
+                # The tier (warm or cold) is set by the loader when it loads.
+                compiled, hot = await self._loader.get(digest, capabilities, metered=limits.fuel > 0)
+                if hot and span.is_recording():  # another call loaded it meanwhile
+                    span.set_attributes({"clawhub.module.tier": "hot", "clawhub.skill.digest": digest})
         compiled = await self._links.link(compiled, request.dependencies)
         bundle_dir = await self._bundle_dir(request.bundle_digest, capabilities)
         grant = Grant.of(capabilities, env=request.env, args=request.args, bundle_dir=bundle_dir)

@@ -484,8 +484,8 @@ class UserAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         for method, descriptor in (descriptors or {}).items():
             self._classes[method] = message_factory.GetMessageClass(descriptor.input_type)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-        # An `auth` span per check only when tracing is on (chosen once: nothing is added otherwise). Imported
-        # here: the CLI imports this module and has no use for OpenTelemetry.
+        # Authentication attributes on the call's span only when tracing is on (chosen once: nothing is added
+        # otherwise). Imported here: the CLI imports this module and has no use for OpenTelemetry.
         from services.runtime import tracing
 
         if tracing.enabled():
@@ -556,14 +556,15 @@ class UserAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             first: Callable[[], Awaitable[Any]] | None = None) -> tuple[Principal | None, str]:
         from services.runtime import tracing
 
-        with tracing.span("auth") as span:
+        try:
             principal, name = await UserAuthInterceptor._check(self, method, rule, request, context, first)
-            if span.is_recording():
-                span.set_attributes({"clawhub.auth.permission": rule.permission,
-                                     "clawhub.auth.principal": principal.name if principal else "anonymous",
-                                     "clawhub.auth.kind": principal.kind if principal else "",
-                                     "clawhub.auth.name": name})
-            return principal, name
+        except ServiceError as exc:
+            tracing.annotate({"clawhub.auth.permission": rule.permission, "clawhub.auth.refused": str(exc.reason)})
+            raise
+        tracing.annotate({"clawhub.auth.permission": rule.permission,
+                          "clawhub.auth.principal": principal.name if principal else "anonymous",
+                          "clawhub.auth.kind": principal.kind if principal else "", "clawhub.auth.name": name})
+        return principal, name
 
     async def _record(self, principal: Principal | None, method: str, rule: Rule, request: Any, context: Any,
                       name: str, exc: BaseException | None) -> None:

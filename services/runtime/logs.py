@@ -42,9 +42,16 @@ def log_format() -> str:
 
 
 def current_ids() -> tuple[str, str]:
-    """(trace id, span id) of the current span as lowercase hex, or ("", "") when there is none."""
+    """(trace id, span id) of the current span as lowercase hex; for a call tracing does not record, the ids of
+    its `traceparent` (so its lines still share an id across services); ("", "") when there is neither."""
     context = trace.get_current_span().get_span_context()
     if not context.is_valid:
+        from services.runtime import tracing  # here: tracing imports the SDK's pieces lazily, logs stay light
+
+        entries = tracing.unsampled_entries()
+        if entries:
+            parts = entries[0][1].split("-")
+            return (parts[1], parts[2]) if len(parts) == 4 else ("", "")
         return "", ""
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
 

@@ -32,9 +32,12 @@ import asyncio
 import inspect
 import logging
 import os
+import random
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -75,6 +78,20 @@ _enabled = False
 # The metadata keys the configured propagators read (OTEL_PROPAGATORS; W3C's by default).
 _fields: frozenset[str] = frozenset(TRACE_KEYS)
 
+# The fast path for calls that are not recorded (nine in ten with the default sampler). With a parent-based
+# sampler (ours, or any `parentbased_*`), whether a call is recorded is decided once, where its trace starts, and
+# every hop follows the `traceparent` flag. So a call that arrives with an unsampled `traceparent` is handled with
+# no OpenTelemetry call at all: its trace entries are kept in _UNSAMPLED, passed on unchanged to the calls it
+# makes, and every span site sees them and does nothing. Where a trace starts here (no `traceparent`), the root
+# decision is made here too, at `_root_ratio` (the sampler's ratio; the SDK's sampler is then parent-based
+# always-on, so it records exactly the roots chosen here); an unsampled root gets a fresh random trace id, so
+# logs of one call still share an id across services. With a sampler that is not parent-based
+# (`always_on`, `traceidratio`, …) none of this applies and the SDK decides every span.
+_UNSAMPLED: ContextVar[tuple[tuple[str, str], ...] | None] = ContextVar("clawhub_unsampled_trace", default=None)
+_parent_based = False
+_root_ratio: float | None = None
+_random = random.Random()
+
 
 def enabled() -> bool:
     """Whether this process traces (setup found an exporter, or a test installed one)."""
@@ -107,13 +124,14 @@ def setup(service: str) -> bool:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
     resource = Resource.create({"service.name": service_name(service),
                                 "service.namespace": "clawhub",
                                 "service.instance.id": f"{socket.gethostname()}:{os.getpid()}"})
     # Without OTEL_TRACES_SAMPLER the SDK would sample everything (parentbased_always_on): ours is the default.
-    sampler = None if os.environ.get("OTEL_TRACES_SAMPLER", "").strip() else ParentBasedTraceIdRatio(DEFAULT_RATIO)
+    ratio = root_ratio(os.environ)
+    sampler = ParentBased(ALWAYS_ON) if ratio is not None else None  # None: the SDK reads OTEL_TRACES_SAMPLER
     provider = TracerProvider(resource=resource, sampler=sampler)
     exporters = {e.strip().lower() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if e.strip()}
     for name in sorted(exporters - {"none"}):
@@ -132,16 +150,16 @@ def setup(service: str) -> bool:
 
             exporter = OTLPSpanExporter()
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    _install(provider)
+    _install(provider, ratio)
     trace.set_tracer_provider(provider)
     log.info("tracing on: service %s, sampler %s", service_name(service),
              os.environ.get("OTEL_TRACES_SAMPLER", "").strip() or DEFAULT_SAMPLER)
     return True
 
 
-def install_in_memory(exporter: Any = None) -> Any:
-    """Test hook: record every span (always-on sampler) into an InMemorySpanExporter, synchronously; returns it.
-    Servers and channels built afterwards are traced."""
+def install_in_memory(exporter: Any = None, ratio: float = 1.0) -> Any:
+    """Test hook: record spans into an InMemorySpanExporter, synchronously; returns it. Parent-based, recording
+    `ratio` of the traces started here (all by default). Servers and channels built afterwards are traced."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -151,7 +169,7 @@ def install_in_memory(exporter: Any = None) -> Any:
     exporter = exporter or InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "clawhub-tests"}), sampler=ALWAYS_ON)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    _install(provider)
+    _install(provider, ratio)
     return exporter
 
 
@@ -163,9 +181,30 @@ def uninstall() -> None:
         provider.shutdown()
 
 
-def _install(provider: Any) -> None:
-    global _tracer, _provider, _enabled, _fields
+def root_ratio(env: Mapping[str, str]) -> float | None:
+    """The share of traces started here that are recorded, when the sampler is parent-based (ours by default);
+    None for a sampler that is not (the SDK then decides every span)."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not name:
+        return DEFAULT_RATIO
+    if name == "parentbased_always_on":
+        return 1.0
+    if name == "parentbased_always_off":
+        return 0.0
+    if name == "parentbased_traceidratio":
+        try:
+            return min(max(float(env.get("OTEL_TRACES_SAMPLER_ARG", "1.0")), 0.0), 1.0)
+        except ValueError:
+            log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a ratio; recording every trace",
+                        env.get("OTEL_TRACES_SAMPLER_ARG"))
+            return 1.0
+    return None
+
+
+def _install(provider: Any, ratio: float | None) -> None:
+    global _tracer, _provider, _enabled, _fields, _parent_based, _root_ratio
     _fields = frozenset(propagate.get_global_textmap().fields)
+    _parent_based, _root_ratio = ratio is not None, ratio
     _provider, _tracer, _enabled = provider, provider.get_tracer("clawhub"), True
 
 
@@ -182,9 +221,25 @@ def span(name: str, attributes: Mapping[str, Any] | None = None, *, context: Con
     """A span around a block, current inside it; a shared no-op when tracing is off. Build costly attributes
     only `if span.is_recording()`. An exception leaving the block marks the span failed with its gRPC code and
     ErrorInfo reason (a cancellation does not: it records `clawhub.cancelled`)."""
-    if not _enabled or _unsampled(trace.get_current_span(context)):
+    if not _enabled or (_UNSAMPLED.get() is not None and context is None):
         return _NOOP
+    parent = trace.get_current_span(context)
+    if _unsampled(parent):
+        return _NOOP
+    if _root_ratio is not None and not parent.get_span_context().is_valid and not _root_sampled():
+        # A trace that would start here (a release, a background task) and is not chosen: nothing inside it is
+        # recorded either, and the calls it makes say so.
+        return _unsampled_block()
     return _span(name, attributes, context, kind)
+
+
+@contextmanager
+def _unsampled_block() -> Iterator[Span]:
+    marker = _UNSAMPLED.set(_new_unsampled())
+    try:
+        yield INVALID_SPAN
+    finally:
+        _UNSAMPLED.reset(marker)
 
 
 def _unsampled(parent: Span) -> bool:
@@ -219,6 +274,66 @@ def start_span(name: str) -> Span | None:
     """A span the caller ends (`.end()`), child of the current span when that one is recording; else None (and
     when tracing is off). For hot paths where a `with` block does not fit."""
     return _tracer.start_span(name) if _enabled and trace.get_current_span().is_recording() else None
+
+
+def annotate(attributes: Mapping[str, Any]) -> None:
+    """Attributes on the current span when it is recorded: for steps that take microseconds (authentication, a
+    rate-limit bucket, the route choice, a hot module), which would cost more as spans of their own than they
+    take."""
+    if _enabled:
+        current = trace.get_current_span()
+        if current.is_recording():
+            current.set_attributes(attributes)
+
+
+def retro_span(name: str, start_ns: int, attributes: Mapping[str, Any] | None = None) -> Span | None:
+    """A span that began at `start_ns` and ends now, child of the current span when that one is recorded (a step
+    only known to deserve a span once it is over: a module that was not hot). The caller may set more and must
+    `.end()` it."""
+    if not _enabled or not trace.get_current_span().is_recording():
+        return None
+    return _tracer.start_span(name, attributes=attributes, start_time=start_ns)
+
+
+def unsampled_entries() -> tuple[tuple[str, str], ...] | None:
+    """The trace entries of the call being handled when it is not recorded (the fast path), else None."""
+    return _UNSAMPLED.get()
+
+
+def _new_unsampled() -> tuple[tuple[str, str], ...]:
+    return (("traceparent", f"00-{_random.getrandbits(128):032x}-{_random.getrandbits(64):016x}-00"),)
+
+
+def _root_sampled() -> bool:
+    """The root decision (`_root_ratio` is set)."""
+    assert _root_ratio is not None
+    return _root_ratio >= 1.0 or _random.random() < _root_ratio
+
+
+def _unsampled_parent(metadata: Any) -> tuple[tuple[str, str], ...] | None:
+    """The call's trace entries when its `traceparent` is valid and unsampled, with a parent-based sampler."""
+    if not _parent_based:
+        return None
+    found: tuple[tuple[str, str], ...] | None = None
+    for key, value in metadata or ():
+        if key == "traceparent":
+            if not (isinstance(value, str) and len(value) == 55 and value.startswith("00-")
+                    and value.endswith("-00")):
+                return None
+            found = (("traceparent", value),)
+    if found is None:
+        return None
+    state = tuple((k, v) for k, v in metadata if k == "tracestate" and isinstance(v, str))
+    return found + state if state else found
+
+
+def _fast_entries(metadata: Any) -> tuple[tuple[str, str], ...] | None:
+    """The trace entries of a call that is not to be recorded (an unsampled parent, or a root not chosen), for
+    the fast path; None when the call is recorded or the SDK decides."""
+    entries = _unsampled_parent(metadata)
+    if entries is None and _root_ratio is not None and not any(k == "traceparent" for k, _ in metadata or ()):
+        entries = None if _root_sampled() else _new_unsampled()
+    return entries
 
 
 def fail(target: Span, description: str, reason: str = "") -> None:
@@ -278,18 +393,65 @@ _GETTER = _MetadataGetter()
 _EMPTY = Context()
 
 
+# The default propagators (W3C trace context and baggage): with these, the W3C headers are read and written here
+# directly, a few µs instead of the propagation API's tens (a call crosses it twice per hop).
+_W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
+
+
 def extract(metadata: Any) -> Context:
     """The trace context a call's metadata carries (W3C `traceparent` / `tracestate`, and OTEL_PROPAGATORS')."""
     if not any(key in _fields for key, _ in metadata or ()):
         return _EMPTY  # the usual public call: nothing to parse
+    if _fields <= _W3C_FIELDS:
+        parent, state, other = None, None, False
+        for key, value in metadata:
+            if key == "traceparent":
+                parent = value
+            elif key == "tracestate":
+                state = value
+            elif key == "baggage":
+                other = True
+        fast = _parse_traceparent(parent, state) if not other else None
+        if fast is not None:
+            return fast
     return propagate.extract(metadata, getter=_GETTER)
+
+
+def _parse_traceparent(header: Any, state: Any) -> Context | None:
+    """The context of a well-formed version-00 `traceparent` (None for anything else: the API decides)."""
+    if not (isinstance(header, str) and len(header) == 55 and header[:3] == "00-" and header[35] == "-"
+            and header[52] == "-"):
+        return None
+    try:
+        trace_id, span_id, flags = int(header[3:35], 16), int(header[36:52], 16), int(header[53:], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    trace_state = None
+    if isinstance(state, str) and state:
+        from opentelemetry.trace import TraceState
+
+        trace_state = TraceState.from_header([state])
+    span_context = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags & 0xFF),
+                                     trace_state=trace_state)
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_context), _EMPTY)
 
 
 def inject(metadata: Any, target: Span) -> tuple[tuple[str, Any], ...]:
     """`metadata` with its trace entries replaced by `target`'s context."""
+    own = tuple(e for e in metadata or () if e[0] not in TRACE_KEYS)
+    span_context = target.get_span_context()
+    if _fields <= _W3C_FIELDS and span_context.is_valid and not otel_context.get_value("baggage"):
+        entries: tuple[tuple[str, str], ...] = ((
+            "traceparent", f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+                           f"{int(span_context.trace_flags):02x}"),)
+        if span_context.trace_state:
+            entries += (("tracestate", span_context.trace_state.to_header()),)
+        return (*own, *entries)
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(target))
-    return (*(e for e in metadata or () if e[0] not in TRACE_KEYS), *carrier.items())
+    return (*own, *carrier.items())
 
 
 # Server side.
@@ -364,6 +526,15 @@ class ServerTracingInterceptor(HandlerWrappingInterceptor):
     def _wrap_fn(fn: Callable[..., Any], name: str, attributes: Mapping[str, Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(fn):
             async def stream(request: Any, context: Any) -> Any:
+                entries = _fast_entries(context.invocation_metadata())
+                if entries is not None:
+                    marker = _UNSAMPLED.set(entries)
+                    try:
+                        async for item in fn(request, context):
+                            yield item
+                    finally:
+                        _UNSAMPLED.reset(marker)
+                    return
                 with _tracer.start_as_current_span(name, context=extract(context.invocation_metadata()),
                                                    kind=SpanKind.SERVER, attributes=attributes,
                                                    record_exception=False, set_status_on_exception=False) as current:
@@ -378,7 +549,16 @@ class ServerTracingInterceptor(HandlerWrappingInterceptor):
             return stream
 
         async def call(request: Any, context: Any) -> Any:
-            parent = extract(context.invocation_metadata())
+            metadata = context.invocation_metadata()
+            entries = _fast_entries(metadata)
+            if entries is not None:
+                # Not recorded (the fast path above): no OpenTelemetry call at all.
+                marker = _UNSAMPLED.set(entries)
+                try:
+                    return await fn(request, context)
+                finally:
+                    _UNSAMPLED.reset(marker)
+            parent = extract(metadata)
             if _unsampled(trace.get_current_span(parent)):
                 # Not recorded: the caller's context is made current, only so the calls this one makes say so too.
                 token = otel_context.attach(parent)
@@ -440,9 +620,31 @@ class _Traced:
         self._attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_method}
 
     def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
-        parent = trace.get_current_span()
-        if _unsampled(parent):
-            return self._inner(*args, metadata=inject(metadata, parent), **kwargs)
+        entries = _UNSAMPLED.get()
+        if entries is None:
+            parent = trace.get_current_span()
+            if not parent.is_recording():
+                if _unsampled(parent):
+                    return self._inner(*args, metadata=inject(metadata, parent), **kwargs)
+                # A call outside any trace (a background report, a watch): it starts one, by the root decision.
+                if _root_ratio is not None and not _root_sampled():
+                    entries = _new_unsampled()
+                else:
+                    return self._root_call(args, metadata, kwargs)
+        if entries is not None:
+            own = (*(e for e in metadata if e[0] not in TRACE_KEYS), *entries) if metadata else entries
+            return self._inner(*args, metadata=own, **kwargs)
+        # Inside a recorded call: the callee's SERVER span is the child of the current span. A CLIENT span is made
+        # only for a call that fails (from its start time, after the fact): a successful hop would cost a span
+        # (tens of µs in the SDK) to say what the callee's own span says; a failed one says why the callee's span
+        # is missing or what the caller saw.
+        started = time.time_ns()
+        call = self._inner(*args, metadata=inject(metadata, parent), **kwargs)
+        call.add_done_callback(partial(_client_ended, self._name, self._attributes, otel_context.get_current(),
+                                       started))
+        return call
+
+    def _root_call(self, args: Any, metadata: Any, kwargs: Any) -> Any:
         current = _tracer.start_span(self._name, kind=SpanKind.CLIENT, attributes=self._attributes)
         try:
             call = self._inner(*args, metadata=inject(metadata, current), **kwargs)
@@ -453,6 +655,18 @@ class _Traced:
         if current.is_recording():
             call.add_done_callback(partial(_end_client, current))
         return call
+
+
+def _client_ended(name: str, attributes: Mapping[str, Any], parent: Context, started: int, call: Any) -> None:
+    """A traced call ended: a CLIENT span (from its start) only when it failed."""
+    try:
+        status = call._cython_call._status
+        failed = call.cancelled() or (status is not None and int(status.code()) != 0)
+    except Exception:  # noqa: BLE001 - a grpc without these internals: treat as failed, so nothing is hidden
+        failed = True
+    if failed:
+        _end_client(_tracer.start_span(name, context=parent, kind=SpanKind.CLIENT, attributes=attributes,
+                                       start_time=started), call)
 
 
 class TracedChannel(grpc.aio.Channel):  # type: ignore[misc]

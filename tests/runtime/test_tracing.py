@@ -84,35 +84,42 @@ async def test_one_invocation_is_one_trace_across_the_three_services(chain: Chai
     assert gateway.parent is not None and f"{gateway.parent.span_id:016x}" == traceparent.split("-")[2]
     dispatcher = _one(found, DISPATCHER, SpanKind.SERVER)
     executor = _one(found, EXECUTOR, SpanKind.SERVER)
-    # Each hop's server span is the child of the caller's client span, itself inside the caller's server span.
-    to_dispatcher = _parent_of(dispatcher, found)
-    assert (to_dispatcher.name, to_dispatcher.kind) == (DISPATCHER, SpanKind.CLIENT)
-    to_executor = _parent_of(executor, found)
-    assert (to_executor.name, to_executor.kind) == (EXECUTOR, SpanKind.CLIENT)
-    ancestors = []
-    walk = to_executor
-    while walk.parent is not None and walk is not gateway:
-        walk = _parent_of(walk, found)
-        ancestors.append(walk.name)
-    assert ancestors[-1] == GATEWAY and DISPATCHER in ancestors, ancestors
+    # Each hop's server span is the child of the caller's server span (a successful hop makes no CLIENT span: the
+    # callee's own span says all it would).
+    assert _parent_of(dispatcher, found) is gateway
+    assert _parent_of(executor, found) is dispatcher
+    assert not [s.name for s in found if s.kind == SpanKind.CLIENT and s.name in (DISPATCHER, EXECUTOR)]
     for server in (gateway, dispatcher, executor):
         assert _attrs(server)[tracing.GRPC_STATUS] == 0
         assert server.status.status_code != StatusCode.ERROR
-    names = {s.name for s in found}
-    assert {"dispatcher.route", "executor.module_load", "sandbox.run"} <= names, names
-    route = _one(found, "dispatcher.route", SpanKind.INTERNAL)
-    assert _attrs(route)["clawhub.skill.version"] == "1.0.0"
-    assert _attrs(route)["clawhub.route.weight"] == 100
+    # Steps that take microseconds are attributes of their call's span: authentication and rate limits at the
+    # gateway (when on), the route choice at the dispatcher, a hot module at the executor.
+    assert _attrs(dispatcher)["clawhub.skill.version"] == "1.0.0"
+    assert _attrs(dispatcher)["clawhub.route.weight"] == 100
+    assert _attrs(dispatcher)["clawhub.executor"]
     run = _one(found, "sandbox.run", SpanKind.INTERNAL)
-    assert _parent_of(run, found).name == EXECUTOR
+    assert _parent_of(run, found) is executor
     attrs = _attrs(run)
     assert attrs["clawhub.skill"] == ECHO_SKILL and attrs["clawhub.sandbox.verdict"] == "ok"
-    assert attrs["clawhub.sandbox.peak_memory_bytes"] > 0
+    assert attrs["clawhub.sandbox.peak_memory_bytes"] > 0 and attrs["clawhub.sandbox.instantiate_ms"] >= 0
     # The run happened on a worker thread: it still joins the executor's span.
     assert run.context.trace_id == gateway.context.trace_id
-    assert _parent_of(_one(found, "sandbox.instantiate", SpanKind.INTERNAL), found) is run
-    load = _one(found, "executor.module_load", SpanKind.INTERNAL)
-    assert _attrs(load)["clawhub.module.tier"] in ("hot", "warm", "cold")
+    # The module was loaded by the chain's first calls or now: a load span with its tier, or `hot` on the span.
+    loads = [s for s in found if s.name == "executor.module_load"]
+    if loads:
+        assert _attrs(loads[0])["clawhub.module.tier"] in ("warm", "cold")
+    else:
+        assert _attrs(executor)["clawhub.module.tier"] == "hot"
+    # Four spans per invocation in the steady state: what one sampled call costs (bench/observability_cost.py).
+    await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name=ECHO_SKILL, raw_input=b"again"), timeout=10,
+                                 metadata=(("traceparent", tracing.new_traceparent()[0]),))
+    spans.clear()
+    again, again_id = tracing.new_traceparent()
+    await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name=ECHO_SKILL, raw_input=b"again"), timeout=10,
+                                 metadata=(("traceparent", again),))
+    steady = [s for s in spans.get_finished_spans() if f"{s.context.trace_id:032x}" == again_id
+              and s.kind != SpanKind.CLIENT]  # (the executor's provenance check may ask about a namespace: NOT_FOUND)
+    assert sorted(s.name for s in steady) == sorted([GATEWAY, DISPATCHER, EXECUTOR, "sandbox.run"]), steady
 
 
 async def test_a_call_without_traceparent_starts_its_own_trace(chain: Chain, spans: InMemorySpanExporter) -> None:
@@ -137,8 +144,9 @@ async def test_a_failed_call_records_its_status_and_reason(chain: Chain, spans: 
     assert _attrs(gateway)[tracing.GRPC_STATUS] == raised.value.code().value[0]
     assert _attrs(gateway)[tracing.ERROR_REASON] == info.reason
     # The dispatcher's refusal, as it sent it and as the gateway received it (the gateway tells its public
-    # callers NOT_FOUND for a skill that is not deployed).
+    # callers NOT_FOUND for a skill that is not deployed): a failed hop gets a CLIENT span, from its start.
     sent, received = _one(found, DISPATCHER, SpanKind.SERVER), _one(found, DISPATCHER, SpanKind.CLIENT)
+    assert received.start_time <= sent.start_time and _parent_of(sent, found) is gateway
     assert _attrs(sent)[tracing.GRPC_STATUS] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert _attrs(sent)[tracing.ERROR_REASON] == "SKILL_NOT_DEPLOYED"
     for span in (gateway, sent, received):
@@ -245,3 +253,67 @@ async def test_a_call_its_caller_did_not_sample_is_recorded_nowhere(chain: Chain
     # (Background calls outside any call, such as the dispatcher's stats reports, start traces of their own.)
     trace_id = int(unsampled.split("-")[1], 16)
     assert not [(s.name, s.kind) for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
+
+
+def test_the_root_ratio_follows_the_parent_based_samplers() -> None:
+    assert tracing.root_ratio({}) == tracing.DEFAULT_RATIO
+    assert tracing.root_ratio({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}) == 1.0
+    assert tracing.root_ratio({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}) == 0.0
+    assert tracing.root_ratio({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                               "OTEL_TRACES_SAMPLER_ARG": "0.25"}) == 0.25
+    # Not parent-based: the SDK decides every span, no fast path.
+    assert tracing.root_ratio({"OTEL_TRACES_SAMPLER": "always_on"}) is None
+    assert tracing.root_ratio({"OTEL_TRACES_SAMPLER": "traceidratio"}) is None
+
+
+async def test_a_call_not_chosen_at_its_root_is_recorded_nowhere(start_service: Starter, tmp_path: Path) -> None:
+    """Ratio 0: the gateway decides at the root not to record, and no service makes a span of the call (it still
+    passes an unsampled traceparent on, so log lines of one call share a trace id); nor does a span started
+    outside any call."""
+    exporter = tracing.install_in_memory(ratio=0.0)
+    try:
+        chain = await start_chain(start_service, tmp_path)
+        try:
+            for _ in range(3):
+                response = await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name=ECHO_SKILL, raw_input=b"q"),
+                                                        timeout=10)
+                assert response.raw_output == b"q"
+            with tracing.span("outside a call") as span:
+                assert not span.is_recording()
+                with tracing.span("inside it") as inner:
+                    assert not inner.is_recording()
+                assert tracing.unsampled_entries() is not None
+        finally:
+            await chain.channel.close()
+        names = [(s.name, s.kind) for s in exporter.get_finished_spans()
+                 if s.name in (GATEWAY, DISPATCHER, EXECUTOR, "sandbox.run", "outside a call", "inside it")]
+        assert not names, names
+    finally:
+        tracing.uninstall()
+
+
+@pytest.mark.parametrize("header", [
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # invalid: zero trace id
+    "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # another version
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0x",
+    "not a traceparent",
+])
+def test_w3c_headers_are_read_and_written_as_the_propagation_api_does(header: str) -> None:
+    from opentelemetry import propagate, trace
+
+    tracing.install_in_memory()
+    try:
+        for state in ("", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"):
+            metadata = (("traceparent", header),) + ((("tracestate", state),) if state else ())
+            ours = trace.get_current_span(tracing.extract(metadata)).get_span_context()
+            theirs = trace.get_current_span(propagate.extract(dict(metadata))).get_span_context()
+            assert ours == theirs, (header, state)
+            if ours.is_valid:
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier, context=trace.set_span_in_context(trace.NonRecordingSpan(ours)))
+                written = tracing.inject((("x-other", "kept"), ("traceparent", "stale")), trace.NonRecordingSpan(ours))
+                assert written == (("x-other", "kept"), *carrier.items())
+    finally:
+        tracing.uninstall()

@@ -248,7 +248,7 @@ class RateLimitInterceptor(HandlerWrappingInterceptor):
         self.limiter = limiter
         self._domain = domain
         self._identify: Identify = identify if identify is not None else PeerIdentity()
-        # A `ratelimit` span per call only when tracing is on (chosen once: nothing is added otherwise).
+        # Rate-limit attributes on the call's span only when tracing is on (chosen once: nothing is added otherwise).
         if tracing.enabled():
             self._admit = self._traced_admit  # type: ignore[method-assign]
 
@@ -274,14 +274,12 @@ class RateLimitInterceptor(HandlerWrappingInterceptor):
         await context.abort(code, message, trailing_metadata=trailing)
 
     async def _traced_admit(self, method: str, context: Any, request: Any, requests: Any = None) -> None:
-        with tracing.span("ratelimit") as span:
-            try:
-                await RateLimitInterceptor._admit(self, method, context, request, requests)
-            except grpc.aio.AbortError:
-                span.set_attribute("clawhub.ratelimit.refused", True)
-                tracing.fail(span, "refused (the status says why)")
-                raise
-            span.set_attribute("clawhub.ratelimit.refused", False)
+        try:
+            await RateLimitInterceptor._admit(self, method, context, request, requests)
+        except grpc.aio.AbortError:
+            tracing.annotate({"clawhub.ratelimit.refused": True})
+            raise
+        tracing.annotate({"clawhub.ratelimit.refused": False})
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary:
