@@ -10,7 +10,7 @@ every output checked) in rounds that rotate between the suites:
   nothing installed, nothing recorded, nothing served;
 - **trace 100%**: `OTEL_EXPORTER_OTLP_ENDPOINT` at the receiver and `OTEL_TRACES_SAMPLER=always_on`: every
   call makes and exports the spans of gateway, dispatcher and executor;
-- **trace default**: the same endpoint and the default sampler (parent-based, 10% of the traces started here:
+- **trace default**: the same endpoint and the default sampler (parent-based, 5% of the traces started here:
   services/runtime/tracing.py); the calls carry no trace context, so the gateway's root decision applies;
 - **trace 0%** (for information, no target): the same endpoint with `OTEL_TRACES_SAMPLER=parentbased_traceidratio`
   and `OTEL_TRACES_SAMPLER_ARG=0`: tracing installed, no call recorded, which splits the default sampler's cost

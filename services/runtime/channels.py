@@ -30,6 +30,7 @@ import grpc
 
 from services.runtime.settings import env_size
 from services.runtime.tls import ClientTls
+from services.runtime.wrapchannel import WrappingChannel
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -188,45 +189,18 @@ class _WithToken:
         return self._inner(*args, metadata=own, **kwargs)
 
 
-class TokenChannel(grpc.aio.Channel):  # type: ignore[misc]
+class TokenChannel(WrappingChannel):
     """An aio channel whose every call carries `x-clawhub-service: <token>`: each multi-callable a stub takes
     from it adds the entry to the call's metadata. Not a client interceptor: grpc.aio runs interceptors through
     an extra task per call, which cost about 5% of invoke throughput where this costs one function call
     (docs/security.md, bench/edge_cost.py)."""
 
     def __init__(self, inner: grpc.aio.Channel, token: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._entry = (SERVICE_METADATA, token)
 
-    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
-        return _WithToken(self._inner.unary_unary(*args, **kwargs), self._entry)
-
-    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
-        return _WithToken(self._inner.unary_stream(*args, **kwargs), self._entry)
-
-    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
-        return _WithToken(self._inner.stream_unary(*args, **kwargs), self._entry)
-
-    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
-        return _WithToken(self._inner.stream_stream(*args, **kwargs), self._entry)
-
-    async def close(self, grace: float | None = None) -> None:
-        await self._inner.close(grace)
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self._inner.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._inner.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self._inner.channel_ready()
-
-    async def __aenter__(self) -> TokenChannel:
-        return self
-
-    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
-        await self.close(None)
+    def _wrap(self, method: str, callable_: Any, kind: str) -> Any:
+        return _WithToken(callable_, self._entry)
 
 
 # Metadata the gateway sets, on every call it relays, to the address of the client it relays for (any value the
