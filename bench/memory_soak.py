@@ -30,7 +30,7 @@ from _support import (
 )
 
 from services.executor.sandbox import CompiledModule, RunLimits, RunResult, Sandbox, Verdict
-from services.executor.servicer import WorkerPool
+from services.executor.scheduling import WorkerPool
 from services.executor.settings import Settings
 
 TARGET_GROWTH = 0.10

@@ -35,7 +35,7 @@ from _support import (
 )
 
 from services.executor.sandbox import CompiledModule, Sandbox, Verdict
-from services.executor.servicer import WorkerPool
+from services.executor.scheduling import WorkerPool
 
 TARGET = 1.7
 ITERATIONS = 20_000_000

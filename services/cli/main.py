@@ -328,7 +328,8 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
 
 
 def _invoke_request(args: argparse.Namespace) -> gateway_pb.InvokeSkillRequest:
-    request = gateway_pb.InvokeSkillRequest(name=args.name, request_id=str(uuid.uuid4()))
+    request = gateway_pb.InvokeSkillRequest(name=args.name, request_id=str(uuid.uuid4()),
+                                            no_cache=getattr(args, "no_cache", False))
     if args.input is not None:
         try:
             json_format.Parse(args.input, request.input)
@@ -399,6 +400,9 @@ def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
         usage = response.usage
         print(f"version {response.version}, {usage.wall_time.ToMicroseconds() / 1000:.2f} ms in the sandbox, "
               f"peak memory {usage.peak_memory_bytes:,} bytes", file=sys.stderr)
+        if response.cache_status != gateway_pb.CACHE_STATUS_UNSPECIFIED:  # the skill declares a cache
+            cache = gateway_pb.CacheStatus.Name(response.cache_status).removeprefix("CACHE_STATUS_").lower()
+            print(f"cache: {cache}", file=sys.stderr)
         print(f"trace id: {trace_id}", file=sys.stderr)
     return 0
 
@@ -737,7 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--raw", help="input as raw text")
     group.add_argument("--input-file", help="input as raw bytes from a file ('-' for stdin)")
     p.add_argument("--pretty", action="store_true", help="indent JSON output")
-    p.add_argument("-v", "--verbose", action="store_true", help="print version and usage to stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="print version, usage and cache status to stderr")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the skill even if the gateway holds a cached result (and do not cache this one)")
     p = client_command("status", "list skills with their latest and serving versions")
     p.add_argument("name", nargs="?", help="only this skill")
     p = client_command("rollback", "route a skill back to its previous version")

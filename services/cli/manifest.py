@@ -12,6 +12,7 @@ import wasmtime
 from clawhub.common.v1 import skill_pb2
 
 from services.runtime import bundle
+from services.runtime.cachettl import parse_ttl, to_duration, ttl_problem
 from services.runtime.inputschema import schema_problem
 from services.runtime.names import skill_name_problem, version_problem
 from services.runtime.settings import parse_size
@@ -21,7 +22,7 @@ MANIFEST_FILE = "skill.toml"
 ABIS = {"wasi-command-v1": skill_pb2.ABI_WASI_COMMAND_V1, "memory-v1": skill_pb2.ABI_MEMORY_V1,
         "library-v1": skill_pb2.ABI_LIBRARY_V1}
 _KNOWN_KEYS = {"name", "version", "description", "abi", "module", "capabilities", "limits", "dependencies",
-               "input_schema", "examples", "args", "files"}
+               "input_schema", "examples", "args", "files", "cache"}
 _LIMIT_KEYS = {"memory", "timeout_ms", "max_output", "max_stderr", "max_input", "fuel"}
 
 
@@ -143,6 +144,18 @@ def load(directory: Path) -> SkillPackage:
         if problem := schema_problem(text):
             raise ManifestError(f"{where}: input_schema: {problem}")
         manifest.input_schema = text
+    cache = doc.get("cache")
+    if cache is not None:
+        # `[cache] ttl = "60s"`: results may be reused for that long (pure functions only; docs/cache.md).
+        if not isinstance(cache, dict) or set(cache) != {"ttl"} or not isinstance(cache["ttl"], str):
+            raise ManifestError(f"{where}: [cache] must be a table with one key, ttl, such as ttl = \"60s\"")
+        try:
+            ttl = to_duration(parse_ttl(cache["ttl"]))
+        except ValueError as exc:
+            raise ManifestError(f"{where}: cache.ttl: {exc}") from None
+        if problem := ttl_problem(ttl):
+            raise ManifestError(f"{where}: cache.ttl: {problem}")
+        manifest.cache_ttl.CopyFrom(ttl)
     for i, example in enumerate(doc.get("examples", [])):
         ewhere = f"{where}: examples[{i}]"
         if not isinstance(example, dict):

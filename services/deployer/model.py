@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -24,6 +26,14 @@ Verdict: TypeAlias = pb.AnalysisVerdict.ValueType
 def new_deployment_id() -> str:
     """16 lowercase hex digits: short enough to type, 64 random bits."""
     return secrets.token_hex(8)
+
+
+def env_digest(env: dict[str, str]) -> str:
+    """A hash of a deployment's env values that changes whenever they do (the gateway's result cache keys on
+    it) yet reveals nothing about them, though operators see it in the route table: an HMAC under a random
+    key made for the deployment and dropped, so no one can test guesses of a secret against it."""
+    canonical = json.dumps(sorted(env.items()), separators=(",", ":")).encode("utf-8", errors="surrogatepass")
+    return "hmac-sha256:" + hmac.new(secrets.token_bytes(32), canonical, hashlib.sha256).hexdigest()
 
 
 def timestamp(time_ns: int) -> timestamp_pb2.Timestamp:
@@ -114,6 +124,12 @@ class DeploymentRecord:
     # The manifest's input_schema ('' for none), carried in the route target for the gateway; None for a
     # deployment made before targets carried it (the gateway asks the registry).
     input_schema: str | None = field(default=None, repr=False)
+    # The manifest's cache TTL in milliseconds, carried in the route target for the gateway's result cache;
+    # None when the version declares none (or was deployed before targets carried it): never cached.
+    cache_ttl_ms: int | None = None
+    # HMAC-SHA256 of the env values under a random key (env_digest()): in the route target, part of the
+    # gateway's cache key; '' for deployments made before.
+    env_digest: str = field(default="", repr=False)
 
     def requested_env(self) -> dict[str, str]:
         """The env values the CreateDeployment request gave (without those kept from the previous deployment)."""
@@ -162,6 +178,9 @@ class DeploymentRecord:
             dependencies=self.dependencies)
         if self.input_schema is not None:
             target.input_schema = self.input_schema
+        if self.cache_ttl_ms is not None:
+            target.cache_ttl.FromMilliseconds(self.cache_ttl_ms)
+        target.env_digest = self.env_digest
         return target
 
     def route(self) -> routing_pb2.Route:

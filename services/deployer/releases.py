@@ -46,6 +46,7 @@ from services.deployer.model import (
     RolledBack,
     Transition,
     Verdict,
+    env_digest,
     new_deployment_id,
     timestamp,
 )
@@ -224,7 +225,8 @@ class Releaser:
                                examples: Sequence[skill_pb2.SmokeExample] = (),
                                dependencies: Sequence[skill_pb2.ResolvedDependency] = (),
                                declared_env: Sequence[str] = (), allow_unset_env: bool = False,
-                               input_schema: str | None = None) -> DeploymentRecord:
+                               input_schema: str | None = None,
+                               cache_ttl_ms: int | None = None) -> DeploymentRecord:
         """Create a deployment in state Deploying and start its rollout in the background.
 
         `env` holds the values for the skill's `env:NAME` capabilities (checked by the caller); they are
@@ -272,7 +274,8 @@ class Releaser:
                 previous_version=previous.version if previous else "",
                 create_ns=now, update_ns=now, env=env, args=list(args), bundle_digest=bundle_digest,
                 capabilities=list(capabilities), examples=list(examples), plan=plan,
-                dependencies=list(dependencies), inherited_env=inherited, input_schema=input_schema)
+                dependencies=list(dependencies), inherited_env=inherited, input_schema=input_schema,
+                cache_ttl_ms=cache_ttl_ms, env_digest=env_digest(env))
             await self._store.create_deployment(record, request_id)
             self._in_flight[skill] = record.id
             release = Release(record, previous, plan)

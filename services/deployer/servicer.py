@@ -176,7 +176,8 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer, internal_grpc.DeployerIn
             env=dict(request.env), args=list(manifest.args), bundle_digest=version.bundle_digest,
             capabilities=list(manifest.capabilities), examples=list(manifest.examples),
             dependencies=dependencies, declared_env=env_names(manifest.capabilities),
-            allow_unset_env=request.allow_unset_env, input_schema=manifest.input_schema)
+            allow_unset_env=request.allow_unset_env, input_schema=manifest.input_schema,
+            cache_ttl_ms=manifest.cache_ttl.ToMilliseconds() if manifest.HasField("cache_ttl") else None)
         return _masked(pb.CreateDeploymentResponse(deployment=self._releaser.to_proto(record)))
 
     async def _check_canary_possible(self, skill: str, version: str, digest: str) -> None:

@@ -229,11 +229,18 @@ MIGRATIONS: Sequence[str] = (
     """
     ALTER TABLE deployments ADD COLUMN input_schema TEXT;
     """,
+    # 9: the version's result-cache TTL in milliseconds (issue 13), carried in its route targets for the
+    # gateway's cache; NULL: not cached (a version that declares none, or a deployment made before). And the
+    # keyed hash of its env values that the cache key includes ('' before: such targets are not cached).
+    """
+    ALTER TABLE deployments ADD COLUMN cache_ttl_ms INTEGER;
+    ALTER TABLE deployments ADD COLUMN env_digest TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 _COLUMNS = ("seq, id, skill, version, digest, limits, state, previous_id, previous_version, "
             "create_ns, update_ns, env, args, bundle_digest, capabilities, plan, verdict, verdict_reason, stats, "
-            "dependencies, inherited_env, rolled_back, env_key, input_schema")
+            "dependencies, inherited_env, rolled_back, env_key, input_schema, cache_ttl_ms, env_digest")
 
 
 async def _redact_plain_text(db: aiosqlite.Connection) -> None:
@@ -432,15 +439,15 @@ class SqliteDeploymentStore:
                 cursor = await self._db.execute(
                     "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
                     "previous_version, create_ns, update_ns, env, env_key, args, bundle_digest, capabilities, plan, "
-                    "dependencies, inherited_env, input_schema) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "dependencies, inherited_env, input_schema, cache_ttl_ms, env_digest) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.id, record.skill, record.version, record.digest,
                      record.limits.SerializeToString(), int(record.state), record.previous_id,
                      record.previous_version, record.create_ns, record.update_ns,
                      sealed_env, kid, json.dumps(record.args), record.bundle_digest,
                      json.dumps(record.capabilities), record.plan.to_json() if record.plan else "",
                      dependencies_to_json(record.dependencies), json.dumps(sorted(record.inherited_env)),
-                     record.input_schema))
+                     record.input_schema, record.cache_ttl_ms, record.env_digest))
                 record.seq = int(cursor.lastrowid or 0)
                 for step, transition in enumerate(record.history):
                     await self._insert_transition(record.id, step, transition)
@@ -505,7 +512,8 @@ class SqliteDeploymentStore:
                 plan=Plan.from_json(str(row[15])), verdict=Verdict(int(row[16])), verdict_reason=str(row[17]),
                 stats=Tally.from_json(str(row[18])), dependencies=dependencies_from_json(str(row[19])),
                 inherited_env=list(json.loads(row[20])), rolled_back=RolledBack.from_json(str(row[21])),
-                input_schema=None if row[23] is None else str(row[23])))
+                input_schema=None if row[23] is None else str(row[23]),
+                cache_ttl_ms=None if row[24] is None else int(row[24]), env_digest=str(row[25])))
         return records
 
     async def add_transition(self, deployment_id: str, transition: Transition) -> None:

@@ -13,7 +13,8 @@ from services.executor.dependencies import DependencyLinker
 from services.executor.modules import ModuleLoader
 from services.executor.provenance import Provenance, ProvenanceSource, RegistryProvenanceSource
 from services.executor.sandbox import DEFAULT_POOL_SLOTS, Sandbox
-from services.executor.servicer import ExecutorServicer, WorkerPool
+from services.executor.scheduling import WorkerPool
+from services.executor.servicer import ExecutorServicer
 from services.executor.settings import Settings
 from services.executor.source import ModuleSource, RegistryModuleSource
 from services.runtime import metrics

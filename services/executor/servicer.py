@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol, TypeAlias, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from clawhub.common.v1 import observability_pb2, skill_pb2
@@ -21,6 +19,7 @@ from services.executor.dependencies import DependencyLinker
 from services.executor.modules import ModuleLoader
 from services.executor.provenance import Provenance, unchecked
 from services.executor.sandbox import CompiledModule, Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
+from services.executor.scheduling import Overloaded, WorkerPool
 from services.executor.settings import Settings
 from services.executor.skilllogs import SkillLogs
 from services.runtime import logs, logtail, metrics, tracing
@@ -31,11 +30,8 @@ from services.runtime.wasm import FILES_CAPABILITY
 log = logging.getLogger("clawhub.executor")
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type information
-T = TypeVar("T")
 
 STDERR_TAIL_BYTES = 1024
-# What an overloaded executor suggests as a pause before retrying (RetryInfo).
-OVERLOAD_RETRY_SECONDS = 0.2
 # wasmtime keeps fuel in a signed 64-bit counter.
 MAX_FUEL = (1 << 63) - 1
 
@@ -44,53 +40,6 @@ class Health(Protocol):
     """The part of the grpc health servicer the executor uses for per-digest health."""
 
     async def set(self, service: str, status: Any) -> None: ...
-
-
-class WorkerPool:
-    """A bounded thread pool with admission control: at most `threads` calls run and `queue` wait; any
-    more are refused at once, so an overloaded executor sheds load instead of growing latency."""
-
-    def __init__(self, threads: int, queue: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasm")
-        self.threads = threads
-        self.queue = queue
-        self.capacity = threads + queue
-        self._lock = threading.Lock()
-        self._admitted = 0
-
-    @property
-    def admitted(self) -> int:
-        return self._admitted
-
-    def load(self) -> tuple[int, int]:
-        """(busy threads, queued calls) now. The pool starts a worker for a call whenever none is idle, up to
-        `threads`, so the first `threads` admitted calls run and the rest wait: read from the one counter,
-        nothing is added to a call's path."""
-        admitted = self._admitted
-        return min(admitted, self.threads), max(0, admitted - self.threads)
-
-    def try_submit(self, fn: Callable[[], T]) -> asyncio.Future[T] | None:
-        """Run `fn` on a worker, or None when the executor is full. The slot is held until `fn` returns
-        on its thread, even if the awaiting call was cancelled meanwhile."""
-        with self._lock:
-            if self._admitted >= self.capacity:
-                return None
-            self._admitted += 1
-        try:
-            future: Future[T] = self._pool.submit(fn)
-        except RuntimeError:  # shut down
-            self._release(None)
-            return None
-        future.add_done_callback(self._release)
-        return asyncio.wrap_future(future)
-
-    def _release(self, _: object) -> None:
-        with self._lock:
-            self._admitted -= 1
-
-    def shutdown(self) -> None:
-        """Wait for running calls (each bounded by its timeout); drop queued ones."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_digest(digest: str, field_name: str = "digest") -> None:
@@ -205,19 +154,19 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         control = RunControl()
         # The worker thread does not inherit the event loop's context: the trace's is passed along.
         parent = tracing.current_context()
-        running = self._pool.try_submit(
-            (lambda: self._sandbox.run(compiled, stdin, limits, grant, control)) if parent is None
-            else (lambda: _traced_run(self._sandbox, parent, request, compiled, stdin, limits, grant, control)))
-        if running is None:
-            log.info("%s: refused, executor full (%d calls)", digest[:19], self._pool.capacity)
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.EXECUTOR_OVERLOADED,
-                f"the executor is running and queueing its maximum of {self._pool.capacity} calls; "
-                "retry later or on another executor",
-                metadata={"capacity": str(self._pool.capacity)},
-                retry_after_seconds=OVERLOAD_RETRY_SECONDS)
+        # No free thread: the call waits (no thread held) for its skill's fair turn, and is shed only when its
+        # deadline cannot be met or the waiting calls are at their bound (services/executor/scheduling.py).
         try:
-            result = await running
+            result = await self._pool.run(
+                (lambda: self._sandbox.run(compiled, stdin, limits, grant, control)) if parent is None
+                else (lambda: _traced_run(self._sandbox, parent, request, compiled, stdin, limits, grant, control)),
+                key=request.skill or digest, cost_key=digest, deadline=deadline, timeout=limits.timeout_seconds)
+        except Overloaded as exc:
+            log.info("%s: shed (%s): %s", digest[:19], exc.cause, exc.message)
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.EXECUTOR_OVERLOADED, exc.message,
+                metadata={"capacity": str(self._pool.capacity), "cause": exc.cause},
+                retry_after_seconds=exc.retry_after) from None
         except asyncio.CancelledError:
             # The caller went away (cancelled, or its deadline passed): stop the sandbox so its worker
             # thread is free again within one epoch slice, instead of at the skill's own timeout.

@@ -34,9 +34,10 @@ class Settings:
     """CLAWHUB_REGISTRY_ADDRESS: where module blobs are downloaded from."""
     threads: int = field(default_factory=_cpu_count)
     """CLAWHUB_EXECUTOR_THREADS: calls running at once (wasm releases the GIL); default: the CPU count."""
-    queue: int = 64
-    """CLAWHUB_EXECUTOR_QUEUE: calls allowed to wait beyond the running ones; more are shed with
-    RESOURCE_EXHAUSTED / EXECUTOR_OVERLOADED."""
+    queue: int = 10_000
+    """CLAWHUB_EXECUTOR_QUEUE: calls allowed to wait for a thread beyond the running ones (a bound for memory
+    safety: waiting costs no thread); more are shed with RESOURCE_EXHAUSTED / EXECUTOR_OVERLOADED, as is a
+    waiting call whose deadline cannot be met (docs/executor-scheduling.md)."""
     default_timeout: float = 5.0
     """CLAWHUB_EXECUTOR_DEFAULT_TIMEOUT: wall-clock budget in seconds of a call whose limits set none."""
     max_timeout: float = 60.0

@@ -115,6 +115,8 @@ class InputSchemas:
         self._max_age = max_age_seconds
         self._clock = clock
         self._routes: dict[str, tuple[Target, ...]] = {}
+        # skill → its route's targets as read, for the result cache (services/gateway/cache.py).
+        self.route_targets: dict[str, tuple[Any, ...]] = {}
         self._generation: int | None = None
         self._fetched_at = -float("inf")
         self._refreshing: asyncio.Task[None] | None = None
@@ -233,6 +235,7 @@ class InputSchemas:
             self._routes = {route.skill: tuple(dict.fromkeys(
                 (t.version, t.digest, t.input_schema if t.HasField("input_schema") else None) for t in route.targets))
                 for route in table.routes}
+            self.route_targets = {route.skill: tuple(route.targets) for route in table.routes}
             self._generation = table.generation
             self._resolved = {}
             self._prefetch()

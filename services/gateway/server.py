@@ -102,4 +102,5 @@ async def _build(settings: Settings) -> ServiceHost:
     host.end_streams.append(servicer.log_follows.close)
     host.on_start.extend(mirror.start for mirror in mirrors)
     host.closers.append(close_channels)
+    host.closers.append(servicer.cache.close)
     return host

@@ -17,6 +17,7 @@ from clawhub.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
+from services.gateway.cache import ResultCache
 from services.gateway.proxy import forwarded_metadata
 from services.gateway.schemas import InputSchemas
 from services.gateway.settings import Settings
@@ -55,6 +56,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self._registry = registry_grpc.RegistryServiceStub(registry)
         # Inputs are validated against the input_schema of every version the skill's route could run them on.
         self.schemas = InputSchemas(self._dispatcher, self._registry, dispatcher_address=settings.dispatcher_address)
+        # Results of skills that declare a cache TTL, after validation (docs/cache.md).
+        self.cache = ResultCache(settings.cache_max_bytes, settings.cache_redis_url, settings.cache_redis_prefix)
         # Largest `output` Value a response can carry within the port's send limit.
         self._max_value_bytes = settings.max_response_bytes - ENVELOPE_BYTES
         # Open TailSkillLogs relays, ended when the gateway stops (before its drain).
@@ -76,18 +79,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 f"the input is {len(data)} bytes; the gateway accepts at most {limit} bytes",
                 metadata={"limit_bytes": str(limit)}, field_violations=[(payload or "input", "too large")])
         await self.schemas.check(request.name, data, payload)
-        remaining = context.time_remaining()
-        timeout = self._settings.invoke_timeout if remaining is None else max(remaining, 0.0)
-        try:
-            result = await self._dispatcher.Dispatch(
-                dispatcher_pb.DispatchRequest(skill=request.name, input=data, request_id=_request_id(request, context)),
-                timeout=timeout, metadata=forwarded_metadata(context))
-        except grpc.aio.AioRpcError as err:
-            info = error_info(err)
-            if info is not None and info.reason == Reason.SKILL_NOT_DEPLOYED:
-                raise await self._explain_not_deployed(request.name, err, context) from None
-            raise upstream_error(err, "dispatcher", self._settings.dispatcher_address) from None
-        response = pb.InvokeSkillResponse(version=result.version, usage=result.usage)
+        # The cache comes after authorization (interceptors) and validation (above): docs/cache.md.
+        targets = self.schemas.route_targets.get(request.name)
+        plan = self.cache.plan(request.name, targets, data, request.no_cache)
+        if plan is None:
+            result = await self._dispatch(request, data, context)
+            # BYPASS only for a skill that declares a cache; an ordinary skill's response says nothing of it.
+            declared = any(t.HasField("cache_ttl") for t in targets or ())
+            status = pb.CACHE_STATUS_BYPASS if declared else pb.CACHE_STATUS_UNSPECIFIED
+        else:
+            result, status = await self.cache.fetch(plan, lambda: self._dispatch(request, data, context))
+        response = pb.InvokeSkillResponse(version=result.version, usage=result.usage, cache_status=status)
         value = json_to_value(result.output)
         # JSON can grow as a Value (see VALUE_INFLATION); only an output big enough to is measured, so the
         # usual call pays nothing for the check.
@@ -97,6 +99,21 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         else:
             response.output.CopyFrom(value)
         return response
+
+    async def _dispatch(self, request: pb.InvokeSkillRequest, data: bytes,
+                        context: Context) -> dispatcher_pb.DispatchResponse:
+        remaining = context.time_remaining()
+        timeout = self._settings.invoke_timeout if remaining is None else max(remaining, 0.0)
+        try:
+            result: dispatcher_pb.DispatchResponse = await self._dispatcher.Dispatch(
+                dispatcher_pb.DispatchRequest(skill=request.name, input=data, request_id=_request_id(request, context)),
+                timeout=timeout, metadata=forwarded_metadata(context))
+        except grpc.aio.AioRpcError as err:
+            info = error_info(err)
+            if info is not None and info.reason == Reason.SKILL_NOT_DEPLOYED:
+                raise await self._explain_not_deployed(request.name, err, context) from None
+            raise upstream_error(err, "dispatcher", self._settings.dispatcher_address) from None
+        return result
 
     async def GetSkillStats(self, request: pb.GetSkillStatsRequest, context: Context) -> pb.GetSkillStatsResponse:
         """The dispatcher's rolling stats, each skill with the state of its latest deployment (left empty

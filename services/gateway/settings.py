@@ -9,7 +9,7 @@ from services.runtime.channels import CONTROL_MESSAGE_BYTES, ENVELOPE_BYTES, env
 from services.runtime.identity import PlatformIdentity, identity_from_env
 from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
-from services.runtime.settings import env_float, env_int, env_str
+from services.runtime.settings import env_float, env_int, env_size, env_str
 from services.runtime.tls import TlsSettings
 
 
@@ -49,6 +49,13 @@ class Settings:
     metrics: MetricsSettings = MetricsSettings()
     """Its Prometheus metrics endpoint (`CLAWHUB_GATEWAY_METRICS_PORT`, `CLAWHUB_METRICS_HOST`;
     docs/metrics.md); default off."""
+    cache_max_bytes: int = 64 * 1024 * 1024
+    """CLAWHUB_GATEWAY_CACHE_BYTES: size of the in-process result cache (L1; docs/cache.md); 0 turns it off."""
+    cache_redis_url: str = ""
+    """CLAWHUB_GATEWAY_CACHE_REDIS_URL: Redis of the shared result cache (L2), such as redis://host:6379/0;
+    empty: L1 only."""
+    cache_redis_prefix: str = "clawhub:cache:"
+    """CLAWHUB_GATEWAY_CACHE_REDIS_PREFIX: prefix of the L2 keys (the cache never flushes the database)."""
     grace_seconds: float = 5.0
     """CLAWHUB_SHUTDOWN_GRACE: seconds to drain in-flight calls on SIGTERM."""
 
@@ -88,5 +95,8 @@ class Settings:
             tls=TlsSettings.from_env(),
             rate_limits=RateLimitSettings.from_env(),
             metrics=MetricsSettings.from_env("gateway"),
+            cache_max_bytes=env_size("CLAWHUB_GATEWAY_CACHE_BYTES", str(d.cache_max_bytes)),
+            cache_redis_url=env_str("CLAWHUB_GATEWAY_CACHE_REDIS_URL", d.cache_redis_url),
+            cache_redis_prefix=env_str("CLAWHUB_GATEWAY_CACHE_REDIS_PREFIX", d.cache_redis_prefix),
             grace_seconds=env_float("CLAWHUB_SHUTDOWN_GRACE", d.grace_seconds, minimum=0),
         )

@@ -50,6 +50,7 @@ from services.registry.trust import Caller, NamespaceRpcs, Trust
 from services.registry.verify import ABIS as SUPPORTED_ABIS
 from services.registry.verify import MAX_LINKED_BYTES, Verifier
 from services.runtime import bundle as bundles
+from services.runtime.cachettl import ttl_problem
 from services.runtime.errors import (
     DID_YOU_MEAN,
     RateLimitedLog,
@@ -229,6 +230,8 @@ def _manifest_problems(manifest: skill_pb2.Manifest) -> list[tuple[Reason, str, 
             problems.append((Reason.INVALID_MANIFEST, f"metadata.manifest.capabilities[{i}]", problem))
     if problem := schema_problem(manifest.input_schema):
         problems.append((Reason.INVALID_MANIFEST, "metadata.manifest.input_schema", problem))
+    if manifest.HasField("cache_ttl") and (problem := ttl_problem(manifest.cache_ttl)):
+        problems.append((Reason.INVALID_MANIFEST, "metadata.manifest.cache_ttl", problem))
     seen: set[str] = set()
     for i, declared in enumerate(manifest.files):
         where = f"metadata.manifest.files[{i}]"

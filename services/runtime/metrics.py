@@ -545,7 +545,7 @@ class _ScrapeTimeCollector(Collector):
         busy = GaugeMetricFamily("clawhub_executor_busy_threads", "Worker threads running a skill now.")
         depth = GaugeMetricFamily("clawhub_executor_queue_depth", "Calls waiting for a worker thread.")
         capacity = GaugeMetricFamily("clawhub_executor_queue_capacity", "Calls allowed to wait beyond the running "
-                                     "ones; more are refused (EXECUTOR_OVERLOADED).")
+                                     "ones; more are shed (EXECUTOR_OVERLOADED).")
         loads = CounterMetricFamily("clawhub_executor_module_loads", "Module loads by the tier that served them: "
                                     "hot (compiled, in memory), warm (precompiled on disk), cold (downloaded and "
                                     "compiled).", labels=("tier",))

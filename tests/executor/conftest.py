@@ -119,6 +119,7 @@ class Executor:
     source: MemorySource
     channel: grpc.aio.Channel
     data_dir: Path
+    assigned: AsAssigned | None = None  # publish skills here to name them in requests (see AsAssigned)
 
 
 ExecutorFactory = Callable[..., Awaitable[Executor]]
@@ -141,7 +142,7 @@ async def make_executor(start_service: Starter, tmp_path: Path) -> AsyncIterator
         host = await start_service(build_server(settings, module_source=source, provenance_source=assigned))
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}", interceptors=[NameTheSkill(assigned)])
         channels.append(ch)
-        return Executor(host, pb_grpc.ExecutorServiceStub(ch), source, ch, settings.data_dir)
+        return Executor(host, pb_grpc.ExecutorServiceStub(ch), source, ch, settings.data_dir, assigned)
 
     yield make
     for ch in channels:

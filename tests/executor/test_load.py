@@ -95,7 +95,8 @@ async def test_overload_is_shed_with_retry_info(make_executor) -> None:
                                     return_exceptions=True)
     assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes)
     reasons = sorted(error_info(o).reason for o in outcomes)
-    # One running plus one waiting were admitted (and timed out); the other four were shed at once.
+    # One running plus one waiting were admitted (and timed out); the other four found the waiting bound
+    # (queue=1) reached and were shed at once (tests/executor/test_scheduling.py covers waiting and deadlines).
     assert reasons == ["EXECUTOR_OVERLOADED"] * 4 + ["SKILL_TIMEOUT"] * 2
     shed = [o for o in outcomes if error_info(o).reason == "EXECUTOR_OVERLOADED"]
     assert {o.code() for o in shed} == {grpc.StatusCode.RESOURCE_EXHAUSTED}

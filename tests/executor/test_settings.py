@@ -26,7 +26,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings.from_env()
     assert (s.host, s.port, s.registry_address) == ("127.0.0.1", 50055, "127.0.0.1:50052")
     assert s.threads == (os.cpu_count() or 1)
-    assert (s.queue, s.default_timeout, s.max_timeout) == (64, 5.0, 60.0)
+    assert (s.queue, s.default_timeout, s.max_timeout) == (10_000, 5.0, 60.0)
     assert (s.default_memory, s.max_memory) == (64 << 20, 512 << 20)
     assert (s.max_output, s.max_stderr, s.max_input, s.cache_bytes) == (4 << 20, 64 << 10, 4 << 20, 256 << 20)
     assert s.grace_seconds == 5.0

@@ -6,6 +6,7 @@ isort:skip_file
 from clawhub.common.v1 import skill_pb2 as _skill_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -89,6 +90,8 @@ class RouteTarget(_message.Message):
     BUNDLE_DIGEST_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    CACHE_TTL_FIELD_NUMBER: _builtins.int
+    ENV_DIGEST_FIELD_NUMBER: _builtins.int
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
@@ -103,6 +106,11 @@ class RouteTarget(_message.Message):
     """The manifest's `input_schema` (JSON Schema text), empty when the version declares none. The gateway
     validates inputs against it without asking the registry. Not set on targets of routes stored before the
     field existed: the gateway then reads the schema from the registry.
+    """
+    env_digest: _builtins.str
+    """A keyed hash of the `env` values (HMAC-SHA256 under a random key of the deployment), part of the
+    gateway's cache key: it changes whenever the values do and tells nothing about them (they are masked in
+    GetRouteTable). Empty on targets of deployments made before the field: such a target is not cached.
     """
     role: Global___RouteTargetRole.ValueType
     """What this target is in a running release: the version under analysis, or the known-good one that
@@ -125,6 +133,12 @@ class RouteTarget(_message.Message):
         """Capabilities the manifest declares; the executor grants nothing else."""
 
     @_builtins.property
+    def cache_ttl(self) -> _duration_pb2.Duration:
+        """The manifest's `cache_ttl`, copied when the version was deployed: the gateway may answer a call from
+        its result cache for this long. Unset: never cached (also on targets of routes stored before the field).
+        """
+
+    @_builtins.property
     def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[_skill_pb2.ResolvedDependency]:
         """The dependency packages the module is linked with, resolved when the version was deployed."""
 
@@ -140,12 +154,14 @@ class RouteTarget(_message.Message):
         bundle_digest: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         input_schema: _builtins.str | None = ...,
+        cache_ttl: _duration_pb2.Duration | None = ...,
+        env_digest: _builtins.str = ...,
         dependencies: _abc.Iterable[_skill_pb2.ResolvedDependency] | None = ...,
         role: Global___RouteTargetRole.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_input_schema", b"_input_schema", "input_schema", b"input_schema", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_input_schema", b"_input_schema", "cache_ttl", b"cache_ttl", "input_schema", b"input_schema", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_input_schema", b"_input_schema", "args", b"args", "bundle_digest", b"bundle_digest", "capabilities", b"capabilities", "dependencies", b"dependencies", "digest", b"digest", "env", b"env", "input_schema", b"input_schema", "limits", b"limits", "role", b"role", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_input_schema", b"_input_schema", "args", b"args", "bundle_digest", b"bundle_digest", "cache_ttl", b"cache_ttl", "capabilities", b"capabilities", "dependencies", b"dependencies", "digest", b"digest", "env", b"env", "env_digest", b"env_digest", "input_schema", b"input_schema", "limits", b"limits", "role", b"role", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__input_schema: _TypeAlias = _typing.Literal["input_schema"]  # noqa: Y015
     _WhichOneofArgType__input_schema: _TypeAlias = _typing.Literal["_input_schema", b"_input_schema"]  # noqa: Y015

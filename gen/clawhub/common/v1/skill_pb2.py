@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63lawhub/common/v1/skill.proto\x12\x11\x63lawhub.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\xa5\x01\n\x06Limits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_output_bytes\x18\x03 \x01(\x04\x12\x18\n\x10max_stderr_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_input_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04\x66uel\x18\x06 \x01(\x04\"G\n\nDependency\x12\x0f\n\x07package\x18\x01 \x01(\t\x12\x15\n\rversion_range\x18\x02 \x01(\t\x12\x11\n\tis_shared\x18\x03 \x01(\x08\"n\n\x12ResolvedDependency\x12\x0f\n\x07package\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x11\n\tis_shared\x18\x04 \x01(\x08\x12\x13\n\x0brequired_by\x18\x05 \x03(\t\"6\n\x0cSmokeExample\x12\r\n\x05input\x18\x01 \x01(\x0c\x12\x17\n\x0f\x65xpected_output\x18\x02 \x01(\x0c\"\xdf\x02\n\x08Manifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x03\x61\x62i\x18\x04 \x01(\x0e\x32\x16.clawhub.common.v1.Abi\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12)\n\x06limits\x18\x06 \x01(\x0b\x32\x19.clawhub.common.v1.Limits\x12\x33\n\x0c\x64\x65pendencies\x18\x07 \x03(\x0b\x32\x1d.clawhub.common.v1.Dependency\x12\x14\n\x0cinput_schema\x18\x08 \x01(\t\x12\x31\n\x08\x65xamples\x18\t \x03(\x0b\x32\x1f.clawhub.common.v1.SmokeExample\x12\x0c\n\x04\x61rgs\x18\n \x03(\t\x12-\n\x05\x66iles\x18\x0b \x03(\x0b\x32\x1e.clawhub.common.v1.BundledFile\"?\n\x0b\x42undledFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"g\n\x05Usage\x12,\n\twall_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfuel_consumed\x18\x02 \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\x03 \x01(\x04*Z\n\x03\x41\x62i\x12\x13\n\x0f\x41\x42I_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x42I_WASI_COMMAND_V1\x10\x01\x12\x11\n\rABI_MEMORY_V1\x10\x02\x12\x12\n\x0e\x41\x42I_LIBRARY_V1\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63lawhub/common/v1/skill.proto\x12\x11\x63lawhub.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\xa5\x01\n\x06Limits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_output_bytes\x18\x03 \x01(\x04\x12\x18\n\x10max_stderr_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_input_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04\x66uel\x18\x06 \x01(\x04\"G\n\nDependency\x12\x0f\n\x07package\x18\x01 \x01(\t\x12\x15\n\rversion_range\x18\x02 \x01(\t\x12\x11\n\tis_shared\x18\x03 \x01(\x08\"n\n\x12ResolvedDependency\x12\x0f\n\x07package\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x11\n\tis_shared\x18\x04 \x01(\x08\x12\x13\n\x0brequired_by\x18\x05 \x03(\t\"6\n\x0cSmokeExample\x12\r\n\x05input\x18\x01 \x01(\x0c\x12\x17\n\x0f\x65xpected_output\x18\x02 \x01(\x0c\"\x8d\x03\n\x08Manifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x03\x61\x62i\x18\x04 \x01(\x0e\x32\x16.clawhub.common.v1.Abi\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12)\n\x06limits\x18\x06 \x01(\x0b\x32\x19.clawhub.common.v1.Limits\x12\x33\n\x0c\x64\x65pendencies\x18\x07 \x03(\x0b\x32\x1d.clawhub.common.v1.Dependency\x12\x14\n\x0cinput_schema\x18\x08 \x01(\t\x12\x31\n\x08\x65xamples\x18\t \x03(\x0b\x32\x1f.clawhub.common.v1.SmokeExample\x12\x0c\n\x04\x61rgs\x18\n \x03(\t\x12-\n\x05\x66iles\x18\x0b \x03(\x0b\x32\x1e.clawhub.common.v1.BundledFile\x12,\n\tcache_ttl\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\x0b\x42undledFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"g\n\x05Usage\x12,\n\twall_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfuel_consumed\x18\x02 \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\x03 \x01(\x04*Z\n\x03\x41\x62i\x12\x13\n\x0f\x41\x42I_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x42I_WASI_COMMAND_V1\x10\x01\x12\x11\n\rABI_MEMORY_V1\x10\x02\x12\x12\n\x0e\x41\x42I_LIBRARY_V1\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clawhub.common.v1.skill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ABI']._serialized_start=1017
-  _globals['_ABI']._serialized_end=1107
+  _globals['_ABI']._serialized_start=1063
+  _globals['_ABI']._serialized_end=1153
   _globals['_LIMITS']._serialized_start=85
   _globals['_LIMITS']._serialized_end=250
   _globals['_DEPENDENCY']._serialized_start=252
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SMOKEEXAMPLE']._serialized_start=437
   _globals['_SMOKEEXAMPLE']._serialized_end=491
   _globals['_MANIFEST']._serialized_start=494
-  _globals['_MANIFEST']._serialized_end=845
-  _globals['_BUNDLEDFILE']._serialized_start=847
-  _globals['_BUNDLEDFILE']._serialized_end=910
-  _globals['_USAGE']._serialized_start=912
-  _globals['_USAGE']._serialized_end=1015
+  _globals['_MANIFEST']._serialized_end=891
+  _globals['_BUNDLEDFILE']._serialized_start=893
+  _globals['_BUNDLEDFILE']._serialized_end=956
+  _globals['_USAGE']._serialized_start=958
+  _globals['_USAGE']._serialized_end=1061
 # @@protoc_insertion_point(module_scope)

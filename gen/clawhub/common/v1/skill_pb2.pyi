@@ -213,6 +213,7 @@ class Manifest(_message.Message):
     EXAMPLES_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    CACHE_TTL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Package name in reverse-DNS form, such as `com.acme.image-process`."""
     version: _builtins.str
@@ -247,6 +248,14 @@ class Manifest(_message.Message):
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundledFile]:
         """Read-only files bundled with the skill, preopened at `/skill` when the `files` capability is declared."""
 
+    @_builtins.property
+    def cache_ttl(self) -> _duration_pb2.Duration:
+        """How long the gateway may keep a result of this skill (`[cache] ttl` in skill.toml): 1 s to 24 h; unset
+        means never cached. Only for pure functions: the same input, args, env and module always give the same
+        output, and running the skill twice or not at all makes no difference. Publishing refuses a TTL out of
+        range with INVALID_MANIFEST.
+        """
+
     def __init__(
         self,
         *,
@@ -261,10 +270,11 @@ class Manifest(_message.Message):
         examples: _abc.Iterable[Global___SmokeExample] | None = ...,
         args: _abc.Iterable[_builtins.str] | None = ...,
         files: _abc.Iterable[Global___BundledFile] | None = ...,
+        cache_ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_ttl", b"cache_ttl", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abi", b"abi", "args", b"args", "capabilities", b"capabilities", "dependencies", b"dependencies", "description", b"description", "examples", b"examples", "files", b"files", "input_schema", b"input_schema", "limits", b"limits", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abi", b"abi", "args", b"args", "cache_ttl", b"cache_ttl", "capabilities", b"capabilities", "dependencies", b"dependencies", "description", b"description", "examples", b"examples", "files", b"files", "input_schema", b"input_schema", "limits", b"limits", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,13 +27,15 @@ from clawhub.common.v1 import skill_pb2 as clawhub_dot_common_dot_v1_dot_skill__
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(clawhub/gateway/v1/gateway_service.proto\x12\x12\x63lawhub.gateway.v1\x1a%clawhub/common/v1/observability.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\x1a\x1cgoogle/protobuf/struct.proto\"T\n\x14TailSkillLogsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04tail\x18\x03 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"G\n\x15TailSkillLogsResponse\x12.\n\x05lines\x18\x01 \x03(\x0b\x32\x1f.clawhub.common.v1.SkillLogLine\"%\n\x14GetSkillStatsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\"z\n\x15GetSkillStatsResponse\x12-\n\x06skills\x18\x01 \x03(\x0b\x32\x1d.clawhub.common.v1.SkillStats\x12\x32\n\texecutors\x18\x02 \x03(\x0b\x32\x1f.clawhub.common.v1.ExecutorLoad\"\x7f\n\x12InvokeSkillRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x13\n\traw_input\x18\x03 \x01(\x0cH\x00\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\t\n\x07payload\"\x8b\x01\n\x13InvokeSkillResponse\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x12\n\nraw_output\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.clawhub.common.v1.Usage2\xbe\x02\n\x0eGatewayService\x12^\n\x0bInvokeSkill\x12&.clawhub.gateway.v1.InvokeSkillRequest\x1a\'.clawhub.gateway.v1.InvokeSkillResponse\x12\x66\n\rTailSkillLogs\x12(.clawhub.gateway.v1.TailSkillLogsRequest\x1a).clawhub.gateway.v1.TailSkillLogsResponse0\x01\x12\x64\n\rGetSkillStats\x12(.clawhub.gateway.v1.GetSkillStatsRequest\x1a).clawhub.gateway.v1.GetSkillStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(clawhub/gateway/v1/gateway_service.proto\x12\x12\x63lawhub.gateway.v1\x1a%clawhub/common/v1/observability.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\x1a\x1cgoogle/protobuf/struct.proto\"T\n\x14TailSkillLogsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04tail\x18\x03 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"G\n\x15TailSkillLogsResponse\x12.\n\x05lines\x18\x01 \x03(\x0b\x32\x1f.clawhub.common.v1.SkillLogLine\"%\n\x14GetSkillStatsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\"z\n\x15GetSkillStatsResponse\x12-\n\x06skills\x18\x01 \x03(\x0b\x32\x1d.clawhub.common.v1.SkillStats\x12\x32\n\texecutors\x18\x02 \x03(\x0b\x32\x1f.clawhub.common.v1.ExecutorLoad\"\x91\x01\n\x12InvokeSkillRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x13\n\traw_input\x18\x03 \x01(\x0cH\x00\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08no_cache\x18\x05 \x01(\x08\x42\t\n\x07payload\"\xc2\x01\n\x13InvokeSkillResponse\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x12\n\nraw_output\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.clawhub.common.v1.Usage\x12\x35\n\x0c\x63\x61\x63he_status\x18\x05 \x01(\x0e\x32\x1f.clawhub.gateway.v1.CacheStatus*\x8d\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x17\n\x13\x43\x41\x43HE_STATUS_HIT_L1\x10\x02\x12\x17\n\x13\x43\x41\x43HE_STATUS_HIT_L2\x10\x03\x12\x17\n\x13\x43\x41\x43HE_STATUS_BYPASS\x10\x04\x32\xbe\x02\n\x0eGatewayService\x12^\n\x0bInvokeSkill\x12&.clawhub.gateway.v1.InvokeSkillRequest\x1a\'.clawhub.gateway.v1.InvokeSkillResponse\x12\x66\n\rTailSkillLogs\x12(.clawhub.gateway.v1.TailSkillLogsRequest\x1a).clawhub.gateway.v1.TailSkillLogsResponse0\x01\x12\x64\n\rGetSkillStats\x12(.clawhub.gateway.v1.GetSkillStatsRequest\x1a).clawhub.gateway.v1.GetSkillStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clawhub.gateway.v1.gateway_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CACHESTATUS']._serialized_start=832
+  _globals['_CACHESTATUS']._serialized_end=973
   _globals['_TAILSKILLLOGSREQUEST']._serialized_start=164
   _globals['_TAILSKILLLOGSREQUEST']._serialized_end=248
   _globals['_TAILSKILLLOGSRESPONSE']._serialized_start=250
@@ -42,10 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSKILLSTATSREQUEST']._serialized_end=360
   _globals['_GETSKILLSTATSRESPONSE']._serialized_start=362
   _globals['_GETSKILLSTATSRESPONSE']._serialized_end=484
-  _globals['_INVOKESKILLREQUEST']._serialized_start=486
-  _globals['_INVOKESKILLREQUEST']._serialized_end=613
-  _globals['_INVOKESKILLRESPONSE']._serialized_start=616
-  _globals['_INVOKESKILLRESPONSE']._serialized_end=755
-  _globals['_GATEWAYSERVICE']._serialized_start=758
-  _globals['_GATEWAYSERVICE']._serialized_end=1076
+  _globals['_INVOKESKILLREQUEST']._serialized_start=487
+  _globals['_INVOKESKILLREQUEST']._serialized_end=632
+  _globals['_INVOKESKILLRESPONSE']._serialized_start=635
+  _globals['_INVOKESKILLRESPONSE']._serialized_end=829
+  _globals['_GATEWAYSERVICE']._serialized_start=976
+  _globals['_GATEWAYSERVICE']._serialized_end=1294
 # @@protoc_insertion_point(module_scope)

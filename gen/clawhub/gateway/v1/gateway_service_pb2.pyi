@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,42 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _CacheStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CacheStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_STATUS_UNSPECIFIED: _CacheStatus.ValueType  # 0
+    """The skill declares no result cache (`[cache] ttl`), so it ran as always (or an older gateway)."""
+    CACHE_STATUS_MISS: _CacheStatus.ValueType  # 1
+    """The skill's result may be cached but was not: the skill ran (and its result was stored, on success)."""
+    CACHE_STATUS_HIT_L1: _CacheStatus.ValueType  # 2
+    """Answered from this gateway's in-process cache; the skill did not run."""
+    CACHE_STATUS_HIT_L2: _CacheStatus.ValueType  # 3
+    """Answered from the shared (Redis) cache; the skill did not run."""
+    CACHE_STATUS_BYPASS: _CacheStatus.ValueType  # 4
+    """The skill declares a cache TTL but the cache was not used: a release is splitting its traffic (or
+    analysing it), the deployment predates cached routes, or the caller asked for `no_cache`.
+    """
+
+class CacheStatus(_CacheStatus, metaclass=_CacheStatusEnumTypeWrapper):
+    """Whether a call was answered from the gateway's result cache (docs/cache.md)."""
+
+CACHE_STATUS_UNSPECIFIED: CacheStatus.ValueType  # 0
+"""The skill declares no result cache (`[cache] ttl`), so it ran as always (or an older gateway)."""
+CACHE_STATUS_MISS: CacheStatus.ValueType  # 1
+"""The skill's result may be cached but was not: the skill ran (and its result was stored, on success)."""
+CACHE_STATUS_HIT_L1: CacheStatus.ValueType  # 2
+"""Answered from this gateway's in-process cache; the skill did not run."""
+CACHE_STATUS_HIT_L2: CacheStatus.ValueType  # 3
+"""Answered from the shared (Redis) cache; the skill did not run."""
+CACHE_STATUS_BYPASS: CacheStatus.ValueType  # 4
+"""The skill declares a cache TTL but the cache was not used: a release is splitting its traffic (or
+analysing it), the deployment predates cached routes, or the caller asked for `no_cache`.
+"""
+Global___CacheStatus: _TypeAlias = CacheStatus  # noqa: Y015
 
 @_typing.final
 class TailSkillLogsRequest(_message.Message):
@@ -141,12 +178,17 @@ class InvokeSkillRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     RAW_INPUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NO_CACHE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Skill name, such as `com.acme.image-process`."""
     raw_input: _builtins.bytes
     """Raw bytes given to the skill on stdin."""
     request_id: _builtins.str
     """Optional id of the invocation, echoed in logs; at most 128 characters."""
+    no_cache: _builtins.bool
+    """Skip the result cache: run the skill even when a cached result exists, and do not store this result
+    (`clawhub invoke --no-cache`).
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Value:
         """A JSON value, given to the skill as JSON text on stdin. Its JSON text counts against
@@ -161,10 +203,11 @@ class InvokeSkillRequest(_message.Message):
         input: _struct_pb2.Value | None = ...,
         raw_input: _builtins.bytes = ...,
         request_id: _builtins.str = ...,
+        no_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "payload", b"payload", "raw_input", b"raw_input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "name", b"name", "payload", b"payload", "raw_input", b"raw_input", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "name", b"name", "no_cache", b"no_cache", "payload", b"payload", "raw_input", b"raw_input", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["input", "raw_input"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
@@ -182,19 +225,22 @@ class InvokeSkillResponse(_message.Message):
     RAW_OUTPUT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    CACHE_STATUS_FIELD_NUMBER: _builtins.int
     raw_output: _builtins.bytes
     """The output as bytes otherwise: not JSON (including `NaN`, `Infinity` and numbers beyond a double, such
     as `1e999`), nested too deeply, or too large once encoded as a Value.
     """
     version: _builtins.str
     """The version that ran."""
+    cache_status: Global___CacheStatus.ValueType
+    """Whether the result came from the result cache."""
     @_builtins.property
     def output(self) -> _struct_pb2.Value:
         """The output parsed as JSON, when the skill wrote one valid JSON document a Value can hold."""
 
     @_builtins.property
     def usage(self) -> _skill_pb2.Usage:
-        """Resource usage of the call."""
+        """Resource usage of the call (of the call that produced a cached result, on a hit)."""
 
     def __init__(
         self,
@@ -203,10 +249,11 @@ class InvokeSkillResponse(_message.Message):
         raw_output: _builtins.bytes = ...,
         version: _builtins.str = ...,
         usage: _skill_pb2.Usage | None = ...,
+        cache_status: Global___CacheStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "raw_output", b"raw_output", "usage", b"usage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_status", b"cache_status", "output", b"output", "raw_output", b"raw_output", "usage", b"usage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

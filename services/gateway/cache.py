@@ -1,0 +1,296 @@
+"""The gateway's result cache (docs/cache.md): a skill whose manifest declares `[cache] ttl = "60s"` promises to
+be a pure function, so a successful result may answer the next identical call without running the skill.
+
+Two levels: L1 in this process (an LRU bounded by bytes, each entry with its TTL) and, when
+CLAWHUB_GATEWAY_CACHE_REDIS_URL is set, L2 in Redis, shared by every gateway (values under a key prefix with
+Redis's own expiry; never flushed). A lookup goes L1 → L2 → the skill; an L2 hit fills L1 for what remains of
+its TTL.
+
+When a call may be cached (`plan`): the caller did not ask for `no_cache`, and the skill's route (as the
+gateway's route table shows it, at most ROUTES_MAX_AGE_SECONDS old: services/gateway/schemas.py) has exactly
+one target with weight > 0, that target declares a TTL and carries an env digest, and no release is under
+analysis (no target has a role: a candidate's calls must reach it to be counted). Anything else is a BYPASS.
+So the version that runs a call is known before it runs, and the key names it:
+
+    key = sha256(skill, the target's fingerprint, input bytes)
+
+where the fingerprint hashes everything of the target that can change a result: module digest, bundle and
+dependency digests, args, limits, capabilities, env names and the env digest (a keyed hash of the env values
+the deployer makes; the values themselves never reach the gateway). A deploy, a new env value, new limits:
+a new key, never a stale result. A miss is stored only if the version that ran is the one the key names (the
+route may have changed meanwhile), and only on success: a failure is never cached.
+
+TTLs are jittered by ±TTL_JITTER, so entries written together do not expire together. Concurrent misses for
+one key in this process run the skill once (the others wait for it and share its result, or its error);
+across gateways, the first to miss takes a short Redis lock (SET NX PX, LOCK_MS) and the others poll L2 for
+its result for up to that long before running the skill themselves. Redis failures never fail a call: the
+cache degrades to L1 (logged once per outage, rate-limited) and Redis is tried again after
+REDIS_RETRY_SECONDS.
+
+Authorization, rate limiting and input validation run before the cache (interceptors, then InvokeSkill's
+checks), so a hit is served only to a caller allowed to make the call, with an input the skill accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from clawhub.common.v1 import routing_pb2
+from clawhub.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb
+from clawhub.gateway.v1 import gateway_service_pb2 as pb
+
+from services.runtime.errors import RateLimitedLog, describe_error
+
+log = logging.getLogger("clawhub.gateway.cache")
+
+TTL_JITTER = 0.10
+# How long another gateway's miss may hold a key before this one runs the skill itself, and how often L2 is
+# polled meanwhile.
+LOCK_MS = 2000
+LOCK_POLL_SECONDS = 0.02
+REDIS_TIMEOUT_SECONDS = 0.5
+REDIS_RETRY_SECONDS = 5.0
+# Fingerprints of route targets kept (one per distinct target).
+MAX_FINGERPRINTS = 4096
+
+Status: TypeAlias = pb.CacheStatus.ValueType
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A call that may be answered from the cache: its key, TTL and the version that would run it."""
+
+    key: str
+    ttl: float
+    version: str
+
+
+class L1:
+    """An in-process LRU bounded by the bytes of its values, each entry with an expiry time."""
+
+    def __init__(self, max_bytes: int, clock: Callable[[], float]) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._clock = clock
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if self._clock() >= expires:
+            self._drop(key)
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        size = len(value) + len(key)
+        if size > self.max_bytes // 4:
+            return  # one entry may not push out most of the cache
+        self._drop(key)
+        self._items[key] = (self._clock() + ttl, value)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            oldest = next(iter(self._items))
+            self._drop(oldest)
+
+    def _drop(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.bytes -= len(item[1]) + len(key)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class ResultCache:
+    """L1 (+ L2 when a Redis URL is given) with single-flight misses. `clock` and `rng` are injectable for
+    tests (TTL expiry without sleeping)."""
+
+    def __init__(self, max_bytes: int, redis_url: str = "", redis_prefix: str = "clawhub:cache:",
+                 *, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+        self.l1 = L1(max_bytes, clock)
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._prefix = redis_prefix
+        self._redis: Any = None
+        if redis_url:
+            import redis.asyncio as aioredis  # only gateways configured with Redis load it
+            self._redis = aioredis.Redis.from_url(
+                redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+        self._redis_down_until = -float("inf")
+        self._log = RateLimitedLog(log)
+        self._flights: dict[str, asyncio.Future[tuple[dispatcher_pb.DispatchResponse, Status]]] = {}
+        self._fingerprints: OrderedDict[bytes, bytes] = OrderedDict()
+        self.stats = {"hit_l1": 0, "hit_l2": 0, "miss": 0, "bypass": 0, "stored": 0, "redis_errors": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return self.l1.max_bytes > 0 or self._redis is not None
+
+    def plan(self, skill: str, targets: Sequence[routing_pb2.RouteTarget] | None, data: bytes,
+             no_cache: bool) -> Plan | None:
+        """The call's key when it may be cached (see the module's docstring); None: bypass the cache."""
+        if no_cache or not targets or not self.enabled:
+            return None
+        live = [t for t in targets if t.weight > 0]
+        if len(live) != 1 or any(t.role != routing_pb2.ROUTE_TARGET_ROLE_UNSPECIFIED for t in targets):
+            return None
+        target = live[0]
+        if not target.HasField("cache_ttl") or not target.env_digest:
+            return None
+        ttl = target.cache_ttl.ToMilliseconds() / 1000
+        if ttl <= 0:
+            return None
+        digest = hashlib.sha256()
+        for part in (skill.encode(), self._fingerprint(target)):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        digest.update(data)
+        return Plan(digest.hexdigest(), ttl, target.version)
+
+    def _fingerprint(self, target: routing_pb2.RouteTarget) -> bytes:
+        """sha256 of everything of `target` that can change a result (weight and role cannot)."""
+        raw = target.SerializeToString(deterministic=True)
+        found = self._fingerprints.get(raw)
+        if found is None:
+            copy = routing_pb2.RouteTarget()
+            copy.CopyFrom(target)
+            copy.ClearField("weight")
+            copy.ClearField("role")
+            copy.ClearField("input_schema")  # checked before the cache; it cannot change an output
+            found = hashlib.sha256(copy.SerializeToString(deterministic=True)).digest()
+            self._fingerprints[raw] = found
+            if len(self._fingerprints) > MAX_FINGERPRINTS:
+                self._fingerprints.popitem(last=False)
+        return found
+
+    async def fetch(self, plan: Plan, run: Callable[[], Awaitable[dispatcher_pb.DispatchResponse]],
+                    ) -> tuple[dispatcher_pb.DispatchResponse, Status]:
+        """The cached result for `plan`, or `run()`'s (stored on success); with where it came from."""
+        value = self.l1.get(plan.key)
+        if value is not None:
+            self.stats["hit_l1"] += 1
+            return _parse(value), pb.CACHE_STATUS_HIT_L1
+        flight = self._flights.get(plan.key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._load(plan, run))
+            self._flights[plan.key] = flight
+            flight.add_done_callback(lambda f: self._landed(plan.key, f))
+        # A cancelled caller must not cancel the load that others share. Callers that waited on another's
+        # miss did not run the skill either; they are told MISS (the result was not in the cache when they
+        # asked) or HIT_L2.
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: str, flight: asyncio.Future[tuple[dispatcher_pb.DispatchResponse, Status]]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not flight.cancelled():
+            flight.exception()  # retrieved even if every waiter went away
+
+    async def _load(self, plan: Plan, run: Callable[[], Awaitable[dispatcher_pb.DispatchResponse]],
+                    ) -> tuple[dispatcher_pb.DispatchResponse, Status]:
+        value, remaining = await self._l2_get(plan.key)
+        if value is not None:
+            self.stats["hit_l2"] += 1
+            self.l1.put(plan.key, value, remaining if remaining > 0 else self._jittered(plan.ttl))
+            return _parse(value), pb.CACHE_STATUS_HIT_L2
+        locked = await self._lock(plan.key)
+        if not locked:
+            # Another gateway runs this call now: wait for its result rather than run the skill again.
+            deadline = self._clock() + LOCK_MS / 1000
+            while self._clock() < deadline:
+                await asyncio.sleep(LOCK_POLL_SECONDS)
+                value, remaining = await self._l2_get(plan.key)
+                if value is not None:
+                    self.stats["hit_l2"] += 1
+                    self.l1.put(plan.key, value, remaining if remaining > 0 else self._jittered(plan.ttl))
+                    return _parse(value), pb.CACHE_STATUS_HIT_L2
+        self.stats["miss"] += 1
+        try:
+            result = await run()  # an error is raised to every waiter and stored nowhere
+            if result.version == plan.version:
+                # What the response needs, nothing of the hops (which executor ran it).
+                value = dispatcher_pb.DispatchResponse(
+                    output=result.output, version=result.version, usage=result.usage).SerializeToString()
+                ttl = self._jittered(plan.ttl)
+                self.l1.put(plan.key, value, ttl)
+                await self._l2_put(plan.key, value, ttl)
+                self.stats["stored"] += 1
+            return result, pb.CACHE_STATUS_MISS
+        finally:
+            if locked:
+                await self._unlock(plan.key)
+
+    def _jittered(self, ttl: float) -> float:
+        return ttl * (1 + self._rng.uniform(-TTL_JITTER, TTL_JITTER))
+
+    # L2.
+
+    def _redis_usable(self) -> bool:
+        return self._redis is not None and self._clock() >= self._redis_down_until
+
+    def _redis_failed(self, exc: Exception) -> None:
+        self.stats["redis_errors"] += 1
+        self._redis_down_until = self._clock() + REDIS_RETRY_SECONDS
+        self._log.warning("the result cache's Redis (L2) failed; using L1 only for %.0f s: %s",
+                          REDIS_RETRY_SECONDS, describe_error(exc))
+
+    async def _l2_get(self, key: str) -> tuple[bytes | None, float]:
+        if not self._redis_usable():
+            return None, 0.0
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(self._prefix + "v:" + key)
+                pipe.pttl(self._prefix + "v:" + key)
+                value, pttl = await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - any Redis failure degrades to L1, never fails the call
+            self._redis_failed(exc)
+            return None, 0.0
+        return (bytes(value) if value is not None else None), (pttl / 1000 if pttl and pttl > 0 else 0.0)
+
+    async def _l2_put(self, key: str, value: bytes, ttl: float) -> None:
+        if not self._redis_usable():
+            return
+        try:
+            await self._redis.set(self._prefix + "v:" + key, value, px=max(int(ttl * 1000), 1))
+        except Exception as exc:  # noqa: BLE001
+            self._redis_failed(exc)
+
+    async def _lock(self, key: str) -> bool:
+        """True when this gateway may run the call (it holds the lock, or there is no L2 to share with)."""
+        if not self._redis_usable():
+            return True
+        try:
+            return bool(await self._redis.set(self._prefix + "lock:" + key, b"1", nx=True, px=LOCK_MS))
+        except Exception as exc:  # noqa: BLE001
+            self._redis_failed(exc)
+            return True
+
+    async def _unlock(self, key: str) -> None:
+        if self._redis is None:
+            return
+        try:
+            await self._redis.delete(self._prefix + "lock:" + key)
+        except Exception as exc:  # noqa: BLE001
+            self._redis_failed(exc)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def _parse(value: bytes) -> dispatcher_pb.DispatchResponse:
+    result = dispatcher_pb.DispatchResponse()
+    result.ParseFromString(value)
+    return result
