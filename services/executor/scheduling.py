@@ -13,6 +13,14 @@ preempted: a skill that held every thread before others arrived gives them back 
 its own timeout. All weights are equal (plain fewest-threads-first rather than weighted fair queueing): skills
 have no declared weights to honour, and equal shares are what keeps a slow or hostile skill from slowing others.
 
+Headroom for short calls: fair shares alone cannot help a skill whose calls arrive while a slow skill (a
+one-second loop, a hostile module) holds every thread, since running calls are never preempted. So calls whose
+module is known to be slow (its recent run time is SLOW_SECONDS or more) may hold at most `threads - reserve`
+threads together (`reserve`: one thread when there are two or more): the last thread is always left to calls
+that are quick, which then wait for a thread only as long as quick calls take. A slow skill alone therefore
+runs on one thread fewer; a quick one may use every thread. A module that has not run here yet counts as slow until
+its first call ends, so a burst of a new module cannot take the reserved thread either.
+
 The scheduler runs on the worker threads themselves: each takes its next call under one lock, so a freed
 thread goes straight to the next call without a round trip through the event loop.
 """
@@ -40,6 +48,8 @@ MAX_ESTIMATES = 4096
 # What a shed call is told to wait before retrying (RetryInfo), within these bounds.
 MIN_RETRY_SECONDS = 0.2
 MAX_RETRY_SECONDS = 5.0
+# A call whose module recently ran this long or longer is slow: slow calls leave the reserved threads free.
+SLOW_SECONDS = 0.05
 
 WAITING, RUNNING, DONE = "waiting", "running", "done"
 
@@ -87,10 +97,13 @@ class WorkerPool:
     """`threads` worker threads shared fairly between skills, with a deadline-aware queue of at most `queue`
     waiting calls (`capacity` = threads + queue calls admitted at once)."""
 
-    def __init__(self, threads: int, queue: int) -> None:
+    def __init__(self, threads: int, queue: int, reserve: int | None = None) -> None:
         self.threads = threads
         self.queue = queue
         self.capacity = threads + queue
+        # Threads slow calls leave to quick ones (see the module docstring).
+        self.reserve = min(threads - 1, 1 if reserve is None else reserve) if threads > 1 else 0
+        self._slow_running = 0
         self._cond = threading.Condition(threading.Lock())
         self._waiting: OrderedDict[str, deque[_Call[Any]]] = OrderedDict()  # skills with waiting calls, in turn
         self._held: dict[str, int] = {}  # threads held per skill
@@ -233,9 +246,14 @@ class WorkerPool:
 
     def _next(self) -> _Call[Any] | None:
         """The next call to run (under the lock): the first waiting call of the waiting skill holding the
-        fewest threads, the earliest in turn among equals; None when nothing waits."""
+        fewest threads, the earliest in turn among equals, passing over slow calls while slow calls already hold
+        every thread but the reserved ones; None when nothing (that may run now) waits."""
         while self._waiting:
-            key = min(self._waiting, key=lambda k: self._held.get(k, 0))  # first minimum: round-robin
+            slow_full = self._slow_running >= self.threads - self.reserve
+            candidates = sorted(self._waiting, key=lambda k: self._held.get(k, 0))  # stable: round-robin
+            key = next((k for k in candidates if not (slow_full and self._slow(self._waiting[k][0]))), None)
+            if key is None:
+                return None
             call = self._waiting[key].popleft()
             self._forget(call, queued=False)
             if key in self._waiting:
@@ -249,6 +267,14 @@ class WorkerPool:
             return call
         return None
 
+    def _slow(self, call: _Call[Any]) -> bool:
+        """Whether the call's module is slow by what is known now (not when the call arrived: calls queued
+        before the module's first run ended are judged by that run). A module that has not run here yet counts
+        as slow until its first call ends: a burst of a new module cannot take the reserved threads (a quick
+        one is known quick after its first call, a few ms)."""
+        known = self._estimates.get(call.cost_key)
+        return known is None or known >= SLOW_SECONDS
+
     def _work(self, index: int) -> None:
         while True:
             with self._cond:
@@ -259,6 +285,8 @@ class WorkerPool:
                     self._cond.wait()
                     call = self._next()
                 self._running += 1
+                slow = self._slow(call)
+                self._slow_running += slow
                 self._held[call.key] = self._held.get(call.key, 0) + 1
                 started = time.monotonic()
                 self._ends[index] = started + call.estimate
@@ -271,6 +299,9 @@ class WorkerPool:
             elapsed = time.monotonic() - started
             with self._cond:
                 self._running -= 1
+                self._slow_running -= slow
+                if slow:
+                    self._cond.notify()  # a slow call passed over may run now
                 held = self._held[call.key] - 1
                 if held:
                     self._held[call.key] = held
