@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb  # noqa: E402
 from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc  # noqa: E402
 
 from bench._support import fail, finish, header, parse_args, verdict  # noqa: E402
-from services.cli import credentials  # noqa: E402
+from bench._support.suite import launch_up, stop_all  # noqa: E402
 from services.runtime.errors import error_info  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -109,27 +108,10 @@ def start(config: Config, tmp: Path, base_env: dict[str, str]) -> None:
     for service in ("gateway", "registry", "deployer", "dispatcher", "executor"):
         env[f"CLAWHUB_{service.upper()}_PORT"] = "0"
     env.update(CLAWHUB_SHUTDOWN_GRACE="1", CLAWHUB_LOG_LEVEL="WARNING", CLAWHUB_DEPLOYER_BAKE="0", **config.env)
-    config.process = process = subprocess.Popen(
-        [str(BIN / "clawhub"), "up", "--data-dir", str(data_dir), "--executors", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert process.stdout is not None and process.stderr is not None
-    threading.Thread(target=lambda: config.log.extend(iter(process.stderr.readline, "")),  # type: ignore[union-attr]
-                     daemon=True).start()
-    timer = threading.Timer(90, process.kill)
-    timer.start()
-    for line in process.stdout:
-        label, _, address = line.strip().partition(" ")
-        if label == "gateway":
-            config.address = address
-            break
-    timer.cancel()
-    if not config.address:
-        raise RuntimeError(f"{config.name}: clawhub up did not start:\n" + "".join(config.log[-30:]))
+    config.process, config.address, key = launch_up(data_dir, env, config.log, name=config.name)
     if config.bearer:
         # What the CLI sends: the admin key `up` recorded for this gateway (services/cli/credentials.py).
-        config.key = credentials.lookup(config.address)
-        if not config.key:
-            raise RuntimeError(f"{config.name}: no admin key recorded for {config.address}")
+        config.key = key
     for args in (("publish", str(skill_dir(tmp, config.schema))), ("deploy", f"{SKILL}@1.0.0")):
         done = subprocess.run([str(BIN / "clawhub"), *args, "--gateway", config.address], capture_output=True,
                               text=True, timeout=120, cwd=ROOT, env=env)
@@ -138,14 +120,7 @@ def start(config: Config, tmp: Path, base_env: dict[str, str]) -> None:
 
 
 def stop(configs: list[Config]) -> None:
-    running = [c.process for c in configs if c.process is not None and c.process.poll() is None]
-    for process in running:
-        process.send_signal(signal.SIGINT)
-    for process in running:
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    stop_all(c.process for c in configs)
 
 
 TICK = os.sysconf("SC_CLK_TCK")

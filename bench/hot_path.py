@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,8 +55,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._support import busy_cores, fail, finish, header, machine_line, parse_args  # noqa: E402
+from bench._support.suite import launch_up, stop_all  # noqa: E402
 from bench.observability_cost import Receiver  # noqa: E402
-from services.cli import credentials  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ECHO_MEMORY = ROOT / "examples" / "skills" / "echo-memory"
@@ -152,25 +150,8 @@ def children(root: int) -> list[int]:
 
 def start_suite(tmp: Path, env: dict[str, str]) -> Suite:
     suite = Suite()
-    suite.process = process = subprocess.Popen(
-        [str(BIN / "clawhub"), "up", "--data-dir", str(tmp / "data"), "--executors", str(EXECUTORS)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert process.stdout is not None and process.stderr is not None
-    threading.Thread(target=lambda: suite.log.extend(iter(process.stderr.readline, "")),  # type: ignore[union-attr]
-                     daemon=True).start()
-    timer = threading.Timer(90, process.kill)
-    timer.start()
-    for line in process.stdout:
-        label, _, address = line.strip().partition(" ")
-        if label == "gateway":
-            suite.address = address
-            break
-    timer.cancel()
-    if not suite.address:
-        raise RuntimeError("clawhub up did not start:\n" + "".join(suite.log[-30:]))
-    suite.key = credentials.lookup(suite.address) or ""
-    if not suite.key:
-        raise RuntimeError(f"no admin key recorded for {suite.address}")
+    process, suite.address, suite.key = launch_up(tmp / "data", env, suite.log, executors=EXECUTORS)
+    suite.process = process
     executors = 0
     for pid in children(process.pid):
         try:
@@ -193,12 +174,7 @@ def start_suite(tmp: Path, env: dict[str, str]) -> Suite:
 
 
 def stop_suite(suite: Suite) -> None:
-    if suite.process is not None and suite.process.poll() is None:
-        suite.process.send_signal(signal.SIGINT)
-        try:
-            suite.process.wait(30)
-        except subprocess.TimeoutExpired:
-            suite.process.kill()
+    stop_all([suite.process])
 
 
 TICK = os.sysconf("SC_CLK_TCK")

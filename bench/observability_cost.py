@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -55,8 +54,8 @@ from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb  # noqa: E402
 from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc  # noqa: E402
 
 from bench._support import fail, finish, header, parse_args  # noqa: E402
+from bench._support.suite import launch_up, stop_all  # noqa: E402
 from bench.edge_cost import suite_cpu  # noqa: E402
-from services.cli import credentials  # noqa: E402
 
 BIN = Path(sys.executable).parent
 UPPERCASE = ROOT / "examples" / "skills" / "uppercase"
@@ -162,25 +161,8 @@ def start(config: Config, tmp: Path, base_env: dict[str, str]) -> None:
     if config.tracing:
         config.receiver = Receiver()
     env = config.env = environment(config, base_env)
-    config.process = process = subprocess.Popen(
-        [str(BIN / "clawhub"), "up", "--data-dir", str(tmp / config.name.replace(" ", "-").replace("%", "")),
-         "--executors", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert process.stdout is not None and process.stderr is not None
-    threading.Thread(target=lambda: config.log.extend(iter(process.stderr.readline, "")),  # type: ignore[union-attr]
-                     daemon=True).start()
-    timer = threading.Timer(90, process.kill)
-    timer.start()
-    for line in process.stdout:
-        label, _, address = line.strip().partition(" ")
-        if label == "gateway":
-            config.address = address
-            break
-    timer.cancel()
-    if not config.address:
-        raise RuntimeError(f"{config.name}: clawhub up did not start:\n" + "".join(config.log[-30:]))
-    config.key = credentials.lookup(config.address) or ""
-    if not config.key:
-        raise RuntimeError(f"{config.name}: no admin key recorded for {config.address}")
+    config.process, config.address, config.key = launch_up(
+        tmp / config.name.replace(" ", "-").replace("%", ""), env, config.log, name=config.name)
     for args in (("publish", str(UPPERCASE)), ("deploy", f"{SKILL}@1.0.0")):
         done = subprocess.run([str(BIN / "clawhub"), *args, "--gateway", config.address], capture_output=True,
                               text=True, timeout=120, cwd=ROOT, env=env)
@@ -193,14 +175,7 @@ def stop(configs: list[Config]) -> None:
     for config in configs:
         if config.receiver is not None:
             config.receiver.stop()
-    running = [c.process for c in configs if c.process is not None and c.process.poll() is None]
-    for process in running:
-        process.send_signal(signal.SIGINT)
-    for process in running:
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    stop_all(c.process for c in configs)
 
 
 async def calls_on(config: Config, count: int, *, concurrency: int = CONCURRENCY) -> float:
