@@ -21,7 +21,7 @@ from services.gateway.cache import ResultCache
 from services.gateway.proxy import forwarded_metadata
 from services.gateway.schemas import InputSchemas
 from services.gateway.settings import Settings
-from services.runtime import logtail
+from services.runtime import logtail, metrics
 from services.runtime.auth import REQUEST_ID_METADATA
 from services.runtime.channels import ENVELOPE_BYTES, VALUE_INFLATION
 from services.runtime.errors import (
@@ -89,6 +89,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             status = pb.CACHE_STATUS_BYPASS if declared else pb.CACHE_STATUS_UNSPECIFIED
         else:
             result, status = await self.cache.fetch(plan, lambda: self._dispatch(request, data, context))
+        if status != pb.CACHE_STATUS_UNSPECIFIED:
+            metrics.cache_lookup(_CACHE_LABELS[status])
         response = pb.InvokeSkillResponse(version=result.version, usage=result.usage, cache_status=status)
         value = json_to_value(result.output)
         # JSON can grow as a Value (see VALUE_INFLATION); only an output big enough to is measured, so the
@@ -201,6 +203,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, Reason.SKILL_NOT_DEPLOYED,
                             f"skill {name!r} is published but not deployed{hint}",
                             metadata={"skill": name, "latest_version": latest}, domain="dispatcher.clawhub")
+
+
+_CACHE_LABELS = {status: pb.CacheStatus.Name(status).removeprefix("CACHE_STATUS_").lower()
+                 for status in pb.CacheStatus.values()}
 
 
 def _request_id(request: pb.InvokeSkillRequest, context: Context) -> str:

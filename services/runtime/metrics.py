@@ -72,6 +72,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "clawhub_executor_queue_capacity",
     "clawhub_executor_module_loads_total",
     "clawhub_executor_module_cache_bytes",
+    # Gateway.
+    "clawhub_gateway_cache_lookups_total",
     # Registry and deployer.
     "clawhub_db_query_duration_seconds",
     # Deployer.
@@ -118,6 +120,21 @@ RPC_DURATION = Histogram("clawhub_rpc_duration_seconds", "Time from a call's han
 RATE_LIMIT_REFUSALS = Counter("clawhub_rate_limit_refusals", "Calls refused by the rate limits, by method class; "
                               "reason UPSTREAM_UNAVAILABLE when the Redis store was down and limits fail closed.",
                               ("method_class", "reason"), registry=REGISTRY)
+# Gateway: the result cache (docs/cache.md).
+CACHE_LOOKUPS = Counter("clawhub_gateway_cache_lookups", "InvokeSkill calls of skills that declare a result cache, "
+                        "by how they were answered: hit_l1, hit_l2 (the skill did not run), miss, bypass.",
+                        ("status",), registry=REGISTRY)
+_CACHE_CHILDREN: dict[str, Any] = {}
+
+
+def cache_lookup(status: str) -> None:
+    """Count one call of a cached skill by its cache status (`hit_l1`, `hit_l2`, `miss`, `bypass`)."""
+    child = _CACHE_CHILDREN.get(status)
+    if child is None:
+        child = _CACHE_CHILDREN[status] = CACHE_LOOKUPS.labels(status)
+    child.inc()
+
+
 # Executor.
 SKILL_INVOCATIONS = Counter("clawhub_skill_invocations", "Execute calls of a skill version on this executor "
                             "(release smoke examples included).", ("skill", "version"), registry=REGISTRY)

@@ -117,6 +117,21 @@ async def test_a_second_identical_call_is_answered_by_the_gateway(chain: Chain) 
     assert (await invoke(chain.stub, b'{"n": 1}')).cache_status == HIT_L1
 
 
+async def test_cache_lookups_are_counted_by_status(chain: Chain) -> None:
+    from services.runtime import metrics
+
+    def counted(status: str) -> float:
+        return metrics.REGISTRY.get_sample_value("clawhub_gateway_cache_lookups_total", {"status": status}) or 0.0
+
+    before = {s: counted(s) for s in ("miss", "hit_l1", "bypass")}
+    v1 = await published(chain)
+    await invoke(chain.stub, b"uncounted")  # a skill route without a TTL: not counted
+    await route(chain, 2, target(v1))
+    for data, no_cache in ((b"c", False), (b"c", False), (b"c", False), (b"c", True)):
+        await invoke(chain.stub, data, no_cache=no_cache)
+    assert {s: counted(s) - before[s] for s in before} == {"miss": 1, "hit_l1": 2, "bypass": 1}
+
+
 async def test_new_env_args_or_config_is_a_new_key_and_a_split_route_is_not_cached(chain: Chain) -> None:
     v1 = await published(chain)
     await route(chain, 2, target(v1))
