@@ -9,7 +9,8 @@ every output checked) in rounds that rotate between the suites:
 - **off**: no `OTEL_*` variable, every `CLAWHUB_<SERVICE>_METRICS_PORT=off` (`up` turns metrics on otherwise):
   nothing installed, nothing recorded, nothing served;
 - **trace 100%**: `OTEL_EXPORTER_OTLP_ENDPOINT` at the receiver and `OTEL_TRACES_SAMPLER=always_on`: every
-  call makes and exports the spans of gateway, dispatcher and executor;
+  call makes and exports the spans of every service on its path (gateway and executor; and the dispatcher
+  with `CLAWHUB_GATEWAY_ROUTING=dispatcher` in the environment, which every suite then uses);
 - **trace default**: the same endpoint and the default sampler (parent-based, 5% of the traces started here:
   services/runtime/tracing.py); the calls carry no trace context, so the gateway's root decision applies;
 - **trace 0%** (for information, no target): the same endpoint with `OTEL_TRACES_SAMPLER=parentbased_traceidratio`
@@ -61,7 +62,11 @@ BIN = Path(sys.executable).parent
 UPPERCASE = ROOT / "examples" / "skills" / "uppercase"
 SKILL = "com.example.uppercase"
 SERVICES = ("gateway", "registry", "deployer", "dispatcher", "executor")
-INVOKE_PATH = ("gateway", "dispatcher", "executor")
+# The services an invocation passes through: the gateway calls the executor itself by default, through the
+# dispatcher with CLAWHUB_GATEWAY_ROUTING=dispatcher (docs/routing.md); set in the environment, it applies to all
+# five suites, so either path can be measured.
+ROUTING = os.environ.get("CLAWHUB_GATEWAY_ROUTING", "").strip().lower() or "direct"
+INVOKE_PATH = ("gateway", "dispatcher", "executor") if ROUTING == "dispatcher" else ("gateway", "executor")
 CONCURRENCY = 16
 WARMUP = 20
 TARGETS = {"trace 100%": 1.15, "trace default": 1.05, "metrics on": 1.03}  # time per call / off (issue 12)
@@ -233,7 +238,8 @@ def show(spans: dict[str, int]) -> str:
 
 
 def check_tracing(traced: Config) -> None:
-    """Trace 100% exports spans of gateway, dispatcher and executor for every call (off has no endpoint)."""
+    """Trace 100% exports spans of every service on the invoke path (INVOKE_PATH) for every call (off has no
+    endpoint)."""
     assert traced.receiver is not None
     before = traced.receiver.counts()
     asyncio.run(calls_on(traced, 50, concurrency=4))
@@ -281,6 +287,7 @@ def spread(rates: list[float]) -> str:
 def main() -> None:
     size = parse_args(__doc__ or "")
     header("invoke throughput: tracing (every call / default sampler) and metrics on vs off", size)
+    print(f"routing: {ROUTING} (invoke path {' → '.join(INVOKE_PATH)}; CLAWHUB_GATEWAY_ROUTING)")
     calls, rounds = size.pick(500, 1000, 3000), size.pick(6, 7, 9)
     with tempfile.TemporaryDirectory(prefix="clawhub-observability-") as name:
         tmp = Path(name)

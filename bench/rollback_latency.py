@@ -90,8 +90,35 @@ class Suite:
             self.process.wait()
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds the admin key `up` created as `authorization: Bearer` to every call (user auth is on by default)."""
+
+    def __init__(self, key: str) -> None:
+        self._entry = ("authorization", f"Bearer {key}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), self._entry))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+def authorized(channel: grpc.Channel, gateway: str) -> grpc.Channel:
+    from services.cli import credentials
+
+    key = credentials.lookup(gateway)
+    if not key:
+        fail(f"no admin key recorded for {gateway}")
+    return grpc.intercept_channel(channel, _Bearer(key))
+
+
 def start_suite(data_dir: Path) -> Suite:
     env = dict(os.environ)
+    # Its own config directory: `up` records the admin key there, and the CLI and load generators find it.
+    env["XDG_CONFIG_HOME"] = os.environ["XDG_CONFIG_HOME"] = str(data_dir.parent / "config")
     for service in ("gateway", "registry", "deployer", "dispatcher", "executor"):
         env[f"CLAWHUB_{service.upper()}_PORT"] = "0"
     env["CLAWHUB_SHUTDOWN_GRACE"] = "2"
@@ -279,7 +306,7 @@ def main() -> None:
         suite = start_suite(work / "data")
         try:
             with grpc.insecure_channel(suite.gateway) as channel:
-                stub = pb_grpc.DeployerServiceStub(channel)
+                stub = pb_grpc.DeployerServiceStub(authorized(channel, suite.gateway))
                 manual = manual_rounds(suite, stub, work, rounds, totals)
                 print("time until every call the client sends is answered by the previous version:")
                 print(summary_line("from the manual Rollback call", manual), flush=True)

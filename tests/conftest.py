@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -147,3 +148,66 @@ def throwaway_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+# PostgreSQL, for the storage suites that run against both backends and the leader election. A test takes
+# `postgres_url`: a URL whose tables live in a schema of that test alone (dropped after it), in a database of
+# this test run (created from CLAWHUB_TEST_DATABASE_URL's server, dropped at the end of the run). Without
+# CLAWHUB_TEST_DATABASE_URL the tests are skipped with the reason; .ci/run sets it, so CI never skips them.
+DATABASE_URL_VARIABLE = "CLAWHUB_TEST_DATABASE_URL"
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """The URL of a fresh database for this test run, dropped afterwards (never a shared one)."""
+    server = os.environ.get(DATABASE_URL_VARIABLE, "").strip()
+    if not server:
+        pytest.skip(f"needs PostgreSQL: set {DATABASE_URL_VARIABLE} to a server URL "
+                    "(postgresql://USER@HOST:PORT/postgres); the tests create and drop a database of their own")
+    import asyncio
+
+    import asyncpg
+
+    name = f"clawhub_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(statement: str) -> None:
+        conn = await asyncpg.connect(server, timeout=10)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(server, name)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def postgres_url(postgres_database: str) -> AsyncIterator[str]:
+    """A URL whose tables go to schemas of this test alone (`?search_path=t_abc`: the registry's in
+    `t_abc_registry`), dropped after the test."""
+    import asyncpg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(postgres_database, timeout=10)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    separator = "&" if "?" in postgres_database else "?"
+    yield f"{postgres_database}{separator}search_path={schema}"
+    conn = await asyncpg.connect(postgres_database, timeout=10)
+    try:
+        # The services' schemas are named after it (`t_abc_registry`: services/runtime/postgres.py).
+        for (name,) in await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname = $1 OR nspname LIKE $2",
+                                        schema, f"{schema}\\_%"):
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()

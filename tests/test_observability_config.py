@@ -27,6 +27,12 @@ def compose() -> dict[str, Any]:
     return loaded
 
 
+def clawhub_containers(services: dict[str, Any]) -> dict[str, str]:
+    """compose service name → the clawhub service it runs (`python -m services.X`); replicas share a kind."""
+    return {name: service["command"][2].removeprefix("services.") for name, service in services.items()
+            if service.get("command", [])[:2] == ["python", "-m"]}
+
+
 def host_port(url: str) -> tuple[str, int]:
     parsed = urlparse(url if "://" in url else f"//{url}")
     assert parsed.hostname and parsed.port, url
@@ -52,14 +58,18 @@ def test_every_service_exports_its_spans_to_the_collector() -> None:
     services = compose()["services"]
     collector = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
     receiver_port = host_port(collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"])[1]
-    names = set()
-    for name in SERVICES:
+    names: dict[str, set[str]] = {}
+    containers = clawhub_containers(services)
+    assert set(containers.values()) == set(SERVICES)
+    for name, kind in containers.items():
         env = services[name]["environment"]
         assert host_port(env["OTEL_EXPORTER_OTLP_ENDPOINT"]) == ("otel-collector", receiver_port), name
         assert env.get("OTEL_TRACES_SAMPLER", "parentbased_traceidratio").startswith("parentbased_")
-        names.add(env["OTEL_SERVICE_NAME"])
-        assert name in env["OTEL_SERVICE_NAME"]
-    assert len(names) == len(SERVICES), "each service has a service.name of its own in Jaeger"
+        names.setdefault(kind, set()).add(env["OTEL_SERVICE_NAME"])
+        assert kind in env["OTEL_SERVICE_NAME"]
+    # Replicas of a service are one service in Jaeger (their spans tell the hosts apart).
+    assert all(len(n) == 1 for n in names.values()), names
+    assert len(set.union(*names.values())) == len(SERVICES), "each service has a service.name of its own in Jaeger"
     # The trace pipeline: OTLP in, the declared processors, out to Jaeger's OTLP port inside the network.
     pipeline = collector["service"]["pipelines"]["traces"]
     for section, used in (("receivers", pipeline["receivers"]), ("processors", pipeline.get("processors", [])),
@@ -76,6 +86,7 @@ def test_every_service_exports_its_spans_to_the_collector() -> None:
 def test_prometheus_scrapes_every_service_on_its_metrics_port() -> None:
     services = compose()["services"]
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    containers = clawhub_containers(services)
     targets = {}
     for job in config["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
@@ -83,14 +94,16 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port() -> None:
             for target in group["targets"]:
                 host, port = host_port(target)
                 targets[host] = port
-                # The dashboard selects by these two (the metrics carry no service label of their own).
-                assert job["job_name"] == "clawhub" and group["labels"]["service"] == host
-    assert set(targets) == set(SERVICES), "Prometheus scrapes exactly the five services"
-    for name in SERVICES:
+                # The dashboard selects by these two (the metrics carry no service label of their own): the
+                # label names the clawhub service the container runs, the same for its replicas.
+                assert job["job_name"] == "clawhub" and group["labels"]["service"] == containers.get(host), host
+    assert set(targets) == set(containers), "Prometheus scrapes exactly the clawhub containers"
+    assert set(containers.values()) == set(SERVICES)
+    for name, kind in containers.items():
         env = services[name]["environment"]
-        assert int(env[f"CLAWHUB_{name.upper()}_METRICS_PORT"]) == targets[name], name
-        assert env[f"CLAWHUB_{name.upper()}_PORT"] != env[f"CLAWHUB_{name.upper()}_METRICS_PORT"]
-        host = env.get(f"CLAWHUB_{name.upper()}_METRICS_HOST", env.get("CLAWHUB_METRICS_HOST"))
+        assert int(env[f"CLAWHUB_{kind.upper()}_METRICS_PORT"]) == targets[name], name
+        assert env[f"CLAWHUB_{kind.upper()}_PORT"] != env[f"CLAWHUB_{kind.upper()}_METRICS_PORT"]
+        host = env.get(f"CLAWHUB_{kind.upper()}_METRICS_HOST", env.get("CLAWHUB_METRICS_HOST"))
         assert host == "0.0.0.0", f"{name} serves its metrics to the compose network"
     assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
 

@@ -44,12 +44,21 @@ class Size:
 
 
 def parse_args(description: str) -> Size:
+    return parse_args_with(description)[0]
+
+
+def parse_args_with(description: str, more: Callable[[argparse.ArgumentParser], None] | None = None,
+                    ) -> tuple[Size, argparse.Namespace]:
+    """`--quick` / `--full` as every benchmark takes them, plus the options `more` adds to the parser (for a
+    benchmark with options of its own); returns the size and every parsed option."""
     parser = argparse.ArgumentParser(description=description)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="CI-size run (under ~10 s)")
     group.add_argument("--full", action="store_true", help="bigger counts (minutes)")
+    if more is not None:
+        more(parser)
     args = parser.parse_args()
-    return Size("quick" if args.quick else "full" if args.full else "default")
+    return Size("quick" if args.quick else "full" if args.full else "default"), args
 
 
 def cpu_model() -> str:

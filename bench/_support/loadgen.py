@@ -6,11 +6,20 @@ flight: `kind` "echo" calls the raw-bytes `/bench.Echo/Call` of bench/_support/e
 `GatewayService.InvokeSkill` (the admin key as `authorization: Bearer`). Every answer is checked against
 `expect` when one is given.
 
-Protocol: after `warmup` calls it prints `ready` and waits for a `go` line on stdin, so that the processes of
-one run start measuring together; then it makes `calls` calls (or calls for `seconds`) and prints one JSON
-line: the latency of every successful call (ms), errors counted by ErrorInfo reason (or status code when
-there is none), the cache status of the answers, the seconds the run took, and the CPU seconds this process
-spent in that time (what shows the generator is not the bottleneck).
+Protocol: after `warmup` calls it prints `ready` (or, when every one of them failed, a line saying so, and
+stops) and waits for a `go` line on stdin, so that the processes of one run start measuring together; then it
+makes `calls` calls (or calls for `seconds`) and prints one JSON line: the latency of every successful call
+(ms), errors counted by ErrorInfo reason (or status code when there is none), the cache status of the answers,
+the seconds the run took, and the CPU seconds this process spent in that time (what shows the generator is not
+the bottleneck).
+
+With `rate` (calls/s) it is an open loop instead: calls are *scheduled* one every 1/rate s and `concurrency`
+workers take the next slot, wait for its time and send (a slot taken more than one interval late is counted
+in `late_slots`: the target, not the generator, set the pace then). `until_stdin` ends the run at the next
+line (or end) on stdin instead of after `calls` or `seconds`. `timeline` adds every measured call as
+`[sent, done, reason]` (`time.monotonic()` seconds, system-wide on Linux so the parent can compare them with
+its own readings; reason "" for a success), and `bucket_seconds` adds `[ok, failed]` per interval of that
+many seconds since the start (what shows whether a long run stayed steady).
 """
 
 from __future__ import annotations
@@ -81,9 +90,68 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         errors: Counter[str] = Counter()
         left = int(spec.get("calls", 0))
         until = 0.0
+        rate = float(spec.get("rate", 0.0))
+        until_stdin = bool(spec.get("until_stdin"))
+        timeline: list[list[Any]] | None = [] if spec.get("timeline") else None
+        bucket = float(spec.get("bucket_seconds", 0.0))
+        buckets: list[list[int]] = []
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        next_slot, late_slots, origin = 0.0, 0, 0.0
+
+        def record(sent: float, reason: str) -> None:
+            """A measured call of the paced mode: its latency or its error, its timeline entry, its bucket."""
+            done = time.monotonic()
+            if reason:
+                errors[reason] += 1
+            else:
+                latencies.append((done - sent) * 1e3)
+            if timeline is not None:
+                timeline.append([round(sent, 6), round(done, 6), reason])
+            if bucket:
+                index = int((sent - origin) / bucket)
+                while len(buckets) <= index:
+                    buckets.append([0, 0])
+                buckets[index][1 if reason else 0] += 1
+
+        def more() -> bool:
+            """Whether the paced run goes on: until its `seconds`, or the line on stdin, or `calls` are made."""
+            if stop.is_set():
+                return False
+            if until:
+                return time.perf_counter() < until
+            return until_stdin or left > 0
+
+        async def paced() -> None:
+            """Open loop: take the next slot of the schedule, wait for its time, send (one event loop, no lock)."""
+            nonlocal left, next_slot, late_slots
+            interval = 1.0 / rate
+            while more():
+                left -= 1
+                slot = next_slot
+                next_slot += interval
+                delay = slot - loop.time()
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(stop.wait(), delay)
+                    except TimeoutError:
+                        pass
+                    if stop.is_set() or (until and time.perf_counter() >= until):
+                        return
+                elif delay < -interval:
+                    late_slots += 1
+                sent = time.monotonic()
+                try:
+                    await call()
+                except grpc.aio.AioRpcError as err:
+                    record(sent, reason_of(err))
+                    continue
+                record(sent, "")
+
+        warmup_answers, warmup_errors = 0, Counter[str]()
 
         async def worker(measure: bool) -> None:
-            nonlocal left
+            nonlocal left, warmup_answers
             while (left > 0) if not until else (time.perf_counter() < until):
                 left -= 1
                 started = time.perf_counter()
@@ -92,23 +160,44 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                 except grpc.aio.AioRpcError as err:
                     if measure:
                         errors[reason_of(err)] += 1
+                    else:
+                        warmup_errors[reason_of(err)] += 1
                     continue
+                warmup_answers += not measure
                 if measure:
                     latencies.append((time.perf_counter() - started) * 1e3)
 
         left = int(spec.get("warmup", 0))
         await asyncio.gather(*(worker(False) for _ in range(min(16, int(spec["concurrency"])))))
         cache.clear()
+        if warmup_errors and not warmup_answers:
+            # Not one call of the warm-up succeeded: measuring would only count refusals of a broken target.
+            print(f"every warm-up call failed: {dict(warmup_errors)}", flush=True)
+            return {}
         print("ready", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        await loop.run_in_executor(None, sys.stdin.readline)
         left = int(spec.get("calls", 0))
         cpu, started = cpu_seconds(), time.perf_counter()
         if spec.get("seconds"):
             until = started + float(spec["seconds"])
-        await asyncio.gather(*(worker(True) for _ in range(int(spec["concurrency"]))))
+        if rate:
+            if until_stdin:
+                # The next line (or the end of stdin) stops the run; the calls in flight finish.
+                loop.run_in_executor(None, sys.stdin.readline).add_done_callback(lambda _: stop.set())
+            next_slot, origin = loop.time(), time.monotonic()
+            await asyncio.gather(*(paced() for _ in range(int(spec["concurrency"]))))
+        else:
+            await asyncio.gather(*(worker(True) for _ in range(int(spec["concurrency"]))))
         elapsed = time.perf_counter() - started
-        return {"latencies_ms": [round(x, 3) for x in latencies], "errors": dict(errors), "cache": dict(cache),
-                "elapsed": elapsed, "cpu": cpu_seconds() - cpu}
+        out: dict[str, Any] = {"latencies_ms": [round(x, 3) for x in latencies], "errors": dict(errors),
+                               "cache": dict(cache), "elapsed": elapsed, "cpu": cpu_seconds() - cpu}
+        if rate:
+            out.update(rate=rate, late_slots=late_slots, origin=origin)
+        if timeline is not None:
+            out["timeline"] = timeline
+        if bucket:
+            out.update(buckets=buckets, bucket_seconds=bucket)
+        return out
 
 
 def main() -> None:

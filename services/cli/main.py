@@ -24,7 +24,7 @@ from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from google.protobuf import json_format, struct_pb2
 
-from services.cli import admin, credentials, keys, manifest, top, trust, watch
+from services.cli import admin, author, credentials, keys, manifest, top, trust, watch
 from services.cli import logs as skill_logs
 from services.cli.up import DEFAULT_GATEWAY, DEFAULT_PORTS, run_up
 from services.runtime.errors import bad_request, error_info
@@ -123,7 +123,16 @@ def describe_rpc_error(err: grpc.RpcError, gateway: str) -> CliError:
 
 def open_channel(address: str, tls_ca: str = "", options: list[tuple[str, int]] | None = None) -> grpc.Channel:
     """A channel to `address`: TLS verified with the CA file `tls_ca` (--tls-ca, $CLAWHUB_TLS_CA_FILE), else
-    plaintext."""
+    plaintext. `address` may name several gateways (`IP:PORT,IP:PORT` or `dns:///NAME:PORT`): calls go to
+    the ones that are up."""
+    from services.runtime.channels import AddressError, grpc_target
+
+    try:
+        target, balancing = grpc_target(address)
+    except AddressError as exc:
+        raise CliError(f"error: the gateway address {exc}") from None
+    options = [*(options or []), *balancing]
+    address = target
     if not tls_ca:
         return grpc.insecure_channel(address, options=options)
     try:
@@ -258,8 +267,9 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
     if args.no_wait and (args.watch or args.plain):
         raise usage_error("error: --no-wait returns at once, so there is nothing to --watch")
     env = parse_env(args.env)
-    request = deployer_pb.CreateDeploymentRequest(skill=name, request_id=str(uuid.uuid4()), env=env,
-                                                  allow_unset_env=args.allow_unset_env)
+    request = deployer_pb.CreateDeploymentRequest(
+        skill=name, request_id=str(uuid.uuid4()), env=env, allow_unset_env=args.allow_unset_env,
+        http_allow=[h if h.startswith("http:") else f"http:{h}" for h in args.allow_http or ()])
     try:
         watch.rollout_fields(request, args)
     except argparse.ArgumentTypeError as exc:
@@ -730,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unset-env", action="store_true",
                    help="deploy even if a declared env:KEY gets no value (refused otherwise); the skill runs with it "
                         "unset, and a warning names it")
+    p.add_argument("--allow-http", action="append", metavar="HOST",
+                   help="grant only these of the skill's http:HOST capabilities in this deployment (as declared, "
+                        "such as api.example.com or *.example.com:8443); repeat for several; default: all")
     watch.add_rollout_flags(p)
     p = client_command("watch", "follow a deployment until it ends (exit 0 active, 1 failed)", timeout=300)
     p.add_argument("id", help="deployment id, as printed by `clawhub deploy`")
@@ -771,6 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_commands(sub, DEFAULT_GATEWAY, positive_seconds)
     keys.add_commands(sub, DEFAULT_GATEWAY, positive_seconds, _tls_ca_argument)
     top.add_commands(sub, DEFAULT_GATEWAY, positive_seconds, _tls_ca_argument)
+    author.add_commands(sub)  # new, build, run, test: local, no server (services/cli/author.py)
     return parser
 
 
@@ -810,6 +824,8 @@ def _main(argv: list[str] | None) -> int:
             return exc.exit_code
     if args.command == "keygen":
         return trust.cmd_keygen(args)
+    if args.command in author.COMMANDS:
+        return author.run_command(args)
     try:
         # An explicit credential (the command's --token / --admin-token, $CLAWHUB_TOKEN) wins over the key
         # `clawhub up` recorded for this gateway in the credentials file.

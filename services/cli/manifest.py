@@ -20,7 +20,7 @@ from services.runtime.wasm import WASM_MAGIC, capability_problem, looks_like_wat
 
 MANIFEST_FILE = "skill.toml"
 ABIS = {"wasi-command-v1": skill_pb2.ABI_WASI_COMMAND_V1, "memory-v1": skill_pb2.ABI_MEMORY_V1,
-        "library-v1": skill_pb2.ABI_LIBRARY_V1}
+        "library-v1": skill_pb2.ABI_LIBRARY_V1, "component-v1": skill_pb2.ABI_COMPONENT_V1}
 _KNOWN_KEYS = {"name", "version", "description", "abi", "module", "capabilities", "limits", "dependencies",
                "input_schema", "examples", "args", "files", "cache"}
 _LIMIT_KEYS = {"memory", "timeout_ms", "max_output", "max_stderr", "max_input", "fuel"}

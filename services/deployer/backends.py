@@ -14,7 +14,7 @@ from clawhub.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.deployer.model import DeploymentRecord
-from services.runtime.channels import channel
+from services.runtime.channels import channel, current_outgoing
 from services.runtime.errors import upstream_error
 
 
@@ -39,6 +39,15 @@ class ExecutorFleet(Protocol):
 
     @property
     def addresses(self) -> tuple[str, ...]: ...
+
+    def set_addresses(self, addresses: tuple[str, ...]) -> None:
+        """The executors releases preload on from now on (services/deployer/membership.py keeps it current);
+        `load` and the others also work on an address outside it (an executor being preloaded to join)."""
+        ...
+
+    async def forget(self, address: str) -> None:
+        """Close what was opened to an executor that left."""
+        ...
 
     async def load(self, address: str, record: DeploymentRecord) -> bool:
         """Fetch and compile the record's module (and its file bundle) on one executor, which re-checks it
@@ -95,20 +104,43 @@ class GrpcExecutorFleet:
         self._addresses = addresses
         self._load_timeout = load_timeout
         self._unload_timeout = unload_timeout
-        self._channels = {address: channel(address) for address in addresses}
-        self._stubs: dict[str, executor_grpc.ExecutorServiceAsyncStub] = {
-            address: cast("executor_grpc.ExecutorServiceAsyncStub", executor_grpc.ExecutorServiceStub(ch))
-            for address, ch in self._channels.items()}
+        # Channels opened later (executors that join) carry the token and TLS of the build.
+        self._security = current_outgoing()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, executor_grpc.ExecutorServiceAsyncStub] = {}
         # grpc_health ships no type stubs.
-        self._health: dict[str, Any] = {address: health_pb2_grpc.HealthStub(ch)
-                                        for address, ch in self._channels.items()}
+        self._health: dict[str, Any] = {}
+        for address in addresses:
+            self._open(address)
+
+    def _open(self, address: str) -> None:
+        if address in self._channels:
+            return
+        # Opened on first use: executors join at run time (services/deployer/membership.py).
+        ch = self._channels[address] = channel(address, security=self._security)
+        self._stubs[address] = cast("executor_grpc.ExecutorServiceAsyncStub", executor_grpc.ExecutorServiceStub(ch))
+        self._health[address] = health_pb2_grpc.HealthStub(ch)
+
+    def _stub(self, address: str) -> executor_grpc.ExecutorServiceAsyncStub:
+        self._open(address)
+        return self._stubs[address]
 
     @property
     def addresses(self) -> tuple[str, ...]:
         return self._addresses
 
+    def set_addresses(self, addresses: tuple[str, ...]) -> None:
+        self._addresses = addresses
+
+    async def forget(self, address: str) -> None:
+        ch = self._channels.pop(address, None)
+        self._stubs.pop(address, None)
+        self._health.pop(address, None)
+        if ch is not None:
+            await ch.close()
+
     async def load(self, address: str, record: DeploymentRecord) -> bool:
-        response: executor_pb.LoadSkillResponse = await self._stubs[address].LoadSkill(
+        response: executor_pb.LoadSkillResponse = await self._stub(address).LoadSkill(
             executor_pb.LoadSkillRequest(digest=record.digest, bundle_digest=record.bundle_digest,
                                          capabilities=record.capabilities, examples=record.examples,
                                          env=record.env, args=record.args, limits=record.limits,
@@ -118,12 +150,13 @@ class GrpcExecutorFleet:
         return response.already_loaded
 
     async def unload(self, address: str, digest: str) -> bool:
-        response: executor_pb.UnloadSkillResponse = await self._stubs[address].UnloadSkill(
+        response: executor_pb.UnloadSkillResponse = await self._stub(address).UnloadSkill(
             executor_pb.UnloadSkillRequest(digest=digest), timeout=self._unload_timeout)
         return response.was_loaded
 
     async def watch_health(self, address: str, digest: str) -> AsyncIterator[int]:
         # No deadline: the watch lasts as long as the release's analysis, which cancels it.
+        self._open(address)
         call = self._health[address].Watch(health_pb2.HealthCheckRequest(service=digest))
         try:
             async for response in call:
@@ -132,6 +165,7 @@ class GrpcExecutorFleet:
             call.cancel()
 
     async def overall_health(self, address: str) -> int:
+        self._open(address)
         response = await self._health[address].Check(health_pb2.HealthCheckRequest(service=""),
                                                       timeout=self._unload_timeout)
         return int(response.status)

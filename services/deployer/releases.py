@@ -62,9 +62,9 @@ from services.deployer.statemachine import (
     check_transition,
     state_name,
 )
-from services.deployer.store import DeploymentStore, StoredRoute
+from services.deployer.store import DeploymentStore, Fenced, StoredRoute
 from services.runtime import metrics, tracing
-from services.runtime.errors import Reason, ServiceError, describe_error, invalid
+from services.runtime.errors import Reason, ServiceError, describe_error, error_info, invalid
 
 log = logging.getLogger("clawhub.deployer")
 
@@ -181,6 +181,11 @@ class Releaser:
         self._sequences: dict[str, int] = {}
 
     # Views.
+
+    def running(self) -> tuple[str, ...]:
+        """Ids of the deployments whose rollout or rollback runs now (an executor that joins meanwhile preloads
+        their versions too: services/deployer/membership.py)."""
+        return tuple(self._in_flight.values())
 
     def is_serving(self, record: DeploymentRecord) -> bool:
         return self._hub.owner(record.skill) == record.id
@@ -364,7 +369,7 @@ class Releaser:
                 release.trip(Stop(pb.ANALYSIS_VERDICT_FAILED, pb.DEPLOYMENT_EVENT_KIND_ANALYSIS_BREACH,
                                   f"analysis breach: {reason}"))
 
-    async def settle(self) -> None:
+    async def settle(self, *, resume: bool = False, only: set[str] | None = None) -> None:
         """Resolve every deployment a previous run left in flight (call before serving).
 
         A rollout is not resumed: the deployment ends Failed ("deployer restarted mid-deploy") and, if its
@@ -372,8 +377,22 @@ class Releaser:
         version's route is restored (it is still loaded on the executors), so no route points at a failed
         deployment and no two versions claim the route. An interrupted manual rollback ends Active again,
         with the route table as it was persisted.
+
+        With `resume` (a deployer that took the lead from another replica: services/deployer/leader.py) a
+        rollout still Deploying is resumed instead: it starts over from its persisted record (preload, which
+        executors that have the version answer at once, then its analysis windows from the first, then the
+        final route), so a deploy started before a failover completes after it. A rollback it had begun is
+        finished as above.
         """
         for record in await self._store.in_flight():
+            if only is not None and record.id not in only:
+                continue
+            if resume and record.state == DEPLOYING and record.plan is not None:
+                try:
+                    await self._resume(record)
+                    continue
+                except Exception:  # noqa: BLE001 - settled as after a restart instead
+                    log.exception("could not resume deployment %s; settling it", record.id)
             try:
                 if record.state == ROLLING_BACK and record.entered_from() == ACTIVE:
                     serving = "route kept as persisted"
@@ -395,12 +414,50 @@ class Releaser:
             except Exception:  # noqa: BLE001 - settle the others; this one stays for the next start
                 log.exception("could not settle deployment %s", record.id)
 
+    async def adopt(self) -> None:
+        """Take up the deployments left in flight that no release of this deployer drives (a deploy a deposed
+        leader accepted after this one's takeover): as a takeover would (`settle(resume=True)`)."""
+        # Under the lock: a deploy that starts meanwhile is created and registered as driven together.
+        async with self._lock:
+            driven = set(self._in_flight.values())
+            orphans = [r.id for r in await self._store.in_flight() if r.id not in driven]
+        if orphans:
+            log.info("taking up deployments %s, left in flight by another deployer", ", ".join(orphans))
+            await self.settle(resume=True, only=set(orphans))
+
+    async def _resume(self, record: DeploymentRecord) -> None:
+        assert record.plan is not None
+        previous = await self._store.get_deployment(record.previous_id) if record.previous_id else None
+        if record.verdict == pb.ANALYSIS_VERDICT_RUNNING:
+            self._set_verdict(record, pb.ANALYSIS_VERDICT_UNSPECIFIED, "")
+        async with self._lock:
+            self._in_flight[record.skill] = record.id
+            release = Release(record, previous, record.plan)
+            self._releases[record.skill] = release
+        log.info("resuming deployment %s (%s@%s) from its persisted state", record.id, record.skill, record.version)
+        # No event kind says "resumed" yet (a proto change): the message does.
+        await self._emit(record, "resumed by a new leading deployer: the rollout starts over from its preload",
+                         pb.DEPLOYMENT_EVENT_KIND_UNSPECIFIED)
+        release.task = self._spawn(tracing.in_span("deployer.release", self._deploy(release), {
+            "clawhub.skill": record.skill, "clawhub.skill.version": record.version, "clawhub.deployment": record.id,
+            "clawhub.release.strategy": str(release.plan.strategy), "clawhub.release.resumed": True}))
+
     async def close(self) -> None:
         """Cancel running rollouts (a restart settles them) and wait for them to end."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def stand_down(self) -> None:
+        """Stop everything this deployer was driving, as its leadership ended: the releases stay in flight in
+        the store for the next leader to resume; nothing of this term is remembered for a later one."""
+        await self.close()
+        async with self._lock:
+            self._in_flight.clear()
+            self._releases.clear()
+            self._sequences.clear()
+            self._unloaded.clear()
 
     # Events.
 
@@ -415,7 +472,12 @@ class Releaser:
         """Persist a transition and tell the watchers. `final` ends the skill's in-flight operation first,
         so a watcher that sees the end can start the next deployment at once."""
         transition = record.apply(to_state, reason, self._clock())
-        await self._store.add_transition(record.id, transition)
+        try:
+            await self._store.add_transition(record.id, transition, self._hub.epoch)
+        except Fenced:
+            # Another deployer leads now and drives this release (services/deployer/leader.py).
+            self._hub.on_fenced()
+            raise
         if to_state == FAILED or (to_state == ACTIVE and transition.from_state == DEPLOYING):
             # A release ended (a manual rollback's return to Active is not one).
             metrics.release_ended(record.plan.strategy if record.plan is not None else "",
@@ -561,12 +623,23 @@ class Releaser:
         smoke_failed = False
         self._unloaded.discard(record.digest)
 
+        unreachable: list[str] = []
+
         async def load(address: str) -> str | None:
             nonlocal smoke_failed
             try:
                 already = await self._fleet.load(address, record)
             except grpc.aio.AioRpcError as err:
                 problem = f"LoadSkill on {address} failed: {describe_error(err)}"
+                info = error_info(err)
+                if err.code() == grpc.StatusCode.UNAVAILABLE and (info is None or info.reason == Reason.SHUTTING_DOWN):
+                    # The executor is down (not a verdict on the version): the others carry the release;
+                    # gateways route around it, and it loads the version on its first call when it is back.
+                    unreachable.append(problem)
+                    skipped = f"{address} is unreachable, skipped: {describe_error(err)}"
+                    await self._emit(record, skipped, pb.DEPLOYMENT_EVENT_KIND_UNSPECIFIED, executor=address,
+                                     reason=skipped)
+                    return None
                 smoke_failed = smoke_failed or Reason.SMOKE_TEST_FAILED in problem
                 await self._emit(record, problem, pb.DEPLOYMENT_EVENT_KIND_PRELOAD_FAILED, executor=address,
                                  reason=problem)
@@ -581,6 +654,8 @@ class Releaser:
 
         with tracing.span("deployer.preload") as span:
             problems = [p for p in await asyncio.gather(*(load(a) for a in self._fleet.addresses)) if p]
+            if unreachable and len(unreachable) == len(self._fleet.addresses):
+                problems = unreachable  # no executor at all: the version cannot serve
             if span.is_recording():
                 span.set_attributes({"clawhub.skill.digest": record.digest,
                                      "clawhub.executors": len(self._fleet.addresses),

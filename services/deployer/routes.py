@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 from clawhub.common.v1 import routing_pb2
 
-from services.deployer.store import DeploymentStore, StoredRoute
+from services.deployer.store import DeploymentStore, Fenced, StoredRoute
 from services.runtime import tracing
 from services.runtime.errors import Reason, ServiceError
 
@@ -56,12 +56,38 @@ class RouteHub:
         self._connected: dict[str, int] = {}
         self._acked: dict[str, int] = {}
         self._closed = False
+        # Leader election (services/deployer/leader.py): the term whose epoch fences this hub's writes, why the
+        # watch streams end when this replica stops leading, and whom to tell when a write was fenced.
+        self._epoch = 0
+        self._deposed: ServiceError | None = None
+        self.on_fenced: Callable[[], None] = lambda: None
+        # The executor set watchers get with the table, and a counter of its changes.
+        self._executors: tuple[str, ...] | None = None
+        self._executors_version = 0
 
     async def load(self) -> None:
+        """Read the table from the store (at start; a standby, to follow the leader's changes)."""
         snapshot = await self._store.load_routes()
         self._generation = snapshot.generation
         self._routes = dict(snapshot.routes)
         self._table = self._build_table()
+
+    async def begin(self, epoch: int) -> None:
+        """Lead from the stored table, writing with `epoch` (a new term's)."""
+        async with self._publish_lock:
+            await self.load()
+            self._epoch = epoch
+            self._deposed = None
+
+    def depose(self, error: ServiceError) -> None:
+        """Stop leading: end every route stream with `error` (dispatchers reconnect to the new leader)."""
+        self._deposed = error
+        self._notify()
+
+    @property
+    def epoch(self) -> int:
+        """The leadership term this hub writes in (0: a sole deployer's)."""
+        return self._epoch
 
     @property
     def generation(self) -> int:
@@ -101,13 +127,20 @@ class RouteHub:
         with tracing.span("deployer.route_push") as span:
             async with self._publish_lock:
                 generation = self._generation + 1
-                await self._store.save_route(generation, skill, entry)
+                try:
+                    await self._store.save_route(generation, skill, entry, self._epoch)
+                except Fenced:
+                    self.on_fenced()
+                    raise
                 if entry is None:
                     self._routes.pop(skill, None)
                 else:
                     self._routes[skill] = entry
                 self._generation = generation
                 self._table = self._build_table()
+                if span.is_recording():
+                    # Where the dispatchers' and gateways' route_apply spans hang (routing_pb2.RouteTable).
+                    self._table.traceparent = dict(tracing.inject((), span)).get("traceparent", "")
                 self._notify()
             if span.is_recording():
                 span.set_attributes({"clawhub.skill": skill, "clawhub.route.generation": generation,
@@ -152,15 +185,18 @@ class RouteHub:
             self._connected[dispatcher_id] = self._connected.get(dispatcher_id, 0) + 1
             self._notify()
         try:
-            sent: int | None = None
+            sent: tuple[int, int] | None = None
             while True:
                 await self._wait_until(functools.partial(self._has_news, sent))
+                if self._deposed is not None:
+                    raise self._deposed
                 if self._closed:
                     raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.SHUTTING_DOWN,
                                        "the deployer is shutting down; watch the routes again",
                                        retry_after_seconds=0.2)
                 table = self._table
-                sent = table.generation
+                # A change of the executor set alone sends the same table again (the caller adds `executors`).
+                sent = (table.generation, self._executors_version)
                 yield table
         finally:
             if dispatcher_id:
@@ -172,8 +208,20 @@ class RouteHub:
                     self._acked.pop(dispatcher_id, None)
                 self._notify()
 
-    def _has_news(self, sent: int | None) -> bool:
-        return self._closed or self._generation != sent
+    def _has_news(self, sent: tuple[int, int] | None) -> bool:
+        return self._closed or self._deposed is not None or (self._generation, self._executors_version) != sent
+
+    @property
+    def executors(self) -> tuple[str, ...] | None:
+        """The executors published with the table (services/deployer/membership.py); None until known."""
+        return self._executors
+
+    def set_executors(self, addresses: tuple[str, ...]) -> None:
+        """Publish a new executor set: every watcher gets it (with the current table) at once."""
+        if addresses != self._executors:
+            self._executors = addresses
+            self._executors_version += 1
+            self._notify()
 
     def acknowledge(self, dispatcher_id: str, generation: int) -> None:
         if generation > self._acked.get(dispatcher_id, -1):
@@ -192,7 +240,8 @@ class RouteHub:
         connecting and must acknowledge it too.
         """
         with tracing.span("deployer.acknowledgements") as span:
-            await self._wait_until(lambda: self._closed or self._acks(generation).complete, timeout)
+            await self._wait_until(lambda: self._closed or self._deposed is not None
+                                   or self._acks(generation).complete, timeout)
             acks = self._acks(generation)
             if span.is_recording():
                 span.set_attributes({"clawhub.route.generation": generation,

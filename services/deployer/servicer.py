@@ -22,6 +22,8 @@ from google.protobuf.message import Message
 from services.deployer.analysis import report_problem
 from services.deployer.backends import VersionSource
 from services.deployer.events import EventBus
+from services.deployer.leader import Leadership, SoleLeader
+from services.deployer.membership import Registrations
 from services.deployer.model import DeploymentRecord
 from services.deployer.plan import Defaults, resolve
 from services.deployer.releases import Releaser
@@ -55,6 +57,23 @@ def _check_id(deployment_id: str) -> None:
 
 
 MAX_ENV_VALUE_BYTES = 32 * 1024
+
+
+def narrowed_capabilities(skill: str, version: str, capabilities: list[str], http_allow: list[str]) -> list[str]:
+    """The manifest's capabilities with its `http:HOST` ones narrowed to `http_allow` (all of them when it is
+    empty); a listed one the manifest does not declare is refused: a deployment can take away, never add."""
+    if not http_allow:
+        return capabilities
+    declared = {c for c in capabilities if c.startswith("http:")}
+    if unknown := sorted(set(http_allow) - declared):
+        shown = ", ".join(sorted(declared)) or "none"
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENT,
+            f"http_allow names {', '.join(unknown)}, which {skill}@{version} does not declare (its http "
+            f"capabilities: {shown}); a deployment can only narrow what the manifest declares",
+            metadata={"skill": skill, "version": version}, field_violations=[("http_allow", "not declared")])
+    allowed = set(http_allow)
+    return [c for c in capabilities if not c.startswith("http:") or c in allowed]
 
 
 def _check_env(skill: str, version: str, env: dict[str, str], capabilities: Sequence[str]) -> None:
@@ -122,8 +141,11 @@ WATCH_RECHECK_SECONDS = 1.0
 
 class DeployerServicer(pb_grpc.DeployerServiceServicer, internal_grpc.DeployerInternalServiceServicer):
     def __init__(self, store: DeploymentStore, hub: RouteHub, events: EventBus, releaser: Releaser,
-                 registry: VersionSource, *, registry_timeout: float, defaults: Defaults | None = None) -> None:
+                 registry: VersionSource, *, registry_timeout: float, defaults: Defaults | None = None,
+                 leadership: Leadership | None = None) -> None:
         self._store = store
+        # Writes and the dispatchers' feeds only on the leading replica (services/deployer/leader.py).
+        self._leadership = leadership or SoleLeader("deployer")
         self._defaults = defaults or Defaults()
         self._hub = hub
         self._events = events
@@ -140,6 +162,7 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer, internal_grpc.DeployerIn
 
     async def CreateDeployment(self, request: pb.CreateDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any],
                                ) -> pb.CreateDeploymentResponse:
+        self._leadership.require("deploying")
         _check_skill(request.skill)
         problem = version_problem(request.version)
         if problem:
@@ -168,13 +191,15 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer, internal_grpc.DeployerIn
                 "that depend on it and cannot be deployed on its own; deploy a skill that imports it",
                 metadata={"skill": request.skill, "version": request.version})
         _check_env(request.skill, request.version, dict(request.env), manifest.capabilities)
+        capabilities = narrowed_capabilities(request.skill, request.version, list(manifest.capabilities),
+                                             list(request.http_allow))
         if request.WhichOneof("strategy") == "canary":
             await self._check_canary_possible(request.skill, request.version, version.digest)
         dependencies = await self._pin_dependencies(request.skill, request.version, manifest, timeout)
         record = await self._releaser.start_deployment(
             request.skill, request.version, version.digest, manifest.limits, request.request_id, plan=plan,
             env=dict(request.env), args=list(manifest.args), bundle_digest=version.bundle_digest,
-            capabilities=list(manifest.capabilities), examples=list(manifest.examples),
+            capabilities=capabilities, examples=list(manifest.examples),
             dependencies=dependencies, declared_env=env_names(manifest.capabilities),
             allow_unset_env=request.allow_unset_env, input_schema=manifest.input_schema,
             cache_ttl_ms=manifest.cache_ttl.ToMilliseconds() if manifest.HasField("cache_ttl") else None)
@@ -241,6 +266,7 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer, internal_grpc.DeployerIn
 
     async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext[Any, Any],
                        ) -> pb.RollbackResponse:
+        self._leadership.require("rolling back")
         _check_skill(request.skill)
         record, generation = await self._releaser.rollback(request.skill, request.request_id)
         fresh = await self._store.get_deployment(record.id) or record
@@ -271,8 +297,15 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer, internal_grpc.DeployerIn
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=WATCH_RECHECK_SECONDS)
                 except TimeoutError:
-                    # A quiet stream re-reads the record now and then: should an event ever be missed, the
-                    # watcher still learns that the release ended instead of waiting for its deadline.
+                    # A quiet stream reads the stored log now and then: on a standby the events of the leader's
+                    # release arrive only there, and should one ever be missed here, the watcher gets it still.
+                    for response in await self._store.list_events(request.id):
+                        if response.sequence > sent:
+                            sent = response.sequence
+                            yield _masked(response)
+                            if response.deployment.state in SETTLED:
+                                return
+                    # And re-reads the record: a deployment whose log ends early still ends for its watcher.
                     record = await self._get(request.id)
                     if record.state in SETTLED:
                         yield _masked(pb.WatchDeploymentResponse(deployment=self._releaser.to_proto(record),
@@ -321,19 +354,39 @@ class DeployerServicer(pb_grpc.DeployerServiceServicer, internal_grpc.DeployerIn
 
     async def WatchRoutes(self, request: internal_pb.WatchRoutesRequest, context: grpc.aio.ServicerContext[Any, Any],
                           ) -> AsyncIterator[internal_pb.WatchRoutesResponse]:
+        self._leadership.require("the route feed")
         async for table in self._hub.watch(request.dispatcher_id):
-            yield internal_pb.WatchRoutesResponse(route_table=table)
+            executors = self._hub.executors
+            yield internal_pb.WatchRoutesResponse(
+                route_table=table,
+                executors=internal_pb.ExecutorSet(addresses=executors) if executors is not None else None)
 
     async def AcknowledgeRoutes(self, request: internal_pb.AcknowledgeRoutesRequest,
                                 context: grpc.aio.ServicerContext[Any, Any]) -> internal_pb.AcknowledgeRoutesResponse:
+        self._leadership.require("acknowledging routes")
         if not request.dispatcher_id:
             raise invalid(Reason.INVALID_ARGUMENT, "dispatcher_id",
                           "dispatcher_id is required: the id the dispatcher gave to WatchRoutes")
         self._hub.acknowledge(request.dispatcher_id, request.generation)
         return internal_pb.AcknowledgeRoutesResponse()
 
+    # Set by the composition root (services/deployer/membership.py keeps the leases).
+    registrations: Registrations | None = None
+
+    async def RegisterExecutor(self, request: internal_pb.RegisterExecutorRequest,
+                               context: grpc.aio.ServicerContext[Any, Any]) -> internal_pb.RegisterExecutorResponse:
+        assert self.registrations is not None, "set by build_server"
+        return await self.registrations.register(request)
+
+    async def DeregisterExecutor(self, request: internal_pb.DeregisterExecutorRequest,
+                                 context: grpc.aio.ServicerContext[Any, Any],
+                                 ) -> internal_pb.DeregisterExecutorResponse:
+        assert self.registrations is not None, "set by build_server"
+        return await self.registrations.deregister(request)
+
     async def ReportStats(self, request: internal_pb.ReportStatsRequest, context: grpc.aio.ServicerContext[Any, Any],
                           ) -> internal_pb.ReportStatsResponse:
+        self._leadership.require("release analysis")
         problem = report_problem(request)
         if problem is not None:
             raise invalid(Reason.INVALID_ARGUMENT, *problem)

@@ -11,6 +11,7 @@ from services.deployer.secrets import KEY_FILE
 from services.runtime.auth import AuthSettings
 from services.runtime.identity import PlatformIdentity, identity_from_env
 from services.runtime.metrics import MetricsSettings
+from services.runtime.postgres import database_url
 from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_list, env_str
 from services.runtime.tls import TlsSettings
@@ -32,12 +33,18 @@ class Settings:
     """Where `deployer.sqlite3` lives (`CLAWHUB_DEPLOYER_DATA_DIR`, default `$CLAWHUB_DATA_DIR/deployer`)."""
     secrets_key_file: Path | None = None
     """The key file that encrypts deploy-time env values at rest (`CLAWHUB_DEPLOYER_SECRETS_KEY_FILE`, default
-    `secrets.key` in the data directory; created with mode 0600 on first start; see docs/security.md)."""
+    `secrets.key` in the data directory; created with mode 0600 on first start; see docs/security.md). Replicas on
+    one PostgreSQL database must all have the same key file (mount one Secret on each): a replica whose file
+    lacks the key the others seal with refuses to start."""
     registry_address: str = "127.0.0.1:50052"
     """The registry, asked whether a version is Ready (`CLAWHUB_REGISTRY_ADDRESS`, default 127.0.0.1:50052)."""
     executor_addresses: tuple[str, ...] = ("127.0.0.1:50055",)
     """Executors that preload every deployed version (`CLAWHUB_EXECUTOR_ADDRESSES`, comma-separated,
-    default 127.0.0.1:50055)."""
+    default 127.0.0.1:50055); a `dns:///NAME:PORT` entry stands for every address NAME resolves to, looked up
+    again every `dns_interval` seconds (services/deployer/membership.py)."""
+    dns_interval: float = 5.0
+    """Seconds between two lookups of the `dns:///` executor entries (`CLAWHUB_EXECUTOR_DNS_INTERVAL`,
+    default 5)."""
     ack_timeout: float = 10.0
     """Seconds to wait for every connected dispatcher to acknowledge a route generation before the deploy
     counts as failed and rolls back (`CLAWHUB_DEPLOY_ACK_TIMEOUT`, default 10)."""
@@ -75,6 +82,23 @@ class Settings:
     docs/metrics.md); default off."""
     progress_interval: float = 0.25
     """Seconds between two analysis progress events of a running release (not configurable by env)."""
+    database_url: str = field(default="", repr=False)  # it may hold a password
+    """PostgreSQL for the deployer's state, shared by its replicas (`CLAWHUB_DEPLOYER_DATABASE_URL`, else
+    `CLAWHUB_DATABASE_URL`); empty: sqlite in the data directory, one deployer (the default)."""
+    deployer_id: str = ""
+    """This replica's name in the leader election and in NOT_LEADER refusals (`CLAWHUB_DEPLOYER_ID`, default
+    HOSTNAME-PID)."""
+    advertise_address: str = ""
+    """host:port at which dispatchers and clients reach this replica when it leads: what a standby's NOT_LEADER
+    refusal names (`CLAWHUB_DEPLOYER_ADVERTISE_ADDRESS`, default the listening host (this machine's name when
+    it listens on every interface) and port). In Kubernetes, the pod's IP (`status.podIP`) and port."""
+    election_interval: float = 1.0
+    """Seconds between a standby's attempts to take the lead and between the leader's heartbeats
+    (`CLAWHUB_DEPLOYER_ELECTION_INTERVAL`, default 1)."""
+    lease_timeout: float = 5.0
+    """Seconds after which a silent leader counts as gone: PostgreSQL ends its session (and frees the lead),
+    and a leader whose heartbeat went unanswered for half of it steps down (`CLAWHUB_DEPLOYER_LEASE_TIMEOUT`,
+    default 5)."""
 
     @property
     def key_file(self) -> Path:
@@ -91,6 +115,7 @@ class Settings:
             secrets_key_file=_optional_path("CLAWHUB_DEPLOYER_SECRETS_KEY_FILE"),
             registry_address=env_str("CLAWHUB_REGISTRY_ADDRESS", defaults.registry_address),
             executor_addresses=env_list("CLAWHUB_EXECUTOR_ADDRESSES", ",".join(defaults.executor_addresses)),
+            dns_interval=env_float("CLAWHUB_EXECUTOR_DNS_INTERVAL", defaults.dns_interval, minimum=0.1),
             ack_timeout=env_float("CLAWHUB_DEPLOY_ACK_TIMEOUT", defaults.ack_timeout, minimum=0.0),
             load_timeout=env_float("CLAWHUB_DEPLOY_LOAD_TIMEOUT", defaults.load_timeout, minimum=0.1),
             registry_timeout=env_float("CLAWHUB_DEPLOYER_REGISTRY_TIMEOUT", defaults.registry_timeout, minimum=0.1),
@@ -100,6 +125,12 @@ class Settings:
             tls=TlsSettings.from_env(),
             rate_limits=RateLimitSettings.from_env(),
             metrics=MetricsSettings.from_env("deployer"),
+            database_url=database_url("deployer"),
+            deployer_id=env_str("CLAWHUB_DEPLOYER_ID", defaults.deployer_id),
+            advertise_address=env_str("CLAWHUB_DEPLOYER_ADVERTISE_ADDRESS", defaults.advertise_address),
+            election_interval=env_float("CLAWHUB_DEPLOYER_ELECTION_INTERVAL", defaults.election_interval,
+                                        minimum=0.05),
+            lease_timeout=env_float("CLAWHUB_DEPLOYER_LEASE_TIMEOUT", defaults.lease_timeout, minimum=1.0),
             release=_release_defaults(defaults.release),
             breaker=BreakerSettings(
                 failures=env_int("CLAWHUB_DEPLOYER_BREAKER_FAILURES", defaults.breaker.failures, minimum=0),

@@ -1,4 +1,5 @@
 """Persistence of deployments and the route table: the `DeploymentStore` protocol and its aiosqlite backend.
+The PostgreSQL backend (services/deployer/pgstore.py) shares everything that is not SQL (`SealedRows`).
 
 The route table is stored per skill (which deployment serves it and its `Route`) plus one global generation
 number, so a restarted deployer serves the same table at the same generation. Schema changes are appended to
@@ -73,8 +74,9 @@ class DeploymentStore(Protocol):
         """Deployments left Deploying or RollingBack, oldest first."""
         ...
 
-    async def add_transition(self, deployment_id: str, transition: Transition) -> None:
-        """Persist a transition; fails with ConcurrentChange if the stored state is not its from_state."""
+    async def add_transition(self, deployment_id: str, transition: Transition, epoch: int = 0) -> None:
+        """Persist a transition; fails with ConcurrentChange if the stored state is not its from_state, with
+        Fenced if the leadership term `epoch` is over (another deployer drives the releases now)."""
         ...
 
     async def find_request(self, method: str, request_id: str) -> tuple[str, int] | None:
@@ -116,13 +118,55 @@ class DeploymentStore(Protocol):
 
     async def list_audit(self, before: int | None, limit: int) -> list[tuple[int, int, str, str, str, str, str]]: ...
 
-    async def save_route(self, generation: int, skill: str, entry: StoredRoute | None) -> None:
-        """Set (or with None, remove) one skill's route and the table's generation, atomically."""
+    async def save_route(self, generation: int, skill: str, entry: StoredRoute | None, epoch: int = 0) -> None:
+        """Set (or with None, remove) one skill's route and the table's generation, atomically; Fenced (nothing
+        written) unless the table is still at leadership `epoch` and below `generation`."""
         ...
+
+    async def begin_term(self, deployer_id: str, address: str) -> int:
+        """Start a new leadership term (call while holding the leadership): the next epoch, recorded in the route
+        table with who holds it; every route write of an older term fails from now on."""
+        ...
+
+    async def leader(self) -> LeaderRecord:
+        """Who holds the current leadership term, and the route table's generation."""
+        ...
+
+    async def renew_executor_lease(self, address: str, expires_ns: int) -> None:
+        """Record (or extend) a registered executor's lease until `expires_ns` (services/deployer/membership.py)."""
+        ...
+
+    async def drop_executor_lease(self, address: str, expired_by_ns: int | None = None) -> None:
+        """Forget an executor's lease: at once (None: it deregistered), or only if it ran out by `expired_by_ns`
+        (a renewal that raced the cleanup wins)."""
+        ...
+
+    async def executor_leases(self) -> dict[str, int]:
+        """Every stored lease: executor address → when it runs out (nanoseconds since the epoch)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LeaderRecord:
+    """The route table's fencing token (the leadership epoch), who took it, and the table's generation."""
+
+    epoch: int
+    deployer_id: str
+    address: str
+    generation: int
 
 
 class ConcurrentChange(RuntimeError):
     """The stored state of a deployment is not the one a transition starts from."""
+
+
+class Fenced(ConcurrentChange):
+    """A route write of a deployer whose leadership term is over (another deployer began a newer one)."""
+
+
+def fenced(epoch: int, stored: int) -> Fenced:
+    return Fenced(f"route table write refused: this deployer's leadership term {epoch} is over (the table is at "
+                  f"term {stored}); another deployer leads")
 
 
 MIGRATIONS: Sequence[str] = (
@@ -236,6 +280,21 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE deployments ADD COLUMN cache_ttl_ms INTEGER;
     ALTER TABLE deployments ADD COLUMN env_digest TEXT NOT NULL DEFAULT '';
     """,
+    # 10: leader election (issue 15): the route table's fencing token, the leadership epoch, and who holds it.
+    # A sqlite deployer is the only one, always at epoch 0; the columns keep both backends' tables alike.
+    """
+    ALTER TABLE route_table ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE route_table ADD COLUMN leader_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE route_table ADD COLUMN leader_address TEXT NOT NULL DEFAULT '';
+    """,
+    # 11: executors that registered (issue 15, discovery): the lease each one renews; any deployer replica writes
+    # it, the leader preloads and publishes the executors whose lease runs.
+    """
+    CREATE TABLE executor_leases (
+        address TEXT PRIMARY KEY,
+        expires_ns INTEGER NOT NULL
+    );
+    """,
 )
 
 _COLUMNS = ("seq, id, skill, version, digest, limits, state, previous_id, previous_version, "
@@ -278,12 +337,126 @@ def dependencies_from_json(text: str) -> list[skill_pb2.ResolvedDependency]:
     return [json_format.ParseDict(d, skill_pb2.ResolvedDependency()) for d in json.loads(text or "[]")]
 
 
-class SqliteDeploymentStore:
+SealedUpdate = Callable[[str, Any, str], Awaitable[None]]
+
+
+class SealedRows:
+    """What both backends do alike around their SQL: seal and open env values and routes with the keyring,
+    re-seal old rows under the newest key, build records from rows (columns in `_COLUMNS` order)."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+
+    def _unknown_key(self, kid: str, rows: int) -> SecretsKeyError:
+        keyring = self._keyring
+        return SecretsKeyError(
+            f"deployer: the secrets key file {keyring.path} does not hold key {kid}, which encrypted the env "
+            f"values of {rows} stored deployments and routes; restore the key file that was in "
+            f"use (or add that key back as a line of it), or point CLAWHUB_DEPLOYER_SECRETS_KEY_FILE at it "
+            "(docs/security.md)")
+
+    async def _reseal(self, deployments: Sequence[Any], routes: Sequence[Any], set_env: SealedUpdate,
+                      set_route: SealedUpdate) -> int:
+        """Open every (id, env, env_key) deployment and (skill, route, route_key) route row, learn the values
+        (for redaction), and write back under the newest key (`set_env(id, token, kid)`,
+        `set_route(skill, blob, kid)`) those that are plain or sealed with an older key; how many were."""
+        resealed = 0
+        for deployment_id, env_text, kid in deployments:
+            env = self._open_env(str(deployment_id), env_text, str(kid))
+            REDACTOR.add(env.values())
+            if kid != self._keyring.primary:
+                new_kid, token = self._seal_env(str(deployment_id), env)
+                await set_env(str(deployment_id), token, new_kid)
+                resealed += 1
+        for skill, blob, kid in routes:
+            route = self._open_route(str(skill), bytes(blob), str(kid))
+            if kid != self._keyring.primary:
+                new_kid, sealed = self._seal_route(route)
+                await set_route(str(skill), sealed, new_kid)
+                resealed += 1
+        if resealed:
+            log.info("sealed the env values of %d stored deployments and routes with key %s of %s", resealed,
+                     self._keyring.primary, self._keyring.path)
+        return resealed
+
+    def _insert_values(self, record: DeploymentRecord) -> tuple[Any, ...]:
+        """The values of `_INSERT_COLUMNS` for a new deployment (its env sealed; its values learnt for
+        redaction)."""
+        REDACTOR.add(record.env.values())
+        kid, sealed_env = self._seal_env(record.id, record.env)
+        return (record.id, record.skill, record.version, record.digest,
+                record.limits.SerializeToString(), int(record.state), record.previous_id,
+                record.previous_version, record.create_ns, record.update_ns,
+                sealed_env, kid, json.dumps(record.args), record.bundle_digest,
+                json.dumps(record.capabilities), record.plan.to_json() if record.plan else "",
+                dependencies_to_json(record.dependencies), json.dumps(sorted(record.inherited_env)),
+                record.input_schema, record.cache_ttl_ms, record.env_digest)
+
+    def _record(self, row: Any, history: list[Transition]) -> DeploymentRecord:
+        """A deployment from its row (`_COLUMNS`) and its transitions."""
+        limits = skill_pb2.Limits()
+        limits.ParseFromString(bytes(row[5]))
+        return DeploymentRecord(
+            seq=int(row[0]), id=row[1], skill=row[2], version=row[3], digest=row[4], limits=limits,
+            state=State(int(row[6])), history=history, previous_id=row[7], previous_version=row[8],
+            create_ns=int(row[9]), update_ns=int(row[10]), env=self._open_env(row[1], row[11], str(row[22])),
+            args=list(json.loads(row[12])), bundle_digest=str(row[13]), capabilities=list(json.loads(row[14])),
+            plan=Plan.from_json(str(row[15])), verdict=Verdict(int(row[16])), verdict_reason=str(row[17]),
+            stats=Tally.from_json(str(row[18])), dependencies=dependencies_from_json(str(row[19])),
+            inherited_env=list(json.loads(row[20])), rolled_back=RolledBack.from_json(str(row[21])),
+            input_schema=None if row[23] is None else str(row[23]),
+            cache_ttl_ms=None if row[24] is None else int(row[24]), env_digest=str(row[25]))
+
+    @staticmethod
+    def _transition(row: Any) -> Transition:
+        """A transition from its (from_state, to_state, time_ns, reason) row."""
+        return Transition(State(int(row[0])), State(int(row[1])), int(row[2]), str(row[3]))
+
+    @staticmethod
+    def _event_blob(event: pb.WatchDeploymentResponse) -> bytes:
+        copy = pb.WatchDeploymentResponse()
+        copy.CopyFrom(event)
+        return REDACTOR.redact_message(copy).SerializeToString()
+
+    def _seal_env(self, deployment_id: str, env: dict[str, str]) -> tuple[str, str]:
+        # The deployment id is sealed with the values: a token copied onto another row does not decrypt there.
+        plaintext = json.dumps({"deployment": deployment_id, "env": env}, sort_keys=True).encode()
+        kid, token = self._keyring.encrypt(plaintext)
+        return kid, token.decode("ascii")
+
+    def _open_env(self, deployment_id: str, text: str, kid: str) -> dict[str, str]:
+        if not kid:  # plain, from before migration 6: sealed by `_seal` on open
+            return {str(k): str(v) for k, v in json.loads(text or "{}").items()}
+        what = f"deployment {deployment_id}"
+        data = json.loads(self._keyring.decrypt(kid, text.encode("ascii"), what=what))
+        if data.get("deployment") != deployment_id:
+            raise SecretsKeyError(f"deployer: the sealed env values stored with {what} belong to another deployment "
+                                  "(the database was altered); restore it from a backup")
+        return {str(k): str(v) for k, v in data["env"].items()}
+
+    def _seal_route(self, route: routing_pb2.Route) -> tuple[str, bytes]:
+        return self._keyring.encrypt(route.SerializeToString())
+
+    def _open_route(self, skill: str, blob: bytes, kid: str) -> routing_pb2.Route:
+        route = routing_pb2.Route()
+        route.ParseFromString(self._keyring.decrypt(kid, blob, what=f"the route of {skill}") if kid else blob)
+        if route.skill and route.skill != skill:
+            raise SecretsKeyError(f"deployer: the sealed route stored for {skill} belongs to {route.skill} "
+                                  "(the database was altered); restore it from a backup")
+        return route
+
+
+_INSERT_COLUMNS = ("id, skill, version, digest, limits, state, previous_id, previous_version, create_ns, update_ns, "
+                   "env, env_key, args, bundle_digest, capabilities, plan, dependencies, inherited_env, input_schema, "
+                   "cache_ttl_ms, env_digest")
+
+
+class SqliteDeploymentStore(SealedRows):
     """aiosqlite (WAL) backend. One connection; a lock keeps each operation's statements together."""
 
     def __init__(self, db: aiosqlite.Connection, keyring: Keyring) -> None:
+        super().__init__(keyring)
         self._db = db
-        self._keyring = keyring
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -338,60 +511,19 @@ class SqliteDeploymentStore:
             rows = list(await db.execute_fetchall(
                 "SELECT (SELECT COUNT(*) FROM deployments WHERE env_key = ?) + "
                 "(SELECT COUNT(*) FROM routes WHERE route_key = ?)", (kid, kid)))
-            raise SecretsKeyError(
-                f"deployer: the secrets key file {keyring.path} does not hold key {kid}, which encrypted the env "
-                f"values of {int(rows[0][0])} stored deployments and routes; restore the key file that was in "
-                f"use (or add that key back as a line of it), or point CLAWHUB_DEPLOYER_SECRETS_KEY_FILE at it "
-                "(docs/security.md)")
-        resealed = 0
+            raise self._unknown_key(kid, int(rows[0][0]))
+
+        async def set_env(deployment_id: str, token: Any, kid: str) -> None:
+            await db.execute("UPDATE deployments SET env = ?, env_key = ? WHERE id = ?", (token, kid, deployment_id))
+
+        async def set_route(skill: str, blob: Any, kid: str) -> None:
+            await db.execute("UPDATE routes SET route = ?, route_key = ? WHERE skill = ?", (blob, kid, skill))
+
         async with write_transaction(db):
-            for deployment_id, env_text, kid in list(await db.execute_fetchall(
-                    "SELECT id, env, env_key FROM deployments")):
-                env = self._open_env(str(deployment_id), env_text, str(kid))
-                REDACTOR.add(env.values())
-                if kid != keyring.primary:
-                    new_kid, token = self._seal_env(str(deployment_id), env)
-                    await db.execute("UPDATE deployments SET env = ?, env_key = ? WHERE id = ?",
-                                     (token, new_kid, deployment_id))
-                    resealed += 1
-            for skill, blob, kid in list(await db.execute_fetchall("SELECT skill, route, route_key FROM routes")):
-                route = self._open_route(str(skill), bytes(blob), str(kid))
-                if kid != keyring.primary:
-                    new_kid, sealed = self._seal_route(route)
-                    await db.execute("UPDATE routes SET route = ?, route_key = ? WHERE skill = ?",
-                                     (sealed, new_kid, skill))
-                    resealed += 1
-        if resealed:
-            log.info("sealed the env values of %d stored deployments and routes with key %s of %s", resealed,
-                     keyring.primary, keyring.path)
+            resealed = await self._reseal(
+                list(await db.execute_fetchall("SELECT id, env, env_key FROM deployments")),
+                list(await db.execute_fetchall("SELECT skill, route, route_key FROM routes")), set_env, set_route)
         return resealed > 0
-
-    def _seal_env(self, deployment_id: str, env: dict[str, str]) -> tuple[str, str]:
-        # The deployment id is sealed with the values: a token copied onto another row does not decrypt there.
-        plaintext = json.dumps({"deployment": deployment_id, "env": env}, sort_keys=True).encode()
-        kid, token = self._keyring.encrypt(plaintext)
-        return kid, token.decode("ascii")
-
-    def _open_env(self, deployment_id: str, text: str, kid: str) -> dict[str, str]:
-        if not kid:  # plain, from before migration 6: sealed by `_seal` on open
-            return {str(k): str(v) for k, v in json.loads(text or "{}").items()}
-        what = f"deployment {deployment_id}"
-        data = json.loads(self._keyring.decrypt(kid, text.encode("ascii"), what=what))
-        if data.get("deployment") != deployment_id:
-            raise SecretsKeyError(f"deployer: the sealed env values stored with {what} belong to another deployment "
-                                  "(the database was altered); restore it from a backup")
-        return {str(k): str(v) for k, v in data["env"].items()}
-
-    def _seal_route(self, route: routing_pb2.Route) -> tuple[str, bytes]:
-        return self._keyring.encrypt(route.SerializeToString())
-
-    def _open_route(self, skill: str, blob: bytes, kid: str) -> routing_pb2.Route:
-        route = routing_pb2.Route()
-        route.ParseFromString(self._keyring.decrypt(kid, blob, what=f"the route of {skill}") if kid else blob)
-        if route.skill and route.skill != skill:
-            raise SecretsKeyError(f"deployer: the sealed route stored for {skill} belongs to {route.skill} "
-                                  "(the database was altered); restore it from a backup")
-        return route
 
     @staticmethod
     async def _migrate(db: aiosqlite.Connection) -> None:
@@ -432,22 +564,11 @@ class SqliteDeploymentStore:
         return [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6])) for r in rows]
 
     async def create_deployment(self, record: DeploymentRecord, request_id: str = "") -> None:
-        REDACTOR.add(record.env.values())
-        kid, sealed_env = self._seal_env(record.id, record.env)
+        values = self._insert_values(record)
         async with self._lock:
             async with write_transaction(self._db):
                 cursor = await self._db.execute(
-                    "INSERT INTO deployments (id, skill, version, digest, limits, state, previous_id, "
-                    "previous_version, create_ns, update_ns, env, env_key, args, bundle_digest, capabilities, plan, "
-                    "dependencies, inherited_env, input_schema, cache_ttl_ms, env_digest) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record.id, record.skill, record.version, record.digest,
-                     record.limits.SerializeToString(), int(record.state), record.previous_id,
-                     record.previous_version, record.create_ns, record.update_ns,
-                     sealed_env, kid, json.dumps(record.args), record.bundle_digest,
-                     json.dumps(record.capabilities), record.plan.to_json() if record.plan else "",
-                     dependencies_to_json(record.dependencies), json.dumps(sorted(record.inherited_env)),
-                     record.input_schema, record.cache_ttl_ms, record.env_digest))
+                    f"INSERT INTO deployments ({_INSERT_COLUMNS}) VALUES ({', '.join('?' for _ in values)})", values)
                 record.seq = int(cursor.lastrowid or 0)
                 for step, transition in enumerate(record.history):
                     await self._insert_transition(record.id, step, transition)
@@ -496,33 +617,23 @@ class SqliteDeploymentStore:
     async def _hydrate(self, rows: list[Any]) -> list[DeploymentRecord]:
         records = []
         for row in rows:
-            limits = skill_pb2.Limits()
-            limits.ParseFromString(row[5])
-            history = [
-                Transition(State(int(t[0])), State(int(t[1])), int(t[2]), str(t[3]))
-                for t in await self._db.execute_fetchall(
-                    "SELECT from_state, to_state, time_ns, reason FROM transitions "
-                    "WHERE deployment_id = ? ORDER BY step", (row[1],))
-            ]
-            records.append(DeploymentRecord(
-                seq=int(row[0]), id=row[1], skill=row[2], version=row[3], digest=row[4], limits=limits,
-                state=State(int(row[6])), history=history, previous_id=row[7], previous_version=row[8],
-                create_ns=int(row[9]), update_ns=int(row[10]), env=self._open_env(row[1], row[11], str(row[22])),
-                args=list(json.loads(row[12])), bundle_digest=str(row[13]), capabilities=list(json.loads(row[14])),
-                plan=Plan.from_json(str(row[15])), verdict=Verdict(int(row[16])), verdict_reason=str(row[17]),
-                stats=Tally.from_json(str(row[18])), dependencies=dependencies_from_json(str(row[19])),
-                inherited_env=list(json.loads(row[20])), rolled_back=RolledBack.from_json(str(row[21])),
-                input_schema=None if row[23] is None else str(row[23]),
-                cache_ttl_ms=None if row[24] is None else int(row[24]), env_digest=str(row[25])))
+            history = [self._transition(t) for t in await self._db.execute_fetchall(
+                "SELECT from_state, to_state, time_ns, reason FROM transitions "
+                "WHERE deployment_id = ? ORDER BY step", (row[1],))]
+            records.append(self._record(row, history))
         return records
 
-    async def add_transition(self, deployment_id: str, transition: Transition) -> None:
+    async def add_transition(self, deployment_id: str, transition: Transition, epoch: int = 0) -> None:
         async with self._lock:
             async with write_transaction(self._db):
                 cursor = await self._db.execute(
-                    "UPDATE deployments SET state = ?, update_ns = ? WHERE id = ? AND state = ?",
-                    (int(transition.to_state), transition.time_ns, deployment_id, int(transition.from_state)))
+                    "UPDATE deployments SET state = ?, update_ns = ? WHERE id = ? AND state = ? "
+                    "AND (SELECT epoch FROM route_table WHERE id = 1) = ?",
+                    (int(transition.to_state), transition.time_ns, deployment_id, int(transition.from_state), epoch))
                 if cursor.rowcount != 1:
+                    rows = list(await self._db.execute_fetchall("SELECT epoch FROM route_table WHERE id = 1"))
+                    if int(rows[0][0]) != epoch:
+                        raise fenced(epoch, int(rows[0][0]))
                     raise ConcurrentChange(f"deployment {deployment_id} is not in state "
                                            f"{int(transition.from_state)} any more")
                 rows = list(await self._db.execute_fetchall(
@@ -544,9 +655,7 @@ class SqliteDeploymentStore:
 
     async def append_event(self, deployment_id: str, event: pb.WatchDeploymentResponse, *, keep: bool,
                            limit: int) -> bool:
-        copy = pb.WatchDeploymentResponse()
-        copy.CopyFrom(event)
-        blob = REDACTOR.redact_message(copy).SerializeToString()
+        blob = self._event_blob(event)
         async with self._lock:
             if not keep:
                 rows = list(await self._db.execute_fetchall(
@@ -604,9 +713,18 @@ class SqliteDeploymentStore:
             routes[str(skill)] = StoredRoute(str(deployment_id), self._open_route(str(skill), bytes(blob), str(kid)))
         return RouteSnapshot(int(generation_rows[0][0]) if generation_rows else 0, routes)
 
-    async def save_route(self, generation: int, skill: str, entry: StoredRoute | None) -> None:
+    async def save_route(self, generation: int, skill: str, entry: StoredRoute | None, epoch: int = 0) -> None:
         async with self._lock:
             async with write_transaction(self._db):
+                cursor = await self._db.execute(
+                    "UPDATE route_table SET generation = ? WHERE id = 1 AND epoch = ? AND generation < ?",
+                    (generation, epoch, generation))
+                if cursor.rowcount != 1:
+                    rows = list(await self._db.execute_fetchall("SELECT epoch, generation FROM route_table"))
+                    if int(rows[0][0]) != epoch:
+                        raise fenced(epoch, int(rows[0][0]))
+                    raise ConcurrentChange(f"route generation {generation} is not above the stored "
+                                           f"{int(rows[0][1])}")
                 if entry is None:
                     await self._db.execute("DELETE FROM routes WHERE skill = ?", (skill,))
                 else:
@@ -614,4 +732,35 @@ class SqliteDeploymentStore:
                     await self._db.execute(
                         "INSERT OR REPLACE INTO routes (skill, deployment_id, route, route_key) VALUES (?, ?, ?, ?)",
                         (skill, entry.deployment_id, sealed, kid))
-                await self._db.execute("UPDATE route_table SET generation = ? WHERE id = 1", (generation,))
+
+    async def begin_term(self, deployer_id: str, address: str) -> int:
+        async with self._lock, write_transaction(self._db):
+            await self._db.execute("UPDATE route_table SET epoch = epoch + 1, leader_id = ?, leader_address = ? "
+                                   "WHERE id = 1", (deployer_id, address))
+            rows = list(await self._db.execute_fetchall("SELECT epoch FROM route_table WHERE id = 1"))
+        return int(rows[0][0])
+
+    async def leader(self) -> LeaderRecord:
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(
+                "SELECT epoch, leader_id, leader_address, generation FROM route_table WHERE id = 1"))
+        return LeaderRecord(int(rows[0][0]), str(rows[0][1]), str(rows[0][2]), int(rows[0][3]))
+
+    async def renew_executor_lease(self, address: str, expires_ns: int) -> None:
+        async with self._lock:
+            await self._db.execute(
+                "INSERT INTO executor_leases (address, expires_ns) VALUES (?, ?) "
+                "ON CONFLICT (address) DO UPDATE SET expires_ns = excluded.expires_ns", (address, expires_ns))
+
+    async def drop_executor_lease(self, address: str, expired_by_ns: int | None = None) -> None:
+        async with self._lock:
+            if expired_by_ns is None:
+                await self._db.execute("DELETE FROM executor_leases WHERE address = ?", (address,))
+            else:
+                await self._db.execute("DELETE FROM executor_leases WHERE address = ? AND expires_ns <= ?",
+                                       (address, expired_by_ns))
+
+    async def executor_leases(self) -> dict[str, int]:
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall("SELECT address, expires_ns FROM executor_leases"))
+        return {str(address): int(expires) for address, expires in rows}

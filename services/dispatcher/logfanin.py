@@ -24,9 +24,9 @@ from clawhub.common.v1 import observability_pb2
 from clawhub.dispatcher.v1 import dispatcher_service_pb2 as pb
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 
-from services.dispatcher.executors import ExecutorClient
 from services.runtime import logtail
 from services.runtime.errors import one_line
+from services.runtime.executors import ExecutorClient
 
 log = logging.getLogger("clawhub.dispatcher.logs")
 

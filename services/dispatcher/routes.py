@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, cast
 
 import grpc
@@ -12,7 +12,9 @@ from clawhub.common.v1 import routing_pb2
 from clawhub.deployer.v1 import deployer_internal_pb2 as deployer_pb
 from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_grpc
 
+from services.runtime import tracing
 from services.runtime.errors import describe_error
+from services.runtime.routing import RouteState
 from services.runtime.tasks import BackgroundLoop
 
 log = logging.getLogger("clawhub.dispatcher")
@@ -39,17 +41,26 @@ class GrpcRouteFeed:
     dead peer, and the watcher reconnects.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, *, ack_timeout: float = ACK_TIMEOUT) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, ack_timeout: float = ACK_TIMEOUT,
+                 on_executors: Callable[[tuple[str, ...]], None] | None = None) -> None:
         self._stub = cast("deployer_grpc.DeployerInternalServiceAsyncStub",
                           deployer_grpc.DeployerInternalServiceStub(channel))
         self._ack_timeout = ack_timeout
+        # Called with the deployer's executor set (WatchRoutesResponse.executors) whenever a response has one.
+        self._on_executors = on_executors
 
     async def watch(self, dispatcher_id: str) -> AsyncIterator[routing_pb2.RouteTable]:
         call = self._stub.WatchRoutes(deployer_pb.WatchRoutesRequest(dispatcher_id=dispatcher_id))
         try:
+            sent: int | None = None
             async for response in call:
+                if response.HasField("executors") and self._on_executors is not None:
+                    self._on_executors(tuple(response.executors.addresses))
                 table: routing_pb2.RouteTable = response.route_table
-                yield table
+                # The same generation again within one stream: only the executor set changed.
+                if table.generation != sent:
+                    sent = table.generation
+                    yield table
         finally:
             call.cancel()
 
@@ -59,35 +70,17 @@ class GrpcRouteFeed:
             timeout=self._ack_timeout)
 
 
-class RouteState:
-    """The table the dispatcher routes with now; replaced whole on every generation."""
-
-    def __init__(self) -> None:
-        self._table = routing_pb2.RouteTable()
-        self._routes: dict[str, routing_pb2.Route] = {}
-
-    @property
-    def table(self) -> routing_pb2.RouteTable:
-        return self._table
-
-    def route(self, skill: str) -> routing_pb2.Route | None:
-        return self._routes.get(skill)
-
-    def apply(self, table: routing_pb2.RouteTable) -> None:
-        # The deployer is the source of truth: a new stream may even carry a lower generation (a deployer
-        # restored from an older backup), and it still wins.
-        self._routes = {route.skill: route for route in table.routes}
-        self._table = table
-
-
 class RouteWatcher(BackgroundLoop):
-    """Follows the feed forever: apply each table, acknowledge it, reconnect with capped backoff."""
+    """Follows the feed forever: apply each table, pass it on (`applied`: to the gateways that follow this
+    dispatcher, waiting for theirs), acknowledge it, reconnect with capped backoff."""
 
     task_name = "route-watcher"
 
     def __init__(self, feed: RouteFeed, state: RouteState, dispatcher_id: str, *,
-                 backoff_initial: float = BACKOFF_INITIAL, backoff_max: float = BACKOFF_MAX) -> None:
+                 backoff_initial: float = BACKOFF_INITIAL, backoff_max: float = BACKOFF_MAX,
+                 applied: Callable[[routing_pb2.RouteTable], Awaitable[None]] | None = None) -> None:
         super().__init__()
+        self._applied = applied
         self._feed = feed
         self._state = state
         self._dispatcher_id = dispatcher_id
@@ -99,10 +92,14 @@ class RouteWatcher(BackgroundLoop):
         while True:
             try:
                 async for table in self._feed.watch(self._dispatcher_id):
-                    self._state.apply(table)
                     backoff = self._backoff_initial
-                    log.info("routing with generation %d (%d routes)", table.generation, len(table.routes))
-                    await self._acknowledge(table.generation)
+                    with tracing.span("dispatcher.route_apply", {"clawhub.route.generation": table.generation},
+                                      context=tracing.remote_parent(table.traceparent)):
+                        self._state.apply(table)
+                        log.info("routing with generation %d (%d routes)", table.generation, len(table.routes))
+                        if self._applied is not None:
+                            await self._applied(table)
+                        await self._acknowledge(table.generation)
                 log.info("the deployer ended the route stream; reconnecting")
             except grpc.aio.AioRpcError as err:
                 log.info("route stream from the deployer broke (%s); reconnecting in %.1fs",

@@ -28,41 +28,15 @@ from typing import Protocol
 import grpc
 from clawhub.common.v1 import observability_pb2, routing_pb2
 
-from services.runtime.errors import ServiceError, error_info
+from services.runtime.callstats import bucket, bucket_value, reason_of
+
+__all__ = ["SkillStats", "Summary", "bucket", "bucket_value", "reason_of", "quantile", "executor_loads",
+           "active_version", "to_proto"]
 
 WINDOW_SECONDS = 60
-BUCKETS_PER_DOUBLING = 8
 MAX_SKILLS = 10_000
 # How long GetSkillStats waits for an executor's GetLoad before showing it unreachable.
 LOAD_TIMEOUT = 0.5
-_SCALE = BUCKETS_PER_DOUBLING / math.log(2)
-_MICROSECOND = 1e-6
-
-
-def bucket(seconds: float) -> int:
-    """The latency bucket of `seconds`: bucket i holds (2^((i-1)/B), 2^(i/B)] µs; 0 holds up to 1 µs."""
-    if seconds <= _MICROSECOND:
-        return 0
-    return math.ceil(math.log(seconds / _MICROSECOND) * _SCALE)
-
-
-def bucket_value(index: int) -> float:
-    """A bucket's representative latency in seconds: its geometric middle (its bound for bucket 0)."""
-    if index <= 0:
-        return _MICROSECOND
-    return _MICROSECOND * 2 ** ((index - 0.5) / BUCKETS_PER_DOUBLING)
-
-
-def reason_of(exc: BaseException) -> str:
-    """How a failed call is told in `errors_by_reason`: its ErrorInfo reason, else its status code's name."""
-    if isinstance(exc, ServiceError):
-        return str(exc.reason) or exc.code.name
-    if isinstance(exc, grpc.aio.AioRpcError):
-        info = error_info(exc)
-        return str(info.reason if info is not None and info.reason else exc.code().name)
-    if isinstance(exc, asyncio.CancelledError):
-        return str(grpc.StatusCode.CANCELLED.name)
-    return str(grpc.StatusCode.UNKNOWN.name)  # a bug: the error interceptor answers it with UNKNOWN too
 
 
 class _Second:
@@ -122,18 +96,9 @@ class SkillStats:
     def record(self, skill: str, seconds: float, reason: str = "") -> None:
         """One call of `skill` that ended now after `seconds`; `reason` is empty for a success, else what
         `reason_of` says of its error."""
-        now = int(self._clock())
-        ring = self._rings.get(skill)
-        if ring is None:
-            if len(self._rings) >= self._max_skills:
-                self._forget_idle(now)
-                if len(self._rings) >= self._max_skills:
-                    return
-            ring = self._rings[skill] = [None] * self.window
-        position = now % self.window
-        slot = ring[position]
-        if slot is None or slot.second != now:
-            slot = ring[position] = _Second(now)
+        slot = self._slot(skill)
+        if slot is None:
+            return
         slot.calls += 1
         index = bucket(seconds)
         latency = slot.latency
@@ -141,6 +106,36 @@ class SkillStats:
         if reason:
             slot.errors += 1
             slot.reasons[reason] = slot.reasons.get(reason, 0) + 1
+
+    def merge(self, skill: str, calls: int, reasons: dict[str, int], latency: dict[int, int]) -> None:
+        """Add a gateway's calls of `skill` (DataPlaneService.ReportCalls) to the current second, as if they
+        had ended here now."""
+        if calls <= 0:
+            return
+        slot = self._slot(skill)
+        if slot is None:
+            return
+        slot.calls += calls
+        for index, count in latency.items():
+            slot.latency[index] = slot.latency.get(index, 0) + count
+        for reason, count in reasons.items():
+            slot.errors += count
+            slot.reasons[reason] = slot.reasons.get(reason, 0) + count
+
+    def _slot(self, skill: str) -> _Second | None:
+        now = int(self._clock())
+        ring = self._rings.get(skill)
+        if ring is None:
+            if len(self._rings) >= self._max_skills:
+                self._forget_idle(now)
+                if len(self._rings) >= self._max_skills:
+                    return None
+            ring = self._rings[skill] = [None] * self.window
+        position = now % self.window
+        slot = ring[position]
+        if slot is None or slot.second != now:
+            slot = ring[position] = _Second(now)
+        return slot
 
     def snapshot(self, only: str = "") -> dict[str, Summary]:
         """Every skill with calls in the window (or just `only`), summarised; forgets skills whose window is
@@ -184,7 +179,7 @@ class SkillStats:
 
 
 class LoadSource(Protocol):
-    """The executors as GetSkillStats asks them (services/dispatcher/executors.py's ExecutorClient)."""
+    """The executors as GetSkillStats asks them (services/runtime/executors.py's ExecutorClient)."""
 
     @property
     def addresses(self) -> tuple[str, ...]: ...

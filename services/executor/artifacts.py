@@ -10,6 +10,10 @@ deserializing (which is why this reads the file rather than using `deserialize_f
 corrupted artifact is deleted and the module recompiled, never run. Files are written to a temporary
 name and renamed, so readers never see half a file. The directory belongs to the executor: anyone who
 can write to it can run code in the executor.
+
+A component (`component-v1`) is stored the same way, with bit 63 of the size set (`COMPONENT_FLAG`); `load`
+hands it back verified but not deserialized (`SerializedComponent`): the sandbox's component runner
+deserializes it with its own engine (services/executor/components.py).
 """
 
 from __future__ import annotations
@@ -20,16 +24,26 @@ import os
 import platform
 import struct
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import wasmtime
+from wasmtime import component as wc
 
 log = logging.getLogger("clawhub.executor.artifacts")
 
 SUFFIX = ".cwasm"
 _HASH_BYTES = 32
 _SIZE = struct.Struct("<Q")
+COMPONENT_FLAG = 1 << 63
+
+
+@dataclass(frozen=True)
+class SerializedComponent:
+    """A verified component artifact (`Component.serialize()` output), for `Sandbox.link` to deserialize."""
+
+    data: bytes
 
 
 def _wasmtime_version() -> str:
@@ -56,7 +70,7 @@ class ArtifactCache:
         algorithm, _, hexdigest = digest.partition(":")
         return self.directory / f"{algorithm}-{hexdigest}-{self.fingerprint}{SUFFIX}"
 
-    def load(self, engine: wasmtime.Engine, digest: str) -> tuple[wasmtime.Module, int] | None:
+    def load(self, engine: wasmtime.Engine, digest: str) -> tuple[wasmtime.Module | SerializedComponent, int] | None:
         """The module stored for `digest` and the size of its original bytes, or None when there is
         none or it is unusable (then deleted). Blocking file I/O: call it off the event loop."""
         path = self.path(digest)
@@ -73,6 +87,8 @@ class ArtifactCache:
             self._delete(path)
             return None
         (size,) = _SIZE.unpack_from(rest)
+        if size & COMPONENT_FLAG:
+            return SerializedComponent(rest[_SIZE.size:]), size & ~COMPONENT_FLAG
         try:
             return wasmtime.Module.deserialize(engine, rest[_SIZE.size:]), size
         except wasmtime.WasmtimeError as exc:
@@ -86,7 +102,8 @@ class ArtifactCache:
         an optimisation."""
         path = self.path(digest)
         try:
-            rest = _SIZE.pack(size_bytes) + bytes(module.serialize())
+            flag = COMPONENT_FLAG if isinstance(module, wc.Component) else 0
+            rest = _SIZE.pack(size_bytes | flag) + bytes(module.serialize())
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
             try:

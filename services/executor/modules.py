@@ -27,13 +27,15 @@ from services.executor.singleflight import SingleFlight
 from services.executor.source import ModuleSource, fetch_verified
 from services.runtime import tracing
 from services.runtime.errors import Reason, ServiceError
-from services.runtime.wasm import FILES_CAPABILITY
+from services.runtime.wasm import FILES_CAPABILITY, KV_CAPABILITY
 
 log = logging.getLogger("clawhub.executor.modules")
 
 # Every capability that changes which imports a module may have (`env:NAME` does not): a module is loaded
-# if some capability set could run it, and each call is checked with its own.
-GRANTABLE = (FILES_CAPABILITY,)
+# if some capability set could run it, and each call is checked with its own. Which host an `http:`
+# capability names does not change the imports (only where requests may go, decided per call): any one
+# stands for the kind.
+GRANTABLE = (FILES_CAPABILITY, KV_CAPABILITY, "http:grantable.invalid")
 
 Key = tuple[str, bool]  # (digest, metered)
 

@@ -8,7 +8,9 @@ are in `services/runtime/wasm.py`):
   the region `clawhub_run` returns, both bounds-checked by the host; no WASI stdio on the way, and the
   calls go straight to wasmtime's C API (`capi`), which makes a small call about as cheap as the fresh
   instance it needs. A module that imports no WASI function and has no dependencies (`raw_pre`) runs
-  without any wasmtime-py object (`Sandbox._run_raw`: a raw Store, the same limits, about 9 µs per echo).
+  without any wasmtime-py object (`Sandbox._run_raw`: a raw Store, the same limits, about 9 µs per echo);
+- component-v1: a WebAssembly component of wit/skill.wit, handed to `services/executor/components.py` (its
+  own engines, the same limits and verdicts) by `compile`, `link`, `check` and `run`.
 
 Instances come from a pooling allocator (`capi.pooling_config`): a fresh instance per call reuses a
 reserved slot instead of mapping and unmapping memory (measured on the bare C-API sequence of a memory-v1
@@ -35,8 +37,11 @@ with a fuel budget pay for metering. A module compiled for one engine cannot run
 `CompiledModule.metered` says which it belongs to.
 
 What a call may see besides stdio is its `Grant`: argv, the environment variables its `env:NAME`
-capabilities name (values from the request, never the host's), and, with the `files` capability, its
-bundle directory preopened read-only at `/skill`.
+capabilities name (values from the request, never the host's), with the `files` capability its bundle
+directory preopened read-only at `/skill`, and with `kv` its skill's key-value namespace, reached through the
+`clawhub` host functions (`hostapi`). A module importing host functions is pre-linked with them, and its
+calls bind their `HostCall` to the worker thread for the run (so they never take the raw path, which is
+unchanged for modules without them); a host function's refusal goes to the call's stderr, within its cap.
 """
 
 from __future__ import annotations
@@ -48,15 +53,16 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 import wasmtime
 from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 
-from services.executor import capi
+from services.executor import capi, hostapi
+from services.executor.artifacts import SerializedComponent
 from services.executor.capi import read_bytes as _read_bytes
 from services.executor.capi import u_call_unchecked as _call_unchecked
 from services.executor.capi import u_epoch_deadline_callback as _epoch_deadline_callback
@@ -72,21 +78,30 @@ from services.executor.capi import u_store_new as _store_new
 from services.executor.capi import word as _word
 from services.executor.capi import words as _words
 from services.executor.capi import write_bytes as _write_bytes
+from services.executor.hostapi import HostCall, HostFault, HostGrant, HttpGrant
+from services.executor.kvstore import KvNamespace
+from services.executor.outbound import OutboundHttp
 from services.runtime import tracing
+from services.runtime.components import COMPONENT_V1
 from services.runtime.linking import DependencyGraph, dependency_imports
 from services.runtime.wasm import (
     BUNDLE_GUEST_DIR,
     FILES_CAPABILITY,
+    HTTP_KIND,
+    KV_CAPABILITY,
     MEMORY_ALLOC,
     MEMORY_FAILED_BIT,
     MEMORY_RUN,
     MEMORY_V1,
     WASI_COMMAND_V1,
     Abi,
+    capability_kind,
     compile_and_check,
     detect_abi,
     env_names,
+    imports_host,
     imports_wasi,
+    is_component,
     make_engine,
 )
 
@@ -184,18 +199,27 @@ class Grant:
     env: tuple[tuple[str, str], ...] = ()
     # Host directory preopened read-only at BUNDLE_GUEST_DIR; None preopens nothing.
     bundle_dir: str | None = None
+    # What the `clawhub` host functions may use (the skill's kv namespace with `kv`), and their usage count;
+    # per call (it is mutable), None for none.
+    host: HostGrant | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, capabilities: Sequence[str], *, env: Mapping[str, str] | None = None,
-           args: Sequence[str] = (), bundle_dir: str | None = None, program: str = "skill") -> Grant:
+           args: Sequence[str] = (), bundle_dir: str | None = None, program: str = "skill",
+           kv: KvNamespace | None = None, http: OutboundHttp | None = None) -> Grant:
         """The grant of a call with these declared capabilities: only the `env:NAME` variables named
-        (values from `env`; other names in `env` are ignored), the bundle only with `files`."""
+        (values from `env`; other names in `env` are ignored), the bundle only with `files`, the key-value
+        namespace `kv` only with `kv`, the executor's HTTP client `http` only with an `http:HOST` capability."""
         values = env or {}
         names = env_names(capabilities)
         return cls(
             argv=(program, *args),
             env=tuple((n, values[n]) for n in dict.fromkeys(names) if n in values),
             bundle_dir=bundle_dir if FILES_CAPABILITY in capabilities else None,
+            host=HostGrant(kv=kv if KV_CAPABILITY in capabilities else None,
+                           http=HttpGrant(http, tuple(capabilities)) if http is not None and any(
+                               capability_kind(c) == HTTP_KIND for c in capabilities) else None)
+            if KV_CAPABILITY in capabilities or any(capability_kind(c) == HTTP_KIND for c in capabilities) else None,
         )
 
 
@@ -241,14 +265,17 @@ class CompiledModule:
     checks: dict[tuple[str, ...], list[str]] = field(default_factory=dict, compare=False, repr=False)
     # The module linked with its pinned dependency modules (`with_graph`); None for a module without any.
     graph: DependencyGraph | None = field(default=None, compare=False, repr=False)
+    # Whether the module imports `clawhub` host functions (`hostapi`): its calls bind their `HostCall`, so
+    # they never take the raw path.
+    host: bool = False
     # The address of `pre`'s C object when a call can take `Sandbox.run`'s raw path (memory-v1, no WASI
-    # import, no dependencies), else 0. Derived from the fields above (kept in step by `replace`).
+    # import, no host function, no dependencies), else 0. Derived from the fields above (kept in step by `replace`).
     raw_pre: int = field(default=0, init=False, compare=False, repr=False)
     # The same address as an argument for `capi`'s untyped functions (`capi.word`), or None.
     raw_pre_arg: Any = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.pre is not None and self.abi is MEMORY_V1 and not self.wasi and self.graph is None:
+        if self.pre is not None and self.abi is MEMORY_V1 and not self.wasi and self.graph is None and not self.host:
             address = capi.target(self.pre.ptr())
             object.__setattr__(self, "raw_pre", address)
             object.__setattr__(self, "raw_pre_arg", ctypes.byref(ctypes.c_char.from_address(address)))
@@ -321,6 +348,13 @@ class _Capture:
     def value(self) -> bytes:
         return b"".join(self._chunks)
 
+    def note(self, data: bytes) -> None:
+        """Keep what fits of a host diagnostic: unlike the skill's own writes, never an overflow."""
+        room = self._cap - self.size
+        if room > 0 and data:
+            self._chunks.append(data[:room])
+            self.size += min(room, len(data))
+
 
 # Stands for an output nothing can write to (no WASI, or memory-v1's stdout): never overflows, stays empty.
 _NOTHING = _Capture(0)
@@ -369,13 +403,32 @@ def _stdin_bytes(config: wasmtime.WasiConfig, data: bytes) -> None:
     ffi.wasi_config_set_stdin_bytes(config.ptr(), ctypes.byref(vec))
 
 
+def arm(store: wasmtime.Store, limits: RunLimits, metered: bool, budget: float, control: RunControl | None,
+        stdout: Any, stderr: Any, *, runs: dict[int, _Running], ids: Iterator[int], on_epoch_at: Any,
+        ) -> tuple[int, _Running, Any]:
+    """Set a Store up for one run, the same for every ABI: its memory limiter, its fuel, the run registered in
+    `runs` for the epoch callback, and the first epoch deadline. Returns (run id, the run, the store's context
+    address); the caller removes `runs[run id]` when the run ends."""
+    store_at, context_at = capi.target(store.ptr()), capi.target(store._context())
+    capi.store_limiter(store_at, limits.memory_bytes, MAX_TABLE_ELEMENTS, -1, -1, -1)
+    if metered:
+        store.set_fuel(limits.fuel)
+    run_id = next(ids)
+    running = _Running(time.monotonic() + budget, control, stdout, stderr)
+    runs[run_id] = running
+    capi.epoch_deadline_callback(store_at, on_epoch_at, run_id, None)
+    # The callback decides at each deadline; +1 because the first tick may come right away.
+    capi.set_epoch_deadline(context_at, min(SLICE_TICKS, math.ceil(budget / TICK_SECONDS)) + 1)
+    return run_id, running, context_at
+
+
 def _verdict_of(exc: BaseException, memory_abi: bool) -> tuple[Verdict, int, str]:
     """The (verdict, exit code, detail) of a run that raised `exc` (one of `_RUN_FAILURES`)."""
     if isinstance(exc, _OverOutput):
         return Verdict.OUTPUT_LIMIT, 0, ""
     if isinstance(exc, _OverMemory):
         return Verdict.MEMORY_LIMIT, 0, str(exc)
-    if isinstance(exc, _AbiViolation):
+    if isinstance(exc, (_AbiViolation, HostFault)):
         return Verdict.TRAPPED, 0, f"ABI violation: {exc}"
     if isinstance(exc, wasmtime.ExitTrap):
         if exc.code != 0:
@@ -478,16 +531,22 @@ class Sandbox:
         """Compile, check the ABI against `capabilities` and resolve the WASI imports. Raises
         ModuleRejected; slow, so call it off the event loop. Calls with other capabilities must pass
         `check` first."""
+        if self.abi is COMPONENT_V1 or (self.abi is None and is_component(data)):  # services/executor/components.py
+            from services.executor.components import runner_for
+            return runner_for(self).compile(digest, data, capabilities, metered=metered)
         module, problems = compile_and_check(self.engine_for(metered), data, self.abi, capabilities)
         if module is None:
             raise ModuleRejected(problems or ["the module does not compile"])
         # `link` checks the ABI, leaving imports from dependency packages to dependency linking.
         return self.link(digest, len(data), module, capabilities, metered=metered)
 
-    def link(self, digest: str, size_bytes: int, module: wasmtime.Module, capabilities: Sequence[str] = (),
-             *, metered: bool = False) -> CompiledModule:
+    def link(self, digest: str, size_bytes: int, module: wasmtime.Module | SerializedComponent,
+             capabilities: Sequence[str] = (), *, metered: bool = False) -> CompiledModule:
         """Check an already compiled module (say, deserialized from disk) against the ABI with
         `capabilities` and pre-link it against WASI. Raises ModuleRejected."""
+        if isinstance(module, SerializedComponent):  # a component's warm artifact: services/executor/components.py
+            from services.executor.components import runner_for
+            return runner_for(self).load(digest, size_bytes, module.data, capabilities, metered=metered)
         abi = self.abi or detect_abi(module)
         # Imports from dependency packages are checked when the module is linked with the versions a
         # deployment pinned (`DependencyGraph`), which then instantiates it per call instead of a pre-link.
@@ -499,19 +558,23 @@ class Sandbox:
         if not packages:
             linker = wasmtime.Linker(self.engine_for(metered))
             linker.define_wasi()
+            hostapi.define(linker, module)  # the `clawhub` functions it imports, if any
             try:
                 pre = linker.instantiate_pre(module)
             except wasmtime.WasmtimeError as exc:
                 # Typically an import of a WASI function that does not exist.
                 raise ModuleRejected([f"the module cannot be linked: {_first_line(str(exc))}"]) from None
         compiled = CompiledModule(digest=digest, size_bytes=size_bytes, module=module, pre=pre,
-                                  metered=metered, abi=abi, wasi=imports_wasi(module))
+                                  metered=metered, abi=abi, wasi=imports_wasi(module), host=imports_host(module))
         compiled.checks[_caps_key(capabilities)] = []
         return compiled
 
     def check(self, compiled: CompiledModule, capabilities: Sequence[str]) -> None:
         """Raise ModuleRejected unless `capabilities` cover what the module imports (remembered per
         capability set, so this is cheap on every call)."""
+        if compiled.abi is COMPONENT_V1:
+            from services.executor.components import CompiledComponent, runner_for
+            return runner_for(self).check(cast(CompiledComponent, compiled), capabilities)
         key = _caps_key(capabilities)
         problems = compiled.checks.get(key)
         if problems is None:
@@ -539,6 +602,9 @@ class Sandbox:
             return RunResult(Verdict.CANCELLED, b"", b"", 0.0, 0, budget_seconds=budget)
         if compiled.raw_pre:
             return self._run_raw(compiled.raw_pre_arg, stdin, limits, control, budget, metered)
+        if compiled.abi is COMPONENT_V1:
+            from services.executor.components import CompiledComponent, runner_for
+            return runner_for(self).run(cast(CompiledComponent, compiled), stdin, limits, grant, control, budget)
 
         memory_abi = compiled.abi is MEMORY_V1
         store = capi.new_store(self.engine_for(metered))
@@ -564,22 +630,23 @@ class Sandbox:
                 wasi.stdout_custom = stdout
             wasi.stderr_custom = stderr
             store.set_wasi(wasi)
-        store_at, context_at = capi.target(store.ptr()), capi.target(store._context())
-        capi.store_limiter(store_at, limits.memory_bytes, MAX_TABLE_ELEMENTS, -1, -1, -1)
-        if metered:
-            store.set_fuel(limits.fuel)
-        run_id = next(self._ids)
-        running = _Running(time.monotonic() + budget, control, stdout, stderr)
-        self._running[run_id] = running
-        capi.epoch_deadline_callback(store_at, self._on_epoch_at, run_id, None)
-        # The callback decides at each deadline; +1 because the first tick may come right away.
-        capi.set_epoch_deadline(context_at, min(SLICE_TICKS, math.ceil(budget / TICK_SECONDS)) + 1)
+        call: HostCall | None = None
+        if compiled.host:
+            if stderr is _NOTHING:  # host functions write their refusals there
+                stderr = _Capture(limits.max_stderr_bytes)
+            call = HostCall(grant.host, stderr.note)
+            if call.grant.http is not None:  # an HTTP request gets what is left of the run's budget
+                call.grant.http.deadline = time.monotonic() + budget
+        run_id, running, context_at = arm(store, limits, metered, budget, control, stdout, stderr,
+                                          runs=self._running, ids=self._ids, on_epoch_at=self._on_epoch_at)
 
         instance: wasmtime.Instance | None = None
         peak = -1  # unknown
         verdict, exit_code, detail = Verdict.OK, 0, ""
         output, message = b"", b""
         started = time.perf_counter()
+        if call is not None:
+            hostapi.bind(call)
         try:
             instantiating = time.perf_counter()
             instance = compiled.instantiate(store)
@@ -595,10 +662,19 @@ class Sandbox:
                     raise wasmtime.WasmtimeError("the export `_start` is not a function")
                 start(store)
         except _RUN_FAILURES as exc:
-            verdict, exit_code, detail = _verdict_of(exc, memory_abi)
+            if isinstance(exc, HostFault) and (call is None or call.fault is not exc):
+                # wasmtime-py keeps a host function's exception in a process-wide global, which a trap on another
+                # thread can pick up: another call's ABI violation, not this one's. This call trapped.
+                verdict, exit_code, detail = Verdict.TRAPPED, 0, "the skill trapped"
+            else:
+                verdict, exit_code, detail = _verdict_of(exc, memory_abi)
         finally:
             del self._running[run_id]
+            if call is not None:
+                hostapi.unbind(call)
         wall = time.perf_counter() - started
+        if call is not None and call.fault is not None:  # a host function refused a region: an ABI violation
+            verdict, exit_code, detail = Verdict.TRAPPED, 0, f"ABI violation: {call.fault}"
         if running.stopped is not None:
             verdict = running.stopped
         fuel_consumed = limits.fuel - store.get_fuel() if metered else 0
@@ -812,7 +888,7 @@ class _OverMemory(Exception):
 
 
 # What a run turns into a verdict (`_verdict_of`) rather than letting through.
-_RUN_FAILURES = (_OverOutput, _OverMemory, _AbiViolation, wasmtime.Trap, wasmtime.WasmtimeError)
+_RUN_FAILURES = (_OverOutput, _OverMemory, _AbiViolation, HostFault, wasmtime.Trap, wasmtime.WasmtimeError)
 
 
 def _raise_alloc_failure(error: int | None, trap: ctypes.c_void_p, ctx: Any, memory: Any, size: int,

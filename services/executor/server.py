@@ -10,8 +10,11 @@ from clawhub.executor.v1 import executor_service_pb2_grpc as pb_grpc
 
 from services.executor.bundles import BundleCache
 from services.executor.dependencies import DependencyLinker
+from services.executor.kvstore import KvLimits, open_store
 from services.executor.modules import ModuleLoader
+from services.executor.outbound import OutboundHttp
 from services.executor.provenance import Provenance, ProvenanceSource, RegistryProvenanceSource
+from services.executor.registration import Registration, advertise_address
 from services.executor.sandbox import DEFAULT_POOL_SLOTS, Sandbox
 from services.executor.scheduling import WorkerPool
 from services.executor.servicer import ExecutorServicer
@@ -59,8 +62,16 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
     metrics.watch_module_loader(loader)
     provenance = Provenance(provenance_source, recheck_seconds=settings.trust_recheck_seconds)
     links = DependencyLinker(module_source, sandbox)
+    # The `kv` capability's store: Redis when configured, else sqlite in the data dir (services/executor/kvstore.py).
+    kv = open_store(data_dir=settings.data_dir, redis_url=settings.kv_redis_url,
+                    redis_prefix=settings.kv_redis_prefix,
+                    limits=KvLimits(max_key_bytes=settings.kv_max_key_bytes,
+                                    max_value_bytes=settings.kv_max_value_bytes,
+                                    max_keys=settings.kv_max_keys, max_total_bytes=settings.kv_max_total_bytes))
+    # Skills' outbound HTTP (`http:HOST` capabilities; services/executor/outbound.py): one pooled client.
+    http = OutboundHttp(settings.http)
     servicer = ExecutorServicer(settings, loader, sandbox, pool, bundles=bundles, provenance=provenance,
-                                links=links)
+                                links=links, kv=kv, http=http)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
@@ -79,6 +90,8 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
     except BaseException:
         sandbox.close()
         pool.shutdown()
+        kv.close()
+        http.close()
         if registry is not None:
             await registry.close()
         raise
@@ -91,6 +104,14 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
         rechecks.append(asyncio.create_task(provenance.run_rechecks(), name="provenance-rechecks"))
 
     host.on_start.append(start_rechecks)
+    if settings.register_with:
+        # Registered once it serves; deregistered as soon as it stops serving, before the drain.
+        deployer = channel(settings.register_with)
+        registration = Registration(deployer, advertise_address(settings.advertise_address, settings.host,
+                                                                host.port), lease=settings.lease)
+        host.on_start.append(registration.start)
+        host.end_streams.append(registration.deregister)
+        host.closers.append(deployer.close)
 
     async def close() -> None:
         for task in rechecks:
@@ -103,6 +124,8 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
         # Running calls finish within their timeouts; the epoch ticker must outlive them.
         await asyncio.to_thread(pool.shutdown)
         sandbox.close()
+        kv.close()  # after the calls that use it
+        http.close()
         if registry is not None:
             await registry.close()
 

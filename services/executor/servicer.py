@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,10 @@ from grpc_health.v1 import health_pb2
 
 from services.executor.bundles import BundleCache
 from services.executor.dependencies import DependencyLinker
+from services.executor.hostapi import HostGrant
+from services.executor.kvstore import KvNamespace, KvStore, scratch_store
 from services.executor.modules import ModuleLoader
+from services.executor.outbound import OutboundHttp
 from services.executor.provenance import Provenance, unchecked
 from services.executor.sandbox import CompiledModule, Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
 from services.executor.scheduling import Overloaded, WorkerPool
@@ -25,9 +29,11 @@ from services.executor.skilllogs import SkillLogs
 from services.runtime import logs, logtail, metrics, tracing
 from services.runtime.errors import MAX_DETAIL_CHARS, Reason, ServiceError, invalid, show_bytes
 from services.runtime.names import digest_problem
-from services.runtime.wasm import FILES_CAPABILITY
+from services.runtime.wasm import FILES_CAPABILITY, KV_CAPABILITY
 
 log = logging.getLogger("clawhub.executor")
+# The scratch key-value store of the LoadSkill whose smoke examples are running (`_smoke_test`), if any.
+_SMOKE_KV: contextvars.ContextVar[KvStore | None] = contextvars.ContextVar("clawhub_smoke_kv", default=None)
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
@@ -70,8 +76,13 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     def __init__(self, settings: Settings, loader: ModuleLoader, sandbox: Sandbox, pool: WorkerPool,
                  health: Health | None = None, bundles: BundleCache | None = None,
                  provenance: Provenance | None = None, links: DependencyLinker | None = None,
-                 skill_logs: SkillLogs | None = None) -> None:
+                 skill_logs: SkillLogs | None = None, kv: KvStore | None = None,
+                 http: OutboundHttp | None = None) -> None:
         self._settings = settings
+        # The `kv` capability's store (services/executor/kvstore.py); None: kv calls get E_DENIED.
+        self._kv = kv
+        # Skills' outbound HTTP, for calls of skills with `http:HOST` capabilities.
+        self._http = http
         # Every call's stderr, kept per skill version for TailSkillLogs (services/executor/skilllogs.py).
         self.skill_logs = skill_logs or SkillLogs()
         # Links modules that import from dependency packages with the resolution their call carries.
@@ -149,7 +160,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                     span.set_attributes({"clawhub.module.tier": "hot", "clawhub.skill.digest": digest})
         compiled = await self._links.link(compiled, request.dependencies)
         bundle_dir = await self._bundle_dir(request.bundle_digest, capabilities)
-        grant = Grant.of(capabilities, env=request.env, args=request.args, bundle_dir=bundle_dir)
+        grant = Grant.of(capabilities, env=request.env, args=request.args, bundle_dir=bundle_dir,
+                         kv=self._kv_namespace(request, capabilities), http=self._http)
         stdin = bytes(request.input)
         control = RunControl()
         # The worker thread does not inherit the event loop's context: the trace's is passed along.
@@ -172,11 +184,21 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             # thread is free again within one epoch slice, instead of at the skill's own timeout.
             control.cancel()
             raise
+        if grant.host is not None and grant.host.usage:
+            tracing.annotate({"clawhub.kv.operations": grant.host.kv_operations})
         if request.skill and result.stderr:  # nothing to keep (and no metadata to read) for most calls
             self.skill_logs.record(request.skill, request.version, digest, result.stderr,
                                    request_id=request.request_id, trace_id=_trace_id(context),
                                    cut=result.verdict is Verdict.STDERR_LIMIT)
-        return self._respond(digest, request.request_id, limits, result)
+        return self._respond(digest, request.request_id, limits, result, grant.host)
+
+    def _kv_namespace(self, request: pb.ExecuteRequest, capabilities: list[str]) -> KvNamespace | None:
+        """The call's key-value namespace with `kv`: its skill's (by name, so shared by every version), or,
+        for a smoke example, the LoadSkill's scratch store's, so that examples never touch real state."""
+        if KV_CAPABILITY not in capabilities:
+            return None
+        store = _SMOKE_KV.get() or self._kv
+        return None if store is None else store.namespace(request.skill or request.digest)
 
     async def _bundle_dir(self, bundle_digest: str, capabilities: list[str]) -> str | None:
         """The host directory to preopen at /skill: the bundle's, an empty one when the skill declares
@@ -191,7 +213,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         return str(await self._bundles.get(bundle_digest))
 
     def _respond(self, digest: str, request_id: str, limits: RunLimits,
-                 result: RunResult) -> pb.ExecuteResponse:
+                 result: RunResult, host: HostGrant | None = None) -> pb.ExecuteResponse:
         short = digest[:19]
         log.debug("%s: %s in %.1f ms (request %s)", short, result.verdict.value, result.wall_seconds * 1e3,
                   request_id or "-")
@@ -199,6 +221,12 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
             usage = skill_pb2.Usage(peak_memory_bytes=result.peak_memory_bytes,
                                     fuel_consumed=result.fuel_consumed)
             usage.wall_time.FromNanoseconds(int(result.wall_seconds * 1e9))
+            if host is not None:  # what the host functions did (kv, http)
+                usage.kv_operations = host.kv_operations
+                if host.http is not None:
+                    usage.http_requests = host.http.usage.requests
+                    usage.http_bytes_sent = host.http.usage.bytes_sent
+                    usage.http_bytes_received = host.http.usage.bytes_received
             return pb.ExecuteResponse(output=result.output, stderr=result.stderr, usage=usage)
         error = self._failure(digest, limits, result)
         log.info("%s: %s (%s) request %s", short, error.reason, error.message, request_id or "-")
@@ -268,6 +296,15 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         return pb.LoadSkillResponse(digest=request.digest, already_loaded=was_hot)
 
     async def _smoke_test(self, request: pb.LoadSkillRequest, context: Context) -> None:
+        """`_smoke_examples`, with `kv` calls on one empty scratch store for all the examples, in order: a
+        counter's examples can say 1, 2, 3, and a deploy never changes (or depends on) the skill's real state."""
+        token = _SMOKE_KV.set(scratch_store(self._kv.limits if self._kv is not None else None))
+        try:
+            await self._smoke_examples(request, context)
+        finally:
+            _SMOKE_KV.reset(token)
+
+    async def _smoke_examples(self, request: pb.LoadSkillRequest, context: Context) -> None:
         """Run the manifest's examples exactly as calls would run (same limits and grants); any failure or
         output that differs by one byte keeps the digest from reporting SERVING."""
         for index, example in enumerate(request.examples):

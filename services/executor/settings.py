@@ -6,11 +6,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.executor.outbound import HttpSettings
 from services.runtime.channels import env_payload_size
 from services.runtime.identity import PlatformIdentity, identity_from_env
 from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
-from services.runtime.settings import data_dir, env_float, env_int, env_size, env_str
+from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_size, env_str
 from services.runtime.tls import TlsSettings
 
 MiB = 1024 * 1024
@@ -76,6 +77,30 @@ class Settings:
     data_dir: Path = field(default_factory=_default_data_dir)
     """CLAWHUB_EXECUTOR_DATA_DIR: private disk cache: precompiled modules (warm tier) and unpacked file
     bundles; default `$CLAWHUB_DATA_DIR/executor`."""
+    kv_redis_url: str = ""
+    """CLAWHUB_KV_REDIS_URL: Redis for the `kv` capability's store (shared by every executor using it); empty:
+    a sqlite file in the data dir (`kv.sqlite3`, shared by the executors of one host)."""
+    kv_redis_prefix: str = "clawhub:kv:"
+    """CLAWHUB_KV_REDIS_PREFIX: prefix of every key the store writes in Redis."""
+    kv_max_key_bytes: int = 256
+    """CLAWHUB_KV_MAX_KEY_BYTES: largest key a skill may use (KV_KEY_TOO_LARGE)."""
+    kv_max_value_bytes: int = 64 * 1024
+    """CLAWHUB_KV_MAX_VALUE_BYTES: largest value a skill may store (KV_VALUE_TOO_LARGE)."""
+    kv_max_keys: int = 1000
+    """CLAWHUB_KV_MAX_KEYS: keys a skill may keep at once (KV_TOO_MANY_KEYS)."""
+    kv_max_total_bytes: int = 1 * MiB
+    """CLAWHUB_KV_MAX_BYTES: bytes of keys and values a skill may keep in all (KV_STORE_FULL)."""
+    http: HttpSettings = field(default_factory=HttpSettings)
+    """Skills' outbound HTTP (`CLAWHUB_HTTP_*`; docs/skills/http.md)."""
+    register_with: str = ""
+    """CLAWHUB_EXECUTOR_REGISTER_WITH: the deployer to register with and keep a lease at (services/executor/
+    registration.py); empty (the default): none, the executor is listed in CLAWHUB_EXECUTOR_ADDRESSES instead."""
+    advertise_address: str = ""
+    """CLAWHUB_EXECUTOR_ADVERTISE_ADDRESS: host:port the platform reaches this executor at, as registered; default
+    the listening host (this machine's address when it is 0.0.0.0 or ::) and the bound port."""
+    lease: float = 10.0
+    """CLAWHUB_EXECUTOR_LEASE: seconds a registration lasts without renewal (renewed every fifth of it); an
+    executor that stops renewing is dropped after this long."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -103,4 +128,21 @@ class Settings:
             rate_limits=RateLimitSettings.from_env(),
             metrics=MetricsSettings.from_env("executor"),
             data_dir=Path(env_str("CLAWHUB_EXECUTOR_DATA_DIR", str(d.data_dir))).expanduser(),
+            kv_redis_url=env_str("CLAWHUB_KV_REDIS_URL", d.kv_redis_url),
+            kv_redis_prefix=env_str("CLAWHUB_KV_REDIS_PREFIX", d.kv_redis_prefix),
+            kv_max_key_bytes=env_int("CLAWHUB_KV_MAX_KEY_BYTES", d.kv_max_key_bytes, minimum=1),
+            kv_max_value_bytes=env_size("CLAWHUB_KV_MAX_VALUE_BYTES", str(d.kv_max_value_bytes)),
+            kv_max_keys=env_int("CLAWHUB_KV_MAX_KEYS", d.kv_max_keys, minimum=1),
+            kv_max_total_bytes=env_size("CLAWHUB_KV_MAX_BYTES", str(d.kv_max_total_bytes)),
+            http=HttpSettings.from_env(),
+            register_with=env_str("CLAWHUB_EXECUTOR_REGISTER_WITH", d.register_with),
+            advertise_address=env_str("CLAWHUB_EXECUTOR_ADVERTISE_ADDRESS", d.advertise_address),
+            lease=_lease(env_float("CLAWHUB_EXECUTOR_LEASE", d.lease, minimum=1.0)),
         )
+
+
+def _lease(seconds: float) -> float:
+    # The deployer grants 1 s to 5 min (services/deployer/membership.py).
+    if seconds > 300:
+        raise SettingsError(f"CLAWHUB_EXECUTOR_LEASE={seconds:g}: at most 300 seconds")
+    return seconds

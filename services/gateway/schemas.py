@@ -133,6 +133,16 @@ class InputSchemas:
         self._log = RateLimitedLog(log)
         self.route_reads = 0
         self.registry_reads = 0
+        # Whether tables are pushed (`follow`, from the dispatcher's data-plane stream) instead of polled.
+        self._pushed = False
+
+    def follow(self, table: Any) -> None:
+        """A route table pushed by the dispatcher (services/gateway/dataplane.py): from now on the tables come
+        this way, and GetRouteTable is no longer polled (the last table pushed stays while the stream is down,
+        as the routes do)."""
+        self._pushed = True
+        self._apply(table)
+        self._fetched_at = self._clock()
 
     async def check(self, skill: str, data: bytes, payload: str | None) -> None:
         """Raise INVALID_ARGUMENT / INPUT_SCHEMA_VIOLATION unless `data` (what the skill would get on stdin;
@@ -178,11 +188,12 @@ class InputSchemas:
     # Which schemas apply.
 
     async def _schemas(self, skill: str) -> tuple[tuple[str, Compiled], ...]:
-        age = self._clock() - self._fetched_at
-        if age > self._max_age:
-            await self._refresh()
-        elif age > self._refresh_seconds:
-            self._refresh_soon()
+        if not self._pushed:
+            age = self._clock() - self._fetched_at
+            if age > self._max_age:
+                await self._refresh()
+            elif age > self._refresh_seconds:
+                self._refresh_soon()
         resolved = self._resolved.get(skill)
         if resolved is not None:
             return resolved
@@ -230,7 +241,11 @@ class InputSchemas:
                                                             timeout=LOOKUP_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError:
             raise  # logged by the caller that needed it (upstream_error)
-        table = response.route_table
+        if not self._pushed:
+            self._apply(response.route_table)
+        self._fetched_at = started
+
+    def _apply(self, table: Any) -> None:
         if table.generation != self._generation:
             self._routes = {route.skill: tuple(dict.fromkeys(
                 (t.version, t.digest, t.input_schema if t.HasField("input_schema") else None) for t in route.targets))
@@ -239,7 +254,6 @@ class InputSchemas:
             self._generation = table.generation
             self._resolved = {}
             self._prefetch()
-        self._fetched_at = started
 
     def _prefetch(self) -> None:
         """Read the schemas of routed versions not known yet, in the background: the calls that follow find

@@ -10,14 +10,19 @@ from clawhub.registry.v1 import access_pb2 as access_pb
 from clawhub.registry.v1 import registry_internal_pb2 as registry_internal_pb
 from clawhub.registry.v1 import registry_service_pb2 as registry_pb
 
+from services.gateway.dataplane import CallReporter, DataPlaneFollower, default_client_id
 from services.gateway.proxy import proxy_handler, refusing_handler
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import Settings
 from services.gateway.upstreams import UpstreamHealth
 from services.runtime.auth import Authenticator, RegistryResolver, UserAuthInterceptor, method_descriptors
-from services.runtime.channels import ENVELOPE_BYTES, PUBLISH_MESSAGE_BYTES, channel, outgoing
+from services.runtime.callstats import SkillCallDeltas, VersionStats
+from services.runtime.channels import ENVELOPE_BYTES, PUBLISH_MESSAGE_BYTES, InvocationLimits, channel, outgoing
+from services.runtime.executors import ExecutorPicker, GrpcExecutorClient
 from services.runtime.identity import outgoing_security
+from services.runtime.leaderchannel import LeaderChannel
 from services.runtime.policy import PUBLIC_RULES
+from services.runtime.routing import Router, RouteState
 from services.runtime.server import ServiceHost, create_server
 
 GATEWAY_SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"]
@@ -48,12 +53,28 @@ async def build_server(settings: Settings) -> ServiceHost:
 
 
 async def _build(settings: Settings) -> ServiceHost:
+    # One dispatcher at a time (the next one listed when it fails): acknowledgements go to the dispatcher whose
+    # data-plane stream the gateway follows.
     dispatcher = channel(settings.dispatcher_address, max_send_bytes=settings.max_input_bytes + ENVELOPE_BYTES,
-                         max_receive_bytes=settings.max_output_bytes + ENVELOPE_BYTES)
+                         max_receive_bytes=settings.max_output_bytes + ENVELOPE_BYTES, policy="pick_first")
     # A publish message the registry would refuse is refused here, before it crosses another hop.
     registry = channel(settings.registry_address, max_send_bytes=PUBLISH_MESSAGE_BYTES)
-    deployer = channel(settings.deployer_address)
-    servicer = GatewayServicer(settings, dispatcher, registry, deployer)
+    # Writes go to the leading deployer when a standby names it (services/runtime/leaderchannel.py).
+    deployer = LeaderChannel(channel(settings.deployer_address), channel)
+    # The proxyless data path (docs/routing.md): routes and executors from the dispatcher's stream, calls
+    # straight to the executor, the calls reported back.
+    client_id = settings.gateway_id or default_client_id()
+    routes, picker, stats, skills = RouteState(), ExecutorPicker(), VersionStats(), SkillCallDeltas()
+    executors = GrpcExecutorClient(sizes=InvocationLimits.from_env())
+    router = Router(routes, executors, picker, retries=settings.retries, default_timeout=settings.invoke_timeout,
+                    stats=stats, skills=skills, service="gateway")
+    direct = settings.routing == "direct"
+    servicer = GatewayServicer(settings, dispatcher, registry, deployer, router=router if direct else None,
+                               ready=lambda: follower.ready)
+    follower = DataPlaneFollower(dispatcher, client_id, routes, picker, executors,
+                                 on_table=servicer.schemas.follow)
+    reporter = CallReporter(dispatcher, client_id, stats, skills, interval=settings.stats_interval)
+    servicer.report_calls = reporter.report
     # Users: every public method is checked here, before it is invoked or relayed (and again by the registry or
     # deployer that owns it). Keys are resolved by the registry, each answer cached for at most a second.
     users = UserAuthInterceptor(Authenticator(settings.auth, RegistryResolver(registry)), PUBLIC_RULES,
@@ -85,7 +106,8 @@ async def _build(settings: Settings) -> ServiceHost:
     # The relayed names report the real registry's and deployer's health, GatewayService the dispatcher's
     # (services/gateway/upstreams.py).
     mirrors = [UpstreamHealth(host.health, dispatcher, GATEWAY_SERVICE.full_name, upstream="dispatcher",
-                              address=settings.dispatcher_address, upstream_service=DISPATCHER_SERVICE),
+                              address=settings.dispatcher_address, upstream_service=DISPATCHER_SERVICE,
+                              routes_held=(lambda: follower.ready) if direct else None),
                UpstreamHealth(host.health, registry, REGISTRY_SERVICE.full_name, upstream="registry",
                               address=settings.registry_address),
                UpstreamHealth(host.health, registry, ACCESS_SERVICE.full_name, upstream="registry",
@@ -96,10 +118,16 @@ async def _build(settings: Settings) -> ServiceHost:
     async def close_channels() -> None:
         for mirror in mirrors:
             await mirror.stop()
+        await follower.stop()
+        await reporter.stop()
+        await reporter.report()  # the calls of the last interval
         for ch in (dispatcher, registry, deployer):
             await ch.close()
+        await executors.close()
 
     host.end_streams.append(servicer.log_follows.close)
+    if direct:
+        host.on_start.extend((follower.start, reporter.start))
     host.on_start.extend(mirror.start for mirror in mirrors)
     host.closers.append(close_channels)
     host.closers.append(servicer.cache.close)

@@ -1,9 +1,11 @@
-"""GatewayService: validate, then invoke through the dispatcher."""
+"""GatewayService: validate, then route the call to an executor (services/runtime/routing.py, with the routes
+the dispatcher streams: services/gateway/dataplane.py), or through the dispatcher until those arrive."""
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -36,6 +38,7 @@ from services.runtime.errors import (
 )
 from services.runtime.jsonvalue import json_to_value, value_to_json
 from services.runtime.names import skill_name_problem
+from services.runtime.routing import Router, trace_metadata
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type information
 # request_id travels to every hop and into their logs: an id, not a payload (a UUID is 36 characters).
@@ -48,8 +51,12 @@ MAX_DEPLOYMENT_PAGES = 5
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def __init__(self, settings: Settings, dispatcher: grpc.aio.Channel, registry: grpc.aio.Channel,
-                 deployer: grpc.aio.Channel | None = None) -> None:
+                 deployer: grpc.aio.Channel | None = None, *, router: Router | None = None,
+                 ready: Callable[[], bool] = lambda: False) -> None:
         self._settings = settings
+        # Calls are routed here once `ready()` (the dispatcher's routes arrived); through Dispatch before.
+        self._router = router
+        self._ready = ready
         # Only for the deployment states GetSkillStats shows (the DeployerService itself is relayed as bytes).
         self._deployer = deployer_grpc.DeployerServiceStub(deployer) if deployer is not None else None
         self._dispatcher = dispatcher_grpc.DispatcherServiceStub(dispatcher)
@@ -60,6 +67,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.cache = ResultCache(settings.cache_max_bytes, settings.cache_redis_url, settings.cache_redis_prefix)
         # Largest `output` Value a response can carry within the port's send limit.
         self._max_value_bytes = settings.max_response_bytes - ENVELOPE_BYTES
+        # Sends this gateway's calls not reported yet (services/gateway/dataplane.py), so that GetSkillStats
+        # shows them too.
+        self.report_calls: Callable[[], Awaitable[None]] | None = None
         # Open TailSkillLogs relays, ended when the gateway stops (before its drain).
         self.log_follows: logtail.Follows[object] = logtail.Follows()
 
@@ -88,7 +98,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             declared = any(t.HasField("cache_ttl") for t in targets or ())
             status = pb.CACHE_STATUS_BYPASS if declared else pb.CACHE_STATUS_UNSPECIFIED
         else:
-            result, status = await self.cache.fetch(plan, lambda: self._dispatch(request, data, context))
+            result, status = await self.cache.fetch(plan, lambda: self._dispatch(request, data, context),
+                                                    refresh=lambda: self._detached_dispatch(request, data, context))
         if status != pb.CACHE_STATUS_UNSPECIFIED:
             metrics.cache_lookup(_CACHE_LABELS[status])
         response = pb.InvokeSkillResponse(version=result.version, usage=result.usage, cache_status=status)
@@ -104,6 +115,18 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def _dispatch(self, request: pb.InvokeSkillRequest, data: bytes,
                         context: Context) -> dispatcher_pb.DispatchResponse:
+        if self._router is not None and self._ready():
+            try:
+                routed = await self._router.invoke(request.name, data, _request_id(request, context),
+                                                   time_remaining=context.time_remaining,
+                                                   metadata=trace_metadata(context))
+            except ServiceError as err:
+                if err.reason == Reason.SKILL_NOT_DEPLOYED:
+                    raise await self._explain_not_deployed(request.name, err, context) from None
+                raise
+            return dispatcher_pb.DispatchResponse(output=routed.output, version=routed.version,
+                                                  digest=routed.digest, usage=routed.usage,
+                                                  executor=routed.executor)
         remaining = context.time_remaining()
         timeout = self._settings.invoke_timeout if remaining is None else max(remaining, 0.0)
         try:
@@ -117,10 +140,39 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             raise upstream_error(err, "dispatcher", self._settings.dispatcher_address) from None
         return result
 
+    def _detached_dispatch(self, request: pb.InvokeSkillRequest, data: bytes,
+                           context: Context) -> Awaitable[dispatcher_pb.DispatchResponse]:
+        """This call's dispatch for a background cache refresh (docs/cache.md), awaited after the call may have
+        ended: all it needs of the call is read now (grpc.aio crashes on `context.peer()` of an ended call),
+        and it has a deadline of its own (the gateway's default)."""
+        request_id, traced = _request_id(request, context), trace_metadata(context)
+        forwarded = forwarded_metadata(context)
+        timeout = self._settings.invoke_timeout
+
+        async def dispatch() -> dispatcher_pb.DispatchResponse:
+            if self._router is not None and self._ready():
+                deadline = time.monotonic() + timeout
+                routed = await self._router.invoke(request.name, data, request_id, metadata=traced,
+                                                   time_remaining=lambda: deadline - time.monotonic())
+                return dispatcher_pb.DispatchResponse(output=routed.output, version=routed.version,
+                                                      digest=routed.digest, usage=routed.usage,
+                                                      executor=routed.executor)
+            try:
+                response: dispatcher_pb.DispatchResponse = await self._dispatcher.Dispatch(
+                    dispatcher_pb.DispatchRequest(skill=request.name, input=data, request_id=request_id),
+                    timeout=timeout, metadata=forwarded)
+            except grpc.aio.AioRpcError as err:
+                raise upstream_error(err, "dispatcher", self._settings.dispatcher_address) from None
+            return response
+
+        return dispatch()
+
     async def GetSkillStats(self, request: pb.GetSkillStatsRequest, context: Context) -> pb.GetSkillStatsResponse:
         """The dispatcher's rolling stats, each skill with the state of its latest deployment (left empty
         when the deployer cannot say: the numbers matter more than the state)."""
         metadata = forwarded_metadata(context)
+        if self.report_calls is not None:
+            await self.report_calls()
         remaining = context.time_remaining()
         timeout = STATS_TIMEOUT if remaining is None else max(min(remaining, STATS_TIMEOUT), 0.0)
         try:
@@ -183,7 +235,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         except (ValueError, RecursionError) as exc:
             raise invalid(Reason.INVALID_INPUT, "input", f"the input cannot be written as JSON: {exc}") from None
 
-    async def _explain_not_deployed(self, name: str, err: grpc.aio.AioRpcError, context: Context) -> Exception:
+    async def _explain_not_deployed(self, name: str, err: grpc.aio.AioRpcError | ServiceError,
+                                    context: Context) -> Exception:
         """Tell "no such skill" from "published but not deployed" (only on this error path). An unknown name
         gets the close names the dispatcher (deployed skills) and the registry (published ones) suggest."""
         try:
@@ -218,8 +271,11 @@ def _request_id(request: pb.InvokeSkillRequest, context: Context) -> str:
     return given if 0 < len(given) <= MAX_REQUEST_ID_CHARS else uuid.uuid4().hex
 
 
-def _suggested(err: grpc.aio.AioRpcError) -> list[str]:
+def _suggested(err: grpc.aio.AioRpcError | ServiceError) -> list[str]:
     """The close names an error's ErrorInfo suggests (`did_you_mean`)."""
-    info = error_info(err)
-    listed = info.metadata.get(DID_YOU_MEAN, "") if info is not None else ""
+    if isinstance(err, ServiceError):
+        listed = err.metadata.get(DID_YOU_MEAN, "")
+    else:
+        info = error_info(err)
+        listed = info.metadata.get(DID_YOU_MEAN, "") if info is not None else ""
     return [name for name in listed.split(",") if name]

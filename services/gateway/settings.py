@@ -9,7 +9,7 @@ from services.runtime.channels import CONTROL_MESSAGE_BYTES, ENVELOPE_BYTES, env
 from services.runtime.identity import PlatformIdentity, identity_from_env
 from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
-from services.runtime.settings import env_float, env_int, env_size, env_str
+from services.runtime.settings import env_choice, env_float, env_int, env_size, env_str
 from services.runtime.tls import TlsSettings
 
 
@@ -20,7 +20,20 @@ class Settings:
     port: int = 50051
     """CLAWHUB_GATEWAY_PORT: the public port (0 picks a free one)."""
     dispatcher_address: str = "127.0.0.1:50054"
-    """CLAWHUB_DISPATCHER_ADDRESS: where invocations go."""
+    """CLAWHUB_DISPATCHER_ADDRESS: the dispatcher, whose data-plane stream gives the routes and executors calls
+    are routed with (docs/routing.md)."""
+    routing: str = "direct"
+    """CLAWHUB_GATEWAY_ROUTING: `direct` (default: the gateway calls the chosen executor itself, with the routes
+    the dispatcher streams) or `dispatcher` (every call goes through the dispatcher's Dispatch, one hop more)."""
+    gateway_id: str = ""
+    """CLAWHUB_GATEWAY_ID: stable id given to the dispatcher for acknowledgements and reports (default
+    `gateway-<hostname>-<pid>`)."""
+    retries: int = 2
+    """CLAWHUB_DISPATCH_RETRIES: further attempts on another executor after one that is unavailable or sheds
+    the call (the same setting as the dispatcher's)."""
+    stats_interval: float = 0.1
+    """CLAWHUB_GATEWAY_STATS_INTERVAL: seconds between two reports of the gateway's calls to the dispatcher
+    while there are calls (release analysis and `clawhub top` see calls this late at most)."""
     registry_address: str = "127.0.0.1:50052"
     """CLAWHUB_REGISTRY_ADDRESS: where RegistryService calls are forwarded."""
     deployer_address: str = "127.0.0.1:50053"
@@ -84,6 +97,10 @@ class Settings:
             host=env_str("CLAWHUB_GATEWAY_HOST", d.host),
             port=env_int("CLAWHUB_GATEWAY_PORT", d.port, minimum=0),
             dispatcher_address=env_str("CLAWHUB_DISPATCHER_ADDRESS", d.dispatcher_address),
+            routing=env_choice("CLAWHUB_GATEWAY_ROUTING", d.routing, ("direct", "dispatcher")),
+            gateway_id=env_str("CLAWHUB_GATEWAY_ID", d.gateway_id),
+            retries=env_int("CLAWHUB_DISPATCH_RETRIES", d.retries, minimum=0),
+            stats_interval=env_float("CLAWHUB_GATEWAY_STATS_INTERVAL", d.stats_interval, minimum=0.01),
             registry_address=env_str("CLAWHUB_REGISTRY_ADDRESS", d.registry_address),
             deployer_address=env_str("CLAWHUB_DEPLOYER_ADDRESS", d.deployer_address),
             max_input_bytes=env_payload_size("CLAWHUB_GATEWAY_MAX_INPUT", str(d.max_input_bytes)),

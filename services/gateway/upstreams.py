@@ -5,14 +5,17 @@ relaying them; without this, its `grpc.health.v1` would say SERVING for them whi
 behind it is down. Each name's status is the upstream's own status for that name, checked every
 `interval` seconds with a cheap unary `Check` (a `Watch` stream would hold the upstream's graceful drain for
 its whole grace period); an unreachable upstream counts as NOT_SERVING. `clawhub.gateway.v1.GatewayService`
-follows the dispatcher's health the same way, since invoking goes through it. The gateway's overall status is
-not touched: the gateway process itself is fine, and a liveness probe must not restart it for a peer's outage.
+follows the dispatcher's health the same way, except while the gateway routes calls itself with the routes
+the dispatcher sent (docs/routing.md): then it serves whether the dispatcher answers or not (`routes_held`).
+The gateway's overall status is not touched: the gateway process itself is fine, and a liveness probe must
+not restart it for a peer's outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,8 +31,10 @@ class UpstreamHealth:
     """Mirror `service`'s health at the upstream behind `channel` into the gateway's `health`."""
 
     def __init__(self, health: HealthServicer, channel: grpc.aio.Channel, service: str, *, upstream: str,
-                 address: str, interval: float = 1.0, upstream_service: str | None = None) -> None:
+                 address: str, interval: float = 1.0, upstream_service: str | None = None,
+                 routes_held: Callable[[], bool] | None = None) -> None:
         self._health = health
+        self._routes_held = routes_held
         self._stub = health_pb2_grpc.HealthStub(channel)
         self.service = service
         # The name asked of the upstream, when it is not the gateway's own name (the dispatcher behind invoke).
@@ -39,6 +44,8 @@ class UpstreamHealth:
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self.serving: bool | None = None
+        # With `routes_held`: whether the upstream itself answered SERVING at the last check.
+        self.upstream_serving: bool | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"health-of-{self._upstream}")
@@ -58,6 +65,16 @@ class UpstreamHealth:
             why = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         except grpc.aio.AioRpcError as err:
             serving, why = False, err.code().name
+        if not serving and self._routes_held is not None and self._routes_held():
+            if self.upstream_serving is not False:
+                log.warning("the %s at %s is not serving (%s); routing with the last routes it sent",
+                            self._upstream, self._address, why)
+            self.upstream_serving = False
+            serving = True
+        elif self._routes_held is not None:
+            if serving and self.upstream_serving is False:
+                log.info("the %s at %s is serving again", self._upstream, self._address)
+            self.upstream_serving = serving
         if serving == self.serving:
             return
         if serving:

@@ -1,4 +1,7 @@
-"""Content-addressed blob store on disk: `blobs/sha256/ab/<64 hex>`.
+"""Content-addressed blob stores: `BlobStore`, on disk (`blobs/sha256/ab/<64 hex>`), the default; and
+`services/registry/pgblobs.py`'s, in PostgreSQL, which every registry replica shares. Both stage uploads the
+same way (below, `StagingStore` and `Upload`), check every read of a whole blob the same way (`BlobReader`),
+and answer the same `BlobBackend` interface, which is all the servicer and the integrity checks use.
 
 An upload is gathered in memory and written to a temporary file under `blobs/tmp/` only once it outgrows a
 small buffer (so a stream that stalls after its metadata holds no file descriptor and no file), hashed on the
@@ -29,12 +32,13 @@ import logging
 import os
 import secrets
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from services.runtime.names import DIGEST_RE, SHA256_HEX_RE
 
@@ -52,7 +56,7 @@ MAX_CONCURRENT_READS = 8
 # an upload no larger than this never touches the disk before `finish`.
 WRITE_BUFFER_BYTES = 1024 * 1024
 _HASH_CHUNK_BYTES = 1024 * 1024
-_TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"
 # Locks serializing the moves of one digest's file (placing verified bytes, quarantining corrupt ones):
 # striped, so their number stays bounded however many blobs there are.
 _LOCK_STRIPES = 64
@@ -63,11 +67,12 @@ class BlobNotFound(LookupError):
 
 
 FileIdentity = tuple[int, int]
-"""(device, inode) of a file that was read: tells whether the file at a path is still that one."""
+"""Which stored copy of a blob was read, to tell whether the one stored now is still it: (device, inode) of a
+file; (object id, 0) of a copy in PostgreSQL."""
 
 
 class BlobChanged(Exception):
-    """The file of a blob was replaced or moved away (repaired, quarantined) while it was being read."""
+    """The stored copy of a blob was replaced or moved away (repaired, quarantined) while it was being read."""
 
     def __init__(self, digest: str) -> None:
         super().__init__(f"blob {digest} was replaced while it was being read")
@@ -125,19 +130,100 @@ def _identity(stat: os.stat_result) -> FileIdentity:
     return (stat.st_dev, stat.st_ino)
 
 
-class BlobStore:
+class BlobBackend(Protocol):
+    """What the servicer and the integrity checks need from a blob store (on disk or in PostgreSQL)."""
+
+    async def open(self) -> None:
+        """Prepare the store; remove what interrupted uploads left behind."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def exists(self, digest: str) -> bool: ...
+
+    async def existing(self, digests: Iterable[str]) -> set[str]:
+        """Which of `digests` are stored."""
+        ...
+
+    def upload(self, expected_hex: str) -> Upload: ...
+
+    async def read(self, digest: str) -> BlobReader:
+        """A reader of a stored blob; raises BlobNotFound before any byte is sent."""
+        ...
+
+    async def check(self, digest: str) -> BlobCheck:
+        """Hash the blob stored under `digest`: OK, MISSING or CORRUPT (with what it hashes to)."""
+        ...
+
+    async def stored(self) -> list[str]:
+        """The digest of every stored blob, in order."""
+        ...
+
+    async def quarantine(self, digest: str, identity: FileIdentity | None,
+                         moved: Callable[[str], Awaitable[None]] | None = None) -> str | None:
+        """Set the copy of `digest` found corrupt (`identity`) aside, kept as evidence, and return where it
+        went; None when it is gone or no longer that copy. `moved` runs after the move, under the same lock."""
+        ...
+
+    def local_file(self, digest: str) -> contextlib.AbstractAsyncContextManager[Path]:
+        """A file holding the stored bytes of `digest`, as stored (for checks that read a path: a bundle's)."""
+        ...
+
+
+class StagingStore(ABC):
+    """What both stores share: uploads staged in local temporary files under `tmp`, and the file and database
+    work that must finish even when the task that started it is cancelled. A store places a finished upload
+    with `_place`."""
+
+    def __init__(self, tmp: Path) -> None:
+        self._tmp = tmp
+        self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
+        # Work that must finish even when the task that started it is cancelled (removing a temporary file, a
+        # rename or a transaction under a lock): strong references until done, awaited by `close`.
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _sweep_tmp(self) -> None:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for tmp in self._tmp.glob(f"*{TMP_SUFFIX}"):
+            log.info("removing the leftover of an interrupted upload: %s", tmp)
+            tmp.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        """Wait for the work still running in the background (cleanups of cancelled uploads)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _in_background(self, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(work())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _shielded(self, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run `work` to its end even when the caller is cancelled."""
+        return await asyncio.shield(self._in_background(work))
+
+    def upload(self, expected_hex: str) -> Upload:
+        """A new upload of bytes expected to hash to `expected_hex` (named after it, for whoever looks)."""
+        if not SHA256_HEX_RE.fullmatch(expected_hex):
+            raise ValueError(f"not a sha256: {expected_hex[:80]!r}")
+        return Upload(self, self._tmp / f"{expected_hex}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+
+    @abstractmethod
+    async def _place(self, staged: Path, digest: str) -> None:
+        """Put the finished upload staged at `staged` in place under `digest`, replacing what is there, and
+        remove `staged` (also when placing fails). Runs to its end even when the caller is cancelled."""
+
+
+class BlobStore(StagingStore):
     """Blobs under `root`, addressed by `sha256:<hex>` digests."""
 
     def __init__(self, root: Path) -> None:
+        super().__init__(root / "tmp")
         self._root = root
         self._sha256 = root / "sha256"
-        self._tmp = root / "tmp"
         self._quarantine = root / "quarantine"
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
-        self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
-        # File work that must finish even when the task that started it is cancelled (removing a temporary
-        # file, a rename under a lock): strong references until done, awaited by `close`.
-        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def root(self) -> Path:
@@ -152,17 +238,13 @@ class BlobStore:
         await asyncio.to_thread(self._open_sync)
 
     def _open_sync(self) -> None:
-        for directory in (self._sha256, self._tmp, self._quarantine):
+        for directory in (self._sha256, self._quarantine):
             directory.mkdir(parents=True, exist_ok=True)
-        # The second pattern is where earlier versions staged uploads (beside their final place).
-        for tmp in [*self._tmp.glob(f"*{_TMP_SUFFIX}"), *self._sha256.glob(f"*/.*{_TMP_SUFFIX}")]:
+        self._sweep_tmp()
+        # Where earlier versions staged uploads (beside their final place).
+        for tmp in self._sha256.glob(f"*/.*{TMP_SUFFIX}"):
             log.info("removing the leftover of an interrupted upload: %s", tmp)
             tmp.unlink(missing_ok=True)
-
-    async def close(self) -> None:
-        """Wait for the file work still running in the background (cleanups of cancelled uploads)."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def path_of(self, digest: str) -> Path:
         hexdigest = hex_of(digest)
@@ -170,12 +252,6 @@ class BlobStore:
 
     def _lock(self, digest: str) -> asyncio.Lock:
         return self._locks[int(hex_of(digest)[:2], 16) % _LOCK_STRIPES]
-
-    def _in_background(self, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(work())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
 
     async def exists(self, digest: str) -> bool:
         return await asyncio.to_thread(self.path_of(digest).is_file)
@@ -185,12 +261,6 @@ class BlobStore:
         wanted = list(dict.fromkeys(digests))
         return await asyncio.to_thread(lambda: {d for d in wanted if self.path_of(d).is_file()})
 
-    def upload(self, expected_hex: str) -> Upload:
-        """A new upload of bytes expected to hash to `expected_hex` (named after it, for whoever looks)."""
-        if not SHA256_HEX_RE.fullmatch(expected_hex):
-            raise ValueError(f"not a sha256: {expected_hex[:80]!r}")
-        return Upload(self, self._tmp / f"{expected_hex}.{secrets.token_hex(8)}{_TMP_SUFFIX}")
-
     async def read(self, digest: str) -> BlobReader:
         """A reader of a stored blob; raises BlobNotFound before any byte is sent. It holds no open file."""
         path = self.path_of(digest)
@@ -198,7 +268,11 @@ class BlobStore:
             identity = await asyncio.to_thread(lambda: _identity(os.stat(path)))
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
-        return BlobReader(path, digest, identity, self._reads)
+        return FileBlobReader(path, digest, identity, self._reads)
+
+    @contextlib.asynccontextmanager
+    async def local_file(self, digest: str) -> AsyncIterator[Path]:
+        yield self.path_of(digest)
 
     async def check(self, digest: str) -> BlobCheck:
         """Hash the blob stored under `digest`: OK, MISSING or CORRUPT (with what it hashes to)."""
@@ -215,9 +289,7 @@ class BlobStore:
                         size += len(chunk)
             except FileNotFoundError:
                 return BlobCheck(digest, BlobCondition.MISSING)
-            actual = "sha256:" + hasher.hexdigest()
-            condition = BlobCondition.OK if actual == digest else BlobCondition.CORRUPT
-            return BlobCheck(digest, condition, size, actual, identity)
+            return checked(digest, hasher, size, identity)
 
         return await asyncio.to_thread(hash_file)
 
@@ -234,7 +306,7 @@ class BlobStore:
         return await asyncio.to_thread(scan)
 
     async def quarantine(self, digest: str, identity: FileIdentity | None,
-                         moved: Callable[[Path], Awaitable[None]] | None = None) -> Path | None:
+                         moved: Callable[[str], Awaitable[None]] | None = None) -> str | None:
         """Move the blob stored under `digest` to the quarantine directory, kept as evidence; returns where it
         went. None when there is nothing to move: the file is gone, or it is no longer the file that was found
         corrupt (`identity`), because a publish has put verified bytes in its place meanwhile.
@@ -244,7 +316,7 @@ class BlobStore:
         path = self.path_of(digest)
         target = self._quarantine / f"{hex_of(digest)}.{time.time_ns()}"
 
-        def move() -> Path | None:
+        def move() -> str | None:
             try:
                 current = _identity(os.stat(path))
             except FileNotFoundError:
@@ -254,13 +326,27 @@ class BlobStore:
             os.replace(path, target)
             _fsync_dir(path.parent)
             _fsync_dir(target.parent)
-            return target
+            return str(target)
 
-        async def then(target: Path | None) -> None:
+        async def then(target: str | None) -> None:
             if target is not None and moved is not None:
                 await moved(target)
 
         return await self._locked(digest, move, then)
+
+    async def _place(self, staged: Path, digest: str) -> None:
+        final = self.path_of(digest)
+
+        def move() -> None:
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, final)
+            except BaseException:
+                staged.unlink(missing_ok=True)
+                raise
+            _fsync_dir(final.parent)
+
+        await self._locked(digest, move)
 
     async def _locked(self, digest: str, fn: Callable[[], T],
                       then: Callable[[T], Awaitable[None]] | None = None) -> T:
@@ -276,21 +362,69 @@ class BlobStore:
                     await then(result)
                 return result
 
-        return await asyncio.shield(self._in_background(work))
+        return await self._shielded(work)
 
 
-class BlobReader:
-    """A stored blob, read in chunks off the event loop and checked against its digest on the way. It holds
-    no open file: each chunk is read with its own open, pread and close (see the module docstring)."""
+def checked(digest: str, hasher: Any, size: int, identity: FileIdentity | None) -> BlobCheck:
+    """What hashing the `size` stored bytes of `digest` into `hasher` found: OK or CORRUPT."""
+    actual = "sha256:" + hasher.hexdigest()
+    condition = BlobCondition.OK if actual == digest else BlobCondition.CORRUPT
+    return BlobCheck(digest, condition, size, actual, identity)
 
-    def __init__(self, path: Path, digest: str, identity: FileIdentity,
-                 reads: asyncio.Semaphore | None = None) -> None:
-        self._path = path
+
+class BlobReader(ABC):
+    """A stored blob, read in chunks and checked against its digest on the way. It holds nothing between
+    chunks (no open file, no database connection): each chunk is read on its own (`_read_at`), at most
+    MAX_CONCURRENT_READS at once in a store."""
+
+    def __init__(self, digest: str, identity: FileIdentity, reads: asyncio.Semaphore | None = None) -> None:
         self.digest = digest
         self.identity = identity
         self._reads = reads or asyncio.Semaphore(MAX_CONCURRENT_READS)
 
-    def _read_at(self, offset: int, size: int) -> tuple[bytes, int]:
+    @abstractmethod
+    async def _read_at(self, offset: int, size: int, hasher: Any) -> tuple[bytes, int]:
+        """Up to `size` bytes at `offset` (added to `hasher`), and the size of the blob now; BlobChanged when
+        the copy that `read` found is no longer the stored one."""
+
+    async def chunks(self, chunk_size: int = DOWNLOAD_CHUNK_BYTES) -> AsyncIterator[bytes]:
+        """The blob's bytes. The last chunk (the one that reaches the end of the blob) is held back until the
+        whole blob has hashed to its digest, so a reader never gets a complete corrupt blob: on a mismatch it
+        gets BlobCorrupt instead (having received strictly fewer bytes than the blob holds; none for a blob of
+        one chunk). BlobChanged when the blob is replaced or moved away meanwhile (a repair or a quarantine:
+        reading again gives the answer). Nothing is read ahead: a reader whose consumer stalls holds no chunk
+        besides the one it handed over."""
+        hasher = hashlib.sha256()
+        offset = 0
+        while True:
+            async with self._reads:
+                data, total = await self._read_at(offset, chunk_size, hasher)
+            offset += len(data)
+            if data and offset < total:
+                yield data
+                continue
+            # The end of the blob: one edited in place (longer, shorter or other bytes) fails here.
+            actual = "sha256:" + hasher.hexdigest()
+            if actual != self.digest or offset != total:
+                raise BlobCorrupt(self.digest, actual, offset, self.identity)
+            if data:
+                yield data
+            return
+
+    async def read_all(self) -> bytes:
+        """Every byte, checked (raises BlobCorrupt and BlobChanged like `chunks`)."""
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+class FileBlobReader(BlobReader):
+    """A blob on disk: each chunk is read with its own open, pread and close (see the module docstring)."""
+
+    def __init__(self, path: Path, digest: str, identity: FileIdentity,
+                 reads: asyncio.Semaphore | None = None) -> None:
+        super().__init__(digest, identity, reads)
+        self._path = path
+
+    def _pread(self, offset: int, size: int) -> tuple[bytes, int]:
         """Up to `size` bytes at `offset`, and the size of the file now."""
         try:
             fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
@@ -304,39 +438,13 @@ class BlobReader:
         finally:
             os.close(fd)
 
-    async def chunks(self, chunk_size: int = DOWNLOAD_CHUNK_BYTES) -> AsyncIterator[bytes]:
-        """The blob's bytes. The last chunk (the one that reaches the end of the file) is held back until the
-        whole blob has hashed to its digest, so a reader never gets a complete corrupt blob: on a mismatch it
-        gets BlobCorrupt instead (having received strictly fewer bytes than the blob holds; none for a blob of
-        one chunk). BlobChanged when the file is replaced or moved away meanwhile (a repair or a quarantine:
-        reading again gives the answer). Nothing is read ahead: a reader whose consumer stalls holds no chunk
-        besides the one it handed over."""
-        hasher = hashlib.sha256()
-        offset = 0
-
+    async def _read_at(self, offset: int, size: int, hasher: Any) -> tuple[bytes, int]:
         def read_and_hash() -> tuple[bytes, int]:
-            data, file_size = self._read_at(offset, chunk_size)
+            data, file_size = self._pread(offset, size)
             hasher.update(data)  # in the thread too: hashlib releases the GIL on large inputs
             return data, file_size
 
-        while True:
-            async with self._reads:
-                data, file_size = await asyncio.to_thread(read_and_hash)
-            offset += len(data)
-            if data and offset < file_size:
-                yield data
-                continue
-            # The end of the file: a blob edited in place (longer, shorter or other bytes) fails here.
-            actual = "sha256:" + hasher.hexdigest()
-            if actual != self.digest or offset != file_size:
-                raise BlobCorrupt(self.digest, actual, offset, self.identity)
-            if data:
-                yield data
-            return
-
-    async def read_all(self) -> bytes:
-        """Every byte, checked (raises BlobCorrupt and BlobChanged like `chunks`)."""
-        return b"".join([chunk async for chunk in self.chunks()])
+        return await asyncio.to_thread(read_and_hash)
 
 
 class Upload:
@@ -348,7 +456,7 @@ class Upload:
     Every file operation runs in a thread that is allowed to finish even when the upload's task is cancelled;
     the removal waits for it, so a file opened just as the client went away is still removed."""
 
-    def __init__(self, store: BlobStore, path: Path) -> None:
+    def __init__(self, store: StagingStore, path: Path) -> None:
         self._store = store
         self.path = path
         self.size = 0
@@ -433,27 +541,14 @@ class Upload:
             return self._data
         return await self._run(self.path.read_bytes)
 
-    async def commit(self, digest: str) -> Path:
-        """Move the finished upload into place under `digest` (which the caller has checked), replacing what
-        is there: identical bytes of another skill (harmless), or a corrupt or missing blob (the repair)."""
+    async def commit(self, digest: str) -> None:
+        """Put the finished upload in place under `digest` (which the caller has checked), replacing what is
+        there: identical bytes of another skill (harmless), or a corrupt or missing blob (the repair)."""
         assert self._digest, "finish() first"
-        final = self._store.path_of(digest)
-
-        def move() -> None:
-            try:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self.path, final)
-            except BaseException:
-                # The exit handler leaves the file to this move (see below): a move that fails removes it.
-                self.path.unlink(missing_ok=True)
-                raise
-            _fsync_dir(final.parent)
-
-        # Set first: once the move is under way (it finishes even if this task is cancelled), the exit handler
-        # must not delete the file from under it.
+        # Set first: once placing is under way (it finishes even if this task is cancelled), the exit handler
+        # must not delete the file from under it; a placing that fails removes the file itself.
         self._done = True
-        await self._store._locked(digest, move)
-        return final
+        await self._store._place(self.path, digest)
 
     def _discard_sync(self) -> None:
         if self._handle is not None:

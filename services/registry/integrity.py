@@ -16,11 +16,10 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import grpc
 
-from services.registry.blobs import BlobCondition, BlobCorrupt, BlobStore, Upload
+from services.registry.blobs import BlobBackend, BlobCondition, BlobCorrupt, Upload
 from services.registry.store import MetadataStore, NamespaceRecord, QuarantineRecord, State, VersionRecord
 from services.runtime.errors import Reason, ServiceError
 from services.runtime.tasks import BackgroundLoop
@@ -133,7 +132,7 @@ class ScrubProgress:
 class Integrity:
     """The blob checks shared by the servicer and the periodic scrub."""
 
-    def __init__(self, store: MetadataStore, blobs: BlobStore) -> None:
+    def __init__(self, store: MetadataStore, blobs: BlobBackend) -> None:
         self._store = store
         self._blobs = blobs
 
@@ -162,8 +161,8 @@ class Integrity:
         is back (NOT RUNNABLE until the next scrub)."""
         recorded: list[QuarantineRecord] = []
 
-        async def record_it(path: Path) -> None:
-            record = QuarantineRecord(corrupt.digest, corrupt.actual, corrupt.size, str(path), detected_by,
+        async def record_it(path: str) -> None:
+            record = QuarantineRecord(corrupt.digest, corrupt.actual, corrupt.size, path, detected_by,
                                       time.time_ns())
             await self._store.record_quarantine(record)
             recorded.append(record)

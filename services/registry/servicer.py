@@ -24,7 +24,7 @@ from clawhub.registry.v1 import registry_service_pb2 as pb
 from clawhub.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from services.registry.access import AccessRpcs
-from services.registry.blobs import BlobChanged, BlobCorrupt, BlobNotFound, BlobStore
+from services.registry.blobs import BlobBackend, BlobChanged, BlobCorrupt, BlobNotFound
 from services.registry.integrity import (
     BUNDLE,
     MODULE,
@@ -319,7 +319,7 @@ class RegistryServicer(NamespaceRpcs, AccessRpcs, pb_grpc.RegistryServiceService
                        internal_grpc.RegistryInternalServiceServicer, access_grpc.AccessServiceServicer):
     """clawhub.registry.v1.RegistryService (the publisher and namespace RPCs are in trust.NamespaceRpcs)."""
 
-    def __init__(self, store: MetadataStore, blobs: BlobStore, verifier: Verifier, *,
+    def __init__(self, store: MetadataStore, blobs: BlobBackend, verifier: Verifier, *,
                  max_upload_bytes: int, trust: Trust | None = None, uploads: UploadGate | None = None,
                  downloads: DownloadGate | None = None) -> None:
         self._store = store
@@ -547,6 +547,16 @@ class RegistryServicer(NamespaceRpcs, AccessRpcs, pb_grpc.RegistryServiceService
                             "versions are immutable, publish a new version",
                             metadata={"name": name, "version": version, "existing_digest": record.digest,
                                       "digest": actual})
+                    if record.state in (State.PENDING, State.VERIFYING):
+                        # Another registry replica on the shared database publishes it now (this one's own
+                        # publishes of it are serialized above): its verification may still fail.
+                        since = (time.time_ns() - record.history[-1].time_ns) / 1e9 if record.history else 0.0
+                        raise ServiceError(
+                            grpc.StatusCode.UNAVAILABLE, Reason.PUBLISH_IN_PROGRESS,
+                            f"{name}@{version} is being published by another registry replica ({record.state} "
+                            f"for {since:.0f}s); retry to learn its outcome",
+                            metadata={"name": name, "version": version, "state": str(record.state)},
+                            retry_after_seconds=1.0)
                     # The same bytes again: they hash to the version's digests, which passed verification when
                     # it was published, so they repair a stored blob that went missing or corrupt.
                     repaired = False
@@ -962,9 +972,23 @@ def _resolved_to_pb(resolved: Resolved) -> skill_pb2.ResolvedDependency:
                                         required_by=list(resolved.required_by))
 
 
-async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Verifier) -> None:
-    """Finish the publishes a previous run left in flight, so no version stays PENDING or VERIFYING."""
+async def settle_unfinished(store: MetadataStore, blobs: BlobBackend, verifier: Verifier, *,
+                            older_than_seconds: float = 0.0, pending_older_than_seconds: float | None = None,
+                            ) -> None:
+    """Finish the publishes a previous run left in flight, so no version stays PENDING or VERIFYING. Where
+    replicas share the store, only those unchanged for `older_than_seconds` (PENDING ones: for
+    `pending_older_than_seconds`, as long as an upload may last): a younger one may be another replica's publish
+    in flight."""
+    now = time.time_ns()
+    before_ns = now - int(older_than_seconds * 1e9)
+    pending_before_ns = now - int((older_than_seconds if pending_older_than_seconds is None
+                                   else pending_older_than_seconds) * 1e9)
     for record in await store.unsettled_versions():
+        limit = pending_before_ns if record.state is State.PENDING else before_ns
+        if record.history and record.history[-1].time_ns > limit:
+            log.info("%s@%s has been %s for %.0fs, perhaps on another replica: left alone", record.name,
+                     record.version, record.state, (time.time_ns() - record.history[-1].time_ns) / 1e9)
+            continue
         manifest = skill_pb2.Manifest.FromString(record.manifest)
         bundle_ok = not record.bundle_digest or await blobs.exists(record.bundle_digest)
         if record.state is State.VERIFYING and bundle_ok and await blobs.exists(record.digest):
@@ -979,9 +1003,12 @@ async def settle_unfinished(store: MetadataStore, blobs: BlobStore, verifier: Ve
                 await store.transition(record.name, record.version, State.FAILED, why, errors=[why])
                 log.warning("%s@%s left %s by a previous run: now FAILED", record.name, record.version, record.state)
                 continue
-            bundle_path = blobs.path_of(record.bundle_digest) if record.bundle_digest else None
-            problems = (await verifier.verify(data, manifest)
-                        + await verifier.verify_bundle(bundle_path, manifest))
+            problems = await verifier.verify(data, manifest)
+            if record.bundle_digest:
+                async with blobs.local_file(record.bundle_digest) as bundle_path:
+                    problems += await verifier.verify_bundle(bundle_path, manifest)
+            else:
+                problems += await verifier.verify_bundle(None, manifest)
             if not problems and await verifier.dependency_packages(data):
                 # Its links were checked against the catalogue of that moment, which a restart does not keep:
                 # rather than pass it unchecked, ask for the publish again.

@@ -9,6 +9,7 @@ from pathlib import Path
 from services.runtime.auth import AuthSettings
 from services.runtime.identity import PlatformIdentity, identity_from_env, read_token_file
 from services.runtime.metrics import MetricsSettings
+from services.runtime.postgres import database_url
 from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_size, env_str
 from services.runtime.tls import TlsSettings
@@ -104,6 +105,10 @@ class Settings:
     """How often the registry hashes every stored blob, quarantining and logging corrupt or missing ones
     (as `clawhub admin verify-blobs` does): `CLAWHUB_REGISTRY_SCRUB_INTERVAL`, seconds, default 86400 (daily,
     the first one a full interval after the start); 0 turns it off."""
+    database_url: str = field(default="", repr=False)
+    """PostgreSQL for the metadata and the blobs, shared by every registry replica (postgresql://USER[:PASSWORD]
+    @HOST[:PORT]/DATABASE): `CLAWHUB_REGISTRY_DATABASE_URL`, else `CLAWHUB_DATABASE_URL`; default empty, which
+    keeps both in `data_dir` (sqlite and files). With a database, `data_dir` holds only uploads being staged."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -132,6 +137,7 @@ class Settings:
             rate_limits=RateLimitSettings.from_env(),
             metrics=MetricsSettings.from_env("registry"),
             scrub_interval_seconds=_env_seconds("CLAWHUB_REGISTRY_SCRUB_INTERVAL", 86400.0, zero_ok=True),
+            database_url=database_url("registry"),
         )
 
 

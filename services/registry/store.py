@@ -1,10 +1,12 @@
 """Registry metadata: skills, their versions and each version's release history.
 
-`MetadataStore` is the interface the servicer uses; `SqliteMetadataStore` implements it on aiosqlite in WAL
-mode. It keeps two connections: one writer, whose transactions are serialized by a lock (`BEGIN IMMEDIATE`,
-so another process cannot interleave either), and one reader, which in WAL mode sees the last committed state
-without waiting for the writer. The schema is created and upgraded by `MIGRATIONS`: append a new entry to
-change it, never edit a released one.
+`MetadataStore` is the interface the servicer uses. Its logic is written once, in `SqlMetadataStore`, over a
+connection (`Sql`) that speaks the SQL sqlite and PostgreSQL share; a backend supplies only the transactions.
+`SqliteMetadataStore` is the embedded default, on aiosqlite in WAL mode. It keeps two connections: one writer,
+whose transactions are serialized by a lock (`BEGIN IMMEDIATE`, so another process cannot interleave either),
+and one reader, which in WAL mode sees the last committed state without waiting for the writer. The schema is
+created and upgraded by `MIGRATIONS`: append a new entry to change it, never edit a released one.
+`services/registry/pgstore.py` is the PostgreSQL store, shared by registry replicas.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -518,81 +521,35 @@ _VERSION_COLUMNS = ("name, version, digest, size_bytes, manifest, state, verific
                     "bundle_digest, yanked, yank_reason, signature_key_id, signature, publisher")
 
 
-async def _configure(conn: aiosqlite.Connection) -> None:
-    await conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL is durable against process crashes in WAL mode; blobs are fsynced separately.
-    await conn.execute("PRAGMA synchronous=NORMAL")
-    await conn.execute("PRAGMA foreign_keys=ON")
-    await conn.execute("PRAGMA busy_timeout=5000")
+class Sql(Protocol):
+    """One connection inside a transaction, as the store logic below uses it. Queries are written once, in the
+    SQL both engines speak, with `?` placeholders; rows are indexable by position and by column name."""
+
+    async def rows(self, query: str, params: Sequence[object] = ()) -> list[Any]: ...
+
+    async def row(self, query: str, params: Sequence[object] = ()) -> Any | None: ...
+
+    async def run(self, query: str, params: Sequence[object] = ()) -> int:
+        """Execute a statement; the number of rows it changed."""
+        ...
 
 
-async def migrate(conn: aiosqlite.Connection) -> int:
-    """Apply pending migrations; returns the schema version. Refuses a database newer than this code."""
-    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    async with write_transaction(conn):
-        async with conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cursor:
-            row = await cursor.fetchone()
-        current = int(row[0]) if row else 0
-        if current > len(MIGRATIONS):
-            raise RuntimeError(f"the registry database has schema version {current}, newer than this "
-                               f"registry understands ({len(MIGRATIONS)}); upgrade the registry")
-        for number, statements in enumerate(MIGRATIONS[current:], start=current + 1):
-            for statement in statements:
-                await conn.execute(statement)
-            await conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
-    return len(MIGRATIONS)
+class SqlMetadataStore(ABC):
+    """The MetadataStore logic over `Sql`, shared by the sqlite and the PostgreSQL store: they supply only the
+    transactions (`_write` serializes writers, across processes too; `_read` reads one snapshot)."""
 
+    # Digests with an unrepaired quarantine record, mirrored in memory where one process owns the database
+    # (the common answer, "none of these", then costs no query); None where replicas share it.
+    _quarantine_cache: set[str] | None = None
 
-class SqliteMetadataStore:
-    """MetadataStore on an sqlite file (aiosqlite, WAL)."""
+    @abstractmethod
+    def _write(self) -> AbstractAsyncContextManager[Sql]: ...
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
-        self._writer = writer
-        self._reader = reader
-        self._write_lock = asyncio.Lock()
-        self._read_lock = asyncio.Lock()
-        # Digests with an unrepaired quarantine record, mirrored in memory (this process owns the database):
-        # the common answer, "none of these", then costs no query on every read and publish.
-        self._quarantined_digests: set[str] = set()
+    @abstractmethod
+    def _read(self) -> AbstractAsyncContextManager[Sql]: ...
 
-    @classmethod
-    async def open(cls, path: Path) -> SqliteMetadataStore:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        connections: list[aiosqlite.Connection] = []
-        try:
-            for _ in range(2):
-                conn = await aiosqlite.connect(path, isolation_level=None)
-                connections.append(conn)
-                metrics.observe_queries(conn, "registry")  # clawhub_db_query_duration_seconds
-                await _configure(conn)
-                conn.row_factory = aiosqlite.Row
-            await migrate(connections[0])
-            store = cls(connections[0], connections[1])
-            async with connections[0].execute("SELECT DISTINCT digest FROM blob_quarantine "
-                                              "WHERE repair_time_ns IS NULL") as cursor:
-                store._quarantined_digests = {str(row[0]) async for row in cursor}
-        except BaseException:
-            for conn in connections:
-                await conn.close()
-            raise
-        return store
-
-    async def close(self) -> None:
-        async with self._write_lock, self._read_lock:
-            await self._reader.close()
-            await self._writer.close()
-
-    # Cancel-safe transactions (services/runtime/sqlite.py), one user of each connection at a time.
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._write_lock, write_transaction(self._writer) as db:
-            yield db
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        # One read transaction, so a version and its history come from the same snapshot.
-        async with self._read_lock, read_transaction(self._reader) as db:
-            yield db
+    @abstractmethod
+    async def close(self) -> None: ...
 
     # Writes.
 
@@ -603,14 +560,16 @@ class SqliteMetadataStore:
                 return existing, False
             if existing is not None:
                 # Its transitions go with it (ON DELETE CASCADE): the new publish starts a fresh history.
-                await db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (new.name, new.version))
-            await db.execute(
+                await db.run("DELETE FROM versions WHERE name = ? AND version = ?", (new.name, new.version))
+            await db.run(
                 "INSERT INTO skills (name, create_time_ns, update_time_ns) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET update_time_ns = MAX(update_time_ns, excluded.update_time_ns)",
+                "ON CONFLICT (name) DO UPDATE SET update_time_ns = CASE "
+                "WHEN excluded.update_time_ns > skills.update_time_ns THEN excluded.update_time_ns "
+                "ELSE skills.update_time_ns END",
                 (new.name, new.upload_started_ns, new.upload_started_ns),
             )
-            await db.execute(
-                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?, ?, 0, '', ?, ?, ?)",
+            await db.run(
+                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, '[]', ?, ?, FALSE, '', ?, ?, ?)",
                 (new.name, new.version, new.digest, new.size_bytes, new.manifest, State.VERIFYING.value,
                  new.upload_started_ns, new.bundle_digest, new.signature_key_id, new.signature, new.publisher),
             )
@@ -630,7 +589,7 @@ class SqliteMetadataStore:
                 raise VersionNotFound(f"{name}@{version}")
             if to_state not in TRANSITIONS[current.state]:
                 raise IllegalTransition(name, version, current.state, to_state)
-            await db.execute(
+            await db.run(
                 "UPDATE versions SET state = ?, verification_errors = ? WHERE name = ? AND version = ?",
                 (to_state.value, json.dumps(list(errors) or list(current.verification_errors)), name, version),
             )
@@ -647,11 +606,9 @@ class SqliteMetadataStore:
 
     async def list_versions(self, name: str, *, after: str | None, limit: int) -> Page[VersionRecord] | None:
         async with self._read() as db:
-            async with db.execute("SELECT 1 FROM skills WHERE name = ?", (name,)) as cursor:
-                if await cursor.fetchone() is None:
-                    return None
-            async with db.execute("SELECT version FROM versions WHERE name = ?", (name,)) as cursor:
-                versions = [str(row[0]) async for row in cursor]
+            if await db.row("SELECT 1 FROM skills WHERE name = ?", (name,)) is None:
+                return None
+            versions = [str(row[0]) for row in await db.rows("SELECT version FROM versions WHERE name = ?", (name,))]
             # SemVer precedence is not a SQL ordering; a skill has few enough versions to sort here.
             ordered = sorted(versions, key=version_order, reverse=True)
             if after is not None:
@@ -673,21 +630,19 @@ class SqliteMetadataStore:
 
     async def skill_names(self, *, limit: int) -> list[str]:
         async with self._read() as db:
-            async with db.execute("SELECT name FROM skills ORDER BY name LIMIT ?", (limit,)) as cursor:
-                return [row[0] for row in await cursor.fetchall()]
+            return [str(row[0]) for row in await db.rows("SELECT name FROM skills ORDER BY name LIMIT ?", (limit,))]
 
     async def unsettled_versions(self) -> list[VersionRecord]:
         async with self._read() as db:
-            async with db.execute("SELECT name, version FROM versions WHERE state IN (?, ?) ORDER BY name",
-                                  (State.PENDING.value, State.VERIFYING.value)) as cursor:
-                keys = [(str(row[0]), str(row[1])) async for row in cursor]
+            keys = [(str(row[0]), str(row[1])) for row in await db.rows(
+                "SELECT name, version FROM versions WHERE state IN (?, ?) ORDER BY name",
+                (State.PENDING.value, State.VERIFYING.value))]
             return [r for name, version in keys if (r := await _fetch_version(db, name, version)) is not None]
 
     async def set_yanked(self, name: str, version: str, yanked: bool, reason: str) -> VersionRecord:
         async with self._write() as db:
-            cursor = await db.execute("UPDATE versions SET yanked = ?, yank_reason = ? WHERE name = ? AND version = ?",
-                                      (int(yanked), reason if yanked else "", name, version))
-            if cursor.rowcount == 0:
+            if not await db.run("UPDATE versions SET yanked = ?, yank_reason = ? WHERE name = ? AND version = ?",
+                                (yanked, reason if yanked else "", name, version)):
                 raise VersionNotFound(f"{name}@{version}")
             record = await _fetch_version(db, name, version)
         assert record is not None
@@ -695,15 +650,14 @@ class SqliteMetadataStore:
 
     async def set_tag(self, name: str, tag: str, version: str) -> SkillRecord:
         async with self._write() as db:
-            await db.execute("INSERT INTO tags (name, tag, version) VALUES (?, ?, ?) "
-                             "ON CONFLICT (name, tag) DO UPDATE SET version = excluded.version", (name, tag, version))
+            await db.run("INSERT INTO tags (name, tag, version) VALUES (?, ?, ?) "
+                         "ON CONFLICT (name, tag) DO UPDATE SET version = excluded.version", (name, tag, version))
             skills = await _fetch_skills(db, "WHERE name = ?", (name,))
         return skills[0]
 
     async def delete_tag(self, name: str, tag: str) -> SkillRecord | None:
         async with self._write() as db:
-            cursor = await db.execute("DELETE FROM tags WHERE name = ? AND tag = ?", (name, tag))
-            if cursor.rowcount == 0:
+            if not await db.run("DELETE FROM tags WHERE name = ? AND tag = ?", (name, tag)):
                 return None
             skills = await _fetch_skills(db, "WHERE name = ?", (name,))
         return skills[0]
@@ -735,42 +689,37 @@ class SqliteMetadataStore:
 
     async def catalog(self) -> list[CatalogEntry]:
         async with self._read() as db:
-            async with db.execute("SELECT name, version, digest, manifest, yanked FROM versions WHERE state = ?",
-                                  (State.READY.value,)) as cursor:
-                return [CatalogEntry(str(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bool(r[4])) async for r in cursor]
-
+            return [CatalogEntry(str(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bool(r[4])) for r in await db.rows(
+                "SELECT name, version, digest, manifest, yanked FROM versions WHERE state = ?", (State.READY.value,))]
 
     # Publishers and namespaces.
 
     async def create_publisher(self, name: str, token_sha256: str) -> PublisherRecord:
         now = time.time_ns()
         async with self._write() as db:
-            async with db.execute("SELECT 1 FROM publishers WHERE name = ?", (name,)) as cursor:
-                if await cursor.fetchone() is not None:
-                    raise AlreadyExists(f"publisher {name}")
-            await db.execute("INSERT INTO publishers (name, token_sha256, create_time_ns) VALUES (?, ?, ?)",
-                             (name, token_sha256, now))
+            if await db.row("SELECT 1 FROM publishers WHERE name = ?", (name,)) is not None:
+                raise AlreadyExists(f"publisher {name}")
+            await db.run("INSERT INTO publishers (name, token_sha256, create_time_ns) VALUES (?, ?, ?)",
+                         (name, token_sha256, now))
         return PublisherRecord(name, now)
 
     async def publisher_by_token(self, token_sha256: str) -> str | None:
         async with self._read() as db:
-            async with db.execute("SELECT name FROM publishers WHERE token_sha256 = ?", (token_sha256,)) as cursor:
-                row = await cursor.fetchone()
+            row = await db.row("SELECT name FROM publishers WHERE token_sha256 = ?", (token_sha256,))
         return str(row[0]) if row else None
 
     # API keys and the audit log.
 
     async def create_api_key(self, record: ApiKeyRecord, key_sha256: str) -> None:
         async with self._write() as db:
-            await db.execute("INSERT INTO api_keys (id, name, role, scopes, key_sha256, created_by, create_time_ns) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (record.id, record.name, record.role, json.dumps(list(record.scopes)), key_sha256,
-                              record.created_by, record.create_time_ns))
+            await db.run("INSERT INTO api_keys (id, name, role, scopes, key_sha256, created_by, create_time_ns) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (record.id, record.name, record.role, json.dumps(list(record.scopes)), key_sha256,
+                          record.created_by, record.create_time_ns))
 
     async def api_key_by_sha256(self, key_sha256: str) -> ApiKeyRecord | None:
         async with self._read() as db:
-            async with db.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_sha256 = ?", (key_sha256,)) as cur:
-                row = await cur.fetchone()
+            row = await db.row(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_sha256 = ?", (key_sha256,))
         return _api_key(row) if row else None
 
     async def list_api_keys(self, *, before: str | None, limit: int) -> Page[ApiKeyRecord]:
@@ -782,52 +731,46 @@ class SqliteMetadataStore:
                 query = (f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE (create_time_ns, id) < "
                          "(SELECT create_time_ns, id FROM api_keys WHERE id = ?)")
                 params = (before,)
-            async with db.execute(query + " ORDER BY create_time_ns DESC, id DESC LIMIT ?",
-                                  (*params, limit + 1)) as cur:
-                rows = [_api_key(r) async for r in cur]
+            rows = [_api_key(r) for r in await db.rows(query + " ORDER BY create_time_ns DESC, id DESC LIMIT ?",
+                                                       (*params, limit + 1))]
         return Page(rows[:limit], len(rows) > limit)
 
     async def revoke_api_key(self, key_id: str) -> ApiKeyRecord | None:
         async with self._write() as db:
-            await db.execute("UPDATE api_keys SET revoke_time_ns = ? WHERE id = ? AND revoke_time_ns IS NULL",
-                             (time.time_ns(), key_id))
-            async with db.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)) as cur:
-                row = await cur.fetchone()
+            await db.run("UPDATE api_keys SET revoke_time_ns = ? WHERE id = ? AND revoke_time_ns IS NULL",
+                         (time.time_ns(), key_id))
+            row = await db.row(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
         return _api_key(row) if row else None
 
     async def append_audit(self, time_ns: int, principal: str, method: str, target: str, request_id: str,
                            outcome: str) -> None:
         async with self._write() as db:
-            await db.execute("INSERT INTO audit_events (time_ns, principal, method, target, request_id, outcome) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", (time_ns, principal, method, target, request_id, outcome))
+            await db.run("INSERT INTO audit_events (time_ns, principal, method, target, request_id, outcome) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (time_ns, principal, method, target, request_id, outcome))
 
     async def list_audit(self, *, before: int | None, limit: int) -> Page[AuditEventRecord]:
         async with self._read() as db:
-            async with db.execute("SELECT seq, time_ns, principal, method, target, request_id, outcome "
-                                  "FROM audit_events WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-                                  (before if before is not None else 2**62, limit + 1)) as cur:
-                rows = [AuditEventRecord(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]),
-                                         str(r[6])) async for r in cur]
+            rows = [AuditEventRecord(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]))
+                    for r in await db.rows("SELECT seq, time_ns, principal, method, target, request_id, outcome "
+                                           "FROM audit_events WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                                           (before if before is not None else 2**62, limit + 1))]
         return Page(rows[:limit], len(rows) > limit)
 
     async def create_namespace(self, name: str, owner: str, require_signatures: bool,
                                keys: Sequence[tuple[str, bytes]]) -> NamespaceRecord:
         now = time.time_ns()
         async with self._write() as db:
-            async with db.execute("SELECT 1 FROM publishers WHERE name = ?", (owner,)) as cursor:
-                if await cursor.fetchone() is None:
-                    raise NotFound(f"no publisher named {owner!r}")
+            if await db.row("SELECT 1 FROM publishers WHERE name = ?", (owner,)) is None:
+                raise NotFound(f"no publisher named {owner!r}")
             if await _fetch_namespace(db, name) is not None:
                 raise AlreadyExists(f"namespace {name}")
             # Inside the write transaction, so two overlapping claims cannot both pass the check.
             for other in await _related_namespaces(db, name):
                 if other.owner != owner:
                     raise NamespaceOverlap(name, other.name, other.owner)
-            await db.execute("INSERT INTO namespaces (name, owner, require_signatures, create_time_ns, "
-                             "update_time_ns) VALUES (?, ?, ?, ?, ?)", (name, owner, int(require_signatures), now, now))
-            for key_id, public_key in keys:
-                await db.execute("INSERT OR IGNORE INTO namespace_keys (namespace, key_id, public_key, create_time_ns) "
-                                 "VALUES (?, ?, ?, ?)", (name, key_id, public_key, now))
+            await db.run("INSERT INTO namespaces (name, owner, require_signatures, create_time_ns, "
+                         "update_time_ns) VALUES (?, ?, ?, ?, ?)", (name, owner, require_signatures, now, now))
+            await _add_keys(db, name, keys, now)
             record = await _fetch_namespace(db, name)
         assert record is not None
         return record
@@ -840,16 +783,14 @@ class SqliteMetadataStore:
         candidates = namespace_candidates(skill)
         placeholders = ", ".join("?" * len(candidates))
         async with self._read() as db:
-            async with db.execute(f"SELECT name FROM namespaces WHERE name IN ({placeholders}) "
-                                  "ORDER BY length(name) DESC LIMIT 1", tuple(candidates)) as cursor:
-                row = await cursor.fetchone()
+            row = await db.row(f"SELECT name FROM namespaces WHERE name IN ({placeholders}) "
+                               "ORDER BY length(name) DESC LIMIT 1", tuple(candidates))
             return await _fetch_namespace(db, str(row[0])) if row else None
 
     async def list_namespaces(self, *, after: str | None, limit: int) -> Page[NamespaceRecord]:
         async with self._read() as db:
-            async with db.execute("SELECT name FROM namespaces WHERE name > ? ORDER BY name LIMIT ?",
-                                  (after or "", limit + 1)) as cursor:
-                names = [str(row[0]) async for row in cursor]
+            names = [str(row[0]) for row in await db.rows("SELECT name FROM namespaces WHERE name > ? "
+                                                          "ORDER BY name LIMIT ?", (after or "", limit + 1))]
             records = [r for n in names[:limit] if (r := await _fetch_namespace(db, n)) is not None]
         return Page(records, more=len(names) > limit)
 
@@ -860,66 +801,65 @@ class SqliteMetadataStore:
         async with self._write() as db:
             if await _fetch_namespace(db, name) is None:
                 raise NotFound(f"no namespace {name!r}")
-            for key_id, public_key in add_keys:
-                await db.execute("INSERT OR IGNORE INTO namespace_keys (namespace, key_id, public_key, create_time_ns) "
-                                 "VALUES (?, ?, ?, ?)", (name, key_id, public_key, now))
+            await _add_keys(db, name, add_keys, now)
             for key_id in remove_key_ids:
-                cursor = await db.execute("DELETE FROM namespace_keys WHERE namespace = ? AND key_id = ?",
-                                          (name, key_id))
-                if cursor.rowcount == 0:
+                if not await db.run("DELETE FROM namespace_keys WHERE namespace = ? AND key_id = ?", (name, key_id)):
                     # Raising rolls the whole update back: a typo in one key id changes nothing.
                     raise NotFound(f"namespace {name} has no key {key_id}")
             if require_signatures is not None:
-                await db.execute("UPDATE namespaces SET require_signatures = ? WHERE name = ?",
-                                 (int(require_signatures), name))
-            await db.execute("UPDATE namespaces SET update_time_ns = ? WHERE name = ?", (now, name))
+                await db.run("UPDATE namespaces SET require_signatures = ? WHERE name = ?",
+                             (require_signatures, name))
+            await db.run("UPDATE namespaces SET update_time_ns = ? WHERE name = ?", (now, name))
             record = await _fetch_namespace(db, name)
         assert record is not None
         return record
-
 
     # Blob integrity.
 
     async def record_quarantine(self, record: QuarantineRecord) -> None:
         async with self._write() as db:
-            await db.execute("INSERT INTO blob_quarantine (digest, actual_digest, size_bytes, path, detected_by, "
-                             "time_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                             (record.digest, record.actual_digest, record.size_bytes, record.path,
-                              record.detected_by, record.time_ns))
-        self._quarantined_digests.add(record.digest)
+            await db.run("INSERT INTO blob_quarantine (digest, actual_digest, size_bytes, path, detected_by, "
+                         "time_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                         (record.digest, record.actual_digest, record.size_bytes, record.path,
+                          record.detected_by, record.time_ns))
+        if self._quarantine_cache is not None:
+            self._quarantine_cache.add(record.digest)
 
     async def quarantined(self, digests: Iterable[str]) -> dict[str, QuarantineRecord]:
-        wanted = sorted(set(digests) & self._quarantined_digests)
+        wanted = set(digests)
+        if self._quarantine_cache is not None:
+            wanted &= self._quarantine_cache
         found: dict[str, QuarantineRecord] = {}
         if not wanted:
             return found
+        ordered = sorted(wanted)
         async with self._read() as db:
             # In slices: sqlite bounds the number of parameters of one statement.
-            for start in range(0, len(wanted), 500):
-                part = wanted[start:start + 500]
+            for start in range(0, len(ordered), 500):
+                part = ordered[start:start + 500]
                 placeholders = ", ".join("?" * len(part))
-                async with db.execute(
+                for r in await db.rows(
                         "SELECT digest, actual_digest, size_bytes, path, detected_by, time_ns FROM blob_quarantine "
-                        f"WHERE repair_time_ns IS NULL AND digest IN ({placeholders}) ORDER BY id", part) as cursor:
-                    async for r in cursor:
-                        found[str(r[0])] = QuarantineRecord(str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]),
-                                                            int(r[5]))
+                        f"WHERE repair_time_ns IS NULL AND digest IN ({placeholders}) ORDER BY id", part):
+                    found[str(r[0])] = QuarantineRecord(str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]),
+                                                        int(r[5]))
         return found
 
     async def mark_repaired(self, digest: str) -> int:
-        if digest not in self._quarantined_digests:
+        if self._quarantine_cache is not None and digest not in self._quarantine_cache:
             return 0
         async with self._write() as db:
-            cursor = await db.execute("UPDATE blob_quarantine SET repair_time_ns = ? "
-                                      "WHERE digest = ? AND repair_time_ns IS NULL", (time.time_ns(), digest))
-        self._quarantined_digests.discard(digest)
-        return int(cursor.rowcount)
+            repaired = await db.run("UPDATE blob_quarantine SET repair_time_ns = ? "
+                                    "WHERE digest = ? AND repair_time_ns IS NULL", (time.time_ns(), digest))
+        if self._quarantine_cache is not None:
+            self._quarantine_cache.discard(digest)
+        return repaired
 
     async def blob_references(self) -> list[BlobReference]:
         async with self._read() as db:
-            async with db.execute("SELECT name, version, digest, bundle_digest FROM versions WHERE state = ? "
-                                  "ORDER BY name, version", (State.READY.value,)) as cursor:
-                return [BlobReference(str(r[0]), str(r[1]), str(r[2]), str(r[3])) async for r in cursor]
+            return [BlobReference(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in await db.rows(
+                "SELECT name, version, digest, bundle_digest FROM versions WHERE state = ? ORDER BY name, version",
+                (State.READY.value,))]
 
 
 _KEY_COLUMNS = "id, name, role, scopes, created_by, create_time_ns, revoke_time_ns"
@@ -930,56 +870,57 @@ def _api_key(row: Any) -> ApiKeyRecord:
                         int(row[6]) if row[6] is not None else None)
 
 
-async def _fetch_namespace(db: aiosqlite.Connection, name: str) -> NamespaceRecord | None:
-    async with db.execute("SELECT name, owner, require_signatures, create_time_ns, update_time_ns FROM namespaces "
-                          "WHERE name = ?", (name,)) as cursor:
-        row = await cursor.fetchone()
+async def _add_keys(db: Sql, namespace: str, keys: Sequence[tuple[str, bytes]], now: int) -> None:
+    for key_id, public_key in keys:
+        await db.run("INSERT INTO namespace_keys (namespace, key_id, public_key, create_time_ns) "
+                     "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (namespace, key_id, public_key, now))
+
+
+async def _fetch_namespace(db: Sql, name: str) -> NamespaceRecord | None:
+    row = await db.row("SELECT name, owner, require_signatures, create_time_ns, update_time_ns FROM namespaces "
+                       "WHERE name = ?", (name,))
     if row is None:
         return None
-    async with db.execute("SELECT key_id, public_key, create_time_ns FROM namespace_keys WHERE namespace = ? "
-                          "ORDER BY create_time_ns, key_id", (name,)) as cursor:
-        keys = tuple([KeyRecord(str(k[0]), bytes(k[1]), int(k[2])) async for k in cursor])
+    keys = tuple(KeyRecord(str(k[0]), bytes(k[1]), int(k[2])) for k in await db.rows(
+        "SELECT key_id, public_key, create_time_ns FROM namespace_keys WHERE namespace = ? "
+        "ORDER BY create_time_ns, key_id", (name,)))
     return NamespaceRecord(name=str(row[0]), owner=str(row[1]), require_signatures=bool(row[2]), keys=keys,
                            create_time_ns=int(row[3]), update_time_ns=int(row[4]))
 
 
-async def _related_namespaces(db: aiosqlite.Connection, name: str) -> list[NamespaceRecord]:
+async def _related_namespaces(db: Sql, name: str) -> list[NamespaceRecord]:
     """Claimed namespaces that contain `name` (its dot-prefixes) or that it contains (`name.` + anything)."""
     ancestors = namespace_candidates(name)[1:]
     found: list[str] = []
     if ancestors:
         placeholders = ", ".join("?" * len(ancestors))
-        async with db.execute(f"SELECT name FROM namespaces WHERE name IN ({placeholders})",
-                              tuple(ancestors)) as cursor:
-            found += [str(row[0]) async for row in cursor]
-    # `/` is the character after `.`: this range is every name starting with `name.`.
-    async with db.execute("SELECT name FROM namespaces WHERE name > ? AND name < ?",
-                          (name + ".", name + "/")) as cursor:
-        found += [str(row[0]) async for row in cursor]
+        found += [str(row[0]) for row in await db.rows(f"SELECT name FROM namespaces WHERE name IN ({placeholders})",
+                                                       tuple(ancestors))]
+    # `/` is the character after `.`: this range is every name starting with `name.` (in byte order, which the
+    # PostgreSQL schema asks for with COLLATE "C").
+    found += [str(row[0]) for row in await db.rows("SELECT name FROM namespaces WHERE name > ? AND name < ?",
+                                                   (name + ".", name + "/"))]
     return [r for n in found if (r := await _fetch_namespace(db, n)) is not None]
 
 
-async def _insert_transition(db: aiosqlite.Connection, name: str, version: str, from_state: State | None,
+async def _insert_transition(db: Sql, name: str, version: str, from_state: State | None,
                              to_state: State, time_ns: int, reason: str) -> None:
-    await db.execute(
+    await db.run(
         "INSERT INTO transitions (name, version, from_state, to_state, time_ns, reason) VALUES (?, ?, ?, ?, ?, ?)",
         (name, version, from_state.value if from_state else None, to_state.value, time_ns, reason),
     )
 
 
-async def _fetch_version(db: aiosqlite.Connection, name: str, version: str) -> VersionRecord | None:
-    async with db.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE name = ? AND version = ?",
-                          (name, version)) as cursor:
-        row = await cursor.fetchone()
+async def _fetch_version(db: Sql, name: str, version: str) -> VersionRecord | None:
+    row = await db.row(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE name = ? AND version = ?", (name, version))
     if row is None:
         return None
-    async with db.execute("SELECT from_state, to_state, time_ns, reason FROM transitions "
-                          "WHERE name = ? AND version = ? ORDER BY id", (name, version)) as cursor:
-        history = [
-            Transition(State(t["from_state"]) if t["from_state"] else None, State(t["to_state"]),
-                       int(t["time_ns"]), str(t["reason"]))
-            async for t in cursor
-        ]
+    history = [
+        Transition(State(t["from_state"]) if t["from_state"] else None, State(t["to_state"]),
+                   int(t["time_ns"]), str(t["reason"]))
+        for t in await db.rows("SELECT from_state, to_state, time_ns, reason FROM transitions "
+                               "WHERE name = ? AND version = ? ORDER BY id", (name, version))
+    ]
     return VersionRecord(
         name=str(row["name"]), version=str(row["version"]), digest=str(row["digest"]),
         size_bytes=int(row["size_bytes"]), manifest=bytes(row["manifest"]), state=State(row["state"]),
@@ -991,31 +932,124 @@ async def _fetch_version(db: aiosqlite.Connection, name: str, version: str) -> V
     )
 
 
-async def _fetch_skills(db: aiosqlite.Connection, where: str, params: tuple[object, ...]) -> list[SkillRecord]:
-    async with db.execute(f"SELECT name, create_time_ns, update_time_ns FROM skills {where}", params) as cursor:
-        rows = [(str(r[0]), int(r[1]), int(r[2])) async for r in cursor]
+async def _fetch_skills(db: Sql, where: str, params: Sequence[object]) -> list[SkillRecord]:
+    rows = [(str(r[0]), int(r[1]), int(r[2]))
+            for r in await db.rows(f"SELECT name, create_time_ns, update_time_ns FROM skills {where}", params)]
     if not rows:
         return []
     names = [name for name, _, _ in rows]
     placeholders = ", ".join("?" * len(names))
     ready: dict[str, list[str]] = {name: [] for name in names}
-    async with db.execute(f"SELECT name, version FROM versions WHERE state = ? AND yanked = 0 "
-                          f"AND name IN ({placeholders})", (State.READY.value, *names)) as cursor:
-        async for r in cursor:
-            ready[str(r[0])].append(str(r[1]))
+    for r in await db.rows(f"SELECT name, version FROM versions WHERE state = ? AND yanked = ? "
+                           f"AND name IN ({placeholders})", (State.READY.value, False, *names)):
+        ready[str(r[0])].append(str(r[1]))
     tags: dict[str, dict[str, str]] = {name: {} for name in names}
-    async with db.execute(f"SELECT name, tag, version FROM tags WHERE name IN ({placeholders}) ORDER BY tag",
-                          tuple(names)) as cursor:
-        async for r in cursor:
-            tags[str(r[0])][str(r[1])] = str(r[2])
+    for r in await db.rows(f"SELECT name, tag, version FROM tags WHERE name IN ({placeholders}) ORDER BY tag",
+                           tuple(names)):
+        tags[str(r[0])][str(r[1])] = str(r[2])
     skills = []
     for name, created, updated in rows:
         latest = latest_version(ready[name])
         manifest = b""
         if latest:
-            async with db.execute("SELECT manifest FROM versions WHERE name = ? AND version = ?",
-                                  (name, latest)) as cursor:
-                row = await cursor.fetchone()
+            row = await db.row("SELECT manifest FROM versions WHERE name = ? AND version = ?", (name, latest))
             manifest = bytes(row[0]) if row else b""
         skills.append(SkillRecord(name, created, updated, latest, manifest, tags[name]))
     return skills
+
+
+# The sqlite store.
+
+async def _configure(conn: aiosqlite.Connection) -> None:
+    await conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable against process crashes in WAL mode; blobs are fsynced separately.
+    await conn.execute("PRAGMA synchronous=NORMAL")
+    await conn.execute("PRAGMA foreign_keys=ON")
+    await conn.execute("PRAGMA busy_timeout=5000")
+
+
+async def migrate(conn: aiosqlite.Connection) -> int:
+    """Apply pending migrations; returns the schema version. Refuses a database newer than this code."""
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    async with write_transaction(conn):
+        async with conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cursor:
+            row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(MIGRATIONS):
+            raise RuntimeError(f"the registry database has schema version {current}, newer than this "
+                               f"registry understands ({len(MIGRATIONS)}); upgrade the registry")
+        for number, statements in enumerate(MIGRATIONS[current:], start=current + 1):
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+    return len(MIGRATIONS)
+
+
+class _SqliteSql:
+    """`Sql` on an aiosqlite connection."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def rows(self, query: str, params: Sequence[object] = ()) -> list[Any]:
+        async with self._db.execute(query, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    async def row(self, query: str, params: Sequence[object] = ()) -> Any | None:
+        async with self._db.execute(query, tuple(params)) as cursor:
+            return await cursor.fetchone()
+
+    async def run(self, query: str, params: Sequence[object] = ()) -> int:
+        async with self._db.execute(query, tuple(params)) as cursor:
+            return int(cursor.rowcount)
+
+
+class SqliteMetadataStore(SqlMetadataStore):
+    """MetadataStore on an sqlite file (aiosqlite, WAL)."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock()
+        # This process owns the database: the unrepaired quarantines are mirrored in memory.
+        self._quarantine_cache = set()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteMetadataStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connections: list[aiosqlite.Connection] = []
+        try:
+            for _ in range(2):
+                conn = await aiosqlite.connect(path, isolation_level=None)
+                connections.append(conn)
+                metrics.observe_queries(conn, "registry")  # clawhub_db_query_duration_seconds
+                await _configure(conn)
+                conn.row_factory = aiosqlite.Row
+            await migrate(connections[0])
+            store = cls(connections[0], connections[1])
+            async with connections[0].execute("SELECT DISTINCT digest FROM blob_quarantine "
+                                              "WHERE repair_time_ns IS NULL") as cursor:
+                store._quarantine_cache = {str(row[0]) async for row in cursor}
+        except BaseException:
+            for conn in connections:
+                await conn.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        async with self._write_lock, self._read_lock:
+            await self._reader.close()
+            await self._writer.close()
+
+    # Cancel-safe transactions (services/runtime/sqlite.py), one user of each connection at a time.
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[Sql]:
+        async with self._write_lock, write_transaction(self._writer) as db:
+            yield _SqliteSql(db)
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[Sql]:
+        # One read transaction, so a version and its history come from the same snapshot.
+        async with self._read_lock, read_transaction(self._reader) as db:
+            yield _SqliteSql(db)

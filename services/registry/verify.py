@@ -19,6 +19,7 @@ from clawhub.common.v1 import skill_pb2
 from opentelemetry.trace import Span
 
 from services.runtime import bundle, tracing
+from services.runtime.components import COMPONENT_V1, compile_component
 from services.runtime.linking import Copy, DependencyGraph, LinkError, dependency_imports, undeclared_imports
 from services.runtime.wasm import (
     FILES_CAPABILITY,
@@ -34,6 +35,10 @@ from services.runtime.wasm import (
 ABIS: dict[skill_pb2.Abi.ValueType, Abi] = {skill_pb2.ABI_WASI_COMMAND_V1: WASI_COMMAND_V1,
                                             skill_pb2.ABI_MEMORY_V1: MEMORY_V1,
                                             skill_pb2.ABI_LIBRARY_V1: LIBRARY_V1}
+# component-v1 needs its enum value (`ABI_COMPONENT_V1 = 4;` in protos/clawhub/common/v1/skill.proto, then gen/):
+# registered as soon as the generated code has it (until then a manifest cannot declare it).
+if hasattr(skill_pb2, "ABI_COMPONENT_V1"):
+    ABIS[skill_pb2.ABI_COMPONENT_V1] = COMPONENT_V1
 
 
 # Compiled modules the verifier keeps (libraries checked again on every publish of a dependent).
@@ -67,11 +72,20 @@ class Verifier:
                 span.set_attributes({**_about(manifest), "clawhub.skill.abi": abi.name,
                                      "clawhub.module.bytes": len(data)})
             async with self._slots:
-                _module, problems = await asyncio.to_thread(compile_and_check, self._engine, data, abi,
-                                                            list(manifest.capabilities),
-                                                            {d.package for d in manifest.dependencies})
+                problems = await asyncio.to_thread(self.check, data, abi, list(manifest.capabilities),
+                                                   {d.package for d in manifest.dependencies})
             _noted(span, problems)
         return problems
+
+    def check(self, data: bytes, abi: Abi, capabilities: list[str], dependencies: set[str]) -> list[str]:
+        """`verify`'s check of the bytes against `abi` (blocking, CPU-bound): a core module against its ABI,
+        a component (`component-v1`) against the clawhub skill world, which takes seconds for a Python skill
+        (wasmtime compiles it: there is no validate-only call for components)."""
+        if abi is COMPONENT_V1:
+            problems = compile_component(self._engine, data, capabilities)[1]
+            return problems + (["a component-v1 skill cannot have dependencies: a component is linked whole "
+                                "(compose it before publishing)"] if dependencies else [])
+        return compile_and_check(self._engine, data, abi, capabilities, dependencies)[1]
 
     async def verify_bundle(self, path: Path | None, manifest: skill_pb2.Manifest) -> list[str]:
         """Problems with the file bundle at `path` (None: no bundle was uploaded); empty when it passes."""

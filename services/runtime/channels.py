@@ -19,6 +19,7 @@ with `env_payload_size` (at most `MAX_PAYLOAD_SETTING_BYTES`, else a SettingsErr
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from services.runtime.settings import env_size
+from services.runtime.settings import SettingsError, env_size
 from services.runtime.tls import ClientTls
 from services.runtime.wrapchannel import WrappingChannel
 
@@ -115,6 +116,9 @@ _KEEPALIVE_CHANNEL: tuple[tuple[str, int], ...] = (
 )
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Clients reconnect every few minutes (a GOAWAY; calls and streams in flight finish on the old connection),
+    # resolving `dns:///` addresses again: replicas added since are found by clients already connected.
+    ("grpc.max_connection_age_ms", 300_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
@@ -150,25 +154,79 @@ def outgoing(security: Outgoing) -> Iterator[None]:
         _OUTGOING.reset(reset)
 
 
+def current_outgoing() -> Outgoing:
+    """The security `outgoing` set (plaintext outside it): for clients that open channels later, outside the
+    build (services/runtime/executors.py opens one per executor as executors appear)."""
+    return _OUTGOING.get() or _PLAINTEXT
+
+
 def channel(address: str, *, max_receive_bytes: int = CONTROL_MESSAGE_BYTES,
-            max_send_bytes: int = CONTROL_MESSAGE_BYTES, security: Outgoing | None = None) -> grpc.aio.Channel:
+            max_send_bytes: int = CONTROL_MESSAGE_BYTES, security: Outgoing | None = None,
+            traced: bool | None = None, policy: str = "round_robin") -> grpc.aio.Channel:
     """An aio channel to another clawhub service.
 
     `security` (default: the one `outgoing` set, else none) adds the service's token to every call and TLS to
     the connection; without either, a plaintext channel (loopback, a private network or a mesh). The limits
-    default to the control-plane cap; channels that carry skill input or output pass theirs."""
+    default to the control-plane cap; channels that carry skill input or output pass theirs. `traced` False
+    leaves the channel untraced even when tracing is on now (a client that opens channels later keeps the
+    choice made when it was built)."""
     security = security or _OUTGOING.get() or _PLAINTEXT
-    options = (*_KEEPALIVE_CHANNEL, *size_options(max_receive_bytes, max_send_bytes))
+    target, balancing = grpc_target(address, policy=policy)
+    options = (*_KEEPALIVE_CHANNEL, *size_options(max_receive_bytes, max_send_bytes), *balancing)
     if security.tls is not None:
-        opened = grpc.aio.secure_channel(address, security.tls.credentials(), options=options)
+        opened = grpc.aio.secure_channel(target, security.tls.credentials(), options=options)
     else:
-        opened = grpc.aio.insecure_channel(address, options=options)
+        opened = grpc.aio.insecure_channel(target, options=options)
     # When tracing is on, each call gets a client span and carries its traceparent (services/runtime/tracing.py;
     # imported here so that the CLI, which imports this module, does not load OpenTelemetry).
     from services.runtime import tracing
 
-    opened = tracing.traced(opened)
+    if traced is None or traced:
+        opened = tracing.traced(opened)
     return TokenChannel(opened, security.token) if security.token else opened
+
+
+class AddressError(SettingsError):
+    """An address setting gRPC cannot use; the message says what to write instead (a SettingsError: a service
+    reading it at start exits with that one line)."""
+
+
+def grpc_target(address: str, *, policy: str = "round_robin") -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The gRPC target of a service address setting, and the channel options it needs.
+
+    - `host:port`: one server, as is.
+    - `dns:///name:port`: every address the name resolves to (a headless Kubernetes Service gives one per
+      pod), balanced round-robin; gRPC resolves the name again when a connection fails.
+    - `10.0.0.1:50052,10.0.0.2:50052`: replicas by IP address, balanced round-robin; calls go to the ones
+      that are up, and a stream that breaks reconnects to another (`localhost` counts as 127.0.0.1).
+
+    `policy` "pick_first" sends every call to one replica (the first that answers) until it fails: for a client
+    whose calls belong together (a follower's acknowledgements go to the dispatcher whose stream it follows).
+    """
+    balancing: tuple[tuple[str, Any], ...] = (("grpc.lb_policy_name", policy),)
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    if len(parts) <= 1:
+        target = parts[0] if parts else address.strip()
+        return target, (balancing if target.startswith("dns:") else ())
+    families: set[int] = set()
+    entries: list[str] = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit() or host.endswith(":"):
+            raise AddressError(f"{address!r}: {part!r} has no port (IP:PORT)")
+        host = host.strip("[]")
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise AddressError(f"{address!r}: a list of replicas takes IP:PORT entries ({part!r} is not one); for "
+                               "names use dns:///NAME:PORT, one name that resolves to every replica") from None
+        families.add(ip.version)
+        entries.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+    if len(families) > 1:
+        raise AddressError(f"{address!r}: a list of replicas is all IPv4 or all IPv6")
+    return f"ipv{families.pop()}:{','.join(entries)}", balancing
 
 
 SERVICE_METADATA = "x-clawhub-service"

@@ -74,6 +74,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "clawhub_executor_module_cache_bytes",
     # Gateway.
     "clawhub_gateway_cache_lookups_total",
+    "clawhub_gateway_cache_refreshes_total",
     # Registry and deployer.
     "clawhub_db_query_duration_seconds",
     # Deployer.
@@ -125,6 +126,9 @@ CACHE_LOOKUPS = Counter("clawhub_gateway_cache_lookups", "InvokeSkill calls of s
                         "by how they were answered: hit_l1, hit_l2 (the skill did not run), miss, bypass.",
                         ("status",), registry=REGISTRY)
 _CACHE_CHILDREN: dict[str, Any] = {}
+CACHE_REFRESHES = Counter("clawhub_gateway_cache_refreshes", "Refreshes of hot result cache entries ahead of their "
+                          "expiry, by how they ended: refreshed, l2, busy, failed, stale, full.",
+                          ("result",), registry=REGISTRY)
 
 
 def cache_lookup(status: str) -> None:
@@ -133,6 +137,11 @@ def cache_lookup(status: str) -> None:
     if child is None:
         child = _CACHE_CHILDREN[status] = CACHE_LOOKUPS.labels(status)
     child.inc()
+
+
+def cache_refresh(result: str) -> None:
+    """Count one refresh-ahead of a hot cache entry by how it ended (services/gateway/cache.REFRESH_RESULTS)."""
+    CACHE_REFRESHES.labels(result).inc()  # about one per hot key per TTL: no need to keep the child
 
 
 # Executor.

@@ -34,9 +34,15 @@ INTERNAL_CALLERS: Mapping[str, frozenset[str]] = {
     "/clawhub.dispatcher.v1.DispatcherService/GetRouteTable": ANY_SERVICE,
     "/clawhub.dispatcher.v1.DispatcherService/TailSkillLogs": _only(GATEWAY),
     "/clawhub.dispatcher.v1.DispatcherService/GetSkillStats": _only(GATEWAY),
-    # Executor: runs what dispatchers route to it; loads and unloads what the deployer deploys (LoadSkill runs
-    # the smoke examples itself).
-    "/clawhub.executor.v1.ExecutorService/Execute": _only(DISPATCHER),
+    # The data plane's control plane (docs/routing.md): gateways follow the routes and executors (env values
+    # included), acknowledge generations (a subscriber that never acknowledges would hold a release) and report
+    # the calls releases are judged by: gateways only.
+    "/clawhub.dispatcher.v1.DataPlaneService/WatchDataPlane": _only(GATEWAY),
+    "/clawhub.dispatcher.v1.DataPlaneService/AcknowledgeDataPlane": _only(GATEWAY),
+    "/clawhub.dispatcher.v1.DataPlaneService/ReportCalls": _only(GATEWAY),
+    # Executor: runs what gateways and dispatchers route to it; loads and unloads what the deployer deploys
+    # (LoadSkill runs the smoke examples itself).
+    "/clawhub.executor.v1.ExecutorService/Execute": _only(GATEWAY, DISPATCHER),
     "/clawhub.executor.v1.ExecutorService/LoadSkill": _only(DEPLOYER),
     "/clawhub.executor.v1.ExecutorService/UnloadSkill": _only(DEPLOYER),
     "/clawhub.executor.v1.ExecutorService/TailSkillLogs": _only(DISPATCHER),
@@ -53,6 +59,9 @@ INTERNAL_CALLERS: Mapping[str, frozenset[str]] = {
     "/clawhub.deployer.v1.DeployerInternalService/WatchRoutes": _only(DISPATCHER),
     "/clawhub.deployer.v1.DeployerInternalService/AcknowledgeRoutes": _only(DISPATCHER),
     "/clawhub.deployer.v1.DeployerInternalService/ReportStats": _only(DISPATCHER),
+    # Executors register (and renew their lease) themselves, and deregister when they stop (docs/routing.md).
+    "/clawhub.deployer.v1.DeployerInternalService/RegisterExecutor": _only(EXECUTOR),
+    "/clawhub.deployer.v1.DeployerInternalService/DeregisterExecutor": _only(EXECUTOR),
     # Registry, public API: relayed by the gateway; the deployer asks whether a version is Ready and resolves
     # its dependencies; executors re-verify provenance (the version, its namespace's keys).
     "/clawhub.registry.v1.RegistryService/PublishSkill": _only(GATEWAY),

@@ -19,6 +19,13 @@ def env_str(name: str, default: str) -> str:
     return default if value is None or value.strip() == "" else value.strip()
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env_str(name, default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
     raw = env_str(name, str(default))
     try:

@@ -47,7 +47,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import INVALID_SPAN, NoOpTracer, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import INVALID_SPAN, NoOpTracer, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from services.runtime.errors import STATUS_DETAILS_KEY, HandlerWrappingInterceptor, ServiceError, error_info
 from services.runtime.traceparent import new_traceparent
@@ -74,7 +75,10 @@ TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 _NOOP: AbstractContextManager[Span] = nullcontext(INVALID_SPAN)
-_tracer: Tracer = NoOpTracer()
+# The SDK provider's spans, made by LeanTracer (services/runtime/leanspan.py: the same spans, for a fraction of
+# the SDK tracer's cost); a no-op tracer when tracing is off.
+_tracer: Any = NoOpTracer()  # a LeanTracer when on (imported with the SDK, in _install)
+_lean = False  # _tracer is a LeanTracer
 _provider: Any = None
 _enabled = False
 # The metadata keys the configured propagators read (OTEL_PROPAGATORS; W3C's by default).
@@ -93,6 +97,34 @@ _UNSAMPLED: ContextVar[tuple[tuple[str, str], ...] | None] = ContextVar("clawhub
 _parent_based = False
 _root_ratio: float | None = None
 _random = random.Random()
+
+# The current context's variable, read directly: the API's `get_current_span()` is four calls deep, and a traced
+# call looks up its span a dozen times. None when the runtime context is not the default contextvars one (then
+# the API is used).
+_CURRENT: Any = getattr(otel_context._RUNTIME_CONTEXT, "_current_context", None)  # noqa: SLF001
+
+
+def _current() -> Span:
+    """The current span (the API's `trace.get_current_span()`, for a fraction of its cost)."""
+    if _CURRENT is None:
+        return trace.get_current_span()
+    found = _CURRENT.get().get(_SPAN_KEY)
+    return found if found is not None else INVALID_SPAN
+
+
+def attach(span: Span) -> Any:
+    """Make `span` current (in a copy of the current context); returns the token for `detach`."""
+    if _CURRENT is None:
+        return otel_context.attach(otel_context.set_value(_SPAN_KEY, span))
+    return _CURRENT.set(Context({**_CURRENT.get(), _SPAN_KEY: span}))  # what `set_value` makes
+
+
+def detach(token: Any) -> None:
+    """Undo `attach`."""
+    if _CURRENT is None:
+        otel_context.detach(token)
+    else:
+        _CURRENT.reset(token)
 
 
 def enabled() -> bool:
@@ -148,9 +180,9 @@ def setup(service: str) -> bool:
             if protocol not in ("", "grpc"):
                 log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported here; exporting with OTLP over gRPC",
                             protocol)
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from services.runtime.spanexport import FastOTLPSpanExporter
 
-            exporter = OTLPSpanExporter()
+            exporter = FastOTLPSpanExporter()  # the SDK's exporter, with a faster encoder (spanexport.py)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     _install(provider, ratio)
     trace.set_tracer_provider(provider)
@@ -177,8 +209,9 @@ def install_in_memory(exporter: Any = None, ratio: float = 1.0) -> Any:
 
 def uninstall() -> None:
     """Tracing off again (tests): servers and channels built afterwards are not traced."""
-    global _tracer, _provider, _enabled
+    global _tracer, _provider, _enabled, _lean
     provider, _provider, _tracer, _enabled = _provider, None, NoOpTracer(), False
+    _lean = False
     if provider is not None:
         provider.shutdown()
 
@@ -204,10 +237,17 @@ def root_ratio(env: Mapping[str, str]) -> float | None:
 
 
 def _install(provider: Any, ratio: float | None) -> None:
-    global _tracer, _provider, _enabled, _fields, _parent_based, _root_ratio
+    global _tracer, _provider, _enabled, _fields, _parent_based, _root_ratio, _lean
+    from opentelemetry.sdk.trace import Tracer as SdkTracer
+
+    from services.runtime.leanspan import LeanTracer
+
     _fields = frozenset(propagate.get_global_textmap().fields)
     _parent_based, _root_ratio = ratio is not None, ratio
-    _provider, _tracer, _enabled = provider, provider.get_tracer("clawhub"), True
+    tracer = provider.get_tracer("clawhub")
+    _provider, _enabled = provider, True
+    _lean = isinstance(tracer, SdkTracer)
+    _tracer = LeanTracer(tracer) if _lean else tracer
 
 
 def shutdown() -> None:
@@ -225,7 +265,7 @@ def span(name: str, attributes: Mapping[str, Any] | None = None, *, context: Con
     ErrorInfo reason (a cancellation does not: it records `clawhub.cancelled`)."""
     if not _enabled or (_UNSAMPLED.get() is not None and context is None):
         return _NOOP
-    parent = trace.get_current_span(context)
+    parent = _current() if context is None else trace.get_current_span(context)
     if _unsampled(parent):
         return _NOOP
     if _root_ratio is not None and not parent.get_span_context().is_valid and not _root_sampled():
@@ -252,22 +292,35 @@ def _unsampled(parent: Span) -> bool:
     return found.is_valid and not found.trace_flags.sampled
 
 
-@contextmanager
 def _span(name: str, attributes: Mapping[str, Any] | None, context: Context | None,
-          kind: SpanKind) -> Iterator[Span]:
-    with _tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes,
-                                       record_exception=False, set_status_on_exception=False) as current:
-        try:
-            yield current
-        except BaseException as exc:
-            record_error(current, exc)
-            raise
+          kind: SpanKind) -> AbstractContextManager[Span]:
+    return _Block(_tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+
+
+class _Block:
+    """A span around a block: current inside it, ended after it; an exception leaving it marks it failed
+    (`record_error`). A class rather than a generator-based context manager: half the cost, on every span."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+
+    def __enter__(self) -> Span:
+        self._token = attach(self._span)
+        return self._span
+
+    def __exit__(self, kind: Any, exc: BaseException | None, traceback: Any) -> None:
+        if exc is not None:
+            record_error(self._span, exc)
+        detach(self._token)
+        self._span.end()
 
 
 def child_span(name: str) -> AbstractContextManager[Span]:
     """`span(name)` only as the child of a recording span (a step of something traced, never a trace of its own:
     the sandbox's instantiation, which also runs outside any call)."""
-    if not _enabled or not trace.get_current_span().is_recording():
+    if not _enabled or not _current().is_recording():
         return _NOOP
     return _span(name, None, None, SpanKind.INTERNAL)
 
@@ -275,7 +328,7 @@ def child_span(name: str) -> AbstractContextManager[Span]:
 def start_span(name: str) -> Span | None:
     """A span the caller ends (`.end()`), child of the current span when that one is recording; else None (and
     when tracing is off). For hot paths where a `with` block does not fit."""
-    return _tracer.start_span(name) if _enabled and trace.get_current_span().is_recording() else None
+    return _tracer.start_span(name) if _enabled and _current().is_recording() else None
 
 
 def annotate(attributes: Mapping[str, Any]) -> None:
@@ -283,7 +336,7 @@ def annotate(attributes: Mapping[str, Any]) -> None:
     rate-limit bucket, the route choice, a hot module), which would cost more as spans of their own than they
     take."""
     if _enabled:
-        current = trace.get_current_span()
+        current = _current()
         if current.is_recording():
             current.set_attributes(attributes)
 
@@ -292,9 +345,10 @@ def retro_span(name: str, start_ns: int, attributes: Mapping[str, Any] | None = 
     """A span that began at `start_ns` and ends now, child of the current span when that one is recorded (a step
     only known to deserve a span once it is over: a module that was not hot). The caller may set more and must
     `.end()` it."""
-    if not _enabled or not trace.get_current_span().is_recording():
+    if not _enabled or not _current().is_recording():
         return None
-    return _tracer.start_span(name, attributes=attributes, start_time=start_ns)
+    made: Span = _tracer.start_span(name, attributes=attributes, start_time=start_ns)
+    return made
 
 
 def unsampled_entries() -> tuple[tuple[str, str], ...] | None:
@@ -348,11 +402,11 @@ def fail(target: Span, description: str, reason: str = "") -> None:
 
 def current_context() -> Context | None:
     """The context to hand to a worker thread (None when tracing is off)."""
-    return otel_context.get_current() if _enabled and trace.get_current_span().is_recording() else None
+    return otel_context.get_current() if _enabled and _current().is_recording() else None
 
 
 def current_span() -> Span:
-    return trace.get_current_span() if _enabled else INVALID_SPAN
+    return _current() if _enabled else INVALID_SPAN
 
 
 def record_error(target: Span, exc: BaseException) -> None:
@@ -419,8 +473,42 @@ def extract(metadata: Any) -> Context:
     return propagate.extract(metadata, getter=_GETTER)
 
 
+def _server_parent(metadata: Any) -> tuple[trace.SpanContext | None, Context | None]:
+    """A call's remote parent, read once: (its span context or None, None) when the W3C headers alone carry it
+    (the usual case: no Context is made), else (the span context or None, the context the propagators
+    extracted, for the sampler and for what the call makes current)."""
+    if _fields <= _W3C_FIELDS:
+        header = state = None
+        for key, value in metadata or ():
+            if key == "traceparent":
+                header = value
+            elif key == "tracestate":
+                state = value
+            elif key == "baggage":
+                break
+        else:
+            if header is None:
+                return None, None
+            parsed = _parse_span_context(header, state)
+            if parsed is not None:
+                return parsed, None
+    context = extract(metadata)
+    found = trace.get_current_span(context).get_span_context()
+    return (found if found.is_valid else None), context
+
+
+def _context_of(parent: trace.SpanContext) -> Context:
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), _EMPTY)
+
+
 def _parse_traceparent(header: Any, state: Any) -> Context | None:
     """The context of a well-formed version-00 `traceparent` (None for anything else: the API decides)."""
+    parsed = _parse_span_context(header, state)
+    return _context_of(parsed) if parsed is not None else None
+
+
+def _parse_span_context(header: Any, state: Any) -> trace.SpanContext | None:
+    """The remote span context of a well-formed version-00 `traceparent` (None for anything else)."""
     if not (isinstance(header, str) and len(header) == 55 and header[:3] == "00-" and header[35] == "-"
             and header[52] == "-"):
         return None
@@ -435,9 +523,8 @@ def _parse_traceparent(header: Any, state: Any) -> Context | None:
         from opentelemetry.trace import TraceState
 
         trace_state = TraceState.from_header([state])
-    span_context = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags & 0xFF),
-                                     trace_state=trace_state)
-    return trace.set_span_in_context(trace.NonRecordingSpan(span_context), _EMPTY)
+    return trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags & 0xFF),
+                             trace_state=trace_state)
 
 
 def inject(metadata: Any, target: Span) -> tuple[tuple[str, Any], ...]:
@@ -538,8 +625,7 @@ class ServerTracingInterceptor(HandlerWrappingInterceptor):
                         _UNSAMPLED.reset(marker)
                     return
                 with _tracer.start_as_current_span(name, context=extract(context.invocation_metadata()),
-                                                   kind=SpanKind.SERVER, attributes=attributes,
-                                                   record_exception=False, set_status_on_exception=False) as current:
+                                                   kind=SpanKind.SERVER, attributes=attributes) as current:
                     try:
                         async for item in fn(request, context):
                             yield item
@@ -551,8 +637,10 @@ class ServerTracingInterceptor(HandlerWrappingInterceptor):
             return stream
 
         async def call(request: Any, context: Any) -> Any:
+            if not _enabled:  # uninstalled (tests) while this server still runs
+                return await fn(request, context)
             metadata = context.invocation_metadata()
-            entries = _fast_entries(metadata)
+            entries = _fast_entries(metadata) if _parent_based else None
             if entries is not None:
                 # Not recorded (the fast path above): no OpenTelemetry call at all.
                 marker = _UNSAMPLED.set(entries)
@@ -560,24 +648,31 @@ class ServerTracingInterceptor(HandlerWrappingInterceptor):
                     return await fn(request, context)
                 finally:
                     _UNSAMPLED.reset(marker)
-            parent = extract(metadata)
-            if _unsampled(trace.get_current_span(parent)):
+            parent, full = _server_parent(metadata)
+            if parent is not None and not parent.trace_flags.sampled:
                 # Not recorded: the caller's context is made current, only so the calls this one makes say so too.
-                token = otel_context.attach(parent)
+                token = otel_context.attach(full if full is not None else _context_of(parent))
                 try:
                     return await fn(request, context)
                 finally:
                     otel_context.detach(token)
-            with _tracer.start_as_current_span(name, context=parent,
-                                               kind=SpanKind.SERVER, attributes=attributes,
-                                               record_exception=False, set_status_on_exception=False) as current:
-                try:
-                    result = await fn(request, context)
-                except BaseException as exc:
-                    _finish_server(current, context, exc)
-                    raise
+            if _lean:
+                current = _tracer.start_child(name, parent, full, SpanKind.SERVER, attributes)
+            else:
+                current = _tracer.start_span(name, context=full if full is not None or parent is None
+                                             else _context_of(parent), kind=SpanKind.SERVER, attributes=attributes)
+            token = attach(current)
+            try:
+                result = await fn(request, context)
+            except BaseException as exc:
+                _finish_server(current, context, exc)
+                raise
+            else:
                 _finish_server(current, context, None)
                 return result
+            finally:
+                detach(token)
+                current.end()
 
         return call
 
@@ -624,7 +719,7 @@ class _Traced:
     def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
         entries = _UNSAMPLED.get()
         if entries is None:
-            parent = trace.get_current_span()
+            parent = _current()
             if not parent.is_recording():
                 if _unsampled(parent):
                     return self._inner(*args, metadata=inject(metadata, parent), **kwargs)
@@ -689,3 +784,11 @@ async def in_span(name: str, awaitable: Awaitable[Any], attributes: Mapping[str,
     """`await awaitable` inside a span (a convenience for one-line phases)."""
     with span(name, attributes):
         return await awaitable
+
+
+def remote_parent(traceparent: str) -> Context | None:
+    """The context a W3C `traceparent` carried in a message (not in metadata) names, for a span's `context`:
+    a route table names the deployer's push that made it (routing.proto). None when empty or tracing is off."""
+    if not traceparent or not _enabled:
+        return None
+    return extract((("traceparent", traceparent),))

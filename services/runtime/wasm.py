@@ -24,7 +24,14 @@ Capabilities (manifest `capabilities`), and the WASI imports they cover:
   unless `files` is declared);
 - `env:NAME`: the sandbox gets variable NAME, with the value the operator set at deploy time;
 - `files`: the skill's bundled files, preopened read-only at `/skill` (path and directory functions);
+- `kv`: the skill's own key-value store, through the host functions `clawhub.kv_get`, `kv_put`, `kv_delete`
+  and `kv_list` (`HOST_IMPORTS`; the contract is docs/skills/host-api.md, the implementation
+  services/executor/hostapi.py);
 - never: sockets (`sock_*`): a skill has no network.
+
+Host functions (import module `clawhub`) are listed in `HOST_IMPORTS` by the capability kind that grants them
+(`kv`; `http` for `http:HOST` later): a module may import one only with that capability, with exactly the
+listed type. The registry refuses anything else at publish and the executor at run, by the same check.
 """
 
 from __future__ import annotations
@@ -37,9 +44,25 @@ from typing import Protocol
 
 import wasmtime
 
+from services.runtime.httpcap import HTTP_CAPABILITY_PREFIX, http_capability_problem
+
 WASI_P1 = "wasi_snapshot_preview1"
 WASM_MAGIC = b"\0asm"
+# The third skill ABI: a WebAssembly component of the WIT world in wit/skill.wit, checked by
+# services/runtime/components.py (not an `Abi.check` on a core module) and run by services/executor/components.py.
+COMPONENT_ABI = "component-v1"
+# What follows the magic number in a component binary (version 0x0d, layer 1); a core module has 1, 0, 0, 0.
+_COMPONENT_LAYER = b"\x0d\x00\x01\x00"
+
+
+def is_component(data: bytes) -> bool:
+    """Whether `data` is a WebAssembly component binary (rather than a core module), by its preamble."""
+    return data[:4] == WASM_MAGIC and data[4:8] == _COMPONENT_LAYER
+
 FILES_CAPABILITY = "files"
+KV_CAPABILITY = "kv"
+# The import module of clawhub's host functions (not a valid package name, so never a dependency).
+HOST_MODULE = "clawhub"
 # Applied with fullmatch: `$` would accept a trailing "\n".
 ENV_CAPABILITY_RE = re.compile(r"env:([A-Za-z_][A-Za-z0-9_]{0,127})")
 # Where the bundle is preopened inside the sandbox.
@@ -59,24 +82,76 @@ FILES_IMPORTS = frozenset({
 })
 
 
+HTTP_KIND = "http"
+
+# Host functions by the capability kind that grants them, then by name: (params, results) as wasm value
+# type names. The executor implements each (services/executor/hostapi.py keeps its functions by the same
+# kinds); adding a kind here (say `http`, granted by `http:HOST`) is what makes its imports verifiable.
+HOST_IMPORTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    KV_CAPABILITY: {
+        "kv_get": (("i32", "i32", "i32", "i32"), ("i64",)),
+        "kv_put": (("i32", "i32", "i32", "i32", "i64"), ("i32",)),
+        "kv_delete": (("i32", "i32"), ("i32",)),
+        "kv_list": (("i32", "i32", "i32", "i32"), ("i64",)),
+    },
+    # Granted by any `http:HOST` capability (which hosts: services/executor/outbound.py).
+    HTTP_KIND: {
+        "http_request": (("i32", "i32"), ("i64",)),
+        "http_response": (("i32", "i32"), ("i64",)),
+    },
+}
+
+
+def capability_kind(capability: str) -> str:
+    """The kind of a capability, which `HOST_IMPORTS` is keyed by: `kv` for `kv`, `http` for `http:HOST`."""
+    return capability.split(":", 1)[0]
+
+
+def host_import_kind(name: str) -> str | None:
+    """The capability kind whose host functions include `clawhub.<name>`; None for no host function."""
+    return next((kind for kind, funcs in HOST_IMPORTS.items() if name in funcs), None)
+
+
+def _valtype(name: str) -> wasmtime.ValType:
+    return {"i32": wasmtime.ValType.i32(), "i64": wasmtime.ValType.i64(),
+            "f32": wasmtime.ValType.f32(), "f64": wasmtime.ValType.f64()}[name]
+
+
+def host_func_type(kind: str, name: str) -> wasmtime.FuncType:
+    """The wasm type of host function `name` of capability kind `kind` (`HOST_IMPORTS`)."""
+    params, results = HOST_IMPORTS[kind][name]
+    return wasmtime.FuncType([_valtype(p) for p in params], [_valtype(r) for r in results])
+
+
+def imports_host(module: wasmtime.Module) -> bool:
+    """Whether the module imports any clawhub host function (so it must be linked with them)."""
+    return any(imp.module == HOST_MODULE for imp in module.imports)
+
+
 def env_names(capabilities: Sequence[str]) -> list[str]:
     """The environment variable names `env:NAME` capabilities declare."""
     return [m[1] for c in capabilities if (m := ENV_CAPABILITY_RE.fullmatch(c))]
 
 
 # What a capability may be, for messages about one that is not.
-CAPABILITY_FORMS = (f"`{FILES_CAPABILITY}` (the skill's bundled files, read-only) or `env:NAME` (one environment "
-                    "variable; NAME is a letter or `_`, then up to 127 letters, digits or `_`)")
+CAPABILITY_FORMS = (f"`{FILES_CAPABILITY}` (the skill's bundled files, read-only), `{KV_CAPABILITY}` (a key-value "
+                    "store of the skill's own), `http:HOST` (HTTP(S) requests to HOST, `HOST:PORT` or `*.DOMAIN`) "
+                    "or `env:NAME` (one environment variable; NAME is a letter or `_`, then up to 127 letters, "
+                    "digits or `_`)")
 
 
 def capability_problem(capability: str) -> str | None:
     """Why one capability string is not understood, naming it and the accepted forms; None when it is."""
-    if capability == FILES_CAPABILITY or ENV_CAPABILITY_RE.fullmatch(capability):
+    if capability in (FILES_CAPABILITY, KV_CAPABILITY) or ENV_CAPABILITY_RE.fullmatch(capability):
         return None
+    if capability.startswith(HTTP_CAPABILITY_PREFIX):
+        return http_capability_problem(capability)
     shown = repr(capability[:80]) + ("…" if len(capability) > 80 else "")
     if capability.startswith("env:"):
         return f"{shown} is not a valid `env:NAME` capability; a capability is {CAPABILITY_FORMS}"
-    hint = " (did you mean `files`?)" if capability.strip().lower() in {"file", "files", "fs"} else ""
+    lowered = capability.strip().lower()
+    hint = (" (did you mean `files`?)" if lowered in {"file", "files", "fs"}
+            else " (did you mean `kv`?)" if lowered in {"kv", "kvstore", "kv-store", "store", "state"} else "")
     return f"unknown capability {shown}{hint}; a capability is {CAPABILITY_FORMS}"
 
 
@@ -156,7 +231,10 @@ class LibraryV1:
         problems += [f"a library may not import `{WASI_P1}.{imp.name}`: it runs in its dependent's sandbox "
                      "and would act with the dependent's grant; it may import only functions of its own "
                      "dependencies" for imp in module.imports if imp.module == WASI_P1]
-        return problems + import_problems(module, capabilities, dependencies)
+        problems += [f"a library may not import `{HOST_MODULE}.{imp.name}`: it runs in its dependent's sandbox "
+                     "and would act with the dependent's grant" for imp in module.imports if imp.module == HOST_MODULE]
+        return problems + [p for p in import_problems(module, capabilities, dependencies)
+                           if f"`{HOST_MODULE}." not in p]
 
 
 LIBRARY_V1 = LibraryV1()
@@ -168,10 +246,13 @@ def import_problems(module: wasmtime.Module, capabilities: Sequence[str] = (),
     capabilities (WASI functions) nor the declared dependency packages cover; empty when none."""
     problems: list[str] = capability_problems(capabilities)
     allowed = allowed_imports(capabilities)
+    kinds = {capability_kind(c) for c in capabilities}
     for imp in module.imports:
         if imp.module in dependencies and imp.module != WASI_P1:
             continue  # checked against the resolved dependency's exports when linking
-        if imp.module != WASI_P1:
+        if imp.module == HOST_MODULE:
+            problems += _host_import_problems(imp, kinds, dependencies)
+        elif imp.module != WASI_P1:
             problems.append(
                 f"the module imports `{imp.module}.{imp.name}`, which no declared capability provides "
                 f"(only `{WASI_P1}` functions and functions of declared dependencies are available)")
@@ -182,6 +263,32 @@ def import_problems(module: wasmtime.Module, capabilities: Sequence[str] = (),
                     else "no capability grants it")
             problems.append(f"the module imports `{imp.module}.{imp.name}`, which its capabilities do not "
                             f"cover: {need}")
+    return problems
+
+
+def _host_import_problems(imp: wasmtime.ImportType, kinds: Collection[str],
+                          dependencies: Collection[str]) -> list[str]:
+    """Problems with one import from `HOST_MODULE`: unknown, of the wrong type, not granted, or in a skill
+    with dependencies (whose per-call linking does not provide host functions)."""
+    name = imp.name or ""
+    kind = host_import_kind(name)
+    where = f"`{HOST_MODULE}.{name}`"
+    if kind is None:
+        known = ", ".join(f"`{n}`" for funcs in HOST_IMPORTS.values() for n in funcs)
+        return [f"the module imports {where}, which is not a clawhub host function (there are {known})"]
+    expected = host_func_type(kind, name)
+    if not isinstance(imp.type, wasmtime.FuncType) or (imp.type.params, imp.type.results) != (
+            expected.params, expected.results):
+        params, results = HOST_IMPORTS[kind][name]
+        return [f"the import {where} must be a function `({', '.join(params)}) -> {', '.join(results)}`"]
+    problems = []
+    if kind not in kinds:
+        example = "http:HOST" if kind == HTTP_KIND else kind
+        problems.append(f"the module imports {where}, which its capabilities do not cover: it needs the `{example}` "
+                        f"capability (declare capabilities = [\"{example}\"] in skill.toml)")
+    if dependencies:
+        problems.append(f"the module imports {where} and has dependencies: host functions are not yet available "
+                        "to skills with dependencies")
     return problems
 
 
@@ -288,6 +395,8 @@ def compile_and_check(engine: wasmtime.Engine, data: bytes, abi: Abi | None = WA
         if looks_like_wat(data):
             return None, [WAT_NOT_BINARY]
         return None, ["the file is not a WebAssembly binary (missing the \\0asm magic number)"]
+    if is_component(data):
+        return None, [f"the file is a WebAssembly component, not a core module: declare abi = \"{COMPONENT_ABI}\""]
     try:
         module = wasmtime.Module(engine, data)
     except wasmtime.WasmtimeError as exc:

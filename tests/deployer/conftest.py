@@ -22,6 +22,7 @@ from services.dispatcher.server import build_server as build_dispatcher
 from services.dispatcher.settings import Settings as DispatcherSettings
 from services.runtime.server import ServiceHost
 from tests.deployer.fakes import SKILL, FakeExecutor, FakeRegistry, Fakes, Starter
+from tests.deployer.stores import BACKENDS, StoreBackend
 
 
 class DeployerStub(deployer_grpc.DeployerServiceStub, deployer_internal_grpc.DeployerInternalServiceStub):
@@ -45,11 +46,16 @@ class Env:
 
     async def deployer(self, *, port: int = 0, ack_timeout: float = 5.0, registry_address: str | None = None,
                        release: Defaults | None = None, breaker: BreakerSettings | None = None,
-                       clock: Callable[[], int] = time.time_ns) -> ServiceHost:
+                       clock: Callable[[], int] = time.time_ns, database_url: str = "", deployer_id: str = "",
+                       data_dir: Path | None = None, key_file: Path | None = None, election_interval: float = 0.2,
+                       lease_timeout: float = 2.0) -> ServiceHost:
         """A real deployer. Unless `release` says otherwise, releases have no bake window (the tests of
-        analysis give theirs), and the breaker is off unless `breaker` is given."""
+        analysis give theirs), and the breaker is off unless `breaker` is given. With `database_url`, a replica
+        on PostgreSQL (services/deployer/leader.py), in `data_dir` with the shared `key_file`."""
         settings = DeployerSettings(
-            host="127.0.0.1", port=port, data_dir=self.data_dir,
+            database_url=database_url, deployer_id=deployer_id, secrets_key_file=key_file,
+            election_interval=election_interval, lease_timeout=lease_timeout,
+            host="127.0.0.1", port=port, data_dir=data_dir or self.data_dir,
             registry_address=registry_address or self.registry_address,
             executor_addresses=tuple(e.address for e in self.executors),
             ack_timeout=ack_timeout, load_timeout=5.0, registry_timeout=5.0, grace=0.2,
@@ -92,3 +98,10 @@ async def env(start_service: Starter, tmp_path: Path) -> AsyncIterator[Env]:
     for executor in executors:
         if executor.load_gate is not None:
             executor.load_gate.set()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
+    """The test runs once on sqlite and once on PostgreSQL (skipped with the reason where none is configured)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
+    return StoreBackend(request.param, tmp_path / "d", url)

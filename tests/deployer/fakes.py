@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from clawhub.common.v1 import release_pb2, routing_pb2, skill_pb2
+from clawhub.common.v1 import observability_pb2, release_pb2, routing_pb2, skill_pb2
 from clawhub.deployer.v1 import deployer_internal_pb2 as deployer_pb
 from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_grpc
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
@@ -89,6 +89,8 @@ class FakeExecutor(executor_grpc.ExecutorServiceServicer):
         self.executions: list[Execution] = []
         # Set by Fakes.executor: the fake's health servicer, to flip a digest NOT_SERVING.
         self.health: Any = None
+        # Set by Fakes.executor: its server, to stop it (an executor that went down).
+        self.host: Any = None
 
     async def LoadSkill(self, request: executor_pb.LoadSkillRequest, context: Any) -> executor_pb.LoadSkillResponse:
         self.load_calls.append(request.digest)
@@ -131,6 +133,11 @@ class FakeExecutor(executor_grpc.ExecutorServiceServicer):
             usage=skill_pb2.Usage(wall_time=duration_pb2.Duration(nanos=1500), peak_memory_bytes=65536))
 
 
+    async def GetLoad(self, request: executor_pb.GetLoadRequest, context: Any) -> executor_pb.GetLoadResponse:
+        return executor_pb.GetLoadResponse(load=observability_pb2.ExecutorLoad(reachable=True, threads=2,
+                                                                               queue_capacity=64))
+
+
 class FakeDeployer(deployer_grpc.DeployerInternalServiceServicer):
     """The deployer's internal service as dispatchers see it: WatchRoutes serves `table` and every later one;
     AcknowledgeRoutes records (dispatcher id, generation); ReportStats records the reports."""
@@ -141,6 +148,8 @@ class FakeDeployer(deployer_grpc.DeployerInternalServiceServicer):
         self.stats: list[deployer_pb.ReportStatsRequest] = []
         self.watchers: list[str] = []
         self._changed = asyncio.Event()
+        # When set to an unset event, new WatchRoutes streams send nothing until it is set (a slow deployer).
+        self.hold: asyncio.Event | None = None
 
     def set_table(self, table: routing_pb2.RouteTable) -> None:
         self.table = table
@@ -150,6 +159,8 @@ class FakeDeployer(deployer_grpc.DeployerInternalServiceServicer):
     async def WatchRoutes(self, request: deployer_pb.WatchRoutesRequest, context: Any,
                           ) -> AsyncIterator[deployer_pb.WatchRoutesResponse]:
         self.watchers.append(request.dispatcher_id)
+        if self.hold is not None:
+            await self.hold.wait()
         while True:
             changed = self._changed
             yield deployer_pb.WatchRoutesResponse(route_table=self.table)
@@ -195,6 +206,7 @@ class Fakes:
                                  lambda s: executor_grpc.add_ExecutorServiceServicer_to_server(fake, s))
         fake.address = f"127.0.0.1:{host.port}"
         fake.health = host.health
+        fake.host = host
         return fake
 
     async def deployer(self, fake: FakeDeployer, port: int = 0) -> ServiceHost:

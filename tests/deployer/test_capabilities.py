@@ -217,3 +217,28 @@ async def test_an_old_database_gains_the_new_columns(tmp_path: Path) -> None:
         assert record.input_schema is None and not record.target().HasField("input_schema")
     finally:
         await store.close()
+
+
+async def test_a_deployment_can_narrow_the_http_hosts_but_never_add_one(env: Env) -> None:
+    """`http_allow` (`clawhub deploy --allow-http HOST`) keeps only the listed `http:` capabilities in the route
+    the executors get; a host the manifest does not declare is refused, so a deployment can only take away."""
+    env.registry.add(SKILL, "1.0.0", capabilities=("kv", "http:api.example.com", "http:*.cdn.example.com"))
+    deployer = await env.deployer()
+    dispatcher = await env.dispatcher(deployer)
+    stub, dispatch = env.deployer_stub(deployer), env.dispatcher_stub(dispatcher)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateDeployment(pb.CreateDeploymentRequest(skill=SKILL, version="1.0.0",
+                                                               http_allow=["http:evil.example.net"]), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "evil.example.net" in (caught.value.details() or "")
+    created = await stub.CreateDeployment(pb.CreateDeploymentRequest(
+        skill=SKILL, version="1.0.0", http_allow=["http:api.example.com"]), timeout=5)
+    events = await watch_to_end(stub, created.deployment.id)
+    assert events[-1].deployment.state == ACTIVE
+
+    async def narrowed() -> bool:
+        table = (await dispatch.GetRouteTable(dispatcher_pb.GetRouteTableRequest(), timeout=5)).route_table
+        targets = [t for r in table.routes if r.skill == SKILL for t in r.targets]
+        return bool(targets) and list(targets[0].capabilities) == ["kv", "http:api.example.com"]
+
+    await eventually(narrowed)

@@ -575,3 +575,19 @@ async def test_a_bake_with_too_few_calls_is_not_analysed_and_still_goes_active(e
     unbaked, _ = await release(env, stub, "2.0.0", **bake(0))
     assert unbaked.verdict == pb.ANALYSIS_VERDICT_NOT_ANALYSED
     assert unbaked.verdict_reason == "not analysed: no bake window (blue-green, bake 0s)"
+
+
+async def test_an_unreachable_executor_does_not_fail_a_deploy(env: Env) -> None:
+    """An executor that is down (connection refused) is skipped by the preload: the other one carries the
+    release. When no executor can be reached, the deploy fails."""
+    stub = env.deployer_stub(await env.deployer())
+    await env.executors[0].host.stop(grace=None)
+    done, events = await release(env, stub, "1.0.0", **bake(0))
+    assert done.state == ACTIVE, done
+    messages = [e.event.reason for e in events if e.HasField("event")]
+    assert any(env.executors[0].address in m and "is unreachable, skipped" in m for m in messages), messages
+    assert env.executors[1].loaded == {digest_of(SKILL, "1.0.0")}
+
+    await env.executors[1].host.stop(grace=None)
+    failed, _ = await release(env, stub, "2.0.0", **bake(0))
+    assert failed.state == FAILED, failed

@@ -27,6 +27,7 @@ from services.deployer.store import MIGRATIONS, SqliteDeploymentStore, StoredRou
 from services.runtime.errors import Reason, ServiceError
 from tests.deployer.conftest import Env
 from tests.deployer.fakes import SKILL, digest_of
+from tests.deployer.stores import StoreBackend
 from tests.deployer.test_capabilities import CAPABILITIES, deploy
 from tests.deployer.test_deployer import FAILED, first_table, watch_to_end
 
@@ -161,25 +162,23 @@ async def test_files_are_private_whatever_the_umask_and_existing_ones_are_tighte
         await store.close()
 
 
-async def test_values_are_sealed_with_the_key_file_and_read_back(tmp_path: Path) -> None:
+async def test_values_are_sealed_with_the_key_file_and_read_back(store_backend: StoreBackend) -> None:
     secret = distinctive()
-    path = tmp_path / "d" / "deployer.sqlite3"
-    store = await SqliteDeploymentStore.open(path)
+    store = await store_backend.open()
     try:
         await store.create_deployment(record("d1", {"API_TOKEN": secret}))
         await store.save_route(1, SKILL, StoredRoute("d1", route_with({"API_TOKEN": secret})))
     finally:
         await store.close()
-    key_file = path.parent / KEY_FILE
+    key_file = store_backend.key_file
     keys = [line for line in key_file.read_text().splitlines() if line and not line.startswith("#")]
     assert len(keys) == 1 and Fernet(keys[0].encode())
-    with sqlite3.connect(path) as db:
-        (env, kid), = db.execute("SELECT env, env_key FROM deployments").fetchall()
-        (blob, route_kid), = db.execute("SELECT route, route_key FROM routes").fetchall()
+    (env, kid), = await store_backend.rows("SELECT env, env_key FROM deployments")
+    (blob, route_kid), = await store_backend.rows("SELECT route, route_key FROM routes")
     assert kid == route_kid == key_id(keys[0].encode())
     assert secret not in env and secret.encode() not in blob
 
-    store = await SqliteDeploymentStore.open(path)
+    store = await store_backend.open()
     try:
         found = await store.get_deployment("d1")
         assert found is not None and found.env == {"API_TOKEN": secret}
@@ -189,53 +188,58 @@ async def test_values_are_sealed_with_the_key_file_and_read_back(tmp_path: Path)
 
 
 async def sealed_database(tmp_path: Path, secret: str) -> Path:
-    path = tmp_path / "d" / "deployer.sqlite3"
-    store = await SqliteDeploymentStore.open(path)
+    backend = StoreBackend("sqlite", tmp_path / "d")
+    await sealed_store(backend, secret)
+    return backend.sqlite_path
+
+
+async def sealed_store(backend: StoreBackend, secret: str) -> None:
+    store = await backend.open()
     try:
         await store.create_deployment(record("d1", {"API_TOKEN": secret}))
     finally:
         await store.close()
-    return path
 
 
-async def refusal(path: Path, key_file: Path | None = None) -> str:
+async def refusal(backend: StoreBackend, key_file: Path | None = None) -> str:
     with pytest.raises(SecretsKeyError) as caught:
-        store = await SqliteDeploymentStore.open(path, key_file)
+        store = await backend.open(key_file)
         await store.close()
     message = str(caught.value)
     assert "\n" not in message
     return message
 
 
-async def test_a_wrong_missing_or_unsafe_key_file_is_one_clear_line(tmp_path: Path) -> None:
+async def test_a_wrong_missing_or_unsafe_key_file_is_one_clear_line(store_backend: StoreBackend,
+                                                                    tmp_path: Path) -> None:
     secret = distinctive()
-    path = await sealed_database(tmp_path, secret)
-    key_file = path.parent / KEY_FILE
+    await sealed_store(store_backend, secret)
+    key_file = store_backend.key_file
     good = key_file.read_bytes()
     old_id = key_id(next(line for line in good.splitlines() if line and not line.startswith(b"#")))
 
     key_file.write_bytes(Fernet.generate_key() + b"\n")
-    message = await refusal(path)
+    message = await refusal(store_backend)
     assert str(key_file) in message and old_id in message and "does not hold key" in message
 
     key_file.unlink()
-    message = await refusal(path)
+    message = await refusal(store_backend)
     assert str(key_file) in message and "missing" in message
     assert not key_file.exists()  # not replaced by a fresh key while sealed rows need the old one
 
     key_file.write_bytes(good)
     key_file.chmod(0o644)
-    message = await refusal(path)
+    message = await refusal(store_backend)
     assert str(key_file) in message and "0644" in message and "chmod 600" in message
 
     key_file.chmod(0o600)
     key_file.write_bytes(good + b"not-a-key-" + secret.encode() + b"\n")
-    message = await refusal(path)
+    message = await refusal(store_backend)
     assert str(key_file) in message and "line 4" in message and secret not in message
 
     # Another key file named by the setting: the same checks, against that file.
     elsewhere = tmp_path / "elsewhere.key"
-    message = await refusal(path, elsewhere)
+    message = await refusal(store_backend, elsewhere)
     assert str(elsewhere) in message and "missing" in message
 
 
@@ -257,35 +261,35 @@ def test_the_deployer_process_refuses_a_wrong_key_in_one_line(tmp_path: Path) ->
     assert str(other) in lines[0] and "does not hold key" in lines[0] and secret not in done.stderr
 
 
-async def test_rotation_reseals_every_row_under_the_newest_key(tmp_path: Path) -> None:
+async def test_rotation_reseals_every_row_under_the_newest_key(store_backend: StoreBackend) -> None:
     secret = distinctive()
-    path = await sealed_database(tmp_path, secret)
-    store = await SqliteDeploymentStore.open(path)
+    await sealed_store(store_backend, secret)
+    store = await store_backend.open()
     try:
         await store.save_route(1, SKILL, StoredRoute("d1", route_with({"API_TOKEN": secret})))
     finally:
         await store.close()
-    key_file = path.parent / KEY_FILE
+    key_file = store_backend.key_file
     old = next(line for line in key_file.read_bytes().splitlines() if line and not line.startswith(b"#"))
     new = Fernet.generate_key()
     key_file.write_bytes(b"# rotated\n" + new + b"\n" + old + b"\n")
 
-    store = await SqliteDeploymentStore.open(path)
+    store = await store_backend.open()
     await store.close()
-    with sqlite3.connect(path) as db:
-        kids = {r[0] for r in db.execute("SELECT env_key FROM deployments UNION ALL SELECT route_key FROM routes")}
+    kids = {r[0] for r in await store_backend.rows(
+        "SELECT env_key FROM deployments UNION ALL SELECT route_key FROM routes")}
     assert kids == {key_id(new)}
 
     # The old key can go now.
     key_file.write_bytes(new + b"\n")
-    store = await SqliteDeploymentStore.open(path)
+    store = await store_backend.open()
     try:
         found = await store.get_deployment("d1")
         assert found is not None and found.env == {"API_TOKEN": secret}
         assert dict((await store.load_routes()).routes[SKILL].route.targets[0].env) == {"API_TOKEN": secret}
     finally:
         await store.close()
-    assert files_holding(path.parent, secret) == []
+    assert files_holding(store_backend.directory, secret) == []
 
 
 async def test_an_old_plain_database_is_sealed_and_scrubbed_on_upgrade(tmp_path: Path, umask_022: None) -> None:

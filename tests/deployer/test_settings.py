@@ -86,3 +86,34 @@ def test_bad_release_settings_are_refused(monkeypatch: pytest.MonkeyPatch, name:
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=name):
         Settings.from_env()
+
+
+def test_database_and_election_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CLAWHUB_DATABASE_URL", "CLAWHUB_DEPLOYER_DATABASE_URL", "CLAWHUB_DEPLOYER_ID",
+                 "CLAWHUB_DEPLOYER_ADVERTISE_ADDRESS", "CLAWHUB_DEPLOYER_ELECTION_INTERVAL",
+                 "CLAWHUB_DEPLOYER_LEASE_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings.from_env()
+    assert (settings.database_url, settings.deployer_id, settings.advertise_address) == ("", "", "")
+    assert (settings.election_interval, settings.lease_timeout) == (1.0, 5.0)
+
+    monkeypatch.setenv("CLAWHUB_DATABASE_URL", "postgresql://clawhub@db/shared")
+    assert Settings.from_env().database_url == "postgresql://clawhub@db/shared"
+    monkeypatch.setenv("CLAWHUB_DEPLOYER_DATABASE_URL", "postgres://deployer:pw@db/deployer")
+    monkeypatch.setenv("CLAWHUB_DEPLOYER_ID", "deployer-0")
+    monkeypatch.setenv("CLAWHUB_DEPLOYER_ADVERTISE_ADDRESS", "10.1.2.3:50053")
+    monkeypatch.setenv("CLAWHUB_DEPLOYER_ELECTION_INTERVAL", "0.5")
+    monkeypatch.setenv("CLAWHUB_DEPLOYER_LEASE_TIMEOUT", "3")
+    settings = Settings.from_env()
+    assert settings.database_url == "postgres://deployer:pw@db/deployer"  # the deployer's own wins
+    assert "deployer:pw" not in repr(settings)  # as the registry's: a logged or printed settings hides it
+    assert (settings.deployer_id, settings.advertise_address) == ("deployer-0", "10.1.2.3:50053")
+    assert (settings.election_interval, settings.lease_timeout) == (0.5, 3.0)
+
+    monkeypatch.setenv("CLAWHUB_DEPLOYER_DATABASE_URL", "mysql://db/deployer")
+    with pytest.raises(SettingsError, match="CLAWHUB_DEPLOYER_DATABASE_URL.*not a PostgreSQL URL"):
+        Settings.from_env()
+    monkeypatch.delenv("CLAWHUB_DEPLOYER_DATABASE_URL")
+    monkeypatch.setenv("CLAWHUB_DEPLOYER_LEASE_TIMEOUT", "0.1")
+    with pytest.raises(SettingsError, match="CLAWHUB_DEPLOYER_LEASE_TIMEOUT"):
+        Settings.from_env()

@@ -177,6 +177,13 @@ async def test_the_retry_on_the_stable_version_keeps_the_callers_deadline(env: E
     # What the candidate used up is gone from the retry's budget.
     assert retry.time_remaining is not None and retry.time_remaining < 1.85
 
+    async def first_counted() -> bool:
+        return env.totals(NEW)["failures"] == 1
+
+    # The first failure's report arrives on its own schedule (a busy machine delays it): wait for it, or it
+    # would land after `before` is read below.
+    await eventually(first_counted)
+
     # A candidate that hangs: it gets half the caller's budget, then the call is counted as its failure and
     # the stable version answers within the other half.
     for executor in env.executors:

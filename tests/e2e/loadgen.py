@@ -39,6 +39,7 @@ import grpc
 from clawhub.gateway.v1 import gateway_service_pb2 as gateway_pb
 from clawhub.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc
 
+from services.runtime.channels import grpc_target
 from services.runtime.errors import error_info
 
 PLAIN_INPUT = "hello clawhub"
@@ -64,6 +65,7 @@ class Run:
     started: float = 0.0
     stopped: float = 0.0
     late_slots: int = 0
+    retried: int = 0
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -90,7 +92,7 @@ def summarize(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "skill": args.skill, "target_rate": args.rate, "concurrency": args.concurrency,
         "started": run.started, "stopped": run.stopped, "elapsed_s": round(elapsed, 3),
         "total": len(records), "ok": len(records) - failed, "failed": failed,
-        "achieved_rate": round(len(records) / elapsed, 1), "late_slots": run.late_slots,
+        "achieved_rate": round(len(records) / elapsed, 1), "late_slots": run.late_slots, "retried": run.retried,
         "failures": failures, "versions": versions,
         "latency_ms": {"p50": round(percentile(latencies, 0.5), 2), "p95": round(percentile(latencies, 0.95), 2),
                        "p99": round(percentile(latencies, 0.99), 2),
@@ -118,7 +120,9 @@ async def generate(args: argparse.Namespace, stop: asyncio.Event) -> Run:
 
     token = os.environ.get("CLAWHUB_TOKEN", "") or credentials.lookup(args.gateway)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    async with grpc.aio.insecure_channel(args.gateway) as channel:
+    # Several gateways (`IP:PORT,IP:PORT`): calls are balanced over the ones that are up.
+    target, balancing = grpc_target(args.gateway)
+    async with grpc.aio.insecure_channel(target, options=balancing) as channel:
         stub = gateway_grpc.GatewayServiceStub(channel)
         # Wait for the channel so the first second is not spent connecting.
         await asyncio.wait_for(channel.channel_ready(), timeout=args.timeout)
@@ -141,7 +145,17 @@ async def generate(args: argparse.Namespace, stop: asyncio.Event) -> Run:
                     run.late_slots += 1
                 sent = time.monotonic()
                 try:
-                    response = await stub.InvokeSkill(request, timeout=args.timeout, metadata=metadata)
+                    for attempt in range(args.retry_unavailable + 1):
+                        try:
+                            response = await stub.InvokeSkill(request, timeout=sent + args.timeout - time.monotonic(),
+                                                              metadata=metadata)
+                            break
+                        except grpc.aio.AioRpcError as err:
+                            # A client of several gateways retries a gateway that went away on another one.
+                            if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == args.retry_unavailable:
+                                raise
+                            run.retried += 1
+                            await asyncio.sleep(0.05 * (attempt + 1))
                 except grpc.aio.AioRpcError as err:
                     info = error_info(err)
                     run.records.append(Record(sent, time.monotonic(), False, "", err.code().name,
@@ -171,6 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--marker", default="!boom", help="text put into marked inputs (default: %(default)s)")
     parser.add_argument("--marker-fraction", type=float, default=0.0,
                         help="fraction of calls whose input carries the marker (default: 0)")
+    parser.add_argument("--retry-unavailable", type=int, default=0,
+                        help="retry a call that fails UNAVAILABLE up to N times, on another gateway when several "
+                             "are given (default: %(default)s)")
     parser.add_argument("--stdin", action="store_true", help="also stop when stdin closes")
     parser.add_argument("--output", default="-", help="where to write the JSON summary ('-': stdout)")
     args = parser.parse_args(argv)
@@ -199,14 +216,15 @@ class LoadProcess:
     """The parent's handle on a load generator running in its own process (for tests and benchmarks)."""
 
     def __init__(self, gateway: str, skill: str, output: Path, *, rate: float = 200.0, concurrency: int = 16,
-                 marker: str = "!boom", marker_fraction: float = 0.0, ready_timeout: float = 20.0) -> None:
+                 marker: str = "!boom", marker_fraction: float = 0.0, ready_timeout: float = 20.0,
+                 retry_unavailable: int = 0, env: dict[str, str] | None = None) -> None:
         self.output = output
         root = Path(__file__).resolve().parents[2]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.e2e.loadgen", "--gateway", gateway, "--skill", skill, "--rate", str(rate),
              "--concurrency", str(concurrency), "--marker", marker, "--marker-fraction", str(marker_fraction),
-             "--stdin", "--output", str(output)],
-            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             "--retry-unavailable", str(retry_unavailable), "--stdin", "--output", str(output)],
+            cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stdout = self.process.stdout
         assert stdout is not None
         # Read the `ready` line on a thread, so a generator that never gets an answer cannot hang the caller.

@@ -126,14 +126,21 @@ def test_a_platform_service_may_call_only_what_the_policy_grants_it(deployed: Su
     executor = suite.addresses["executor-1"]
     with grpc.insecure_channel(executor) as ch:
         stub = executor_grpc.ExecutorServiceStub(ch)
+        # The deployer loads and unloads; it never runs calls.
         meta = refused(lambda: stub.Execute(executor_pb.ExecuteRequest(digest=ANY_DIGEST),
-                                            metadata=token(suite, "gateway"), timeout=10),
+                                            metadata=token(suite, "deployer"), timeout=10),
                        grpc.StatusCode.PERMISSION_DENIED, "SERVICE_NOT_ALLOWED")
-        assert meta["permission"] == "clawhub.executor.v1.ExecutorService/Execute" and meta["service"] == "gateway"
-        # The dispatcher's token is admitted; a bare digest still does not run (no skill named).
-        refused(lambda: stub.Execute(executor_pb.ExecuteRequest(digest=ANY_DIGEST, input=b"x"),
-                                     metadata=token(suite, "dispatcher"), timeout=10),
-                grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert meta["permission"] == "clawhub.executor.v1.ExecutorService/Execute" and meta["service"] == "deployer"
+        # The gateway's and the dispatcher's tokens are admitted (both route calls: docs/routing.md); a bare
+        # digest still does not run (no skill named).
+        for service in ("gateway", "dispatcher"):
+            refused(lambda service=service: stub.Execute(executor_pb.ExecuteRequest(digest=ANY_DIGEST, input=b"x"),
+                                         metadata=token(suite, service), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        # The gateway may not load or unload modules.
+        refused(lambda: stub.UnloadSkill(executor_pb.UnloadSkillRequest(digest=ANY_DIGEST),
+                                         metadata=token(suite, "gateway"), timeout=10),
+                grpc.StatusCode.PERMISSION_DENIED, "SERVICE_NOT_ALLOWED")
     with grpc.insecure_channel(suite.addresses["deployer"]) as ch:
         internal = deployer_internal_grpc.DeployerInternalServiceStub(ch)
         refused(lambda: internal.ReportStats(deployer_internal_pb.ReportStatsRequest(dispatcher_id="x"),

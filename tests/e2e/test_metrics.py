@@ -96,14 +96,18 @@ def test_every_service_serves_metrics_that_move(suite: Suite, tmp_path: Path) ->
     # Two releases went Active, one was rolled back by hand.
     assert moved(before["deployer"], deployer, "clawhub_releases_total", outcome="active") == 2
     assert moved(before["deployer"], deployer, "clawhub_rollbacks_total", cause="manual") == 1
-    # The dispatcher: 9 good calls and 2 failures of the skill, so its availability is 9/11 over both windows.
+    # Where calls are routed (the gateway, docs/routing.md): 9 good calls and 2 failures of the skill, so its
+    # availability is 9/11 over both windows. The dispatcher routed none of them.
     skill = {"skill": SKILL}
-    assert moved(before["dispatcher"], dispatcher, "clawhub_skill_requests_total", **skill, outcome="success") == 9
-    assert moved(before["dispatcher"], dispatcher, "clawhub_skill_requests_total", **skill, outcome="failure") == 2
+    assert moved(before["gateway"], gateway, "clawhub_skill_requests_total", **skill, outcome="success") == 9
+    assert moved(before["gateway"], gateway, "clawhub_skill_requests_total", **skill, outcome="failure") == 2
+    assert moved(before["dispatcher"], dispatcher, "clawhub_skill_requests_total", **skill, outcome="success") == 0
     for window in ("5m", "1h"):
         labels = frozenset({**skill, "window": window}.items())
-        assert dispatcher[("clawhub_skill_availability_ratio", labels)] == pytest.approx(9 / 11)
-        assert dispatcher[("clawhub_skill_availability_requests", labels)] == 11
+        assert gateway[("clawhub_skill_availability_ratio", labels)] == pytest.approx(9 / 11)
+        assert gateway[("clawhub_skill_availability_requests", labels)] == 11
+    # The dispatcher follows the gateway's reports: its ReportCalls ran.
+    assert moved(before["dispatcher"], dispatcher, "clawhub_rpc_requests_total", grpc_method="ReportCalls") > 0
     # The executors ran the calls (and the smoke examples), per version; the trap counted by reason.
     executors = [label for label in after if label.startswith("executor")]
     ran = sum(moved(before[e], after[e], "clawhub_skill_invocations_total", **skill) for e in executors)

@@ -13,6 +13,7 @@ import wasmtime
 from clawhub.common.v1 import skill_pb2
 from clawhub.executor.v1 import executor_service_pb2 as pb
 
+from services.runtime.components import COMPONENT_V1, compile_component
 from services.runtime.names import skill_name_problem, version_problem
 from services.runtime.settings import parse_size
 from services.runtime.wasm import (
@@ -68,7 +69,8 @@ async def run(ex: Executor, skill: str, data: bytes, env: dict[str, str] | None 
     bundle_digest = ex.source.add(bundle(skill)) if m.get("files") else ""
     response = await ex.stub.Execute(pb.ExecuteRequest(
         digest=digest, input=data, limits=lim, capabilities=m.get("capabilities", []), args=m.get("args", []),
-        env=env or {}, bundle_digest=bundle_digest, dependencies=dependencies(ex, skill)), timeout=10)
+        env=env or {}, bundle_digest=bundle_digest, dependencies=dependencies(ex, skill)),
+        timeout=300 if m["abi"] == "component-v1" else 10)  # a Python component compiles for seconds
     return response.output
 
 
@@ -84,7 +86,8 @@ def test_manifest_schema_and_module(skill: str) -> None:
     assert skill_name_problem(m["name"]) is None
     assert version_problem(m["version"]) is None
     assert m["description"]
-    abi = {"wasi-command-v1": WASI_COMMAND_V1, "memory-v1": MEMORY_V1, "library-v1": LIBRARY_V1}[m["abi"]]
+    abi = {"wasi-command-v1": WASI_COMMAND_V1, "memory-v1": MEMORY_V1, "library-v1": LIBRARY_V1,
+           "component-v1": COMPONENT_V1}[m["abi"]]
     assert capability_problems(m["capabilities"]) == []
     if m["abi"] != "library-v1":  # a library runs under its dependent's limits
         assert parse_size(m["limits"]["memory"]) > 0 and m["limits"]["timeout_ms"] > 0
@@ -93,6 +96,9 @@ def test_manifest_schema_and_module(skill: str) -> None:
         "every example skill has smoke examples"
     for name in m.get("files", []):
         assert (SKILLS / skill / name).is_file()
+    if abi is COMPONENT_V1:  # a component of wit/skill.wit (tests/executor/test_components.py)
+        assert (compile_component(make_engine(), build(skill), m["capabilities"])[1]) == []
+        return
     module, problems = compile_and_check(make_engine(), build(skill), abi, m["capabilities"],
                                          {d["package"] for d in m.get("dependencies", [])})
     assert module is not None and problems == []

@@ -83,7 +83,9 @@ async def route(chain: Chain, generation: int, *targets: routing_pb2.RouteTarget
 
 
 async def runs(chain: Chain) -> int:
-    """How many calls of the skill the dispatcher sent to an executor (its rolling stats)."""
+    """How many calls of the skill ran on an executor, as the dispatcher's rolling stats count them: the gateway
+    routes calls itself and reports them every 0.1 s (CLAWHUB_GATEWAY_STATS_INTERVAL), so after 3 intervals."""
+    await asyncio.sleep(0.3)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{chain.dispatcher.port}") as ch:
         stats = await dispatcher_grpc.DispatcherServiceStub(ch).GetSkillStats(
             dispatcher_pb.GetSkillStatsRequest(skill=ECHO_SKILL), timeout=5)

@@ -122,10 +122,14 @@ async def test_schemas_are_read_once_and_kept_when_the_registry_goes_away(chain:
 
 
 async def test_a_version_first_seen_while_the_registry_is_down_runs_unchecked(
-        chain: Chain, caplog: pytest.LogCaptureFixture) -> None:
+        start_service: Starter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A registry outage costs no call: a version whose schema cannot be read is let through, once logged,
     # and checked again once the registry answers. (The executor verifies the version first, as a deploy's
-    # preload does in the suite; the gateway has not seen it yet.)
+    # preload does in the suite; the gateway has not seen it yet. A gateway that follows the dispatcher's
+    # stream reads the schemas of a route's versions as soon as the route arrives; this one polls the route
+    # table, as `CLAWHUB_GATEWAY_ROUTING=dispatcher` does, and reads the table only when called.)
+    chain = await start_chain(start_service, tmp_path, skill_dir=skill_dir(tmp_path, "1.0.0", SCHEMA),
+                              routing="dispatcher")
     from clawhub.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb
     from clawhub.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
     async with grpc.aio.insecure_channel(f"127.0.0.1:{chain.dispatcher.port}") as direct:
@@ -136,6 +140,7 @@ async def test_a_version_first_seen_while_the_registry_is_down_runs_unchecked(
     await invoke(chain, input=value({"text": "fine"}))
     warnings = [r.getMessage() for r in caplog.records if "go unchecked" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0]
+    await chain.channel.close()
 
 
 async def test_a_schema_carried_in_the_route_is_enforced_without_the_registry(chain: Chain, tmp_path: Path) -> None:

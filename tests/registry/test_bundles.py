@@ -14,10 +14,9 @@ import pytest
 from clawhub.common.v1 import release_pb2, skill_pb2
 from clawhub.registry.v1 import registry_service_pb2 as pb
 
-from services.registry.blobs import BlobStore
 from services.registry.store import NewVersion, SqliteMetadataStore
 from services.runtime import bundle
-from tests.registry.conftest import Opener
+from tests.registry.conftest import Backend, Opener
 from tests.registry.support import (
     MODULE,
     Client,
@@ -303,11 +302,9 @@ async def test_a_flood_of_bundle_problems_is_summarized(registry: Client) -> Non
     assert len((await state_of(registry)).verification_errors) == 21
 
 
-async def test_unfinished_publishes_with_bundles_are_settled_on_start(open_registry: Opener, tmp_path: Path) -> None:
-    data_dir = tmp_path / "registry"
-    blobs = BlobStore(data_dir / "blobs")
-    await blobs.open()
-    store = await SqliteMetadataStore.open(data_dir / "registry.sqlite3")
+async def test_unfinished_publishes_with_bundles_are_settled_on_start(open_registry: Opener, backend: Backend) -> None:
+    blobs = await backend.blobs()
+    store = await backend.store()
 
     async def place(data: bytes) -> None:
         async with blobs.upload(hashlib.sha256(data).hexdigest()) as upload:
@@ -315,20 +312,19 @@ async def test_unfinished_publishes_with_bundles_are_settled_on_start(open_regis
             await upload.finish()
             await upload.commit(digest(data))
 
-    try:
-        for version in ("1.0.0", "2.0.0"):
-            now = time.time_ns()
-            await store.begin_version(NewVersion(
-                name="com.acme.greeter", version=version, digest=digest(READER), size_bytes=len(READER),
-                manifest=manifest(version=version).SerializeToString(), upload_started_ns=now,
-                upload_completed_ns=now, pending_reason="upload started", verifying_reason="upload complete",
-                bundle_digest=digest(BUNDLE) if version == "1.0.0" else digest(b"a bundle never placed")))
-        # Stopped after placing both blobs of 1.0.0; 2.0.0's bundle never made it.
-        await place(BUNDLE)
-        await place(READER)
-    finally:
-        await store.close()
-    client = await open_registry()
+    for version in ("1.0.0", "2.0.0"):
+        # An hour ago: on a shared database, a younger publish may be another replica's, in flight.
+        then = time.time_ns() - 3600 * 10**9
+        await store.begin_version(NewVersion(
+            name="com.acme.greeter", version=version, digest=digest(READER), size_bytes=len(READER),
+            manifest=manifest(version=version).SerializeToString(), upload_started_ns=then,
+            upload_completed_ns=then, pending_reason="upload started", verifying_reason="upload complete",
+            bundle_digest=digest(BUNDLE) if version == "1.0.0" else digest(b"a bundle never placed")))
+    # Stopped after placing both blobs of 1.0.0; 2.0.0's bundle never made it.
+    await place(BUNDLE)
+    await place(READER)
+    await backend.close()
+    client = await open_registry(**backend.settings)
     assert (await state_of(client, "1.0.0")).state == S.RELEASE_STATE_READY
     lost = await state_of(client, "2.0.0")
     assert lost.state == S.RELEASE_STATE_FAILED and "publish this version again" in lost.verification_errors[0]

@@ -10,7 +10,14 @@ import pytest
 from clawhub.common.v1 import skill_pb2
 from clawhub.registry.v1 import registry_service_pb2 as pb
 
+from tests.registry.conftest import Backend
 from tests.registry.support import Client, check_error, chunks, module, publish, publish_raw, violations
+
+
+@pytest.fixture
+def registry_overrides(backend: Backend) -> dict[str, object]:
+    """Every test here runs on each storage backend (sqlite and files; PostgreSQL)."""
+    return backend.settings
 
 
 def dep(package: str, version_range: str, shared: bool = False) -> skill_pb2.Dependency:

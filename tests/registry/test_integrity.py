@@ -23,7 +23,7 @@ from clawhub.registry.v1 import registry_service_pb2 as pb
 
 from services.registry.blobs import DOWNLOAD_CHUNK_BYTES
 from services.runtime import signing
-from tests.registry.conftest import Opener
+from tests.registry.conftest import Backend, Opener
 from tests.registry.support import Client, check_error, digest, download, metadata, module, publish, publish_raw
 from tests.registry.test_bundles import BUNDLE, READER, stream
 from tests.registry.test_bundles import manifest as bundle_manifest
@@ -384,59 +384,55 @@ def test_scrub_interval_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # Races between the moves of one blob.
 
-async def test_a_repair_racing_a_quarantine_closes_its_record(tmp_path: Path) -> None:
+async def test_a_repair_racing_a_quarantine_closes_its_record(backend: Backend) -> None:
     """A download moves a corrupt blob to quarantine and, while its record is being written (a busy writer),
     a republish repairs the blob. The record used to be written after the lock, so it could land after the
     repair had closed nothing: the blob was back but its quarantine stayed open (NOT RUNNABLE until the next
-    scrub). Now the record is written under the lock the repair waits for."""
-    from services.registry.blobs import BlobCorrupt, BlobStore
+    scrub). Now the record is written under the lock the repair waits for (on PostgreSQL, the digest's advisory
+    lock, which a repair on any replica waits for)."""
+    from services.registry.blobs import BlobCorrupt
     from services.registry.integrity import Integrity
-    from services.registry.store import QuarantineRecord, SqliteMetadataStore
+    from services.registry.store import QuarantineRecord
 
-    blobs = BlobStore(tmp_path / "blobs")
-    await blobs.open()
-    store = await SqliteMetadataStore.open(tmp_path / "registry.sqlite3")
-    try:
-        integrity = Integrity(store, blobs)
-        data = module("raced")
-        blob = digest(data)
-        async with blobs.upload(blob.removeprefix("sha256:")) as upload:
-            await upload.write(data)
-            await upload.finish()
-            await upload.commit(blob)
-        flip_byte(blobs.path_of(blob), 10)
-        with pytest.raises(BlobCorrupt) as caught:
-            await (await blobs.read(blob)).read_all()
+    blobs = await backend.blobs()
+    store = await backend.store()
+    integrity = Integrity(store, blobs)
+    data = module("raced")
+    blob = digest(data)
+    async with blobs.upload(blob.removeprefix("sha256:")) as upload:
+        await upload.write(data)
+        await upload.finish()
+        await upload.commit(blob)
+    await backend.flip_byte(blob, 10)
+    with pytest.raises(BlobCorrupt) as caught:
+        await (await blobs.read(blob)).read_all()
 
-        recording, repair_closed = asyncio.Event(), asyncio.Event()
-        record_quarantine, mark_repaired = store.record_quarantine, store.mark_repaired
+    recording, repair_closed = asyncio.Event(), asyncio.Event()
+    record_quarantine, mark_repaired = store.record_quarantine, store.mark_repaired
 
-        async def slow_record(record: QuarantineRecord) -> None:
-            recording.set()
-            # Before the fix, the repair runs to its end meanwhile; after it, the repair waits for this record
-            # (so this wait runs out).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(repair_closed.wait(), 0.5)
-            await record_quarantine(record)
+    async def slow_record(record: QuarantineRecord) -> None:
+        recording.set()
+        # Before the fix, the repair runs to its end meanwhile; after it, the repair waits for this record
+        # (so this wait runs out).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(repair_closed.wait(), 0.5)
+        await record_quarantine(record)
 
-        async def mark(digest_: str) -> int:
-            repair_closed.set()
-            return await mark_repaired(digest_)
+    async def mark(digest_: str) -> int:
+        repair_closed.set()
+        return await mark_repaired(digest_)
 
-        store.record_quarantine = slow_record  # type: ignore[method-assign]
-        store.mark_repaired = mark  # type: ignore[method-assign]
-        quarantine = asyncio.ensure_future(integrity.quarantine(caught.value, "download"))
-        await asyncio.wait_for(recording.wait(), 5)  # the file is moved, its record on the way
-        async with blobs.upload(blob.removeprefix("sha256:")) as upload:
-            await upload.write(data)
-            await upload.finish()
-            assert await integrity.restore(upload, blob, "com.acme.echo@1.0.0")
-        assert await quarantine is not None
-        assert await store.quarantined([blob]) == {}
-        assert blobs.path_of(blob).read_bytes() == data
-    finally:
-        await blobs.close()
-        await store.close()
+    store.record_quarantine = slow_record  # type: ignore[method-assign]
+    store.mark_repaired = mark  # type: ignore[method-assign]
+    quarantine = asyncio.ensure_future(integrity.quarantine(caught.value, "download"))
+    await asyncio.wait_for(recording.wait(), 5)  # the file is moved, its record on the way
+    async with blobs.upload(blob.removeprefix("sha256:")) as upload:
+        await upload.write(data)
+        await upload.finish()
+        assert await integrity.restore(upload, blob, "com.acme.echo@1.0.0")
+    assert await quarantine is not None
+    assert await store.quarantined([blob]) == {}
+    assert await (await blobs.read(blob)).read_all() == data
 
 
 async def test_a_commit_that_cannot_move_its_file_removes_it(tmp_path: Path) -> None:

@@ -9,7 +9,14 @@ import pytest
 from clawhub.registry.v1 import registry_internal_pb2 as internal_pb
 from clawhub.registry.v1 import registry_service_pb2 as pb
 
+from tests.registry.conftest import Backend
 from tests.registry.support import MODULE, Client, check_error, module, publish, still_serving, violations
+
+
+@pytest.fixture
+def registry_overrides(backend: Backend) -> dict[str, object]:
+    """Every test here runs on each storage backend (sqlite and files; PostgreSQL)."""
+    return backend.settings
 
 
 async def test_lookups_of_missing_things(registry: Client) -> None:

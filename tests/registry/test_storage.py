@@ -14,7 +14,7 @@ import pytest
 from clawhub.common.v1 import release_pb2, skill_pb2
 from clawhub.registry.v1 import registry_service_pb2 as pb
 
-from services.registry.blobs import BlobStore
+from services.registry.blobs import BlobBackend, BlobStore
 from services.registry.servicer import RegistryServicer
 from services.registry.settings import Settings
 from services.registry.store import (
@@ -30,7 +30,7 @@ from services.registry.verify import Verifier
 from services.runtime.auth import AuthSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
 from services.runtime.settings import SettingsError
-from tests.registry.conftest import Opener
+from tests.registry.conftest import Backend, Opener
 from tests.registry.support import MODULE, check_error, digest, download, metadata, module, publish, wasm
 
 
@@ -70,47 +70,50 @@ async def test_restart_keeps_everything(open_registry: Opener) -> None:
     check_error(caught.value, grpc.StatusCode.ALREADY_EXISTS, "VERSION_EXISTS")
 
 
-def _new_version(data: bytes, version: str = "1.0.0") -> NewVersion:
+def _new_version(data: bytes, version: str = "1.0.0", *, at_ns: int | None = None) -> NewVersion:
     manifest = skill_pb2.Manifest(name="com.acme.echo", version=version, abi=skill_pb2.ABI_WASI_COMMAND_V1)
-    now = time.time_ns()
+    now = time.time_ns() if at_ns is None else at_ns
     return NewVersion(name="com.acme.echo", version=version, digest=digest(data), size_bytes=len(data),
                       manifest=manifest.SerializeToString(), upload_started_ns=now, upload_completed_ns=now,
                       pending_reason="upload started", verifying_reason="upload complete")
 
 
-async def test_publishes_interrupted_by_a_stop_are_settled_on_start(open_registry: Opener, tmp_path: Path) -> None:
-    data_dir = tmp_path / "registry"
-    # A previous run stopped mid-verification twice: once before the blob was placed, once after.
-    blobs = BlobStore(data_dir / "blobs")
-    await blobs.open()
-    store = await SqliteMetadataStore.open(data_dir / "registry.sqlite3")
-    try:
-        await store.begin_version(_new_version(MODULE, "1.0.0"))
-        placed = module("placed")
-        await store.begin_version(_new_version(placed, "2.0.0"))
-        async with blobs.upload(digest(placed).removeprefix("sha256:")) as upload:
-            await upload.write(placed)
-            await upload.finish()
-            await upload.commit(digest(placed))
-        # One whose module imports from a dependency: its links cannot be re-checked after the fact.
-        linked = wasm('(module (import "org.math" "add1" (func (param i32) (result i32)))'
-                      ' (memory (export "memory") 1) (func (export "_start")))')
-        new = _new_version(linked, "3.0.0")
-        manifest = skill_pb2.Manifest.FromString(new.manifest)
-        manifest.dependencies.add(package="org.math", version_range="^1.0.0")
-        await store.begin_version(replace(new, manifest=manifest.SerializeToString()))
-        async with blobs.upload(digest(linked).removeprefix("sha256:")) as upload:
-            await upload.write(linked)
-            await upload.finish()
-            await upload.commit(digest(linked))
-        # And a temporary file of an upload that never finished.
-        leftover = blobs.path_of(digest(MODULE)).parent / ".deadbeef.0000.tmp"
-        leftover.parent.mkdir(parents=True, exist_ok=True)
-        leftover.write_bytes(b"half an upload")
-    finally:
-        await store.close()
+async def place(blobs: BlobBackend, data: bytes) -> str:
+    """Store `data` as a verified publish does; its digest."""
+    blob = digest(data)
+    async with blobs.upload(blob.removeprefix("sha256:")) as upload:
+        await upload.write(data)
+        await upload.finish()
+        await upload.commit(blob)
+    return blob
 
-    client = await open_registry()
+
+async def test_publishes_interrupted_by_a_stop_are_settled_on_start(open_registry: Opener, backend: Backend) -> None:
+    # A previous run stopped mid-verification twice: once before the blob was placed, once after. An hour ago:
+    # on a shared database, a younger publish may be another replica's, in flight (see test_postgres.py).
+    blobs = await backend.blobs()
+    store = await backend.store()
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    await store.begin_version(_new_version(MODULE, "1.0.0", at_ns=an_hour_ago))
+    placed = module("placed")
+    await store.begin_version(_new_version(placed, "2.0.0", at_ns=an_hour_ago))
+    await place(blobs, placed)
+    # One whose module imports from a dependency: its links cannot be re-checked after the fact.
+    linked = wasm('(module (import "org.math" "add1" (func (param i32) (result i32)))'
+                  ' (memory (export "memory") 1) (func (export "_start")))')
+    new = _new_version(linked, "3.0.0", at_ns=an_hour_ago)
+    manifest = skill_pb2.Manifest.FromString(new.manifest)
+    manifest.dependencies.add(package="org.math", version_range="^1.0.0")
+    await store.begin_version(replace(new, manifest=manifest.SerializeToString()))
+    await place(blobs, linked)
+    # And a temporary file of an upload that never finished (for files, where earlier versions staged them).
+    leftover = (blobs.path_of(digest(MODULE)).parent / ".deadbeef.0000.tmp" if isinstance(blobs, BlobStore)
+                else backend.data_dir / "blobs" / "tmp" / "deadbeef.0000.tmp")
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half an upload")
+    await backend.close()
+
+    client = await open_registry(**backend.settings)
     lost = (await client.stub.GetSkillVersion(
         pb.GetSkillVersionRequest(name="com.acme.echo", version="1.0.0"), timeout=5)).skill_version
     assert lost.state == S.RELEASE_STATE_FAILED
@@ -129,26 +132,38 @@ async def test_publishes_interrupted_by_a_stop_are_settled_on_start(open_registr
     assert (await publish(client.stub, MODULE, version="1.0.0")).created
 
 
-async def test_store_state_machine_and_migrations(tmp_path: Path) -> None:
+async def test_store_state_machine(backend: Backend) -> None:
+    store = await backend.store()
+    record, created = await store.begin_version(_new_version(MODULE))
+    assert created and record.state is State.VERIFYING
+    assert [(t.from_state, t.to_state) for t in record.history] == [
+        (None, State.PENDING), (State.PENDING, State.VERIFYING)]
+    same, created = await store.begin_version(_new_version(module("other")))
+    assert not created and same == record
+    with pytest.raises(IllegalTransition):
+        await store.transition("com.acme.echo", "1.0.0", State.PENDING, "backwards")
+    ready = await store.transition("com.acme.echo", "1.0.0", State.READY, "ok")
+    assert ready.state is State.READY and ready.history[-1].reason == "ok"
+    with pytest.raises(IllegalTransition):
+        await store.transition("com.acme.echo", "1.0.0", State.FAILED, "too late")
+    with pytest.raises(VersionNotFound):
+        await store.transition("com.acme.echo", "9.0.0", State.READY, "nothing there")
+    # A FAILED version is replaced by the next publish, with a fresh history.
+    await store.begin_version(_new_version(MODULE, "2.0.0"))
+    await store.transition("com.acme.echo", "2.0.0", State.FAILED, "broken", errors=["broken"])
+    again, created = await store.begin_version(_new_version(module("fixed"), "2.0.0"))
+    assert created and again.digest == digest(module("fixed")) and len(again.history) == 2
+    assert again.verification_errors == ()
+    # Everything persists: the next run (or another replica) reads the same.
+    assert (await (await backend.store()).get_version("com.acme.echo", "1.0.0")) == ready
+
+
+async def test_sqlite_store_migrations(tmp_path: Path) -> None:
     path = tmp_path / "meta.sqlite3"
     store = await SqliteMetadataStore.open(path)
-    try:
-        record, created = await store.begin_version(_new_version(MODULE))
-        assert created and record.state is State.VERIFYING
-        assert [(t.from_state, t.to_state) for t in record.history] == [
-            (None, State.PENDING), (State.PENDING, State.VERIFYING)]
-        same, created = await store.begin_version(_new_version(module("other")))
-        assert not created and same == record
-        with pytest.raises(IllegalTransition):
-            await store.transition("com.acme.echo", "1.0.0", State.PENDING, "backwards")
-        ready = await store.transition("com.acme.echo", "1.0.0", State.READY, "ok")
-        assert ready.state is State.READY and ready.history[-1].reason == "ok"
-        with pytest.raises(IllegalTransition):
-            await store.transition("com.acme.echo", "1.0.0", State.FAILED, "too late")
-        with pytest.raises(VersionNotFound):
-            await store.transition("com.acme.echo", "9.0.0", State.READY, "nothing there")
-    finally:
-        await store.close()
+    await store.begin_version(_new_version(MODULE))
+    ready = await store.transition("com.acme.echo", "1.0.0", State.READY, "ok")
+    await store.close()
 
     async with aiosqlite.connect(path) as db:
         async with db.execute("PRAGMA journal_mode") as cursor:
@@ -172,15 +187,15 @@ def test_latest_version_helper() -> None:
     assert latest_version(["1.0.0-alpha", "1.0.0-alpha.1", "0.1.0-rc.1"]) == "1.0.0-alpha.1"
 
 
-async def test_cancelled_upload_leaves_nothing(tmp_path: Path) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
-    await blobs.open()
+async def test_cancelled_upload_leaves_nothing(backend: Backend) -> None:
+    blobs = await backend.blobs()
     with pytest.raises(RuntimeError):
         async with blobs.upload("ab" * 32) as upload:
             await upload.write(b"partial")
             await upload.finish()
             raise RuntimeError("client went away")
-    assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
+    assert [p for p in (backend.data_dir / "blobs").rglob("*") if p.is_file()] == []
+    assert await blobs.stored() == []
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -222,10 +237,9 @@ class _StuckVerifier(Verifier):
         return []
 
 
-async def test_publish_cancelled_during_verification_is_recorded_failed(tmp_path: Path) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
-    await blobs.open()
-    store = await SqliteMetadataStore.open(tmp_path / "registry.sqlite3")
+async def test_publish_cancelled_during_verification_is_recorded_failed(backend: Backend) -> None:
+    blobs = await backend.blobs()
+    store = await backend.store()
     verifier = _StuckVerifier()
     servicer = RegistryServicer(store, blobs, verifier, max_upload_bytes=1024 * 1024)
 
@@ -233,15 +247,14 @@ async def test_publish_cancelled_during_verification_is_recorded_failed(tmp_path
         yield metadata(MODULE)
         yield pb.PublishSkillRequest(chunk=MODULE)
 
-    try:
-        call = asyncio.create_task(servicer.PublishSkill(requests(), None))
-        await asyncio.wait_for(verifier.started.wait(), 5)
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        record = await store.get_version("com.acme.echo", "1.0.0")
-        assert record is not None and record.state is State.FAILED
-        assert "interrupted" in record.verification_errors[0]
-        assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
-    finally:
-        await store.close()
+    call = asyncio.create_task(servicer.PublishSkill(requests(), None))
+    await asyncio.wait_for(verifier.started.wait(), 5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    record = await store.get_version("com.acme.echo", "1.0.0")
+    assert record is not None and record.state is State.FAILED
+    assert "interrupted" in record.verification_errors[0]
+    await blobs.close()
+    assert [p for p in (backend.data_dir / "blobs").rglob("*") if p.is_file()] == []
+    assert await blobs.stored() == []

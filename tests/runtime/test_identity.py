@@ -57,7 +57,10 @@ def test_every_internal_method_has_an_entry_in_the_policy_table() -> None:
 
 
 def test_the_table_grants_what_the_platform_calls_and_no_more() -> None:
-    assert INTERNAL_CALLERS["/clawhub.executor.v1.ExecutorService/Execute"] == {"dispatcher"}
+    # Gateways call executors directly (docs/routing.md); the dispatcher's Dispatch does too.
+    assert INTERNAL_CALLERS["/clawhub.executor.v1.ExecutorService/Execute"] == {"gateway", "dispatcher"}
+    for method in ("WatchDataPlane", "AcknowledgeDataPlane", "ReportCalls"):
+        assert INTERNAL_CALLERS[f"/clawhub.dispatcher.v1.DataPlaneService/{method}"] == {"gateway"}
     assert INTERNAL_CALLERS["/clawhub.executor.v1.ExecutorService/UnloadSkill"] == {"deployer"}
     assert INTERNAL_CALLERS["/clawhub.executor.v1.ExecutorService/LoadSkill"] == {"deployer"}
     for method in ("WatchRoutes", "AcknowledgeRoutes", "ReportStats"):

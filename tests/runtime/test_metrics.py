@@ -307,7 +307,8 @@ def test_every_metric_is_exposed_and_documented() -> None:
     for call in (lambda: metrics.skill_called("com.test.doc", "1.0.0", 0.01, 5000, "SKILL_TRAPPED"),
                  lambda: metrics.skill_requested("com.test.doc", "success"),
                  lambda: metrics.release_ended("canary", "active"), lambda: metrics.rollback_started("manual"),
-                 lambda: metrics.rate_limit_refused("write")):
+                 lambda: metrics.rate_limit_refused("write"), lambda: metrics.cache_lookup("hit_l1"),
+                 lambda: metrics.cache_refresh("refreshed")):
         call()
     metrics.DB_QUERY_DURATION.labels("registry").observe(0.001)
     metrics.RPC_DURATION.labels("s", "m").observe(0.001)

@@ -39,9 +39,34 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 @pytest.fixture
 async def chain(spans: InMemorySpanExporter, start_service: Starter, tmp_path: Path) -> AsyncIterator[Chain]:
-    chain = await start_chain(start_service, tmp_path)
+    """Every call through the dispatcher's Dispatch (CLAWHUB_GATEWAY_ROUTING=dispatcher): the three services of
+    the path that has the most hops; the direct path (gateway → executor) has its own test below."""
+    chain = await start_chain(start_service, tmp_path, routing="dispatcher")
     yield chain
     await chain.channel.close()
+
+
+async def test_a_directly_routed_invocation_is_one_trace_of_the_gateway_and_the_executor(
+        spans: InMemorySpanExporter, start_service: Starter, tmp_path: Path) -> None:
+    chain = await start_chain(start_service, tmp_path)
+    try:
+        await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name=ECHO_SKILL, raw_input=b"warm"), timeout=10)
+        spans.clear()
+        traceparent, trace_id = tracing.new_traceparent()
+        response = await chain.stub.InvokeSkill(pb.InvokeSkillRequest(name=ECHO_SKILL, raw_input=b"hi"),
+                                                timeout=10, metadata=(("traceparent", traceparent),))
+        assert response.raw_output == b"hi"
+        found = [s for s in spans.get_finished_spans() if f"{s.context.trace_id:032x}" == trace_id]
+        gateway = _one(found, GATEWAY, SpanKind.SERVER)
+        executor = _one(found, EXECUTOR, SpanKind.SERVER)
+        assert _parent_of(executor, found) is gateway
+        assert not [s for s in found if s.name == DISPATCHER]
+        # The route choice is made by the gateway now: its attributes are on the gateway's span.
+        assert _attrs(gateway)["clawhub.skill.version"] == "1.0.0" and _attrs(gateway)["clawhub.executor"]
+        assert sorted(s.name for s in found if s.kind != SpanKind.CLIENT) == sorted(
+            [GATEWAY, EXECUTOR, "sandbox.run"])
+    finally:
+        await chain.channel.close()
 
 
 def _one(found: list[ReadableSpan], name: str, kind: SpanKind) -> ReadableSpan:

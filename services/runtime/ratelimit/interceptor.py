@@ -70,6 +70,9 @@ METHOD_CLASSES: Mapping[str, str] = {
     "/clawhub.dispatcher.v1.DispatcherService/GetRouteTable": "read",
     "/clawhub.dispatcher.v1.DispatcherService/TailSkillLogs": "stream",
     "/clawhub.dispatcher.v1.DispatcherService/GetSkillStats": "read",
+    "/clawhub.dispatcher.v1.DataPlaneService/WatchDataPlane": "stream",
+    "/clawhub.dispatcher.v1.DataPlaneService/AcknowledgeDataPlane": "write",
+    "/clawhub.dispatcher.v1.DataPlaneService/ReportCalls": "write",
     "/clawhub.executor.v1.ExecutorService/Execute": "invoke",
     "/clawhub.executor.v1.ExecutorService/LoadSkill": "write",
     "/clawhub.executor.v1.ExecutorService/UnloadSkill": "write",
@@ -105,6 +108,8 @@ METHOD_CLASSES: Mapping[str, str] = {
     "/clawhub.deployer.v1.DeployerInternalService/WatchRoutes": "stream",
     "/clawhub.deployer.v1.DeployerInternalService/AcknowledgeRoutes": "write",
     "/clawhub.deployer.v1.DeployerInternalService/ReportStats": "write",
+    "/clawhub.deployer.v1.DeployerInternalService/RegisterExecutor": "write",
+    "/clawhub.deployer.v1.DeployerInternalService/DeregisterExecutor": "write",
     **{method: "read" for method in _REFLECTION},
 }
 # A method missing from the table (a service of a test, a new RPC) is limited as `write`, the strictest class.

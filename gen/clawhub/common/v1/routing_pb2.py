@@ -26,7 +26,7 @@ from clawhub.common.v1 import skill_pb2 as clawhub_dot_common_dot_v1_dot_skill__
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lawhub/common/v1/routing.proto\x12\x11\x63lawhub.common.v1\x1a\x1d\x63lawhub/common/v1/skill.proto\x1a\x1egoogle/protobuf/duration.proto\"\xe3\x03\n\x0bRouteTarget\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12)\n\x06limits\x18\x04 \x01(\x0b\x32\x19.clawhub.common.v1.Limits\x12\x34\n\x03\x65nv\x18\x05 \x03(\x0b\x32\'.clawhub.common.v1.RouteTarget.EnvEntry\x12\x0c\n\x04\x61rgs\x18\x06 \x03(\t\x12\x15\n\rbundle_digest\x18\x07 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\x12\x19\n\x0cinput_schema\x18\t \x01(\tH\x00\x88\x01\x01\x12,\n\tcache_ttl\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nenv_digest\x18\x0b \x01(\t\x12;\n\x0c\x64\x65pendencies\x18\x14 \x03(\x0b\x32%.clawhub.common.v1.ResolvedDependency\x12\x30\n\x04role\x18\x15 \x01(\x0e\x32\".clawhub.common.v1.RouteTargetRole\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_input_schema\"G\n\x05Route\x12\r\n\x05skill\x18\x01 \x01(\t\x12/\n\x07targets\x18\x02 \x03(\x0b\x32\x1e.clawhub.common.v1.RouteTarget\"J\n\nRouteTable\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12(\n\x06routes\x18\x02 \x03(\x0b\x32\x18.clawhub.common.v1.Route*s\n\x0fRouteTargetRole\x12!\n\x1dROUTE_TARGET_ROLE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bROUTE_TARGET_ROLE_CANDIDATE\x10\x01\x12\x1c\n\x18ROUTE_TARGET_ROLE_STABLE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lawhub/common/v1/routing.proto\x12\x11\x63lawhub.common.v1\x1a\x1d\x63lawhub/common/v1/skill.proto\x1a\x1egoogle/protobuf/duration.proto\"\xe3\x03\n\x0bRouteTarget\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12)\n\x06limits\x18\x04 \x01(\x0b\x32\x19.clawhub.common.v1.Limits\x12\x34\n\x03\x65nv\x18\x05 \x03(\x0b\x32\'.clawhub.common.v1.RouteTarget.EnvEntry\x12\x0c\n\x04\x61rgs\x18\x06 \x03(\t\x12\x15\n\rbundle_digest\x18\x07 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\x12\x19\n\x0cinput_schema\x18\t \x01(\tH\x00\x88\x01\x01\x12,\n\tcache_ttl\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nenv_digest\x18\x0b \x01(\t\x12;\n\x0c\x64\x65pendencies\x18\x14 \x03(\x0b\x32%.clawhub.common.v1.ResolvedDependency\x12\x30\n\x04role\x18\x15 \x01(\x0e\x32\".clawhub.common.v1.RouteTargetRole\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_input_schema\"G\n\x05Route\x12\r\n\x05skill\x18\x01 \x01(\t\x12/\n\x07targets\x18\x02 \x03(\x0b\x32\x1e.clawhub.common.v1.RouteTarget\"_\n\nRouteTable\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12(\n\x06routes\x18\x02 \x03(\x0b\x32\x18.clawhub.common.v1.Route\x12\x13\n\x0btraceparent\x18\x03 \x01(\t*s\n\x0fRouteTargetRole\x12!\n\x1dROUTE_TARGET_ROLE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bROUTE_TARGET_ROLE_CANDIDATE\x10\x01\x12\x1c\n\x18ROUTE_TARGET_ROLE_STABLE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUTETARGET_ENVENTRY']._loaded_options = None
   _globals['_ROUTETARGET_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_ROUTETARGETROLE']._serialized_start=752
-  _globals['_ROUTETARGETROLE']._serialized_end=867
+  _globals['_ROUTETARGETROLE']._serialized_start=773
+  _globals['_ROUTETARGETROLE']._serialized_end=888
   _globals['_ROUTETARGET']._serialized_start=118
   _globals['_ROUTETARGET']._serialized_end=601
   _globals['_ROUTETARGET_ENVENTRY']._serialized_start=542
@@ -44,5 +44,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTE']._serialized_start=603
   _globals['_ROUTE']._serialized_end=674
   _globals['_ROUTETABLE']._serialized_start=676
-  _globals['_ROUTETABLE']._serialized_end=750
+  _globals['_ROUTETABLE']._serialized_end=771
 # @@protoc_insertion_point(module_scope)

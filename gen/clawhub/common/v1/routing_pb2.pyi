@@ -205,8 +205,13 @@ class RouteTable(_message.Message):
 
     GENERATION_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """Monotonically increasing generation number."""
+    traceparent: _builtins.str
+    """W3C `traceparent` of the deployer's route push that made this generation (empty when it was not traced):
+    the dispatchers' and gateways' spans of applying it join the release's trace.
+    """
     @_builtins.property
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]:
         """One route per deployed skill."""
@@ -216,10 +221,11 @@ class RouteTable(_message.Message):
         *,
         generation: _builtins.int = ...,
         routes: _abc.Iterable[Global___Route] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "routes", b"routes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "routes", b"routes", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,6 +38,10 @@ class _AbiEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Abi.ValueType], _
     """A library: exports functions that dependent skills import by its package name (the wasm import
     module); it is linked into them and cannot be invoked on its own.
     """
+    ABI_COMPONENT_V1: _Abi.ValueType  # 4
+    """A WebAssembly component of the WIT world `clawhub:skill/skill` (wit/skill.wit): exports
+    `run: func(input: list<u8>) -> result<list<u8>, string>`, imports `log` and what its capabilities grant.
+    """
 
 class Abi(_Abi, metaclass=_AbiEnumTypeWrapper):
     """The application binary interface a skill module implements."""
@@ -53,6 +57,10 @@ ABI_MEMORY_V1: Abi.ValueType  # 2
 ABI_LIBRARY_V1: Abi.ValueType  # 3
 """A library: exports functions that dependent skills import by its package name (the wasm import
 module); it is linked into them and cannot be invoked on its own.
+"""
+ABI_COMPONENT_V1: Abi.ValueType  # 4
+"""A WebAssembly component of the WIT world `clawhub:skill/skill` (wit/skill.wit): exports
+`run: func(input: list<u8>) -> result<list<u8>, string>`, imports `log` and what its capabilities grant.
 """
 Global___Abi: _TypeAlias = Abi  # noqa: Y015
 
@@ -319,10 +327,22 @@ class Usage(_message.Message):
     WALL_TIME_FIELD_NUMBER: _builtins.int
     FUEL_CONSUMED_FIELD_NUMBER: _builtins.int
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    KV_OPERATIONS_FIELD_NUMBER: _builtins.int
+    HTTP_REQUESTS_FIELD_NUMBER: _builtins.int
+    HTTP_BYTES_SENT_FIELD_NUMBER: _builtins.int
+    HTTP_BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
     fuel_consumed: _builtins.int
     """Fuel consumed, when the call was metered."""
     peak_memory_bytes: _builtins.int
     """Peak linear memory of the sandbox in bytes."""
+    kv_operations: _builtins.int
+    """Calls of the `kv` host functions (capability `kv`)."""
+    http_requests: _builtins.int
+    """HTTP requests the skill made (capability `http:HOST`), redirect hops included."""
+    http_bytes_sent: _builtins.int
+    """HTTP bytes the skill sent (request lines, headers, bodies; before TLS)."""
+    http_bytes_received: _builtins.int
+    """HTTP bytes the skill received (status lines, headers, bodies; before TLS)."""
     @_builtins.property
     def wall_time(self) -> _duration_pb2.Duration:
         """Wall-clock time spent inside the sandbox."""
@@ -333,10 +353,14 @@ class Usage(_message.Message):
         wall_time: _duration_pb2.Duration | None = ...,
         fuel_consumed: _builtins.int = ...,
         peak_memory_bytes: _builtins.int = ...,
+        kv_operations: _builtins.int = ...,
+        http_requests: _builtins.int = ...,
+        http_bytes_sent: _builtins.int = ...,
+        http_bytes_received: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["wall_time", b"wall_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fuel_consumed", b"fuel_consumed", "peak_memory_bytes", b"peak_memory_bytes", "wall_time", b"wall_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fuel_consumed", b"fuel_consumed", "http_bytes_received", b"http_bytes_received", "http_bytes_sent", b"http_bytes_sent", "http_requests", b"http_requests", "kv_operations", b"kv_operations", "peak_memory_bytes", b"peak_memory_bytes", "wall_time", b"wall_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from clawhub.common.v1 import routing_pb2 as clawhub_dot_common_dot_v1_dot_routi
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+clawhub/deployer/v1/deployer_internal.proto\x12\x13\x63lawhub.deployer.v1\x1a\x1f\x63lawhub/common/v1/routing.proto\x1a\x1egoogle/protobuf/duration.proto\"+\n\x12WatchRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\"I\n\x13WatchRoutesResponse\x12\x32\n\x0broute_table\x18\x01 \x01(\x0b\x32\x1d.clawhub.common.v1.RouteTable\"E\n\x18\x41\x63knowledgeRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"\x1b\n\x19\x41\x63knowledgeRoutesResponse\"e\n\x12ReportStatsRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x38\n\x07reports\x18\x02 \x03(\x0b\x32\'.clawhub.deployer.v1.VersionStatsReport\"\xe1\x01\n\x12VersionStatsReport\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\x04\x12\x0f\n\x07retried\x18\x06 \x01(\x04\x12\x36\n\x07latency\x18\x07 \x01(\x0b\x32%.clawhub.deployer.v1.LatencyHistogram\x12.\n\x0bp99_latency\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x10LatencyHistogram\x12\x1c\n\x14upper_bounds_seconds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\x15\n\x13ReportStatsResponse2\xd3\x02\n\x17\x44\x65ployerInternalService\x12\x62\n\x0bWatchRoutes\x12\'.clawhub.deployer.v1.WatchRoutesRequest\x1a(.clawhub.deployer.v1.WatchRoutesResponse0\x01\x12r\n\x11\x41\x63knowledgeRoutes\x12-.clawhub.deployer.v1.AcknowledgeRoutesRequest\x1a..clawhub.deployer.v1.AcknowledgeRoutesResponse\x12`\n\x0bReportStats\x12\'.clawhub.deployer.v1.ReportStatsRequest\x1a(.clawhub.deployer.v1.ReportStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+clawhub/deployer/v1/deployer_internal.proto\x12\x13\x63lawhub.deployer.v1\x1a\x1f\x63lawhub/common/v1/routing.proto\x1a\x1egoogle/protobuf/duration.proto\"+\n\x12WatchRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\"~\n\x13WatchRoutesResponse\x12\x32\n\x0broute_table\x18\x01 \x01(\x0b\x32\x1d.clawhub.common.v1.RouteTable\x12\x33\n\texecutors\x18\x02 \x01(\x0b\x32 .clawhub.deployer.v1.ExecutorSet\" \n\x0b\x45xecutorSet\x12\x11\n\taddresses\x18\x01 \x03(\t\"E\n\x18\x41\x63knowledgeRoutesRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"\x1b\n\x19\x41\x63knowledgeRoutesResponse\"e\n\x12ReportStatsRequest\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x38\n\x07reports\x18\x02 \x03(\x0b\x32\'.clawhub.deployer.v1.VersionStatsReport\"\xe1\x01\n\x12VersionStatsReport\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\x04\x12\x0f\n\x07retried\x18\x06 \x01(\x04\x12\x36\n\x07latency\x18\x07 \x01(\x0b\x32%.clawhub.deployer.v1.LatencyHistogram\x12.\n\x0bp99_latency\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x10LatencyHistogram\x12\x1c\n\x14upper_bounds_seconds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\x15\n\x13ReportStatsResponse\"T\n\x17RegisterExecutorRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12(\n\x05lease\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"D\n\x18RegisterExecutorResponse\x12(\n\x05lease\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\",\n\x19\x44\x65registerExecutorRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65registerExecutorResponse2\xbb\x04\n\x17\x44\x65ployerInternalService\x12\x62\n\x0bWatchRoutes\x12\'.clawhub.deployer.v1.WatchRoutesRequest\x1a(.clawhub.deployer.v1.WatchRoutesResponse0\x01\x12r\n\x11\x41\x63knowledgeRoutes\x12-.clawhub.deployer.v1.AcknowledgeRoutesRequest\x1a..clawhub.deployer.v1.AcknowledgeRoutesResponse\x12`\n\x0bReportStats\x12\'.clawhub.deployer.v1.ReportStatsRequest\x1a(.clawhub.deployer.v1.ReportStatsResponse\x12o\n\x10RegisterExecutor\x12,.clawhub.deployer.v1.RegisterExecutorRequest\x1a-.clawhub.deployer.v1.RegisterExecutorResponse\x12u\n\x12\x44\x65registerExecutor\x12..clawhub.deployer.v1.DeregisterExecutorRequest\x1a/.clawhub.deployer.v1.DeregisterExecutorResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHROUTESREQUEST']._serialized_start=133
   _globals['_WATCHROUTESREQUEST']._serialized_end=176
   _globals['_WATCHROUTESRESPONSE']._serialized_start=178
-  _globals['_WATCHROUTESRESPONSE']._serialized_end=251
-  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_start=253
-  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_end=322
-  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_start=324
-  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_end=351
-  _globals['_REPORTSTATSREQUEST']._serialized_start=353
-  _globals['_REPORTSTATSREQUEST']._serialized_end=454
-  _globals['_VERSIONSTATSREPORT']._serialized_start=457
-  _globals['_VERSIONSTATSREPORT']._serialized_end=682
-  _globals['_LATENCYHISTOGRAM']._serialized_start=684
-  _globals['_LATENCYHISTOGRAM']._serialized_end=748
-  _globals['_REPORTSTATSRESPONSE']._serialized_start=750
-  _globals['_REPORTSTATSRESPONSE']._serialized_end=771
-  _globals['_DEPLOYERINTERNALSERVICE']._serialized_start=774
-  _globals['_DEPLOYERINTERNALSERVICE']._serialized_end=1113
+  _globals['_WATCHROUTESRESPONSE']._serialized_end=304
+  _globals['_EXECUTORSET']._serialized_start=306
+  _globals['_EXECUTORSET']._serialized_end=338
+  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_start=340
+  _globals['_ACKNOWLEDGEROUTESREQUEST']._serialized_end=409
+  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_start=411
+  _globals['_ACKNOWLEDGEROUTESRESPONSE']._serialized_end=438
+  _globals['_REPORTSTATSREQUEST']._serialized_start=440
+  _globals['_REPORTSTATSREQUEST']._serialized_end=541
+  _globals['_VERSIONSTATSREPORT']._serialized_start=544
+  _globals['_VERSIONSTATSREPORT']._serialized_end=769
+  _globals['_LATENCYHISTOGRAM']._serialized_start=771
+  _globals['_LATENCYHISTOGRAM']._serialized_end=835
+  _globals['_REPORTSTATSRESPONSE']._serialized_start=837
+  _globals['_REPORTSTATSRESPONSE']._serialized_end=858
+  _globals['_REGISTEREXECUTORREQUEST']._serialized_start=860
+  _globals['_REGISTEREXECUTORREQUEST']._serialized_end=944
+  _globals['_REGISTEREXECUTORRESPONSE']._serialized_start=946
+  _globals['_REGISTEREXECUTORRESPONSE']._serialized_end=1014
+  _globals['_DEREGISTEREXECUTORREQUEST']._serialized_start=1016
+  _globals['_DEREGISTEREXECUTORREQUEST']._serialized_end=1060
+  _globals['_DEREGISTEREXECUTORRESPONSE']._serialized_start=1062
+  _globals['_DEREGISTEREXECUTORRESPONSE']._serialized_end=1090
+  _globals['_DEPLOYERINTERNALSERVICE']._serialized_start=1093
+  _globals['_DEPLOYERINTERNALSERVICE']._serialized_end=1664
 # @@protoc_insertion_point(module_scope)

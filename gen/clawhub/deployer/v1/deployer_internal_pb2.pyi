@@ -49,22 +49,56 @@ class WatchRoutesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUTE_TABLE_FIELD_NUMBER: _builtins.int
+    EXECUTORS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def route_table(self) -> _routing_pb2.RouteTable:
         """The whole table."""
+
+    @_builtins.property
+    def executors(self) -> Global___ExecutorSet:
+        """The executors calls may go to, each one preloaded with every version the table routes to (the
+        configured ones, and those that joined by registration or DNS). Unset while the deployer does not know
+        them yet (it just started) and from deployers older than the field: a dispatcher then keeps the
+        executors it has. A response may repeat the table's generation when only this changed.
+        """
 
     def __init__(
         self,
         *,
         route_table: _routing_pb2.RouteTable | None = ...,
+        executors: Global___ExecutorSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["route_table", b"route_table"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "route_table", b"route_table"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["route_table", b"route_table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "route_table", b"route_table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRoutesResponse: _TypeAlias = WatchRoutesResponse  # noqa: Y015
+
+@_typing.final
+class ExecutorSet(_message.Message):
+    """The executors the deployer preloaded and publishes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host:port of each executor's ExecutorService, sorted."""
+
+    def __init__(
+        self,
+        *,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutorSet: _TypeAlias = ExecutorSet  # noqa: Y015
 
 @_typing.final
 class AcknowledgeRoutesRequest(_message.Message):
@@ -239,3 +273,96 @@ class ReportStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportStatsResponse: _TypeAlias = ReportStatsResponse  # noqa: Y015
+
+@_typing.final
+class RegisterExecutorRequest(_message.Message):
+    """Request of RegisterExecutor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """host:port at which the deployer, dispatchers and gateways reach the executor's ExecutorService
+    (CLAWHUB_EXECUTOR_ADVERTISE_ADDRESS).
+    """
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """How long the registration lasts without a renewal: 1 s to 5 min; unset means 10 s."""
+
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        lease: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "lease", b"lease"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterExecutorRequest: _TypeAlias = RegisterExecutorRequest  # noqa: Y015
+
+@_typing.final
+class RegisterExecutorResponse(_message.Message):
+    """Response of RegisterExecutor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """The lease granted, from the time of the call."""
+
+    def __init__(
+        self,
+        *,
+        lease: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterExecutorResponse: _TypeAlias = RegisterExecutorResponse  # noqa: Y015
+
+@_typing.final
+class DeregisterExecutorRequest(_message.Message):
+    """Request of DeregisterExecutor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """The address the executor registered with."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeregisterExecutorRequest: _TypeAlias = DeregisterExecutorRequest  # noqa: Y015
+
+@_typing.final
+class DeregisterExecutorResponse(_message.Message):
+    """Response of DeregisterExecutor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeregisterExecutorResponse: _TypeAlias = DeregisterExecutorResponse  # noqa: Y015

@@ -52,6 +52,16 @@ class DeployerInternalServiceStub:
                 request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.ReportStatsRequest.SerializeToString,
                 response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.ReportStatsResponse.FromString,
                 _registered_method=True)
+        self.RegisterExecutor = channel.unary_unary(
+                '/clawhub.deployer.v1.DeployerInternalService/RegisterExecutor',
+                request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.RegisterExecutorRequest.SerializeToString,
+                response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.RegisterExecutorResponse.FromString,
+                _registered_method=True)
+        self.DeregisterExecutor = channel.unary_unary(
+                '/clawhub.deployer.v1.DeployerInternalService/DeregisterExecutor',
+                request_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.DeregisterExecutorRequest.SerializeToString,
+                response_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.DeregisterExecutorResponse.FromString,
+                _registered_method=True)
 
 
 class DeployerInternalServiceServicer:
@@ -85,6 +95,27 @@ class DeployerInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterExecutor(self, request, context):
+        """Registers an executor, or renews its registration (docs/routing.md, "Executors joining and leaving"): the
+        deployer preloads every deployed version on it, then publishes it to dispatchers
+        (WatchRoutesResponse.executors); it is dropped when the lease runs out without a renewal. Used by executors
+        started with CLAWHUB_EXECUTOR_REGISTER_WITH, about five times per lease. Any deployer replica accepts it
+        (the lease is stored where every replica reads it).
+        Returns INVALID_ARGUMENT (missing or malformed address, lease out of range).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterExecutor(self, request, context):
+        """Ends an executor's lease at once (it is shutting down): the deployer stops publishing it. Used by
+        executors that registered.
+        Returns INVALID_ARGUMENT (missing or malformed address).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeployerInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +133,16 @@ def add_DeployerInternalServiceServicer_to_server(servicer, server):
                     servicer.ReportStats,
                     request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.ReportStatsRequest.FromString,
                     response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.ReportStatsResponse.SerializeToString,
+            ),
+            'RegisterExecutor': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterExecutor,
+                    request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.RegisterExecutorRequest.FromString,
+                    response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.RegisterExecutorResponse.SerializeToString,
+            ),
+            'DeregisterExecutor': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterExecutor,
+                    request_deserializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.DeregisterExecutorRequest.FromString,
+                    response_serializer=clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.DeregisterExecutorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +229,60 @@ class DeployerInternalService:
             '/clawhub.deployer.v1.DeployerInternalService/ReportStats',
             clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.ReportStatsRequest.SerializeToString,
             clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.ReportStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterExecutor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.deployer.v1.DeployerInternalService/RegisterExecutor',
+            clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.RegisterExecutorRequest.SerializeToString,
+            clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.RegisterExecutorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterExecutor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawhub.deployer.v1.DeployerInternalService/DeregisterExecutor',
+            clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.DeregisterExecutorRequest.SerializeToString,
+            clawhub_dot_deployer_dot_v1_dot_deployer__internal__pb2.DeregisterExecutorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,19 @@ class DeployerInternalServiceStub:
     releases with them. Used by dispatchers.
     Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
     """
+    RegisterExecutor: _grpc.UnaryUnaryMultiCallable[_deployer_internal_pb2.RegisterExecutorRequest, _deployer_internal_pb2.RegisterExecutorResponse]
+    """Registers an executor, or renews its registration (docs/routing.md, "Executors joining and leaving"): the
+    deployer preloads every deployed version on it, then publishes it to dispatchers
+    (WatchRoutesResponse.executors); it is dropped when the lease runs out without a renewal. Used by executors
+    started with CLAWHUB_EXECUTOR_REGISTER_WITH, about five times per lease. Any deployer replica accepts it
+    (the lease is stored where every replica reads it).
+    Returns INVALID_ARGUMENT (missing or malformed address, lease out of range).
+    """
+    DeregisterExecutor: _grpc.UnaryUnaryMultiCallable[_deployer_internal_pb2.DeregisterExecutorRequest, _deployer_internal_pb2.DeregisterExecutorResponse]
+    """Ends an executor's lease at once (it is shutting down): the deployer stops publishing it. Used by
+    executors that registered.
+    Returns INVALID_ARGUMENT (missing or malformed address).
+    """
 
 @_typing.type_check_only
 class DeployerInternalServiceAsyncStub(DeployerInternalServiceStub):
@@ -70,6 +83,19 @@ class DeployerInternalServiceAsyncStub(DeployerInternalServiceStub):
     """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
     releases with them. Used by dispatchers.
     Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
+    """
+    RegisterExecutor: _aio.UnaryUnaryMultiCallable[_deployer_internal_pb2.RegisterExecutorRequest, _deployer_internal_pb2.RegisterExecutorResponse]  # type: ignore[assignment]
+    """Registers an executor, or renews its registration (docs/routing.md, "Executors joining and leaving"): the
+    deployer preloads every deployed version on it, then publishes it to dispatchers
+    (WatchRoutesResponse.executors); it is dropped when the lease runs out without a renewal. Used by executors
+    started with CLAWHUB_EXECUTOR_REGISTER_WITH, about five times per lease. Any deployer replica accepts it
+    (the lease is stored where every replica reads it).
+    Returns INVALID_ARGUMENT (missing or malformed address, lease out of range).
+    """
+    DeregisterExecutor: _aio.UnaryUnaryMultiCallable[_deployer_internal_pb2.DeregisterExecutorRequest, _deployer_internal_pb2.DeregisterExecutorResponse]  # type: ignore[assignment]
+    """Ends an executor's lease at once (it is shutting down): the deployer stops publishing it. Used by
+    executors that registered.
+    Returns INVALID_ARGUMENT (missing or malformed address).
     """
 
 class DeployerInternalServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,6 +133,31 @@ class DeployerInternalServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reports a dispatcher's per-version invocation counts since its previous report; the deployer analyses
         releases with them. Used by dispatchers.
         Returns INVALID_ARGUMENT (missing dispatcher id, malformed report).
+        """
+
+    @_abc_1.abstractmethod
+    def RegisterExecutor(
+        self,
+        request: _deployer_internal_pb2.RegisterExecutorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployer_internal_pb2.RegisterExecutorResponse, _abc.Awaitable[_deployer_internal_pb2.RegisterExecutorResponse]]:
+        """Registers an executor, or renews its registration (docs/routing.md, "Executors joining and leaving"): the
+        deployer preloads every deployed version on it, then publishes it to dispatchers
+        (WatchRoutesResponse.executors); it is dropped when the lease runs out without a renewal. Used by executors
+        started with CLAWHUB_EXECUTOR_REGISTER_WITH, about five times per lease. Any deployer replica accepts it
+        (the lease is stored where every replica reads it).
+        Returns INVALID_ARGUMENT (missing or malformed address, lease out of range).
+        """
+
+    @_abc_1.abstractmethod
+    def DeregisterExecutor(
+        self,
+        request: _deployer_internal_pb2.DeregisterExecutorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployer_internal_pb2.DeregisterExecutorResponse, _abc.Awaitable[_deployer_internal_pb2.DeregisterExecutorResponse]]:
+        """Ends an executor's lease at once (it is shutting down): the deployer stops publishing it. Used by
+        executors that registered.
+        Returns INVALID_ARGUMENT (missing or malformed address).
         """
 
 def add_DeployerInternalServiceServicer_to_server(servicer: DeployerInternalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

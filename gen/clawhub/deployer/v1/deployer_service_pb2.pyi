@@ -492,6 +492,7 @@ class CreateDeploymentRequest(_message.Message):
     CANARY_FIELD_NUMBER: _builtins.int
     ANALYSIS_FIELD_NUMBER: _builtins.int
     ALLOW_UNSET_ENV_FIELD_NUMBER: _builtins.int
+    HTTP_ALLOW_FIELD_NUMBER: _builtins.int
     skill: _builtins.str
     """Skill name."""
     version: _builtins.str
@@ -521,6 +522,13 @@ class CreateDeploymentRequest(_message.Message):
     def analysis(self) -> Global___Analysis:
         """Analysis thresholds; unset fields take the deployer's defaults."""
 
+    @_builtins.property
+    def http_allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Narrows the outbound HTTP the skill may make in this deployment: only the manifest's `http:HOST`
+        capabilities listed here (exactly as declared, such as `http:api.example.com`) are granted; empty grants
+        them all. One the manifest does not declare is refused (INVALID_ARGUMENT): a deployment can only take away.
+        """
+
     def __init__(
         self,
         *,
@@ -532,10 +540,11 @@ class CreateDeploymentRequest(_message.Message):
         canary: Global___CanaryStrategy | None = ...,
         analysis: Global___Analysis | None = ...,
         allow_unset_env: _builtins.bool = ...,
+        http_allow: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "strategy", b"strategy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unset_env", b"allow_unset_env", "analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "env", b"env", "request_id", b"request_id", "skill", b"skill", "strategy", b"strategy", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unset_env", b"allow_unset_env", "analysis", b"analysis", "blue_green", b"blue_green", "canary", b"canary", "env", b"env", "http_allow", b"http_allow", "request_id", b"request_id", "skill", b"skill", "strategy", b"strategy", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["blue_green", "canary"]  # noqa: Y015
     _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015

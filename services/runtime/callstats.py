@@ -1,4 +1,12 @@
-"""Per-version invocation stats: counted on every call, reported to the deployer in small batches.
+"""Call statistics of the data path, counted where calls are routed (the gateway, and the dispatcher's own
+Dispatch) and reported in small batches.
+
+**Per version** (`VersionStats`): what the deployer's release analysis needs. A gateway reports its deltas to
+the dispatcher (DataPlaneService.ReportCalls), which adds them to its own (`add_report`) and reports the sum to
+the deployer (DeployerInternalService.ReportStats).
+
+**Per skill** (`SkillCallDeltas`): every ended call by reason and latency bucket, for `clawhub top`; a gateway
+reports them to the dispatcher, whose rolling window (services/dispatcher/skillstats.py) shows them.
 
 The deployer analyses a release (bake window, canary steps) with these reports, and its rollback is only as
 fast as the report that shows the breach. So the reporter sends the first report as soon as there is
@@ -11,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,11 +32,11 @@ from clawhub.deployer.v1 import deployer_internal_pb2 as deployer_pb
 from clawhub.deployer.v1 import deployer_internal_pb2_grpc as deployer_grpc
 from google.protobuf import duration_pb2
 
-from services.runtime.errors import describe_error
+from services.runtime.errors import ServiceError, describe_error, error_info
 from services.runtime.latency import Histogram
 from services.runtime.tasks import BackgroundLoop
 
-log = logging.getLogger("clawhub.dispatcher")
+log = logging.getLogger("clawhub.stats")
 
 REPORT_TIMEOUT = 2.0
 # Sliding window of the p99 shown with each report: SLOTS slots of SLOT_SECONDS each.
@@ -73,12 +82,33 @@ class VersionStats:
         counts.requests += 1
         counts.failures += int(failed)
         counts.latency.add(seconds)
+        self._current_slot(counts).add(seconds)
+        self._pending.set()
+
+    def _current_slot(self, counts: _Counts) -> Histogram:
+        """The histogram of the sliding window's current slot (slots older than the window dropped)."""
         slot = int(self._clock() / SLOT_SECONDS)
         if not counts.slots or counts.slots[-1][0] != slot:
             counts.slots.append((slot, Histogram()))
             while counts.slots and counts.slots[0][0] <= slot - SLOTS:
                 counts.slots.popleft()
-        counts.slots[-1][1].add(seconds)
+        return counts.slots[-1][1]
+
+    def add_report(self, report: deployer_pb.VersionStatsReport) -> None:
+        """Add another router's deltas (a gateway's report) as if its calls had been counted here: their
+        latency goes into the current slot of the sliding window, bucket by bucket."""
+        if not report.requests and not report.retried:
+            return
+        key = (report.skill, report.version, report.digest)
+        counts = self._counts.setdefault(key, _Counts())
+        counts.requests += report.requests
+        counts.failures += report.failures
+        counts.retried += report.retried
+        bounds = tuple(report.latency.upper_bounds_seconds)
+        if bounds and len(report.latency.counts) == len(bounds) + 1:
+            histogram = Histogram(bounds, report.latency.counts)
+            counts.latency.merge(histogram)
+            self._current_slot(counts).merge(histogram)
         self._pending.set()
 
     def retried(self, key: Key) -> None:
@@ -170,3 +200,88 @@ class StatsReporter(BackgroundLoop):
                     log.exception("stats report failed")
             # Batches the calls of the next `interval` into one report.
             await asyncio.sleep(self._interval)
+
+
+# --- Per skill -------------------------------------------------------------------------------------------------
+
+BUCKETS_PER_DOUBLING = 8
+_SCALE = BUCKETS_PER_DOUBLING / math.log(2)
+_MICROSECOND = 1e-6
+# Entries in one ReportCalls (the dispatcher refuses more).
+MAX_REPORT_ENTRIES = 1000
+
+
+def bucket(seconds: float) -> int:
+    """The latency bucket of `seconds`: bucket i holds (2^((i-1)/B), 2^(i/B)] µs; 0 holds up to 1 µs."""
+    if seconds <= _MICROSECOND:
+        return 0
+    return math.ceil(math.log(seconds / _MICROSECOND) * _SCALE)
+
+
+def bucket_value(index: int) -> float:
+    """A bucket's representative latency in seconds: its geometric middle (its bound for bucket 0)."""
+    if index <= 0:
+        return _MICROSECOND
+    return _MICROSECOND * 2 ** ((index - 0.5) / BUCKETS_PER_DOUBLING)
+
+
+def reason_of(exc: BaseException) -> str:
+    """How a failed call is told in `errors_by_reason`: its ErrorInfo reason, else its status code's name."""
+    if isinstance(exc, ServiceError):
+        return str(exc.reason) or exc.code.name
+    if isinstance(exc, grpc.aio.AioRpcError):
+        info = error_info(exc)
+        return str(info.reason if info is not None and info.reason else exc.code().name)
+    if isinstance(exc, asyncio.CancelledError):
+        return str(grpc.StatusCode.CANCELLED.name)
+    return str(grpc.StatusCode.UNKNOWN.name)  # a bug: the error interceptor answers it with UNKNOWN too
+
+
+class SkillCalls(Protocol):
+    """Where a router counts every ended call of a routed skill (`reason` empty for a success)."""
+
+    def knows(self, skill: str) -> bool: ...
+
+    def record(self, skill: str, seconds: float, reason: str = "") -> None: ...
+
+
+class _SkillDelta:
+    __slots__ = ("calls", "reasons", "latency")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.reasons: dict[str, int] = {}
+        self.latency: dict[int, int] = {}
+
+
+class SkillCallDeltas:
+    """A gateway's per-skill counts since its previous report (`drain`), in the buckets of the dispatcher's
+    window, so the dispatcher adds them up exactly. At most MAX_REPORT_ENTRIES skills between two reports
+    (a gateway records only routed skills)."""
+
+    def __init__(self) -> None:
+        self._skills: dict[str, _SkillDelta] = {}
+        self._known: set[str] = set()
+
+    def knows(self, skill: str) -> bool:
+        return skill in self._known
+
+    def record(self, skill: str, seconds: float, reason: str = "") -> None:
+        delta = self._skills.get(skill)
+        if delta is None:
+            if len(self._skills) >= MAX_REPORT_ENTRIES:
+                return
+            delta = self._skills[skill] = _SkillDelta()
+            self._known.add(skill)
+        delta.calls += 1
+        index = bucket(seconds)
+        delta.latency[index] = delta.latency.get(index, 0) + 1
+        if reason:
+            delta.reasons[reason] = delta.reasons.get(reason, 0) + 1
+
+    def drain(self) -> list[tuple[str, int, dict[str, int], dict[int, int]]]:
+        """(skill, calls, errors by reason, latency buckets) of every skill with calls since the last drain."""
+        drained = [(skill, d.calls, d.reasons, d.latency) for skill, d in self._skills.items()]
+        self._skills = {}
+        self._known = {skill for skill, *_ in drained}
+        return drained
