@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -26,6 +27,12 @@ Starter = Callable[[Awaitable[ServiceHost]], Awaitable[ServiceHost]]
 # the admin key) goes to a directory of this test session, never the user's ~/.config.
 os.environ.setdefault("CLAWHUB_USER_AUTH", "off")
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="clawhub-test-config-")
+# One wasmtime compilation cache for the session (services/runtime/wasm.py), in this process and every suite it
+# starts: the 18 MiB Python components take 5-30 s to compile, and many tests load the same ones. A test that
+# means to measure or exercise a cold compile removes the variable from the environment it uses.
+if "CLAWHUB_WASMTIME_CACHE" not in os.environ:
+    os.environ["CLAWHUB_WASMTIME_CACHE"] = _wasmtime_cache = tempfile.mkdtemp(prefix="clawhub-test-wasmtime-")
+    atexit.register(shutil.rmtree, _wasmtime_cache, True)
 
 
 @pytest.fixture
@@ -193,6 +200,8 @@ def postgres_database() -> Iterator[str]:
 async def postgres_url(postgres_database: str) -> AsyncIterator[str]:
     """A URL whose tables go to schemas of this test alone (`?search_path=t_abc`: the registry's in
     `t_abc_registry`), dropped after the test."""
+    import asyncio
+
     import asyncpg
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -206,8 +215,17 @@ async def postgres_url(postgres_database: str) -> AsyncIterator[str]:
     conn = await asyncpg.connect(postgres_database, timeout=10)
     try:
         # The services' schemas are named after it (`t_abc_registry`: services/runtime/postgres.py).
+        # Services of the test may still be running here (fixtures set up before this one stop after it), so
+        # a drop can be chosen as a deadlock victim against their queries: it is tried again.
         for (name,) in await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname = $1 OR nspname LIKE $2",
                                         schema, f"{schema}\\_%"):
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            for attempt in range(10):
+                try:
+                    await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+                    break
+                except asyncpg.exceptions.DeadlockDetectedError:
+                    if attempt == 9:
+                        raise
+                    await asyncio.sleep(0.1)
     finally:
         await conn.close()

@@ -37,9 +37,12 @@ listed type. The registry refuses anything else at publish and the executor at r
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import wasmtime
@@ -173,9 +176,32 @@ def make_engine(*, epoch_interruption: bool = True, consume_fuel: bool = False,
     config.epoch_interruption = epoch_interruption
     config.consume_fuel = consume_fuel
     config.cranelift_opt_level = "speed"
+    if cache := compilation_cache_config():
+        config.cache = cache
     if configure is not None:
         configure(config)
     return wasmtime.Engine(config)
+
+
+CACHE_VARIABLE = "CLAWHUB_WASMTIME_CACHE"
+
+
+def compilation_cache_config() -> str | None:
+    """`CLAWHUB_WASMTIME_CACHE=DIR` turns on wasmtime's own on-disk compilation cache in DIR, shared by every
+    engine of every process that sets it (the registry's verification, the executor's cold loads, `clawhub run`):
+    a module compiled once is not compiled again. Off by default. wasmtime trusts what it finds there, so DIR
+    must be writable by clawhub alone. Returns the path of the cache's configuration file, written on first use."""
+    directory = os.environ.get(CACHE_VARIABLE, "").strip()
+    if not directory:
+        return None
+    root = Path(directory).expanduser().resolve()
+    config = root / "wasmtime-cache.toml"
+    if not config.exists():
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        scratch = root / f".wasmtime-cache.toml.{os.getpid()}"
+        scratch.write_text(f"[cache]\ndirectory = {json.dumps(str(root / 'modules'))}\n")
+        scratch.replace(config)
+    return str(config)
 
 
 def sha256_digest(data: bytes) -> str:

@@ -20,9 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from services.runtime.errors import describe_error
 from services.runtime.ratelimit.buckets import Decision, LocalBackend, RateLimitCounters, check_cost
