@@ -95,7 +95,7 @@ KILL_BEFORE_S, KILL_AFTER_S, KILL_BACK_TIMEOUT_S, KILL_BIN_S = 3.0, 5.0, 60.0, 0
 KILLED = ("dispatcher", "deployer")
 SCENARIOS = ("compare", "concurrency", "isolation", "soak", "kill")
 BASELINES = ("client → echo", "client → relay → echo", "client → relay → relay → echo")
-COMPARED_SETTINGS = ("CLAWHUB_EVENT_LOOP", "CLAWHUB_GATEWAY_ROUTING")
+COMPARED_SETTINGS = ("CLAWHUB_EVENT_LOOP", "CLAWHUB_GATEWAY_ROUTING", "CLAWHUB_EXECUTOR_INLINE")
 DOC, DATA = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "benchmarks.json"
 
 SPIN_WAT = """;; Spins until the executor stops it (its 1-second timeout): a hostile or runaway skill.
@@ -933,8 +933,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="clawhub-hot-") as name:
         tmp = Path(name)
-        # A clean environment, but for the two settings worth comparing (CLAWHUB_EVENT_LOOP=asyncio,
-        # CLAWHUB_GATEWAY_ROUTING=dispatcher); the page says which were set.
+        # A clean environment, but for the settings worth comparing (CLAWHUB_EVENT_LOOP=asyncio,
+        # CLAWHUB_GATEWAY_ROUTING=dispatcher, CLAWHUB_EXECUTOR_INLINE=0); the page says which were set.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("OTEL_", "CLAWHUB_")) or k in COMPARED_SETTINGS}
         env["XDG_CONFIG_HOME"] = os.environ["XDG_CONFIG_HOME"] = str(tmp / "config")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,16 @@ from services.executor.kvstore import KvNamespace, KvStore, scratch_store
 from services.executor.modules import ModuleLoader
 from services.executor.outbound import OutboundHttp
 from services.executor.provenance import Provenance, unchecked
-from services.executor.sandbox import CompiledModule, Grant, RunControl, RunLimits, RunResult, Sandbox, Verdict
+from services.executor.sandbox import (
+    NO_GRANT,
+    CompiledModule,
+    Grant,
+    RunControl,
+    RunLimits,
+    RunResult,
+    Sandbox,
+    Verdict,
+)
 from services.executor.scheduling import Overloaded, WorkerPool
 from services.executor.settings import Settings
 from services.executor.skilllogs import SkillLogs
@@ -72,6 +82,11 @@ def _tail(stderr: bytes) -> str:
     return text if len(text) <= MAX_DETAIL_CHARS else "…" + text[-(MAX_DETAIL_CHARS - 1):]
 
 
+# A call running on the event loop (`ExecutorServicer._run_inline`) is stopped after this long (one epoch tick
+# of the sandbox, so 10-20 ms at worst) and run again on the worker pool.
+INLINE_CAP_SECONDS = 0.01
+
+
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
     def __init__(self, settings: Settings, loader: ModuleLoader, sandbox: Sandbox, pool: WorkerPool,
                  health: Health | None = None, bundles: BundleCache | None = None,
@@ -96,6 +111,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         # Set by the composition root once the server (and its health servicer) exists.
         self.health = health
         self._health_names: set[str] = set()
+        # Digests whose calls no longer run inline (`_run_inline`): one was slower than the `inline` setting.
+        self._pooled: set[str] = set()
 
     def _limits(self, requested: skill_pb2.Limits, deadline: float | None) -> tuple[RunLimits, int]:
         """Resolve the call's limits: zero takes the default, anything above the ceiling is capped.
@@ -166,13 +183,17 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         control = RunControl()
         # The worker thread does not inherit the event loop's context: the trace's is passed along.
         parent = tracing.current_context()
+        result = self._run_inline(request, compiled, stdin, limits, parent) if self._inlines(compiled, limits) \
+            else None
         # No free thread: the call waits (no thread held) for its skill's fair turn, and is shed only when its
         # deadline cannot be met or the waiting calls are at their bound (services/executor/scheduling.py).
         try:
-            result = await self._pool.run(
-                (lambda: self._sandbox.run(compiled, stdin, limits, grant, control)) if parent is None
-                else (lambda: _traced_run(self._sandbox, parent, request, compiled, stdin, limits, grant, control)),
-                key=request.skill or digest, cost_key=digest, deadline=deadline, timeout=limits.timeout_seconds)
+            if result is None:
+                result = await self._pool.run(
+                    (lambda: self._sandbox.run(compiled, stdin, limits, grant, control)) if parent is None
+                    else (lambda: _traced_run(self._sandbox, parent, request, compiled, stdin, limits, grant,
+                                              control)),
+                    key=request.skill or digest, cost_key=digest, deadline=deadline, timeout=limits.timeout_seconds)
         except Overloaded as exc:
             log.info("%s: shed (%s): %s", digest[:19], exc.cause, exc.message)
             raise ServiceError(
@@ -191,6 +212,32 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                                    request_id=request.request_id, trace_id=_trace_id(context),
                                    cut=result.verdict is Verdict.STDERR_LIMIT)
         return self._respond(digest, request.request_id, limits, result, grant.host)
+
+    def _inlines(self, compiled: CompiledModule, limits: RunLimits) -> bool:
+        """Whether this call runs on the event loop: its module imports nothing (memory-v1 on the raw path: it
+        cannot see or change anything outside its fresh instance, so a run stopped early can simply be run
+        again), has not been sent to the pool, and the call's budget is well above the inline cap."""
+        if not (self._settings.inline and compiled.raw_pre) or compiled.digest in self._pooled:
+            return False
+        budget = limits.timeout_seconds
+        if limits.deadline is not None:
+            budget = min(budget, limits.deadline - time.monotonic())
+        return budget > 4 * INLINE_CAP_SECONDS
+
+    def _run_inline(self, request: pb.ExecuteRequest, compiled: CompiledModule, stdin: bytes, limits: RunLimits,
+                    parent: Any) -> RunResult | None:
+        """The call run right here, with no thread handoff (a quick call costs microseconds; a handoff to a
+        worker thread and back costs far more, and more again when the GIL is contended), within
+        INLINE_CAP_SECONDS. A module whose call takes longer than the `inline` setting goes to the pool from
+        now on; a call stopped at the cap returns None, to be run again on the pool with the call's limits."""
+        capped = dataclasses.replace(limits, timeout_seconds=INLINE_CAP_SECONDS, deadline=None)
+        result = (self._sandbox.run(compiled, stdin, capped) if parent is None
+                  else _traced_run(self._sandbox, parent, request, compiled, stdin, capped, NO_GRANT, RunControl()))
+        if result.wall_seconds > self._settings.inline:
+            self._pooled.add(compiled.digest)
+            log.info("%s: runs on the worker pool from now on (a call took %.1f ms)", compiled.digest[:19],
+                     result.wall_seconds * 1e3)
+        return None if result.verdict is Verdict.TIMEOUT else result
 
     def _kv_namespace(self, request: pb.ExecuteRequest, capabilities: list[str]) -> KvNamespace | None:
         """The call's key-value namespace with `kv`: its skill's (by name, so shared by every version), or,

@@ -39,6 +39,12 @@ class Settings:
     """CLAWHUB_EXECUTOR_QUEUE: calls allowed to wait for a thread beyond the running ones (a bound for memory
     safety: waiting costs no thread); more are shed with RESOURCE_EXHAUSTED / EXECUTOR_OVERLOADED, as is a
     waiting call whose deadline cannot be met (docs/executor-scheduling.md)."""
+    inline: float = 0.001
+    """CLAWHUB_EXECUTOR_INLINE: seconds (at most 0.01). A call of a module that can neither see nor change anything
+    outside its fresh instance (memory-v1, no imports at all) runs on the event loop with no thread handoff, as
+    long as its module's calls finish within this; a call past it sends the module to the worker pool for good,
+    and one still running after 10 ms is stopped there and run again on the pool with its full limits
+    (docs/executor-scheduling.md). 0 turns it off."""
     default_timeout: float = 5.0
     """CLAWHUB_EXECUTOR_DEFAULT_TIMEOUT: wall-clock budget in seconds of a call whose limits set none."""
     max_timeout: float = 60.0
@@ -111,6 +117,7 @@ class Settings:
             registry_address=env_str("CLAWHUB_REGISTRY_ADDRESS", d.registry_address),
             threads=env_int("CLAWHUB_EXECUTOR_THREADS", d.threads, minimum=1),
             queue=env_int("CLAWHUB_EXECUTOR_QUEUE", d.queue, minimum=0),
+            inline=min(env_float("CLAWHUB_EXECUTOR_INLINE", d.inline, minimum=0), 0.01),
             default_timeout=env_float("CLAWHUB_EXECUTOR_DEFAULT_TIMEOUT", d.default_timeout, minimum=0.001),
             max_timeout=env_float("CLAWHUB_EXECUTOR_MAX_TIMEOUT", d.max_timeout, minimum=0.001),
             default_memory=env_size("CLAWHUB_EXECUTOR_DEFAULT_MEMORY", str(d.default_memory)),
