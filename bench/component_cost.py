@@ -30,6 +30,10 @@ from services.executor.components import CompiledComponent, runner_for  # noqa: 
 from services.executor.sandbox import RunLimits, Sandbox, Verdict  # noqa: E402
 from tests.executor.test_components import ECHO  # noqa: E402
 
+# Cold loads are measured as such: wasmtime's own compilation cache (services/runtime/wasm.py; the test
+# helpers imported above turn it on for test sessions) stays off here.
+os.environ.pop("CLAWHUB_WASMTIME_CACHE", None)
+
 HELLO = ROOT / "examples" / "skills" / "hello-python" / "hello.wasm"
 MiB = 1024 * 1024
 LIMITS = RunLimits(memory_bytes=64 * MiB, timeout_seconds=10.0, max_output_bytes=4 * MiB, max_stderr_bytes=64 * 1024)

@@ -23,6 +23,8 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 ROOT = Path(__file__).resolve().parents[2]
+# Cold loads are measured as such: wasmtime's own compilation cache (services/runtime/wasm.py) stays off here.
+os.environ.pop("CLAWHUB_WASMTIME_CACHE", None)
 if str(ROOT) not in sys.path:  # so `python bench/x.py` finds `services` without an installed project
     sys.path.insert(0, str(ROOT))
 

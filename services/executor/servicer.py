@@ -85,6 +85,8 @@ def _tail(stderr: bytes) -> str:
 # A call running on the event loop (`ExecutorServicer._run_inline`) is stopped after this long (one epoch tick
 # of the sandbox, so 10-20 ms at worst) and run again on the worker pool.
 INLINE_CAP_SECONDS = 0.01
+# Calls over the `inline` setting (CPU time) after which a module's calls go to the worker pool.
+INLINE_STRIKES = 3
 
 
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
@@ -111,8 +113,9 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         # Set by the composition root once the server (and its health servicer) exists.
         self.health = health
         self._health_names: set[str] = set()
-        # Digests whose calls no longer run inline (`_run_inline`): one was slower than the `inline` setting.
+        # Digests whose calls no longer run inline (`_run_inline`): stopped at the cap, or too slow too often.
         self._pooled: set[str] = set()
+        self._slow_inline: dict[str, int] = {}  # digest: its inline calls over the `inline` setting so far
 
     def _limits(self, requested: skill_pb2.Limits, deadline: float | None) -> tuple[RunLimits, int]:
         """Resolve the call's limits: zero takes the default, anything above the ceiling is capped.
@@ -228,16 +231,29 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                     parent: Any) -> RunResult | None:
         """The call run right here, with no thread handoff (a quick call costs microseconds; a handoff to a
         worker thread and back costs far more, and more again when the GIL is contended), within
-        INLINE_CAP_SECONDS. A module whose call takes longer than the `inline` setting goes to the pool from
-        now on; a call stopped at the cap returns None, to be run again on the pool with the call's limits."""
+        INLINE_CAP_SECONDS. A call stopped at the cap returns None, to be run again on the pool with the call's
+        limits, and its module goes to the pool from now on; so does a module whose calls took more CPU time
+        than the `inline` setting INLINE_STRIKES times (CPU time of this thread, which a busy machine's
+        preemption does not inflate, unlike wall time)."""
         capped = dataclasses.replace(limits, timeout_seconds=INLINE_CAP_SECONDS, deadline=None)
+        cpu = time.thread_time()
         result = (self._sandbox.run(compiled, stdin, capped) if parent is None
                   else _traced_run(self._sandbox, parent, request, compiled, stdin, capped, NO_GRANT, RunControl()))
-        if result.wall_seconds > self._settings.inline:
-            self._pooled.add(compiled.digest)
-            log.info("%s: runs on the worker pool from now on (a call took %.1f ms)", compiled.digest[:19],
-                     result.wall_seconds * 1e3)
-        return None if result.verdict is Verdict.TIMEOUT else result
+        cpu = time.thread_time() - cpu
+        if result.verdict is Verdict.TIMEOUT:
+            self._to_pool(compiled.digest, f"a call ran past {INLINE_CAP_SECONDS * 1e3:.0f} ms")
+            return None
+        if cpu > self._settings.inline:
+            strikes = self._slow_inline[compiled.digest] = self._slow_inline.get(compiled.digest, 0) + 1
+            if strikes >= INLINE_STRIKES:
+                self._to_pool(compiled.digest, f"{strikes} calls took over {self._settings.inline * 1e3:g} ms "
+                                               f"(the last {cpu * 1e3:.1f} ms)")
+        return result
+
+    def _to_pool(self, digest: str, why: str) -> None:
+        self._pooled.add(digest)
+        self._slow_inline.pop(digest, None)
+        log.info("%s: runs on the worker pool from now on (%s)", digest[:19], why)
 
     def _kv_namespace(self, request: pb.ExecuteRequest, capabilities: list[str]) -> KvNamespace | None:
         """The call's key-value namespace with `kv`: its skill's (by name, so shared by every version), or,

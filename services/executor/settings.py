@@ -42,8 +42,8 @@ class Settings:
     inline: float = 0.001
     """CLAWHUB_EXECUTOR_INLINE: seconds (at most 0.01). A call of a module that can neither see nor change anything
     outside its fresh instance (memory-v1, no imports at all) runs on the event loop with no thread handoff, as
-    long as its module's calls finish within this; a call past it sends the module to the worker pool for good,
-    and one still running after 10 ms is stopped there and run again on the pool with its full limits
+    long as its module's calls take less CPU time than this (three over it send the module to the worker pool for
+    good); one still running after 10 ms is stopped there and run again on the pool with its full limits
     (docs/executor-scheduling.md). 0 turns it off."""
     default_timeout: float = 5.0
     """CLAWHUB_EXECUTOR_DEFAULT_TIMEOUT: wall-clock budget in seconds of a call whose limits set none."""

@@ -122,3 +122,17 @@ async def test_the_setting_turns_it_off(make_executor: ExecutorFactory, pool_run
     for _ in range(3):
         assert (await call(executor, b"x")).output == b"x"
     assert len(pool_runs) == 3
+
+
+async def test_a_module_whose_calls_keep_taking_more_cpu_than_the_setting_goes_to_the_pool(
+        make_executor: ExecutorFactory, pool_runs: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Three calls over the setting (CPU time: a nanosecond here, so every call is over it) and the module runs
+    on the pool; the calls themselves are answered, inline, as they ran."""
+    caplog.set_level(logging.INFO)
+    executor = await make_executor(inline=1e-9)
+    for i in range(3):
+        assert (await call(executor, b"x")).output == b"x"
+        assert pool_runs == [], i
+    assert any("3 calls took over" in r.getMessage() for r in caplog.records)
+    assert (await call(executor, b"x")).output == b"x"
+    assert len(pool_runs) == 1
