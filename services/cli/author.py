@@ -638,10 +638,15 @@ def _input(args: argparse.Namespace) -> bytes:
 
 
 def _usage_line(loaded: Loaded, result: RunResult) -> str:
+    from services.runtime.components import COMPONENT_V1
+
     limits = loaded.limits
     fuel = f"fuel {result.fuel_consumed:,}" if loaded.compiled.metered else "fuel not counted"
     return (f"usage: {result.wall_seconds * 1e3:.2f} ms (limit {limits.timeout_seconds * 1e3:.0f} ms), "
-            f"peak memory {result.peak_memory_bytes:,} bytes (limit {limits.memory_bytes:,}), {fuel}, "
+            + (f"peak memory {result.peak_memory_bytes:,} bytes" if loaded.compiled.abi is not COMPONENT_V1
+               # Not observable through the component API (services/executor/components.py).
+               else "peak memory not measured for components")
+            + f" (limit {limits.memory_bytes:,}), {fuel}, "
             f"output {len(result.output):,} bytes")
 
 

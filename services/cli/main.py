@@ -409,7 +409,9 @@ def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
     if args.verbose:
         usage = response.usage
         print(f"version {response.version}, {usage.wall_time.ToMicroseconds() / 1000:.2f} ms in the sandbox, "
-              f"peak memory {usage.peak_memory_bytes:,} bytes", file=sys.stderr)
+              # Components report none (services/executor/components.py: not observable through their API).
+              + (f"peak memory {usage.peak_memory_bytes:,} bytes" if usage.peak_memory_bytes
+                 else "peak memory not reported"), file=sys.stderr)
         if response.cache_status != gateway_pb.CACHE_STATUS_UNSPECIFIED:  # the skill declares a cache
             cache = gateway_pb.CacheStatus.Name(response.cache_status).removeprefix("CACHE_STATUS_").lower()
             print(f"cache: {cache}", file=sys.stderr)

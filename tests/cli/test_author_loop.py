@@ -325,6 +325,9 @@ def test_python_component_builds_and_passes(tmp_path: Path) -> None:
     ok(clawhub("new", "com.acme.py", "--lang", "python", skill))
     ok(clawhub("build", skill, timeout=600))
     ok(clawhub("test", skill))
+    # A component's peak memory is not observable (services/executor/components.py): -v says so, not "0 bytes".
+    verbose = ok(clawhub("run", skill, "--input", '"world"', "-v"))
+    assert "peak memory not measured for components" in verbose.stderr, verbose.stderr
     empty = clawhub("run", skill)
     assert empty.returncode == 1 and "SKILL_EXIT_NONZERO" in empty.stderr and "send some JSON" in empty.stderr
 
