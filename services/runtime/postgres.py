@@ -82,6 +82,10 @@ async def ensure_schema(url: str, component: str, *, timeout: float = 10.0) -> t
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('clawhub-schema:' || $1))", schema)
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise ConnectionError(
+            f"PostgreSQL at {redact(url)}: cannot create the schema {schema} ({exc}); grant the user CREATE on the "
+            f'database, or create it for the user first: CREATE SCHEMA "{schema}" AUTHORIZATION <user>') from exc
     finally:
         await conn.close()
     return target, schema

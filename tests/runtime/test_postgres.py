@@ -100,3 +100,29 @@ async def test_a_role_that_may_not_create_schemas_starts_on_the_schema_made_for_
         await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         await admin.close()
+
+
+async def test_a_role_that_may_not_create_its_schema_gets_one_clear_error(postgres_url: str) -> None:
+    """Without CREATE on the database and without a schema made for it, starting fails with one error that says
+    what to grant or create (the services print it as their one startup line), not asyncpg's traceback."""
+    import urllib.parse
+    import uuid
+
+    import asyncpg
+
+    role = f"clawhub_test_{uuid.uuid4().hex[:10]}"
+    target, schema = postgres.component_target(postgres_url, "things")
+    admin = await asyncpg.connect(target, timeout=10)
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD \'s3cret\'')
+        parts = urllib.parse.urlsplit(postgres_url)
+        as_role = urllib.parse.urlunsplit(
+            parts._replace(netloc=f"{role}:s3cret@{parts.netloc.rsplit('@', 1)[-1]}"))
+        with pytest.raises(ConnectionError) as caught:
+            await postgres.open_pool(as_role, component="things", timeout=5)
+        message = str(caught.value)
+        assert f"cannot create the schema {schema}" in message and "AUTHORIZATION" in message, message
+        assert "s3cret" not in message
+    finally:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
