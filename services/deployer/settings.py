@@ -13,7 +13,15 @@ from services.runtime.identity import PlatformIdentity, identity_from_env
 from services.runtime.metrics import MetricsSettings
 from services.runtime.postgres import database_url
 from services.runtime.ratelimit.policy import RateLimitSettings
-from services.runtime.settings import SettingsError, data_dir, env_float, env_int, env_list, env_str
+from services.runtime.settings import (
+    SettingsError,
+    data_dir,
+    env_executor_addresses,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
 from services.runtime.tls import TlsSettings
 
 
@@ -40,8 +48,8 @@ class Settings:
     """The registry, asked whether a version is Ready (`CLAWHUB_REGISTRY_ADDRESS`, default 127.0.0.1:50052)."""
     executor_addresses: tuple[str, ...] = ("127.0.0.1:50055",)
     """Executors that preload every deployed version (`CLAWHUB_EXECUTOR_ADDRESSES`, comma-separated,
-    default 127.0.0.1:50055); a `dns:///NAME:PORT` entry stands for every address NAME resolves to, looked up
-    again every `dns_interval` seconds (services/deployer/membership.py)."""
+    default 127.0.0.1:50055; `none`: executors only register); a `dns:///NAME:PORT` entry stands for every
+    address NAME resolves to, looked up again every `dns_interval` seconds (services/deployer/membership.py)."""
     dns_interval: float = 5.0
     """Seconds between two lookups of the `dns:///` executor entries (`CLAWHUB_EXECUTOR_DNS_INTERVAL`,
     default 5)."""
@@ -114,7 +122,7 @@ class Settings:
             data_dir=Path(env_str("CLAWHUB_DEPLOYER_DATA_DIR", str(defaults.data_dir))).expanduser(),
             secrets_key_file=_optional_path("CLAWHUB_DEPLOYER_SECRETS_KEY_FILE"),
             registry_address=env_str("CLAWHUB_REGISTRY_ADDRESS", defaults.registry_address),
-            executor_addresses=env_list("CLAWHUB_EXECUTOR_ADDRESSES", ",".join(defaults.executor_addresses)),
+            executor_addresses=env_executor_addresses(defaults.executor_addresses),
             dns_interval=env_float("CLAWHUB_EXECUTOR_DNS_INTERVAL", defaults.dns_interval, minimum=0.1),
             ack_timeout=env_float("CLAWHUB_DEPLOY_ACK_TIMEOUT", defaults.ack_timeout, minimum=0.0),
             load_timeout=env_float("CLAWHUB_DEPLOY_LOAD_TIMEOUT", defaults.load_timeout, minimum=0.1),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from services.runtime.identity import PlatformIdentity, identity_from_env
 from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
-from services.runtime.settings import env_float, env_int, env_list, env_str
+from services.runtime.settings import env_executor_addresses, env_float, env_int, env_str
 from services.runtime.tls import TlsSettings
 
 
@@ -30,7 +30,7 @@ class Settings:
     default 127.0.0.1:50053)."""
     executor_addresses: tuple[str, ...] = ("127.0.0.1:50055",)
     """Executors to send invocations to (`CLAWHUB_EXECUTOR_ADDRESSES`, comma-separated,
-    default 127.0.0.1:50055)."""
+    default 127.0.0.1:50055; `none`: only those the deployer publishes)."""
     dispatcher_id: str = field(default_factory=default_dispatcher_id)
     """Stable id given to the deployer for acknowledgements (`CLAWHUB_DISPATCHER_ID`, default
     `<hostname>-<pid>`)."""
@@ -66,7 +66,7 @@ class Settings:
             host=env_str("CLAWHUB_DISPATCHER_HOST", defaults.host),
             port=env_int("CLAWHUB_DISPATCHER_PORT", defaults.port, minimum=0),
             deployer_address=env_str("CLAWHUB_DEPLOYER_ADDRESS", defaults.deployer_address),
-            executor_addresses=env_list("CLAWHUB_EXECUTOR_ADDRESSES", ",".join(defaults.executor_addresses)),
+            executor_addresses=env_executor_addresses(defaults.executor_addresses),
             dispatcher_id=env_str("CLAWHUB_DISPATCHER_ID", default_dispatcher_id()),
             retries=env_int("CLAWHUB_DISPATCH_RETRIES", defaults.retries, minimum=0),
             dispatch_timeout=env_float("CLAWHUB_DISPATCH_TIMEOUT", defaults.dispatch_timeout, minimum=0.001),

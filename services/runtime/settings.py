@@ -89,6 +89,14 @@ def env_list(name: str, default: str = "") -> tuple[str, ...]:
     return tuple(item.strip() for item in env_str(name, default).split(",") if item.strip())
 
 
+def env_executor_addresses(default: tuple[str, ...]) -> tuple[str, ...]:
+    """`CLAWHUB_EXECUTOR_ADDRESSES`: comma-separated executors, or `none` for no static executor at all (every
+    executor registers itself: services/executor/registration.py). An empty value is unset, so `none` is how a
+    registration-only setup says it, rather than keeping the single-host default."""
+    addresses = env_list("CLAWHUB_EXECUTOR_ADDRESSES", ",".join(default))
+    return () if addresses == ("none",) else addresses
+
+
 def data_dir() -> Path:
     """Root of the embedded storage (sqlite files, blobs, caches): `CLAWHUB_DATA_DIR`, default ./.clawhub."""
     return Path(env_str("CLAWHUB_DATA_DIR", ".clawhub")).expanduser()

@@ -305,3 +305,16 @@ async def test_a_registration_at_a_standby_counts_and_outlives_a_failover(env: E
     after = Observer(standby_stub)
     observers.append(after)
     assert await after.until(lambda s: True) == (*[e.address for e in env.executors], joining.address)
+
+
+async def test_with_no_static_executor_the_published_set_is_the_registered_ones(env: Env,
+                                                                               observers: list[Observer]) -> None:
+    """`CLAWHUB_EXECUTOR_ADDRESSES=none` (registration only): nothing is published until an executor
+    registers, and then exactly it (no single-host default left in the set)."""
+    deployer = await start_deployer(env, addresses=())
+    stub = env.deployer_stub(deployer)
+    observer = Observer(stub)
+    observers.append(observer)
+    joining, _ = await fake_executor(env)
+    await stub.RegisterExecutor(internal_pb.RegisterExecutorRequest(address=joining.address), timeout=5)
+    assert await observer.until(lambda s: joining.address in s) == (joining.address,)

@@ -117,3 +117,11 @@ def test_database_and_election_settings(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("CLAWHUB_DEPLOYER_LEASE_TIMEOUT", "0.1")
     with pytest.raises(SettingsError, match="CLAWHUB_DEPLOYER_LEASE_TIMEOUT"):
         Settings.from_env()
+
+
+def test_none_means_no_static_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registration only: `none` leaves no static executor (an empty value would be unset, the local default)."""
+    monkeypatch.setenv("CLAWHUB_EXECUTOR_ADDRESSES", "none")
+    assert Settings.from_env().executor_addresses == ()
+    monkeypatch.setenv("CLAWHUB_EXECUTOR_ADDRESSES", "")
+    assert Settings.from_env().executor_addresses == ("127.0.0.1:50055",)

@@ -50,3 +50,8 @@ def test_stats_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLAWHUB_DISPATCHER_STATS_INTERVAL", "0")
     with pytest.raises(SettingsError, match="CLAWHUB_DISPATCHER_STATS_INTERVAL"):
         Settings.from_env()
+
+
+def test_none_means_no_static_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLAWHUB_EXECUTOR_ADDRESSES", "none")
+    assert Settings.from_env().executor_addresses == ()
