@@ -5,51 +5,54 @@ All in one invocation, on one machine, so every figure is a ratio to baselines m
 - **baselines** at concurrency 100 with the same load generator: client → bare echo gRPC server (1 process);
   client → relay → echo (2 processes); client → relay → relay → echo (3 processes). The servers are the tiny
   grpc.aio programs of `bench/_support/echo_server.py` (one generic unary method, raw bytes, 64-byte payload);
-- **InvokeSkill** through a whole suite (`clawhub up`, 1 executor, free ports, a temporary data dir and
-  XDG_CONFIG_HOME) at concurrency 100, 500 and 1,000 (`--quick`: 100 and 500): req/s, mean, p50, p99, errors
-  by ErrorInfo reason, and the CPU (cores) and RSS of every service process. The edge is on as `up` starts
-  it (internal auth, user auth with the admin key as `authorization: Bearer`, rate limits, with the invoke
-  limit raised to 50,000/s so that it stays far above the load) plus input validation (the skill is
-  published with an `input_schema`), and tracing at its default sampler exporting to a no-op OTLP receiver
-  (`bench/_support/otlp_sink.py`). The skill is the memory-v1 echo (`examples/skills/echo-memory`, the
-  cheapest one) with a 64-byte input (a 62-character JSON string);
-- **cache hits**: the same skill published under another name with `[cache] ttl = "60s"` (docs/cache.md),
-  the same input every call, at concurrency 100, against the bare hop;
-- **isolation**: 20 calls of a skill that spins until its 1-second timeout kept in flight (each replaced as
-  it ends) while another skill (the echo) is called 16 at a time: the echo's refusals and p99;
-- **soak**: the echo through the gateway at a steady 200 calls/s (paced: an open loop, ≤ 64 in flight) for
-  10 minutes (`--quick`: 45 s; `--soak-seconds N` to change), the RSS of every service process sampled every
-  few seconds from /proc: first, last, max and the growth per minute of a least-squares line through the
-  samples after a warm-up (the first quarter, at most 60 s); errors by reason, req/s (and per 10-s interval);
+- **InvokeSkill** through a whole suite (`clawhub up`, 1 executor, the gateway with a worker process per core
+  up to 4 (`CLAWHUB_GATEWAY_WORKERS`, as docs/routing.md advises; each worker's CPU and RSS reported as
+  gateway-wN), free ports, a temporary data dir and XDG_CONFIG_HOME) at concurrency 100, 500 and 1,000
+  (`--quick`: 100 and 500): req/s, mean, p50, p99, errors by ErrorInfo reason, and the CPU (cores) and RSS of
+  every service process. The edge is on as `up` starts it (internal auth, user auth with the admin key as
+  `authorization: Bearer`, rate limits, with the invoke limit raised to 50,000/s so that it stays far above
+  the load) plus input validation (the skill is published with an `input_schema`), and tracing at its default
+  sampler exporting to a no-op OTLP receiver (`bench/_support/otlp_sink.py`). The skill is the memory-v1 echo
+  (`examples/skills/echo-memory`, the cheapest one) with a 64-byte input (a 62-character JSON string);
+- **cache hits**: the same skill published under another name with `[cache] ttl = "60s"` (docs/cache.md), the
+  same input every call, at concurrency 100, against the bare hop;
+- **isolation**: 20 calls of a skill that spins until its 1-second timeout kept in flight (each replaced as it
+  ends) while another skill (the echo) is called 16 at a time: the echo's refusals and p99;
+- **soak**: the echo through the gateway at a steady 200 calls/s (paced: an open loop, ≤ 64 in flight) for 10
+  minutes (`--quick`: 45 s; `--soak-seconds N` to change), the RSS of every service process sampled every few
+  seconds from /proc: first, last, max and the growth per minute of a least-squares line through the samples
+  after a warm-up (the first quarter, at most 60 s); errors by reason, req/s (and per 10-s interval);
 - **kill**: kill -9 of the dispatcher, then of the deployer, under a paced 150 calls/s of the echo (the rate
   of the issue's own measurement). The service's process is found among the children of `clawhub up` by its
-  command line; `up` restarts it (docs/supervision.md); the load goes on 5 s after `up` reports it back.
-  Every call comes back as [sent, answered, reason], so the failed calls are counted by reason and placed in
-  time against the kill (nothing is retried by the client nor filtered).
+  command line; `up` restarts it (docs/supervision.md); the load goes on 5 s after `up` reports it back. Every
+  call comes back as [sent, answered, reason], so the failed calls are counted by reason and placed in time
+  against the kill (nothing is retried by the client nor filtered).
 
 The load comes from separate processes (`bench/_support/loadgen.py`, grpc.aio, 2 of them for the closed-loop
-runs, the concurrency split between them; one paced process for the soak and the kills), which warm up, then
-start together. The paths compared at concurrency 100 (the baselines, uncached invoke, cache hits) run in
-2 / 3 / 5 rounds (`--quick` / default / `--full`) whose order alternates, and the best round of each is
-reported, as in the other benchmarks. The generators' CPU use is
-reported, and the bare echo shows what the same generator reaches when the server is cheap: the generator is
-not what limits the suite.
+runs, the concurrency split between them, each over 4 connections, each call on the one with the fewest calls
+in flight (as an L7 balancer's least-request policy in front of a service does; a gateway's workers share its
+port and the kernel spreads connections, not calls, over them); one paced process for the
+soak and the kills), which warm up, then start together. The paths compared at concurrency 100 (the baselines,
+uncached invoke, cache hits) run in 2 / 3 / 5 rounds (`--quick` / default / `--full`) whose order alternates,
+and the best round of each is reported, as in the other benchmarks. The generators' CPU use is reported, and
+the bare echo shows what the same generator reaches when the server is cheap: the generator is not what limits
+the suite.
 
-Targets (issue 13): uncached invoke at concurrency 100 ≥ 0.8× the 2-process chain's req/s with p99 ≤ 1.5×
-its p99; a cache hit ≥ 0.8× one bare hop; no refused caller at 100 and 500 (at 1,000 only deliberate
-shedding: RESOURCE_EXHAUSTED with RetryInfo); isolation: the other skill not refused, p99 < 50 ms; kill -9 of
-the dispatcher (or the deployer) under load costs no call. The soak's criterion (the issue sets no figure):
-no failed call, no service restarted, and no service's RSS growing by more than 10% after the warm-up.
+Targets (issue 13): uncached invoke at concurrency 100 ≥ 0.8× the 2-process chain's req/s with p99 ≤ 1.5× its
+p99; a cache hit ≥ 0.8× one bare hop; no refused caller at 100 and 500 (at 1,000 only deliberate shedding:
+RESOURCE_EXHAUSTED with RetryInfo); isolation: the other skill not refused, p99 < 50 ms; kill -9 of the
+dispatcher (or the deployer) under load costs no call. The soak's criterion (the issue sets no figure): no
+failed call, no service restarted, and no service's RSS growing by more than 10% after the warm-up.
 
 Writes `docs/benchmarks.md` (machine line, the code measured, tables, verdicts) and `docs/benchmarks.json`
 (every figure); PNG plots (throughput and latency percentiles against concurrency, the soak's RSS, calls
 around each kill) when matplotlib is importable (the optional `bench` extra).
 
 Usage: `python bench/hot_path.py [--quick|--full] [--only compare,concurrency,isolation,soak,kill]
-[--soak-seconds N]`. `--quick` ≈ 3 minutes on 2 cores (~15 s of it starting the suite), default ≈ 15 minutes
-(the 10-minute soak). `--only` runs some scenarios and keeps the others' figures from the last report
-(marked in the page with the run they come from); `compare` is the c=100 rounds (baselines, uncached invoke,
-cache hits), `concurrency` the runs at 500 and 1,000.
+[--soak-seconds N]`. `--quick` ≈ 3 minutes on 2 cores (~15 s of it starting the suite), default ≈ 15 minutes (the
+10-minute soak). `--only` runs some scenarios and keeps the others' figures from the last report (marked in
+the page with the run they come from); `compare` is the c=100 rounds (baselines, uncached invoke, cache hits),
+`concurrency` the runs at 500 and 1,000.
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ ECHO_MEMORY = ROOT / "examples" / "skills" / "echo-memory"
 SERVICES = ("gateway", "registry", "deployer", "dispatcher", "executor")
 EXECUTORS = 1
 LOAD_PROCESSES = 2
+# Connections per load process: callers are many, and a service running worker processes on one port gets
+# them spread by the kernel per connection.
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "4"))
 ECHO_SKILL, CACHED_SKILL, SPIN_SKILL = "com.bench.echo", "com.bench.echo-cached", "com.bench.spin"
 INPUT = "x" * 62  # 64 bytes as JSON text (the quotes)
 PAYLOAD = "x" * 64  # the baselines' raw payload
@@ -95,7 +101,11 @@ KILL_BEFORE_S, KILL_AFTER_S, KILL_BACK_TIMEOUT_S, KILL_BIN_S = 3.0, 5.0, 60.0, 0
 KILLED = ("dispatcher", "deployer")
 SCENARIOS = ("compare", "concurrency", "isolation", "soak", "kill")
 BASELINES = ("client → echo", "client → relay → echo", "client → relay → relay → echo")
-COMPARED_SETTINGS = ("CLAWHUB_EVENT_LOOP", "CLAWHUB_GATEWAY_ROUTING", "CLAWHUB_EXECUTOR_INLINE")
+COMPARED_SETTINGS = ("CLAWHUB_EVENT_LOOP", "CLAWHUB_GATEWAY_ROUTING", "CLAWHUB_EXECUTOR_INLINE",
+                     "CLAWHUB_EXECUTOR_CALLS", "CLAWHUB_GATEWAY_WORKERS")
+# The gateway runs a worker process per core (at most 4) unless CLAWHUB_GATEWAY_WORKERS says otherwise: what
+# docs/routing.md advises for a host that serves traffic (one Python process uses one core).
+GATEWAY_WORKERS = str(min(os.cpu_count() or 1, 4))
 DOC, DATA = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "benchmarks.json"
 
 SPIN_WAT = """;; Spins until the executor stops it (its 1-second timeout): a hostile or runaway skill.
@@ -175,22 +185,34 @@ def children(root: int) -> list[int]:
     return out
 
 
+def argv_of(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def service_pids(up: int) -> dict[str, int]:
     """The service processes `clawhub up` (pid `up`) runs, by name (executor-N when there are several), found
     among its children by their command line (`python -m services.NAME`): after a restart, the new pid."""
     pids: dict[str, int] = {}
     executors = 0
     for pid in sorted(children(up)):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+        argv = argv_of(pid)
         for service in SERVICES:
-            if f"services.{service}".encode() in argv:
+            module = f"services.{service}".encode()
+            if module in argv:
                 if service == "executor":
                     executors += 1
                     service = f"executor-{executors}" if EXECUTORS > 1 else "executor"
-                pids[service] = pid
+                workers = [child for child in sorted(children(pid)) if module in argv_of(child)]
+                if workers:
+                    # A service running worker processes (CLAWHUB_GATEWAY_WORKERS): the supervisor idles, the
+                    # workers serve; each is watched on its own (gateway-w1, gateway-w2, ...).
+                    for index, worker in enumerate(workers, 1):
+                        pids[f"{service}-w{index}"] = worker
+                else:
+                    pids[service] = pid
     return pids
 
 
@@ -247,7 +269,8 @@ def load(spec: dict[str, Any], *, concurrency: int, calls: int = 0, seconds: flo
     results come back under "alongside". Returns the merged figures and the CPU cores / RSS of `watch`."""
     specs = [{**spec, "concurrency": concurrency // processes + (i < concurrency % processes),
               "calls": calls // processes + (i < calls % processes), "seconds": seconds,
-              "warmup": spec.get("warmup", 50)} for i in range(processes)]
+              "warmup": spec.get("warmup", 50), "connections": spec.get("connections", CONNECTIONS)}
+             for i in range(processes)]
     specs += alongside or []
     procs = [subprocess.Popen([sys.executable, "-m", "bench._support.loadgen", json.dumps(s)], cwd=ROOT, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE) for s in specs]
@@ -942,6 +965,7 @@ def main() -> None:
             env[f"CLAWHUB_{service.upper()}_PORT"] = "0"
         env.update(CLAWHUB_SHUTDOWN_GRACE="1", CLAWHUB_LOG_LEVEL="WARNING", CLAWHUB_DEPLOYER_BAKE="0",
                    CLAWHUB_RATE_INVOKE="50000/100000")
+        env.setdefault("CLAWHUB_GATEWAY_WORKERS", GATEWAY_WORKERS)
         receiver = Receiver()
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
         suite = Suite()

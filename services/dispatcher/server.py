@@ -55,7 +55,8 @@ async def _build(settings: Settings, *, feed: RouteFeed | None, executors: Execu
     sizes = InvocationLimits.from_env()
     # `dns:///NAME:PORT` entries are the deployer's to follow: it publishes what they resolve to, preloaded.
     executors = executors or GrpcExecutorClient(
-        tuple(a for a in settings.executor_addresses if not a.startswith("dns:")), sizes)
+        tuple(a for a in settings.executor_addresses if not a.startswith("dns:")), sizes,
+        stream=settings.executor_calls == "stream")
     configured = executors.addresses
     routes = RouteState()
     # Gateways that follow this dispatcher route with what it follows (services/dispatcher/dataplane.py).

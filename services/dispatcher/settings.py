@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from services.runtime.identity import PlatformIdentity, identity_from_env
 from services.runtime.metrics import MetricsSettings
 from services.runtime.ratelimit.policy import RateLimitSettings
-from services.runtime.settings import env_executor_addresses, env_float, env_int, env_str
+from services.runtime.settings import env_choice, env_executor_addresses, env_float, env_int, env_str
 from services.runtime.tls import TlsSettings
 
 
@@ -31,6 +31,9 @@ class Settings:
     executor_addresses: tuple[str, ...] = ("127.0.0.1:50055",)
     """Executors to send invocations to (`CLAWHUB_EXECUTOR_ADDRESSES`, comma-separated,
     default 127.0.0.1:50055; `none`: only those the deployer publishes)."""
+    executor_calls: str = "stream"
+    """How Dispatch calls executors (`CLAWHUB_EXECUTOR_CALLS`): `stream` (default: over one ExecuteStream per
+    executor, services/runtime/mux.py) or `unary` (an Execute RPC per call)."""
     dispatcher_id: str = field(default_factory=default_dispatcher_id)
     """Stable id given to the deployer for acknowledgements (`CLAWHUB_DISPATCHER_ID`, default
     `<hostname>-<pid>`)."""
@@ -66,6 +69,7 @@ class Settings:
             host=env_str("CLAWHUB_DISPATCHER_HOST", defaults.host),
             port=env_int("CLAWHUB_DISPATCHER_PORT", defaults.port, minimum=0),
             deployer_address=env_str("CLAWHUB_DEPLOYER_ADDRESS", defaults.deployer_address),
+            executor_calls=env_choice("CLAWHUB_EXECUTOR_CALLS", defaults.executor_calls, ("stream", "unary")),
             executor_addresses=env_executor_addresses(defaults.executor_addresses),
             dispatcher_id=env_str("CLAWHUB_DISPATCHER_ID", default_dispatcher_id()),
             retries=env_int("CLAWHUB_DISPATCH_RETRIES", defaults.retries, minimum=0),

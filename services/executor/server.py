@@ -22,8 +22,10 @@ from services.executor.settings import Settings
 from services.executor.source import ModuleSource, RegistryModuleSource
 from services.runtime import metrics
 from services.runtime.channels import CONTROL_MESSAGE_BYTES, InvocationLimits, channel, outgoing
+from services.runtime.executors import EXECUTE_STREAM
 from services.runtime.identity import outgoing_security
 from services.runtime.linking import MAX_INSTANCES
+from services.runtime.mux import MuxServer
 from services.runtime.server import ServiceHost, create_server
 
 EXECUTOR_SERVICE = pb.DESCRIPTOR.services_by_name["ExecutorService"]
@@ -78,6 +80,13 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
 
     sizes = InvocationLimits(max_input=settings.max_input, max_output=settings.max_output,
                              max_stderr=settings.max_stderr)
+    # Execute calls multiplexed on one stream per caller (services/runtime/mux.py), each one checked as an Execute.
+    execute_stream = MuxServer(
+        EXECUTE_STREAM, "/clawhub.executor.v1.ExecutorService/Execute",
+        grpc.unary_unary_rpc_method_handler(servicer.Execute, request_deserializer=pb.ExecuteRequest.FromString,
+                                            response_serializer=pb.ExecuteResponse.SerializeToString),
+        pb.ExecuteStreamRequest, pb.ExecuteStreamResponse)
+    servicer.execute_stream = execute_stream
     try:
         host = create_server(
             "executor", (EXECUTOR_SERVICE.full_name,), host=settings.host, port=settings.port,
@@ -85,7 +94,7 @@ async def _build(settings: Settings, module_source: ModuleSource | None,
             identity=settings.identity, tls=settings.tls.server, rate_limits=settings.rate_limits,
             metrics=settings.metrics,
             max_receive_bytes=sizes.execute_request,
-            max_send_bytes=max(sizes.execute_response, CONTROL_MESSAGE_BYTES),
+            max_send_bytes=max(sizes.execute_response, CONTROL_MESSAGE_BYTES), muxed=(execute_stream,),
         )
     except BaseException:
         sandbox.close()

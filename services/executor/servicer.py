@@ -38,6 +38,7 @@ from services.executor.settings import Settings
 from services.executor.skilllogs import SkillLogs
 from services.runtime import logs, logtail, metrics, tracing
 from services.runtime.errors import MAX_DETAIL_CHARS, Reason, ServiceError, invalid, show_bytes
+from services.runtime.mux import MuxServer
 from services.runtime.names import digest_problem
 from services.runtime.wasm import FILES_CAPABILITY, KV_CAPABILITY
 
@@ -112,6 +113,9 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         self._bundles = bundles
         # Set by the composition root once the server (and its health servicer) exists.
         self.health = health
+        # Serves ExecuteStream (services/runtime/mux.py); set by the composition root, which builds it with the
+        # server's interceptors.
+        self.execute_stream: MuxServer | None = None
         self._health_names: set[str] = set()
         # Digests whose calls no longer run inline (`_run_inline`): stopped at the cap, or too slow too often.
         self._pooled: set[str] = set()
@@ -215,6 +219,14 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                                    request_id=request.request_id, trace_id=_trace_id(context),
                                    cut=result.verdict is Verdict.STDERR_LIMIT)
         return self._respond(digest, request.request_id, limits, result, grant.host)
+
+    async def ExecuteStream(  # type: ignore[override]  # writes with context.write, as grpc.aio allows
+            self, requests: AsyncIterator[pb.ExecuteStreamRequest], context: Context) -> None:
+        """Execute calls multiplexed on one stream: each runs as an Execute (checks, span, metrics, status)."""
+        if self.execute_stream is None:
+            raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, Reason.METHOD_NOT_EXPOSED,
+                               "this executor serves Execute calls one RPC each (no ExecuteStream)")
+        await self.execute_stream.serve(requests, context)
 
     def _inlines(self, compiled: CompiledModule, limits: RunLimits) -> bool:
         """Whether this call runs on the event loop: its module imports nothing (memory-v1 on the raw path: it

@@ -65,7 +65,7 @@ async def _build(settings: Settings) -> ServiceHost:
     # straight to the executor, the calls reported back.
     client_id = settings.gateway_id or default_client_id()
     routes, picker, stats, skills = RouteState(), ExecutorPicker(), VersionStats(), SkillCallDeltas()
-    executors = GrpcExecutorClient(sizes=InvocationLimits.from_env())
+    executors = GrpcExecutorClient(sizes=InvocationLimits.from_env(), stream=settings.executor_calls == "stream")
     router = Router(routes, executors, picker, retries=settings.retries, default_timeout=settings.invoke_timeout,
                     stats=stats, skills=skills, service="gateway")
     direct = settings.routing == "direct"

@@ -25,6 +25,9 @@ class Settings:
     routing: str = "direct"
     """CLAWHUB_GATEWAY_ROUTING: `direct` (default: the gateway calls the chosen executor itself, with the routes
     the dispatcher streams) or `dispatcher` (every call goes through the dispatcher's Dispatch, one hop more)."""
+    executor_calls: str = "stream"
+    """CLAWHUB_EXECUTOR_CALLS: `stream` (default: the calls to each executor go over one ExecuteStream,
+    services/runtime/mux.py) or `unary` (an Execute RPC per call: the way to compare, or to rule the stream out)."""
     gateway_id: str = ""
     """CLAWHUB_GATEWAY_ID: stable id given to the dispatcher for acknowledgements and reports (default
     `gateway-<hostname>-<pid>`)."""
@@ -98,6 +101,7 @@ class Settings:
             port=env_int("CLAWHUB_GATEWAY_PORT", d.port, minimum=0),
             dispatcher_address=env_str("CLAWHUB_DISPATCHER_ADDRESS", d.dispatcher_address),
             routing=env_choice("CLAWHUB_GATEWAY_ROUTING", d.routing, ("direct", "dispatcher")),
+            executor_calls=env_choice("CLAWHUB_EXECUTOR_CALLS", d.executor_calls, ("stream", "unary")),
             gateway_id=env_str("CLAWHUB_GATEWAY_ID", d.gateway_id),
             retries=env_int("CLAWHUB_DISPATCH_RETRIES", d.retries, minimum=0),
             stats_interval=env_float("CLAWHUB_GATEWAY_STATS_INTERVAL", d.stats_interval, minimum=0.01),

@@ -472,6 +472,10 @@ class UserAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     that mode is only for networks where nothing else can reach the services' ports (docs/security.md).
     """
 
+    # Its intercept_service depends only on the method and handler (the checks run in the wrapped handler):
+    # services/runtime/errors.py `fuse`.
+    per_method = True
+
     def __init__(self, authenticator: Authenticator, rules: Mapping[str, Rule], *,
                  descriptors: Mapping[str, MethodDescriptor] | None = None, audit: AuditSink | None = None,
                  platform_exempt: bool = False, enforce: bool = True) -> None:

@@ -539,6 +539,10 @@ class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
     which gRPC's `intercept_service` alone never sees): `_wrap` builds the wrapped handler once per method and
     it is reused for as long as the server hands out the same handler."""
 
+    # What `intercept_service` returns depends only on the method and the handler it wraps (no per-call work,
+    # no context variable set): `fuse` may run it once per method for a chain of such interceptors.
+    per_method = True
+
     def __init__(self) -> None:
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -560,6 +564,56 @@ class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         raise NotImplementedError
+
+
+class FusedInterceptors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Consecutive `per_method` interceptors as one: gRPC runs a coroutine (and a continuation) per interceptor
+    per call; this runs the chain once per method and then hands out its handler, so the chain costs a call one
+    dict lookup. The handlers it hands out are the ones the chain would (each member's own wrapping, in order)."""
+
+    per_method = True
+
+    def __init__(self, members: Sequence[grpc.aio.ServerInterceptor]) -> None:
+        self._members = tuple(members)
+        self._built: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        built = self._built.get(method)
+        if built is not None and built[0] is handler:
+            return built[1]
+        members = self._members
+
+        async def run(index: int, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            if index == len(members):
+                return handler
+            return await members[index].intercept_service(functools.partial(run, index + 1), details)
+
+        wrapped = await run(0, handler_call_details)
+        self._built[method] = (handler, wrapped)
+        return wrapped
+
+
+def fuse(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> list[grpc.aio.ServerInterceptor]:
+    """`interceptors` with each run of two or more consecutive `per_method` ones replaced by FusedInterceptors."""
+    out: list[grpc.aio.ServerInterceptor] = []
+    run: list[grpc.aio.ServerInterceptor] = []
+    for interceptor in (*interceptors, None):
+        if interceptor is not None and getattr(interceptor, "per_method", False):
+            run.append(interceptor)
+            continue
+        out.extend([FusedInterceptors(run)] if len(run) > 1 else run)
+        run = []
+        if interceptor is not None:
+            out.append(interceptor)
+    return out
 
 
 class ErrorInterceptor(HandlerWrappingInterceptor):
@@ -648,6 +702,12 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
             if status is not None and self._public:
                 await self._abort(context, exc.code(), status)
             await abort_passthrough(context, exc)
+        if isinstance(exc, NotImplementedError):
+            # A servicer without this method (the generated base class's default): UNIMPLEMENTED, as gRPC says
+            # for a method it does not know, so that a client can fall back (services/runtime/mux.py).
+            await abort_with(context, ServiceError(grpc.StatusCode.UNIMPLEMENTED, Reason.METHOD_NOT_EXPOSED,
+                                                   f"{method} is not implemented by this server",
+                                                   metadata={"method": method}), self._domain)
         log.exception("unexpected error in %s", method, exc_info=exc)
         await abort_with(context, ServiceError(grpc.StatusCode.INTERNAL, Reason.INTERNAL,
                                                f"internal error in {method}; see the service log"),
@@ -669,7 +729,9 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
             try:
                 return await fn(requests if decode is None else _decoded(requests, decode), context)
             except Exception as exc:  # noqa: BLE001 - translated into a status
-                if not isinstance(exc, (grpc.aio.AbortError, *_CALL_OVER)):
+                # (Not for a method that is not implemented: a caller streaming calls over it would hold the
+                # answer back for the whole drain, when it only needs to learn to call something else.)
+                if not isinstance(exc, (grpc.aio.AbortError, NotImplementedError, *_CALL_OVER)):
                     await _drain(requests)
                 await self._handle(exc, context, method)
 

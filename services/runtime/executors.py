@@ -9,15 +9,19 @@ an executor that comes back reuses it).
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Protocol, cast
 
+import grpc
 from clawhub.common.v1 import observability_pb2
 from clawhub.executor.v1 import executor_service_pb2 as executor_pb
 from clawhub.executor.v1 import executor_service_pb2_grpc as executor_grpc
 
 from services.runtime.channels import InvocationLimits, channel, current_outgoing
+from services.runtime.mux import MuxChannel
 from services.runtime.resilience import OutlierDetector
 
 
@@ -52,17 +56,29 @@ class ExecutorClient(Protocol):
     async def close(self) -> None: ...
 
 
-class GrpcExecutorClient:
-    """One channel per executor address, opened on first use."""
+EXECUTE = "/clawhub.executor.v1.ExecutorService/Execute"
+EXECUTE_STREAM = "/clawhub.executor.v1.ExecutorService/ExecuteStream"
 
-    def __init__(self, addresses: Iterable[str] = (), sizes: InvocationLimits | None = None) -> None:
+
+class GrpcExecutorClient:
+    """One channel per executor address, opened on first use. With `stream` (`CLAWHUB_EXECUTOR_CALLS=stream`, the
+    default), Execute calls go over one ExecuteStream per executor (services/runtime/mux.py) instead of an RPC
+    each; an executor that does not serve it is called with Execute."""
+
+    def __init__(self, addresses: Iterable[str] = (), sizes: InvocationLimits | None = None, *,
+                 stream: bool = True) -> None:
         self._addresses = tuple(addresses)
         self._sizes = sizes or InvocationLimits()
+        self._stream = stream
+        self._muxes: dict[str, MuxChannel] = {}
         # Channels opened later (as the dispatcher reports executors) carry the token and TLS of the build.
         self._security = current_outgoing()
         from services.runtime import tracing
 
         self._traced = tracing.enabled()
+        # A multiplexed call carries the trace context its RPC would (services/runtime/tracing.py).
+        self._trace_context = tracing.outgoing_metadata
+        self._failed_call = tracing.failed_call
         self._channels: dict[str, object] = {}
         self._stubs: dict[str, executor_grpc.ExecutorServiceAsyncStub] = {}
         for address in self._addresses:
@@ -87,12 +103,31 @@ class GrpcExecutorClient:
             self._channels[address] = opened
             stub = self._stubs[address] = cast("executor_grpc.ExecutorServiceAsyncStub",
                                                executor_grpc.ExecutorServiceStub(opened))
+            if self._stream:
+                self._muxes[address] = MuxChannel(
+                    opened, EXECUTE_STREAM, executor_pb.ExecuteStreamRequest, executor_pb.ExecuteStreamResponse,
+                    fallback=stub.Execute, response_deserializer=executor_pb.ExecuteResponse.FromString)
         return stub
 
     async def execute(self, address: str, request: executor_pb.ExecuteRequest, *, timeout: float,
                       metadata: tuple[tuple[str, str], ...] = ()) -> executor_pb.ExecuteResponse:
-        response: executor_pb.ExecuteResponse = await self._stub(address).Execute(
-            request, timeout=timeout, metadata=metadata or None)
+        stub = self._stub(address)
+        mux = self._muxes.get(address)
+        if mux is not None:
+            if not self._traced:
+                response: executor_pb.ExecuteResponse = await mux.call(request, timeout=timeout, metadata=metadata)
+                return response
+            started = time.time_ns()
+            try:
+                response = await mux.call(request, timeout=timeout, metadata=self._trace_context(metadata))
+            except grpc.aio.AioRpcError as err:
+                self._failed_call(EXECUTE, started, err.code(), err.trailing_metadata())
+                raise
+            except asyncio.CancelledError:
+                self._failed_call(EXECUTE, started, grpc.StatusCode.CANCELLED, (), True)
+                raise
+            return response
+        response = await stub.Execute(request, timeout=timeout, metadata=metadata or None)
         return response
 
     async def get_load(self, address: str, *, timeout: float) -> observability_pb2.ExecutorLoad:
@@ -106,6 +141,8 @@ class GrpcExecutorClient:
         return call
 
     async def close(self) -> None:
+        for mux in self._muxes.values():
+            await mux.close()
         for ch in self._channels.values():
             await ch.close()  # type: ignore[attr-defined]
 

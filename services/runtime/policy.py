@@ -43,6 +43,7 @@ INTERNAL_CALLERS: Mapping[str, frozenset[str]] = {
     # Executor: runs what gateways and dispatchers route to it; loads and unloads what the deployer deploys
     # (LoadSkill runs the smoke examples itself).
     "/clawhub.executor.v1.ExecutorService/Execute": _only(GATEWAY, DISPATCHER),
+    "/clawhub.executor.v1.ExecutorService/ExecuteStream": _only(GATEWAY, DISPATCHER),
     "/clawhub.executor.v1.ExecutorService/LoadSkill": _only(DEPLOYER),
     "/clawhub.executor.v1.ExecutorService/UnloadSkill": _only(DEPLOYER),
     "/clawhub.executor.v1.ExecutorService/TailSkillLogs": _only(DISPATCHER),

@@ -71,8 +71,9 @@ GRPC_STATUS = "rpc.grpc.status_code"
 TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 # Calls that are not traced: health checks and watches (balancers, `clawhub up`, the gateway's upstream checks and
 # the deployer's per-digest watches make them all the time; they would bury the calls people look for) and
-# reflection.
-UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# reflection; and the executors' call streams (services/runtime/mux.py): each call on one is traced as its own
+# Execute, with the metadata it carries.
+UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/clawhub.executor.v1.ExecutorService/ExecuteStream")
 
 _NOOP: AbstractContextManager[Span] = nullcontext(INVALID_SPAN)
 # The SDK provider's spans, made by LeanTracer (services/runtime/leanspan.py: the same spans, for a fraction of
@@ -705,6 +706,47 @@ def _end_client(current: Span, call: Any) -> None:
     current.end()
 
 
+def outgoing_metadata(metadata: Any) -> Any:
+    """`metadata` with the trace context a traced call made now would carry (as `_Traced` adds it), for a call
+    that is not an RPC of its own: a call multiplexed on a stream (services/runtime/mux.py). No CLIENT span is
+    made for it (the callee's SERVER span, child of this context, says what the call did)."""
+    if not _enabled:
+        return metadata
+    entries = _UNSAMPLED.get()
+    if entries is None:
+        parent = _current()
+        if parent.is_recording() or _unsampled(parent):
+            return inject(metadata, parent)
+        if _root_ratio is None or _root_sampled():
+            return metadata  # outside any trace, and chosen: no span of its own to be the parent; none is made
+        entries = _new_unsampled()
+    return (*(e for e in metadata if e[0] not in TRACE_KEYS), *entries) if metadata else entries
+
+
+def failed_call(method: str, started_ns: int, code: grpc.StatusCode, trailing: Any, cancelled: bool = False) -> None:
+    """A call made without a traced multi-callable (a call multiplexed on a stream: services/runtime/mux.py) failed:
+    the CLIENT span `_Traced` would have made for it (from its start, `time.time_ns()`), inside a recorded call."""
+    if not _enabled:
+        return
+    parent = _current()
+    if not parent.is_recording():
+        return
+    rpc_service, rpc_method = _split(method)
+    attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_method}
+    current = _tracer.start_span(method.lstrip("/"), kind=SpanKind.CLIENT, start_time=started_ns,
+                                 attributes=attributes)
+    if cancelled:
+        current.set_attribute("clawhub.cancelled", True)
+    else:
+        number = code.value[0]
+        current.set_attribute(GRPC_STATUS, number)
+        reason = _reason_of(trailing)
+        if reason:
+            current.set_attribute(ERROR_REASON, reason)
+        current.set_status(Status(StatusCode.ERROR, f"{code.name} {reason}".strip()))
+    current.end()
+
+
 class _Traced:
     """A multi-callable whose calls each get a CLIENT span, whose context travels in the call's metadata."""
 
@@ -770,7 +812,7 @@ class TracedChannel(WrappingChannel):
     """An aio channel whose calls are traced (`_Traced`); what `channels.channel` returns when tracing is on."""
 
     def _wrap(self, method: str, callable_: Any, kind: str) -> Any:
-        if kind in ("unary_unary", "unary_stream") and method.startswith(UNTRACED):
+        if method.startswith(UNTRACED):
             return callable_
         return _Traced(callable_, method)
 

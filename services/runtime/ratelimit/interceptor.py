@@ -74,6 +74,8 @@ METHOD_CLASSES: Mapping[str, str] = {
     "/clawhub.dispatcher.v1.DataPlaneService/AcknowledgeDataPlane": "write",
     "/clawhub.dispatcher.v1.DataPlaneService/ReportCalls": "write",
     "/clawhub.executor.v1.ExecutorService/Execute": "invoke",
+    # One stream per caller, each of its calls limited as an Execute (services/runtime/mux.py).
+    "/clawhub.executor.v1.ExecutorService/ExecuteStream": "stream",
     "/clawhub.executor.v1.ExecutorService/LoadSkill": "write",
     "/clawhub.executor.v1.ExecutorService/UnloadSkill": "write",
     "/clawhub.executor.v1.ExecutorService/TailSkillLogs": "stream",

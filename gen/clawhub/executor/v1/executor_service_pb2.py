@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clawhub.common.v1 import mux_pb2 as clawhub_dot_common_dot_v1_dot_mux__pb2
 from clawhub.common.v1 import observability_pb2 as clawhub_dot_common_dot_v1_dot_observability__pb2
 from clawhub.common.v1 import skill_pb2 as clawhub_dot_common_dot_v1_dot_skill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*clawhub/executor/v1/executor_service.proto\x12\x13\x63lawhub.executor.v1\x1a%clawhub/common/v1/observability.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\"T\n\x14TailSkillLogsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04tail\x18\x03 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"G\n\x15TailSkillLogsResponse\x12.\n\x05lines\x18\x01 \x03(\x0b\x32\x1f.clawhub.common.v1.SkillLogLine\"\x10\n\x0eGetLoadRequest\"@\n\x0fGetLoadResponse\x12-\n\x04load\x18\x01 \x01(\x0b\x32\x1f.clawhub.common.v1.ExecutorLoad\"\xed\x02\n\x0e\x45xecuteRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\x12)\n\x06limits\x18\x03 \x01(\x0b\x32\x19.clawhub.common.v1.Limits\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x39\n\x03\x65nv\x18\x05 \x03(\x0b\x32,.clawhub.executor.v1.ExecuteRequest.EnvEntry\x12\x0c\n\x04\x61rgs\x18\x06 \x03(\t\x12\x15\n\rbundle_digest\x18\x07 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\x12;\n\x0c\x64\x65pendencies\x18\x14 \x03(\x0b\x32%.clawhub.common.v1.ResolvedDependency\x12\r\n\x05skill\x18\x1e \x01(\t\x12\x0f\n\x07version\x18\x1f \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x0f\x45xecuteResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.clawhub.common.v1.Usage\"\x81\x03\n\x10LoadSkillRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x15\n\rbundle_digest\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x31\n\x08\x65xamples\x18\x04 \x03(\x0b\x32\x1f.clawhub.common.v1.SmokeExample\x12;\n\x03\x65nv\x18\x05 \x03(\x0b\x32..clawhub.executor.v1.LoadSkillRequest.EnvEntry\x12\x0c\n\x04\x61rgs\x18\x06 \x03(\t\x12)\n\x06limits\x18\x07 \x01(\x0b\x32\x19.clawhub.common.v1.Limits\x12;\n\x0c\x64\x65pendencies\x18\x14 \x03(\x0b\x32%.clawhub.common.v1.ResolvedDependency\x12\r\n\x05skill\x18\x1e \x01(\t\x12\x0f\n\x07version\x18\x1f \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x11LoadSkillResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\"$\n\x12UnloadSkillRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\")\n\x13UnloadSkillResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x32\xe5\x03\n\x0f\x45xecutorService\x12T\n\x07\x45xecute\x12#.clawhub.executor.v1.ExecuteRequest\x1a$.clawhub.executor.v1.ExecuteResponse\x12Z\n\tLoadSkill\x12%.clawhub.executor.v1.LoadSkillRequest\x1a&.clawhub.executor.v1.LoadSkillResponse\x12`\n\x0bUnloadSkill\x12\'.clawhub.executor.v1.UnloadSkillRequest\x1a(.clawhub.executor.v1.UnloadSkillResponse\x12h\n\rTailSkillLogs\x12).clawhub.executor.v1.TailSkillLogsRequest\x1a*.clawhub.executor.v1.TailSkillLogsResponse0\x01\x12T\n\x07GetLoad\x12#.clawhub.executor.v1.GetLoadRequest\x1a$.clawhub.executor.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*clawhub/executor/v1/executor_service.proto\x12\x13\x63lawhub.executor.v1\x1a\x1b\x63lawhub/common/v1/mux.proto\x1a%clawhub/common/v1/observability.proto\x1a\x1d\x63lawhub/common/v1/skill.proto\"T\n\x14TailSkillLogsRequest\x12\r\n\x05skill\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04tail\x18\x03 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"G\n\x15TailSkillLogsResponse\x12.\n\x05lines\x18\x01 \x03(\x0b\x32\x1f.clawhub.common.v1.SkillLogLine\"\x10\n\x0eGetLoadRequest\"@\n\x0fGetLoadResponse\x12-\n\x04load\x18\x01 \x01(\x0b\x32\x1f.clawhub.common.v1.ExecutorLoad\"\xed\x02\n\x0e\x45xecuteRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\x12)\n\x06limits\x18\x03 \x01(\x0b\x32\x19.clawhub.common.v1.Limits\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x39\n\x03\x65nv\x18\x05 \x03(\x0b\x32,.clawhub.executor.v1.ExecuteRequest.EnvEntry\x12\x0c\n\x04\x61rgs\x18\x06 \x03(\t\x12\x15\n\rbundle_digest\x18\x07 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\x12;\n\x0c\x64\x65pendencies\x18\x14 \x03(\x0b\x32%.clawhub.common.v1.ResolvedDependency\x12\r\n\x05skill\x18\x1e \x01(\t\x12\x0f\n\x07version\x18\x1f \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x0f\x45xecuteResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.clawhub.common.v1.Usage\"\x8e\x01\n\x14\x45xecuteStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x30\n\x08metadata\x18\x04 \x03(\x0b\x32\x1e.clawhub.common.v1.MuxMetadata\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\"\x85\x01\n\x15\x45xecuteStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x30\n\x08trailing\x18\x05 \x03(\x0b\x32\x1e.clawhub.common.v1.MuxMetadata\"\x81\x03\n\x10LoadSkillRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x15\n\rbundle_digest\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x31\n\x08\x65xamples\x18\x04 \x03(\x0b\x32\x1f.clawhub.common.v1.SmokeExample\x12;\n\x03\x65nv\x18\x05 \x03(\x0b\x32..clawhub.executor.v1.LoadSkillRequest.EnvEntry\x12\x0c\n\x04\x61rgs\x18\x06 \x03(\t\x12)\n\x06limits\x18\x07 \x01(\x0b\x32\x19.clawhub.common.v1.Limits\x12;\n\x0c\x64\x65pendencies\x18\x14 \x03(\x0b\x32%.clawhub.common.v1.ResolvedDependency\x12\r\n\x05skill\x18\x1e \x01(\t\x12\x0f\n\x07version\x18\x1f \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x11LoadSkillResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\"$\n\x12UnloadSkillRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\")\n\x13UnloadSkillResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x32\xd1\x04\n\x0f\x45xecutorService\x12T\n\x07\x45xecute\x12#.clawhub.executor.v1.ExecuteRequest\x1a$.clawhub.executor.v1.ExecuteResponse\x12j\n\rExecuteStream\x12).clawhub.executor.v1.ExecuteStreamRequest\x1a*.clawhub.executor.v1.ExecuteStreamResponse(\x01\x30\x01\x12Z\n\tLoadSkill\x12%.clawhub.executor.v1.LoadSkillRequest\x1a&.clawhub.executor.v1.LoadSkillResponse\x12`\n\x0bUnloadSkill\x12\'.clawhub.executor.v1.UnloadSkillRequest\x1a(.clawhub.executor.v1.UnloadSkillResponse\x12h\n\rTailSkillLogs\x12).clawhub.executor.v1.TailSkillLogsRequest\x1a*.clawhub.executor.v1.TailSkillLogsResponse0\x01\x12T\n\x07GetLoad\x12#.clawhub.executor.v1.GetLoadRequest\x1a$.clawhub.executor.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +38,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_options = b'8\001'
   _globals['_LOADSKILLREQUEST_ENVENTRY']._loaded_options = None
   _globals['_LOADSKILLREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_TAILSKILLLOGSREQUEST']._serialized_start=137
-  _globals['_TAILSKILLLOGSREQUEST']._serialized_end=221
-  _globals['_TAILSKILLLOGSRESPONSE']._serialized_start=223
-  _globals['_TAILSKILLLOGSRESPONSE']._serialized_end=294
-  _globals['_GETLOADREQUEST']._serialized_start=296
-  _globals['_GETLOADREQUEST']._serialized_end=312
-  _globals['_GETLOADRESPONSE']._serialized_start=314
-  _globals['_GETLOADRESPONSE']._serialized_end=378
-  _globals['_EXECUTEREQUEST']._serialized_start=381
-  _globals['_EXECUTEREQUEST']._serialized_end=746
-  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_start=704
-  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_end=746
-  _globals['_EXECUTERESPONSE']._serialized_start=748
-  _globals['_EXECUTERESPONSE']._serialized_end=838
-  _globals['_LOADSKILLREQUEST']._serialized_start=841
-  _globals['_LOADSKILLREQUEST']._serialized_end=1226
-  _globals['_LOADSKILLREQUEST_ENVENTRY']._serialized_start=704
-  _globals['_LOADSKILLREQUEST_ENVENTRY']._serialized_end=746
-  _globals['_LOADSKILLRESPONSE']._serialized_start=1228
-  _globals['_LOADSKILLRESPONSE']._serialized_end=1287
-  _globals['_UNLOADSKILLREQUEST']._serialized_start=1289
-  _globals['_UNLOADSKILLREQUEST']._serialized_end=1325
-  _globals['_UNLOADSKILLRESPONSE']._serialized_start=1327
-  _globals['_UNLOADSKILLRESPONSE']._serialized_end=1368
-  _globals['_EXECUTORSERVICE']._serialized_start=1371
-  _globals['_EXECUTORSERVICE']._serialized_end=1856
+  _globals['_TAILSKILLLOGSREQUEST']._serialized_start=166
+  _globals['_TAILSKILLLOGSREQUEST']._serialized_end=250
+  _globals['_TAILSKILLLOGSRESPONSE']._serialized_start=252
+  _globals['_TAILSKILLLOGSRESPONSE']._serialized_end=323
+  _globals['_GETLOADREQUEST']._serialized_start=325
+  _globals['_GETLOADREQUEST']._serialized_end=341
+  _globals['_GETLOADRESPONSE']._serialized_start=343
+  _globals['_GETLOADRESPONSE']._serialized_end=407
+  _globals['_EXECUTEREQUEST']._serialized_start=410
+  _globals['_EXECUTEREQUEST']._serialized_end=775
+  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_start=733
+  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_end=775
+  _globals['_EXECUTERESPONSE']._serialized_start=777
+  _globals['_EXECUTERESPONSE']._serialized_end=867
+  _globals['_EXECUTESTREAMREQUEST']._serialized_start=870
+  _globals['_EXECUTESTREAMREQUEST']._serialized_end=1012
+  _globals['_EXECUTESTREAMRESPONSE']._serialized_start=1015
+  _globals['_EXECUTESTREAMRESPONSE']._serialized_end=1148
+  _globals['_LOADSKILLREQUEST']._serialized_start=1151
+  _globals['_LOADSKILLREQUEST']._serialized_end=1536
+  _globals['_LOADSKILLREQUEST_ENVENTRY']._serialized_start=733
+  _globals['_LOADSKILLREQUEST_ENVENTRY']._serialized_end=775
+  _globals['_LOADSKILLRESPONSE']._serialized_start=1538
+  _globals['_LOADSKILLRESPONSE']._serialized_end=1597
+  _globals['_UNLOADSKILLREQUEST']._serialized_start=1599
+  _globals['_UNLOADSKILLREQUEST']._serialized_end=1635
+  _globals['_UNLOADSKILLRESPONSE']._serialized_start=1637
+  _globals['_UNLOADSKILLRESPONSE']._serialized_end=1678
+  _globals['_EXECUTORSERVICE']._serialized_start=1681
+  _globals['_EXECUTORSERVICE']._serialized_end=2274
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from clawhub.common.v1 import mux_pb2 as _mux_pb2
 from clawhub.common.v1 import observability_pb2 as _observability_pb2
 from clawhub.common.v1 import skill_pb2 as _skill_pb2
 from collections import abc as _abc
@@ -245,6 +246,86 @@ class ExecuteResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
+
+@_typing.final
+class ExecuteStreamRequest(_message.Message):
+    """One call, or the cancellation of one, sent by the caller."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The caller's number for the call, unique among the calls open on the stream."""
+    payload: _builtins.bytes
+    """The call's ExecuteRequest, serialized."""
+    timeout_seconds: _builtins.float
+    """Seconds the call may take (its deadline, as gRPC's `grpc-timeout`); 0 for none."""
+    cancel: _builtins.bool
+    """The caller gave up on call `id` (cancelled, or its deadline passed): the server stops it."""
+    @_builtins.property
+    def metadata(self) -> _containers.RepeatedCompositeFieldContainer[_mux_pb2.MuxMetadata]:
+        """The call's own metadata (e.g. `traceparent`), after the stream's (e.g. the caller's credentials)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        payload: _builtins.bytes = ...,
+        timeout_seconds: _builtins.float = ...,
+        metadata: _abc.Iterable[_mux_pb2.MuxMetadata] | None = ...,
+        cancel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "id", b"id", "metadata", b"metadata", "payload", b"payload", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteStreamRequest: _TypeAlias = ExecuteStreamRequest  # noqa: Y015
+
+@_typing.final
+class ExecuteStreamResponse(_message.Message):
+    """The end of one call, sent by the server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TRAILING_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The number the caller gave the call."""
+    payload: _builtins.bytes
+    """The call's ExecuteResponse, serialized; empty unless `code` is 0 (OK)."""
+    code: _builtins.int
+    """The call's gRPC status code (0: OK)."""
+    message: _builtins.str
+    """The status message, when `code` is not OK."""
+    @_builtins.property
+    def trailing(self) -> _containers.RepeatedCompositeFieldContainer[_mux_pb2.MuxMetadata]:
+        """The call's trailing metadata (`grpc-status-details-bin` with the structured error, `retry-after`)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        payload: _builtins.bytes = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        trailing: _abc.Iterable[_mux_pb2.MuxMetadata] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id", "message", b"message", "payload", b"payload", "trailing", b"trailing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteStreamResponse: _TypeAlias = ExecuteStreamResponse  # noqa: Y015
 
 @_typing.final
 class LoadSkillRequest(_message.Message):

@@ -40,6 +40,11 @@ class ExecutorServiceStub:
                 request_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.stream_stream(
+                '/clawhub.executor.v1.ExecutorService/ExecuteStream',
+                request_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteStreamRequest.SerializeToString,
+                response_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteStreamResponse.FromString,
+                _registered_method=True)
         self.LoadSkill = channel.unary_unary(
                 '/clawhub.executor.v1.ExecutorService/LoadSkill',
                 request_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.LoadSkillRequest.SerializeToString,
@@ -73,6 +78,18 @@ class ExecutorServiceServicer:
         ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable),
         FAILED_PRECONDITION (PROVENANCE_MISMATCH: the registry does not list the digest as skill@version),
         PERMISSION_DENIED (SIGNATURE_INVALID, SIGNATURE_REQUIRED, SIGNER_NOT_TRUSTED: re-verification failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteStream(self, request_iterator, context):
+        """Execute calls multiplexed over one long-lived stream (services/runtime/mux.py): what gateways and
+        dispatchers use, one stream per executor, instead of an RPC per call, which costs gRPC about half its
+        per-call work on the executor. Each call passes the same checks as Execute (authentication, rate limits,
+        tracing, metrics) and ends with the status Execute would return, in its ExecuteStreamResponse.
+        Returns OK when the executor ends the stream (it is shutting down: calls open on it finish first, and
+        calls sent after get UNAVAILABLE), or the status of the stream's own failure.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +138,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteRequest.FromString,
                     response_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteStreamRequest.FromString,
+                    response_serializer=clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteStreamResponse.SerializeToString,
             ),
             'LoadSkill': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadSkill,
@@ -171,6 +193,33 @@ class ExecutorService:
             '/clawhub.executor.v1.ExecutorService/Execute',
             clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteRequest.SerializeToString,
             clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/clawhub.executor.v1.ExecutorService/ExecuteStream',
+            clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteStreamRequest.SerializeToString,
+            clawhub_dot_executor_dot_v1_dot_executor__service__pb2.ExecuteStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,14 @@ class ExecutorServiceStub:
     FAILED_PRECONDITION (PROVENANCE_MISMATCH: the registry does not list the digest as skill@version),
     PERMISSION_DENIED (SIGNATURE_INVALID, SIGNATURE_REQUIRED, SIGNER_NOT_TRUSTED: re-verification failed).
     """
+    ExecuteStream: _grpc.StreamStreamMultiCallable[_executor_service_pb2.ExecuteStreamRequest, _executor_service_pb2.ExecuteStreamResponse]
+    """Execute calls multiplexed over one long-lived stream (services/runtime/mux.py): what gateways and
+    dispatchers use, one stream per executor, instead of an RPC per call, which costs gRPC about half its
+    per-call work on the executor. Each call passes the same checks as Execute (authentication, rate limits,
+    tracing, metrics) and ends with the status Execute would return, in its ExecuteStreamResponse.
+    Returns OK when the executor ends the stream (it is shutting down: calls open on it finish first, and
+    calls sent after get UNAVAILABLE), or the status of the stream's own failure.
+    """
     LoadSkill: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.LoadSkillRequest, _executor_service_pb2.LoadSkillResponse]
     """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
     health reports SERVING once all of them pass.
@@ -74,6 +82,14 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable),
     FAILED_PRECONDITION (PROVENANCE_MISMATCH: the registry does not list the digest as skill@version),
     PERMISSION_DENIED (SIGNATURE_INVALID, SIGNATURE_REQUIRED, SIGNER_NOT_TRUSTED: re-verification failed).
+    """
+    ExecuteStream: _aio.StreamStreamMultiCallable[_executor_service_pb2.ExecuteStreamRequest, _executor_service_pb2.ExecuteStreamResponse]  # type: ignore[assignment]
+    """Execute calls multiplexed over one long-lived stream (services/runtime/mux.py): what gateways and
+    dispatchers use, one stream per executor, instead of an RPC per call, which costs gRPC about half its
+    per-call work on the executor. Each call passes the same checks as Execute (authentication, rate limits,
+    tracing, metrics) and ends with the status Execute would return, in its ExecuteStreamResponse.
+    Returns OK when the executor ends the stream (it is shutting down: calls open on it finish first, and
+    calls sent after get UNAVAILABLE), or the status of the stream's own failure.
     """
     LoadSkill: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.LoadSkillRequest, _executor_service_pb2.LoadSkillResponse]  # type: ignore[assignment]
     """Fetches and compiles a module so later calls start hot, then runs its smoke examples; the digest's
@@ -111,6 +127,20 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         ABORTED (the skill trapped or exited non-zero), UNAVAILABLE (shutting down or registry unreachable),
         FAILED_PRECONDITION (PROVENANCE_MISMATCH: the registry does not list the digest as skill@version),
         PERMISSION_DENIED (SIGNATURE_INVALID, SIGNATURE_REQUIRED, SIGNER_NOT_TRUSTED: re-verification failed).
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_executor_service_pb2.ExecuteStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_service_pb2.ExecuteStreamResponse], _abc.AsyncIterator[_executor_service_pb2.ExecuteStreamResponse]]:
+        """Execute calls multiplexed over one long-lived stream (services/runtime/mux.py): what gateways and
+        dispatchers use, one stream per executor, instead of an RPC per call, which costs gRPC about half its
+        per-call work on the executor. Each call passes the same checks as Execute (authentication, rate limits,
+        tracing, metrics) and ends with the status Execute would return, in its ExecuteStreamResponse.
+        Returns OK when the executor ends the stream (it is shutting down: calls open on it finish first, and
+        calls sent after get UNAVAILABLE), or the status of the stream's own failure.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,184 @@
+"""ExecuteStream: Execute calls multiplexed over one stream (services/runtime/mux.py), against a real executor.
+
+Each call must end as its Execute would (output, usage, structured errors), with its own deadline and
+cancellation, the stream must outlive failed calls, a server draining must finish the calls open on it, and a
+server without the stream method must still be called (unary fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from clawhub.executor.v1 import executor_service_pb2 as pb
+
+from services.runtime.errors import error_info
+from services.runtime.executors import EXECUTE_STREAM, GrpcExecutorClient
+from services.runtime.mux import MuxChannel
+from tests.executor import fixtures as f
+from tests.executor.conftest import Executor, limits
+
+
+def mux_of(ex: Executor) -> MuxChannel:
+    stub = ex.stub
+    return MuxChannel(ex.channel, EXECUTE_STREAM, pb.ExecuteStreamRequest, pb.ExecuteStreamResponse,
+                      fallback=stub.Execute, response_deserializer=pb.ExecuteResponse.FromString)
+
+
+def request(ex: Executor, module: bytes, data: bytes = b"", **kw: object) -> pb.ExecuteRequest:
+    assert ex.assigned is not None
+    return ex.assigned.assign(pb.ExecuteRequest(digest=ex.source.add(module), input=data, **kw))
+
+
+async def test_calls_on_one_stream_answer_as_execute_does(executor: Executor) -> None:
+    mux = mux_of(executor)
+    try:
+        answers = []
+        for first in range(0, 200, 8):  # in flight together, within the test executor's 4 threads + 8 waiting
+            answers += await asyncio.gather(*(mux.call(request(executor, f.ECHO, f"call {i}".encode()), timeout=10)
+                                              for i in range(first, first + 8)))
+        assert [a.output for a in answers] == [f"ok:call {i}".encode() for i in range(200)]
+        unary = await executor.stub.Execute(request(executor, f.ECHO, b"call 7"), timeout=10)
+        assert answers[7].output == unary.output
+        assert answers[7].usage.peak_memory_bytes == unary.usage.peak_memory_bytes == 65536
+        assert not mux.unsupported
+    finally:
+        await mux.close()
+
+
+async def test_a_failed_call_carries_its_structured_error_and_the_stream_goes_on(executor: Executor) -> None:
+    mux = mux_of(executor)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mux.call(request(executor, f.TRAP), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.ABORTED
+        info = error_info(caught.value)
+        assert info is not None and (info.domain, info.reason) == ("executor.clawhub", "SKILL_TRAPPED")
+        assert "unreachable" in info.metadata["trap"]
+        # The skill's own limit, as Execute reports it.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mux.call(request(executor, f.INFINITE_LOOP, limits=limits(timeout_ms=150)), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        info = error_info(caught.value)
+        assert info is not None and info.reason == "SKILL_TIMEOUT"
+        assert (await mux.call(request(executor, f.ECHO, b"after"), timeout=10)).output == b"ok:after"
+    finally:
+        await mux.close()
+
+
+async def test_a_malformed_call_is_refused_alone(executor: Executor) -> None:
+    """A payload that is no ExecuteRequest: INVALID_ARGUMENT for that call, as Execute would say; the stream and
+    the call beside it are unaffected."""
+    outbox: asyncio.Queue[pb.ExecuteStreamRequest | None] = asyncio.Queue()
+
+    async def messages():  # type: ignore[no-untyped-def]
+        while (message := await outbox.get()) is not None:
+            yield message
+
+    good = request(executor, f.ECHO, b"fine")
+    call = executor.channel.stream_stream(EXECUTE_STREAM, request_serializer=pb.ExecuteStreamRequest.SerializeToString,
+                                          response_deserializer=pb.ExecuteStreamResponse.FromString)(messages())
+    outbox.put_nowait(pb.ExecuteStreamRequest(id=1, payload=b"\xff\xff\xff", timeout_seconds=5))
+    outbox.put_nowait(pb.ExecuteStreamRequest(id=2, payload=good.SerializeToString(), timeout_seconds=5))
+    answers = {}
+    async for response in call:
+        answers[response.id] = response
+        if len(answers) == 2:
+            break
+    outbox.put_nowait(None)
+    assert answers[1].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert any(e.key == "grpc-status-details-bin" for e in answers[1].trailing)
+    assert answers[2].code == 0 and pb.ExecuteResponse.FromString(answers[2].payload).output == b"ok:fine"
+    call.cancel()
+
+
+async def test_the_callers_deadline_ends_the_call_and_frees_the_executor(executor: Executor) -> None:
+    mux = mux_of(executor)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mux.call(request(executor, f.INFINITE_LOOP, limits=limits(timeout_ms=20_000)), timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 2.0
+        # The executor stopped the run too: the worker thread is free again within an epoch slice or so.
+        deadline = time.monotonic() + 3.0
+        while executor.host is not None:
+            load = await executor.stub.GetLoad(pb.GetLoadRequest(), timeout=5)
+            if load.load.busy_threads == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert load.load.busy_threads == 0
+        assert (await mux.call(request(executor, f.ECHO, b"next"), timeout=10)).output == b"ok:next"
+    finally:
+        await mux.close()
+
+
+async def test_a_cancelled_call_is_stopped_on_the_executor(executor: Executor) -> None:
+    mux = mux_of(executor)
+    try:
+        task = asyncio.create_task(mux.call(request(executor, f.INFINITE_LOOP, limits=limits(timeout_ms=20_000)),
+                                            timeout=30))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 3.0
+        while True:
+            load = await executor.stub.GetLoad(pb.GetLoadRequest(), timeout=5)
+            if load.load.busy_threads == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert load.load.busy_threads == 0
+    finally:
+        await mux.close()
+
+
+async def test_a_stopping_executor_finishes_open_calls_then_ends_the_stream(executor: Executor) -> None:
+    mux = mux_of(executor)
+    try:
+        assert (await mux.call(request(executor, f.ECHO, b"warm"), timeout=10)).output == b"ok:warm"
+        slow = asyncio.create_task(mux.call(request(executor, f.INFINITE_LOOP, limits=limits(timeout_ms=400)),
+                                            timeout=10))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await executor.host.stop(grace=10)
+        # The open call ended as its own (the skill's timeout), not cut by the stop; the drain did not wait
+        # for the grace period (the stream ended once its calls were answered).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await slow
+        info = error_info(caught.value)
+        assert info is not None and info.reason == "SKILL_TIMEOUT"
+        assert time.monotonic() - started < 5.0
+        # Calls after it: UNAVAILABLE (a router tries another executor).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mux.call(request(executor, f.ECHO, b"late"), timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await mux.close()
+
+
+async def test_an_executor_without_the_stream_is_called_with_execute() -> None:
+    """An executor of an earlier release (no ExecuteStream): the client notices UNIMPLEMENTED once and calls
+    Execute from then on."""
+    seen: list[str] = []
+
+    async def execute(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+        seen.append(pb.ExecuteRequest.FromString(raw).request_id)
+        return pb.ExecuteResponse(output=b"unary").SerializeToString()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "clawhub.executor.v1.ExecutorService", {"Execute": grpc.unary_unary_rpc_method_handler(execute)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = GrpcExecutorClient([f"127.0.0.1:{port}"])
+    try:
+        for i in range(3):
+            response = await client.execute(f"127.0.0.1:{port}", pb.ExecuteRequest(digest="sha256:" + "0" * 64,
+                                                                                     request_id=f"r{i}"), timeout=5)
+            assert response.output == b"unary"
+        assert seen == ["r0", "r1", "r2"]
+    finally:
+        await client.close()
+        await server.stop(None)
