@@ -566,6 +566,15 @@ class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
         raise NotImplementedError
 
 
+def _said_unimplemented(context: Any) -> bool:
+    """Whether the handler set UNIMPLEMENTED before raising NotImplementedError (what a generated servicer's
+    default method does); any other NotImplementedError is a bug, answered INTERNAL and logged."""
+    try:
+        return bool(context.code() == grpc.StatusCode.UNIMPLEMENTED)
+    except Exception:  # noqa: BLE001 - a context without code(): not the generated default
+        return False
+
+
 class FusedInterceptors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Consecutive `per_method` interceptors as one: gRPC runs a coroutine (and a continuation) per interceptor
     per call; this runs the chain once per method and then hands out its handler, so the chain costs a call one
@@ -702,7 +711,7 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
             if status is not None and self._public:
                 await self._abort(context, exc.code(), status)
             await abort_passthrough(context, exc)
-        if isinstance(exc, NotImplementedError):
+        if isinstance(exc, NotImplementedError) and _said_unimplemented(context):
             # A servicer without this method (the generated base class's default): UNIMPLEMENTED, as gRPC says
             # for a method it does not know, so that a client can fall back (services/runtime/mux.py).
             await abort_with(context, ServiceError(grpc.StatusCode.UNIMPLEMENTED, Reason.METHOD_NOT_EXPOSED,
@@ -731,7 +740,8 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
             except Exception as exc:  # noqa: BLE001 - translated into a status
                 # (Not for a method that is not implemented: a caller streaming calls over it would hold the
                 # answer back for the whole drain, when it only needs to learn to call something else.)
-                if not isinstance(exc, (grpc.aio.AbortError, NotImplementedError, *_CALL_OVER)):
+                if method not in NO_DRAIN and not isinstance(exc, (grpc.aio.AbortError, NotImplementedError,
+                                                                   *_CALL_OVER)):
                     await _drain(requests)
                 await self._handle(exc, context, method)
 
@@ -772,6 +782,9 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
 # What a write raises when the call is already over in gRPC's core (the caller cancelled or disconnected).
 _CALL_OVER: tuple[type[BaseException], ...] = (cygrpc.ExecuteBatchError,)
 
+# Client-streaming methods whose refusal is sent at once, without reading what the client still sends first: their
+# clients send nothing until the stream is served (services/runtime/mux.py registers its stream methods here).
+NO_DRAIN: set[str] = set()
 # Bounds on reading what a client still sends after its stream was refused.
 DRAIN_BYTES = 8 * 1024 * 1024
 DRAIN_SECONDS = 2.0

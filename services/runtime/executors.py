@@ -113,7 +113,7 @@ class GrpcExecutorClient:
                       metadata: tuple[tuple[str, str], ...] = ()) -> executor_pb.ExecuteResponse:
         stub = self._stub(address)
         mux = self._muxes.get(address)
-        if mux is not None:
+        if mux is not None and not mux.unsupported:
             if not self._traced:
                 response: executor_pb.ExecuteResponse = await mux.call(request, timeout=timeout, metadata=metadata)
                 return response

@@ -25,6 +25,7 @@ UNAVAILABLE, lets the open ones finish, then ends the streams. A server without 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -33,6 +34,8 @@ from typing import Any
 
 import grpc
 from clawhub.common.v1 import mux_pb2
+
+from services.runtime.errors import NO_DRAIN
 
 log = logging.getLogger("clawhub.mux")
 
@@ -44,8 +47,10 @@ _TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 # without the method (which ends the stream with UNIMPLEMENTED instead) has been sent nothing and every call
 # waiting for the stream can safely go another way.
 SERVING_HEADER = "x-clawhub-mux"
-# Credentials are the stream's (checked once for it): a call cannot bring others.
-_CREDENTIALS = frozenset({"x-clawhub-service", "authorization"})
+# What a call may carry of its own; everything else (credentials above all) is the stream's, checked once for it.
+_CALL_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
+# The id of the notice a draining server sends on each stream (call ids start at 1): send nothing more here.
+DRAIN_NOTICE = 0
 
 
 def _entries(metadata: Iterable[tuple[str, str | bytes]]) -> list[mux_pb2.MuxMetadata]:
@@ -140,6 +145,8 @@ class MuxServer:
         """The interceptors of the server whose stream method `serve` serves: they run once for the stream, as for
         any call, and once for each call on it."""
         self._interceptors = tuple(interceptors)
+        # A refused stream is answered at once: its caller sends no call before the stream is served.
+        NO_DRAIN.add(self.stream_method)
 
     async def drain(self) -> None:
         """Stop taking calls: calls sent from now on get UNAVAILABLE, and each stream ends once the calls open
@@ -175,12 +182,12 @@ class MuxServer:
         finally:
             self._streams.discard(stream)
 
-    async def call(self, handler: grpc.RpcMethodHandler | None, message: Any, metadata: Metadata, peer: str) -> Any:
+    async def call(self, handler: grpc.RpcMethodHandler | None, message: Any, metadata: Metadata, peer: str,
+                   deadline: float | None) -> Any:
         """One call, with the handler `resolve` gave its stream: its response message (its status in it when it
         failed)."""
-        timeout = message.timeout_seconds
-        own = tuple(e for e in _metadata(message.metadata) if e[0] not in _CREDENTIALS)
-        context = MuxedCall((*metadata, *own), time.monotonic() + timeout if timeout > 0 else None, peer)
+        own = tuple((k.lower(), v) for k, v in _metadata(message.metadata) if k.lower() in _CALL_KEYS)
+        context = MuxedCall((*metadata, *own), deadline, peer)
         try:
             if handler is None:
                 return self._status(message.id, grpc.StatusCode.UNIMPLEMENTED, "Method not found!", ())
@@ -217,7 +224,12 @@ class _ServedStream:
         self._read_all = False
 
     def drain(self) -> None:
-        self._draining = True
+        if not self._draining:
+            self._draining = True
+            # The caller stops sending on this stream (its next calls open another, elsewhere once this server is
+            # gone); the calls it sent meanwhile are answered UNAVAILABLE.
+            self._outbox.put_nowait(self._server._status(
+                DRAIN_NOTICE, grpc.StatusCode.UNAVAILABLE, "the executor is shutting down", ()))
         self._end_if_idle()
 
     def _end_if_idle(self) -> None:
@@ -230,14 +242,24 @@ class _ServedStream:
             while True:
                 response = await self._outbox.get()
                 if response is None:
-                    return
+                    break
                 await context.write(response)
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]  # the stream ends with its status
         finally:
             reader.cancel()
             for task in tuple(self._calls.values()):
                 task.cancel()
 
     async def _read(self, requests: Any) -> None:
+        try:
+            await self._read_calls(requests)
+        finally:
+            # Read to the end, or reading failed (a malformed message): the stream ends once its calls are answered.
+            self._read_all = True
+            self._end_if_idle()
+
+    async def _read_calls(self, requests: Any) -> None:
         loop = asyncio.get_running_loop()
         async for message in requests:
             if message.cancel:
@@ -249,18 +271,18 @@ class _ServedStream:
                 self._outbox.put_nowait(self._server._status(
                     message.id, grpc.StatusCode.UNAVAILABLE, "the executor is shutting down; call another one", ()))
                 continue
-            task = loop.create_task(self._call(message))
+            timeout = message.timeout_seconds
+            deadline = time.monotonic() + timeout if timeout > 0 else None
+            task = loop.create_task(self._call(message, deadline))
             self._calls[message.id] = task
-            if message.timeout_seconds > 0:
+            if deadline is not None:
                 # The server ends a call at its deadline, as gRPC does (the caller stops waiting then too).
-                timer = loop.call_later(message.timeout_seconds, task.cancel)
+                timer = loop.call_at(loop.time() + timeout, task.cancel)
                 task.add_done_callback(partial(_stop_timer, timer))
-        self._read_all = True
-        self._end_if_idle()
 
-    async def _call(self, message: Any) -> None:
+    async def _call(self, message: Any, deadline: float | None) -> None:
         try:
-            response = await self._server.call(self._handler, message, self._metadata, self._peer)
+            response = await self._server.call(self._handler, message, self._metadata, self._peer, deadline)
         except asyncio.CancelledError:
             # Cancelled by the caller (who is no longer waiting) or at its deadline.
             response = self._server._status(message.id, grpc.StatusCode.DEADLINE_EXCEEDED
@@ -293,15 +315,23 @@ class MuxChannel:
         self._deserialize = response_deserializer
         self._stream: _OpenStream | None = None
         self._next_id = 0
-        self.unsupported = False
+        # Until when the server is called with the unary method (it answered the stream UNIMPLEMENTED; tried again
+        # after UNSUPPORTED_RETRY_SECONDS, in case it was upgraded meanwhile).
+        self._unary_until = 0.0
+
+    @property
+    def unsupported(self) -> bool:
+        return time.monotonic() < self._unary_until
 
     async def call(self, request: Any, *, timeout: float | None, metadata: Metadata = ()) -> Any:
         """The unary method's response; raises its status as grpc.aio.AioRpcError."""
-        if self.unsupported:
+        if self._unary_until and self.unsupported:
             return await self._fallback(request, timeout=timeout, metadata=metadata or None)
+        deadline = time.monotonic() + timeout if timeout else None
         stream = self._stream
         if stream is None or stream.ended:
-            stream = self._stream = _OpenStream(self)
+            # A context of its own: the stream outlives this call (its span, its principal are not the stream's).
+            stream = self._stream = contextvars.Context().run(_OpenStream, self)
         self._next_id += 1
         call_id = self._next_id
         loop = asyncio.get_running_loop()
@@ -316,9 +346,14 @@ class MuxChannel:
             stream.give_up(call_id)
             raise
         except _StreamUnsupported as exc:
-            self.unsupported = True
-            log.info("%s is not served (UNIMPLEMENTED); calling the unary method instead", exc.method)
-            return await self._fallback(request, timeout=timeout, metadata=metadata or None)
+            if not self.unsupported:
+                log.info("%s is not served (UNIMPLEMENTED); calling the unary method for %.0f s", exc.method,
+                         UNSUPPORTED_RETRY_SECONDS)
+            self._unary_until = time.monotonic() + UNSUPPORTED_RETRY_SECONDS
+            if timer is not None:
+                timer.cancel()
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            return await self._fallback(request, timeout=left, metadata=metadata or None)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -338,12 +373,21 @@ class _StreamUnsupported(Exception):
         self.method = method
 
 
+UNSUPPORTED_RETRY_SECONDS = 60.0
+
+
+def _unavailable(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details=details)
+
+
 class _OpenStream:
     """One stream a MuxChannel keeps open: its calls waiting for answers, a queue of messages to send."""
 
     def __init__(self, owner: MuxChannel) -> None:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.ended = False
+        self._dropped: set[int] = set()  # calls given up before they were sent: neither they nor their cancel go
         self._owner = owner
         self._serving = asyncio.Event()  # the server's SERVING_HEADER arrived: calls may be sent
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -356,6 +400,13 @@ class _OpenStream:
             message = await self._outbox.get()
             if message is None:
                 return
+            if message.cancel:
+                if message.id in self._dropped:
+                    self._dropped.discard(message.id)
+                    continue
+            elif message.id not in self.pending:
+                self._dropped.add(message.id)  # the caller gave up before it was sent (deadline, cancel)
+                continue
             yield message
 
     def send(self, message: Any) -> None:
@@ -387,14 +438,22 @@ class _OpenStream:
                                            details=await self._call.details())
             self._serving.set()
             async for response in self._call:
+                if response.id == DRAIN_NOTICE:
+                    self.ended = True  # the server is draining: the next calls open another stream
+                    continue
                 answer = self.pending.pop(response.id, None)
                 if answer is not None and not answer.done():
                     answer.set_result(response)
-            error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                         details="the server ended the call stream (it is shutting down)")
+            error = _unavailable("the server ended the call stream (it is shutting down)")
         except grpc.aio.AioRpcError as err:
-            error = _StreamUnsupported(self._owner._stream_method) if err.code() == grpc.StatusCode.UNIMPLEMENTED \
-                and not self._serving.is_set() else err
+            if not self._serving.is_set():
+                error = _StreamUnsupported(self._owner._stream_method) \
+                    if err.code() == grpc.StatusCode.UNIMPLEMENTED else err
+            else:
+                # Once served, whatever ended the stream (the server went away or finished its drain while calls
+                # were on their way: gRPC may then say INTERNAL) is UNAVAILABLE for the calls still waiting, as a
+                # broken connection is for unary calls: a router tries them on another executor.
+                error = _unavailable(f"the call stream ended: {err.code().name} {err.details() or ''}".strip())
         except _StreamUnsupported as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - the calls waiting must end, whatever broke the stream

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from clawhub.executor.v1 import executor_service_pb2 as pb
 
+from services.runtime.channels import Outgoing, outgoing
 from services.runtime.errors import error_info
 from services.runtime.executors import EXECUTE_STREAM, GrpcExecutorClient
+from services.runtime.identity import load_identity, write_credentials
 from services.runtime.mux import MuxChannel
 from tests.executor import fixtures as f
 from tests.executor.conftest import Executor, limits
@@ -182,3 +186,57 @@ async def test_an_executor_without_the_stream_is_called_with_execute() -> None:
     finally:
         await client.close()
         await server.stop(None)
+
+
+async def test_the_stream_is_for_platform_services_and_a_refusal_comes_at_once(make_executor: Any,
+                                                                               tmp_path: Path) -> None:
+    """With internal auth on: a stream without a token is refused UNAUTHENTICATED right away (not after the
+    2-second read a refused client stream otherwise gets), one with the executor's own token PERMISSION_DENIED,
+    and the gateway's token is admitted, each call then running as the gateway's Execute."""
+    write_credentials(tmp_path / "secrets")
+
+    def identity(service: str) -> Any:
+        return load_identity(service, tmp_path / "secrets" / f"{service}.token",
+                             tmp_path / "secrets" / "identities.json")
+
+    ex = await make_executor(identity=identity("executor"))
+    address = f"127.0.0.1:{ex.host.port}"
+    expected = {None: (grpc.StatusCode.UNAUTHENTICATED, "PLATFORM_CREDENTIALS_REQUIRED"),
+                "executor": (grpc.StatusCode.PERMISSION_DENIED, "SERVICE_NOT_ALLOWED")}
+    for service, (code, reason) in expected.items():
+        security = Outgoing(token=identity(service).token) if service else Outgoing()
+        with outgoing(security):
+            client = GrpcExecutorClient([address])
+        try:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.execute(address, request(ex, f.ECHO, b"x"), timeout=5)
+            assert (caught.value.code(), error_info(caught.value).reason) == (code, reason)
+            assert time.monotonic() - started < 1.0
+        finally:
+            await client.close()
+    with outgoing(Outgoing(token=identity("gateway").token)):
+        client = GrpcExecutorClient([address])
+    try:
+        answers = await asyncio.gather(*(client.execute(address, request(ex, f.ECHO, f"{i}".encode()), timeout=5)
+                                         for i in range(8)))
+        assert [a.output for a in answers] == [f"ok:{i}".encode() for i in range(8)]
+    finally:
+        await client.close()
+
+
+async def test_a_draining_executor_tells_its_callers_to_stop_sending(executor: Executor) -> None:
+    """The drain notice: the caller marks the stream ended at once, so its next call opens another stream (here
+    refused: the executor is gone) instead of queueing on one that is closing."""
+    mux = mux_of(executor)
+    try:
+        assert (await mux.call(request(executor, f.ECHO, b"warm"), timeout=10)).output == b"ok:warm"
+        stream = mux._stream
+        assert stream is not None and not stream.ended
+        await executor.host.stop(grace=5)
+        assert stream.ended
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mux.call(request(executor, f.ECHO, b"late"), timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await mux.close()

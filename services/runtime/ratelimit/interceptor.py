@@ -28,6 +28,7 @@ from services.runtime import metrics, tracing
 from services.runtime.auth import current_principal
 from services.runtime.channels import PEER_METADATA, peer_host
 from services.runtime.errors import (
+    NO_DRAIN,
     STATUS_DETAILS_KEY,
     HandlerWrappingInterceptor,
     Reason,
@@ -276,7 +277,7 @@ class RateLimitInterceptor(HandlerWrappingInterceptor):
         if checked is None or checked[0].allowed:
             return
         code, message, trailing = refusal(call, checked[1], checked[0], self._domain)
-        if requests is not None:
+        if requests is not None and method not in NO_DRAIN:
             await _drain(requests)
         await context.abort(code, message, trailing_metadata=trailing)
 
