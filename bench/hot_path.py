@@ -5,8 +5,8 @@ All in one invocation, on one machine, so every figure is a ratio to baselines m
 - **baselines** at concurrency 100 with the same load generator: client → bare echo gRPC server (1 process);
   client → relay → echo (2 processes); client → relay → relay → echo (3 processes). The servers are the tiny
   grpc.aio programs of `bench/_support/echo_server.py` (one generic unary method, raw bytes, 64-byte payload);
-- **InvokeSkill** through a whole suite (`clawhub up`, 1 executor, the gateway with a worker process per core
-  up to 4 (`CLAWHUB_GATEWAY_WORKERS`, as docs/routing.md advises; each worker's CPU and RSS reported as
+- **InvokeSkill** through a whole suite (`clawhub up`, 1 executor, one gateway process as `up` starts it; with
+  `CLAWHUB_GATEWAY_WORKERS=N` in the environment the gateway runs N workers, each one's CPU and RSS reported as
   gateway-wN), free ports, a temporary data dir and XDG_CONFIG_HOME) at concurrency 100, 500 and 1,000
   (`--quick`: 100 and 500): req/s, mean, p50, p99, errors by ErrorInfo reason, and the CPU (cores) and RSS of
   every service process. The edge is on as `up` starts it (internal auth, user auth with the admin key as
@@ -103,9 +103,6 @@ SCENARIOS = ("compare", "concurrency", "isolation", "soak", "kill")
 BASELINES = ("client → echo", "client → relay → echo", "client → relay → relay → echo")
 COMPARED_SETTINGS = ("CLAWHUB_EVENT_LOOP", "CLAWHUB_GATEWAY_ROUTING", "CLAWHUB_EXECUTOR_INLINE",
                      "CLAWHUB_EXECUTOR_CALLS", "CLAWHUB_GATEWAY_WORKERS")
-# The gateway runs a worker process per core (at most 4) unless CLAWHUB_GATEWAY_WORKERS says otherwise: what
-# docs/routing.md advises for a host that serves traffic (one Python process uses one core).
-GATEWAY_WORKERS = str(min(os.cpu_count() or 1, 4))
 DOC, DATA = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "benchmarks.json"
 
 SPIN_WAT = """;; Spins until the executor stops it (its 1-second timeout): a hostile or runaway skill.
@@ -965,7 +962,6 @@ def main() -> None:
             env[f"CLAWHUB_{service.upper()}_PORT"] = "0"
         env.update(CLAWHUB_SHUTDOWN_GRACE="1", CLAWHUB_LOG_LEVEL="WARNING", CLAWHUB_DEPLOYER_BAKE="0",
                    CLAWHUB_RATE_INVOKE="50000/100000")
-        env.setdefault("CLAWHUB_GATEWAY_WORKERS", GATEWAY_WORKERS)
         receiver = Receiver()
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
         suite = Suite()

@@ -558,9 +558,13 @@ class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler, method)
+        wrapped = await self._build(handler, handler_call_details)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+    async def _build(self, handler: grpc.RpcMethodHandler,
+                     handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return self._wrap(handler, handler_call_details.method)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         raise NotImplementedError
@@ -575,29 +579,17 @@ def _said_unimplemented(context: Any) -> bool:
         return False
 
 
-class FusedInterceptors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class FusedInterceptors(HandlerWrappingInterceptor):
     """Consecutive `per_method` interceptors as one: gRPC runs a coroutine (and a continuation) per interceptor
     per call; this runs the chain once per method and then hands out its handler, so the chain costs a call one
     dict lookup. The handlers it hands out are the ones the chain would (each member's own wrapping, in order)."""
 
-    per_method = True
-
     def __init__(self, members: Sequence[grpc.aio.ServerInterceptor]) -> None:
+        super().__init__()
         self._members = tuple(members)
-        self._built: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        built = self._built.get(method)
-        if built is not None and built[0] is handler:
-            return built[1]
+    async def _build(self, handler: grpc.RpcMethodHandler,
+                     handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         members = self._members
 
         async def run(index: int, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -605,9 +597,7 @@ class FusedInterceptors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return handler
             return await members[index].intercept_service(functools.partial(run, index + 1), details)
 
-        wrapped = await run(0, handler_call_details)
-        self._built[method] = (handler, wrapped)
-        return wrapped
+        return await run(0, handler_call_details)
 
 
 def fuse(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> list[grpc.aio.ServerInterceptor]:
