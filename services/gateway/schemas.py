@@ -144,9 +144,10 @@ class InputSchemas:
         self._apply(table)
         self._fetched_at = self._clock()
 
-    async def check(self, skill: str, data: bytes, payload: str | None) -> None:
+    async def check(self, skill: str, data: bytes, payload: str | None, instance: Any = None) -> None:
         """Raise INVALID_ARGUMENT / INPUT_SCHEMA_VIOLATION unless `data` (what the skill would get on stdin;
-        `payload` is the request field it came from) is valid under every schema the skill's route has."""
+        `payload` is the request field it came from) is valid under every schema the skill's route has.
+        `instance`, when given, is `data` already read as JSON (an `input` Value's objects: not read again)."""
         schemas = await self._schemas(skill)
         if not schemas:
             return
@@ -155,7 +156,8 @@ class InputSchemas:
             raise _violation(skill, schemas[0][0], "the skill declares an input_schema: send an input (JSON)",
                              [(field_name, "no input; the skill's input_schema needs a JSON input")])
         try:
-            instance = json.loads(data, parse_constant=_no_constant)
+            if instance is None:
+                instance = _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
         except (ValueError, RecursionError) as exc:
             problem = (f"the input is not JSON ({clip(str(exc), 120)}), and the skill declares an input_schema"
                        if not isinstance(exc, RecursionError) else "the input is nested too deeply to validate")
@@ -326,6 +328,10 @@ def _violation(skill: str, version: str, message: str, field_violations: list[tu
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# One decoder for every call (json.loads with a hook builds one each time); reads bytes as json.loads does.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _quiet(task: asyncio.Future[None]) -> None:

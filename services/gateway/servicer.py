@@ -36,7 +36,7 @@ from services.runtime.errors import (
     invalid,
     upstream_error,
 )
-from services.runtime.jsonvalue import json_to_value, value_to_json
+from services.runtime.jsonvalue import dump_json, json_to_value, value_to_python
 from services.runtime.names import skill_name_problem
 from services.runtime.routing import Router, trace_metadata
 
@@ -81,14 +81,14 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             raise invalid(Reason.INVALID_ARGUMENT, "request_id",
                           f"request_id is {len(request.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
         payload = request.WhichOneof("payload")
-        data = self._input_bytes(request, payload)
+        data, instance = self._input_bytes(request, payload)
         limit = self._settings.max_input_bytes
         if len(data) > limit:
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT, Reason.INPUT_TOO_LARGE,
                 f"the input is {len(data)} bytes; the gateway accepts at most {limit} bytes",
                 metadata={"limit_bytes": str(limit)}, field_violations=[(payload or "input", "too large")])
-        await self.schemas.check(request.name, data, payload)
+        await self.schemas.check(request.name, data, payload, instance)
         # The cache comes after authorization (interceptors) and validation (above): docs/cache.md.
         targets = self.schemas.route_targets.get(request.name)
         plan = self.cache.plan(request.name, targets, data, request.no_cache)
@@ -224,14 +224,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             yield pb.TailSkillLogsResponse(lines=response.lines)
 
     @staticmethod
-    def _input_bytes(request: pb.InvokeSkillRequest, payload: str | None) -> bytes:
+    def _input_bytes(request: pb.InvokeSkillRequest, payload: str | None) -> tuple[bytes, Any]:
+        """What the skill gets on stdin, and for an `input` Value the objects it holds (validated as they are,
+        not read back from the JSON text); None for the objects of raw bytes (read when a schema needs them)."""
         if payload == "raw_input":
-            return request.raw_input
+            return request.raw_input, None
         if payload != "input":
             # No input at all: the skill gets empty stdin, so one that needs none is called with just a name.
-            return b""
+            return b"", None
         try:
-            return value_to_json(request.input)
+            instance = value_to_python(request.input)
+            return dump_json(instance), instance
         except (ValueError, RecursionError) as exc:
             raise invalid(Reason.INVALID_INPUT, "input", f"the input cannot be written as JSON: {exc}") from None
 
