@@ -202,7 +202,10 @@ async def _drive(spec: dict[str, Any], calls: list[Callable[[], Awaitable[None]]
                 continue
             warmup_answers += not measure
             if measure:
-                latencies.append((time.perf_counter() - started) * 1e3)
+                ended = time.perf_counter()
+                latencies.append((ended - started) * 1e3)
+                if timeline is not None:
+                    timeline.append([round(started, 6), round(ended, 6), ""])
 
     left = int(spec.get("warmup", 0))
     await asyncio.gather(*(worker(False, calls[i % len(calls)]) for i in range(min(16, int(spec["concurrency"])))))

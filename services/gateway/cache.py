@@ -101,15 +101,18 @@ class Plan:
 
 
 class Entry:
-    """An L1 entry: its value, when it expires, how often it was hit, whether a refresh was tried for it."""
+    """An L1 entry: its value, when it expires, how often it was hit, whether a refresh was tried for it, and
+    what its hits answer (made from the value on the first hit, then reused: `shown`, its size in `extra`)."""
 
-    __slots__ = ("expires", "value", "hits", "refreshing")
+    __slots__ = ("expires", "value", "hits", "refreshing", "shown", "extra")
 
     def __init__(self, expires: float, value: bytes) -> None:
         self.expires = expires
         self.value = value
         self.hits = 0
         self.refreshing = False  # at most one refresh per entry: a failed one is not retried, the entry expires
+        self.shown: Any = None
+        self.extra = 0
 
 
 class L1:
@@ -148,10 +151,19 @@ class L1:
             oldest = next(iter(self._items))
             self._drop(oldest)
 
+    def show(self, key: str, entry: Entry, shown: Any, size: int) -> None:
+        """Keep what `entry`'s hits answer (`size` bytes more), if the entry is still the one under `key`."""
+        if self._items.get(key) is not entry:
+            return
+        entry.shown, entry.extra = shown, size
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self._items) > 1:
+            self._drop(next(iter(self._items)))
+
     def _drop(self, key: str) -> None:
         entry = self._items.pop(key, None)
         if entry is not None:
-            self.bytes -= len(entry.value) + len(key)
+            self.bytes -= len(entry.value) + len(key) + entry.extra
 
     def __len__(self) -> int:
         return len(self._items)
@@ -176,6 +188,8 @@ class ResultCache:
         self._log = RateLimitedLog(log)
         self._flights: dict[str, asyncio.Future[tuple[dispatcher_pb.DispatchResponse, Status]]] = {}
         self._fingerprints: OrderedDict[bytes, bytes] = OrderedDict()
+        # skill -> (the route targets it was made for, its key template or None for a bypass): plan() per call.
+        self._plans: dict[str, tuple[Sequence[routing_pb2.RouteTarget], tuple[Any, float, str] | None]] = {}
         # Refreshes running, by key: background ones as tasks (cancelled by close()), a reader's own as a future
         # it resolves. A reader that misses a key while its refresh runs waits for it.
         self._refreshes: dict[str, asyncio.Future[Any]] = {}
@@ -191,6 +205,22 @@ class ResultCache:
         """The call's key when it may be cached (see the module's docstring); None: bypass the cache."""
         if no_cache or not targets or not self.enabled:
             return None
+        memo = self._plans.get(skill)
+        if memo is None or memo[0] is not targets:
+            # Once per skill and route table (the gateway keeps one tuple of targets per route until the next).
+            if len(self._plans) >= MAX_FINGERPRINTS:
+                self._plans.clear()
+            memo = self._plans[skill] = (targets, self._template(skill, targets))
+        template = memo[1]
+        if template is None:
+            return None
+        digest = template[0].copy()
+        digest.update(data)
+        return Plan(digest.hexdigest(), template[1], template[2])
+
+    def _template(self, skill: str, targets: Sequence[routing_pb2.RouteTarget]) -> tuple[Any, float, str] | None:
+        """What the keys of `skill`'s calls share under `targets`: the hash of skill and fingerprint (the input
+        is added per call), the TTL and the version; None when its calls bypass the cache."""
         live = [t for t in targets if t.weight > 0]
         if len(live) != 1 or any(t.role != routing_pb2.ROUTE_TARGET_ROLE_UNSPECIFIED for t in targets):
             return None
@@ -204,8 +234,7 @@ class ResultCache:
         for part in (skill.encode(), self._fingerprint(target)):
             digest.update(len(part).to_bytes(8, "big"))
             digest.update(part)
-        digest.update(data)
-        return Plan(digest.hexdigest(), ttl, target.version)
+        return digest, ttl, target.version
 
     def _fingerprint(self, target: routing_pb2.RouteTarget) -> bytes:
         """sha256 of everything of `target` that can change a result (weight and role cannot)."""
@@ -224,8 +253,10 @@ class ResultCache:
         return found
 
     async def fetch(self, plan: Plan, run: Loader, *, refresh: Loader | None = None,
-                    ) -> tuple[dispatcher_pb.DispatchResponse, Status]:
-        """The cached result for `plan`, or `run()`'s (stored on success); with where it came from.
+                    present: Callable[[dispatcher_pb.DispatchResponse, Status], Any] = lambda r, s: (r, s)) -> Any:
+        """`present(result, status)`: the cached result for `plan`, or `run()`'s (stored on success), with where it
+        came from (by default the pair itself). An L1 entry presents its result once, on its first hit, and every
+        hit after gets that same object (so `present` must make one nobody changes): a hit parses nothing.
 
         `run` may only be awaited while the caller waits (it may ask the caller's gRPC call things, which
         grpc.aio cannot answer once the call has ended). `refresh`, when given, is how a hot entry is refreshed
@@ -241,8 +272,17 @@ class ResultCache:
                 else:
                     refreshed = await self._refresh_in_front(plan, entry, run)
                     if refreshed is not None:
-                        return refreshed
-            return _parse(entry.value), pb.CACHE_STATUS_HIT_L1
+                        return present(*refreshed)
+            shown = entry.shown
+            if shown is None:
+                shown = present(_parse(entry.value), pb.CACHE_STATUS_HIT_L1)
+                size = shown.ByteSize() if hasattr(shown, "ByteSize") else len(entry.value)
+                self.l1.show(plan.key, entry, shown, size)
+            return shown
+        return present(*await self._fetch(plan, run))
+
+    async def _fetch(self, plan: Plan, run: Loader) -> tuple[dispatcher_pb.DispatchResponse, Status]:
+        """Past L1: a refresh under way, another caller's miss, L2, or the skill."""
         pending = self._refreshes.get(plan.key)
         if pending is not None:
             # The entry expired while its refresh runs: wait for that rather than run the skill again. Told

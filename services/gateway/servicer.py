@@ -97,11 +97,19 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             # BYPASS only for a skill that declares a cache; an ordinary skill's response says nothing of it.
             declared = any(t.HasField("cache_ttl") for t in targets or ())
             status = pb.CACHE_STATUS_BYPASS if declared else pb.CACHE_STATUS_UNSPECIFIED
+            response = self._present(result, status)
         else:
-            result, status = await self.cache.fetch(plan, lambda: self._dispatch(request, data, context),
-                                                    refresh=lambda: self._detached_dispatch(request, data, context))
-        if status != pb.CACHE_STATUS_UNSPECIFIED:
-            metrics.cache_lookup(_CACHE_LABELS[status])
+            # An L1 hit answers the response its entry made on its first hit (nobody changes a response).
+            response = await self.cache.fetch(plan, lambda: self._dispatch(request, data, context),
+                                              refresh=lambda: self._detached_dispatch(request, data, context),
+                                              present=self._present)
+        if response.cache_status != pb.CACHE_STATUS_UNSPECIFIED:
+            metrics.cache_lookup(_CACHE_LABELS[response.cache_status])
+        return response
+
+    def _present(self, result: dispatcher_pb.DispatchResponse, status: pb.CacheStatus.ValueType,
+                 ) -> pb.InvokeSkillResponse:
+        """The response to a call `result` answers: its output as a Value when it is JSON that fits one."""
         response = pb.InvokeSkillResponse(version=result.version, usage=result.usage, cache_status=status)
         value = json_to_value(result.output)
         # JSON can grow as a Value (see VALUE_INFLATION); only an output big enough to is measured, so the

@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import stat
 import time
@@ -65,6 +66,9 @@ KEY_PREFIX = "chk_"
 KEY_ID_CHARS = 12
 # How long an answer of the registry about a credential is reused: revocation takes effect within it.
 CACHE_SECONDS = 1.0
+# A credential still in use when this share of its cache time has passed is looked up again in the background, so
+# that the callers of a busy key never wait for the registry (answers used stay at most CACHE_SECONDS old).
+REFRESH_AFTER = 0.5
 CACHE_ENTRIES = 10_000
 # While the registry cannot be reached, a key it confirmed this recently keeps working (invoking must not need
 # the registry: a restart of the registry stops no caller). A revocation needs the registry, so none is lost.
@@ -238,6 +242,12 @@ Resolver = Callable[[str], Awaitable["Principal | None"]]
 """sha256 hex of a bearer token → its principal, None when no one holds it."""
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A lookup's error, retrieved even when no caller waited for it (a refresh ahead): its callers saw it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a credential lookup failed: %s", task.exception())
+
+
 def invalid_token(problem: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, Reason.INVALID_TOKEN,
                         f"the bearer credential is not valid: {problem}", metadata={"problem": problem})
@@ -273,7 +283,10 @@ class Authenticator:
         self._resolve = resolve
         self._cache_seconds = cache_seconds
         self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        # digest -> (until, principal or None, when a hit refreshes it: math.inf for JWTs and unknown tokens).
+        self._cache: OrderedDict[str, tuple[float, Principal | None, float]] = OrderedDict()
+        # The registry lookups under way, by digest: concurrent callers of one credential share one.
+        self._lookups: dict[str, asyncio.Task[Principal | None]] = {}
         # The last principal the registry confirmed for each credential, for an outage (STALE_SECONDS).
         self._confirmed: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
         self.anonymous = Principal("anonymous", "anonymous", settings.anonymous_roles)
@@ -287,22 +300,44 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             found = cached[1]
-        else:
-            if _looks_like_jwt(token):
-                found = self.verify_jwt(token)
-                # A verified JWT is reused until it expires, never longer than the cache bound.
-                ttl = min(self._cache_seconds, found.expires - time.time()) if found else 0.0
-            else:
-                found = await self._lookup_or_confirmed(digest, now)
-                ttl = self._cache_seconds
+            if now >= cached[2] and digest not in self._lookups:
+                self._lookup(digest, now)  # in the background: this caller goes on with the cached answer
+        elif _looks_like_jwt(token):
+            found = self.verify_jwt(token)
+            # A verified JWT is reused until it expires, never longer than the cache bound.
+            ttl = min(self._cache_seconds, found.expires - time.time()) if found else 0.0
             if ttl > 0:
-                self._remember(digest, now + ttl, found)
+                self._remember(digest, now + ttl, found, math.inf)
+        else:
+            lookup = self._lookups.get(digest)
+            # One lookup per credential at a time, whoever started it (shielded: a caller that goes away does
+            # not cancel it for the others).
+            found = await asyncio.shield(lookup if lookup is not None else self._lookup(digest, now))
         if found is None:
             raise invalid_token("no key, publisher or admin token is this one (a revoked or mistyped key?)"
                                 + (f"; key chk_{key_id_of(token)}" if key_id_of(token) else ""))
         if found.expires <= time.time():
             raise invalid_token("it has expired")
         return found
+
+    def _lookup(self, digest: str, now: float) -> asyncio.Task[Principal | None]:
+        """Start looking `digest` up (remembered when answered, for callers to come)."""
+        async def lookup() -> Principal | None:
+            try:
+                found = await self._lookup_or_confirmed(digest, now)
+            finally:
+                self._lookups.pop(digest, None)
+            if self._cache_seconds > 0:
+                # Unknown tokens are not refreshed ahead: a caller spraying made-up keys makes no lookups but
+                # its own.
+                refresh = now + self._cache_seconds * REFRESH_AFTER if found is not None else math.inf
+                self._remember(digest, now + self._cache_seconds, found, refresh)
+            return found
+
+        task = asyncio.ensure_future(lookup())
+        task.add_done_callback(_retrieved)
+        self._lookups[digest] = task
+        return task
 
     async def _lookup_or_confirmed(self, digest: str, now: float) -> Principal | None:
         if self._resolve is None:
@@ -325,8 +360,8 @@ class Authenticator:
             self._confirmed.pop(digest, None)
         return found
 
-    def _remember(self, digest: str, until: float, found: Principal | None) -> None:
-        self._cache[digest] = (until, found)
+    def _remember(self, digest: str, until: float, found: Principal | None, refresh: float) -> None:
+        self._cache[digest] = (until, found, refresh)
         self._cache.move_to_end(digest)
         while len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
@@ -560,6 +595,8 @@ class UserAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             first: Callable[[], Awaitable[Any]] | None = None) -> tuple[Principal | None, str]:
         from services.runtime import tracing
 
+        if not tracing.recording():  # most calls (the default sampler records one in twenty)
+            return await UserAuthInterceptor._check(self, method, rule, request, context, first)
         try:
             principal, name = await UserAuthInterceptor._check(self, method, rule, request, context, first)
         except ServiceError as exc:

@@ -263,7 +263,7 @@ class Router:
         key = VersionStats.key(skill, target)
         try:
             # The route choice takes microseconds: attributes on the call's span, not a span of its own.
-            if tracing.enabled():
+            if tracing.recording():
                 tracing.annotate({"clawhub.skill": skill, "clawhub.skill.version": target.version,
                                   "clawhub.skill.digest": target.digest, "clawhub.route.weight": target.weight,
                                   "clawhub.route.role": routing_pb2.RouteTargetRole.Name(target.role),
@@ -318,7 +318,7 @@ class Router:
                     continue
             left = deadline - loop.time()
             self.picker.begin(address)
-            if tracing.enabled():
+            if tracing.recording():
                 tracing.current_span().set_attribute("clawhub.executor", address)
             started = loop.time()
             try:

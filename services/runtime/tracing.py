@@ -332,6 +332,12 @@ def start_span(name: str) -> Span | None:
     return _tracer.start_span(name) if _enabled and _current().is_recording() else None
 
 
+def recording() -> bool:
+    """Whether the current span is recorded (this process traces and the call was sampled): checked before
+    building attributes nobody would keep."""
+    return _enabled and _current().is_recording()
+
+
 def annotate(attributes: Mapping[str, Any]) -> None:
     """Attributes on the current span when it is recorded: for steps that take microseconds (authentication, a
     rate-limit bucket, the route choice, a hot module), which would cost more as spans of their own than they

@@ -383,3 +383,29 @@ async def test_a_miss_on_one_gateway_holds_back_the_same_miss_on_another(redis_u
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_l1_entry_presents_its_result_once_and_counts_what_it_keeps() -> None:
+    cache = ResultCache(1 << 20, rng=random.Random(1))
+    routed = (target(_Version(), seconds=60),)
+    plan = cache.plan("com.example.x", routed, b"in", no_cache=False)
+    assert plan is not None and cache.plan("com.example.x", routed, b"in", no_cache=False) == plan
+    presented: list[tuple[bytes, int]] = []
+
+    def present(result: dispatcher_pb.DispatchResponse, status: int) -> dispatcher_pb.DispatchResponse:
+        presented.append((result.output, status))
+        return dispatcher_pb.DispatchResponse(output=result.output.upper(), version=result.version)
+
+    async def run() -> dispatcher_pb.DispatchResponse:
+        return dispatcher_pb.DispatchResponse(output=b"out", version="1.0.0")
+
+    missed = await cache.fetch(plan, run, present=present)
+    stored = cache.l1.bytes
+    first = await cache.fetch(plan, run, present=present)
+    second = await cache.fetch(plan, run, present=present)
+    # The miss and the first hit are presented; later hits get the first hit's object, parsing nothing.
+    assert presented == [(b"out", MISS), (b"out", HIT_L1)] and missed.output == first.output == b"OUT"
+    assert second is first and cache.stats["hit_l1"] == 2
+    assert cache.l1.bytes == stored + first.ByteSize()
+    cache.l1.put(plan.key, b"newer", ttl=60)  # replaced: its size and presentation go with the old entry
+    assert cache.l1.bytes == len(b"newer") + len(plan.key) and cache.l1.lookup(plan.key).shown is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -145,3 +146,45 @@ async def test_while_the_registry_is_down_a_recently_confirmed_key_keeps_working
     now[0] += 601.0
     with pytest.raises(ServiceError):
         await auth.principal(bearer(key))
+
+
+async def test_callers_of_one_key_share_its_lookup_and_a_busy_key_is_refreshed_without_waiting() -> None:
+    key_id, key = new_api_key()
+    principal = key_principal(key_id, "bot", "invoker", ())
+    lookups: list[str] = []
+    answer = asyncio.Event()
+
+    async def resolve(digest: str) -> Principal | None:
+        lookups.append(digest)
+        await answer.wait()
+        return principal if digest == token_sha256(key) else None
+
+    now = [0.0]
+    auth = Authenticator(AuthSettings(enabled=True), resolve, clock=lambda: now[0])
+    callers = [asyncio.ensure_future(auth.principal(bearer(key))) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    assert len(lookups) == 1  # fifty callers of a key the cache does not hold: one registry lookup
+    callers[0].cancel()  # a caller that goes away does not cancel the lookup for the others
+    answer.set()
+    assert all(p == principal for p in await asyncio.gather(*callers[1:]))
+    # Half-way through the cache time a hit refreshes the answer in the background: the caller does not wait.
+    answer.clear()
+    now[0] = 0.6
+    assert await asyncio.wait_for(auth.principal(bearer(key)), 0.5) == principal
+    await asyncio.sleep(0.01)
+    assert len(lookups) == 2
+    assert await auth.principal(bearer(key)) == principal  # one refresh at a time
+    assert len(lookups) == 2
+    answer.set()
+    await asyncio.sleep(0.01)
+    now[0] = 1.5  # past the first answer's bound, within the refreshed one's (looked up at 0.6)
+    assert await asyncio.wait_for(auth.principal(bearer(key)), 0.5) == principal
+    # An unknown token is not refreshed ahead (made-up keys cost one lookup per cache time, not more).
+    unknown = new_api_key()[1]
+    answer.set()
+    for at in (2.0, 2.7):
+        now[0] = at
+        with pytest.raises(ServiceError):
+            await auth.principal(bearer(unknown))
+    await asyncio.sleep(0.01)
+    assert lookups.count(token_sha256(unknown)) == 1

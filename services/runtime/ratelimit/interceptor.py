@@ -282,6 +282,8 @@ class RateLimitInterceptor(HandlerWrappingInterceptor):
         await context.abort(code, message, trailing_metadata=trailing)
 
     async def _traced_admit(self, method: str, context: Any, request: Any, requests: Any = None) -> None:
+        if not tracing.recording():
+            return await RateLimitInterceptor._admit(self, method, context, request, requests)
         try:
             await RateLimitInterceptor._admit(self, method, context, request, requests)
         except grpc.aio.AbortError:
