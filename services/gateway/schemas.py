@@ -32,7 +32,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -54,6 +54,8 @@ MAX_VERSIONS = 4096
 MAX_COMPILED = 1024
 # At most this many violations are reported for one input.
 MAX_INPUT_VIOLATIONS = 10
+# Valid inputs remembered per schema (Compiled.valid), each at most this long.
+MEMO_INPUTS, MEMO_INPUT_BYTES = 512, 1024
 # Schemas of newly routed versions read at once in the background.
 PREFETCH_PARALLEL = 4
 
@@ -72,6 +74,15 @@ class Compiled:
     digest: str
     validator: Validator | None
     problem: str = ""
+    # Inputs (up to MEMO_INPUT_BYTES) this schema accepted lately: validation is a pure function of schema and
+    # input, and repeated inputs (what a cached skill sees) are not validated again.
+    valid: OrderedDict[bytes, None] = field(default_factory=OrderedDict, compare=False, repr=False)
+
+    def accepted(self, data: bytes) -> None:
+        if len(data) <= MEMO_INPUT_BYTES:
+            self.valid[data] = None
+            if len(self.valid) > MEMO_INPUTS:
+                self.valid.popitem(last=False)
 
 
 class LRU:
@@ -155,6 +166,8 @@ class InputSchemas:
         if not data:
             raise _violation(skill, schemas[0][0], "the skill declares an input_schema: send an input (JSON)",
                              [(field_name, "no input; the skill's input_schema needs a JSON input")])
+        if all(data in compiled.valid for _, compiled in schemas):
+            return  # each of these schemas accepted this very input lately
         try:
             if instance is None:
                 instance = _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
@@ -186,6 +199,7 @@ class InputSchemas:
                     f"the input does not match the input_schema of {skill}@{version}: "
                     f"{where or 'the input'}: {clip(first.message, 300)}{rest}",
                     [(pointer(e.absolute_path), clip(e.message, 300)) for e in shown], violations=count)
+            compiled.accepted(data)
 
     # Which schemas apply.
 

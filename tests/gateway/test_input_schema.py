@@ -322,3 +322,37 @@ def test_a_schema_file_outside_the_skill_directory_is_not_read(tmp_path: Path) -
     (directory / "skill.toml").write_text(toml)
     with pytest.raises(manifest.ManifestError, match="input_schema"):
         manifest.load(directory)
+
+
+async def test_an_input_a_schema_accepted_lately_is_not_validated_again() -> None:
+    from services.gateway.schemas import MEMO_INPUTS, InputSchemas
+    from services.runtime.errors import ServiceError
+
+    schemas = InputSchemas(None, None)  # type: ignore[arg-type]  # nothing is read: the route is set below
+    compiled = schemas.compile(json.dumps({"type": "object", "required": ["text"]}))
+    looser = schemas.compile(json.dumps({"type": "object"}))
+    validated: list[Any] = []
+    for schema in (compiled, looser):
+        real = schema.validator
+        assert real is not None
+
+        class Counting:
+            def iter_errors(self, instance: Any, real: Any = real) -> Any:
+                validated.append(instance)
+                return real.iter_errors(instance)
+
+        object.__setattr__(schema, "validator", Counting())
+    schemas._pushed = True
+    schemas._resolved["com.example.x"] = (("1.0.0", compiled), ("2.0.0", looser))
+    for _ in range(3):
+        await schemas.check("com.example.x", b'{"text":"a"}', "raw_input")
+    assert len(validated) == 2  # both schemas, once
+    for _ in range(2):  # refused inputs are never remembered
+        with pytest.raises(ServiceError):
+            await schemas.check("com.example.x", b'{"other":1}', "raw_input")
+    assert len(validated) == 2 + 2  # the first schema refuses it, each time
+    for n in range(MEMO_INPUTS + 5):
+        await schemas.check("com.example.x", b'{"text":"%d"}' % n, "raw_input")
+    assert len(compiled.valid) == MEMO_INPUTS and b'{"text":"a"}' not in compiled.valid  # bounded, oldest out
+    await schemas.check("com.example.x", b'{"text":"%d"}' % 0, "raw_input")  # dropped too: validated again
+    assert validated[-1] == {"text": "0"}
