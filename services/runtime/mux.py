@@ -47,6 +47,13 @@ _TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 # without the method (which ends the stream with UNIMPLEMENTED instead) has been sent nothing and every call
 # waiting for the stream can safely go another way.
 SERVING_HEADER = "x-clawhub-mux"
+# Both sides say they read batched messages (ExecuteStreamRequest/Response `batch`) with this header: the caller in
+# the stream's metadata, the server in its initial metadata. Each sends batches only to a peer that said so (an
+# earlier release ignores the field: the calls in it would be lost).
+BATCH_HEADER = "x-clawhub-mux-batch"
+# What one message may carry at most: calls queued beyond it go in the next. Only what is queued when a write can
+# start is batched (no call waits to fill a batch); a call larger than BATCH_BYTES goes alone.
+BATCH_CALLS, BATCH_BYTES = 64, 64 * 1024
 # What a call may carry of its own; everything else (credentials above all) is the stream's, checked once for it.
 _CALL_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
 # The id of the notice a draining server sends on each stream (call ids start at 1): send nothing more here.
@@ -171,9 +178,11 @@ class MuxServer:
 
     async def serve(self, requests: Any, context: Any) -> None:
         # The stream's metadata (the caller's credentials) with each call's own: its trace context is the call's.
-        metadata = tuple(e for e in context.invocation_metadata() or () if e[0] not in _TRACE_KEYS)
-        stream = _ServedStream(self, await self.resolve(metadata), metadata, str(context.peer() or ""))
-        await context.send_initial_metadata(((SERVING_HEADER, "1"),))
+        received = context.invocation_metadata() or ()
+        metadata = tuple(e for e in received if e[0] not in _TRACE_KEYS and e[0] != BATCH_HEADER)
+        stream = _ServedStream(self, await self.resolve(metadata), metadata, str(context.peer() or ""),
+                               batching=any(e[0] == BATCH_HEADER for e in received))
+        await context.send_initial_metadata(((SERVING_HEADER, "1"), (BATCH_HEADER, "1")))
         self._streams.add(stream)
         if self._draining:
             stream.drain()
@@ -213,8 +222,9 @@ class _ServedStream:
     """One open stream on the server: its calls in flight, answered in the order they end."""
 
     def __init__(self, server: MuxServer, handler: grpc.RpcMethodHandler | None, metadata: Metadata,
-                 peer: str) -> None:
+                 peer: str, *, batching: bool = False) -> None:
         self._server = server
+        self._batching = batching  # the caller reads batched responses
         self._handler = handler
         self._metadata = metadata
         self._peer = peer
@@ -239,10 +249,13 @@ class _ServedStream:
     async def run(self, requests: Any, context: Any) -> None:
         reader = asyncio.create_task(self._read(requests))
         try:
+            outbox = self._outbox
             while True:
-                response = await self._outbox.get()
+                response = await outbox.get()
                 if response is None:
                     break
+                if self._batching and not outbox.empty():
+                    _fill(response, outbox)  # the ends of calls that queued up while the last write was under way
                 await context.write(response)
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 raise reader.exception()  # type: ignore[misc]  # the stream ends with its status
@@ -262,23 +275,29 @@ class _ServedStream:
     async def _read_calls(self, requests: Any) -> None:
         loop = asyncio.get_running_loop()
         async for message in requests:
-            if message.cancel:
-                task = self._calls.get(message.id)
-                if task is not None:
-                    task.cancel()
-                continue
-            if self._draining:
-                self._outbox.put_nowait(self._server._status(
-                    message.id, grpc.StatusCode.UNAVAILABLE, "the executor is shutting down; call another one", ()))
-                continue
-            timeout = message.timeout_seconds
-            deadline = time.monotonic() + timeout if timeout > 0 else None
-            task = loop.create_task(self._call(message, deadline))
-            self._calls[message.id] = task
-            if deadline is not None:
-                # The server ends a call at its deadline, as gRPC does (the caller stops waiting then too).
-                timer = loop.call_at(loop.time() + timeout, task.cancel)
-                task.add_done_callback(partial(_stop_timer, timer))
+            self._take(message, loop)
+            for more in message.batch:
+                self._take(more, loop)
+
+    def _take(self, message: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """One call (or cancel) read from the stream."""
+        if message.cancel:
+            task = self._calls.get(message.id)
+            if task is not None:
+                task.cancel()
+            return
+        if self._draining:
+            self._outbox.put_nowait(self._server._status(
+                message.id, grpc.StatusCode.UNAVAILABLE, "the executor is shutting down; call another one", ()))
+            return
+        timeout = message.timeout_seconds
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        task = loop.create_task(self._call(message, deadline))
+        self._calls[message.id] = task
+        if deadline is not None:
+            # The server ends a call at its deadline, as gRPC does (the caller stops waiting then too).
+            timer = loop.call_at(loop.time() + timeout, task.cancel)
+            task.add_done_callback(partial(_stop_timer, timer))
 
     async def _call(self, message: Any, deadline: float | None) -> None:
         try:
@@ -296,6 +315,22 @@ class _ServedStream:
 
 def _stop_timer(timer: asyncio.TimerHandle, _: object) -> None:
     timer.cancel()
+
+
+def _fill(first: Any, queue: asyncio.Queue[Any], sendable: Callable[[Any], bool] = lambda _: True) -> None:
+    """Move into `first`'s batch the messages queued after it that `sendable` keeps, within BATCH_CALLS and
+    BATCH_BYTES (a message that would not fit stays queued for the next write, as does the queue's end, None)."""
+    size = len(first.payload)
+    batch = first.batch
+    waiting = queue._queue  # type: ignore[attr-defined]  # a peek: a message is taken only if it fits
+    while waiting and len(batch) < BATCH_CALLS - 1:
+        following = waiting[0]
+        if following is None or size + len(following.payload) > BATCH_BYTES:
+            return
+        queue.get_nowait()
+        if sendable(following):
+            size += len(following.payload)
+            batch.append(following)
 
 
 # The client side.
@@ -391,23 +426,33 @@ class _OpenStream:
         self._owner = owner
         self._serving = asyncio.Event()  # the server's SERVING_HEADER arrived: calls may be sent
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._call = owner._open_stream(self._messages())
+        self._batching = False  # the server reads batched calls (its BATCH_HEADER)
+        self._call = owner._open_stream(self._messages(), metadata=((BATCH_HEADER, "1"),))
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _messages(self) -> Any:
         await self._serving.wait()
+        outbox = self._outbox
         while not self.ended:
-            message = await self._outbox.get()
+            message = await outbox.get()
             if message is None:
                 return
-            if message.cancel:
-                if message.id in self._dropped:
-                    self._dropped.discard(message.id)
-                    continue
-            elif message.id not in self.pending:
-                self._dropped.add(message.id)  # the caller gave up before it was sent (deadline, cancel)
+            if not self._sendable(message):
                 continue
+            if self._batching and not outbox.empty():
+                # What queued up while the last write was under way goes in one message.
+                _fill(message, outbox, self._sendable)
             yield message
+
+    def _sendable(self, message: Any) -> bool:
+        if message.cancel:
+            if message.id in self._dropped:
+                self._dropped.discard(message.id)
+                return False
+        elif message.id not in self.pending:
+            self._dropped.add(message.id)  # the caller gave up before it was sent (deadline, cancel)
+            return False
+        return True
 
     def send(self, message: Any) -> None:
         self._outbox.put_nowait(message)
@@ -436,14 +481,12 @@ class _OpenStream:
                     raise _StreamUnsupported(self._owner._stream_method)
                 raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await self._call.trailing_metadata(),
                                            details=await self._call.details())
+            self._batching = any(key == BATCH_HEADER for key, _ in headers)
             self._serving.set()
             async for response in self._call:
-                if response.id == DRAIN_NOTICE:
-                    self.ended = True  # the server is draining: the next calls open another stream
-                    continue
-                answer = self.pending.pop(response.id, None)
-                if answer is not None and not answer.done():
-                    answer.set_result(response)
+                self._answer(response)
+                for more in response.batch:
+                    self._answer(more)
             error = _unavailable("the server ended the call stream (it is shutting down)")
         except grpc.aio.AioRpcError as err:
             if not self._serving.is_set():
@@ -470,6 +513,14 @@ class _OpenStream:
         for answer in pending.values():
             if not answer.done():
                 answer.set_exception(error)
+
+    def _answer(self, response: Any) -> None:
+        if response.id == DRAIN_NOTICE:
+            self.ended = True  # the server is draining: the next calls open another stream
+            return
+        answer = self.pending.pop(response.id, None)
+        if answer is not None and not answer.done():
+            answer.set_result(response)
 
     def close(self) -> None:
         self.ended = True

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from clawhub.executor.v1 import executor_service_pb2 as pb
 
+from services.runtime import mux
 from services.runtime.channels import Outgoing, outgoing
 from services.runtime.errors import error_info
 from services.runtime.executors import EXECUTE_STREAM, GrpcExecutorClient
@@ -240,3 +241,71 @@ async def test_a_draining_executor_tells_its_callers_to_stop_sending(executor: E
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await mux.close()
+
+
+class _EarlierRelease:
+    """A stream context as a MuxServer of a release before batches sees it: it neither reads the caller's
+    BATCH_HEADER nor sends its own."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def invocation_metadata(self) -> Any:
+        return tuple(e for e in self._context.invocation_metadata() or () if e[0] != mux.BATCH_HEADER)
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        await self._context.send_initial_metadata(tuple(e for e in metadata if e[0] != mux.BATCH_HEADER))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+@pytest.mark.parametrize("server_batches", [True, False])
+async def test_calls_queued_together_travel_in_one_message_only_where_both_sides_read_batches(
+        executor: Executor, monkeypatch: pytest.MonkeyPatch, server_batches: bool) -> None:
+    filled: list[tuple[str, int]] = []
+    real_fill = mux._fill
+
+    def spy(first: Any, queue: Any, *args: Any) -> None:
+        real_fill(first, queue, *args)
+        filled.append((type(first).__name__, len(first.batch)))
+
+    monkeypatch.setattr(mux, "_fill", spy)
+    if not server_batches:
+        serve = mux.MuxServer.serve
+        monkeypatch.setattr(mux.MuxServer, "serve", lambda self, requests, context: serve(
+            self, requests, _EarlierRelease(context)))
+    channel = mux_of(executor)
+    try:
+        for _ in range(3):
+            answers = await asyncio.gather(*(channel.call(request(executor, f.ECHO, f"call {i}".encode()), timeout=10)
+                                             for i in range(12)))
+            assert [a.output for a in answers] == [f"ok:call {i}".encode() for i in range(12)]
+    finally:
+        await channel.close()
+    if server_batches:
+        # Calls sent at once queue behind the stream's first write; their answers behind each other's.
+        assert any(kind == "ExecuteStreamRequest" and n for kind, n in filled), filled
+        assert any(kind == "ExecuteStreamResponse" and n for kind, n in filled), filled
+        assert all(n < mux.BATCH_CALLS for _, n in filled)
+    else:
+        assert not filled  # neither side batches for a peer that did not say it reads batches
+
+
+def test_a_batch_stops_at_its_size_bounds_and_leaves_the_rest_queued() -> None:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for i in range(2, 100):
+        queue.put_nowait(pb.ExecuteStreamRequest(id=i, payload=b"x" * 10))
+    first = pb.ExecuteStreamRequest(id=1, payload=b"x" * 10)
+    mux._fill(first, queue)
+    assert len(first.batch) == mux.BATCH_CALLS - 1 and [m.id for m in first.batch][:2] == [2, 3]
+    assert queue.qsize() == 98 - (mux.BATCH_CALLS - 1)
+    big = pb.ExecuteStreamRequest(id=500, payload=b"y" * (mux.BATCH_BYTES - 5))
+    queue = asyncio.Queue()
+    for message in (pb.ExecuteStreamRequest(id=501, payload=b"z" * 10), None):
+        queue.put_nowait(message)
+    mux._fill(big, queue)  # the next would pass BATCH_BYTES: it waits for the next write
+    assert not big.batch and queue.qsize() == 2
+    small = pb.ExecuteStreamRequest(id=502)
+    mux._fill(small, queue)  # takes the call, stops at the end of the queue (None stays for the sender)
+    assert [m.id for m in small.batch] == [501] and queue.get_nowait() is None

@@ -258,6 +258,7 @@ class ExecuteStreamRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The caller's number for the call, unique among the calls open on the stream."""
     payload: _builtins.bytes
@@ -270,6 +271,14 @@ class ExecuteStreamRequest(_message.Message):
     def metadata(self) -> _containers.RepeatedCompositeFieldContainer[_mux_pb2.MuxMetadata]:
         """The call's own metadata (e.g. `traceparent`), after the stream's (e.g. the caller's credentials)."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecuteStreamRequest]:
+        """More calls (or cancels) sent in the same message, each read as if it came in a message of its own, after
+        this one and in order; none of them has a batch of its own. Sent only to an executor whose
+        `x-clawhub-mux-batch` header says it reads them (one message per write saves the per-message work of
+        both sides when calls queue up).
+        """
+
     def __init__(
         self,
         *,
@@ -278,10 +287,11 @@ class ExecuteStreamRequest(_message.Message):
         timeout_seconds: _builtins.float = ...,
         metadata: _abc.Iterable[_mux_pb2.MuxMetadata] | None = ...,
         cancel: _builtins.bool = ...,
+        batch: _abc.Iterable[Global___ExecuteStreamRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "id", b"id", "metadata", b"metadata", "payload", b"payload", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "id", b"id", "metadata", b"metadata", "payload", b"payload", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -298,6 +308,7 @@ class ExecuteStreamResponse(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TRAILING_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The number the caller gave the call."""
     payload: _builtins.bytes
@@ -310,6 +321,12 @@ class ExecuteStreamResponse(_message.Message):
     def trailing(self) -> _containers.RepeatedCompositeFieldContainer[_mux_pb2.MuxMetadata]:
         """The call's trailing metadata (`grpc-status-details-bin` with the structured error, `retry-after`)."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecuteStreamResponse]:
+        """More ends of calls sent in the same message, read after this one and in order (none has a batch of its
+        own). Sent only to a caller that opened the stream with the `x-clawhub-mux-batch` header.
+        """
+
     def __init__(
         self,
         *,
@@ -318,10 +335,11 @@ class ExecuteStreamResponse(_message.Message):
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         trailing: _abc.Iterable[_mux_pb2.MuxMetadata] | None = ...,
+        batch: _abc.Iterable[Global___ExecuteStreamResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id", "message", b"message", "payload", b"payload", "trailing", b"trailing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "code", b"code", "id", b"id", "message", b"message", "payload", b"payload", "trailing", b"trailing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
