@@ -227,6 +227,19 @@ def start_suite(tmp: Path, env: dict[str, str]) -> Suite:
     return suite
 
 
+def settle(suite: Suite, *, idle_cores: float = 0.15, window: float = 1.0, timeout: float = 30.0) -> float:
+    """Wait until the suite's processes together use under `idle_cores` over `window` seconds (what deploys
+    leave running, such as compiling modules, ends before anything is measured), at most `timeout` seconds;
+    returns the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        before = sum(cpu_of(pid) for pid in suite.pids.values())
+        time.sleep(window)
+        if (sum(cpu_of(pid) for pid in suite.pids.values()) - before) / window < idle_cores:
+            break
+    return time.perf_counter() - started
+
+
 def stop_suite(suite: Suite) -> None:
     stop_all([suite.process])
 
@@ -969,7 +982,7 @@ def main() -> None:
             started = time.perf_counter()
             suite = start_suite(tmp, env)
             print(f"suite started ({', '.join(suite.pids)}), 3 skills published and deployed in "
-                  f"{time.perf_counter() - started:.1f} s")
+                  f"{time.perf_counter() - started:.1f} s; idle after {settle(suite):.1f} s more")
             invoke = {"target": suite.address, "kind": "invoke", "key": suite.key, "payload": INPUT}
 
             def suite_at_100() -> None:

@@ -4,7 +4,6 @@ the dispatcher streams: services/gateway/dataplane.py), or through the dispatche
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
@@ -37,7 +36,7 @@ from services.runtime.errors import (
     upstream_error,
 )
 from services.runtime.jsonvalue import dump_json, json_to_value, value_to_python
-from services.runtime.names import skill_name_problem
+from services.runtime.names import new_request_id, skill_name_problem
 from services.runtime.routing import Router, trace_metadata
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type information
@@ -279,7 +278,7 @@ def _request_id(request: pb.InvokeSkillRequest, context: Context) -> str:
     if request.request_id:
         return request.request_id
     given = next((str(v) for k, v in context.invocation_metadata() or () if k == REQUEST_ID_METADATA), "")
-    return given if 0 < len(given) <= MAX_REQUEST_ID_CHARS else uuid.uuid4().hex
+    return given if 0 < len(given) <= MAX_REQUEST_ID_CHARS else new_request_id()
 
 
 def _suggested(err: grpc.aio.AioRpcError | ServiceError) -> list[str]:

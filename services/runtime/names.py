@@ -11,7 +11,10 @@ zero (U+0660) once passed as a version, sorting as 1.0.10 and becoming `latest`.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
+import secrets
 from functools import lru_cache
 
 # Reverse-DNS: at least two dot-separated labels, lowercase letters, digits and inner hyphens.
@@ -83,3 +86,24 @@ def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int |
 def is_prerelease(version: str) -> bool:
     match = SEMVER_RE.fullmatch(version)
     return bool(match and match[4])
+
+
+class _RequestIds:
+    """Request ids made up for calls that bring none: 32 hex digits as `uuid4().hex`, a random 64-bit prefix per
+    process (drawn again in a forked child) and a counter, so that making one costs no system call (uuid4 reads
+    os.urandom on every call: 2% of a gateway's event loop at a few thousand calls a second). Unique within a
+    process, and across processes as far as 64 random bits go; not a secret."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(secrets.randbits(32))
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+new_request_id = _RequestIds()

@@ -147,3 +147,23 @@ def test_no_range_accepts_a_space_of_another_script(space: str) -> None:
                  f"1.x{space}||{space}2.x", f">={space}1.0.0"):
         assert range_problem(text), repr(text)
     assert range_problem(">=1.0.0 <2.0.0") is None and range_problem("1.0.0 - 2.0.0") is None
+
+
+def test_made_up_request_ids_look_like_uuid4_hex_and_do_not_repeat_across_a_fork() -> None:
+    import os
+    import re
+
+    from services.runtime.names import new_request_id
+
+    made = [new_request_id() for _ in range(1000)]
+    assert len(set(made)) == 1000 and all(re.fullmatch(r"[0-9a-f]{32}", m) for m in made)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    from_child = os.read(read, 64).decode()
+    os.close(read)
+    assert from_child[:16] != made[0][:16] and from_child not in made
